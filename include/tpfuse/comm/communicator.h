@@ -1,0 +1,70 @@
+// The Communicator: the narrow interface the operators use to talk to the
+// other ranks of a process group. Transports (shm today, MPI later) implement
+// it; the ops never see which one runs.
+//
+// Guarantees every implementation gives:
+// - all-reduce sums in fp32, in rank order 0..p-1, and rounds once to the
+//   buffer's dtype, so every rank gets bitwise the same result;
+// - every wait is bounded by timeout(); at the deadline it throws TimeoutError
+//   naming the ranks that did not arrive; a peer known to be dead gives
+//   PeerLostError; an abort on any rank gives AbortedError on all of them.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tpfuse/core/dtype.h"
+
+namespace tpfuse::comm {
+
+// One asynchronous collective in flight.
+class Work {
+ public:
+  virtual ~Work() = default;
+  // Advances without blocking; true once the result is in place.
+  virtual bool test() = 0;
+  // Blocks until the result is in place (or throws at the deadline).
+  virtual void wait() = 0;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // The group's name, the same string on every rank (the operator's `hcom`).
+  virtual const std::string& name() const = 0;
+  // The deadline every wait of this communicator uses.
+  virtual std::chrono::milliseconds timeout() const = 0;
+
+  // Starts summing `count` elements of `dtype` (f16, bf16 or f32) across all
+  // ranks; the result lands in `output` on every rank. `input` and `output`
+  // may be the same buffer; both must stay valid until the Work completes.
+  // Collectives are issued in the same order on every rank; one all-reduce may
+  // be in flight at a time (starting another first completes the previous).
+  virtual std::unique_ptr<Work> all_reduce_start(const void* input, void* output,
+                                                 std::size_t count, DType dtype) = 0;
+
+  // Every rank contributes up to max_gather_bytes() bytes; returns each
+  // rank's contribution, in rank order. Blocking and bounded.
+  virtual std::vector<std::string> all_gather(std::string_view mine) = 0;
+  virtual std::size_t max_gather_bytes() const = 0;
+
+  // Marks the communicator failed on every rank: their waits wake at once and
+  // throw AbortedError naming this rank and the reason. Safe from any thread.
+  virtual void abort(std::string_view reason) = 0;
+
+  // Blocking all-reduce: start, then wait.
+  void all_reduce(const void* input, void* output, std::size_t count, DType dtype) {
+    all_reduce_start(input, output, count, dtype)->wait();
+  }
+  void barrier() { all_gather({}); }
+};
+
+}  // namespace tpfuse::comm

@@ -1,0 +1,56 @@
+// The local launcher: one process forks N ranks on this host, each with a
+// shared-memory communicator already registered, and collects their exit
+// status. The CLI and the tests use it; no mpirun is needed on one host.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tpfuse/comm/communicator.h"
+#include "tpfuse/comm/shm.h"
+
+namespace tpfuse::comm {
+
+struct RankContext {
+  int rank = 0;
+  int size = 1;
+  std::shared_ptr<Communicator> comm;  // registered under comm->name()
+};
+
+struct RankExit {
+  int rank = 0;
+  pid_t pid = 0;
+  int exit_code = -1;  // valid when signal == 0
+  int signal = 0;      // the signal that ended the rank, or 0
+  bool ok() const { return signal == 0 && exit_code == 0; }
+};
+
+struct LaunchResult {
+  std::vector<RankExit> ranks;
+  // Names of the shared-memory segments the job created (for leak checks).
+  std::vector<std::string> segments;
+  bool ok() const;
+  // "rank 1: exit 3; rank 2: killed by signal 9" for the ranks that failed.
+  std::string describe_failures() const;
+};
+
+struct LaunchOptions {
+  int ranks = 1;
+  ShmOptions shm;
+  // The parent kills ranks still running this long after the first rank
+  // ended abnormally; default: shm.timeout plus 10 s.
+  std::chrono::milliseconds straggler_grace{0};
+};
+
+// Runs `body` in `options.ranks` forked processes. A rank's exit code is the
+// body's return value; an exception escaping the body is printed (with its
+// rank) and gives exit code 1. The parent returns when every rank has ended.
+LaunchResult launch_local(const LaunchOptions& options,
+                          const std::function<int(RankContext&)>& body);
+
+}  // namespace tpfuse::comm

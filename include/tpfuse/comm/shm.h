@@ -1,0 +1,33 @@
+// The shared-memory transport: ranks that are processes on one host.
+//
+// Rank 0 creates one POSIX shared-memory segment (mode 0600, a random
+// 128-bit name, O_EXCL) and publishes its name in the rendezvous store; the
+// others map it. The segment is unlinked as soon as every rank has attached,
+// so a crash at any later point leaves nothing in /dev/shm.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+
+#include "tpfuse/comm/communicator.h"
+#include "tpfuse/comm/store.h"
+
+namespace tpfuse::comm {
+
+struct ShmOptions {
+  // Deadline of every wait; default TPFUSE_TIMEOUT_MS (300000).
+  std::chrono::milliseconds timeout = default_timeout();
+  // Bytes of each rank's data slot; larger all-reduces go in chunks.
+  // Default TPFUSE_SHM_SLOT_BYTES (4 MiB).
+  std::size_t slot_bytes = default_slot_bytes();
+
+  static std::chrono::milliseconds default_timeout();
+  static std::size_t default_slot_bytes();
+};
+
+// Collective over the `size` ranks that share `store`: every rank calls it.
+std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, int size,
+                                                      const ShmOptions& options = {});
+
+}  // namespace tpfuse::comm

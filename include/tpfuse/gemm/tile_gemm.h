@@ -1,0 +1,44 @@
+// The tile-GEMM interface the operator computes through.
+//
+// prepare_gemm() takes the validated operands of one call and does the
+// per-call work once (converting or dequantizing and packing x2, unpacking
+// scales). compute_rows() then produces rows [m0, m1) of one rank's partial
+//   plain:        x1 @ x2 + bias + x3
+//   weight quant: x1 @ ((x2 + offset) * scale) + bias + x3
+//   full quant:   scale * (x1 @ x2 + bias) + x3       (int32 product and bias)
+// accumulated in fp32 (int32), with the epilogue applied in fp32 in that order
+// and rounded once to the output dtype, written to dst with row stride ld
+// (elements). A row's result never depends on the range it was computed in.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include "tpfuse/core/tensor.h"
+#include "tpfuse/ops/mode.h"
+
+namespace tpfuse::gemm {
+
+struct GemmOperands {
+  CallShape shape;
+  TensorView x1;  // [m, k] (a 3-D x1 viewed as 2-D), row-major
+  TensorView x2;  // [k, n], row-major or transposed
+  std::optional<TensorView> bias;    // [n]
+  std::optional<TensorView> x3;      // [m, n]
+  std::optional<TensorView> scale;   // antiquant_scale or dequant_scale
+  std::optional<TensorView> offset;  // antiquant_offset
+};
+
+class PreparedGemm {
+ public:
+  virtual ~PreparedGemm() = default;
+  virtual void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const = 0;
+  // The engine's name, for logs and benchmarks ("reference", "avx512_f16", ...).
+  virtual const char* engine() const = 0;
+};
+
+// Chooses the engine for the operands on this CPU and prepares it.
+std::unique_ptr<PreparedGemm> prepare_gemm(const GemmOperands& operands);
+
+}  // namespace tpfuse::gemm
