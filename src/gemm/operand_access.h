@@ -1,0 +1,60 @@
+// Element access shared by the engines' packing code: reading any supported
+// dtype as fp32, and the weight-only dequantization rule.
+#pragma once
+
+#include <cstdint>
+
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/half.h"
+#include "tpfuse/core/tensor.h"
+#include "tpfuse/ops/mode.h"
+
+namespace tpfuse::gemm {
+
+// Element `index` (in elements from data()) of a floating-point view, as fp32.
+inline float load_as_f32(const TensorView& view, std::int64_t index) {
+  switch (view.dtype()) {
+    case DType::f16:
+      return f16_to_f32(view.data_as<const Half>()[index]);
+    case DType::bf16:
+      return bf16_to_f32(view.data_as<const BFloat16>()[index]);
+    case DType::f32:
+      return view.data_as<const float>()[index];
+    default:
+      throw InternalError(cat("load_as_f32: unexpected dtype ", dtype_name(view.dtype())));
+  }
+}
+
+// Writes an fp32 value rounded to `dtype` (f16, bf16 or f32) at dst[index].
+inline void store_from_f32(void* dst, DType dtype, std::int64_t index, float value) {
+  switch (dtype) {
+    case DType::f16:
+      static_cast<Half*>(dst)[index] = f32_to_f16(value);
+      return;
+    case DType::bf16:
+      static_cast<BFloat16*>(dst)[index] = f32_to_bf16(value);
+      return;
+    case DType::f32:
+      static_cast<float*>(dst)[index] = value;
+      return;
+    default:
+      throw InternalError(cat("store_from_f32: unexpected dtype ", dtype_name(dtype)));
+  }
+}
+
+// Index of the scale (and offset) that applies to weight element (row l, column j).
+inline std::int64_t scale_index(const CallShape& shape, std::int64_t l, std::int64_t j) {
+  switch (shape.scale_kind) {
+    case ScaleKind::per_tensor:
+      return 0;
+    case ScaleKind::per_channel:
+      return j;
+    case ScaleKind::per_group:
+      return (l / shape.group_size) * shape.n + j;
+    case ScaleKind::none:
+      break;
+  }
+  throw InternalError("scale_index: no scale in this mode");
+}
+
+}  // namespace tpfuse::gemm

@@ -1,0 +1,141 @@
+#include "case_runner.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "tpfuse/comm/launcher.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/ops/mm_all_reduce_base.h"
+
+namespace tpfuse::cli {
+
+namespace {
+
+// What rank 0 sends back to the launcher over a pipe.
+struct WireResult {
+  std::uint8_t identical = 0;
+  std::uint8_t checked = 0;
+  testing::Comparison comparison;
+  double seconds_per_call = 0;
+};
+
+std::uint64_t fnv1a(const void* data, std::size_t bytes) {
+  std::uint64_t h = 1469598103934665603ull;
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  return values[values.size() / 2];
+}
+
+int run_rank(comm::RankContext& ctx, const testing::CaseSpec& spec, int iterations, bool check,
+             int result_fd) {
+  auto inputs = testing::make_rank_inputs(spec, ctx.rank);
+  const auto& args = inputs.args;
+  Tensor out = mm_all_reduce_base(args.x1, args.x2, ctx.comm->name(), args.options);
+
+  std::vector<double> seconds;
+  for (int i = 0; i < iterations; ++i) {
+    ctx.comm->barrier();
+    const auto start = std::chrono::steady_clock::now();
+    mm_all_reduce_base_out(args.x1, args.x2, ctx.comm->name(), args.options, out);
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+
+  const std::uint64_t hash = fnv1a(out.data(), out.nbytes());
+  const auto hashes = ctx.comm->all_gather(
+      std::string_view(reinterpret_cast<const char*>(&hash), sizeof(hash)));
+  if (ctx.rank != 0) return 0;
+
+  WireResult result;
+  result.identical = std::all_of(hashes.begin(), hashes.end(),
+                                 [&](const std::string& h) { return h == hashes[0]; });
+  if (check) {
+    std::vector<testing::RankInputs> all;
+    std::vector<testing::RankArgs> all_args;
+    for (int r = 0; r < ctx.size; ++r) all.push_back(testing::make_rank_inputs(spec, r));
+    for (const auto& in : all) all_args.push_back(in.args);
+    result.comparison = testing::compare(out, testing::golden_mm_all_reduce(all_args));
+    result.checked = 1;
+  }
+  result.seconds_per_call = seconds.empty() ? 0 : median(seconds);
+  if (write(result_fd, &result, sizeof(result)) != static_cast<ssize_t>(sizeof(result))) return 3;
+  return 0;
+}
+
+}  // namespace
+
+CaseResult run_case(const testing::CaseSpec& spec, int ranks, int iterations, bool check) {
+  int fds[2];
+  if (pipe(fds) != 0) throw_system_error("pipe", errno);
+  comm::LaunchOptions options;
+  options.ranks = ranks;
+  const auto launch = comm::launch_local(options, [&](comm::RankContext& ctx) {
+    close(fds[0]);
+    return run_rank(ctx, spec, iterations, check, fds[1]);
+  });
+  close(fds[1]);
+  WireResult wire;
+  const ssize_t got = read(fds[0], &wire, sizeof(wire));
+  close(fds[0]);
+
+  CaseResult result;
+  if (!launch.ok() || got != static_cast<ssize_t>(sizeof(wire))) {
+    result.error = launch.ok() ? "rank 0 reported no result" : launch.describe_failures();
+    return result;
+  }
+  result.ran = true;
+  result.identical_across_ranks = wire.identical != 0;
+  result.checked = wire.checked != 0;
+  result.comparison = wire.comparison;
+  result.seconds_per_call = wire.seconds_per_call;
+  return result;
+}
+
+std::string describe_mode(const testing::CaseSpec& spec) {
+  std::string text = cat(mode_name(spec.mode), " ", dtype_name(spec.dtype));
+  if (spec.mode == Mode::plain) return text;
+  text += cat(" ", scale_kind_name(spec.scale_kind));
+  if (spec.scale_kind == ScaleKind::per_group) text += cat("(G=", spec.group_size, ")");
+  if (spec.offset) text += " +offset";
+  return text;
+}
+
+std::string describe_shape(const testing::CaseSpec& spec) {
+  const std::string x1 = spec.batch > 0 ? cat("[", spec.batch, ", ", spec.m / spec.batch, ", ",
+                                              spec.k, "]")
+                                        : cat("[", spec.m, ", ", spec.k, "]");
+  return cat(x1, " x [", spec.k, ", ", spec.n, "]", spec.x2_transposed ? "^T" : "");
+}
+
+void print_table_header() {
+  std::printf("%-40s %-24s %5s %11s %11s %12s %s\n", "mode", "shape (per rank)", "ranks",
+              "max error", "tolerance", "us per call", "result");
+}
+
+void print_table_row(const testing::CaseSpec& spec, int ranks, const CaseResult& r) {
+  std::string verdict;
+  if (!r.ran) {
+    verdict = "FAILED: " + r.error;
+  } else if (!r.identical_across_ranks) {
+    verdict = "FAILED: ranks differ";
+  } else if (r.checked && !r.comparison.ok()) {
+    verdict = cat("FAILED: ", r.comparison.mismatches, " elements off");
+  } else {
+    verdict = r.checked ? "ok, identical on all ranks" : "identical on all ranks (unchecked)";
+  }
+  std::printf("%-40s %-24s %5d %11.3g %11.3g %12.1f %s\n", describe_mode(spec).c_str(),
+              describe_shape(spec).c_str(), ranks, r.comparison.max_abs_error,
+              r.comparison.max_bound, r.seconds_per_call * 1e6, verdict.c_str());
+  std::fflush(stdout);
+}
+
+}  // namespace tpfuse::cli

@@ -1,0 +1,11 @@
+// The tpfuse command-line tool's subcommands; each file adds one to the app.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace tpfuse::cli {
+
+void add_demo_command(CLI::App& app);
+void add_run_command(CLI::App& app);
+
+}  // namespace tpfuse::cli

@@ -1,0 +1,30 @@
+// The tpfuse command-line tool. Exit codes: 0 success, 1 a run failed,
+// 2 bad command-line flags.
+#include <cstdio>
+#include <exception>
+
+#include "commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"tpfuse: fused matrix multiply + all-reduce for tensor-parallel layers on CPUs"};
+  app.require_subcommand(1);
+  tpfuse::cli::add_demo_command(app);
+  tpfuse::cli::add_run_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::RuntimeError& e) {
+    std::fprintf(stderr, "tpfuse: %s\n", e.what());
+    return e.get_exit_code();
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "tpfuse: %s\nRun with --help for usage.\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tpfuse: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,77 @@
+// `tpfuse run`: one operator case with every input chosen by flags.
+#include <map>
+#include <memory>
+#include <string>
+
+#include "case_runner.h"
+#include "commands.h"
+
+namespace tpfuse::cli {
+
+namespace {
+
+struct RunFlags {
+  testing::CaseSpec spec;
+  std::string dtype = "f16";
+  std::string mode = "plain";
+  std::string scale = "per_channel";
+  int ranks = 2;
+  int iterations = 10;
+  bool no_check = false;
+};
+
+}  // namespace
+
+void add_run_command(CLI::App& app) {
+  auto flags = std::make_shared<RunFlags>();
+  auto* run = app.add_subcommand("run", "Run mm_all_reduce_base once per rank with the given "
+                                        "shape and mode, check it, and time it");
+  auto& s = flags->spec;
+  run->add_option("--m", s.m, "Rows of x1 (m = b * s for a 3-D x1)")->check(CLI::Range(1, 1 << 24));
+  run->add_option("--k", s.k, "Columns of x1 per rank (the K-slice)")->check(CLI::Range(1, 1 << 24));
+  run->add_option("--n", s.n, "Columns of x2")->check(CLI::Range(1, 1 << 24));
+  run->add_option("--batch", s.batch, "Make x1 3-D [batch, m / batch, k]")
+      ->check(CLI::Range(0, 1 << 24));
+  run->add_option("--dtype", flags->dtype,
+                  "Activation dtype (plain, weight_quant) or output dtype (full_quant)")
+      ->check(CLI::IsMember({"f16", "bf16"}));
+  run->add_option("--mode", flags->mode, "plain | weight_quant | full_quant")
+      ->check(CLI::IsMember({"plain", "weight_quant", "full_quant"}));
+  run->add_option("--scale", flags->scale, "Scale layout: per_tensor | per_channel | per_group")
+      ->check(CLI::IsMember({"per_tensor", "per_channel", "per_group"}));
+  run->add_option("--group-size", s.group_size, "antiquant_group_size for per_group scales")
+      ->check(CLI::Range(0, 1 << 24));
+  run->add_flag("--offset", s.offset, "Pass antiquant_offset (weight_quant)");
+  run->add_flag("--bias", s.bias, "Pass a bias");
+  run->add_flag("--x3", s.x3, "Pass x3");
+  run->add_flag("--transpose-x2", s.x2_transposed, "Pass x2 as a transposed view of [n, k]");
+  run->add_flag("--uneven-k", s.uneven_k, "Give rank r a K-slice of k + r");
+  run->add_option("--comm-turn", s.comm_turn, "Tiles along M (0: tpfuse decides)")
+      ->check(CLI::Range(0, 1 << 24));
+  run->add_option("--ranks", flags->ranks, "Local ranks (processes)")->check(CLI::Range(1, 256));
+  run->add_option("--iterations", flags->iterations, "Timed calls")->check(CLI::Range(1, 1000000));
+  run->add_option("--seed", s.seed, "Seed of the random inputs");
+  run->add_flag("--no-check", flags->no_check, "Skip the golden-model check (large shapes)");
+
+  run->callback([flags] {
+    static const std::map<std::string, Mode> kModes = {
+        {"plain", Mode::plain}, {"weight_quant", Mode::weight_quant}, {"full_quant", Mode::full_quant}};
+    static const std::map<std::string, ScaleKind> kScales = {{"per_tensor", ScaleKind::per_tensor},
+                                                             {"per_channel", ScaleKind::per_channel},
+                                                             {"per_group", ScaleKind::per_group}};
+    auto spec = flags->spec;
+    spec.mode = kModes.at(flags->mode);
+    spec.dtype = parse_dtype(flags->dtype);
+    spec.scale_kind = kScales.at(flags->scale);
+    if (spec.batch > 0 && spec.m % spec.batch != 0) {
+      throw CLI::ValidationError("--batch", cat("must divide --m (", spec.m, "), got ", spec.batch));
+    }
+    print_table_header();
+    const CaseResult result = run_case(spec, flags->ranks, flags->iterations, !flags->no_check);
+    print_table_row(spec, flags->ranks, result);
+    const bool ok = result.ran && result.identical_across_ranks && result.comparison.ok();
+    if (!ok) throw CLI::RuntimeError("run: the case failed", 1);
+  });
+}
+
+}  // namespace tpfuse::cli
