@@ -5,6 +5,7 @@
 
 #include "case_runner.h"
 #include "commands.h"
+#include "tpfuse/core/error.h"
 
 namespace tpfuse::cli {
 
@@ -64,7 +65,7 @@ void add_run_command(CLI::App& app) {
     spec.dtype = parse_dtype(flags->dtype);
     spec.scale_kind = kScales.at(flags->scale);
     if (spec.batch > 0 && spec.m % spec.batch != 0) {
-      throw CLI::ValidationError("--batch", cat("must divide --m (", spec.m, "), got ", spec.batch));
+      throw CLI::ValidationError("--batch", tpfuse::cat("must divide --m (", spec.m, "), got ", spec.batch));
     }
     print_table_header();
     const CaseResult result = run_case(spec, flags->ranks, flags->iterations, !flags->no_check);
