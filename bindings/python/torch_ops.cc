@@ -1,0 +1,323 @@
+// The tpfuse torch operators (namespace torch.ops.tpfuse), loaded by the
+// `tpfuse` Python package with torch.ops.load_library:
+//
+//   mm_all_reduce_base(...)           the fused operator, CPU kernel + Autograd kernel
+//   trans_quant_param(scale, offset)  torch_npu's npu_trans_quant_param
+//   _make_rendezvous_dir()            a private directory for a group's FileStore
+//   _create_shm_communicator(dir, rank, size)   collective; registers and returns hcom
+//
+// Everything here converts between at::Tensor and tpfuse's types and calls the
+// C++ API; the rules live in the library. tpfuse errors cross as c10 errors so
+// that Python sees ValueError (InvalidArgument) or RuntimeError (the rest)
+// carrying the library's message unchanged and without a C++ backtrace.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "tpfuse/tpfuse.h"
+#include "tpfuse/ops/validate.h"
+
+namespace tpfuse::torch_binding {
+
+namespace {
+
+// Runs `body`, turning tpfuse's errors into the c10 errors torch maps to
+// Python exceptions. The empty backtrace keeps the message exactly the
+// library's.
+template <class Body>
+auto translate_errors(Body&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const InvalidArgument& error) {
+    throw c10::ValueError(error.what(), "");
+  } catch (const Error& error) {
+    throw c10::Error(error.what(), "");
+  }
+}
+
+DType to_dtype(const char* name, at::ScalarType type) {
+  switch (type) {
+    case at::kHalf:
+      return DType::f16;
+    case at::kBFloat16:
+      return DType::bf16;
+    case at::kFloat:
+      return DType::f32;
+    case at::kChar:
+      return DType::i8;
+    case at::kInt:
+      return DType::i32;
+    case at::kLong:
+      return DType::i64;
+    default:
+      throw InvalidArgument(cat(name, ": dtype ", c10::toString(type),
+                                " has no tpfuse equivalent (tpfuse takes Half, BFloat16, "
+                                "Float, Char, Int or Long)"));
+  }
+}
+
+// Torch leaves the pointer of an empty tensor null; any non-null address lets
+// the library report the emptiness itself, with its own message.
+void* data_of(const at::Tensor& tensor) {
+  static std::byte empty_tensor_anchor;
+  void* data = tensor.data_ptr();
+  return data == nullptr && tensor.numel() == 0 ? &empty_tensor_anchor : data;
+}
+
+TensorView to_view(const char* name, const at::Tensor& tensor) {
+  require(tensor.dim() <= kMaxDims, name, ": expected at most ", kMaxDims, " dims, got ",
+          tensor.dim());
+  const DType dtype = to_dtype(name, tensor.scalar_type());
+  return TensorView(data_of(tensor), dtype,
+                    std::span<const std::int64_t>(tensor.sizes().data(), tensor.sizes().size()),
+                    std::span<const std::int64_t>(tensor.strides().data(),
+                                                  tensor.strides().size()));
+}
+
+std::optional<TensorView> to_view(const char* name, const c10::optional<at::Tensor>& tensor) {
+  if (!tensor.has_value() || !tensor->defined()) return std::nullopt;
+  return to_view(name, *tensor);
+}
+
+at::ScalarType to_scalar_type(DType dtype) {
+  switch (dtype) {
+    case DType::f16:
+      return at::kHalf;
+    case DType::bf16:
+      return at::kBFloat16;
+    case DType::f32:
+      return at::kFloat;
+    case DType::i8:
+      return at::kChar;
+    case DType::i32:
+      return at::kInt;
+    case DType::i64:
+      return at::kLong;
+  }
+  throw InternalError(cat("no torch dtype for ", dtype_name(dtype)));
+}
+
+// The operator's optional arguments, as torch passes them to a kernel.
+struct TorchOptions {
+  c10::string_view reduce_op;
+  const c10::optional<at::Tensor>& bias;
+  const c10::optional<at::Tensor>& antiquant_scale;
+  const c10::optional<at::Tensor>& antiquant_offset;
+  const c10::optional<at::Tensor>& x3;
+  const c10::optional<at::Tensor>& dequant_scale;
+  std::int64_t comm_turn;
+  std::int64_t antiquant_group_size;
+
+  MmAllReduceOptions to_tpfuse() const {
+    MmAllReduceOptions options;
+    options.reduce_op = std::string(reduce_op);
+    options.bias = to_view("bias", bias);
+    options.antiquant_scale = to_view("antiquant_scale", antiquant_scale);
+    options.antiquant_offset = to_view("antiquant_offset", antiquant_offset);
+    options.x3 = to_view("x3", x3);
+    options.dequant_scale = to_view("dequant_scale", dequant_scale);
+    options.comm_turn = comm_turn;
+    options.antiquant_group_size = antiquant_group_size;
+    return options;
+  }
+};
+
+// The library allocates the output (it learns the output's shape and dtype
+// only once every rank has validated and agreed); torch adopts that buffer.
+at::Tensor adopt(Tensor&& result) {
+  auto owner = std::make_unique<Tensor>(std::move(result));
+  const std::vector<std::int64_t> sizes(owner->shape().begin(), owner->shape().end());
+  const auto type = to_scalar_type(owner->dtype());
+  void* data = owner->data();
+  return at::from_blob(
+      data, sizes, [owner = owner.release()](void*) { delete owner; },
+      at::TensorOptions().dtype(type).device(at::kCPU));
+}
+
+at::Tensor mm_all_reduce_base_cpu(const at::Tensor& x1, const at::Tensor& x2,
+                                  c10::string_view hcom, c10::string_view reduce_op,
+                                  const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& antiquant_scale,
+                                  const c10::optional<at::Tensor>& antiquant_offset,
+                                  const c10::optional<at::Tensor>& x3,
+                                  const c10::optional<at::Tensor>& dequant_scale,
+                                  std::int64_t comm_turn, std::int64_t antiquant_group_size) {
+  return translate_errors([&] {
+    const TorchOptions options{reduce_op, bias,          antiquant_scale, antiquant_offset,
+                               x3,        dequant_scale, comm_turn,       antiquant_group_size};
+    return adopt(mm_all_reduce_base(to_view("x1", x1), to_view("x2", x2),
+                                    std::string_view(hcom.data(), hcom.size()),
+                                    options.to_tpfuse()));
+  });
+}
+
+bool requires_grad(const c10::optional<at::Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined() && tensor->requires_grad();
+}
+
+// Plain mode's backward. The output is the same on every rank, so each rank's
+// gradients need only its own inputs: no communication. Products run in fp32
+// (torch 1.13 has no f16 matmul on CPU) and are rounded once to the input's
+// dtype. bias and x3 enter once per rank, so their gradients are the output's
+// (summed over rows for the broadcast bias).
+class MmAllReduceBaseFunction : public torch::autograd::Function<MmAllReduceBaseFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x1,
+                            const at::Tensor& x2, c10::string_view hcom,
+                            c10::string_view reduce_op, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& antiquant_scale,
+                            const c10::optional<at::Tensor>& antiquant_offset,
+                            const c10::optional<at::Tensor>& x3,
+                            const c10::optional<at::Tensor>& dequant_scale,
+                            std::int64_t comm_turn, std::int64_t antiquant_group_size) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("tpfuse::mm_all_reduce_base", "")
+                               .typed<decltype(mm_all_reduce_base_cpu)>();
+    at::Tensor out = op.call(x1, x2, hcom, reduce_op, bias, antiquant_scale, antiquant_offset, x3,
+                             dequant_scale, comm_turn, antiquant_group_size);
+    // The call validated these arguments already; this only names the mode.
+    const TorchOptions options{reduce_op, bias,          antiquant_scale, antiquant_offset,
+                               x3,        dequant_scale, comm_turn,       antiquant_group_size};
+    const Mode mode = translate_errors([&] {
+      return validate_call(to_view("x1", x1), to_view("x2", x2), options.to_tpfuse()).mode;
+    });
+    ctx->saved_data["mode"] = std::string(mode_name(mode));
+    ctx->saved_data["x1_grad"] = x1.requires_grad();
+    ctx->saved_data["x2_grad"] = x2.requires_grad();
+    ctx->saved_data["bias_grad"] = requires_grad(bias);
+    ctx->saved_data["x3_grad"] = requires_grad(x3);
+    if (mode == Mode::plain) ctx->save_for_backward({x1, x2});
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const std::string mode = ctx->saved_data["mode"].toStringRef();
+    if (mode != mode_name(Mode::plain)) {
+      throw c10::Error(cat("mm_all_reduce_base: gradients are supported only in plain mode (x1 "
+                           "and x2 both f16 or both bf16); this call ran in ",
+                           mode, " mode"),
+                       "");
+    }
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x1 = saved[0];
+    const at::Tensor& x2 = saved[1];
+    const at::Tensor& grad = grads[0];
+    const std::int64_t n = grad.size(-1);
+    const at::Tensor grad_rows = grad.reshape({-1, n}).to(at::kFloat);
+
+    at::Tensor grad_x1, grad_x2, grad_bias, grad_x3;
+    if (ctx->saved_data["x1_grad"].toBool()) {
+      grad_x1 = grad_rows.mm(x2.to(at::kFloat).t()).to(x1.scalar_type()).reshape(x1.sizes());
+    }
+    if (ctx->saved_data["x2_grad"].toBool()) {
+      grad_x2 = x1.reshape({-1, x1.size(-1)}).to(at::kFloat).t().mm(grad_rows).to(x2.scalar_type());
+    }
+    if (ctx->saved_data["bias_grad"].toBool()) grad_bias = grad_rows.sum(0).to(grad.scalar_type());
+    if (ctx->saved_data["x3_grad"].toBool()) grad_x3 = grad;
+    // One entry per forward argument: x1, x2, hcom, reduce_op, bias,
+    // antiquant_scale, antiquant_offset, x3, dequant_scale, comm_turn, group size.
+    return {grad_x1, grad_x2, {}, {}, grad_bias, {}, {}, grad_x3, {}, {}, {}};
+  }
+};
+
+at::Tensor mm_all_reduce_base_autograd(const at::Tensor& x1, const at::Tensor& x2,
+                                       c10::string_view hcom, c10::string_view reduce_op,
+                                       const c10::optional<at::Tensor>& bias,
+                                       const c10::optional<at::Tensor>& antiquant_scale,
+                                       const c10::optional<at::Tensor>& antiquant_offset,
+                                       const c10::optional<at::Tensor>& x3,
+                                       const c10::optional<at::Tensor>& dequant_scale,
+                                       std::int64_t comm_turn, std::int64_t antiquant_group_size) {
+  return MmAllReduceBaseFunction::apply(x1, x2, hcom, reduce_op, bias, antiquant_scale,
+                                        antiquant_offset, x3, dequant_scale, comm_turn,
+                                        antiquant_group_size);
+}
+
+// Values are packed one by one, exactly as torch_npu packs them. The result
+// has scale's shape, except that a 1-D scale broadcast against a longer 1-D
+// offset gives the offset's length (torch_npu's shape rule).
+std::vector<float> float_values(const char* name, const at::Tensor& tensor) {
+  require(tensor.scalar_type() == at::kFloat, name, ": expected dtype Float (float32), got ",
+          c10::toString(tensor.scalar_type()));
+  require(tensor.dim() == 1 || (tensor.dim() == 2 && tensor.size(0) == 1), name,
+          ": expected shape [n] or [1, n], got ", tensor.sizes());
+  const at::Tensor dense = tensor.contiguous();
+  const float* data = dense.data_ptr<float>();
+  return std::vector<float>(data, data + dense.numel());
+}
+
+at::Tensor trans_quant_param_cpu(const at::Tensor& scale, const c10::optional<at::Tensor>& offset) {
+  return translate_errors([&] {
+    const std::vector<float> scales = float_values("scale", scale);
+    std::vector<float> offsets;
+    if (offset.has_value() && offset->defined()) offsets = float_values("offset", *offset);
+    const std::vector<std::int64_t> packed = trans_quant_param(scales, offsets);
+    std::vector<std::int64_t> sizes(scale.sizes().begin(), scale.sizes().end());
+    sizes.back() = static_cast<std::int64_t>(packed.size());
+    at::Tensor result = at::empty(sizes, at::TensorOptions().dtype(at::kLong));
+    std::memcpy(result.data_ptr<std::int64_t>(), packed.data(),
+                packed.size() * sizeof(std::int64_t));
+    return result;
+  });
+}
+
+std::string make_rendezvous_dir() {
+  return translate_errors([] { return comm::FileStore::make_private_dir().string(); });
+}
+
+// Collective over the group's `size` ranks. The barrier tells rank 0 that
+// every rank is done with the store, so it can remove the directory.
+std::string create_shm_communicator(c10::string_view store_dir, std::int64_t rank,
+                                    std::int64_t size) {
+  return translate_errors([&] {
+    const std::filesystem::path dir(std::string(store_dir.data(), store_dir.size()));
+    require(rank >= 0 && rank < size, "rank: expected 0 <= rank < size = ", size, ", got ", rank);
+    std::shared_ptr<comm::Communicator> communicator;
+    try {
+      comm::FileStore store(dir);
+      communicator = comm::create_shm_communicator(store, static_cast<int>(rank),
+                                                   static_cast<int>(size));
+      communicator->barrier();
+    } catch (...) {
+      if (rank == 0) std::filesystem::remove_all(dir);
+      throw;
+    }
+    if (rank == 0) std::filesystem::remove_all(dir);
+    return comm::register_communicator(std::move(communicator));
+  });
+}
+
+}  // namespace
+
+}  // namespace tpfuse::torch_binding
+
+TORCH_LIBRARY(tpfuse, m) {
+  using namespace tpfuse::torch_binding;
+  m.def(
+      "mm_all_reduce_base(Tensor x1, Tensor x2, str hcom, *, str reduce_op='sum', "
+      "Tensor? bias=None, Tensor? antiquant_scale=None, Tensor? antiquant_offset=None, "
+      "Tensor? x3=None, Tensor? dequant_scale=None, int comm_turn=0, "
+      "int antiquant_group_size=0) -> Tensor");
+  m.def("trans_quant_param(Tensor scale, Tensor? offset=None) -> Tensor");
+  m.def("_make_rendezvous_dir() -> str", &make_rendezvous_dir);
+  m.def("_create_shm_communicator(str store_dir, int rank, int size) -> str",
+        &create_shm_communicator);
+}
+
+TORCH_LIBRARY_IMPL(tpfuse, CPU, m) {
+  using namespace tpfuse::torch_binding;
+  m.impl("mm_all_reduce_base", &mm_all_reduce_base_cpu);
+  m.impl("trans_quant_param", &trans_quant_param_cpu);
+}
+
+TORCH_LIBRARY_IMPL(tpfuse, Autograd, m) {
+  m.impl("mm_all_reduce_base", &tpfuse::torch_binding::mm_all_reduce_base_autograd);
+}

@@ -1,0 +1,33 @@
+"""tpfuse for PyTorch: torch_npu's npu_mm_all_reduce_base on CPU tensors.
+
+Ranks are processes of a torch.distributed group (gloo) on one host; the
+operator multiplies each rank's K-slice and all-reduces the partials through
+shared memory, overlapping the two. Code written for torch_npu changes its
+import and the line that names the communicator:
+
+    import tpfuse
+    hcom = tpfuse.get_comm_name(group)   # torch_npu: group.get_hccl_comm_name(rank)
+    out = tpfuse.npu_mm_all_reduce_base(x1, x2, hcom, reduce_op="sum", bias=bias)
+
+The operators are also torch.ops.tpfuse.mm_all_reduce_base and
+torch.ops.tpfuse.trans_quant_param.
+"""
+import pathlib
+
+import torch
+
+torch.ops.load_library(str(pathlib.Path(__file__).with_name("_tpfuse_torch.so")))
+
+from tpfuse.comm import get_comm_name  # noqa: E402  (needs the operators loaded)
+from tpfuse.ops import (  # noqa: E402
+    mm_all_reduce_base,
+    npu_mm_all_reduce_base,
+    npu_trans_quant_param,
+)
+
+__all__ = [
+    "get_comm_name",
+    "mm_all_reduce_base",
+    "npu_mm_all_reduce_base",
+    "npu_trans_quant_param",
+]
