@@ -65,7 +65,7 @@ def _create_communicator(group):
     if rank == 0:
         try:
             payload[0] = ("dir", torch.ops.tpfuse._make_rendezvous_dir())
-        except RuntimeError as error:
+        except Exception as error:  # noqa: BLE001  (every rank raises it below)
             payload[0] = ("error", str(error))
     # torch 1.13's broadcast takes the source as a global rank.
     dist.broadcast_object_list(payload, src=dist.distributed_c10d.get_global_rank(group, 0),
