@@ -1,10 +1,11 @@
 # tpfuse's entry points. `make demo` and `make test` each install what is
 # missing (as root), configure, build, and then run the demo or the tests.
 
-DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev
+DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev python3-torch libtorch-dev python3-pytest
 BUILD        ?= build
 ASAN_BUILD   ?= build-asan
 JOBS         ?= $(shell nproc)
+PYTHON       ?= /usr/bin/python3
 CMAKE_FLAGS  ?=
 
 .PHONY: all deps configure build demo test test-release test-asan clean
@@ -15,16 +16,18 @@ deps:
 	@./scripts/install-deps.sh $(DEB_PACKAGES)
 
 configure: deps
-	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS) >/dev/null
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DTPFUSE_PYTHON=$(PYTHON) $(CMAKE_FLAGS) >/dev/null
 
 build: configure
 	@cmake --build $(BUILD) -j $(JOBS)
 
 demo: build
 	$(BUILD)/tpfuse demo
+	PYTHONPATH=$(BUILD)/python $(PYTHON) examples/mm_all_reduce_base.py
 
 test: test-release test-asan
 
+# ctest runs the Python tests too (python.test_*, pytest under $(PYTHON)).
 test-release: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 

@@ -11,7 +11,6 @@ An exception on any rank fails the call with every failing rank's traceback.
 import os
 import queue
 import shutil
-import socket
 import tempfile
 import traceback
 
@@ -27,20 +26,16 @@ class RankFailure(AssertionError):
     pass
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _serve(rank, world_size, port, tmpdir, jobs, results):
+def _serve(rank, world_size, directory, jobs, results):
     os.environ["TPFUSE_TIMEOUT_MS"] = RANK_TIMEOUT_MS
-    os.environ["TMPDIR"] = tmpdir
+    os.environ["TMPDIR"] = os.path.join(directory, "tmp")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    # A file rendezvous in the pool's own directory: no port to race for when
+    # several test files run at once.
+    dist.init_process_group("gloo", init_method=f"file://{directory}/gloo-rendezvous", rank=rank,
                             world_size=world_size)
     while True:
         job = jobs.get()
@@ -57,16 +52,16 @@ def _serve(rank, world_size, port, tmpdir, jobs, results):
 class RankPool:
     def __init__(self, world_size):
         self.world_size = world_size
-        # The ranks' private TMPDIR: tests check that rendezvous directories
-        # do not outlive their use.
-        self.tmpdir = tempfile.mkdtemp(prefix=f"tpfuse-pytest-{world_size}-")
+        # The pool's files; its tmp/ is the ranks' TMPDIR, where tests check
+        # that rendezvous directories do not outlive their use.
+        self.directory = tempfile.mkdtemp(prefix=f"tpfuse-pytest-{world_size}-")
+        os.mkdir(os.path.join(self.directory, "tmp"))
         context = mp.get_context("spawn")
         self._jobs = [context.Queue() for _ in range(world_size)]
         self._results = context.Queue()
-        port = _free_port()
         self._processes = [
             context.Process(target=_serve, daemon=True,
-                            args=(rank, world_size, port, self.tmpdir, self._jobs[rank],
+                            args=(rank, world_size, self.directory, self._jobs[rank],
                                   self._results))
             for rank in range(world_size)]
         for process in self._processes:
@@ -101,4 +96,4 @@ class RankPool:
             if process.is_alive():
                 process.kill()
                 process.join()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
