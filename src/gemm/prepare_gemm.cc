@@ -1,11 +1,60 @@
 // Engine selection: the one place that decides which engine computes a call.
+//
+//   f16 plain, weight-only int8      tpfuse's fp32 micro-kernels (float_gemm)
+//   bf16 plain                       oneDNN where the CPU has AVX512-BF16,
+//                                    else the fp32 micro-kernels
+//   int8 full quant                  oneDNN where the CPU has AVX512-VNNI,
+//                                    else the reference engine
+// The micro-kernels come from the table of the level asked for.
+#include <sched.h>
+
+#include <algorithm>
+
+#include "gemm/engines.h"
+#include "gemm/float_gemm.h"
+#include "gemm/microkernel.h"
 #include "gemm/reference_gemm.h"
-#include "tpfuse/gemm/tile_gemm.h"
+#include "tpfuse/core/config.h"
+#include "tpfuse/core/error.h"
 
 namespace tpfuse::gemm {
 
+namespace {
+
+const EnvSetting<std::int64_t> kNumThreads{
+    "TPFUSE_NUM_THREADS", 0,
+    "GEMM threads per rank (default: the cores available divided among the ranks on this host)"};
+
+int cores_available() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+  return std::max(1, CPU_COUNT(&set));
+}
+
+}  // namespace
+
+int default_gemm_threads(int ranks_on_host) {
+  const std::int64_t forced = kNumThreads.get();
+  require(forced >= 0, "TPFUSE_NUM_THREADS must be >= 0, got ", forced);
+  if (forced > 0) return static_cast<int>(std::min<std::int64_t>(forced, 1024));
+  return std::max(1, cores_available() / std::max(1, ranks_on_host));
+}
+
+std::unique_ptr<PreparedGemm> prepare_gemm_for_isa(const GemmOperands& operands, IsaLevel level) {
+  const int threads = operands.threads > 0 ? operands.threads : default_gemm_threads(1);
+  switch (operands.shape.mode) {
+    case Mode::full_quant:
+      return prepare_reference_gemm(operands);
+    case Mode::plain:
+    case Mode::weight_quant:
+      return prepare_float_gemm(operands, kernels_for(level), threads);
+  }
+  throw InternalError("prepare_gemm: unknown mode");
+}
+
 std::unique_ptr<PreparedGemm> prepare_gemm(const GemmOperands& operands) {
-  return prepare_reference_gemm(operands);
+  return prepare_gemm_for_isa(operands, active_isa());
 }
 
 }  // namespace tpfuse::gemm

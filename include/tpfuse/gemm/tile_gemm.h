@@ -28,11 +28,19 @@ struct GemmOperands {
   std::optional<TensorView> x3;      // [m, n]
   std::optional<TensorView> scale;   // antiquant_scale or dequant_scale
   std::optional<TensorView> offset;  // antiquant_offset
+  // Threads this rank's GEMM may use; 0: default_gemm_threads(1). Results do
+  // not depend on it.
+  int threads = 0;
 };
+
+// The thread count for one rank: TPFUSE_NUM_THREADS when set, else the cores
+// this process may run on divided among the ranks on this host (at least 1).
+int default_gemm_threads(int ranks_on_host);
 
 class PreparedGemm {
  public:
   virtual ~PreparedGemm() = default;
+  // Concurrent calls on one prepared GEMM are safe but run one after another.
   virtual void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const = 0;
   // The engine's name, for logs and benchmarks ("reference", "avx512_f16", ...).
   virtual const char* engine() const = 0;

@@ -1,0 +1,15 @@
+// Engine selection with the instruction-set level given, so that tests can
+// run every engine at every level this CPU supports in one process.
+// prepare_gemm() is prepare_gemm_for_isa(operands, active_isa()).
+#pragma once
+
+#include <memory>
+
+#include "gemm/cpu_isa.h"
+#include "tpfuse/gemm/tile_gemm.h"
+
+namespace tpfuse::gemm {
+
+std::unique_ptr<PreparedGemm> prepare_gemm_for_isa(const GemmOperands& operands, IsaLevel level);
+
+}  // namespace tpfuse::gemm

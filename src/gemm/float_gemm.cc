@@ -1,0 +1,431 @@
+// The fp32 engine: the loops around the micro-kernel (microkernel.h), in the
+// BLIS arrangement.
+//
+// prepare (once per call) puts x2 where the micro-kernel reads it, in one of
+// three layouts:
+//   packed_f32     panels of NR columns, [panel][k][NR] fp32, converted and
+//                  dequantized once. For large m: the kernel then reads B at
+//                  full speed, and the conversion is paid once for m rows.
+//   in_place       x2 itself (row-major only), converted or dequantized by
+//                  the kernel as it loads it. For small m (decode), where
+//                  reading the weight once is the whole cost: no copy, and an
+//                  int8 weight reads a quarter of the bytes of fp32 panels.
+//                  Only a ragged last panel is copied, padded.
+//   packed_source  panels of NR columns in x2's own dtype: small m with a
+//                  transposed x2, which the kernel cannot read in place.
+// The layout depends on the call's m only, never on the rows asked for, and
+// the micro-kernel's sums do not depend on the layout either.
+//
+// compute_rows splits [m0, m1) x [0, n) among the threads (by column panels,
+// or by rows when there are few panels), and each thread runs
+//   for each block of nc_panels panels        (B block: shared by row blocks)
+//     for each block of mc rows               (A block and fp32 sums: L2)
+//       for each kc-step of k                 (B micro-panel kc x NR: L1)
+//         pack A (fp32 micro-panels of MR rows)
+//         for each panel, for each MR rows: the micro-kernel
+// The last kc-step finishes each tile with the epilogue, straight into dst.
+#include "gemm/float_gemm.h"
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "gemm/aligned_buffer.h"
+#include "gemm/operand_access.h"
+#include "gemm/thread_pool.h"
+#include "tpfuse/core/error.h"
+
+namespace tpfuse::gemm {
+
+namespace {
+
+enum class BLayout { packed_f32, in_place, packed_source };
+
+// At most this many rows per call: x2 is read by the kernel as stored.
+constexpr std::int64_t kSmallM = 64;
+
+struct Blocking {
+  std::int64_t kc = 0;         // k per micro-kernel call
+  std::int64_t mc = 0;         // rows per A block (a multiple of MR)
+  std::int64_t nc_panels = 0;  // panels per B block
+  bool pack_a_whole_k = false; // pack an A block's whole k once, not per kc-step
+};
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+BFormat format_of(DType dtype) {
+  switch (dtype) {
+    case DType::f16:
+      return BFormat::f16;
+    case DType::bf16:
+      return BFormat::bf16;
+    case DType::i8:
+      return BFormat::i8;
+    case DType::f32:
+      return BFormat::f32;
+    default:
+      throw InternalError(cat("float gemm: no B format for ", dtype_name(dtype)));
+  }
+}
+
+// A part of the output one thread computes: rows [r0, r1) (of the call),
+// panels [p0, p1).
+struct Task {
+  std::int64_t r0, r1, p0, p1;
+};
+
+class FloatGemm final : public PreparedGemm {
+ public:
+  FloatGemm(const GemmOperands& operands, const KernelTable& kernels, int threads)
+      : ops_(operands), kernels_(kernels), pool_(threads) {
+    const CallShape& s = ops_.shape;
+    mr_ = kernels_.mr;
+    nr_ = kernels_.nr;
+    panels_ = ceil_div(s.n, nr_);
+    n_padded_ = panels_ * nr_;
+    x2_elem_ = dtype_size(ops_.x2.dtype());
+    const bool row_major = ops_.x2.stride(1) == 1;
+    if (s.m > kSmallM) {
+      layout_ = BLayout::packed_f32;
+    } else {
+      layout_ = row_major ? BLayout::in_place : BLayout::packed_source;
+    }
+    group_rows_ = s.scale_kind == ScaleKind::per_group ? s.group_size : s.k;
+    blocking_ = choose_blocking();
+    engine_name_ = cat(isa_name(kernels_.isa), "_",
+                       s.mode == Mode::weight_quant ? "wq_" : "", dtype_name(s.in_dtype), "_",
+                       layout_name());
+    prepare_bias();
+    if (s.mode == Mode::weight_quant) prepare_dequant();
+    pack_b();
+  }
+
+  const char* engine() const override { return engine_name_.c_str(); }
+
+  void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
+    if (m1 <= m0) return;
+    std::lock_guard lock(compute_mutex_);
+    const std::vector<Task> tasks = split(m0, m1);
+    scratch_.resize(static_cast<std::size_t>(pool_.size()));
+    pool_.run(static_cast<int>(tasks.size()), [&](int index, int slot) {
+      compute_task(tasks[static_cast<std::size_t>(index)], m0, dst, ld,
+                   scratch_[static_cast<std::size_t>(slot)]);
+    });
+  }
+
+ private:
+  struct Scratch {
+    AlignedBuffer<float> a;    // packed A block
+    AlignedBuffer<float> acc;  // fp32 sums of an A block x B block between kc-steps
+  };
+
+  const char* layout_name() const {
+    switch (layout_) {
+      case BLayout::packed_f32:
+        return "packed";
+      case BLayout::in_place:
+        return "in_place";
+      case BLayout::packed_source:
+        return "packed_source";
+    }
+    return "?";
+  }
+
+  Blocking choose_blocking() const {
+    Blocking b;
+    if (layout_ == BLayout::packed_f32) {
+      // B micro-panel 256 x NR fp32 (32 KiB for NR = 32) stays in L1 while
+      // mc / MR row panels pass; the A block (mc x 256) and the sums stay in L2.
+      b.kc = 256;
+      b.mc = mr_ * 12;
+      b.nc_panels = std::max<std::int64_t>(1, 1024 / nr_);
+    } else if (layout_ == BLayout::in_place) {
+      // Short kc-steps across all panels: B is read as kc rows streaming side by
+      // side, which the prefetchers follow; A (few rows) is packed once.
+      b.kc = 16;
+      b.mc = ceil_div(kSmallM, mr_) * mr_;
+      b.nc_panels = panels_;
+      b.pack_a_whole_k = true;
+    } else {
+      b.kc = 256;
+      b.mc = ceil_div(kSmallM, mr_) * mr_;
+      b.nc_panels = std::max<std::int64_t>(1, 1024 / nr_);
+    }
+    return b;
+  }
+
+  // ---- prepare ----
+
+  void prepare_bias() {
+    if (!ops_.bias) return;
+    bias_.resize(static_cast<std::size_t>(n_padded_));
+    std::fill(bias_.data(), bias_.data() + n_padded_, 0.0f);
+    for (std::int64_t j = 0; j < ops_.shape.n; ++j) bias_.data()[j] = load_as_f32(*ops_.bias, j);
+  }
+
+  // fp32 scales and offsets, [group][n_padded].
+  void prepare_dequant() {
+    const CallShape& s = ops_.shape;
+    const std::int64_t groups = ceil_div(s.k, group_rows_);
+    const auto count = static_cast<std::size_t>(groups * n_padded_);
+    scales_.resize(count);
+    std::fill(scales_.data(), scales_.data() + count, 0.0f);
+    if (ops_.offset) {
+      offsets_.resize(count);
+      std::fill(offsets_.data(), offsets_.data() + count, 0.0f);
+    }
+    for (std::int64_t g = 0; g < groups; ++g) {
+      for (std::int64_t j = 0; j < s.n; ++j) {
+        const std::int64_t index = scale_index(s, g * group_rows_, j);
+        scales_.data()[g * n_padded_ + j] = load_as_f32(*ops_.scale, index);
+        if (ops_.offset) offsets_.data()[g * n_padded_ + j] = load_as_f32(*ops_.offset, index);
+      }
+    }
+  }
+
+  const float* scale_row(std::int64_t l, std::int64_t panel) const {
+    return scales_.data() + (l / group_rows_) * n_padded_ + panel * nr_;
+  }
+  const float* offset_row(std::int64_t l, std::int64_t panel) const {
+    return ops_.offset ? offsets_.data() + (l / group_rows_) * n_padded_ + panel * nr_ : nullptr;
+  }
+
+  const unsigned char* x2_at(std::int64_t l, std::int64_t j) const {
+    return static_cast<const unsigned char*>(ops_.x2.data()) +
+           (l * ops_.x2.stride(0) + j * ops_.x2.stride(1)) * static_cast<std::int64_t>(x2_elem_);
+  }
+
+  void pack_b() {
+    const std::int64_t k = ops_.shape.k;
+    if (layout_ == BLayout::packed_f32) {
+      packed_f32_.resize(static_cast<std::size_t>(panels_ * k * nr_));
+    } else if (layout_ == BLayout::packed_source) {
+      packed_source_.resize(static_cast<std::size_t>(panels_ * k * nr_) * x2_elem_);
+    } else if (ops_.shape.n % nr_ != 0) {
+      packed_source_.resize(static_cast<std::size_t>(k * nr_) * x2_elem_);
+    } else {
+      return;
+    }
+    const std::int64_t first = layout_ == BLayout::in_place ? panels_ - 1 : 0;
+    const std::int64_t count = panels_ - first;
+    const int chunks = static_cast<int>(std::min<std::int64_t>(count, pool_.size() * 4));
+    pool_.run(chunks, [&](int chunk, int) {
+      const std::int64_t begin = first + count * chunk / chunks;
+      const std::int64_t end = first + count * (chunk + 1) / chunks;
+      for (std::int64_t p = begin; p < end; ++p) {
+        if (layout_ == BLayout::packed_f32) {
+          pack_panel_f32(p);
+        } else {
+          const std::int64_t slot = layout_ == BLayout::in_place ? 0 : p;
+          pack_panel_source(p, packed_source_.data() + slot * k * nr_ * static_cast<std::int64_t>(x2_elem_));
+        }
+      }
+    });
+  }
+
+  // Panel p as fp32, dequantized one group at a time.
+  void pack_panel_f32(std::int64_t p) const {
+    const CallShape& s = ops_.shape;
+    const bool dequantize = s.mode == Mode::weight_quant;
+    const std::int64_t step = dequantize ? group_rows_ : s.k;
+    for (std::int64_t l0 = 0; l0 < s.k; l0 += step) {
+      BSource src;
+      src.data = x2_at(l0, p * nr_);
+      src.dtype = ops_.x2.dtype();
+      src.stride_k = ops_.x2.stride(0);
+      src.stride_n = ops_.x2.stride(1);
+      src.rows = std::min(step, s.k - l0);
+      src.cols = static_cast<int>(std::min<std::int64_t>(nr_, s.n - p * nr_));
+      if (dequantize) {
+        src.scale = scale_row(l0, p);
+        src.offset = offset_row(l0, p);
+      }
+      kernels_.pack_b_f32(src, packed_f32_.data() + (p * s.k + l0) * nr_);
+    }
+  }
+
+  // Panel p in x2's dtype, [k][NR], columns past n zero.
+  void pack_panel_source(std::int64_t p, unsigned char* out) const {
+    const CallShape& s = ops_.shape;
+    const std::int64_t cols = std::min<std::int64_t>(nr_, s.n - p * nr_);
+    const auto elem = static_cast<std::int64_t>(x2_elem_);
+    std::memset(out, 0, static_cast<std::size_t>(s.k * nr_ * elem));
+    for (std::int64_t l = 0; l < s.k; ++l) {
+      unsigned char* row = out + l * nr_ * elem;
+      if (ops_.x2.stride(1) == 1) {
+        std::memcpy(row, x2_at(l, p * nr_), static_cast<std::size_t>(cols * elem));
+        continue;
+      }
+      for (std::int64_t j = 0; j < cols; ++j) {
+        std::memcpy(row + j * elem, x2_at(l, p * nr_ + j), x2_elem_);
+      }
+    }
+  }
+
+  // ---- compute ----
+
+  std::vector<Task> split(std::int64_t m0, std::int64_t m1) const {
+    const std::int64_t threads = pool_.size();
+    const std::int64_t rows = m1 - m0;
+    std::vector<Task> tasks;
+    if (threads == 1) {
+      tasks.push_back({m0, m1, 0, panels_});
+    } else if (panels_ >= 2 * threads || rows < 2 * mr_ * threads) {
+      const std::int64_t parts = std::min(threads, panels_);
+      for (std::int64_t t = 0; t < parts; ++t) {
+        tasks.push_back({m0, m1, panels_ * t / parts, panels_ * (t + 1) / parts});
+      }
+    } else {
+      const std::int64_t row_panels = ceil_div(rows, mr_);
+      const std::int64_t parts = std::min(threads, row_panels);
+      for (std::int64_t t = 0; t < parts; ++t) {
+        tasks.push_back({m0 + std::min(rows, row_panels * t / parts * mr_),
+                         m0 + std::min(rows, row_panels * (t + 1) / parts * mr_), 0, panels_});
+      }
+    }
+    return tasks;
+  }
+
+  struct BOrigin {
+    const void* data;
+    std::int64_t ld;
+  };
+
+  BOrigin b_origin(std::int64_t p, std::int64_t l) const {
+    const std::int64_t k = ops_.shape.k;
+    switch (layout_) {
+      case BLayout::packed_f32:
+        return {packed_f32_.data() + (p * k + l) * nr_, nr_};
+      case BLayout::packed_source:
+        return {packed_source_.data() + (p * k + l) * nr_ * static_cast<std::int64_t>(x2_elem_), nr_};
+      case BLayout::in_place:
+        if (p == panels_ - 1 && ops_.shape.n % nr_ != 0) {
+          return {packed_source_.data() + l * nr_ * static_cast<std::int64_t>(x2_elem_), nr_};
+        }
+        return {x2_at(l, p * nr_), ops_.x2.stride(0)};
+    }
+    throw InternalError("float gemm: unknown layout");
+  }
+
+  MicroKernel kernel() const {
+    if (layout_ == BLayout::packed_f32) return kernels_.tile[static_cast<int>(BFormat::f32)];
+    if (ops_.shape.mode == Mode::weight_quant && ops_.offset) return kernels_.tile_i8_with_offset;
+    return kernels_.tile[static_cast<int>(format_of(ops_.x2.dtype()))];
+  }
+
+  // The kc-step starting at l: never across a dequant group when the kernel
+  // dequantizes (its scales are fixed for the call).
+  std::int64_t step_at(std::int64_t l) const {
+    std::int64_t kc = std::min(blocking_.kc, ops_.shape.k - l);
+    if (layout_ != BLayout::packed_f32 && ops_.shape.mode == Mode::weight_quant) {
+      kc = std::min(kc, (l / group_rows_ + 1) * group_rows_ - l);
+    }
+    return kc;
+  }
+
+  // Packs rows [r0, r1) x columns [l0, l0 + len) of x1 into MR-row micro-panels.
+  void pack_a_block(std::int64_t r0, std::int64_t r1, std::int64_t l0, std::int64_t len,
+                    float* out) const {
+    const std::size_t elem = dtype_size(ops_.x1.dtype());
+    const auto* x1 = static_cast<const unsigned char*>(ops_.x1.data());
+    for (std::int64_t r = r0; r < r1; r += mr_) {
+      ASource src;
+      src.dtype = ops_.x1.dtype();
+      src.ld = ops_.x1.stride(0);
+      src.data = x1 + (r * src.ld + l0) * static_cast<std::int64_t>(elem);
+      src.rows = static_cast<int>(std::min<std::int64_t>(mr_, r1 - r));
+      src.kc = len;
+      kernels_.pack_a(src, out + (r - r0) / mr_ * len * mr_);
+    }
+  }
+
+  void compute_task(const Task& task, std::int64_t m0, void* dst, std::int64_t ld,
+                    Scratch& scratch) const {
+    const CallShape& s = ops_.shape;
+    const MicroKernel run_tile = kernel();
+    const std::int64_t out_elem = static_cast<std::int64_t>(dtype_size(s.out_dtype));
+    const std::int64_t a_len_max = blocking_.pack_a_whole_k ? s.k : blocking_.kc;
+    scratch.a.resize(static_cast<std::size_t>(blocking_.mc * a_len_max));
+    scratch.acc.resize(static_cast<std::size_t>(blocking_.mc * blocking_.nc_panels * nr_));
+    const auto* x3 = ops_.x3 ? static_cast<const unsigned char*>(ops_.x3->data()) : nullptr;
+    const std::int64_t x3_ld = ops_.x3 ? ops_.x3->stride(0) : 0;
+    auto* out = static_cast<unsigned char*>(dst);
+
+    for (std::int64_t jc = task.p0; jc < task.p1; jc += blocking_.nc_panels) {
+      const std::int64_t jend = std::min(task.p1, jc + blocking_.nc_panels);
+      const std::int64_t acc_ld = (jend - jc) * nr_;
+      for (std::int64_t ic = task.r0; ic < task.r1; ic += blocking_.mc) {
+        const std::int64_t iend = std::min(task.r1, ic + blocking_.mc);
+        std::int64_t a_start = 0, a_len = 0;
+        for (std::int64_t pc = 0; pc < s.k;) {
+          const std::int64_t kc = step_at(pc);
+          if (!blocking_.pack_a_whole_k) {
+            a_start = pc;
+            a_len = kc;
+            pack_a_block(ic, iend, pc, kc, scratch.a.data());
+          } else if (pc == 0) {
+            a_len = s.k;
+            pack_a_block(ic, iend, 0, s.k, scratch.a.data());
+          }
+          const bool last = pc + kc == s.k;
+          for (std::int64_t p = jc; p < jend; ++p) {
+            const BOrigin b = b_origin(p, pc);
+            const bool dequantize = s.mode == Mode::weight_quant && layout_ != BLayout::packed_f32;
+            for (std::int64_t ir = ic; ir < iend; ir += mr_) {
+              MicroTile tile;
+              tile.kc = kc;
+              tile.a = scratch.a.data() + (ir - ic) / mr_ * a_len * mr_ + (pc - a_start) * mr_;
+              tile.b = b.data;
+              tile.b_ld = b.ld;
+              if (dequantize) {
+                tile.b_scale = scale_row(pc, p);
+                tile.b_offset = offset_row(pc, p);
+              }
+              tile.acc = scratch.acc.data() + (ir - ic) * acc_ld + (p - jc) * nr_;
+              tile.acc_ld = acc_ld;
+              tile.accumulate = pc > 0;
+              tile.mr = static_cast<int>(std::min<std::int64_t>(mr_, iend - ir));
+              tile.nr = static_cast<int>(std::min<std::int64_t>(nr_, s.n - p * nr_));
+              TileEpilogue epilogue;
+              if (last) {
+                epilogue.bias = ops_.bias ? bias_.data() + p * nr_ : nullptr;
+                epilogue.x3 = x3 != nullptr ? x3 + (ir * x3_ld + p * nr_) * out_elem : nullptr;
+                epilogue.x3_ld = x3_ld;
+                epilogue.dst = out + ((ir - m0) * ld + p * nr_) * out_elem;
+                epilogue.dst_ld = ld;
+                epilogue.out_dtype = s.out_dtype;
+                tile.epilogue = &epilogue;
+              }
+              run_tile(tile);
+            }
+          }
+          pc += kc;
+        }
+      }
+    }
+  }
+
+  GemmOperands ops_;
+  const KernelTable& kernels_;
+  std::int64_t mr_ = 0, nr_ = 0, panels_ = 0, n_padded_ = 0;
+  std::size_t x2_elem_ = 0;
+  BLayout layout_ = BLayout::packed_f32;
+  Blocking blocking_;
+  std::int64_t group_rows_ = 0;
+  std::string engine_name_;
+  AlignedBuffer<float> bias_, scales_, offsets_, packed_f32_;
+  AlignedBuffer<unsigned char> packed_source_;
+  mutable ThreadPool pool_;
+  mutable std::mutex compute_mutex_;
+  mutable std::vector<Scratch> scratch_;
+};
+
+}  // namespace
+
+std::unique_ptr<PreparedGemm> prepare_float_gemm(const GemmOperands& operands,
+                                                 const KernelTable& kernels, int threads) {
+  return std::make_unique<FloatGemm>(operands, kernels, threads);
+}
+
+}  // namespace tpfuse::gemm

@@ -1,0 +1,116 @@
+// The micro-kernel contract, frozen, and the kernel table of one instruction
+// set. The engines' loops (float_gemm.cc, onednn_gemm.cc) are generic; only
+// the functions in a KernelTable touch vector registers, and each table lives
+// in a file compiled for its instruction set (kernels_*.cc).
+//
+// The micro-kernel computes one register tile of mr <= MR rows and nr <= NR
+// columns over kc steps of k:
+//
+//   s(i, j) = (accumulate ? acc[i * acc_ld + j] : 0)
+//   for l = 0 .. kc-1:  s(i, j) = fma(a[l * MR + i], B(l, j), s(i, j))
+//
+// one fp32 fused multiply-add per step, l ascending, one sum per element. So
+// a row's sums never depend on which tile, row block or thread computed them,
+// nor on how k was cut into kc blocks (partial sums pass through acc in fp32,
+// exactly). Then either the sums go back to acc (more k blocks follow), or
+// the epilogue finishes the tile: bias, then x3, then one rounding to the
+// output dtype, written to dst.
+//
+// B(l, j) is read at b + l * b_ld + j for j < NR (all NR columns must be
+// readable; columns >= nr are computed and dropped). Its format is the
+// kernel's: f32, f16 and bf16 convert exactly; i8 is dequantized in fp32 as
+// (q + b_offset[j]) * b_scale[j] (b_offset may be null: no offset), the same
+// two roundings the packing code does, so a dequantized weight has the same
+// bits whether it was packed or read in place.
+#pragma once
+
+#include <cstdint>
+
+#include "gemm/cpu_isa.h"
+#include "tpfuse/core/dtype.h"
+
+namespace tpfuse::gemm {
+
+// How B's elements are stored where the micro-kernel reads them.
+enum class BFormat : std::uint8_t { f32 = 0, f16 = 1, bf16 = 2, i8 = 3 };
+inline constexpr int kBFormatCount = 4;
+
+// How one output tile is finished. Pointers are at the tile's first row and
+// column; rows are *_ld elements apart. x3 and dst have dtype out_dtype.
+struct TileEpilogue {
+  const float* bias = nullptr;             // float modes: fp32 bias, or null
+  const std::int32_t* bias_i32 = nullptr;  // full quant: int32 bias, or null
+  const float* scale = nullptr;            // full quant: fp32 dequant scale per column
+  const void* x3 = nullptr;                // or null
+  std::int64_t x3_ld = 0;
+  void* dst = nullptr;
+  std::int64_t dst_ld = 0;
+  DType out_dtype = DType::f16;            // f16, bf16 or f32
+};
+
+struct MicroTile {
+  std::int64_t kc = 0;
+  const float* a = nullptr;         // packed A: a[l * MR + i]; rows >= mr are zero
+  const void* b = nullptr;          // B(0, 0) of this tile
+  std::int64_t b_ld = 0;            // elements between B(l, j) and B(l + 1, j)
+  const float* b_scale = nullptr;   // i8 only: [NR] dequant scales
+  const float* b_offset = nullptr;  // i8 only: [NR] offsets, or null
+  float* acc = nullptr;             // fp32 partial sums: mr rows of NR columns
+  std::int64_t acc_ld = 0;
+  bool accumulate = false;          // continue from acc, else start from zero
+  const TileEpilogue* epilogue = nullptr;  // null: store the sums to acc
+  int mr = 0;
+  int nr = 0;
+};
+
+using MicroKernel = void (*)(const MicroTile& tile);
+
+// A block of x1 for pack_a: rows [0, rows) x columns [0, kc).
+struct ASource {
+  const void* data = nullptr;  // element (0, 0)
+  DType dtype = DType::f16;    // f16, bf16, f32 or i8
+  std::int64_t ld = 0;         // elements between rows
+  int rows = 0;                // <= MR
+  std::int64_t kc = 0;
+};
+
+// A block of x2 for pack_b_f32: rows l in [0, rows) x columns j in [0, cols),
+// element (l, j) at data + l * stride_k + j * stride_n; one of the strides is 1.
+struct BSource {
+  const void* data = nullptr;
+  DType dtype = DType::f16;        // f16, bf16, f32 or i8
+  std::int64_t stride_k = 0;
+  std::int64_t stride_n = 0;
+  std::int64_t rows = 0;
+  int cols = 0;                    // <= NR
+  const float* scale = nullptr;    // i8: dequant scales for these rows, [NR] readable
+  const float* offset = nullptr;   // i8: offsets likewise, or null
+};
+
+struct KernelTable {
+  IsaLevel isa = IsaLevel::portable;
+  int mr = 0;  // MR: register tile rows
+  int nr = 0;  // NR: register tile columns (a multiple of the vector length)
+  // Indexed by BFormat; [i8] reads no offset, i8_with_offset does.
+  MicroKernel tile[kBFormatCount] = {};
+  MicroKernel tile_i8_with_offset = nullptr;
+  // out[l * MR + i] = x1(i, l) as fp32, zero for rows >= src.rows.
+  void (*pack_a)(const ASource& src, float* out) = nullptr;
+  // out[l * NR + j] = B(l, j) as fp32 (dequantized), zero for columns >= src.cols.
+  void (*pack_b_f32)(const BSource& src, float* out) = nullptr;
+  // The epilogue on sums held in memory (an fp32 or int32 matrix, e.g. a
+  // library's output): rows x cols, acc_ld elements between rows.
+  void (*finish_f32)(std::int64_t rows, std::int64_t cols, const float* acc, std::int64_t acc_ld,
+                     const TileEpilogue& epilogue) = nullptr;
+  void (*finish_i32)(std::int64_t rows, std::int64_t cols, const std::int32_t* acc,
+                     std::int64_t acc_ld, const TileEpilogue& epilogue) = nullptr;
+};
+
+// One table per kernel file; kernels_for() picks the one for a level (the
+// avx512 table serves avx512_dl too).
+const KernelTable& portable_kernels();
+const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
+const KernelTable& kernels_for(IsaLevel level);
+
+}  // namespace tpfuse::gemm

@@ -1,0 +1,299 @@
+// The tile-GEMM engines against the golden model, at every instruction-set
+// level this CPU can run, on shapes that stress the edges (m, n, k in
+// {1, 7, 33, 129, 1000}, transposed x2, per-group scales with a ragged last
+// group); and the bitwise invariances the operator relies on: a row's result
+// does not depend on the row range it was computed in, nor on the threads.
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gemm/cpu_isa.h"
+#include "gemm/engines.h"
+#include "gemm/microkernel.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/half.h"
+#include "tpfuse/gemm/tile_gemm.h"
+#include "tpfuse/ops/validate.h"
+#include "tpfuse/testing/golden.h"
+#include "tpfuse/testing/inputs.h"
+
+namespace tpfuse::gemm {
+namespace {
+
+using testing::CaseSpec;
+
+std::vector<IsaLevel> runnable_levels() {
+  std::vector<IsaLevel> levels;
+  for (IsaLevel level : {IsaLevel::portable, IsaLevel::avx2, IsaLevel::avx512, IsaLevel::avx512_dl}) {
+    if (level <= detected_isa()) levels.push_back(level);
+  }
+  return levels;
+}
+
+// One rank's inputs and the operands the operator would hand the GEMM.
+struct GemmCase {
+  explicit GemmCase(const CaseSpec& spec) : inputs(testing::make_rank_inputs(spec, 0)) {
+    const testing::RankArgs& args = inputs.args;
+    shape = validate_call(args.x1, args.x2, args.options);
+    operands.shape = shape;
+    const std::int64_t x1_shape[2] = {shape.m, shape.k};
+    operands.x1 = TensorView(args.x1.data(), args.x1.dtype(), x1_shape);
+    operands.x2 = args.x2;
+    operands.bias = args.options.bias;
+    if (args.options.x3) {
+      const std::int64_t x3_shape[2] = {shape.m, shape.n};
+      operands.x3 = TensorView(args.options.x3->data(), args.options.x3->dtype(), x3_shape);
+    }
+    operands.scale =
+        shape.mode == Mode::full_quant ? args.options.dequant_scale : args.options.antiquant_scale;
+    operands.offset = args.options.antiquant_offset;
+    operands.threads = 1;
+  }
+
+  std::size_t out_bytes() const { return static_cast<std::size_t>(shape.m * shape.n) * dtype_size(shape.out_dtype); }
+
+  testing::RankInputs inputs;
+  CallShape shape;
+  GemmOperands operands;
+};
+
+// Computes all rows, in the row ranges [cuts[i], cuts[i+1]), into an m x n
+// output (written through a wider buffer with ld = n + 3 whose padding must
+// stay untouched).
+std::vector<unsigned char> compute(const PreparedGemm& gemm, const CallShape& shape,
+                                   const std::vector<std::int64_t>& cuts) {
+  const std::size_t elem = dtype_size(shape.out_dtype);
+  const std::int64_t ld = shape.n + 3;
+  std::vector<unsigned char> wide(static_cast<std::size_t>(shape.m * ld) * elem, 0xA5);
+  for (std::size_t i = 0; i + 1 < cuts.size(); ++i) {
+    gemm.compute_rows(cuts[i], cuts[i + 1], wide.data() + cuts[i] * ld * elem, ld);
+  }
+  std::vector<unsigned char> out(static_cast<std::size_t>(shape.m * shape.n) * elem);
+  for (std::int64_t i = 0; i < shape.m; ++i) {
+    std::memcpy(out.data() + i * shape.n * elem, wide.data() + i * ld * elem, shape.n * elem);
+    for (std::size_t b = shape.n * elem; b < ld * elem; ++b) {
+      EXPECT_EQ(wide[i * ld * elem + b], 0xA5) << "row " << i << ": padding past n was written";
+    }
+  }
+  return out;
+}
+
+std::vector<std::int64_t> whole(std::int64_t m) { return {0, m}; }
+
+// Random cuts, including single rows and ranges that start mid register tile.
+std::vector<std::int64_t> random_cuts(std::int64_t m, std::uint32_t seed) {
+  std::mt19937 random(seed);
+  std::vector<std::int64_t> cuts{0};
+  while (cuts.back() < m) {
+    const std::int64_t step = 1 + static_cast<std::int64_t>(random() % 23);
+    cuts.push_back(std::min(m, cuts.back() + step));
+  }
+  return cuts;
+}
+
+struct NamedCase {
+  std::string name;
+  CaseSpec spec;
+};
+
+void PrintTo(const NamedCase& c, std::ostream* os) { *os << c.name; }
+
+CaseSpec make_spec(Mode mode, DType dtype, std::int64_t m, std::int64_t k, std::int64_t n) {
+  CaseSpec spec;
+  spec.mode = mode;
+  spec.dtype = dtype;
+  spec.m = m;
+  spec.k = k;
+  spec.n = n;
+  spec.seed = static_cast<std::uint64_t>(m * 1000003 + k * 1009 + n);
+  return spec;
+}
+
+std::vector<NamedCase> engine_cases() {
+  std::vector<NamedCase> cases;
+  struct Dims {
+    std::int64_t m, k, n;
+  };
+  // Small m reads x2 in place (or packed in its own dtype when transposed);
+  // larger m packs fp32 panels. Every dim meets 1, 7, 33, 129 and 1000.
+  const Dims dims[] = {{1, 1, 1},     {1, 1000, 33}, {7, 33, 129},  {33, 129, 7},
+                       {129, 7, 33},  {129, 1000, 129}, {1000, 33, 7}, {7, 129, 1000},
+                       {1000, 129, 1}, {1, 33, 1000}};
+  for (Mode mode : {Mode::plain, Mode::weight_quant, Mode::full_quant}) {
+    for (DType dtype : {DType::f16, DType::bf16}) {
+      for (const Dims& d : dims) {
+        for (bool transposed : {false, true}) {
+          CaseSpec spec = make_spec(mode, dtype, d.m, d.k, d.n);
+          spec.x2_transposed = transposed;
+          spec.bias = (d.m + d.n) % 2 == 0;
+          spec.x3 = d.k % 2 == 1;
+          spec.scale_kind = d.n % 2 == 0 ? ScaleKind::per_tensor : ScaleKind::per_channel;
+          spec.offset = mode == Mode::weight_quant && d.m % 2 == 1;
+          cases.push_back({cat(mode_name(mode), "_", dtype_name(dtype), "_m", d.m, "_k", d.k, "_n",
+                               d.n, transposed ? "_t" : ""),
+                           spec});
+        }
+      }
+    }
+  }
+  // Per-group weight scales, with a ragged last group, with and without offset.
+  for (DType dtype : {DType::f16, DType::bf16}) {
+    for (bool transposed : {false, true}) {
+      for (std::int64_t m : {7, 129}) {
+        CaseSpec spec = make_spec(Mode::weight_quant, dtype, m, 1000, 33);
+        spec.scale_kind = ScaleKind::per_group;
+        spec.group_size = 96;  // 10 groups of 96, then one of 40
+        spec.offset = m == 7;
+        spec.bias = true;
+        spec.x3 = true;
+        spec.x2_transposed = transposed;
+        cases.push_back({cat("weight_quant_group_", dtype_name(dtype), "_m", m, transposed ? "_t" : ""), spec});
+        spec.k = 129;
+        spec.group_size = 32;  // a last group of one row
+        spec.n = 40;
+        cases.push_back({cat("weight_quant_group32_", dtype_name(dtype), "_m", m, transposed ? "_t" : ""), spec});
+      }
+    }
+  }
+  return cases;
+}
+
+class EngineTest : public ::testing::TestWithParam<NamedCase> {};
+
+TEST_P(EngineTest, MatchesGoldenAtEveryLevel) {
+  GemmCase c(GetParam().spec);
+  const testing::RankArgs args[] = {c.inputs.args};
+  const testing::GoldenResult golden = testing::golden_mm_all_reduce(args);
+  for (IsaLevel level : runnable_levels()) {
+    const auto gemm = prepare_gemm_for_isa(c.operands, level);
+    SCOPED_TRACE(cat("level ", isa_name(level), ", engine ", gemm->engine()));
+    std::vector<unsigned char> out = compute(*gemm, c.shape, whole(c.shape.m));
+    const std::int64_t out_shape[2] = {c.shape.m, c.shape.n};
+    const testing::Comparison cmp =
+        testing::compare(TensorView(out.data(), c.shape.out_dtype, out_shape), golden);
+    EXPECT_TRUE(cmp.ok()) << cmp.mismatches << " elements beyond their bound; worst |error| / bound "
+                          << cmp.worst_ratio << ", max |error| " << cmp.max_abs_error;
+  }
+}
+
+TEST_P(EngineTest, RowsDoNotDependOnRangeOrThreads) {
+  GemmCase c(GetParam().spec);
+  for (IsaLevel level : runnable_levels()) {
+    const auto gemm = prepare_gemm_for_isa(c.operands, level);
+    SCOPED_TRACE(cat("level ", isa_name(level), ", engine ", gemm->engine()));
+    const std::vector<unsigned char> expected = compute(*gemm, c.shape, whole(c.shape.m));
+    EXPECT_TRUE(compute(*gemm, c.shape, random_cuts(c.shape.m, 7)) == expected) << "random row ranges";
+    if (c.shape.m > 1) {
+      EXPECT_TRUE(compute(*gemm, c.shape, {0, c.shape.m - 1, c.shape.m}) == expected) << "last row alone";
+    }
+    for (int threads : {2, 3}) {
+      GemmOperands threaded = c.operands;
+      threaded.threads = threads;
+      const auto parallel = prepare_gemm_for_isa(threaded, level);
+      EXPECT_TRUE(compute(*parallel, c.shape, whole(c.shape.m)) == expected) << threads << " threads";
+      EXPECT_TRUE(compute(*parallel, c.shape, random_cuts(c.shape.m, 11)) == expected)
+          << threads << " threads, random row ranges";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, EngineTest, ::testing::ValuesIn(engine_cases()),
+                         [](const ::testing::TestParamInfo<NamedCase>& info) { return info.param.name; });
+
+// ---- the kernels' conversions match tpfuse/core/half.h bit for bit ----
+
+std::vector<float> special_and_random_floats() {
+  std::vector<float> values = {0.0f, -0.0f, 1.0f, -1.0f, 65504.0f, 65519.99f, 65520.0f, -65520.0f,
+                               0x1p-14f, 0x1p-24f, 0x1p-25f, 0x1.8p-25f, 0x1p-26f, 0x1p-126f,
+                               0x1p-149f, 1.0f + 0x1p-11f, 1.0f + 0x1p-8f, 1.0f + 0x3p-9f,
+                               std::numeric_limits<float>::infinity(),
+                               -std::numeric_limits<float>::infinity(),
+                               std::numeric_limits<float>::max()};
+  for (std::uint32_t bits : {0x7fc00000u, 0xffc00001u, 0x7f800001u, 0x7fbfffffu, 0x3f808000u,
+                             0x3f818000u, 0x3f80ffffu, 0x7f7fffffu, 0x00008000u}) {
+    values.push_back(std::bit_cast<float>(bits));
+  }
+  std::mt19937 random(3);
+  for (int i = 0; i < 20000; ++i) values.push_back(std::bit_cast<float>(static_cast<std::uint32_t>(random())));
+  for (int i = 0; i < 20000; ++i) {
+    values.push_back(std::ldexp(static_cast<float>(random()) / 4294967296.0f - 0.5f,
+                                static_cast<int>(random() % 48) - 30));
+  }
+  return values;
+}
+
+TEST(KernelConversions, RoundingMatchesHalfH) {
+  const std::vector<float> values = special_and_random_floats();
+  const auto count = static_cast<std::int64_t>(values.size());
+  for (IsaLevel level : runnable_levels()) {
+    SCOPED_TRACE(isa_name(level));
+    const KernelTable& kernels = kernels_for(level);
+    std::vector<std::uint16_t> f16(values.size()), bf16(values.size());
+    TileEpilogue epilogue;
+    epilogue.dst_ld = count;
+    epilogue.out_dtype = DType::f16;
+    epilogue.dst = f16.data();
+    kernels.finish_f32(1, count, values.data(), count, epilogue);
+    epilogue.out_dtype = DType::bf16;
+    epilogue.dst = bf16.data();
+    kernels.finish_f32(1, count, values.data(), count, epilogue);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      ASSERT_EQ(f16[i], f32_to_f16(values[i]).bits) << "f16 of bits " << std::hex << std::bit_cast<std::uint32_t>(values[i]);
+      ASSERT_EQ(bf16[i], f32_to_bf16(values[i]).bits) << "bf16 of bits " << std::hex << std::bit_cast<std::uint32_t>(values[i]);
+    }
+  }
+}
+
+TEST(KernelConversions, WideningMatchesHalfH) {
+  std::vector<std::uint16_t> all(65536);
+  for (std::size_t i = 0; i < all.size(); ++i) all[i] = static_cast<std::uint16_t>(i);
+  for (IsaLevel level : runnable_levels()) {
+    SCOPED_TRACE(isa_name(level));
+    const KernelTable& kernels = kernels_for(level);
+    for (DType dtype : {DType::f16, DType::bf16}) {
+      // One row of x1 through pack_a: out[l * MR] is element l.
+      std::vector<float> packed(all.size() * static_cast<std::size_t>(kernels.mr));
+      ASource src;
+      src.data = all.data();
+      src.dtype = dtype;
+      src.ld = static_cast<std::int64_t>(all.size());
+      src.rows = 1;
+      src.kc = static_cast<std::int64_t>(all.size());
+      kernels.pack_a(src, packed.data());
+      for (std::size_t i = 0; i < all.size(); ++i) {
+        const float expected = dtype == DType::f16 ? f16_to_f32(Half{all[i]}) : bf16_to_f32(BFloat16{all[i]});
+        const float got = packed[i * static_cast<std::size_t>(kernels.mr)];
+        if (std::isnan(expected)) {
+          // The hardware quiets signalling NaNs; a NaN stays a NaN.
+          ASSERT_TRUE(std::isnan(got)) << dtype_name(dtype) << " bits " << std::hex << all[i];
+        } else {
+          ASSERT_EQ(std::bit_cast<std::uint32_t>(got), std::bit_cast<std::uint32_t>(expected))
+              << dtype_name(dtype) << " bits " << std::hex << all[i];
+        }
+      }
+    }
+  }
+}
+
+TEST(CpuIsa, NamesRoundTrip) {
+  for (IsaLevel level : {IsaLevel::portable, IsaLevel::avx2, IsaLevel::avx512, IsaLevel::avx512_dl}) {
+    EXPECT_EQ(parse_isa(isa_name(level)), level);
+  }
+  EXPECT_FALSE(parse_isa("sse9").has_value());
+  EXPECT_LE(active_isa(), detected_isa());
+}
+
+TEST(Threads, DefaultDividesTheCoresAmongRanks) {
+  EXPECT_GE(default_gemm_threads(1), 1);
+  EXPECT_GE(default_gemm_threads(1000), 1);
+  EXPECT_LE(default_gemm_threads(2), default_gemm_threads(1));
+}
+
+}  // namespace
+}  // namespace tpfuse::gemm
