@@ -2,7 +2,7 @@
 
 torch_npu asks HCCL for a group's communicator name
 (`group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)`, or
-`group.get_hccl_comm_name(rank)` before torch 2.1); gloo has no such method,
+`group.get_hccl_comm_name(rank)` up to torch 2.0.1); gloo has no such method,
 so tpfuse code calls `tpfuse.get_comm_name(group)` instead.
 
 The communicator is tpfuse's shared-memory one. Its rendezvous needs a
