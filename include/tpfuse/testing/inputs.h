@@ -33,15 +33,26 @@ struct CaseSpec {
   std::int64_t k_for_rank(int rank) const { return uneven_k ? k + rank : k; }
 };
 
-// Owns one rank's tensors; args() views them.
+// Owns one rank's tensors; `args` views them. x2 holds a row-major [k, n]
+// weight; with spec.x2_transposed, x2 stays empty and x2_storage holds a
+// row-major [n, k] whose transposed view is args.x2. Tensors a spec does not
+// ask for stay empty and their options stay unset.
 struct RankInputs {
   Tensor x1, x2, x2_storage, bias, antiquant_scale, antiquant_offset, x3, dequant_scale;
   RankArgs args;
 };
 
+// Builds rank `rank`'s arguments for `spec`: floats uniform in [-1, 1] (x1,
+// x2, bias, x3) rounded to their dtype, int8 uniform over [-128, 127],
+// weight-quant scales in [0.01, 0.05] and offsets in [-2, 2], full-quant
+// bias in [-1000, 1000] and dequant scales in [0.5e-3, 1.5e-3] (packed with
+// trans_quant_param for f16 output, bf16 for bf16 output). Throws
+// InvalidArgument for a spec that cannot be built (m not divisible by batch,
+// per-group without group_size, ...); arguments the operator would reject
+// (such as a group size out of range) are built as asked.
 RankInputs make_rank_inputs(const CaseSpec& spec, int rank);
 
-// Output dtype for a spec.
+// Output dtype for a spec (spec.dtype in every mode).
 DType output_dtype(const CaseSpec& spec);
 
 }  // namespace tpfuse::testing
