@@ -142,6 +142,13 @@ std::vector<NamedCase> engine_cases() {
       }
     }
   }
+  // A long k (oneDNN blocks k; x2 wider than one oneDNN slice of 512 columns).
+  for (Mode mode : {Mode::plain, Mode::full_quant}) {
+    CaseSpec spec = make_spec(mode, DType::bf16, 70, 4096, 520);
+    spec.bias = true;
+    spec.x3 = true;
+    cases.push_back({cat(mode_name(mode), "_bf16_m70_k4096_n520"), spec});
+  }
   // Per-group weight scales, with a ragged last group, with and without offset.
   for (DType dtype : {DType::f16, DType::bf16}) {
     for (bool transposed : {false, true}) {

@@ -13,6 +13,7 @@
 #include "gemm/engines.h"
 #include "gemm/float_gemm.h"
 #include "gemm/microkernel.h"
+#include "gemm/onednn_gemm.h"
 #include "gemm/reference_gemm.h"
 #include "tpfuse/core/config.h"
 #include "tpfuse/core/error.h"
@@ -43,12 +44,19 @@ int default_gemm_threads(int ranks_on_host) {
 
 std::unique_ptr<PreparedGemm> prepare_gemm_for_isa(const GemmOperands& operands, IsaLevel level) {
   const int threads = operands.threads > 0 ? operands.threads : default_gemm_threads(1);
+  const KernelTable& kernels = kernels_for(level);
+  const bool dl_boost = level >= IsaLevel::avx512_dl;
   switch (operands.shape.mode) {
     case Mode::full_quant:
+      if (dl_boost && cpu_features().avx512_vnni) return prepare_onednn_gemm(operands, kernels, threads);
       return prepare_reference_gemm(operands);
     case Mode::plain:
+      if (operands.shape.in_dtype == DType::bf16 && dl_boost && cpu_features().avx512_bf16) {
+        return prepare_onednn_gemm(operands, kernels, threads);
+      }
+      return prepare_float_gemm(operands, kernels, threads);
     case Mode::weight_quant:
-      return prepare_float_gemm(operands, kernels_for(level), threads);
+      return prepare_float_gemm(operands, kernels, threads);
   }
   throw InternalError("prepare_gemm: unknown mode");
 }

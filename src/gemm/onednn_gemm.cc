@@ -1,0 +1,255 @@
+// The oneDNN engines. The output is cut into chunks of up to kChunkRows rows
+// x kSliceCols columns; each chunk is one single-threaded oneDNN matmul into
+// a per-thread fp32 (bf16 mode) or int32 (full quant) buffer that stays in
+// cache, which tpfuse's epilogue then finishes into dst. Chunks are spread
+// over tpfuse's threads; oneDNN's own OpenMP threading is held to one thread
+// around every oneDNN call, since a oneDNN primitive with several threads may
+// split k among them, and then a result would depend on the thread count.
+//
+// Why the results do not depend on the row range:
+//   int8: the int32 sums are exact whatever order oneDNN adds them in (k <=
+//     65535 keeps them in range; VNNI's products and sums do not saturate).
+//   bf16: x2 is reordered once per call into the blocked layout oneDNN's
+//     brgemm kernel chooses for it, and every chunk runs brgemm on that same
+//     layout, whose order of additions per element depends on k and that
+//     layout only, not on the chunk's rows (gemm_test checks this; oneDNN's
+//     gemm-based kernel, which it picks for plain strided bf16 weights, uses
+//     a different order for one-row inputs and is therefore never used).
+#include "gemm/onednn_gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <dnnl.hpp>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "gemm/aligned_buffer.h"
+#include "gemm/operand_access.h"
+#include "gemm/thread_pool.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/ops/quant_param.h"
+
+namespace tpfuse::gemm {
+
+namespace {
+
+using dnnl_dt = dnnl::memory::data_type;
+
+constexpr std::int64_t kChunkRows = 256;
+constexpr std::int64_t kSliceCols = 512;
+
+// Holds OpenMP, and so oneDNN, to one thread in this thread while alive.
+class OneOmpThread {
+ public:
+  OneOmpThread() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~OneOmpThread() { omp_set_num_threads(saved_); }
+  OneOmpThread(const OneOmpThread&) = delete;
+  OneOmpThread& operator=(const OneOmpThread&) = delete;
+
+ private:
+  int saved_;
+};
+
+struct Chunk {
+  std::int64_t r0, rows, slice;
+};
+
+class OneDnnGemm final : public PreparedGemm {
+ public:
+  OneDnnGemm(const GemmOperands& operands, const KernelTable& kernels, int threads)
+      : ops_(operands), kernels_(kernels), pool_(threads), engine_(dnnl::engine::kind::cpu, 0) {
+    const CallShape& s = ops_.shape;
+    full_quant_ = s.mode == Mode::full_quant;
+    in_type_ = full_quant_ ? dnnl_dt::s8 : dnnl_dt::bf16;
+    sum_type_ = full_quant_ ? dnnl_dt::s32 : dnnl_dt::f32;
+    in_elem_ = dtype_size(ops_.x1.dtype());
+    slices_ = (s.n + kSliceCols - 1) / kSliceCols;
+    for (int slot = 0; slot < pool_.size(); ++slot) streams_.emplace_back(engine_);
+    slots_.resize(static_cast<std::size_t>(pool_.size()));
+    prepare_epilogue();
+    if (!full_quant_) pack_weights();
+  }
+
+  const char* engine() const override { return full_quant_ ? "onednn_s8" : "onednn_bf16"; }
+
+  void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
+    if (m1 <= m0) return;
+    std::lock_guard lock(compute_mutex_);
+    std::vector<Chunk> chunks;
+    for (std::int64_t slice = 0; slice < slices_; ++slice) {
+      for (std::int64_t r = m0; r < m1; r += kChunkRows) {
+        chunks.push_back({r, std::min(kChunkRows, m1 - r), slice});
+      }
+    }
+    pool_.run(static_cast<int>(chunks.size()), [&](int index, int slot) {
+      compute_chunk(chunks[static_cast<std::size_t>(index)], m0, dst, ld, slot);
+    });
+  }
+
+ private:
+  struct Slot {
+    AlignedBuffer<float> sums;  // fp32 or int32, chunk rows x slice columns
+    AlignedBuffer<unsigned char> scratchpad;
+  };
+
+  struct Matmul {
+    dnnl::matmul::primitive_desc pd;
+    dnnl::matmul primitive;
+  };
+
+  std::int64_t slice_cols(std::int64_t slice) const {
+    return std::min(kSliceCols, ops_.shape.n - slice * kSliceCols);
+  }
+
+  // x2's columns of one slice, as stored by the caller.
+  dnnl::memory::desc x2_slice_desc(std::int64_t cols) const {
+    return dnnl::memory::desc({ops_.shape.k, cols}, in_type_, {ops_.x2.stride(0), ops_.x2.stride(1)});
+  }
+  void* x2_slice_data(std::int64_t slice) const {
+    return static_cast<unsigned char*>(ops_.x2.data()) +
+           slice * kSliceCols * ops_.x2.stride(1) * static_cast<std::int64_t>(in_elem_);
+  }
+
+  void prepare_epilogue() {
+    const CallShape& s = ops_.shape;
+    if (full_quant_) {
+      scales_.resize(static_cast<std::size_t>(s.n));
+      const bool per_tensor = s.scale_kind == ScaleKind::per_tensor;
+      for (std::int64_t j = 0; j < s.n; ++j) {
+        const std::int64_t index = per_tensor ? 0 : j;
+        scales_.data()[j] = ops_.scale->dtype() == DType::i64
+                                ? unpack_quant_scale(ops_.scale->data_as<const std::int64_t>()[index])
+                                : load_as_f32(*ops_.scale, index);
+      }
+    } else if (ops_.bias) {
+      bias_.resize(static_cast<std::size_t>(s.n));
+      for (std::int64_t j = 0; j < s.n; ++j) bias_.data()[j] = load_as_f32(*ops_.bias, j);
+    }
+  }
+
+  // The matmul of `rows` x1 rows with one slice; weights in `weights` layout.
+  Matmul make_matmul(std::int64_t rows, std::int64_t cols, const dnnl::memory::desc& weights) const {
+    OneOmpThread one_thread;
+    const dnnl::memory::desc src({rows, ops_.shape.k}, in_type_, {ops_.x1.stride(0), 1});
+    const dnnl::memory::desc sums({rows, cols}, sum_type_, {cols, 1});
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, weights, sums), attr, engine_);
+    return {pd, dnnl::matmul(pd)};
+  }
+
+  // bf16: every slice reordered once into the layout brgemm picks for it.
+  void pack_weights() {
+    const std::int64_t widths[] = {slice_cols(0), slice_cols(slices_ - 1)};
+    for (std::int64_t cols : widths) {
+      if (packed_desc_.count(cols) != 0) continue;
+      const dnnl::memory::desc any({ops_.shape.k, cols}, in_type_, dnnl::memory::format_tag::any);
+      const Matmul probe = make_matmul(std::min(ops_.shape.m, kChunkRows), cols, any);
+      require_brgemm(probe.pd.impl_info_str());
+      packed_desc_.emplace(cols, probe.pd.weights_desc());
+    }
+    packed_.resize(static_cast<std::size_t>(slices_));
+    pool_.run(static_cast<int>(slices_), [&](int slice, int slot) {
+      OneOmpThread one_thread;
+      const std::int64_t cols = slice_cols(slice);
+      dnnl::memory source(x2_slice_desc(cols), engine_, x2_slice_data(slice));
+      dnnl::memory packed(packed_desc_.at(cols), engine_);
+      dnnl::reorder(source, packed).execute(streams_[static_cast<std::size_t>(slot)], source, packed);
+      streams_[static_cast<std::size_t>(slot)].wait();
+      packed_[static_cast<std::size_t>(slice)] = packed;
+    });
+  }
+
+  static void require_brgemm(const std::string& impl) {
+    if (impl.rfind("brg", 0) != 0) {
+      throw InternalError(cat("onednn bf16: expected oneDNN's brgemm matmul, got ", impl));
+    }
+  }
+
+  const Matmul& matmul_for(std::int64_t rows, std::int64_t cols) const {
+    std::lock_guard lock(cache_mutex_);
+    const auto key = std::make_pair(rows, cols);
+    auto it = matmuls_.find(key);
+    if (it == matmuls_.end()) {
+      Matmul made = make_matmul(rows, cols, full_quant_ ? x2_slice_desc(cols) : packed_desc_.at(cols));
+      if (!full_quant_) require_brgemm(made.pd.impl_info_str());
+      it = matmuls_.emplace(key, std::move(made)).first;
+    }
+    return it->second;
+  }
+
+  void compute_chunk(const Chunk& chunk, std::int64_t m0, void* dst, std::int64_t ld, int slot_index) const {
+    const CallShape& s = ops_.shape;
+    const std::int64_t cols = slice_cols(chunk.slice);
+    const Matmul& mm = matmul_for(chunk.rows, cols);
+    Slot& slot = slots_[static_cast<std::size_t>(slot_index)];
+    slot.sums.resize(static_cast<std::size_t>(chunk.rows * cols));
+    slot.scratchpad.resize(std::max<std::size_t>(1, mm.pd.scratchpad_desc().get_size()));
+    {
+      OneOmpThread one_thread;
+      auto* x1 = static_cast<unsigned char*>(ops_.x1.data()) +
+                 chunk.r0 * ops_.x1.stride(0) * static_cast<std::int64_t>(in_elem_);
+      dnnl::memory src(mm.pd.src_desc(), engine_, x1);
+      dnnl::memory weights = full_quant_ ? dnnl::memory(mm.pd.weights_desc(), engine_, x2_slice_data(chunk.slice))
+                                         : packed_[static_cast<std::size_t>(chunk.slice)];
+      dnnl::memory sums(mm.pd.dst_desc(), engine_, slot.sums.data());
+      dnnl::memory scratchpad(mm.pd.scratchpad_desc(), engine_, slot.scratchpad.data());
+      dnnl::stream& stream = streams_[static_cast<std::size_t>(slot_index)];
+      mm.primitive.execute(stream, {{DNNL_ARG_SRC, src},
+                                    {DNNL_ARG_WEIGHTS, weights},
+                                    {DNNL_ARG_DST, sums},
+                                    {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      stream.wait();
+    }
+    const std::int64_t col0 = chunk.slice * kSliceCols;
+    const std::int64_t out_elem = static_cast<std::int64_t>(dtype_size(s.out_dtype));
+    TileEpilogue epilogue;
+    epilogue.out_dtype = s.out_dtype;
+    epilogue.dst = static_cast<unsigned char*>(dst) + ((chunk.r0 - m0) * ld + col0) * out_elem;
+    epilogue.dst_ld = ld;
+    if (ops_.x3) {
+      epilogue.x3 = static_cast<const unsigned char*>(ops_.x3->data()) +
+                    (chunk.r0 * ops_.x3->stride(0) + col0) * out_elem;
+      epilogue.x3_ld = ops_.x3->stride(0);
+    }
+    if (full_quant_) {
+      epilogue.bias_i32 = ops_.bias ? ops_.bias->data_as<const std::int32_t>() + col0 : nullptr;
+      epilogue.scale = scales_.data() + col0;
+      kernels_.finish_i32(chunk.rows, cols, reinterpret_cast<const std::int32_t*>(slot.sums.data()),
+                          cols, epilogue);
+    } else {
+      epilogue.bias = ops_.bias ? bias_.data() + col0 : nullptr;
+      kernels_.finish_f32(chunk.rows, cols, slot.sums.data(), cols, epilogue);
+    }
+  }
+
+  GemmOperands ops_;
+  const KernelTable& kernels_;
+  mutable ThreadPool pool_;
+  dnnl::engine engine_;
+  mutable std::vector<dnnl::stream> streams_;
+  bool full_quant_ = false;
+  dnnl_dt in_type_ = dnnl_dt::bf16;
+  dnnl_dt sum_type_ = dnnl_dt::f32;
+  std::size_t in_elem_ = 0;
+  std::int64_t slices_ = 0;
+  std::map<std::int64_t, dnnl::memory::desc> packed_desc_;  // by slice width
+  std::vector<dnnl::memory> packed_;                        // by slice
+  AlignedBuffer<float> bias_, scales_;
+  mutable std::mutex compute_mutex_, cache_mutex_;
+  mutable std::map<std::pair<std::int64_t, std::int64_t>, Matmul> matmuls_;
+  mutable std::vector<Slot> slots_;
+};
+
+}  // namespace
+
+std::unique_ptr<PreparedGemm> prepare_onednn_gemm(const GemmOperands& operands,
+                                                  const KernelTable& kernels, int threads) {
+  return std::make_unique<OneDnnGemm>(operands, kernels, threads);
+}
+
+}  // namespace tpfuse::gemm
