@@ -9,6 +9,12 @@ namespace tpfuse {
 
 namespace {
 
+// Products of dims wrap instead of overflowing (signed overflow is undefined):
+// a view may describe an impossible size, which validation then rejects.
+std::int64_t wrapping_mul(std::int64_t a, std::int64_t b) {
+  return static_cast<std::int64_t>(static_cast<std::uint64_t>(a) * static_cast<std::uint64_t>(b));
+}
+
 void check_rank(std::size_t ndim) {
   require(ndim <= static_cast<std::size_t>(kMaxDims), "tensor: expected at most ", kMaxDims,
           " dims, got ", ndim);
@@ -23,7 +29,7 @@ TensorView::TensorView(void* data, DType dtype, std::span<const std::int64_t> sh
   for (int d = ndim_ - 1; d >= 0; --d) {
     shape_[d] = shape[d];
     strides_[d] = stride;
-    stride *= shape[d];
+    stride = wrapping_mul(stride, shape[d]);
   }
 }
 
@@ -41,7 +47,7 @@ TensorView::TensorView(void* data, DType dtype, std::span<const std::int64_t> sh
 
 std::int64_t TensorView::numel() const {
   std::int64_t n = 1;
-  for (int d = 0; d < ndim_; ++d) n *= shape_[d];
+  for (int d = 0; d < ndim_; ++d) n = wrapping_mul(n, shape_[d]);
   return n;
 }
 
@@ -49,7 +55,7 @@ bool TensorView::is_contiguous() const {
   std::int64_t expected = 1;
   for (int d = ndim_ - 1; d >= 0; --d) {
     if (shape_[d] != 1 && strides_[d] != expected) return false;
-    expected *= shape_[d];
+    expected = wrapping_mul(expected, shape_[d]);
   }
   return true;
 }
