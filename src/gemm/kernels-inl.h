@@ -413,6 +413,7 @@ inline KernelTable make_kernel_table(IsaLevel isa) {
   table.tile_i8_with_offset = &micro_kernel<BFormat::i8, true>;
   table.pack_a = &pack_a;
   table.pack_b_f32 = &pack_b_f32;
+  table.convert_to_f32 = &convert_row;
   table.finish_f32 = &finish_f32;
   table.finish_i32 = &finish_i32;
   return table;

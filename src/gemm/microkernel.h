@@ -98,6 +98,8 @@ struct KernelTable {
   void (*pack_a)(const ASource& src, float* out) = nullptr;
   // out[l * NR + j] = B(l, j) as fp32 (dequantized), zero for columns >= src.cols.
   void (*pack_b_f32)(const BSource& src, float* out) = nullptr;
+  // dst[i] = src[i] as fp32 for i < count (f16, bf16, f32 or i8), exactly.
+  void (*convert_to_f32)(DType dtype, const void* src, std::int64_t count, float* dst) = nullptr;
   // The epilogue on sums held in memory (an fp32 or int32 matrix, e.g. a
   // library's output): rows x cols, acc_ld elements between rows.
   void (*finish_f32)(std::int64_t rows, std::int64_t cols, const float* acc, std::int64_t acc_ld,

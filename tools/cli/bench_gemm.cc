@@ -1,0 +1,584 @@
+// `tpfuse bench gemm`: tpfuse's GEMM engines against the libraries a user
+// would otherwise call, on the same shapes, in one process and one run:
+// oneDNN f32 / bf16 / s8s8s32 matmul, OpenBLAS sgemm, and "convert f16 to
+// f32, then oneDNN f32". Prints GFLOP/s (median over repetitions, with the
+// spread), the ratios the GEMM targets are stated in, and optionally JSON.
+//
+// Measurements of one shape and thread count are interleaved repetition by
+// repetition, so a burst of load from other processes hits all of them alike
+// and the ratios stay meaningful on a noisy machine. A tpfuse measurement is
+// one whole call, prepare_gemm() (x2's conversion and packing) included; a
+// library measurement is one execution of a primitive created beforehand.
+// Each thread count runs pinned to that many cores (--no-pin to disable).
+//
+// OpenBLAS is loaded at run time, after OPENBLAS_CORETYPE and
+// OPENBLAS_L2_SIZE are cleared in this process: set, they make OpenBLAS pick
+// slower kernels than the CPU supports.
+#include <dlfcn.h>
+#include <omp.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <dnnl.hpp>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "commands.h"
+#include "gemm/cpu_isa.h"
+#include "gemm/microkernel.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/half.h"
+#include "tpfuse/gemm/tile_gemm.h"
+#include "tpfuse/ops/quant_param.h"
+
+namespace tpfuse::cli {
+
+namespace {
+
+struct Shape {
+  std::int64_t m = 0, n = 0, k = 0;
+};
+
+struct BenchOptions {
+  std::vector<std::string> shapes;
+  std::vector<int> threads;
+  std::vector<std::string> modes;
+  int reps = 5;
+  double min_rep_ms = 50;
+  std::string json;
+  bool no_pin = false;
+  bool transposed = false;
+  std::string epilogue = "both";
+  bool no_baselines = false;
+  std::string openblas_coretype;  // empty: OPENBLAS_CORETYPE unset
+};
+
+// ---- OpenBLAS, loaded at run time ----
+
+struct OpenBlas {
+  using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int,
+                         float, float*, int);
+  Sgemm sgemm = nullptr;
+  void (*set_num_threads)(int) = nullptr;
+  std::string config;
+};
+
+// The first call loads the library with OPENBLAS_CORETYPE set to `coretype`,
+// or unset when that is empty.
+const OpenBlas* load_openblas(const std::string& coretype = "") {
+  static const std::unique_ptr<OpenBlas> blas = [&]() -> std::unique_ptr<OpenBlas> {
+#ifdef TPFUSE_OPENBLAS_LIBRARY
+    if (coretype.empty()) {
+      unsetenv("OPENBLAS_CORETYPE");
+    } else {
+      setenv("OPENBLAS_CORETYPE", coretype.c_str(), 1);
+    }
+    unsetenv("OPENBLAS_L2_SIZE");
+    void* handle = dlopen(TPFUSE_OPENBLAS_LIBRARY, RTLD_NOW | RTLD_LOCAL);
+    if (handle == nullptr) return nullptr;
+    auto b = std::make_unique<OpenBlas>();
+    b->sgemm = reinterpret_cast<OpenBlas::Sgemm>(dlsym(handle, "cblas_sgemm"));
+    b->set_num_threads = reinterpret_cast<void (*)(int)>(dlsym(handle, "openblas_set_num_threads"));
+    auto get_config = reinterpret_cast<const char* (*)()>(dlsym(handle, "openblas_get_config"));
+    auto get_corename = reinterpret_cast<const char* (*)()>(dlsym(handle, "openblas_get_corename"));
+    if (b->sgemm == nullptr || b->set_num_threads == nullptr) return nullptr;
+    b->config = get_config != nullptr ? get_config() : "?";
+    if (get_corename != nullptr) b->config += cat(" (kernel ", get_corename(), ")");
+    return b;
+#else
+    (void)coretype;
+    return nullptr;
+#endif
+  }();
+  return blas.get();
+}
+
+// ---- inputs ----
+
+class Filler {
+ public:
+  explicit Filler(std::uint64_t seed) : state_(seed * 0x9E3779B97F4A7C15ull + 1) {}
+  double uniform(double lo, double hi) {
+    state_ ^= state_ << 13;
+    state_ ^= state_ >> 7;
+    state_ ^= state_ << 17;
+    return lo + (hi - lo) * static_cast<double>(state_ >> 11) * 0x1p-53;
+  }
+
+ private:
+  std::uint64_t state_;
+};
+
+// One shape's operands in every dtype the measurements use.
+struct ShapeData {
+  ShapeData(const Shape& s, bool transposed) : shape(s), x2_transposed(transposed) {
+    const std::int64_t mk = s.m * s.k, kn = s.k * s.n, mn = s.m * s.n;
+    x1_f32 = floats(mk, 1, -1, 1);
+    x2_f32 = floats(kn, 2, -1, 1);
+    x1_f16 = halves(x1_f32);
+    x2_f16 = halves(x2_f32);
+    x1_bf16 = bhalves(x1_f32);
+    x2_bf16 = bhalves(x2_f32);
+    x1_i8 = int8s(mk, 3);
+    x2_i8 = int8s(kn, 4);
+    const std::vector<float> bias_f32 = floats(s.n, 5, -1, 1), x3_f32 = floats(mn, 6, -1, 1);
+    bias_f16 = halves(bias_f32);
+    bias_bf16 = bhalves(bias_f32);
+    x3_f16 = halves(x3_f32);
+    x3_bf16 = bhalves(x3_f32);
+    const std::vector<float> scale_f32 = floats(s.n, 7, 0.01, 0.05);
+    scale_f16 = halves(scale_f32);
+    scale_bf16 = bhalves(scale_f32);
+    bias_i32.resize(static_cast<std::size_t>(s.n));
+    dequant_scale.resize(static_cast<std::size_t>(s.n));
+    Filler f(8);
+    for (std::int64_t j = 0; j < s.n; ++j) {
+      bias_i32[j] = static_cast<std::int32_t>(f.uniform(-1000, 1000));
+      dequant_scale[j] = trans_quant_param(static_cast<float>(f.uniform(0.5e-3, 1.5e-3)));
+    }
+    out.resize(static_cast<std::size_t>(mn) * 4);
+    x1_converted.resize(static_cast<std::size_t>(mk));
+    x2_converted.resize(static_cast<std::size_t>(kn));
+  }
+
+  static std::vector<float> floats(std::int64_t count, std::uint64_t seed, double lo, double hi) {
+    Filler f(seed);
+    std::vector<float> v(static_cast<std::size_t>(count));
+    for (float& x : v) x = static_cast<float>(f.uniform(lo, hi));
+    return v;
+  }
+  static std::vector<Half> halves(const std::vector<float>& v) {
+    std::vector<Half> h(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) h[i] = f32_to_f16(v[i]);
+    return h;
+  }
+  static std::vector<BFloat16> bhalves(const std::vector<float>& v) {
+    std::vector<BFloat16> h(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) h[i] = f32_to_bf16(v[i]);
+    return h;
+  }
+  static std::vector<std::int8_t> int8s(std::int64_t count, std::uint64_t seed) {
+    Filler f(seed);
+    std::vector<std::int8_t> v(static_cast<std::size_t>(count));
+    for (auto& x : v) x = static_cast<std::int8_t>(f.uniform(-127, 128));
+    return v;
+  }
+
+  // x2 as the caller stores it: [k, n] row-major, or a transposed [n, k].
+  TensorView x2_view(void* data, DType dtype) const {
+    const std::int64_t dims[2] = {shape.k, shape.n};
+    if (!x2_transposed) return TensorView(data, dtype, dims);
+    const std::int64_t strides[2] = {1, shape.k};
+    return TensorView(data, dtype, dims, strides);
+  }
+
+  Shape shape;
+  bool x2_transposed;
+  std::vector<float> x1_f32, x2_f32, x1_converted, x2_converted;
+  std::vector<Half> x1_f16, x2_f16, bias_f16, x3_f16, scale_f16;
+  std::vector<BFloat16> x1_bf16, x2_bf16, bias_bf16, x3_bf16, scale_bf16;
+  std::vector<std::int8_t> x1_i8, x2_i8;
+  std::vector<std::int32_t> bias_i32;
+  std::vector<std::int64_t> dequant_scale;
+  std::vector<unsigned char> out;
+};
+
+// ---- measurements ----
+
+struct Measurement {
+  std::string mode;
+  std::string engine;  // "tpfuse" or the baseline's name
+  bool epilogue = false;
+  std::string detail;  // the engine tpfuse chose, the library's kernel
+  std::function<void()> call;
+  int calls_per_rep = 1;
+  std::vector<double> seconds;  // per call, one per repetition
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+gemm::GemmOperands tpfuse_operands(ShapeData& d, const std::string& mode, bool epilogue, int threads) {
+  const Shape& s = d.shape;
+  gemm::GemmOperands ops;
+  CallShape& c = ops.shape;
+  c.m = s.m;
+  c.n = s.n;
+  c.k = s.k;
+  c.x2_transposed = d.x2_transposed;
+  c.has_bias = epilogue;
+  c.has_x3 = epilogue;
+  ops.threads = threads;
+  const std::int64_t x1_dims[2] = {s.m, s.k}, x3_dims[2] = {s.m, s.n}, n_dims[1] = {s.n};
+  const bool f16 = mode == "f16" || mode == "wq_f16";
+  if (mode == "int8") {
+    c.mode = Mode::full_quant;
+    c.in_dtype = DType::i8;
+    c.out_dtype = DType::f16;
+    c.scale_kind = ScaleKind::per_channel;
+    ops.x1 = TensorView(d.x1_i8.data(), DType::i8, x1_dims);
+    ops.x2 = d.x2_view(d.x2_i8.data(), DType::i8);
+    ops.scale = TensorView(d.dequant_scale.data(), DType::i64, n_dims);
+    if (epilogue) {
+      ops.bias = TensorView(d.bias_i32.data(), DType::i32, n_dims);
+      ops.x3 = TensorView(d.x3_f16.data(), DType::f16, x3_dims);
+    }
+    return ops;
+  }
+  const DType dtype = f16 ? DType::f16 : DType::bf16;
+  c.in_dtype = c.out_dtype = dtype;
+  ops.x1 = TensorView(f16 ? static_cast<void*>(d.x1_f16.data()) : d.x1_bf16.data(), dtype, x1_dims);
+  if (mode == "wq_f16" || mode == "wq_bf16") {
+    c.mode = Mode::weight_quant;
+    c.scale_kind = ScaleKind::per_channel;
+    ops.x2 = d.x2_view(d.x2_i8.data(), DType::i8);
+    ops.scale = TensorView(f16 ? static_cast<void*>(d.scale_f16.data()) : d.scale_bf16.data(), dtype, n_dims);
+  } else {
+    c.mode = Mode::plain;
+    ops.x2 = d.x2_view(f16 ? static_cast<void*>(d.x2_f16.data()) : d.x2_bf16.data(), dtype);
+  }
+  if (epilogue) {
+    ops.bias = TensorView(f16 ? static_cast<void*>(d.bias_f16.data()) : d.bias_bf16.data(), dtype, n_dims);
+    ops.x3 = TensorView(f16 ? static_cast<void*>(d.x3_f16.data()) : d.x3_bf16.data(), dtype, x3_dims);
+  }
+  return ops;
+}
+
+Measurement tpfuse_measurement(ShapeData& d, const std::string& mode, bool epilogue, int threads) {
+  const gemm::GemmOperands ops = tpfuse_operands(d, mode, epilogue, threads);
+  Measurement m;
+  m.mode = mode;
+  m.engine = "tpfuse";
+  m.epilogue = epilogue;
+  m.detail = gemm::prepare_gemm(ops)->engine();
+  void* out = d.out.data();
+  const std::int64_t rows = d.shape.m, ld = d.shape.n;
+  m.call = [ops, out, rows, ld] { gemm::prepare_gemm(ops)->compute_rows(0, rows, out, ld); };
+  return m;
+}
+
+// A oneDNN matmul on plain row-major (or transposed) operands, one execution per call.
+struct OneDnnMatmul {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream{engine};
+  std::unique_ptr<dnnl::matmul> primitive;
+  std::unordered_map<int, dnnl::memory> args;
+  std::string impl;
+};
+
+std::shared_ptr<OneDnnMatmul> make_onednn(const ShapeData& d, dnnl::memory::data_type in, dnnl::memory::data_type out,
+                                          const void* x1, const void* x2) {
+  using dnnl::memory;
+  const Shape& s = d.shape;
+  auto mm = std::make_shared<OneDnnMatmul>();
+  const memory::desc src({s.m, s.k}, in, {s.k, 1});
+  const memory::desc weights = d.x2_transposed ? memory::desc({s.k, s.n}, in, {1, s.k})
+                                               : memory::desc({s.k, s.n}, in, {s.n, 1});
+  const memory::desc dst({s.m, s.n}, out, {s.n, 1});
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, weights, dst), mm->engine);
+  mm->impl = pd.impl_info_str();
+  mm->primitive = std::make_unique<dnnl::matmul>(pd);
+  mm->args = {{DNNL_ARG_SRC, memory(src, mm->engine, const_cast<void*>(x1))},
+              {DNNL_ARG_WEIGHTS, memory(weights, mm->engine, const_cast<void*>(x2))},
+              {DNNL_ARG_DST, memory(dst, mm->engine, const_cast<unsigned char*>(d.out.data()))}};
+  return mm;
+}
+
+Measurement onednn_measurement(const std::string& mode, const std::string& engine,
+                               std::shared_ptr<OneDnnMatmul> mm) {
+  Measurement m;
+  m.mode = mode;
+  m.engine = engine;
+  m.detail = mm->impl;
+  m.call = [mm] {
+    mm->primitive->execute(mm->stream, mm->args);
+    mm->stream.wait();
+  };
+  return m;
+}
+
+// Converts f16 to f32 with tpfuse's vector conversion, split over the threads.
+void convert_f16(const std::vector<Half>& src, std::vector<float>& dst, int threads) {
+  const gemm::KernelTable& kernels = gemm::kernels_for(gemm::active_isa());
+  const auto count = static_cast<std::int64_t>(src.size());
+  constexpr std::int64_t kChunk = 1 << 16;
+  const std::int64_t chunks = (count + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (std::int64_t c = 0; c < chunks; ++c) {
+    const std::int64_t begin = c * kChunk;
+    kernels.convert_to_f32(DType::f16, src.data() + begin, std::min(kChunk, count - begin), dst.data() + begin);
+  }
+}
+
+std::vector<Measurement> baselines(ShapeData& d, int threads, const std::vector<std::string>& modes) {
+  using dt = dnnl::memory::data_type;
+  const auto wants = [&](const std::string& mode) {
+    return std::find(modes.begin(), modes.end(), mode) != modes.end();
+  };
+  std::vector<Measurement> out;
+  omp_set_num_threads(threads);
+  const bool f16_family = wants("f16") || wants("wq_f16") || wants("wq_bf16");
+  if (wants("f32") || f16_family) {
+    out.push_back(onednn_measurement("f32", "onednn_f32", make_onednn(d, dt::f32, dt::f32, d.x1_f32.data(), d.x2_f32.data())));
+  }
+  if (wants("f16")) {
+    auto mm = make_onednn(d, dt::f32, dt::f32, d.x1_converted.data(), d.x2_converted.data());
+    Measurement m = onednn_measurement("f16", "convert_onednn_f32", mm);
+    ShapeData* data = &d;
+    m.call = [mm, data, threads] {
+      convert_f16(data->x1_f16, data->x1_converted, threads);
+      convert_f16(data->x2_f16, data->x2_converted, threads);
+      mm->primitive->execute(mm->stream, mm->args);
+      mm->stream.wait();
+    };
+    out.push_back(m);
+  }
+  if (wants("bf16")) {
+    out.push_back(onednn_measurement("bf16", "onednn_bf16", make_onednn(d, dt::bf16, dt::bf16, d.x1_bf16.data(), d.x2_bf16.data())));
+  }
+  if (wants("int8")) {
+    out.push_back(onednn_measurement("int8", "onednn_s8", make_onednn(d, dt::s8, dt::s32, d.x1_i8.data(), d.x2_i8.data())));
+  }
+  const OpenBlas* blas = load_openblas();
+  if (blas != nullptr && (wants("f32") || f16_family)) {
+    Measurement m;
+    m.mode = "f32";
+    m.engine = "openblas_sgemm";
+    m.detail = blas->config;
+    ShapeData* data = &d;
+    m.call = [blas, data, threads] {
+      constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+      const Shape& s = data->shape;
+      blas->set_num_threads(threads);
+      blas->sgemm(kRowMajor, kNoTrans, data->x2_transposed ? kTrans : kNoTrans, static_cast<int>(s.m),
+                  static_cast<int>(s.n), static_cast<int>(s.k), 1.0f, data->x1_f32.data(), static_cast<int>(s.k),
+                  data->x2_f32.data(), static_cast<int>(data->x2_transposed ? s.k : s.n), 0.0f,
+                  reinterpret_cast<float*>(data->out.data()), static_cast<int>(s.n));
+    };
+    out.push_back(m);
+  }
+  return out;
+}
+
+// Pins this process to `threads` cores of those it was started with (the
+// last ones: core 0 tends to take the interrupts). Returns a description.
+std::string pin_to_cores(const cpu_set_t& allowed, int threads) {
+  std::vector<int> cores;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &allowed)) cores.push_back(c);
+  }
+  if (static_cast<int>(cores.size()) < threads) {
+    sched_setaffinity(0, sizeof(allowed), &allowed);
+    return cat("not pinned: only ", cores.size(), " cores for ", threads, " threads");
+  }
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::string names;
+  for (std::size_t i = cores.size() - static_cast<std::size_t>(threads); i < cores.size(); ++i) {
+    CPU_SET(cores[i], &set);
+    names += cat(names.empty() ? "" : ",", cores[i]);
+  }
+  sched_setaffinity(0, sizeof(set), &set);
+  return cat("pinned to core", threads > 1 ? "s " : " ", names);
+}
+
+void measure(std::vector<Measurement>& ms, int reps, double min_rep_ms) {
+  for (Measurement& m : ms) {  // warm up, and size a repetition
+    const double t0 = now_seconds();
+    m.call();
+    const double once = std::max(1e-6, now_seconds() - t0);
+    m.calls_per_rep = static_cast<int>(std::clamp(min_rep_ms * 1e-3 / once, 1.0, 10000.0));
+  }
+  for (int r = 0; r < reps; ++r) {
+    for (Measurement& m : ms) {
+      const double t0 = now_seconds();
+      for (int c = 0; c < m.calls_per_rep; ++c) m.call();
+      m.seconds.push_back((now_seconds() - t0) / m.calls_per_rep);
+    }
+  }
+}
+
+struct Record {
+  std::string mode, engine, detail;
+  Shape shape;
+  int threads = 0;
+  bool epilogue = false;
+  double gflops = 0, gflops_min = 0, gflops_max = 0, seconds = 0;
+  int reps = 0;
+};
+
+std::string record_key(const std::string& mode, const Shape& s, int threads, const std::string& engine,
+                       bool epilogue) {
+  return cat(mode, "/", s.m, "x", s.n, "x", s.k, "/", threads, "/", engine, "/", epilogue);
+}
+
+Shape parse_shape(const std::string& text) {
+  Shape s;
+  char x1 = 0, x2 = 0;
+  long long m = 0, n = 0, k = 0;
+  if (std::sscanf(text.c_str(), "%lld%c%lld%c%lld", &m, &x1, &n, &x2, &k) != 5 || x1 != 'x' || x2 != 'x' ||
+      m < 1 || n < 1 || k < 1) {
+    throw CLI::ValidationError("--shape", cat("expected MxNxK with positive sizes, got \"", text, "\""));
+  }
+  s.m = m;
+  s.n = n;
+  s.k = k;
+  return s;
+}
+
+void print_targets(const std::map<std::string, Record>& records) {
+  struct Target {
+    std::string what;
+    std::string num, den;
+    double at_least;
+    bool strictly_more;
+  };
+  const Shape big{2048, 2048, 2048}, decode{1, 4096, 4096};
+  std::vector<Target> targets = {
+      {"f16 2048^3 vs oneDNN f32", record_key("f16", big, 1, "tpfuse", false), record_key("f32", big, 1, "onednn_f32", false), 0.85, false},
+      {"f16 M=1 4096^2 vs convert + oneDNN f32", record_key("f16", decode, 1, "tpfuse", false), record_key("f16", decode, 1, "convert_onednn_f32", false), 2.0, false},
+      {"bf16 2048^3 vs oneDNN bf16", record_key("bf16", big, 1, "tpfuse", false), record_key("bf16", big, 1, "onednn_bf16", false), 0.95, false},
+      {"int8 2048^3 vs oneDNN s8s8s32", record_key("int8", big, 1, "tpfuse", false), record_key("int8", big, 1, "onednn_s8", false), 0.95, false},
+      {"wq_f16 2048^3 vs oneDNN f32", record_key("wq_f16", big, 1, "tpfuse", false), record_key("f32", big, 1, "onednn_f32", false), 0.80, false},
+      {"wq_f16 M=1 4096^2 vs tpfuse f16 M=1", record_key("wq_f16", decode, 1, "tpfuse", false), record_key("f16", decode, 1, "tpfuse", false), 1.0, true},
+  };
+  for (const char* mode : {"f16", "bf16", "int8", "wq_f16", "wq_bf16"}) {
+    targets.push_back({cat(mode, " 2048^3 bias+x3 vs none"), record_key(mode, big, 1, "tpfuse", true), record_key(mode, big, 1, "tpfuse", false), 0.95, false});
+  }
+  for (const char* mode : {"f16", "bf16", "int8", "wq_f16", "wq_bf16"}) {
+    targets.push_back({cat(mode, " 2048^3 2 threads vs 1"), record_key(mode, big, 2, "tpfuse", false), record_key(mode, big, 1, "tpfuse", false), 1.8, false});
+  }
+  std::printf("\nTargets (ratios of medians measured in this run):\n");
+  for (const Target& t : targets) {
+    const auto num = records.find(t.num), den = records.find(t.den);
+    if (num == records.end() || den == records.end()) {
+      std::printf("  %-44s  not measured in this run\n", t.what.c_str());
+      continue;
+    }
+    const double ratio = num->second.gflops / den->second.gflops;
+    const bool met = t.strictly_more ? ratio > t.at_least : ratio >= t.at_least;
+    std::printf("  %-44s  %6.3f  (target %s %.2f)  %s\n", t.what.c_str(), ratio, t.strictly_more ? ">" : ">=",
+                t.at_least, met ? "met" : "MISSED");
+  }
+}
+
+void write_json(const std::string& path, const std::vector<Record>& records) {
+  std::ofstream out(path);
+  if (!out) throw CLI::RuntimeError(cat("bench gemm: cannot write ", path), 1);
+  out << "[\n";
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    const Record& r = records[i];
+    out << "  {\"mode\": \"" << r.mode << "\", \"m\": " << r.shape.m << ", \"n\": " << r.shape.n
+        << ", \"k\": " << r.shape.k << ", \"threads\": " << r.threads << ", \"engine\": \"" << r.engine
+        << "\", \"epilogue\": " << (r.epilogue ? "true" : "false") << ", \"gflops\": " << r.gflops
+        << ", \"gflops_min\": " << r.gflops_min << ", \"gflops_max\": " << r.gflops_max
+        << ", \"seconds\": " << r.seconds << ", \"reps\": " << r.reps << ", \"detail\": \"" << r.detail
+        << "\"}" << (i + 1 < records.size() ? "," : "") << "\n";
+  }
+  out << "]\n";
+}
+
+void run_bench(const BenchOptions& o) {
+  std::vector<Shape> shapes;
+  for (const std::string& text : o.shapes) shapes.push_back(parse_shape(text));
+  const std::vector<bool> epilogues =
+      o.epilogue == "both" ? std::vector<bool>{false, true} : std::vector<bool>{o.epilogue == "on"};
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  sched_getaffinity(0, sizeof(allowed), &allowed);
+  if (!o.no_baselines) {
+    const OpenBlas* blas = load_openblas(o.openblas_coretype);
+    std::printf("OpenBLAS: %s\n", blas != nullptr ? blas->config.c_str() : "not available");
+  }
+  std::printf("tpfuse ISA level: %s; x2 %s; %d repetitions, median GFLOP/s (min-max)\n",
+              std::string(gemm::isa_name(gemm::active_isa())).c_str(),
+              o.transposed ? "transposed ([n, k] storage)" : "row-major [k, n]", o.reps);
+  std::vector<Record> records;
+  std::map<std::string, Record> by_key;
+  for (const Shape& shape : shapes) {
+    ShapeData data(shape, o.transposed);
+    for (int threads : o.threads) {
+      const std::string pinning = o.no_pin ? "not pinned" : pin_to_cores(allowed, threads);
+      std::vector<Measurement> ms;
+      for (const std::string& mode : o.modes) {
+        if (mode == "f32") continue;
+        for (bool epilogue : epilogues) ms.push_back(tpfuse_measurement(data, mode, epilogue, threads));
+      }
+      if (!o.no_baselines) {
+        for (Measurement& m : baselines(data, threads, o.modes)) ms.push_back(std::move(m));
+      }
+      measure(ms, o.reps, o.min_rep_ms);
+      std::printf("\nm=%lld n=%lld k=%lld, %d thread%s (%s)\n", static_cast<long long>(shape.m),
+                  static_cast<long long>(shape.n), static_cast<long long>(shape.k), threads,
+                  threads > 1 ? "s" : "", pinning.c_str());
+      std::printf("  %-8s %-20s %-9s %9s %19s  %s\n", "mode", "engine", "epilogue", "GFLOP/s", "(min-max)", "detail");
+      const double flops = 2.0 * static_cast<double>(shape.m) * static_cast<double>(shape.n) * static_cast<double>(shape.k);
+      for (const Measurement& m : ms) {
+        Record r{m.mode, m.engine, m.detail, shape, threads, m.epilogue};
+        r.seconds = median(m.seconds);
+        r.gflops = flops / r.seconds * 1e-9;
+        r.gflops_min = flops / *std::max_element(m.seconds.begin(), m.seconds.end()) * 1e-9;
+        r.gflops_max = flops / *std::min_element(m.seconds.begin(), m.seconds.end()) * 1e-9;
+        r.reps = static_cast<int>(m.seconds.size());
+        std::printf("  %-8s %-20s %-9s %9.1f  (%7.1f-%7.1f)  %s\n", r.mode.c_str(), r.engine.c_str(),
+                    r.epilogue ? "bias+x3" : "none", r.gflops, r.gflops_min, r.gflops_max, r.detail.c_str());
+        records.push_back(r);
+        by_key[record_key(r.mode, shape, threads, r.engine, r.epilogue)] = r;
+      }
+    }
+  }
+  sched_setaffinity(0, sizeof(allowed), &allowed);
+  print_targets(by_key);
+  if (!o.json.empty()) {
+    write_json(o.json, records);
+    std::printf("\nwrote %zu records to %s\n", records.size(), o.json.c_str());
+  }
+}
+
+}  // namespace
+
+void add_bench_gemm_command(CLI::App& bench_app) {
+  auto o = std::make_shared<BenchOptions>();
+  o->shapes = {"2048x2048x2048", "1x4096x4096", "16x4096x4096", "128x64x512"};
+  o->modes = {"f16", "bf16", "int8", "wq_f16", "wq_bf16", "f32"};
+  o->threads = {1, 2};
+  auto* cmd = bench_app.add_subcommand(
+      "gemm", "tpfuse's GEMM engines against oneDNN, OpenBLAS and convert-then-oneDNN on the same shapes");
+  cmd->add_option("--shape", o->shapes, "Shapes MxNxK (repeatable)")->capture_default_str();
+  cmd->add_option("--threads", o->threads, "Thread counts to run (each pinned to that many cores)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  cmd->add_option("--modes", o->modes, "Modes: f16 bf16 int8 wq_f16 wq_bf16 f32 (baselines only)")
+      ->check(CLI::IsMember({"f16", "bf16", "int8", "wq_f16", "wq_bf16", "f32"}))
+      ->capture_default_str();
+  cmd->add_option("--reps", o->reps, "Repetitions (the median is reported)")->check(CLI::Range(1, 1000));
+  cmd->add_option("--min-rep-ms", o->min_rep_ms, "Calls are repeated to fill at least this long a repetition")
+      ->check(CLI::Range(0.0, 10000.0));
+  cmd->add_option("--epilogue", o->epilogue, "tpfuse with bias + x3: off, on or both")
+      ->check(CLI::IsMember({"off", "on", "both"}));
+  cmd->add_option("--json", o->json, "Write the figures to this file, one record per measurement");
+  cmd->add_flag("--transposed", o->transposed, "x2 stored transposed ([n, k] row-major)");
+  cmd->add_flag("--no-pin", o->no_pin, "Do not pin each thread count to that many cores");
+  cmd->add_flag("--no-baselines", o->no_baselines, "Measure tpfuse only");
+  cmd->add_option("--openblas-coretype", o->openblas_coretype,
+                  "Set OPENBLAS_CORETYPE to this for the OpenBLAS baseline (default: unset, OpenBLAS "
+                  "detects the CPU)");
+  cmd->callback([o] { run_bench(*o); });
+}
+
+}  // namespace tpfuse::cli
