@@ -45,6 +45,9 @@ enum class BLayout { packed_f32, in_place, packed_source };
 // At most this many rows per call: x2 is read by the kernel as stored.
 constexpr std::int64_t kSmallM = 64;
 
+// Rows of a row-major x2 packed per step (divides 32, the smallest group).
+constexpr std::int64_t kPackRows = 16;
+
 struct Blocking {
   std::int64_t kc = 0;         // k per micro-kernel call
   std::int64_t mc = 0;         // rows per A block (a multiple of MR)
@@ -198,50 +201,67 @@ class FloatGemm final : public PreparedGemm {
 
   void pack_b() {
     const std::int64_t k = ops_.shape.k;
+    const auto elem = static_cast<std::int64_t>(x2_elem_);
     if (layout_ == BLayout::packed_f32) {
       packed_f32_.resize(static_cast<std::size_t>(panels_ * k * nr_));
+      if (ops_.x2.stride(1) == 1) {
+        // Row-major x2: read it in row order (contiguous), writing all panels.
+        const std::int64_t blocks = ceil_div(k, kPackRows);
+        run_chunks(blocks, [&](std::int64_t block) { pack_rows_f32(block * kPackRows); });
+      } else {
+        // Transposed x2: read it in column order, one panel at a time.
+        run_chunks(panels_, [&](std::int64_t p) { pack_panel_f32(p); });
+      }
     } else if (layout_ == BLayout::packed_source) {
-      packed_source_.resize(static_cast<std::size_t>(panels_ * k * nr_) * x2_elem_);
+      packed_source_.resize(static_cast<std::size_t>(panels_ * k * nr_ * elem));
+      run_chunks(panels_, [&](std::int64_t p) { pack_panel_source(p, packed_source_.data() + p * k * nr_ * elem); });
     } else if (ops_.shape.n % nr_ != 0) {
-      packed_source_.resize(static_cast<std::size_t>(k * nr_) * x2_elem_);
-    } else {
-      return;
+      packed_source_.resize(static_cast<std::size_t>(k * nr_ * elem));
+      pack_panel_source(panels_ - 1, packed_source_.data());
     }
-    const std::int64_t first = layout_ == BLayout::in_place ? panels_ - 1 : 0;
-    const std::int64_t count = panels_ - first;
+  }
+
+  // Runs body(i) for i in [0, count), in contiguous chunks over the threads.
+  template <class Body>
+  void run_chunks(std::int64_t count, const Body& body) {
     const int chunks = static_cast<int>(std::min<std::int64_t>(count, pool_.size() * 4));
     pool_.run(chunks, [&](int chunk, int) {
-      const std::int64_t begin = first + count * chunk / chunks;
-      const std::int64_t end = first + count * (chunk + 1) / chunks;
-      for (std::int64_t p = begin; p < end; ++p) {
-        if (layout_ == BLayout::packed_f32) {
-          pack_panel_f32(p);
-        } else {
-          const std::int64_t slot = layout_ == BLayout::in_place ? 0 : p;
-          pack_panel_source(p, packed_source_.data() + slot * k * nr_ * static_cast<std::int64_t>(x2_elem_));
-        }
-      }
+      const std::int64_t end = count * (chunk + 1) / chunks;
+      for (std::int64_t i = count * chunk / chunks; i < end; ++i) body(i);
     });
+  }
+
+  BSource panel_source(std::int64_t l, std::int64_t p, std::int64_t rows) const {
+    BSource src;
+    src.data = x2_at(l, p * nr_);
+    src.dtype = ops_.x2.dtype();
+    src.stride_k = ops_.x2.stride(0);
+    src.stride_n = ops_.x2.stride(1);
+    src.rows = rows;
+    src.cols = static_cast<int>(std::min<std::int64_t>(nr_, ops_.shape.n - p * nr_));
+    if (ops_.shape.mode == Mode::weight_quant) {
+      src.scale = scale_row(l, p);
+      src.offset = offset_row(l, p);
+    }
+    return src;
+  }
+
+  // Rows [l0, l0 + kPackRows) of every panel as fp32 (a dequant group never
+  // starts inside such a block: groups are multiples of 32 rows).
+  void pack_rows_f32(std::int64_t l0) const {
+    const std::int64_t rows = std::min(kPackRows, ops_.shape.k - l0);
+    for (std::int64_t p = 0; p < panels_; ++p) {
+      kernels_.pack_b_f32(panel_source(l0, p, rows), packed_f32_.data() + (p * ops_.shape.k + l0) * nr_);
+    }
   }
 
   // Panel p as fp32, dequantized one group at a time.
   void pack_panel_f32(std::int64_t p) const {
-    const CallShape& s = ops_.shape;
-    const bool dequantize = s.mode == Mode::weight_quant;
-    const std::int64_t step = dequantize ? group_rows_ : s.k;
-    for (std::int64_t l0 = 0; l0 < s.k; l0 += step) {
-      BSource src;
-      src.data = x2_at(l0, p * nr_);
-      src.dtype = ops_.x2.dtype();
-      src.stride_k = ops_.x2.stride(0);
-      src.stride_n = ops_.x2.stride(1);
-      src.rows = std::min(step, s.k - l0);
-      src.cols = static_cast<int>(std::min<std::int64_t>(nr_, s.n - p * nr_));
-      if (dequantize) {
-        src.scale = scale_row(l0, p);
-        src.offset = offset_row(l0, p);
-      }
-      kernels_.pack_b_f32(src, packed_f32_.data() + (p * s.k + l0) * nr_);
+    const std::int64_t k = ops_.shape.k;
+    const std::int64_t step = ops_.shape.mode == Mode::weight_quant ? group_rows_ : k;
+    for (std::int64_t l0 = 0; l0 < k; l0 += step) {
+      kernels_.pack_b_f32(panel_source(l0, p, std::min(step, k - l0)),
+                          packed_f32_.data() + (p * k + l0) * nr_);
     }
   }
 
