@@ -8,9 +8,10 @@
 #   f16:  the fused op only: torch 1.13 has no f16 matmul on CPU.
 #
 # Each rank holds a K-slice (k / ranks) of x [m, k] and of the weight [k, n].
-# A timed iteration starts after a barrier and lasts until the slowest rank
-# is done; the figures are medians over iterations. Both paths get the same
-# threads per rank (the cores divided among the ranks).
+# Each variant's call starts after a barrier and lasts until the slowest rank
+# is done; the variants take turns, and the figures are medians over
+# iterations. Both paths get the same threads per rank (the cores divided
+# among the ranks).
 #
 #   PYTHONPATH=build/python /usr/bin/python3 examples/bench_torch.py [--m 512 --k 2048 --n 1024]
 import argparse
@@ -27,19 +28,25 @@ import torch.multiprocessing as mp
 import tpfuse
 
 
-def timed(fn, iterations, warmup, world_size):
-    """Median over iterations of the slowest rank's time, in ms."""
-    for _ in range(warmup):
-        fn()
-    mine = []
+def timed(variants, iterations, warmup, world_size):
+    """{name: median over iterations of the slowest rank's time, in ms}. The
+    variants take turns within each iteration, so that a busy host slows them
+    alike."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    mine = {name: [] for name in variants}
     for _ in range(iterations):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        mine.append(time.perf_counter() - start)
+        for name, fn in variants.items():
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            mine[name].append(time.perf_counter() - start)
     everyone = [None] * world_size
     dist.all_gather_object(everyone, mine)
-    return 1e3 * statistics.median(max(times) for times in zip(*everyone))
+    return {name: 1e3 * statistics.median(max(times) for times in
+                                          zip(*(rank_times[name] for rank_times in everyone)))
+            for name in variants}
 
 
 def bench_rank(rank, world_size, port, args, threads):
@@ -63,17 +70,13 @@ def bench_rank(rank, world_size, port, args, threads):
         return summed.bfloat16()
 
     partial = torch_matmul()
-    figures = {
-        "bf16 tpfuse fused": timed(lambda: tpfuse.npu_mm_all_reduce_base(x1_bf16, x2_bf16, hcom),
-                                   args.iterations, args.warmup, world_size),
-        "bf16 torch matmul + all_reduce": timed(lambda: torch_all_reduce(torch_matmul()),
-                                                args.iterations, args.warmup, world_size),
-        "bf16 torch matmul alone": timed(torch_matmul, args.iterations, args.warmup, world_size),
-        "bf16 torch all_reduce alone": timed(lambda: torch_all_reduce(partial), args.iterations,
-                                             args.warmup, world_size),
-        "f16 tpfuse fused": timed(lambda: tpfuse.npu_mm_all_reduce_base(x1_f16, x2_f16, hcom),
-                                  args.iterations, args.warmup, world_size),
-    }
+    figures = timed({
+        "bf16 tpfuse fused": lambda: tpfuse.npu_mm_all_reduce_base(x1_bf16, x2_bf16, hcom),
+        "bf16 torch matmul + all_reduce": lambda: torch_all_reduce(torch_matmul()),
+        "bf16 torch matmul alone": torch_matmul,
+        "bf16 torch all_reduce alone": lambda: torch_all_reduce(partial),
+        "f16 tpfuse fused": lambda: tpfuse.npu_mm_all_reduce_base(x1_f16, x2_f16, hcom),
+    }, args.iterations, args.warmup, world_size)
     fused = tpfuse.npu_mm_all_reduce_base(x1_bf16, x2_bf16, hcom).float()
     difference = float((fused - torch_all_reduce(torch_matmul()).float()).abs().max())
 
@@ -98,7 +101,8 @@ def free_port():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description="tpfuse.npu_mm_all_reduce_base against torch.matmul + gloo all_reduce")
     parser.add_argument("--m", type=int, default=512)
     parser.add_argument("--k", type=int, default=2048, help="k of the whole layer")
     parser.add_argument("--n", type=int, default=1024)
