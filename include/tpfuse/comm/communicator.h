@@ -22,7 +22,9 @@
 
 namespace tpfuse::comm {
 
-// One asynchronous collective in flight.
+// One asynchronous collective in flight. Destroying a Work that has not
+// completed waits for it (its buffers may be in use until then); an error
+// met there is not lost: the communicator is aborted and the next call throws.
 class Work {
  public:
   virtual ~Work() = default;
@@ -47,7 +49,8 @@ class Communicator {
   // ranks; the result lands in `output` on every rank. `input` and `output`
   // may be the same buffer; both must stay valid until the Work completes.
   // Collectives are issued in the same order on every rank; one all-reduce may
-  // be in flight at a time (starting another first completes the previous).
+  // be in flight at a time (starting another, or an all_gather, first
+  // completes the previous).
   virtual std::unique_ptr<Work> all_reduce_start(const void* input, void* output,
                                                  std::size_t count, DType dtype) = 0;
 

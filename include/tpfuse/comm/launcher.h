@@ -34,6 +34,10 @@ struct LaunchResult {
   std::vector<RankExit> ranks;
   // Names of the shared-memory segments the job created (for leak checks).
   std::vector<std::string> segments;
+  // Those of `segments` that still existed when every rank had ended, and
+  // that the launcher unlinked itself (a rank 0 that died before every rank
+  // attached leaves one). Empty when the job cleaned up after itself.
+  std::vector<std::string> reclaimed_segments;
   bool ok() const;
   // "rank 1: exit 3; rank 2: killed by signal 9" for the ranks that failed.
   std::string describe_failures() const;
@@ -48,8 +52,11 @@ struct LaunchOptions {
 };
 
 // Runs `body` in `options.ranks` forked processes. A rank's exit code is the
-// body's return value; an exception escaping the body is printed (with its
-// rank) and gives exit code 1. The parent returns when every rank has ended.
+// body's return value (one outside 0..255 becomes 1); an exception escaping
+// the body is printed (with its rank) and gives exit code 1. A rank ends with
+// _exit: it runs neither the parent's atexit handlers nor static destructors.
+// The parent returns when every rank has ended. Fork from a single-threaded
+// parent: a child starts with only the forking thread.
 LaunchResult launch_local(const LaunchOptions& options,
                           const std::function<int(RankContext&)>& body);
 

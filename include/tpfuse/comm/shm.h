@@ -3,7 +3,9 @@
 // Rank 0 creates one POSIX shared-memory segment (mode 0600, a random
 // 128-bit name, O_EXCL) and publishes its name in the rendezvous store; the
 // others map it. The segment is unlinked as soon as every rank has attached,
-// so a crash at any later point leaves nothing in /dev/shm.
+// so a crash at any later point leaves nothing in /dev/shm. Setup is
+// collective: it returns on a rank once every rank has attached and the name
+// is gone. Several groups may share one store when each uses a PrefixStore.
 #pragma once
 
 #include <chrono>
@@ -18,7 +20,8 @@ namespace tpfuse::comm {
 struct ShmOptions {
   // Deadline of every wait; default TPFUSE_TIMEOUT_MS (300000).
   std::chrono::milliseconds timeout = default_timeout();
-  // Bytes of each rank's data slot; larger all-reduces go in chunks.
+  // Bytes of each rank's data slot; larger all-reduces go in chunks. A
+  // multiple of 64, at least 64 and at most 1 GiB; rank 0's value counts.
   // Default TPFUSE_SHM_SLOT_BYTES (4 MiB).
   std::size_t slot_bytes = default_slot_bytes();
 
@@ -27,7 +30,14 @@ struct ShmOptions {
 };
 
 // Collective over the `size` ranks that share `store`: every rank calls it.
+// Also records `rank` as this process's rank for log lines.
 std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, int size,
                                                       const ShmOptions& options = {});
+
+// The same, for processes started by something other than launch_local: the
+// rank, world size and store directory (a FileStore) come from TPFUSE_RANK,
+// TPFUSE_WORLD_SIZE and TPFUSE_STORE_DIR; a missing or malformed one is an
+// InvalidArgument naming it. launch_local sets them in every rank.
+std::shared_ptr<Communicator> create_shm_communicator_from_env(const ShmOptions& options = {});
 
 }  // namespace tpfuse::comm

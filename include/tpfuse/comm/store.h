@@ -1,6 +1,9 @@
 // Rendezvous store: a small key-value store the ranks of a job share while
 // they set up a communicator (segment names, tokens). Values are written once
 // and read many times; get() waits, bounded, for a key to appear.
+//
+// A key is a non-empty name without '/' that does not start with '.'; any
+// other key is an InvalidArgument.
 #pragma once
 
 #include <chrono>
@@ -21,9 +24,10 @@ class Store {
 };
 
 // A store in a private directory (mode 0700) on the local file system; each
-// key is one file, written atomically (write, then rename).
+// key is one file (mode 0600), written atomically (write, then rename).
 class FileStore : public Store {
  public:
+  // `dir` must be an existing directory; InvalidArgument otherwise.
   explicit FileStore(std::filesystem::path dir);
   void set(const std::string& key, const std::string& value) override;
   std::string get(const std::string& key, std::chrono::milliseconds timeout) override;
@@ -35,6 +39,21 @@ class FileStore : public Store {
 
  private:
   std::filesystem::path dir_;
+};
+
+// Puts `prefix` in front of every key of `base`, so that several groups can
+// rendezvous through one store without their keys colliding. `base` must
+// outlive it.
+class PrefixStore : public Store {
+ public:
+  PrefixStore(std::string prefix, Store& base);
+  void set(const std::string& key, const std::string& value) override;
+  std::string get(const std::string& key, std::chrono::milliseconds timeout) override;
+  std::optional<std::string> try_get(const std::string& key) override;
+
+ private:
+  std::string prefix_;
+  Store& base_;
 };
 
 }  // namespace tpfuse::comm

@@ -1,0 +1,175 @@
+// The shared-memory segment of the shm transport: its layout, its life cycle
+// (create with a random name, attach, verify, unlink) and the abort records.
+// Algorithms see the segment only through Channel and the per-rank records;
+// they never compute offsets themselves, so a new algorithm can reuse the
+// layout as it is.
+//
+// Layout (every part starts on a cache line):
+//   SegmentHeader | SegmentState | RankRecord x p
+//   | SlotFlags x p (data) | SlotFlags x p (gather)
+//   | data slots: p x slot_bytes | gather slots: p x gather_slot_bytes
+//
+// Every field another rank reads while the owner writes it is a std::atomic,
+// written with release stores and read with acquire loads; plain fields are
+// written before the release that publishes them.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace tpfuse::comm::shm {
+
+inline constexpr std::size_t kCacheLine = 64;
+inline constexpr int kMaxRanks = 256;
+// The store key under which rank 0 publishes the segment's name.
+inline constexpr const char* kSegmentKey = "shm-segment";
+// Bytes a rank may contribute to one all_gather.
+inline constexpr std::size_t kMaxGatherBytes = 4096;
+// A gather slot holds the contribution's length in its first cache line.
+inline constexpr std::size_t kGatherSlotBytes = kMaxGatherBytes + kCacheLine;
+
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free,
+              "the segment's flags must be lock-free to work across processes");
+static_assert(std::atomic<std::int64_t>::is_always_lock_free);
+
+// Written once by rank 0 before it publishes the segment's name; read-only after.
+struct alignas(kCacheLine) SegmentHeader {
+  std::uint64_t magic;
+  std::uint32_t version;
+  std::uint32_t world_size;
+  std::uint64_t total_bytes;
+  std::uint64_t slot_bytes;
+  std::uint64_t gather_slot_bytes;
+  char group_token[24];  // the random part of the communicator's name, NUL-terminated
+};
+static_assert(sizeof(SegmentHeader) == kCacheLine);
+
+// Group-wide words that any rank may change.
+struct alignas(kCacheLine) SegmentState {
+  std::atomic<std::uint64_t> ready;       // 1 once rank 0 saw every rank attach and unlinked
+  std::atomic<std::uint64_t> aborted_by;  // 0, or 1 + the rank whose abort record counts
+};
+static_assert(sizeof(SegmentState) == kCacheLine);
+
+enum class AbortKind : std::uint32_t { aborted = 1, timed_out = 2, peer_lost = 3 };
+
+inline constexpr std::size_t kAbortReasonBytes = 448;
+
+// One rank's identity and its first error; written only by that rank.
+struct alignas(kCacheLine) RankRecord {
+  std::atomic<std::int64_t> pid;
+  std::atomic<std::uint64_t> attached;
+  std::atomic<std::uint64_t> abort_claimed;  // set once; guards the fields below
+  AbortKind abort_kind;
+  std::uint32_t padding;
+  std::uint64_t abort_culprits[kMaxRanks / 64];  // bit r: rank r is at fault
+  char abort_reason[kAbortReasonBytes];          // NUL-terminated
+};
+static_assert(sizeof(RankRecord) == 512);
+
+// One rank's progress on one channel; written only by that rank.
+struct alignas(kCacheLine) SlotFlags {
+  std::atomic<std::uint64_t> published;  // last sequence number whose data is in my slot
+  std::atomic<std::uint64_t> consumed;   // last sequence number I have read from every slot
+};
+static_assert(sizeof(SlotFlags) == kCacheLine);
+
+// One slot per rank plus its flags. A round with sequence number s: a rank
+// waits until every peer consumed s - 1 (so its slot is free), fills its slot,
+// publishes s, waits until every peer published s, reads, and consumes s.
+class Channel {
+ public:
+  Channel(SlotFlags* flags, std::byte* slots, std::size_t slot_bytes)
+      : flags_(flags), slots_(slots), slot_bytes_(slot_bytes) {}
+  SlotFlags& flags(int rank) const { return flags_[rank]; }
+  std::byte* slot(int rank) const { return slots_ + static_cast<std::size_t>(rank) * slot_bytes_; }
+  std::size_t slot_bytes() const { return slot_bytes_; }
+
+ private:
+  SlotFlags* flags_;
+  std::byte* slots_;
+  std::size_t slot_bytes_;
+};
+
+// Byte offsets of the parts of a segment for a world size and slot size.
+struct SegmentLayout {
+  std::size_t state = 0;
+  std::size_t records = 0;
+  std::size_t data_flags = 0;
+  std::size_t gather_flags = 0;
+  std::size_t data_slots = 0;
+  std::size_t gather_slots = 0;
+  std::size_t total_bytes = 0;
+
+  static SegmentLayout compute(int world_size, std::size_t slot_bytes);
+};
+
+// What a rank learns from the segment once some rank aborted the group.
+struct AbortNotice {
+  int rank = -1;  // the rank whose record counts (the first to report)
+  AbortKind kind = AbortKind::aborted;
+  std::vector<int> culprits;
+  std::string reason;
+};
+
+// A mapped segment. Rank 0 creates it and owns its name until unlink(): if
+// the owner is destroyed before that (setup failed), it unlinks the name.
+class Segment {
+ public:
+  // Rank 0: a new segment under a random name, mode 0600, initialised.
+  static Segment create(int world_size, std::size_t slot_bytes);
+  // The other ranks: maps `name` and checks the header against `world_size`.
+  static Segment attach(const std::string& name, int world_size);
+
+  Segment(Segment&& other) noexcept;
+  Segment& operator=(Segment&&) = delete;
+  Segment(const Segment&) = delete;
+  Segment& operator=(const Segment&) = delete;
+  ~Segment();
+
+  const std::string& name() const { return name_; }
+  std::size_t total_bytes() const { return bytes_; }
+  const SegmentHeader& header() const { return *header_; }
+  SegmentState& state() const { return *state_; }
+  RankRecord& record(int rank) const { return records_[rank]; }
+  const Channel& data() const { return data_; }
+  const Channel& gather() const { return gather_; }
+  std::string group_token() const { return header_->group_token; }
+
+  // Records this process as `rank`; InvalidArgument if that rank attached already.
+  void attach_rank(int rank);
+  // Removes the name from the file system (the mapping stays valid).
+  void unlink();
+
+ private:
+  Segment(std::string name, void* base, std::size_t bytes, bool owns_name);
+
+  std::string name_;
+  void* base_;
+  std::size_t bytes_;
+  bool owns_name_;
+  SegmentHeader* header_;
+  SegmentState* state_;
+  RankRecord* records_;
+  Channel data_;
+  Channel gather_;
+};
+
+// Makes `rank`'s report the group's abort unless some rank reported first;
+// a rank's first report is the only one kept. Lock-free, so safe from any thread.
+void publish_abort(const Segment& segment, int rank, AbortKind kind,
+                   const std::vector<int>& culprits, std::string_view reason);
+// The group's abort, if any rank reported one.
+std::optional<AbortNotice> read_abort(const Segment& segment);
+// Throws the error a notice stands for, prefixed by `context` ("all-reduce #3").
+[[noreturn]] void throw_abort(const AbortNotice& notice, int my_rank, std::string_view context);
+
+// "rank 2" or "ranks 2, 5".
+std::string describe_ranks(const std::vector<int>& ranks);
+
+}  // namespace tpfuse::comm::shm

@@ -1,0 +1,123 @@
+// Backoff, process liveness and the failure paths of PeerWait.
+#include "comm/shm_wait.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <thread>
+
+#include "comm/unique_fd.h"
+#include "tpfuse/core/error.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace tpfuse::comm::shm {
+
+namespace {
+
+// A few dozen spins catch a peer that is a moment behind without a system
+// call; yields then hand the core to a peer that is runnable (ranks may
+// outnumber cores); sleeps finally stop a long wait from burning a core.
+constexpr unsigned kSpinRounds = 32;
+constexpr unsigned kYieldRounds = 16;
+constexpr std::chrono::microseconds kFirstSleep{20};
+constexpr std::chrono::microseconds kLongestSleep{1000};
+
+void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+}  // namespace
+
+void Backoff::pause() {
+  if (rounds_ < kSpinRounds) {
+    cpu_relax();
+  } else if (rounds_ < kSpinRounds + kYieldRounds) {
+    ::sched_yield();
+  } else {
+    sleep_ = sleep_.count() == 0 ? kFirstSleep : std::min(sleep_ * 2, kLongestSleep);
+    std::this_thread::sleep_for(sleep_);
+  }
+  ++rounds_;
+}
+
+bool process_is_gone(pid_t pid) {
+  if (::kill(pid, 0) == -1 && errno == ESRCH) return true;
+  // A killed child stays a zombie until its parent reaps it; kill() still
+  // succeeds on it, so look at its state: "pid (comm) S ...".
+  const std::string path = cat("/proc/", pid, "/stat");
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return errno == ENOENT;
+  char text[512];
+  const ssize_t n = ::read(fd.get(), text, sizeof text - 1);
+  if (n <= 0) return false;
+  text[n] = '\0';
+  const char* close_paren = std::strrchr(text, ')');
+  if (close_paren == nullptr || close_paren[1] != ' ') return false;
+  const char state = close_paren[2];
+  return state == 'Z' || state == 'X';
+}
+
+std::string describe_context(const WaitLabel& label) {
+  if (label.index == 0) return std::string(label.operation);
+  return cat(label.operation, " #", label.index);
+}
+
+void PeerWait::start(const WaitLabel& label) {
+  label_ = label;
+  pending_.clear();
+  for (int r = 0; r < group_.size; ++r) {
+    if (r != group_.rank) pending_.push_back(r);
+  }
+  deadline_ = Clock::now() + group_.timeout;
+  next_liveness_check_ = Clock::now() + kLivenessInterval;
+}
+
+void PeerWait::start(const WaitLabel& label, std::span<const int> peers) {
+  label_ = label;
+  pending_.assign(peers.begin(), peers.end());
+  deadline_ = Clock::now() + group_.timeout;
+  next_liveness_check_ = Clock::now() + kLivenessInterval;
+}
+
+void PeerWait::check_abort() const {
+  if (auto notice = read_abort(group_.segment)) {
+    throw_abort(*notice, group_.rank, describe_context(label_));
+  }
+}
+
+void PeerWait::check_peers_alive() const {
+  std::vector<int> lost;
+  std::string detail;
+  for (int r : pending_) {
+    const auto pid =
+        static_cast<pid_t>(group_.segment.record(r).pid.load(std::memory_order_acquire));
+    if (pid <= 0 || !process_is_gone(pid)) continue;  // pid 0: not attached yet
+    lost.push_back(r);
+    detail += cat(detail.empty() ? "" : ", ", "rank ", r, " (pid ", pid, ")");
+  }
+  if (lost.empty()) return;
+  detail += " died";
+  publish_abort(group_.segment, group_.rank, AbortKind::peer_lost, lost, detail);
+  throw PeerLostError(cat(describe_context(label_), ": ", detail), lost);
+}
+
+void PeerWait::fail_timeout() const {
+  std::string detail = cat("timed out after ", group_.timeout.count(), " ms waiting for ",
+                           describe_ranks(pending_), " ", label_.step);
+  if (label_.parts > 1) detail += cat(" (chunk ", label_.part, " of ", label_.parts, ")");
+  publish_abort(group_.segment, group_.rank, AbortKind::timed_out, pending_, detail);
+  throw TimeoutError(cat(describe_context(label_), ": ", detail), pending_);
+}
+
+}  // namespace tpfuse::comm::shm

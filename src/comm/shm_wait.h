@@ -1,0 +1,97 @@
+// Bounded waiting for peers in the shm transport. Every wait spins briefly,
+// then yields, then sleeps in growing steps, so that 8 ranks on 2 cores still
+// make progress; it watches the group's abort word on every poll and the
+// peers' processes every few tens of milliseconds, and gives up at the
+// group's deadline with an error that names the ranks that did not arrive.
+#pragma once
+
+#include <sys/types.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "comm/shm_group.h"
+
+namespace tpfuse::comm::shm {
+
+// The escalating pause between two polls of one wait.
+class Backoff {
+ public:
+  void pause();
+
+ private:
+  unsigned rounds_ = 0;
+  std::chrono::microseconds sleep_{0};
+};
+
+// True when `pid` has exited, or is a zombie that no one has reaped yet.
+bool process_is_gone(pid_t pid);
+
+// What a wait is for, to name it in errors: "all-reduce #12: timed out after
+// 500 ms waiting for ranks 2, 5 to contribute (chunk 2 of 3)".
+struct WaitLabel {
+  std::string_view operation;  // "all-reduce", "all-gather", "shm setup"
+  std::uint64_t index = 0;     // the collective's number; 0 when not a collective
+  std::string_view step;       // what the peers have yet to do: "to contribute"
+  std::size_t part = 0;        // which chunk, counted from 1; 0 when not chunked
+  std::size_t parts = 0;
+};
+
+// "all-reduce #12", or just the operation when it has no number.
+std::string describe_context(const WaitLabel& label);
+
+// One wait for a set of peers, polled until each has arrived. Reusable: start()
+// begins the next wait.
+class PeerWait {
+ public:
+  explicit PeerWait(const ShmGroup& group) : group_(group) {}
+
+  // Waits for every rank but this one.
+  void start(const WaitLabel& label);
+  void start(const WaitLabel& label, std::span<const int> peers);
+
+  // Drops the peers for which arrived(rank) holds; true once none is left.
+  // Otherwise throws AbortedError (or the error a peer reported) once the
+  // group is aborted, PeerLostError once a pending peer's process is gone,
+  // TimeoutError at the deadline; an error found here is reported to the group.
+  template <class Arrived>
+  bool poll(Arrived&& arrived) {
+    std::erase_if(pending_, [&](int rank) { return arrived(rank); });
+    if (pending_.empty()) return true;
+    check_abort();
+    const Clock::time_point now = Clock::now();
+    if (now >= next_liveness_check_ || now >= deadline_) {
+      check_peers_alive();
+      next_liveness_check_ = now + kLivenessInterval;
+    }
+    if (now >= deadline_) fail_timeout();
+    return false;
+  }
+
+  template <class Arrived>
+  void wait(Arrived&& arrived) {
+    Backoff backoff;
+    while (!poll(arrived)) backoff.pause();
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  static constexpr std::chrono::milliseconds kLivenessInterval{25};
+
+  void check_abort() const;
+  void check_peers_alive() const;
+  [[noreturn]] void fail_timeout() const;
+
+  const ShmGroup& group_;
+  WaitLabel label_;
+  std::vector<int> pending_;
+  Clock::time_point deadline_;
+  Clock::time_point next_liveness_check_;
+};
+
+}  // namespace tpfuse::comm::shm

@@ -1,0 +1,708 @@
+// The communication layer: the shm communicator's all-reduce (values, order,
+// rounding, chunking, in place, bitwise agreement), test/wait, all_gather,
+// every failure path (a rank that never arrives, a killed rank, abort), the
+// segment's privacy and lifetime, the registry and the file store.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <regex>
+#include <thread>
+#include <vector>
+
+#include "comm/shm_segment.h"
+#include "rank_harness.h"
+#include "tpfuse/comm/launcher.h"
+#include "tpfuse/comm/registry.h"
+#include "tpfuse/comm/shm.h"
+#include "tpfuse/comm/store.h"
+#include "tpfuse/core/half.h"
+#include "tpfuse/core/log.h"
+
+namespace tpfuse::comm {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using test::expect_rank;
+
+LaunchResult launch(int ranks, const std::function<int(RankContext&)>& body,
+                    std::chrono::milliseconds timeout = 30s, std::size_t slot_bytes = 4096) {
+  LaunchOptions options;
+  options.ranks = ranks;
+  options.shm.timeout = timeout;
+  options.shm.slot_bytes = slot_bytes;
+  return launch_local(options, body);
+}
+
+long elapsed_ms(Clock::time_point since) {
+  return static_cast<long>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count());
+}
+
+// TMPDIR pointed at a fresh directory, so a test can see what the launcher
+// leaves there; restored and removed afterwards.
+class ScopedTmpdir {
+ public:
+  ScopedTmpdir() {
+    std::string pattern =
+        (std::filesystem::temp_directory_path() / "tpfuse-comm-test-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = pattern;
+    if (const char* old = std::getenv("TMPDIR")) saved_ = old;
+    ::setenv("TMPDIR", path_.c_str(), 1);
+  }
+  ~ScopedTmpdir() {
+    if (saved_) {
+      ::setenv("TMPDIR", saved_->c_str(), 1);
+    } else {
+      ::unsetenv("TMPDIR");
+    }
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+  std::optional<std::string> saved_;
+};
+
+bool shm_name_exists(const std::string& name) {
+  const int fd = ::shm_open(name.c_str(), O_RDONLY, 0);
+  if (fd < 0) return false;
+  ::close(fd);
+  return true;
+}
+
+// ---- element access in any float dtype --------------------------------------
+
+float load_element(DType dtype, const std::byte* base, std::size_t i) {
+  if (dtype == DType::f32) {
+    float value;
+    std::memcpy(&value, base + 4 * i, 4);
+    return value;
+  }
+  std::uint16_t bits;
+  std::memcpy(&bits, base + 2 * i, 2);
+  return dtype == DType::f16 ? f16_to_f32(Half{bits}) : bf16_to_f32(BFloat16{bits});
+}
+
+void store_element(DType dtype, std::byte* base, std::size_t i, float value) {
+  if (dtype == DType::f32) {
+    std::memcpy(base + 4 * i, &value, 4);
+    return;
+  }
+  const std::uint16_t bits = dtype == DType::f16 ? f32_to_f16(value).bits : f32_to_bf16(value).bits;
+  std::memcpy(base + 2 * i, &bits, 2);
+}
+
+std::vector<std::byte> buffer_of(DType dtype, const std::vector<float>& values) {
+  std::vector<std::byte> bytes(values.size() * dtype_size(dtype));
+  for (std::size_t i = 0; i < values.size(); ++i) store_element(dtype, bytes.data(), i, values[i]);
+  return bytes;
+}
+
+// Rank r's input: full mantissas, both signs, and exponents spread wide
+// enough (within f16's range for f16) that the fp32 sums round, so any other
+// order of addition or a second rounding changes bits.
+std::vector<std::byte> make_input(DType dtype, int rank, std::size_t count) {
+  const int lowest_exponent = dtype == DType::f16 ? -14 : -20;
+  const int exponents = dtype == DType::f16 ? 25 : 40;
+  std::vector<float> values(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    std::uint64_t h = (static_cast<std::uint64_t>(rank) << 40) + i + 0x9e3779b97f4a7c15ull;
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+    h ^= h >> 31;
+    const float mantissa = 1.0f + static_cast<float>(h & 0x7fffff) * 0x1p-23f;
+    const int exponent =
+        lowest_exponent + static_cast<int>((h >> 24) % static_cast<std::uint64_t>(exponents));
+    const float value = std::ldexp(mantissa, exponent);
+    values[i] = (h >> 40) & 1 ? -value : value;
+  }
+  return buffer_of(dtype, values);
+}
+
+// The contract, computed independently: fp32, rank order, rounded once.
+std::vector<std::byte> expected_sum(DType dtype, int world_size, std::size_t count) {
+  std::vector<std::vector<std::byte>> inputs;
+  for (int r = 0; r < world_size; ++r) inputs.push_back(make_input(dtype, r, count));
+  std::vector<std::byte> out(count * dtype_size(dtype));
+  for (std::size_t i = 0; i < count; ++i) {
+    float sum = load_element(dtype, inputs[0].data(), i);
+    for (int r = 1; r < world_size; ++r) sum += load_element(dtype, inputs[r].data(), i);
+    store_element(dtype, out.data(), i, sum);
+  }
+  return out;
+}
+
+// Every rank holds bitwise the same bytes.
+void expect_same_on_every_rank(Communicator& comm, const std::vector<std::byte>& bytes,
+                               const std::string& what) {
+  const std::uint64_t hash = test::fnv1a(bytes.data(), bytes.size());
+  const auto hashes =
+      comm.all_gather(std::string_view(reinterpret_cast<const char*>(&hash), sizeof hash));
+  for (int r = 0; r < comm.size(); ++r)
+    expect_rank(hashes[r] == hashes[0], what, ": rank ", r, " differs from rank 0");
+}
+
+// ---- all-reduce values -------------------------------------------------------
+
+class AllReduceTest : public ::testing::TestWithParam<std::tuple<int, DType>> {};
+
+TEST_P(AllReduceTest, SumsInFp32InRankOrderRoundedOnce) {
+  const auto [ranks, dtype] = GetParam();
+  constexpr std::size_t kSlotBytes = 4096;
+  // 0, 1, odd, and more than two slots' worth (so several chunks, the last partial).
+  const std::size_t counts[] = {0, 1, 7, 2 * kSlotBytes / dtype_size(dtype) + 123};
+  const auto result = launch(
+      ranks,
+      [&](RankContext& ctx) {
+        const std::size_t element = dtype_size(dtype);
+        constexpr std::size_t kGuard = 64;
+        for (std::size_t count : counts) {
+          const auto input = make_input(dtype, ctx.rank, count);
+          const auto expected = expected_sum(dtype, ctx.size, count);
+          for (bool in_place : {false, true}) {
+            const std::string what =
+                cat(dtype_name(dtype), " count ", count, in_place ? " in place" : " out of place");
+            // Guard bytes after the output catch a chunk written past its end.
+            std::vector<std::byte> output(count * element + kGuard, std::byte{0xab});
+            std::vector<std::byte> copy = input;
+            if (in_place) {
+              std::copy(input.begin(), input.end(), output.begin());
+              ctx.comm->all_reduce(output.data(), output.data(), count, dtype);
+            } else {
+              ctx.comm->all_reduce(copy.data(), output.data(), count, dtype);
+              expect_rank(copy == input, what, ": the input changed");
+            }
+            expect_rank(std::equal(expected.begin(), expected.end(), output.begin()), what,
+                        ": result differs from the fp32 rank-order sum");
+            for (std::size_t g = 0; g < kGuard; ++g) {
+              expect_rank(output[count * element + g] == std::byte{0xab}, what,
+                          ": wrote past the output");
+            }
+            output.resize(count * element);
+            expect_same_on_every_rank(*ctx.comm, output, what);
+          }
+        }
+        return 0;
+      },
+      30s, kSlotBytes);
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+INSTANTIATE_TEST_SUITE_P(RanksAndDtypes, AllReduceTest,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4, 8),
+                                            ::testing::Values(DType::f16, DType::bf16, DType::f32)),
+                         [](const auto& info) {
+                           return cat("p", std::get<0>(info.param), "_",
+                                      dtype_name(std::get<1>(info.param)));
+                         });
+
+// 2^11 + 2^-14 rounds back to 2^11 in fp32 (and all three values are exact
+// in every dtype). In rank order both calls give 0; (x0 + x2) + x1 gives
+// 2^-14 in the first, x2 + x1 + x0 gives 2^-14 in the second.
+TEST(AllReduce, AddsInRankOrder) {
+  const auto result = launch(3, [](RankContext& ctx) {
+    const float first[] = {0x1p11f, 0x1p-14f, -0x1p11f};
+    const float second[] = {0x1p-14f, 0x1p11f, -0x1p11f};
+    for (DType dtype : {DType::f16, DType::bf16, DType::f32}) {
+      for (const float* mine : {first, second}) {
+        auto value = buffer_of(dtype, {mine[ctx.rank]});
+        ctx.comm->all_reduce(value.data(), value.data(), 1, dtype);
+        const float sum = load_element(dtype, value.data(), 0);
+        expect_rank(sum == 0.0f, dtype_name(dtype), ": expected 0 from ", mine[0], " + ", mine[1],
+                    " + ", mine[2], " in fp32 in rank order, got ", sum);
+      }
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// 1 + 2^-11 + 2^-11: one rounding at the end gives 1 + 2^-10; rounding to f16
+// after each addition would give 1 (each 2^-11 is a tie to even).
+TEST(AllReduce, RoundsToF16OnceAtTheEnd) {
+  const auto result = launch(3, [](RankContext& ctx) {
+    const float mine[] = {1.0f, 0x1p-11f, 0x1p-11f};
+    Half value = f32_to_f16(mine[ctx.rank]);
+    ctx.comm->all_reduce(&value, &value, 1, DType::f16);
+    expect_rank(f16_to_f32(value) == 1.0f + 0x1p-10f, "expected 1 + 2^-10, got ",
+                f16_to_f32(value));
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// ---- test() and wait() -------------------------------------------------------
+
+TEST(AllReduceWork, TestIsFalseUntilEveryPeerContributed) {
+  const auto result = launch(2, [](RankContext& ctx) {
+    std::vector<float> data(1000, static_cast<float>(ctx.rank + 1));
+    if (ctx.rank == 1) {
+      std::this_thread::sleep_for(200ms);
+      ctx.comm->all_reduce(data.data(), data.data(), data.size(), DType::f32);
+      return 0;
+    }
+    auto work = ctx.comm->all_reduce_start(data.data(), data.data(), data.size(), DType::f32);
+    expect_rank(!work->test(), "test() was true before rank 1 contributed");
+    int false_polls = 1;
+    const auto start = Clock::now();
+    while (!work->test()) {
+      expect_rank(Clock::now() - start < 10s, "test() never became true");
+      ++false_polls;
+      std::this_thread::sleep_for(1ms);
+    }
+    std::printf("test() was false %d times before rank 1 arrived\n", false_polls);
+    expect_rank(false_polls > 10, "test() turned true after ", false_polls,
+                " polls, before rank 1 woke");
+    expect_rank(work->test(), "test() is not true again after completion");
+    work->wait();  // returns at once once complete
+    for (float value : data) expect_rank(value == 3.0f, "expected 1 + 2, got ", value);
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+TEST(AllReduceWork, StartingAnotherCompletesThePrevious) {
+  const auto result = launch(3, [](RankContext& ctx) {
+    std::vector<float> first(5000, 1.0f);
+    std::vector<float> second(3, static_cast<float>(ctx.rank));
+    auto first_work =
+        ctx.comm->all_reduce_start(first.data(), first.data(), first.size(), DType::f32);
+    auto second_work =
+        ctx.comm->all_reduce_start(second.data(), second.data(), second.size(), DType::f32);
+    expect_rank(first_work->test(),
+                "the first all-reduce is not complete after starting the second");
+    second_work->wait();
+    for (float value : first) expect_rank(value == 3.0f, "first: expected 3, got ", value);
+    for (float value : second)
+      expect_rank(value == 3.0f, "second: expected 0 + 1 + 2, got ", value);
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+TEST(AllReduceWork, DroppingWorkCompletesIt) {
+  const auto result = launch(2, [](RankContext& ctx) {
+    std::vector<Half> data(3000, f32_to_f16(1.5f));
+    ctx.comm->all_reduce_start(data.data(), data.data(), data.size(), DType::f16).reset();
+    for (Half value : data)
+      expect_rank(f16_to_f32(value) == 3.0f, "expected 3, got ", f16_to_f32(value));
+    ctx.comm->barrier();
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// ---- all_gather, names, arguments ------------------------------------------
+
+TEST(AllGather, ReturnsEveryBlobInRankOrder) {
+  const auto result = launch(4, [](RankContext& ctx) {
+    const std::size_t max = ctx.comm->max_gather_bytes();
+    expect_rank(max >= 1024, "max_gather_bytes() is ", max, ", expected at least 1 KiB");
+    auto blob_of = [&](int rank, int round) {
+      if (rank == 0) return std::string();  // empty
+      if (rank == 3)
+        return std::string(max, static_cast<char>('a' + round));  // the largest allowed
+      return cat("rank ", rank, " round ", round,
+                 std::string(static_cast<std::size_t>(rank) * 100, '\0'));
+    };
+    for (int round = 0; round < 3; ++round) {
+      const auto blobs = ctx.comm->all_gather(blob_of(ctx.rank, round));
+      expect_rank(blobs.size() == 4u, "expected 4 blobs, got ", blobs.size());
+      for (int r = 0; r < 4; ++r)
+        expect_rank(blobs[r] == blob_of(r, round), "round ", round, ": blob of rank ", r);
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+TEST(AllGather, RejectsABlobOverTheLimit) {
+  const auto result = launch(2, [](RankContext& ctx) {
+    const std::string too_big(ctx.comm->max_gather_bytes() + 1, 'x');
+    try {
+      ctx.comm->all_gather(too_big);
+      expect_rank(false, "an oversized blob was accepted");
+    } catch (const InvalidArgument& error) {
+      expect_rank(std::string(error.what()).find("max_gather_bytes") != std::string::npos,
+                  error.what());
+    }
+    const auto blobs = ctx.comm->all_gather(cat(ctx.rank));  // the group is still usable
+    expect_rank(blobs[0] == "0" && blobs[1] == "1", "gather after the rejected one failed");
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+TEST(ShmCommunicator, NameIsSharedRegisteredAndLogged) {
+  const auto result = launch(3, [](RankContext& ctx) {
+    const std::string& name = ctx.comm->name();
+    expect_rank(name.rfind("tpfuse-shm-", 0) == 0 && name.size() > 11, "unexpected name ", name);
+    const auto names = ctx.comm->all_gather(name);
+    for (const auto& other : names)
+      expect_rank(other == name, "names differ: ", other, " vs ", name);
+    expect_rank(find_communicator(name) == ctx.comm, "the launcher did not register ", name);
+    expect_rank(ctx.comm->rank() == ctx.rank && ctx.comm->size() == 3, "rank or size wrong");
+    expect_rank(ctx.comm->timeout() == 30s, "timeout is ", ctx.comm->timeout().count(), " ms");
+    expect_rank(log::rank() == ctx.rank, "log rank is ", log::rank());
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+TEST(ShmCommunicator, RejectsBadArguments) {
+  const std::filesystem::path dir = FileStore::make_private_dir();
+  FileStore store(dir);
+  ShmOptions options;
+  options.timeout = 2s;
+  EXPECT_THROW(create_shm_communicator(store, 0, 0, options), InvalidArgument);
+  EXPECT_THROW(create_shm_communicator(store, 2, 2, options), InvalidArgument);
+  ShmOptions odd_slot = options;
+  odd_slot.slot_bytes = 100;
+  EXPECT_THROW(create_shm_communicator(store, 0, 1, odd_slot), InvalidArgument);
+
+  auto comm = create_shm_communicator(store, 0, 1, options);
+  std::vector<float> data(16, 1.0f);
+  EXPECT_THROW(comm->all_reduce(data.data(), data.data(), 4, DType::i32), InvalidArgument);
+  EXPECT_THROW(comm->all_reduce(nullptr, data.data(), 4, DType::f32), InvalidArgument);
+  EXPECT_THROW(comm->all_reduce(data.data(), data.data() + 1, 8, DType::f32), InvalidArgument);
+  comm->all_reduce(data.data(), data.data() + 8, 8, DType::f32);  // adjacent is fine
+  EXPECT_EQ(data[8], 1.0f);
+  std::filesystem::remove_all(dir);
+}
+
+// ---- failures ------------------------------------------------------------------
+
+TEST(ShmFailures, RankThatNeverArrivesIsNamedAtTheDeadline) {
+  const auto result = launch(
+      3,
+      [](RankContext& ctx) {
+        if (ctx.rank == 2) {
+          std::this_thread::sleep_for(1500ms);  // alive, but never joins the all-reduce
+          return 0;
+        }
+        float value = 1.0f;
+        const auto start = Clock::now();
+        try {
+          ctx.comm->all_reduce(&value, &value, 1, DType::f32);
+          expect_rank(false, "the all-reduce completed without rank 2");
+        } catch (const TimeoutError& error) {
+          const long ms = elapsed_ms(start);
+          std::printf("rank %d: TimeoutError after %ld ms: %s\n", ctx.rank, ms, error.what());
+          expect_rank(error.ranks() == std::vector<int>{2},
+                      "ranks() should be {2}: ", error.what());
+          const std::string what = error.what();
+          expect_rank(what.find("rank 2") != std::string::npos &&
+                          what.find("timed out after 500 ms") != std::string::npos,
+                      "message does not name rank 2 and the deadline: ", what);
+          expect_rank(ms >= 400, "gave up after ", ms, " ms, before the 500 ms deadline");
+        }
+        // The group is aborted now: later calls fail at once instead of waiting again.
+        bool later_call_failed = false;
+        try {
+          ctx.comm->all_gather("x");
+        } catch (const CommError&) {
+          later_call_failed = true;
+        }
+        expect_rank(later_call_failed, "a call after the timeout did not fail");
+        return 0;
+      },
+      500ms);
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+TEST(ShmFailures, KilledRankIsReportedAsLostAndNothingIsLeft) {
+  const ScopedTmpdir tmpdir;
+  const auto result = launch(
+      3,
+      [](RankContext& ctx) {
+        if (ctx.rank == 1) ::raise(SIGKILL);
+        std::vector<float> data(100, 1.0f);
+        const auto start = Clock::now();
+        try {
+          ctx.comm->all_reduce(data.data(), data.data(), data.size(), DType::f32);
+          expect_rank(false, "the all-reduce completed without rank 1");
+        } catch (const PeerLostError& error) {
+          std::printf("rank %d: PeerLostError after %ld ms: %s\n", ctx.rank, elapsed_ms(start),
+                      error.what());
+          expect_rank(error.ranks() == std::vector<int>{1},
+                      "ranks() should be {1}: ", error.what());
+          expect_rank(std::string(error.what()).find("rank 1") != std::string::npos,
+                      "not named: ", error.what());
+        }
+        return 0;
+      },
+      5s);
+  ASSERT_EQ(result.ranks.size(), 3u);
+  EXPECT_EQ(result.ranks[1].signal, SIGKILL);
+  EXPECT_TRUE(result.ranks[0].ok() && result.ranks[2].ok()) << result.describe_failures();
+  ASSERT_EQ(result.segments.size(), 1u);
+  EXPECT_TRUE(test::segments_gone(result));
+  EXPECT_TRUE(result.reclaimed_segments.empty()) << "setup should have unlinked the segment itself";
+  EXPECT_TRUE(std::filesystem::is_empty(tmpdir.path())) << "the launcher left its store directory";
+}
+
+TEST(ShmFailures, AbortFromAnotherThreadWakesEveryRank) {
+  const auto result = launch(
+      3,
+      [](RankContext& ctx) {
+        auto expect_aborted_by_0 = [&](const AbortedError& error) {
+          const std::string what = error.what();
+          expect_rank(error.ranks() == std::vector<int>{0}, "ranks() should be {0}: ", what);
+          expect_rank(what.find("rank 0") != std::string::npos &&
+                          what.find("stop requested") != std::string::npos,
+                      "message lacks the rank or the reason: ", what);
+        };
+        std::thread aborter;
+        if (ctx.rank == 0) {
+          aborter = std::thread([&] {
+            std::this_thread::sleep_for(100ms);
+            ctx.comm->abort("stop requested");
+          });
+        }
+        if (ctx.rank == 1) std::this_thread::sleep_for(300ms);  // arrives after the abort
+        float value = 1.0f;
+        const auto start = Clock::now();
+        try {
+          // Rank 1 is late: ranks 0 and 2 are waiting when the abort lands.
+          ctx.comm->all_reduce(&value, &value, 1, DType::f32);
+          if (ctx.rank != 1) expect_rank(false, "the all-reduce completed despite the abort");
+        } catch (const AbortedError& error) {
+          std::printf("rank %d: AbortedError after %ld ms: %s\n", ctx.rank, elapsed_ms(start),
+                      error.what());
+          expect_aborted_by_0(error);
+        }
+        if (aborter.joinable()) aborter.join();
+        return 0;
+      },
+      20s);
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// ---- the segment ------------------------------------------------------------------
+
+// Ranks as threads of this process, so the test can look at the segment
+// between rank 0 creating it and rank 1 attaching.
+TEST(ShmSegment, IsPrivateWhileItExistsAndGoneOnceAllAttached) {
+  const std::filesystem::path dir = FileStore::make_private_dir();
+  FileStore store(dir);
+  ShmOptions options;
+  options.timeout = 10s;
+  std::shared_ptr<Communicator> rank0;
+  std::exception_ptr rank0_error;
+  std::thread creator([&] {
+    try {
+      rank0 = create_shm_communicator(store, 0, 2, options);
+    } catch (...) {
+      rank0_error = std::current_exception();
+    }
+  });
+  const std::string name = store.get(shm::kSegmentKey, 10s);
+  EXPECT_TRUE(std::regex_match(name, std::regex("/tpfuse-[0-9a-f]{32}"))) << name;
+  const int fd = ::shm_open(name.c_str(), O_RDONLY, 0);
+  EXPECT_GE(fd, 0) << "the segment should exist until every rank attached";
+  if (fd >= 0) {
+    struct stat info {};
+    EXPECT_EQ(::fstat(fd, &info), 0);
+    EXPECT_EQ(info.st_mode & 0777, 0600u);
+    EXPECT_EQ(info.st_uid, ::geteuid());
+    EXPECT_GT(info.st_size, 2 * 4096);
+    ::close(fd);
+  }
+  auto rank1 = create_shm_communicator(store, 1, 2, options);
+  creator.join();
+  ASSERT_FALSE(rank0_error);
+  EXPECT_FALSE(shm_name_exists(name)) << "the segment outlived setup";
+  EXPECT_EQ(rank0->name(), rank1->name());
+
+  float value0 = 1.0f, value1 = 2.0f;
+  std::thread peer([&] { rank0->all_reduce(&value0, &value0, 1, DType::f32); });
+  rank1->all_reduce(&value1, &value1, 1, DType::f32);
+  peer.join();
+  EXPECT_EQ(value0, 3.0f);
+  EXPECT_EQ(value1, 3.0f);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ShmSegment, FailedSetupUnlinksIt) {
+  const std::filesystem::path dir = FileStore::make_private_dir();
+  FileStore store(dir);
+  ShmOptions options;
+  options.timeout = 300ms;
+  std::exception_ptr rank0_error;
+  std::thread creator([&] {
+    try {
+      create_shm_communicator(store, 0, 2, options);
+    } catch (...) {
+      rank0_error = std::current_exception();
+    }
+  });
+  const std::string name = store.get(shm::kSegmentKey, 10s);
+  try {
+    create_shm_communicator(store, 1, 3, options);
+    ADD_FAILURE() << "a rank with another world size attached";
+  } catch (const InvalidArgument& error) {
+    EXPECT_NE(std::string(error.what()).find("world size 3"), std::string::npos) << error.what();
+  }
+  creator.join();
+  ASSERT_TRUE(rank0_error);
+  try {
+    std::rethrow_exception(rank0_error);
+  } catch (const TimeoutError& error) {
+    EXPECT_EQ(error.ranks(), std::vector<int>{1}) << error.what();
+  }
+  EXPECT_FALSE(shm_name_exists(name)) << "rank 0 left the segment after a failed setup";
+  std::filesystem::remove_all(dir);
+}
+
+// ---- registry ----------------------------------------------------------------------
+
+class NamedCommunicator final : public Communicator {
+ public:
+  explicit NamedCommunicator(std::string name) : name_(std::move(name)) {}
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  const std::string& name() const override { return name_; }
+  std::chrono::milliseconds timeout() const override { return 1s; }
+  std::unique_ptr<Work> all_reduce_start(const void*, void*, std::size_t, DType) override {
+    return nullptr;
+  }
+  std::vector<std::string> all_gather(std::string_view mine) override {
+    return {std::string(mine)};
+  }
+  std::size_t max_gather_bytes() const override { return 0; }
+  void abort(std::string_view) override {}
+
+ private:
+  std::string name_;
+};
+
+TEST(Registry, RegistersFindsAndRejects) {
+  auto a = std::make_shared<NamedCommunicator>("registry-test-a");
+  auto b = std::make_shared<NamedCommunicator>("registry-test-b");
+  EXPECT_EQ(register_communicator(a), "registry-test-a");
+  EXPECT_EQ(register_communicator(b), "registry-test-b");
+  EXPECT_EQ(find_communicator("registry-test-a"), a);
+  EXPECT_EQ(find_communicator("registry-test-b"), b);
+  try {
+    find_communicator("x");
+    ADD_FAILURE() << "found a communicator never registered";
+  } catch (const InvalidArgument& error) {
+    const std::string what = error.what();
+    EXPECT_NE(what.find("hcom: no communicator named \"x\" in this process (known: "),
+              std::string::npos)
+        << what;
+    EXPECT_NE(what.find("registry-test-a, registry-test-b"), std::string::npos) << what;
+  }
+  try {
+    register_communicator(std::make_shared<NamedCommunicator>("registry-test-a"));
+    ADD_FAILURE() << "registered a name twice";
+  } catch (const InvalidArgument& error) {
+    EXPECT_NE(std::string(error.what()).find("already registered"), std::string::npos)
+        << error.what();
+  }
+  EXPECT_EQ(find_communicator("registry-test-a"), a) << "a failed registration replaced the first";
+  unregister_communicator("registry-test-a");
+  unregister_communicator("registry-test-b");
+  unregister_communicator("registry-test-b");  // absent: no-op
+  EXPECT_THROW(find_communicator("registry-test-a"), InvalidArgument);
+}
+
+// ---- file store --------------------------------------------------------------------
+
+TEST(FileStore, SetGetTimeoutAndPrivacy) {
+  const ScopedTmpdir tmpdir;
+  const std::filesystem::path dir = FileStore::make_private_dir();
+  EXPECT_EQ(dir.parent_path(), tmpdir.path());
+  EXPECT_EQ(dir.filename().string().rfind("tpfuse-store-", 0), 0u) << dir;
+  struct stat info {};
+  ASSERT_EQ(::stat(dir.c_str(), &info), 0);
+  EXPECT_EQ(info.st_mode & 0777, 0700u);
+
+  FileStore store(dir);
+  const std::string binary("a\0b\nc", 5);
+  store.set("segment", binary);
+  EXPECT_EQ(store.get("segment", 1s), binary);
+  store.set("segment", "second");
+  EXPECT_EQ(*store.try_get("segment"), "second");
+  EXPECT_FALSE(store.try_get("missing").has_value());
+  ASSERT_EQ(::stat((dir / "segment").c_str(), &info), 0);
+  EXPECT_EQ(info.st_mode & 0777, 0600u);
+
+  const auto start = Clock::now();
+  try {
+    store.get("never-set", 100ms);
+    ADD_FAILURE() << "get returned a key never set";
+  } catch (const TimeoutError& error) {
+    EXPECT_NE(std::string(error.what()).find("\"never-set\""), std::string::npos) << error.what();
+  }
+  EXPECT_GE(Clock::now() - start, 100ms);
+
+  std::thread late_writer([&] {
+    std::this_thread::sleep_for(50ms);
+    store.set("late", "value");
+  });
+  EXPECT_EQ(store.get("late", 5s), "value");
+  late_writer.join();
+
+  for (const char* bad : {"", "a/b", ".hidden", "../x"}) {
+    EXPECT_THROW(store.set(bad, "v"), InvalidArgument) << bad;
+    EXPECT_THROW(store.try_get(bad), InvalidArgument) << bad;
+  }
+  PrefixStore prefixed("group.", store);
+  prefixed.set("key", "p");
+  EXPECT_EQ(*store.try_get("group.key"), "p");
+  EXPECT_EQ(prefixed.get("key", 1s), "p");
+  EXPECT_THROW(FileStore(dir / "missing"), InvalidArgument);
+  std::filesystem::remove_all(dir);
+}
+
+// ---- oversubscription ----------------------------------------------------------------
+
+// 8 ranks on a 2-core machine: the waits must yield and sleep rather than
+// spin, or this takes seconds per call. Prints the time; no threshold.
+TEST(ShmScaling, EightRanksDoManySmallAllReduces) {
+  constexpr int kCalls = 300;
+  const auto result = launch(
+      8,
+      [](RankContext& ctx) {
+        std::vector<float> data(256);
+        ctx.comm->barrier();
+        const auto start = Clock::now();
+        for (int call = 0; call < kCalls; ++call) {
+          std::fill(data.begin(), data.end(), static_cast<float>(ctx.rank + call));
+          ctx.comm->all_reduce(data.data(), data.data(), data.size(), DType::f32);
+          // 0 + 1 + ... + 7 + 8 * call
+          expect_rank(data[0] == static_cast<float>(28 + 8 * call), "call ", call, ": got ",
+                      data[0]);
+        }
+        if (ctx.rank == 0) {
+          const long ms = elapsed_ms(start);
+          std::printf(
+              "8 ranks x %d all-reduces of 256 f32: %ld ms (%.1f us per call) on %u cores\n",
+              kCalls, ms, 1000.0 * static_cast<double>(ms) / kCalls,
+              std::thread::hardware_concurrency());
+        }
+        return 0;
+      },
+      60s);
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+}  // namespace
+}  // namespace tpfuse::comm
