@@ -264,18 +264,11 @@ TEST(KernelConversions, WideningMatchesHalfH) {
     SCOPED_TRACE(isa_name(level));
     const KernelTable& kernels = kernels_for(level);
     for (DType dtype : {DType::f16, DType::bf16}) {
-      // One row of x1 through pack_a: out[l * MR] is element l.
-      std::vector<float> packed(all.size() * static_cast<std::size_t>(kernels.mr));
-      ASource src;
-      src.data = all.data();
-      src.dtype = dtype;
-      src.ld = static_cast<std::int64_t>(all.size());
-      src.rows = 1;
-      src.kc = static_cast<std::int64_t>(all.size());
-      kernels.pack_a(src, packed.data());
+      std::vector<float> converted(all.size());
+      kernels.convert_to_f32(dtype, all.data(), static_cast<std::int64_t>(all.size()), converted.data());
       for (std::size_t i = 0; i < all.size(); ++i) {
         const float expected = dtype == DType::f16 ? f16_to_f32(Half{all[i]}) : bf16_to_f32(BFloat16{all[i]});
-        const float got = packed[i * static_cast<std::size_t>(kernels.mr)];
+        const float got = converted[i];
         if (std::isnan(expected)) {
           // The hardware quiets signalling NaNs; a NaN stays a NaN.
           ASSERT_TRUE(std::isnan(got)) << dtype_name(dtype) << " bits " << std::hex << all[i];

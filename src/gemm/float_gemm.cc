@@ -81,7 +81,7 @@ struct Task {
 class FloatGemm final : public PreparedGemm {
  public:
   FloatGemm(const GemmOperands& operands, const KernelTable& kernels, int threads)
-      : ops_(operands), kernels_(kernels), pool_(threads) {
+      : ops_(operands), kernels_(kernels), pool_(lease_pool(threads)) {
     const CallShape& s = ops_.shape;
     mr_ = kernels_.mr;
     nr_ = kernels_.nr;
@@ -110,10 +110,8 @@ class FloatGemm final : public PreparedGemm {
     if (m1 <= m0) return;
     std::lock_guard lock(compute_mutex_);
     const std::vector<Task> tasks = split(m0, m1);
-    scratch_.resize(static_cast<std::size_t>(pool_.size()));
-    pool_.run(static_cast<int>(tasks.size()), [&](int index, int slot) {
-      compute_task(tasks[static_cast<std::size_t>(index)], m0, dst, ld,
-                   scratch_[static_cast<std::size_t>(slot)]);
+    pool_->run(static_cast<int>(tasks.size()), [&](int index, int) {
+      compute_task(tasks[static_cast<std::size_t>(index)], m0, dst, ld);
     });
   }
 
@@ -224,8 +222,8 @@ class FloatGemm final : public PreparedGemm {
   // Runs body(i) for i in [0, count), in contiguous chunks over the threads.
   template <class Body>
   void run_chunks(std::int64_t count, const Body& body) {
-    const int chunks = static_cast<int>(std::min<std::int64_t>(count, pool_.size() * 4));
-    pool_.run(chunks, [&](int chunk, int) {
+    const int chunks = static_cast<int>(std::min<std::int64_t>(count, pool_->size() * 4));
+    pool_->run(chunks, [&](int chunk, int) {
       const std::int64_t end = count * (chunk + 1) / chunks;
       for (std::int64_t i = count * chunk / chunks; i < end; ++i) body(i);
     });
@@ -286,7 +284,7 @@ class FloatGemm final : public PreparedGemm {
   // ---- compute ----
 
   std::vector<Task> split(std::int64_t m0, std::int64_t m1) const {
-    const std::int64_t threads = pool_.size();
+    const std::int64_t threads = pool_->size();
     const std::int64_t rows = m1 - m0;
     std::vector<Task> tasks;
     if (threads == 1) {
@@ -328,46 +326,64 @@ class FloatGemm final : public PreparedGemm {
     throw InternalError("float gemm: unknown layout");
   }
 
-  MicroKernel kernel() const {
+  // The micro-kernels for this call's B, by row count - 1.
+  const MicroKernel* kernels_by_rows() const {
     if (layout_ == BLayout::packed_f32) return kernels_.tile[static_cast<int>(BFormat::f32)];
     if (ops_.shape.mode == Mode::weight_quant && ops_.offset) return kernels_.tile_i8_with_offset;
     return kernels_.tile[static_cast<int>(format_of(ops_.x2.dtype()))];
   }
 
   // The kc-step starting at l: never across a dequant group when the kernel
-  // dequantizes (its scales are fixed for the call).
+  // dequantizes (its scales are fixed for the call), nor across a chunk of
+  // packed A.
   std::int64_t step_at(std::int64_t l) const {
     std::int64_t kc = std::min(blocking_.kc, ops_.shape.k - l);
+    kc = std::min(kc, kPackedAStride - l % kPackedAStride);
     if (layout_ != BLayout::packed_f32 && ops_.shape.mode == Mode::weight_quant) {
       kc = std::min(kc, (l / group_rows_ + 1) * group_rows_ - l);
     }
     return kc;
   }
 
-  // Packs rows [r0, r1) x columns [l0, l0 + len) of x1 into MR-row micro-panels.
+  // Packs rows [r0, r1) x columns [l0, l0 + len) of x1 as panels of MR rows,
+  // each in chunks of kPackedAStride columns: see a_at().
   void pack_a_block(std::int64_t r0, std::int64_t r1, std::int64_t l0, std::int64_t len,
                     float* out) const {
     const std::size_t elem = dtype_size(ops_.x1.dtype());
     const auto* x1 = static_cast<const unsigned char*>(ops_.x1.data());
+    const std::int64_t chunks = ceil_div(len, kPackedAStride);
     for (std::int64_t r = r0; r < r1; r += mr_) {
-      ASource src;
-      src.dtype = ops_.x1.dtype();
-      src.ld = ops_.x1.stride(0);
-      src.data = x1 + (r * src.ld + l0) * static_cast<std::int64_t>(elem);
-      src.rows = static_cast<int>(std::min<std::int64_t>(mr_, r1 - r));
-      src.kc = len;
-      kernels_.pack_a(src, out + (r - r0) / mr_ * len * mr_);
+      for (std::int64_t c = 0; c < chunks; ++c) {
+        ASource src;
+        src.dtype = ops_.x1.dtype();
+        src.ld = ops_.x1.stride(0);
+        src.data = x1 + (r * src.ld + l0 + c * kPackedAStride) * static_cast<std::int64_t>(elem);
+        src.rows = static_cast<int>(std::min<std::int64_t>(mr_, r1 - r));
+        src.kc = std::min(kPackedAStride, len - c * kPackedAStride);
+        kernels_.pack_a(src, out + ((r - r0) / mr_ * chunks + c) * mr_ * kPackedAStride);
+      }
     }
   }
 
-  void compute_task(const Task& task, std::int64_t m0, void* dst, std::int64_t ld,
-                    Scratch& scratch) const {
+  // Row panel `panel`, column l (relative to the block's first) of a block
+  // packed by pack_a_block with len columns.
+  const float* a_at(const float* block, std::int64_t len, std::int64_t panel, std::int64_t l) const {
+    const std::int64_t chunks = ceil_div(len, kPackedAStride);
+    return block + ((panel * chunks + l / kPackedAStride) * mr_) * kPackedAStride + l % kPackedAStride;
+  }
+
+  void compute_task(const Task& task, std::int64_t m0, void* dst, std::int64_t ld) const {
     const CallShape& s = ops_.shape;
-    const MicroKernel run_tile = kernel();
+    const MicroKernel* run_tile = kernels_by_rows();
     const std::int64_t out_elem = static_cast<std::int64_t>(dtype_size(s.out_dtype));
-    const std::int64_t a_len_max = blocking_.pack_a_whole_k ? s.k : blocking_.kc;
-    scratch.a.resize(static_cast<std::size_t>(blocking_.mc * a_len_max));
-    scratch.acc.resize(static_cast<std::size_t>(blocking_.mc * blocking_.nc_panels * nr_));
+    const std::int64_t a_len_max = blocking_.pack_a_whole_k ? s.k : std::min(s.k, blocking_.kc);
+    const std::int64_t block_rows = std::min(blocking_.mc, ceil_div(task.r1 - task.r0, mr_) * mr_);
+    // Per thread and kept across calls: no allocation (nor page faults) per call.
+    thread_local Scratch scratch;
+    scratch.a.resize(static_cast<std::size_t>(block_rows * ceil_div(a_len_max, kPackedAStride) * kPackedAStride));
+    if (step_at(0) < s.k) {
+      scratch.acc.resize(static_cast<std::size_t>(block_rows * std::min(blocking_.nc_panels, task.p1 - task.p0) * nr_));
+    }
     const auto* x3 = ops_.x3 ? static_cast<const unsigned char*>(ops_.x3->data()) : nullptr;
     const std::int64_t x3_ld = ops_.x3 ? ops_.x3->stride(0) : 0;
     auto* out = static_cast<unsigned char*>(dst);
@@ -395,7 +411,7 @@ class FloatGemm final : public PreparedGemm {
             for (std::int64_t ir = ic; ir < iend; ir += mr_) {
               MicroTile tile;
               tile.kc = kc;
-              tile.a = scratch.a.data() + (ir - ic) / mr_ * a_len * mr_ + (pc - a_start) * mr_;
+              tile.a = a_at(scratch.a.data(), a_len, (ir - ic) / mr_, pc - a_start);
               tile.b = b.data;
               tile.b_ld = b.ld;
               if (dequantize) {
@@ -417,7 +433,7 @@ class FloatGemm final : public PreparedGemm {
                 epilogue.out_dtype = s.out_dtype;
                 tile.epilogue = &epilogue;
               }
-              run_tile(tile);
+              run_tile[tile.mr - 1](tile);
             }
           }
           pc += kc;
@@ -436,9 +452,8 @@ class FloatGemm final : public PreparedGemm {
   std::string engine_name_;
   AlignedBuffer<float> bias_, scales_, offsets_, packed_f32_;
   AlignedBuffer<unsigned char> packed_source_;
-  mutable ThreadPool pool_;
+  PoolLease pool_;
   mutable std::mutex compute_mutex_;
-  mutable std::vector<Scratch> scratch_;
 };
 
 }  // namespace

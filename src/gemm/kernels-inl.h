@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #include "gemm/microkernel.h"
 
@@ -258,20 +259,10 @@ inline void finish_i32(std::int64_t rows, std::int64_t cols, const std::int32_t*
 // ---- packing ----
 
 inline void pack_a(const ASource& src, float* out) {
-  constexpr std::int64_t kChunk = 256;
-  alignas(64) float row[kChunk];
   const std::size_t size = elem_size(src.dtype);
-  for (int i = 0; i < kMR; ++i) {
-    if (i >= src.rows) {
-      for (std::int64_t l = 0; l < src.kc; ++l) out[l * kMR + i] = 0.0f;
-      continue;
-    }
-    const auto* bytes = static_cast<const unsigned char*>(src.data) + i * src.ld * size;
-    for (std::int64_t l0 = 0; l0 < src.kc; l0 += kChunk) {
-      const std::int64_t count = min_i64(kChunk, src.kc - l0);
-      convert_row(src.dtype, bytes + l0 * size, count, row);
-      for (std::int64_t l = 0; l < count; ++l) out[(l0 + l) * kMR + i] = row[l];
-    }
+  for (int i = 0; i < src.rows; ++i) {
+    convert_row(src.dtype, static_cast<const unsigned char*>(src.data) + i * src.ld * static_cast<std::int64_t>(size),
+                src.kc, out + i * kPackedAStride);
   }
 }
 
@@ -341,16 +332,17 @@ HWY_INLINE FloatVec load_b(const unsigned char* p, FloatVec scale, FloatVec offs
   }
 }
 
-template <BFormat kFormat, bool kOffset>
+// One instance per row count: a tile of kRows < MR rows (the last rows of
+// m) costs kRows rows of work, not MR. Every instance adds in the same order.
+template <BFormat kFormat, bool kOffset, int kRows>
 void micro_kernel(const MicroTile& t) {
   const FloatTag d;
-  FloatVec acc[kMR][kVecsPerRow];
+  FloatVec acc[kRows][kVecsPerRow];
 #pragma GCC unroll 16
-  for (int i = 0; i < kMR; ++i) {
+  for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
     for (int v = 0; v < kVecsPerRow; ++v) {
-      acc[i][v] = (t.accumulate && i < t.mr) ? hn::LoadU(d, t.acc + i * t.acc_ld + v * kLanes)
-                                             : hn::Zero(d);
+      acc[i][v] = t.accumulate ? hn::LoadU(d, t.acc + i * t.acc_ld + v * kLanes) : hn::Zero(d);
     }
   }
   FloatVec scale[kVecsPerRow], offset[kVecsPerRow];
@@ -374,31 +366,35 @@ void micro_kernel(const MicroTile& t) {
       b_row[v] = load_b<kFormat, kOffset>(b + v * kLanes * kElem, scale[v], offset[v]);
     }
 #pragma GCC unroll 16
-    for (int i = 0; i < kMR; ++i) {
-      const FloatVec a_value = hn::Set(d, a[i]);
+    for (int i = 0; i < kRows; ++i) {
+      const FloatVec a_value = hn::Set(d, a[i * kPackedAStride]);
 #pragma GCC unroll 4
       for (int v = 0; v < kVecsPerRow; ++v) acc[i][v] = hn::MulAdd(a_value, b_row[v], acc[i][v]);
     }
-    a += kMR;
+    ++a;
     b += b_step;
   }
 
   if (t.epilogue == nullptr) {
 #pragma GCC unroll 16
-    for (int i = 0; i < kMR; ++i) {
-      if (i >= t.mr) break;
+    for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
       for (int v = 0; v < kVecsPerRow; ++v) hn::StoreU(acc[i][v], d, t.acc + i * t.acc_ld + v * kLanes);
     }
     return;
   }
-  alignas(64) float sums[kMR * kNR];
+  alignas(64) float sums[kRows * kNR];
 #pragma GCC unroll 16
-  for (int i = 0; i < kMR; ++i) {
+  for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
     for (int v = 0; v < kVecsPerRow; ++v) hn::Store(acc[i][v], d, sums + i * kNR + v * kLanes);
   }
-  finish_f32(t.mr, t.nr, sums, kNR, *t.epilogue);
+  finish_f32(kRows, t.nr, sums, kNR, *t.epilogue);
+}
+
+template <BFormat kFormat, bool kOffset, std::size_t... kRowsMinusOne>
+void set_row_kernels(MicroKernel* by_rows, std::index_sequence<kRowsMinusOne...>) {
+  ((by_rows[kRowsMinusOne] = &micro_kernel<kFormat, kOffset, static_cast<int>(kRowsMinusOne) + 1>), ...);
 }
 
 inline KernelTable make_kernel_table(IsaLevel isa) {
@@ -406,11 +402,13 @@ inline KernelTable make_kernel_table(IsaLevel isa) {
   table.isa = isa;
   table.mr = kMR;
   table.nr = kNR;
-  table.tile[static_cast<int>(BFormat::f32)] = &micro_kernel<BFormat::f32, false>;
-  table.tile[static_cast<int>(BFormat::f16)] = &micro_kernel<BFormat::f16, false>;
-  table.tile[static_cast<int>(BFormat::bf16)] = &micro_kernel<BFormat::bf16, false>;
-  table.tile[static_cast<int>(BFormat::i8)] = &micro_kernel<BFormat::i8, false>;
-  table.tile_i8_with_offset = &micro_kernel<BFormat::i8, true>;
+  static_assert(kMR <= kMaxMR);
+  const auto rows = std::make_index_sequence<kMR>();
+  set_row_kernels<BFormat::f32, false>(table.tile[static_cast<int>(BFormat::f32)], rows);
+  set_row_kernels<BFormat::f16, false>(table.tile[static_cast<int>(BFormat::f16)], rows);
+  set_row_kernels<BFormat::bf16, false>(table.tile[static_cast<int>(BFormat::bf16)], rows);
+  set_row_kernels<BFormat::i8, false>(table.tile[static_cast<int>(BFormat::i8)], rows);
+  set_row_kernels<BFormat::i8, true>(table.tile_i8_with_offset, rows);
   table.pack_a = &pack_a;
   table.pack_b_f32 = &pack_b_f32;
   table.convert_to_f32 = &convert_row;

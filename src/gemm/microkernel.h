@@ -4,10 +4,10 @@
 // in a file compiled for its instruction set (kernels_*.cc).
 //
 // The micro-kernel computes one register tile of mr <= MR rows and nr <= NR
-// columns over kc steps of k:
+// columns over kc steps of k (one kernel per mr, see KernelTable::tile):
 //
 //   s(i, j) = (accumulate ? acc[i * acc_ld + j] : 0)
-//   for l = 0 .. kc-1:  s(i, j) = fma(a[l * MR + i], B(l, j), s(i, j))
+//   for l = 0 .. kc-1:  s(i, j) = fma(a[i * kPackedAStride + l], B(l, j), s(i, j))
 //
 // one fp32 fused multiply-add per step, l ascending, one sum per element. So
 // a row's sums never depend on which tile, row block or thread computed them,
@@ -35,6 +35,14 @@ namespace tpfuse::gemm {
 enum class BFormat : std::uint8_t { f32 = 0, f16 = 1, bf16 = 2, i8 = 3 };
 inline constexpr int kBFormatCount = 4;
 
+// The largest MR of any kernel table.
+inline constexpr int kMaxMR = 16;
+
+// Packed A holds each row's fp32 values at this fixed stride, so that the
+// micro-kernel addresses all its rows from one pointer (a kc-step never
+// spans more than this many columns).
+inline constexpr std::int64_t kPackedAStride = 256;
+
 // How one output tile is finished. Pointers are at the tile's first row and
 // column; rows are *_ld elements apart. x3 and dst have dtype out_dtype.
 struct TileEpilogue {
@@ -50,7 +58,7 @@ struct TileEpilogue {
 
 struct MicroTile {
   std::int64_t kc = 0;
-  const float* a = nullptr;         // packed A: a[l * MR + i]; rows >= mr are zero
+  const float* a = nullptr;         // packed A: a[i * kPackedAStride + l], kc <= kPackedAStride
   const void* b = nullptr;          // B(0, 0) of this tile
   std::int64_t b_ld = 0;            // elements between B(l, j) and B(l + 1, j)
   const float* b_scale = nullptr;   // i8 only: [NR] dequant scales
@@ -65,7 +73,7 @@ struct MicroTile {
 
 using MicroKernel = void (*)(const MicroTile& tile);
 
-// A block of x1 for pack_a: rows [0, rows) x columns [0, kc).
+// A block of x1 for pack_a: rows [0, rows) x columns [0, kc), kc <= kPackedAStride.
 struct ASource {
   const void* data = nullptr;  // element (0, 0)
   DType dtype = DType::f16;    // f16, bf16, f32 or i8
@@ -91,10 +99,11 @@ struct KernelTable {
   IsaLevel isa = IsaLevel::portable;
   int mr = 0;  // MR: register tile rows
   int nr = 0;  // NR: register tile columns (a multiple of the vector length)
-  // Indexed by BFormat; [i8] reads no offset, i8_with_offset does.
-  MicroKernel tile[kBFormatCount] = {};
-  MicroKernel tile_i8_with_offset = nullptr;
-  // out[l * MR + i] = x1(i, l) as fp32, zero for rows >= src.rows.
+  // tile[format][mr - 1] computes tiles of exactly mr rows (1 <= mr <= MR);
+  // [i8] reads no offset, tile_i8_with_offset does.
+  MicroKernel tile[kBFormatCount][kMaxMR] = {};
+  MicroKernel tile_i8_with_offset[kMaxMR] = {};
+  // out[i * kPackedAStride + l] = x1(i, l) as fp32.
   void (*pack_a)(const ASource& src, float* out) = nullptr;
   // out[l * NR + j] = B(l, j) as fp32 (dequantized), zero for columns >= src.cols.
   void (*pack_b_f32)(const BSource& src, float* out) = nullptr;

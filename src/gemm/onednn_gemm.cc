@@ -54,6 +54,18 @@ class OneOmpThread {
   int saved_;
 };
 
+// One CPU engine for the process, and one stream per thread (a stream is
+// not to be shared by threads executing at the same time).
+const dnnl::engine& cpu_engine() {
+  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+dnnl::stream& thread_stream() {
+  thread_local dnnl::stream stream(cpu_engine());
+  return stream;
+}
+
 struct Chunk {
   std::int64_t r0, rows, slice;
 };
@@ -61,15 +73,13 @@ struct Chunk {
 class OneDnnGemm final : public PreparedGemm {
  public:
   OneDnnGemm(const GemmOperands& operands, const KernelTable& kernels, int threads)
-      : ops_(operands), kernels_(kernels), pool_(threads), engine_(dnnl::engine::kind::cpu, 0) {
+      : ops_(operands), kernels_(kernels), pool_(lease_pool(threads)), engine_(cpu_engine()) {
     const CallShape& s = ops_.shape;
     full_quant_ = s.mode == Mode::full_quant;
     in_type_ = full_quant_ ? dnnl_dt::s8 : dnnl_dt::bf16;
     sum_type_ = full_quant_ ? dnnl_dt::s32 : dnnl_dt::f32;
     in_elem_ = dtype_size(ops_.x1.dtype());
     slices_ = (s.n + kSliceCols - 1) / kSliceCols;
-    for (int slot = 0; slot < pool_.size(); ++slot) streams_.emplace_back(engine_);
-    slots_.resize(static_cast<std::size_t>(pool_.size()));
     prepare_epilogue();
     if (!full_quant_) pack_weights();
   }
@@ -85,13 +95,14 @@ class OneDnnGemm final : public PreparedGemm {
         chunks.push_back({r, std::min(kChunkRows, m1 - r), slice});
       }
     }
-    pool_.run(static_cast<int>(chunks.size()), [&](int index, int slot) {
-      compute_chunk(chunks[static_cast<std::size_t>(index)], m0, dst, ld, slot);
+    pool_->run(static_cast<int>(chunks.size()), [&](int index, int) {
+      compute_chunk(chunks[static_cast<std::size_t>(index)], m0, dst, ld);
     });
   }
 
  private:
-  struct Slot {
+  // Per thread and kept across calls.
+  struct Scratch {
     AlignedBuffer<float> sums;  // fp32 or int32, chunk rows x slice columns
     AlignedBuffer<unsigned char> scratchpad;
   };
@@ -153,13 +164,13 @@ class OneDnnGemm final : public PreparedGemm {
       packed_desc_.emplace(cols, probe.pd.weights_desc());
     }
     packed_.resize(static_cast<std::size_t>(slices_));
-    pool_.run(static_cast<int>(slices_), [&](int slice, int slot) {
+    pool_->run(static_cast<int>(slices_), [&](int slice, int) {
       OneOmpThread one_thread;
       const std::int64_t cols = slice_cols(slice);
       dnnl::memory source(x2_slice_desc(cols), engine_, x2_slice_data(slice));
       dnnl::memory packed(packed_desc_.at(cols), engine_);
-      dnnl::reorder(source, packed).execute(streams_[static_cast<std::size_t>(slot)], source, packed);
-      streams_[static_cast<std::size_t>(slot)].wait();
+      dnnl::reorder(source, packed).execute(thread_stream(), source, packed);
+      thread_stream().wait();
       packed_[static_cast<std::size_t>(slice)] = packed;
     });
   }
@@ -182,11 +193,11 @@ class OneDnnGemm final : public PreparedGemm {
     return it->second;
   }
 
-  void compute_chunk(const Chunk& chunk, std::int64_t m0, void* dst, std::int64_t ld, int slot_index) const {
+  void compute_chunk(const Chunk& chunk, std::int64_t m0, void* dst, std::int64_t ld) const {
     const CallShape& s = ops_.shape;
     const std::int64_t cols = slice_cols(chunk.slice);
     const Matmul& mm = matmul_for(chunk.rows, cols);
-    Slot& slot = slots_[static_cast<std::size_t>(slot_index)];
+    thread_local Scratch slot;
     slot.sums.resize(static_cast<std::size_t>(chunk.rows * cols));
     slot.scratchpad.resize(std::max<std::size_t>(1, mm.pd.scratchpad_desc().get_size()));
     {
@@ -198,7 +209,7 @@ class OneDnnGemm final : public PreparedGemm {
                                          : packed_[static_cast<std::size_t>(chunk.slice)];
       dnnl::memory sums(mm.pd.dst_desc(), engine_, slot.sums.data());
       dnnl::memory scratchpad(mm.pd.scratchpad_desc(), engine_, slot.scratchpad.data());
-      dnnl::stream& stream = streams_[static_cast<std::size_t>(slot_index)];
+      dnnl::stream& stream = thread_stream();
       mm.primitive.execute(stream, {{DNNL_ARG_SRC, src},
                                     {DNNL_ARG_WEIGHTS, weights},
                                     {DNNL_ARG_DST, sums},
@@ -229,9 +240,8 @@ class OneDnnGemm final : public PreparedGemm {
 
   GemmOperands ops_;
   const KernelTable& kernels_;
-  mutable ThreadPool pool_;
+  PoolLease pool_;
   dnnl::engine engine_;
-  mutable std::vector<dnnl::stream> streams_;
   bool full_quant_ = false;
   dnnl_dt in_type_ = dnnl_dt::bf16;
   dnnl_dt sum_type_ = dnnl_dt::f32;
@@ -242,7 +252,6 @@ class OneDnnGemm final : public PreparedGemm {
   AlignedBuffer<float> bias_, scales_;
   mutable std::mutex compute_mutex_, cache_mutex_;
   mutable std::map<std::pair<std::int64_t, std::int64_t>, Matmul> matmuls_;
-  mutable std::vector<Slot> slots_;
 };
 
 }  // namespace

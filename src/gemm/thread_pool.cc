@@ -2,13 +2,22 @@
 // which thread never changes a result (tasks write disjoint outputs).
 #include "gemm/thread_pool.h"
 
+#include <pthread.h>
+#include <unistd.h>
+
+#include <map>
+
 namespace tpfuse::gemm {
 
-ThreadPool::ThreadPool(int threads) {
+ThreadPool::ThreadPool(int threads) : owner_(getpid()) {
   for (int slot = 1; slot < threads; ++slot) workers_.emplace_back([this, slot] { work(slot); });
 }
 
 ThreadPool::~ThreadPool() {
+  if (getpid() != owner_) {  // a forked child: the workers are not ours to join
+    for (std::thread& worker : workers_) worker.detach();
+    return;
+  }
   {
     std::lock_guard lock(mutex_);
     stopping_ = true;
@@ -19,7 +28,7 @@ ThreadPool::~ThreadPool() {
 
 void ThreadPool::run(int tasks, const std::function<void(int index, int slot)>& task) {
   if (tasks <= 0) return;
-  if (workers_.empty() || tasks == 1) {
+  if (workers_.empty() || tasks == 1 || getpid() != owner_) {
     for (int index = 0; index < tasks; ++index) task(index, 0);
     return;
   }
@@ -75,6 +84,51 @@ void ThreadPool::work(int slot) {
     }
     done_.notify_one();
   }
+}
+
+namespace {
+
+// Idle pools by size. Pools are never destroyed: the threads of a pool that
+// was used once are likely to be used again (every operator call prepares a
+// GEMM), and a sleeping thread costs nothing.
+std::mutex free_pools_mutex;
+std::multimap<int, ThreadPool*>& free_pools() {
+  static auto* pools = new std::multimap<int, ThreadPool*>();
+  return *pools;
+}
+
+void return_pool(ThreadPool* pool) {
+  std::lock_guard lock(free_pools_mutex);
+  free_pools().emplace(pool->size(), pool);
+}
+
+// fork(): the child must not inherit a locked registry nor pools whose
+// workers exist only in the parent (they are dropped, not destroyed).
+void register_fork_handlers() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    pthread_atfork([] { free_pools_mutex.lock(); }, [] { free_pools_mutex.unlock(); },
+                   [] {
+                     free_pools().clear();
+                     free_pools_mutex.unlock();
+                   });
+  });
+}
+
+}  // namespace
+
+PoolLease lease_pool(int threads) {
+  register_fork_handlers();
+  {
+    std::lock_guard lock(free_pools_mutex);
+    auto it = free_pools().find(threads);
+    if (it != free_pools().end()) {
+      ThreadPool* pool = it->second;
+      free_pools().erase(it);
+      return PoolLease(pool, &return_pool);
+    }
+  }
+  return PoolLease(new ThreadPool(threads), &return_pool);
 }
 
 }  // namespace tpfuse::gemm
