@@ -1,4 +1,5 @@
-# Runs CMD with ARGS and fails unless it exits with EXPECT.
+# Runs CMD with ARGS (separated by "|") and fails unless it exits with EXPECT.
+string(REPLACE "|" ";" ARGS "${ARGS}")
 execute_process(COMMAND ${CMD} ${ARGS} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 message(STATUS "${CMD} ${ARGS} -> ${rc}\n${out}${err}")
 if(NOT rc EQUAL EXPECT)

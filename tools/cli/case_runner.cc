@@ -117,7 +117,7 @@ std::string describe_shape(const testing::CaseSpec& spec) {
 }
 
 void print_table_header() {
-  std::printf("%-40s %-24s %5s %11s %11s %12s %s\n", "mode", "shape (per rank)", "ranks",
+  std::printf("%-46s %-24s %5s %11s %11s %12s %s\n", "mode", "shape (per rank)", "ranks",
               "max error", "tolerance", "us per call", "result");
 }
 
@@ -132,7 +132,7 @@ void print_table_row(const testing::CaseSpec& spec, int ranks, const CaseResult&
   } else {
     verdict = r.checked ? "ok, identical on all ranks" : "identical on all ranks (unchecked)";
   }
-  std::printf("%-40s %-24s %5d %11.3g %11.3g %12.1f %s\n", describe_mode(spec).c_str(),
+  std::printf("%-46s %-24s %5d %11.3g %11.3g %12.1f %s\n", describe_mode(spec).c_str(),
               describe_shape(spec).c_str(), ranks, r.comparison.max_abs_error,
               r.comparison.max_bound, r.seconds_per_call * 1e6, verdict.c_str());
   std::fflush(stdout);
