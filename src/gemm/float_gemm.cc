@@ -136,9 +136,10 @@ class FloatGemm final : public PreparedGemm {
   Blocking choose_blocking() const {
     Blocking b;
     if (layout_ == BLayout::packed_f32) {
-      // B micro-panel 256 x NR fp32 (32 KiB for NR = 32) stays in L1 while
-      // mc / MR row panels pass; the A block (mc x 256) and the sums stay in L2.
-      b.kc = 256;
+      // The B micro-panel (192 x NR fp32: 24 KiB for NR = 32) stays in L1 while
+      // mc / MR row panels stream by (14 KiB each at MR = 14: 48 KiB L1 holds
+      // both); the A block (mc x 192) and the sums stay in L2.
+      b.kc = 192;
       b.mc = mr_ * 12;
       b.nc_panels = std::max<std::int64_t>(1, 1024 / nr_);
     } else if (layout_ == BLayout::in_place) {

@@ -164,11 +164,15 @@ class OneDnnGemm final : public PreparedGemm {
       packed_desc_.emplace(cols, probe.pd.weights_desc());
     }
     packed_.resize(static_cast<std::size_t>(slices_));
+    packed_storage_.resize(static_cast<std::size_t>(slices_));
     pool_->run(static_cast<int>(slices_), [&](int slice, int) {
       OneOmpThread one_thread;
       const std::int64_t cols = slice_cols(slice);
+      const dnnl::memory::desc& desc = packed_desc_.at(cols);
+      AlignedBuffer<unsigned char>& storage = packed_storage_[static_cast<std::size_t>(slice)];
+      storage.resize(desc.get_size());
       dnnl::memory source(x2_slice_desc(cols), engine_, x2_slice_data(slice));
-      dnnl::memory packed(packed_desc_.at(cols), engine_);
+      dnnl::memory packed(desc, engine_, storage.data());
       dnnl::reorder(source, packed).execute(thread_stream(), source, packed);
       thread_stream().wait();
       packed_[static_cast<std::size_t>(slice)] = packed;
@@ -249,6 +253,7 @@ class OneDnnGemm final : public PreparedGemm {
   std::int64_t slices_ = 0;
   std::map<std::int64_t, dnnl::memory::desc> packed_desc_;  // by slice width
   std::vector<dnnl::memory> packed_;                        // by slice
+  std::vector<AlignedBuffer<unsigned char>> packed_storage_;
   AlignedBuffer<float> bias_, scales_;
   mutable std::mutex compute_mutex_, cache_mutex_;
   mutable std::map<std::pair<std::int64_t, std::int64_t>, Matmul> matmuls_;
