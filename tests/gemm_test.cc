@@ -7,6 +7,7 @@
 
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -16,6 +17,7 @@
 #include "gemm/cpu_isa.h"
 #include "gemm/engines.h"
 #include "gemm/microkernel.h"
+#include "gemm/reference_gemm.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
 #include "tpfuse/gemm/tile_gemm.h"
@@ -186,6 +188,12 @@ TEST_P(EngineTest, MatchesGoldenAtEveryLevel) {
         testing::compare(TensorView(out.data(), c.shape.out_dtype, out_shape), golden);
     EXPECT_TRUE(cmp.ok()) << cmp.mismatches << " elements beyond their bound; worst |error| / bound "
                           << cmp.worst_ratio << ", max |error| " << cmp.max_abs_error;
+    if (c.shape.mode == Mode::full_quant) {
+      // int32 sums are exact and the epilogue's order is fixed: every engine
+      // must give the reference engine's bits.
+      const auto reference = prepare_reference_gemm(c.operands);
+      EXPECT_TRUE(out == compute(*reference, c.shape, whole(c.shape.m))) << "differs from the reference engine";
+    }
   }
 }
 
@@ -287,6 +295,63 @@ TEST(CpuIsa, NamesRoundTrip) {
   }
   EXPECT_FALSE(parse_isa("sse9").has_value());
   EXPECT_LE(active_isa(), detected_isa());
+}
+
+// Which engine each mode gets, level by level.
+TEST(EngineSelection, ByModeAndLevel) {
+  CaseSpec spec = make_spec(Mode::plain, DType::f16, 8, 64, 64);
+  for (IsaLevel level : runnable_levels()) {
+    SCOPED_TRACE(isa_name(level));
+    const std::string kernels = std::string(isa_name(kernels_for(level).isa)) + "_";
+    const bool dl = level == IsaLevel::avx512_dl;
+    spec.mode = Mode::plain;
+    spec.dtype = DType::f16;
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_in_place");
+    spec.dtype = DType::bf16;
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
+              dl && cpu_features().avx512_bf16 ? "onednn_bf16" : kernels + "bf16_in_place");
+    spec.mode = Mode::weight_quant;
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "wq_bf16_in_place");
+    spec.mode = Mode::full_quant;
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
+              dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_in_place");
+    spec.mode = Mode::plain;
+    spec.dtype = DType::f16;
+    spec.m = 100;  // more rows than the in-place layout serves
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_packed");
+    spec.m = 8;
+  }
+}
+
+// TPFUSE_ISA is read once per process: each check runs in a fresh one.
+TEST(CpuIsaDeathTest, EnvironmentCapsTheLevel) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        setenv("TPFUSE_ISA", "portable", 1);
+        const auto gemm = prepare_gemm(GemmCase(make_spec(Mode::plain, DType::f16, 4, 8, 8)).operands);
+        std::exit(active_isa() == IsaLevel::portable && std::string(gemm->engine()) == "portable_f16_in_place" ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+  if (detected_isa() >= IsaLevel::avx2) {
+    EXPECT_EXIT(
+        {
+          setenv("TPFUSE_ISA", "avx2", 1);
+          std::exit(active_isa() == IsaLevel::avx2 ? 0 : 1);
+        },
+        ::testing::ExitedWithCode(0), "");
+  }
+  EXPECT_EXIT(
+      {
+        setenv("TPFUSE_ISA", "avx1024", 1);
+        try {
+          active_isa();
+        } catch (const InvalidArgument& e) {
+          std::exit(std::string(e.what()).find("TPFUSE_ISA") != std::string::npos ? 0 : 2);
+        }
+        std::exit(1);
+      },
+      ::testing::ExitedWithCode(0), "");
 }
 
 TEST(Threads, DefaultDividesTheCoresAmongRanks) {

@@ -1,5 +1,7 @@
 // The fp32 engine: the loops around the micro-kernel (microkernel.h), in the
-// BLIS arrangement.
+// BLIS arrangement. Full quant runs here too where no oneDNN int8 kernel
+// does: int8 values convert exactly to fp32, and the micro-kernel's integer
+// sums keep the int32 result exact.
 //
 // prepare (once per call) puts x2 where the micro-kernel reads it, in one of
 // three layouts:
@@ -35,6 +37,7 @@
 #include "gemm/operand_access.h"
 #include "gemm/thread_pool.h"
 #include "tpfuse/core/error.h"
+#include "tpfuse/ops/quant_param.h"
 
 namespace tpfuse::gemm {
 
@@ -99,7 +102,11 @@ class FloatGemm final : public PreparedGemm {
     engine_name_ = cat(isa_name(kernels_.isa), "_",
                        s.mode == Mode::weight_quant ? "wq_" : "", dtype_name(s.in_dtype), "_",
                        layout_name());
-    prepare_bias();
+    if (s.mode == Mode::full_quant) {
+      prepare_full_quant();
+    } else {
+      prepare_bias();
+    }
     if (s.mode == Mode::weight_quant) prepare_dequant();
     pack_b();
   }
@@ -164,6 +171,21 @@ class FloatGemm final : public PreparedGemm {
     bias_.resize(static_cast<std::size_t>(n_padded_));
     std::fill(bias_.data(), bias_.data() + n_padded_, 0.0f);
     for (std::int64_t j = 0; j < ops_.shape.n; ++j) bias_.data()[j] = load_as_f32(*ops_.bias, j);
+  }
+
+  // Full quant: the epilogue's fp32 dequant scale per column; and for a
+  // kernel reading int8 B itself, "dequant" scales of one.
+  void prepare_full_quant() {
+    const CallShape& s = ops_.shape;
+    dequant_scales_.resize(static_cast<std::size_t>(n_padded_));
+    for (std::int64_t j = 0; j < s.n; ++j) {
+      const std::int64_t index = s.scale_kind == ScaleKind::per_tensor ? 0 : j;
+      dequant_scales_.data()[j] = ops_.scale->dtype() == DType::i64
+                                      ? unpack_quant_scale(ops_.scale->data_as<const std::int64_t>()[index])
+                                      : load_as_f32(*ops_.scale, index);
+    }
+    scales_.resize(static_cast<std::size_t>(n_padded_));
+    std::fill(scales_.data(), scales_.data() + n_padded_, 1.0f);
   }
 
   // fp32 scales and offsets, [group][n_padded].
@@ -408,7 +430,7 @@ class FloatGemm final : public PreparedGemm {
           const bool last = pc + kc == s.k;
           for (std::int64_t p = jc; p < jend; ++p) {
             const BOrigin b = b_origin(p, pc);
-            const bool dequantize = s.mode == Mode::weight_quant && layout_ != BLayout::packed_f32;
+            const bool dequantize = s.mode != Mode::plain && layout_ != BLayout::packed_f32;
             for (std::int64_t ir = ic; ir < iend; ir += mr_) {
               MicroTile tile;
               tile.kc = kc;
@@ -422,11 +444,17 @@ class FloatGemm final : public PreparedGemm {
               tile.acc = scratch.acc.data() + (ir - ic) * acc_ld + (p - jc) * nr_;
               tile.acc_ld = acc_ld;
               tile.accumulate = pc > 0;
+              tile.integer_sums = s.mode == Mode::full_quant;
               tile.mr = static_cast<int>(std::min<std::int64_t>(mr_, iend - ir));
               tile.nr = static_cast<int>(std::min<std::int64_t>(nr_, s.n - p * nr_));
               TileEpilogue epilogue;
               if (last) {
-                epilogue.bias = ops_.bias ? bias_.data() + p * nr_ : nullptr;
+                if (s.mode == Mode::full_quant) {
+                  epilogue.bias_i32 = ops_.bias ? ops_.bias->data_as<const std::int32_t>() + p * nr_ : nullptr;
+                  epilogue.scale = dequant_scales_.data() + p * nr_;
+                } else {
+                  epilogue.bias = ops_.bias ? bias_.data() + p * nr_ : nullptr;
+                }
                 epilogue.x3 = x3 != nullptr ? x3 + (ir * x3_ld + p * nr_) * out_elem : nullptr;
                 epilogue.x3_ld = x3_ld;
                 epilogue.dst = out + ((ir - m0) * ld + p * nr_) * out_elem;
@@ -451,7 +479,7 @@ class FloatGemm final : public PreparedGemm {
   Blocking blocking_;
   std::int64_t group_rows_ = 0;
   std::string engine_name_;
-  AlignedBuffer<float> bias_, scales_, offsets_, packed_f32_;
+  AlignedBuffer<float> bias_, scales_, offsets_, dequant_scales_, packed_f32_;
   AlignedBuffer<unsigned char> packed_source_;
   PoolLease pool_;
   mutable std::mutex compute_mutex_;

@@ -1,6 +1,7 @@
 // The fp32 engine: tpfuse's own micro-kernels (kernels-inl.h) for the modes
 // no library covers on every CPU: f16 plain, weight-only int8 (f16 or bf16
-// activations), and bf16 plain where oneDNN has no bf16 kernel.
+// activations), and bf16 plain and int8 full quant where oneDNN has no bf16
+// or VNNI kernel.
 #pragma once
 
 #include <memory>
@@ -10,7 +11,7 @@
 
 namespace tpfuse::gemm {
 
-// operands.shape.mode is plain or weight_quant; threads >= 1.
+// threads >= 1.
 std::unique_ptr<PreparedGemm> prepare_float_gemm(const GemmOperands& operands,
                                                  const KernelTable& kernels, int threads);
 

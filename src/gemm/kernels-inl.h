@@ -269,7 +269,7 @@ inline void pack_a(const ASource& src, float* out) {
 inline void pack_b_f32(const BSource& src, float* out) {
   const std::size_t size = elem_size(src.dtype);
   const auto* bytes = static_cast<const unsigned char*>(src.data);
-  const bool dequantize = src.dtype == DType::i8;
+  const bool dequantize = src.dtype == DType::i8 && src.scale != nullptr;
   if (src.stride_n == 1) {
     for (std::int64_t l = 0; l < src.rows; ++l) {
       float* row = out + l * kNR;
@@ -332,17 +332,39 @@ HWY_INLINE FloatVec load_b(const unsigned char* p, FloatVec scale, FloatVec offs
   }
 }
 
+// Integer sums: the step's fp32 sums are exact integers; add them to the
+// int32 totals in acc, then store the totals or finish them.
+template <int kRows>
+HWY_INLINE void finish_integer_sums(const MicroTile& t, const FloatVec (&acc)[kRows][kVecsPerRow]) {
+  const hn::RebindToSigned<FloatTag> i32_tag;
+  auto* totals = reinterpret_cast<std::int32_t*>(t.acc);
+  alignas(64) std::int32_t finished[kRows * kNR];
+  std::int32_t* out = t.epilogue == nullptr ? totals : finished;
+  const std::int64_t out_ld = t.epilogue == nullptr ? t.acc_ld : kNR;
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecsPerRow; ++v) {
+      auto total = hn::ConvertTo(i32_tag, acc[i][v]);
+      if (t.accumulate) total = hn::Add(total, hn::LoadU(i32_tag, totals + i * t.acc_ld + v * kLanes));
+      hn::StoreU(total, i32_tag, out + i * out_ld + v * kLanes);
+    }
+  }
+  if (t.epilogue != nullptr) finish_i32(kRows, t.nr, finished, kNR, *t.epilogue);
+}
+
 // One instance per row count: a tile of kRows < MR rows (the last rows of
 // m) costs kRows rows of work, not MR. Every instance adds in the same order.
 template <BFormat kFormat, bool kOffset, int kRows>
 void micro_kernel(const MicroTile& t) {
   const FloatTag d;
   FloatVec acc[kRows][kVecsPerRow];
+  const bool resume = t.accumulate && !t.integer_sums;  // integer sums: each step from zero
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
     for (int v = 0; v < kVecsPerRow; ++v) {
-      acc[i][v] = t.accumulate ? hn::LoadU(d, t.acc + i * t.acc_ld + v * kLanes) : hn::Zero(d);
+      acc[i][v] = resume ? hn::LoadU(d, t.acc + i * t.acc_ld + v * kLanes) : hn::Zero(d);
     }
   }
   FloatVec scale[kVecsPerRow], offset[kVecsPerRow];
@@ -375,6 +397,10 @@ void micro_kernel(const MicroTile& t) {
     b += b_step;
   }
 
+  if (t.integer_sums) {
+    finish_integer_sums<kRows>(t, acc);
+    return;
+  }
   if (t.epilogue == nullptr) {
 #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) {

@@ -16,6 +16,13 @@
 // the epilogue finishes the tile: bias, then x3, then one rounding to the
 // output dtype, written to dst.
 //
+// Integer sums (full quant without a oneDNN int8 kernel): A and B hold int8
+// values, so with kc <= 1024 every partial sum is an integer below 2^24 in
+// magnitude, exact in fp32. Each kc-step then starts from zero, and its sums
+// are added to acc as int32 (wrapping) instead; the epilogue is the full
+// quant one on the int32 totals. The int32 result is exact, as a library's
+// int8 kernel's is.
+//
 // B(l, j) is read at b + l * b_ld + j for j < NR (all NR columns must be
 // readable; columns >= nr are computed and dropped). Its format is the
 // kernel's: f32, f16 and bf16 convert exactly; i8 is dequantized in fp32 as
@@ -63,9 +70,10 @@ struct MicroTile {
   std::int64_t b_ld = 0;            // elements between B(l, j) and B(l + 1, j)
   const float* b_scale = nullptr;   // i8 only: [NR] dequant scales
   const float* b_offset = nullptr;  // i8 only: [NR] offsets, or null
-  float* acc = nullptr;             // fp32 partial sums: mr rows of NR columns
-  std::int64_t acc_ld = 0;
+  float* acc = nullptr;             // partial sums: mr rows of NR columns, fp32
+  std::int64_t acc_ld = 0;          //   (int32 when integer_sums)
   bool accumulate = false;          // continue from acc, else start from zero
+  bool integer_sums = false;        // see above; then kc <= 1024
   const TileEpilogue* epilogue = nullptr;  // null: store the sums to acc
   int mr = 0;
   int nr = 0;
@@ -91,7 +99,7 @@ struct BSource {
   std::int64_t stride_n = 0;
   std::int64_t rows = 0;
   int cols = 0;                    // <= NR
-  const float* scale = nullptr;    // i8: dequant scales for these rows, [NR] readable
+  const float* scale = nullptr;    // i8: dequant scales for these rows, [NR] readable; null: none
   const float* offset = nullptr;   // i8: offsets likewise, or null
 };
 
