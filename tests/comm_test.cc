@@ -15,12 +15,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <filesystem>
 #include <regex>
 #include <thread>
 #include <vector>
 
+#include "comm/shm_reduce_kernels.h"
 #include "comm/shm_segment.h"
 #include "rank_harness.h"
 #include "tpfuse/comm/launcher.h"
@@ -38,12 +40,26 @@ using Clock = std::chrono::steady_clock;
 using test::expect_rank;
 
 LaunchResult launch(int ranks, const std::function<int(RankContext&)>& body,
-                    std::chrono::milliseconds timeout = 30s, std::size_t slot_bytes = 4096) {
+                    std::chrono::milliseconds timeout = 30s, std::size_t slot_bytes = 4096,
+                    ShmAlgorithm algorithm = ShmAlgorithm::automatic) {
   LaunchOptions options;
   options.ranks = ranks;
   options.shm.timeout = timeout;
   options.shm.slot_bytes = slot_bytes;
+  options.shm.algorithm = algorithm;
   return launch_local(options, body);
+}
+
+const char* algorithm_name(ShmAlgorithm algorithm) {
+  switch (algorithm) {
+    case ShmAlgorithm::automatic:
+      return "auto";
+    case ShmAlgorithm::one_shot:
+      return "one_shot";
+    case ShmAlgorithm::reduce_scatter:
+      return "reduce_scatter";
+  }
+  return "?";
 }
 
 long elapsed_ms(Clock::time_point since) {
@@ -135,10 +151,11 @@ std::vector<std::byte> make_input(DType dtype, int rank, std::size_t count) {
   return buffer_of(dtype, values);
 }
 
-// The contract, computed independently: fp32, rank order, rounded once.
-std::vector<std::byte> expected_sum(DType dtype, int world_size, std::size_t count) {
+// The contract, computed independently: fp32, rank order, rounded once. Rank
+// r's input is make_input(dtype, r + seed, count).
+std::vector<std::byte> expected_sum(DType dtype, int world_size, std::size_t count, int seed = 0) {
   std::vector<std::vector<std::byte>> inputs;
-  for (int r = 0; r < world_size; ++r) inputs.push_back(make_input(dtype, r, count));
+  for (int r = 0; r < world_size; ++r) inputs.push_back(make_input(dtype, r + seed, count));
   std::vector<std::byte> out(count * dtype_size(dtype));
   for (std::size_t i = 0; i < count; ++i) {
     float sum = load_element(dtype, inputs[0].data(), i);
@@ -160,10 +177,11 @@ void expect_same_on_every_rank(Communicator& comm, const std::vector<std::byte>&
 
 // ---- all-reduce values -------------------------------------------------------
 
-class AllReduceTest : public ::testing::TestWithParam<std::tuple<int, DType>> {};
+class AllReduceTest
+    : public ::testing::TestWithParam<std::tuple<int, DType, ShmAlgorithm>> {};
 
 TEST_P(AllReduceTest, SumsInFp32InRankOrderRoundedOnce) {
-  const auto [ranks, dtype] = GetParam();
+  const auto [ranks, dtype, algorithm] = GetParam();
   constexpr std::size_t kSlotBytes = 4096;
   // 0, 1, odd, and more than two slots' worth (so several chunks, the last partial).
   const std::size_t counts[] = {0, 1, 7, 2 * kSlotBytes / dtype_size(dtype) + 123};
@@ -200,17 +218,20 @@ TEST_P(AllReduceTest, SumsInFp32InRankOrderRoundedOnce) {
         }
         return 0;
       },
-      30s, kSlotBytes);
+      30s, kSlotBytes, algorithm);
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
-INSTANTIATE_TEST_SUITE_P(RanksAndDtypes, AllReduceTest,
-                         ::testing::Combine(::testing::Values(1, 2, 3, 4, 8),
-                                            ::testing::Values(DType::f16, DType::bf16, DType::f32)),
-                         [](const auto& info) {
-                           return cat("p", std::get<0>(info.param), "_",
-                                      dtype_name(std::get<1>(info.param)));
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    RanksAndDtypes, AllReduceTest,
+    ::testing::Combine(::testing::Values(1, 2, 3, 4, 8),
+                       ::testing::Values(DType::f16, DType::bf16, DType::f32),
+                       ::testing::Values(ShmAlgorithm::automatic, ShmAlgorithm::one_shot,
+                                         ShmAlgorithm::reduce_scatter)),
+    [](const auto& info) {
+      return cat("p", std::get<0>(info.param), "_", dtype_name(std::get<1>(info.param)), "_",
+                 algorithm_name(std::get<2>(info.param)));
+    });
 
 // 2^11 + 2^-14 rounds back to 2^11 in fp32 (and all three values are exact
 // in every dtype). In rank order both calls give 0; (x0 + x2) + x1 gives
@@ -245,6 +266,231 @@ TEST(AllReduce, RoundsToF16OnceAtTheEnd) {
     return 0;
   });
   EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// Each rank joins two more groups over the job's store, one per algorithm,
+// and all-reduces the same inputs in both: the bytes must be the same, and
+// the rank-order sum, at sizes that are odd and span several slots.
+class AlgorithmsAgree : public ::testing::TestWithParam<int> {};
+
+TEST_P(AlgorithmsAgree, OneShotAndReduceScatterGiveTheSameBytes) {
+  const int ranks = GetParam();
+  const auto result = launch(ranks, [](RankContext& ctx) {
+    FileStore store(std::getenv("TPFUSE_STORE_DIR"));
+    ShmOptions options;
+    options.timeout = 30s;
+    options.slot_bytes = 4096;
+    options.algorithm = ShmAlgorithm::one_shot;
+    PrefixStore one_shot_store("one_shot.", store);
+    auto one_shot = create_shm_communicator(one_shot_store, ctx.rank, ctx.size, options);
+    options.algorithm = ShmAlgorithm::reduce_scatter;
+    PrefixStore reduce_scatter_store("reduce_scatter.", store);
+    auto reduce_scatter = create_shm_communicator(reduce_scatter_store, ctx.rank, ctx.size, options);
+    for (DType dtype : {DType::f16, DType::bf16, DType::f32}) {
+      for (std::size_t count : {std::size_t{1}, std::size_t{5}, std::size_t{33}, std::size_t{1001},
+                                std::size_t{6007}}) {
+        const auto input = make_input(dtype, ctx.rank, count);
+        std::vector<std::byte> first(input.size()), second(input.size());
+        one_shot->all_reduce(input.data(), first.data(), count, dtype);
+        reduce_scatter->all_reduce(input.data(), second.data(), count, dtype);
+        const std::string what = cat(dtype_name(dtype), " count ", count);
+        expect_rank(first == second, what, ": one-shot and reduce-scatter differ");
+        expect_rank(first == expected_sum(dtype, ctx.size, count), what,
+                    ": differs from the fp32 rank-order sum");
+      }
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, AlgorithmsAgree, ::testing::Values(2, 3, 4, 8),
+                         [](const auto& info) { return cat("p", info.param); });
+
+// ---- the vector sum kernel ----------------------------------------------------
+
+// Random bit patterns (every exponent, subnormals, infinities, NaNs) at odd
+// counts and unaligned addresses: the vector kernel must give the portable
+// kernel's bits (NaN for NaN: the payload of a sum of NaNs is the hardware's).
+TEST(SumKernel, VectorKernelMatchesPortableBitForBit) {
+  std::printf("sum kernel on this CPU: %s\n", shm::sum_kernel_name());
+  std::uint64_t state = 0x243f6a8885a308d3ull;
+  auto next = [&] {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<std::uint32_t>(state >> 29);
+  };
+  for (DType dtype : {DType::f16, DType::bf16, DType::f32}) {
+    const std::size_t size = dtype_size(dtype);
+    for (int ranks : {1, 2, 3, 8, 9}) {
+      for (std::size_t count : {std::size_t{0}, std::size_t{1}, std::size_t{15}, std::size_t{17},
+                                std::size_t{511}, std::size_t{513}, std::size_t{2000}}) {
+        std::vector<std::vector<std::byte>> inputs(static_cast<std::size_t>(ranks));
+        std::vector<const std::byte*> sources;
+        for (auto& input : inputs) {
+          input.resize(count * size + 2);
+          for (auto& byte : input) byte = static_cast<std::byte>(next());
+          sources.push_back(input.data() + 2);  // unaligned on purpose
+        }
+        std::vector<std::byte> portable(count * size + 2), vector(count * size + 2),
+            second(count * size + 2);
+        shm::sum_in_rank_order_portable(dtype, sources, count, portable.data() + 2);
+        shm::sum_in_rank_order(dtype, sources, count, vector.data() + 2, second.data() + 2);
+        EXPECT_EQ(vector, second) << "the second output differs";
+        for (std::size_t i = 0; i < count; ++i) {
+          const float want = load_element(dtype, portable.data() + 2, i);
+          const float got = load_element(dtype, vector.data() + 2, i);
+          if (std::isnan(want)) {
+            EXPECT_TRUE(std::isnan(got)) << dtype_name(dtype) << " element " << i;
+            continue;
+          }
+          ASSERT_EQ(0, std::memcmp(portable.data() + 2 + i * size, vector.data() + 2 + i * size, size))
+              << dtype_name(dtype) << " p=" << ranks << " count " << count << " element " << i
+              << ": portable " << want << ", vector " << got;
+        }
+      }
+    }
+  }
+}
+
+// ---- reduce buffers (the pipelined form) --------------------------------------
+
+class ReduceBufferTest : public ::testing::TestWithParam<std::tuple<int, ShmAlgorithm>> {};
+
+// Tiles of odd sizes, each produced straight into the acquired buffer while
+// up to max_reduces_in_flight() - 1 earlier ones are still being reduced.
+TEST_P(ReduceBufferTest, RoundsInFlightGiveTheRankOrderSum) {
+  const auto [ranks, algorithm] = GetParam();
+  constexpr std::size_t kSlotBytes = 4096;
+  const auto result = launch(
+      ranks,
+      [](RankContext& ctx) {
+        const DType dtype = DType::bf16;
+        const int depth = ctx.comm->max_reduces_in_flight();
+        expect_rank(depth >= 2, "only ", depth, " all-reduce(s) may be in flight");
+        expect_rank(ctx.comm->max_reduce_buffer_bytes() == kSlotBytes, "buffers of ",
+                    ctx.comm->max_reduce_buffer_bytes(), " bytes");
+        const std::size_t counts[] = {2048, 1, 777, 2047, 64, 1500, 2048, 3, 999, 2000};
+        struct Tile {
+          std::unique_ptr<Work> work;
+          std::vector<std::byte> output;
+          std::size_t count = 0;
+          int seed = 0;
+        };
+        std::deque<Tile> in_flight;
+        auto complete_oldest = [&] {
+          Tile& tile = in_flight.front();
+          tile.work->wait();
+          expect_rank(tile.output == expected_sum(dtype, ctx.size, tile.count, 16 * tile.seed),
+                      "tile ", tile.seed, ": not the rank-order sum");
+          in_flight.pop_front();
+        };
+        for (int t = 0; t < static_cast<int>(std::size(counts)); ++t) {
+          if (static_cast<int>(in_flight.size()) == depth) complete_oldest();
+          const std::size_t count = counts[t];
+          ReduceBuffer buffer = ctx.comm->acquire_reduce_buffer(count, dtype);
+          expect_rank(reinterpret_cast<std::uintptr_t>(buffer.data) % 64 == 0, "buffer unaligned");
+          const auto input = make_input(dtype, ctx.rank + 16 * t, count);
+          std::memcpy(buffer.data, input.data(), input.size());
+          Tile tile;
+          tile.output.resize(input.size());
+          tile.count = count;
+          tile.seed = t;
+          tile.work = ctx.comm->all_reduce_start(std::move(buffer), tile.output.data());
+          in_flight.push_back(std::move(tile));
+        }
+        while (!in_flight.empty()) complete_oldest();
+        return 0;
+      },
+      30s, kSlotBytes, algorithm);
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+INSTANTIATE_TEST_SUITE_P(RanksAndAlgorithms, ReduceBufferTest,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4, 8),
+                                            ::testing::Values(ShmAlgorithm::one_shot,
+                                                              ShmAlgorithm::reduce_scatter)),
+                         [](const auto& info) {
+                           return cat("p", std::get<0>(info.param), "_",
+                                      algorithm_name(std::get<1>(info.param)));
+                         });
+
+TEST(ReduceBuffer, MisuseIsAnInvalidArgument) {
+  const auto result = launch(1, [](RankContext& ctx) {
+    Communicator& comm = *ctx.comm;
+    bool threw = false;
+    try {
+      comm.acquire_reduce_buffer(comm.max_reduce_buffer_bytes() / 4 + 1, DType::f32);
+    } catch (const InvalidArgument& error) {
+      threw = std::string(error.what()).find("max_reduce_buffer_bytes") != std::string::npos;
+    }
+    expect_rank(threw, "an oversized buffer was handed out");
+    std::vector<ReduceBuffer> acquired;
+    for (int i = 0; i < comm.max_reduces_in_flight(); ++i)
+      acquired.push_back(comm.acquire_reduce_buffer(4, DType::f32));
+    threw = false;
+    try {
+      comm.acquire_reduce_buffer(4, DType::f32);
+    } catch (const InvalidArgument&) {
+      threw = true;
+    }
+    expect_rank(threw, "more buffers than slots were acquired without a start");
+    float value = 1.0f;
+    threw = false;
+    try {
+      comm.all_reduce(&value, &value, 1, DType::f32);
+    } catch (const InvalidArgument&) {
+      threw = true;
+    }
+    expect_rank(threw, "a plain all-reduce ran while buffers were acquired and not started");
+    std::vector<float> out(4);
+    for (auto& buffer : acquired) {
+      std::fill_n(reinterpret_cast<float*>(buffer.data), 4, 2.0f);
+      comm.all_reduce_start(std::move(buffer), out.data())->wait();
+      expect_rank(out[3] == 2.0f, "a buffer of one rank did not come back unchanged");
+    }
+    comm.all_reduce(&value, &value, 1, DType::f32);  // usable again
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// A transport without shared buffers gets the Communicator's generic ones.
+class LoopbackCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  const std::string& name() const override { return name_; }
+  std::chrono::milliseconds timeout() const override { return 1s; }
+  std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
+                                         DType dtype) override {
+    std::memmove(output, input, count * dtype_size(dtype));
+    return std::make_unique<DoneWork>();
+  }
+  using Communicator::all_reduce_start;
+  std::vector<std::string> all_gather(std::string_view mine) override {
+    return {std::string(mine)};
+  }
+  std::size_t max_gather_bytes() const override { return 0; }
+  void abort(std::string_view) override {}
+
+ private:
+  struct DoneWork final : Work {
+    bool test() override { return true; }
+    void wait() override {}
+  };
+  std::string name_ = "loopback";
+};
+
+TEST(ReduceBuffer, GenericFallbackUsesPrivateMemory) {
+  LoopbackCommunicator comm;
+  ReduceBuffer buffer = comm.acquire_reduce_buffer(1000, DType::f16);
+  ASSERT_NE(buffer.data, nullptr);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(buffer.data) % 64, 0u);
+  const auto input = make_input(DType::f16, 0, 1000);
+  std::memcpy(buffer.data, input.data(), input.size());
+  std::vector<std::byte> output(input.size());
+  comm.all_reduce_start(std::move(buffer), output.data())->wait();
+  EXPECT_EQ(output, input);
 }
 
 // ---- test() and wait() -------------------------------------------------------

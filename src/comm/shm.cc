@@ -1,15 +1,20 @@
 // The shared-memory Communicator: setup (rendezvous, attach, unlink), the
 // collectives' entry points, all_gather and abort. The segment's layout lives
-// in shm_segment, waiting in shm_wait, the all-reduce algorithm in
-// shm_all_reduce.
+// in shm_segment, waiting in shm_wait, the all-reduce algorithms in
+// shm_all_reduce (arithmetic in shm_reduce_kernels), the ring's rounds in
+// shm_round_queue.
 #include "tpfuse/comm/shm.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <limits>
 
 #include "comm/shm_all_reduce.h"
 #include "comm/shm_group.h"
+#include "comm/shm_reduce_kernels.h"
+#include "comm/shm_round_queue.h"
 #include "comm/shm_segment.h"
 #include "comm/shm_wait.h"
 #include "tpfuse/comm/store.h"
@@ -25,39 +30,47 @@ const EnvSetting<std::int64_t> kTimeoutMs{"TPFUSE_TIMEOUT_MS", 300000,
                                           "deadline of every communicator wait, in ms"};
 const EnvSetting<std::int64_t> kSlotBytes{"TPFUSE_SHM_SLOT_BYTES", std::int64_t{4} << 20,
                                           "bytes of each rank's slot in the shm transport"};
+const EnvSetting<std::string> kAlgorithm{
+    "TPFUSE_SHM_ALGORITHM", "auto",
+    "shm all-reduce algorithm: auto, one_shot or reduce_scatter (reduce-scatter + all-gather)"};
 
 constexpr std::size_t kMaxSlotBytes = std::size_t{1} << 30;
 
-using shm::OneShotAllReduce;
 using shm::PeerWait;
+using shm::RoundQueue;
+using shm::RoundSpec;
 using shm::ShmGroup;
 
+// Completes when the round `last_round` (and so every round before it) has.
 class ShmWork final : public Work {
  public:
-  explicit ShmWork(std::shared_ptr<OneShotAllReduce> op) : op_(std::move(op)) {}
+  ShmWork(std::shared_ptr<RoundQueue> queue, std::uint64_t last_round)
+      : queue_(std::move(queue)), last_round_(last_round) {}
   ShmWork(const ShmWork&) = delete;
   ShmWork& operator=(const ShmWork&) = delete;
   ~ShmWork() override {
-    if (op_->done()) return;
     try {
-      op_->finish();
+      queue_->finish_through(last_round_);
     } catch (const std::exception& error) {
       // The failed wait reported itself to the group (or found a peer's
       // report there), so the next call on this communicator throws.
       log::debug("unfinished all-reduce dropped: ", error.what());
     }
   }
-  bool test() override { return op_->advance(); }
-  void wait() override { op_->finish(); }
+  bool test() override { return queue_->advance_through(last_round_); }
+  void wait() override { queue_->finish_through(last_round_); }
 
  private:
-  std::shared_ptr<OneShotAllReduce> op_;
+  std::shared_ptr<RoundQueue> queue_;
+  std::uint64_t last_round_;
 };
 
 class ShmCommunicator final : public Communicator {
  public:
   explicit ShmCommunicator(std::shared_ptr<ShmGroup> group)
-      : group_(std::move(group)), name_("tpfuse-shm-" + group_->segment.group_token()) {}
+      : queue_(std::make_shared<RoundQueue>(group)),
+        group_(std::move(group)),
+        name_("tpfuse-shm-" + group_->segment.group_token()) {}
 
   int rank() const override { return group_->rank; }
   int size() const override { return group_->size; }
@@ -67,24 +80,30 @@ class ShmCommunicator final : public Communicator {
 
   std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
                                          DType dtype) override;
+  ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override;
+  std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output) override;
+  std::size_t max_reduce_buffer_bytes() const override {
+    return group_->segment.ring().slot_bytes();
+  }
+  int max_reduces_in_flight() const override {
+    return static_cast<int>(group_->segment.ring().depth());
+  }
   std::vector<std::string> all_gather(std::string_view mine) override;
   void abort(std::string_view reason) override;
 
  private:
-  // Collectives run one at a time: a new one first completes the last all-reduce.
-  void finish_previous();
   // Numbers the next collective and refuses to start it on an aborted group.
   std::uint64_t begin_collective(std::string_view operation);
+  // Copies into this rank's slot the part of a chunk that peers will read.
+  void copy_contribution(std::uint64_t round, const std::byte* chunk, std::size_t count,
+                         DType dtype) const;
 
+  std::shared_ptr<RoundQueue> queue_;
   std::shared_ptr<ShmGroup> group_;
   std::string name_;
-  std::weak_ptr<OneShotAllReduce> previous_;
+  // Collective numbers of the buffers acquired and not yet started, oldest first.
+  std::deque<std::uint64_t> acquired_indices_;
 };
-
-void ShmCommunicator::finish_previous() {
-  if (auto previous = previous_.lock()) previous->finish();
-  previous_.reset();
-}
 
 std::uint64_t ShmCommunicator::begin_collective(std::string_view operation) {
   const std::uint64_t index = ++group_->collectives;
@@ -92,6 +111,22 @@ std::uint64_t ShmCommunicator::begin_collective(std::string_view operation) {
     shm::throw_abort(*notice, group_->rank, shm::describe_context({operation, index, {}}));
   }
   return index;
+}
+
+void ShmCommunicator::copy_contribution(std::uint64_t round, const std::byte* chunk,
+                                        std::size_t count, DType dtype) const {
+  if (group_->size == 1) return;  // no one else reads it
+  const std::size_t element = dtype_size(dtype);
+  std::byte* slot = group_->segment.ring().slot(group_->rank, round);
+  if (shm::choose_algorithm(*group_, count * element) == shm::RoundAlgorithm::one_shot) {
+    std::memcpy(slot, chunk, count * element);
+    return;
+  }
+  // Reduce-scatter reads my share from the input itself: skip it.
+  const std::size_t begin = shm::share_begin(count, dtype, group_->size, group_->rank);
+  const std::size_t end = shm::share_begin(count, dtype, group_->size, group_->rank + 1);
+  std::memcpy(slot, chunk, begin * element);
+  std::memcpy(slot + end * element, chunk + end * element, (count - end) * element);
 }
 
 std::unique_ptr<Work> ShmCommunicator::all_reduce_start(const void* input, void* output,
@@ -103,27 +138,77 @@ std::unique_ptr<Work> ShmCommunicator::all_reduce_start(const void* input, void*
   const std::size_t element = dtype_size(dtype);
   require(count <= std::numeric_limits<std::size_t>::max() / element, "all_reduce: count ", count,
           " of ", dtype_name(dtype), " overflows the address space");
-  // Chunk i of the output is written after chunk i of the input was copied,
-  // so the same buffer is fine; a partial overlap would overwrite input that
+  // Chunk i of the output is written after chunk i of the input was read, so
+  // the same buffer is fine; a partial overlap would overwrite input that
   // later chunks still need.
   const auto in = reinterpret_cast<std::uintptr_t>(input);
   const auto out = reinterpret_cast<std::uintptr_t>(output);
   const std::size_t bytes = count * element;
   require(in == out || in + bytes <= out || out + bytes <= in,
           "all_reduce: input and output must be the same buffer or not overlap");
+  require(acquired_indices_.empty(),
+          "all_reduce: a reduce buffer is acquired and not started; start it first");
 
-  finish_previous();
+  queue_->finish_all();
   const std::uint64_t index = begin_collective("all-reduce");
-  auto op = std::make_shared<OneShotAllReduce>(group_, index, input, output, count, dtype);
-  previous_ = op;
-  op->advance();  // publish our first chunk now, so peers can start summing
-  return std::make_unique<ShmWork>(std::move(op));
+  const std::size_t chunk_elements = group_->segment.ring().slot_bytes() / element;
+  const std::size_t chunks = (count + chunk_elements - 1) / chunk_elements;
+  std::uint64_t last_round = 0;
+  for (std::size_t chunk = 0; chunk < chunks; ++chunk) {
+    RoundSpec spec;
+    spec.index = index;
+    spec.part = chunk + 1;
+    spec.parts = chunks;
+    spec.round = queue_->acquire({"all-reduce", index, {}, spec.part, spec.parts});
+    spec.count = std::min(chunk_elements, count - chunk * chunk_elements);
+    spec.dtype = dtype;
+    spec.output = static_cast<std::byte*>(output) + chunk * chunk_elements * element;
+    spec.mine = static_cast<const std::byte*>(input) + chunk * chunk_elements * element;
+    copy_contribution(spec.round, spec.mine, spec.count, dtype);
+    queue_->start(spec);
+    last_round = spec.round;
+  }
+  return std::make_unique<ShmWork>(queue_, last_round);
+}
+
+ReduceBuffer ShmCommunicator::acquire_reduce_buffer(std::size_t count, DType dtype) {
+  require(is_floating(dtype), "acquire_reduce_buffer: dtype must be f16, bf16 or f32, got ",
+          dtype_name(dtype));
+  require(count <= max_reduce_buffer_bytes() / dtype_size(dtype), "acquire_reduce_buffer: ",
+          count, " elements of ", dtype_name(dtype), " exceed max_reduce_buffer_bytes() = ",
+          max_reduce_buffer_bytes());
+  const std::uint64_t index = begin_collective("all-reduce");
+  ReduceBuffer buffer;
+  buffer.round = queue_->acquire({"all-reduce", index, {}});
+  buffer.data = group_->segment.ring().slot(group_->rank, buffer.round);
+  buffer.count = count;
+  buffer.dtype = dtype;
+  acquired_indices_.push_back(index);
+  return buffer;
+}
+
+std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, void* output) {
+  require(!acquired_indices_.empty() && buffer.round != 0 &&
+              buffer.data == group_->segment.ring().slot(group_->rank, buffer.round),
+          "all_reduce_start: the buffer was not acquired from this communicator");
+  require(buffer.count == 0 || output != nullptr,
+          "all_reduce_start: output must not be null when count (", buffer.count,
+          ") is positive");
+  RoundSpec spec;
+  spec.index = acquired_indices_.front();
+  spec.round = buffer.round;
+  spec.count = buffer.count;
+  spec.dtype = buffer.dtype;
+  spec.output = static_cast<std::byte*>(output);
+  queue_->start(spec);
+  acquired_indices_.pop_front();
+  return std::make_unique<ShmWork>(queue_, buffer.round);
 }
 
 std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
   require(mine.size() <= shm::kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
           " bytes exceeds max_gather_bytes() = ", shm::kMaxGatherBytes);
-  finish_previous();
+  queue_->finish_all();
   const std::uint64_t index = begin_collective("all-gather");
   const shm::Channel& channel = group_->segment.gather();
   const std::uint64_t current = ++group_->gather_sequence;
@@ -162,10 +247,22 @@ void ShmCommunicator::abort(std::string_view reason) {
                      reason);
 }
 
+shm::AlgorithmChoice algorithm_choice(const ShmOptions& options) {
+  switch (options.algorithm) {
+    case ShmAlgorithm::one_shot:
+      return shm::AlgorithmChoice::one_shot;
+    case ShmAlgorithm::reduce_scatter:
+      return shm::AlgorithmChoice::reduce_scatter;
+    case ShmAlgorithm::automatic:
+      break;
+  }
+  return shm::AlgorithmChoice::automatic;
+}
+
 // Rank 0 creates the segment and publishes its name; the others map it.
 shm::Segment open_segment(Store& store, int rank, int size, const ShmOptions& options) {
   if (rank == 0) {
-    shm::Segment segment = shm::Segment::create(size, options.slot_bytes);
+    shm::Segment segment = shm::Segment::create(size, options.slot_bytes, algorithm_choice(options));
     store.set(shm::kSegmentKey, segment.name());
     return segment;
   }
@@ -224,6 +321,15 @@ std::size_t ShmOptions::default_slot_bytes() {
   return static_cast<std::size_t>(bytes);
 }
 
+ShmAlgorithm ShmOptions::default_algorithm() {
+  const std::string& name = kAlgorithm.get();
+  if (name == "auto") return ShmAlgorithm::automatic;
+  if (name == "one_shot") return ShmAlgorithm::one_shot;
+  if (name == "reduce_scatter") return ShmAlgorithm::reduce_scatter;
+  throw InvalidArgument(cat(kAlgorithm.name(), ": expected auto, one_shot or reduce_scatter, got \"",
+                            name, "\""));
+}
+
 std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, int size,
                                                       const ShmOptions& options) {
   require(size >= 1 && size <= shm::kMaxRanks, "shm: world size must be in [1, ", shm::kMaxRanks,
@@ -242,8 +348,9 @@ std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, in
   join_group(*group);
   auto comm = std::make_shared<ShmCommunicator>(group);
   log::info("shm communicator ", comm->name(), " ready: ", size, " ranks, segment of ",
-            group->segment.total_bytes(), " B, slots of ", group->segment.header().slot_bytes,
-            " B");
+            group->segment.total_bytes(), " B, ", shm::kRingDepth, " slots of ",
+            group->segment.header().slot_bytes, " B per rank, sum kernel ",
+            shm::sum_kernel_name());
   return comm;
 }
 

@@ -1,151 +1,140 @@
-// The one-shot all-reduce: its chunk state machine and the fixed-order sum.
+// The per-round state machines of one-shot and reduce-scatter + all-gather.
 #include "comm/shm_all_reduce.h"
 
 #include <algorithm>
 #include <cstring>
 
+#include "comm/shm_reduce_kernels.h"
 #include "tpfuse/core/error.h"
-#include "tpfuse/core/half.h"
 
 namespace tpfuse::comm::shm {
 
 namespace {
 
-struct F32Codec {
-  using Stored = float;
-  static float load(float value) { return value; }
-  static float store(float value) { return value; }
-};
-
-struct F16Codec {
-  using Stored = Half;
-  static float load(Half value) { return f16_to_f32(value); }
-  static Half store(float value) { return f32_to_f16(value); }
-};
-
-struct BF16Codec {
-  using Stored = BFloat16;
-  static float load(BFloat16 value) { return bf16_to_f32(value); }
-  static BFloat16 store(float value) { return f32_to_bf16(value); }
-};
-
-// Works through the chunk in blocks that fit in L1 with their fp32
-// accumulators. Each element still sees acc = x_0; acc += x_1; ... in rank
-// order, so blocking (and the vectorising of the inner loops) cannot change a bit.
-template <class Codec>
-void sum_in_rank_order(const Channel& channel, int world_size, std::size_t count,
-                       std::byte* output) {
-  using Stored = typename Codec::Stored;
-  constexpr std::size_t kBlock = 512;
-  float sums[kBlock];
-  for (std::size_t begin = 0; begin < count; begin += kBlock) {
-    const std::size_t n = std::min(kBlock, count - begin);
-    const auto* first = reinterpret_cast<const Stored*>(channel.slot(0)) + begin;
-    for (std::size_t i = 0; i < n; ++i) sums[i] = Codec::load(first[i]);
-    for (int r = 1; r < world_size; ++r) {
-      const auto* next = reinterpret_cast<const Stored*>(channel.slot(r)) + begin;
-      for (std::size_t i = 0; i < n; ++i) sums[i] += Codec::load(next[i]);
-    }
-    // The caller's buffer need not be aligned for Stored: copy bytes out.
-    for (std::size_t i = 0; i < n; ++i) {
-      const Stored rounded = Codec::store(sums[i]);
-      std::memcpy(output + (begin + i) * sizeof(Stored), &rounded, sizeof(Stored));
-    }
-  }
-}
+// Rounds up to this size go one-shot when the group lets the transport
+// choose. Below it, the second synchronisation of reduce-scatter costs more
+// than the (p - 2) extra reads per element of one-shot save.
+constexpr std::size_t kOneShotMaxBytes = std::size_t{256} << 10;
 
 }  // namespace
 
-void sum_slots_in_rank_order(const Channel& channel, int world_size, std::size_t count, DType dtype,
-                             std::byte* output) {
-  switch (dtype) {
-    case DType::f32:
-      return sum_in_rank_order<F32Codec>(channel, world_size, count, output);
-    case DType::f16:
-      return sum_in_rank_order<F16Codec>(channel, world_size, count, output);
-    case DType::bf16:
-      return sum_in_rank_order<BF16Codec>(channel, world_size, count, output);
-    case DType::i8:
-    case DType::i32:
-    case DType::i64:
+RoundAlgorithm choose_algorithm(const ShmGroup& group, std::size_t bytes) {
+  if (group.size == 1) return RoundAlgorithm::one_shot;
+  switch (group.segment.algorithm()) {
+    case AlgorithmChoice::one_shot:
+      return RoundAlgorithm::one_shot;
+    case AlgorithmChoice::reduce_scatter:
+      return RoundAlgorithm::reduce_scatter;
+    case AlgorithmChoice::automatic:
       break;
   }
-  throw InternalError(cat("all-reduce: no sum for dtype ", dtype_name(dtype)));
+  return bytes <= kOneShotMaxBytes ? RoundAlgorithm::one_shot : RoundAlgorithm::reduce_scatter;
 }
 
-OneShotAllReduce::OneShotAllReduce(std::shared_ptr<ShmGroup> group, std::uint64_t index,
-                                   const void* input, void* output, std::size_t count, DType dtype)
-    : group_(std::move(group)),
-      index_(index),
-      input_(static_cast<const std::byte*>(input)),
-      output_(static_cast<std::byte*>(output)),
-      dtype_(dtype),
-      count_(count),
-      chunk_elements_(group_->segment.data().slot_bytes() / dtype_size(dtype)),
-      chunks_((count + chunk_elements_ - 1) / chunk_elements_),
-      first_sequence_(group_->data_sequence + 1),
-      wait_(*group_) {
-  group_->data_sequence += chunks_;
-  if (chunks_ > 0) start_step(Step::fill_slot);
+std::size_t share_begin(std::size_t count, DType dtype, int world_size, int share) {
+  if (share >= world_size) return count;
+  const std::size_t per_line = kCacheLine / dtype_size(dtype);
+  const std::size_t even = count / static_cast<std::size_t>(world_size) * static_cast<std::size_t>(share) +
+                           count % static_cast<std::size_t>(world_size) * static_cast<std::size_t>(share) /
+                               static_cast<std::size_t>(world_size);
+  return even / per_line * per_line;
 }
 
-void OneShotAllReduce::start_step(Step step) {
+RoundAllReduce::RoundAllReduce(const ShmGroup& group, const RoundSpec& spec)
+    : group_(group),
+      spec_(spec),
+      algorithm_(choose_algorithm(group, spec.count * dtype_size(spec.dtype))),
+      wait_(group),
+      sources_(static_cast<std::size_t>(group.size)) {
+  for (int r = 0; r < group_.size; ++r) sources_[static_cast<std::size_t>(r)] = source(r);
+  group_.segment.ring().flags(group_.rank, spec_.round).contributed.store(spec_.round,
+                                                                          std::memory_order_release);
+  start_step(Step::await_contributions);
+}
+
+const std::byte* RoundAllReduce::source(int rank) const {
+  if (rank == group_.rank && spec_.mine != nullptr) return spec_.mine;
+  return group_.segment.ring().slot(rank, spec_.round);
+}
+
+void RoundAllReduce::start_step(Step step) {
   step_ = step;
+  if (step == Step::done) return;
   const std::string_view what =
-      step == Step::fill_slot ? "to finish reading the previous round" : "to contribute";
-  wait_.start({"all-reduce", index_, what, chunk_ + 1, chunks_});
+      step == Step::await_contributions ? "to contribute" : "to reduce their share";
+  wait_.start({"all-reduce", spec_.index, what, spec_.part, spec_.parts});
 }
 
-bool OneShotAllReduce::try_fill_slot() {
-  const Channel& channel = group_->segment.data();
-  const std::uint64_t previous = sequence() - 1;
-  const bool slot_free = wait_.poll(
-      [&](int r) { return channel.flags(r).consumed.load(std::memory_order_acquire) >= previous; });
-  if (!slot_free) return false;
-  const std::size_t element = dtype_size(dtype_);
-  const std::size_t begin = chunk_ * chunk_elements_;
-  const std::size_t n = std::min(chunk_elements_, count_ - begin);
-  std::memcpy(channel.slot(group_->rank), input_ + begin * element, n * element);
-  channel.flags(group_->rank).published.store(sequence(), std::memory_order_release);
-  start_step(Step::sum_slots);
-  return true;
-}
-
-bool OneShotAllReduce::try_sum_slots() {
-  const Channel& channel = group_->segment.data();
-  const std::uint64_t current = sequence();
-  const bool all_published = wait_.poll(
-      [&](int r) { return channel.flags(r).published.load(std::memory_order_acquire) >= current; });
-  if (!all_published) return false;
-  const std::size_t element = dtype_size(dtype_);
-  const std::size_t begin = chunk_ * chunk_elements_;
-  const std::size_t n = std::min(chunk_elements_, count_ - begin);
-  sum_slots_in_rank_order(channel, group_->size, n, dtype_, output_ + begin * element);
-  channel.flags(group_->rank).consumed.store(current, std::memory_order_release);
-  ++chunk_;
-  if (!done()) start_step(Step::fill_slot);
-  return true;
-}
-
-bool OneShotAllReduce::advance() {
-  while (!done()) {
-    const bool moved = step_ == Step::fill_slot ? try_fill_slot() : try_sum_slots();
-    if (!moved) return false;
-    ++progress_;
+bool RoundAllReduce::advance() {
+  switch (step_) {
+    case Step::await_contributions:
+      if (algorithm_ == RoundAlgorithm::one_shot) return try_sum_all();
+      if (!try_reduce_my_share()) return false;
+      [[fallthrough]];
+    case Step::await_shares:
+      return try_gather_shares();
+    case Step::done:
+      return true;
   }
+  return false;
+}
+
+bool RoundAllReduce::try_sum_all() {
+  const Ring& ring = group_.segment.ring();
+  const std::uint64_t round = spec_.round;
+  const bool all_in = wait_.poll([&](int r) {
+    return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
+  });
+  if (!all_in) return false;
+  sum_in_rank_order(spec_.dtype, sources_, spec_.count, spec_.output);
+  finish_round();
   return true;
 }
 
-void OneShotAllReduce::finish() {
-  Backoff backoff;
-  std::uint64_t seen = progress_;
-  while (!advance()) {
-    if (progress_ != seen) {
-      backoff = Backoff{};
-      seen = progress_;
+bool RoundAllReduce::try_reduce_my_share() {
+  const Ring& ring = group_.segment.ring();
+  const std::uint64_t round = spec_.round;
+  const bool all_in = wait_.poll([&](int r) {
+    return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
+  });
+  if (!all_in) return false;
+  const std::size_t element = dtype_size(spec_.dtype);
+  const std::size_t begin = share_begin(spec_.count, spec_.dtype, group_.size, group_.rank);
+  const std::size_t end = share_begin(spec_.count, spec_.dtype, group_.size, group_.rank + 1);
+  std::vector<const std::byte*> share(sources_.size());
+  for (std::size_t r = 0; r < share.size(); ++r) share[r] = sources_[r] + begin * element;
+  // My share of my slot is read by no one else: the sum may overwrite it.
+  sum_in_rank_order(spec_.dtype, share, end - begin, spec_.output + begin * element,
+                    ring.slot(group_.rank, round) + begin * element);
+  ring.flags(group_.rank, round).reduced.store(round, std::memory_order_release);
+  start_step(Step::await_shares);
+  return true;
+}
+
+// Copies each peer's share as soon as that peer announces it.
+bool RoundAllReduce::try_gather_shares() {
+  const Ring& ring = group_.segment.ring();
+  const std::uint64_t round = spec_.round;
+  const std::size_t element = dtype_size(spec_.dtype);
+  const bool all_in = wait_.poll([&](int r) {
+    if (ring.flags(r, round).reduced.load(std::memory_order_acquire) < round) return false;
+    const std::size_t begin = share_begin(spec_.count, spec_.dtype, group_.size, r);
+    const std::size_t end = share_begin(spec_.count, spec_.dtype, group_.size, r + 1);
+    if (end > begin) {
+      std::memcpy(spec_.output + begin * element, ring.slot(r, round) + begin * element,
+                  (end - begin) * element);
     }
-    backoff.pause();
-  }
+    return true;
+  });
+  if (!all_in) return false;
+  finish_round();
+  return true;
+}
+
+void RoundAllReduce::finish_round() {
+  group_.segment.ring().flags(group_.rank, spec_.round).consumed.store(spec_.round,
+                                                                       std::memory_order_release);
+  start_step(Step::done);
 }
 
 }  // namespace tpfuse::comm::shm

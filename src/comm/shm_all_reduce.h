@@ -1,13 +1,23 @@
-// The shm transport's all-reduce: one-shot over the data channel. Each round
-// moves one chunk of at most a slot: every rank copies its chunk into its
-// slot, and once all have, every rank reads all p slots and sums them itself.
-// That costs p reads per element, which is cheap for the small p of one host
-// and needs a single synchronisation per chunk; a reduce-scatter + all-gather
-// can replace it for large p without changing the segment.
+// The shm transport's all-reduce algorithms, for one round of the ring: each
+// rank's contribution already lies in its slot of that round (the producer
+// wrote it there), and the result goes to the rank's own output.
+//
+// - one-shot: once every rank has contributed, each rank reads all p slots
+//   and sums them itself. One synchronisation, p reads per element: the
+//   cheapest for small rounds, where synchronisation dominates.
+// - reduce-scatter + all-gather: the round is cut into p shares; rank j sums
+//   share j of every slot, writes it to its output and back into its own slot
+//   (only rank j reads share j of slot j, so nothing is overwritten that
+//   another rank needs), and announces it; then every rank copies the other
+//   shares from their owners' slots. Two synchronisations, about 2 reads and
+//   2 writes per element whatever p: the cheaper for large rounds.
+// Both sum through sum_in_rank_order, so their results are the same bytes.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "comm/shm_group.h"
 #include "comm/shm_wait.h"
@@ -15,47 +25,60 @@
 
 namespace tpfuse::comm::shm {
 
-// Sums `count` elements of `dtype` at the same offset of every slot of
-// `channel` into `output`: in fp32, in rank order 0..p-1, rounded once.
-void sum_slots_in_rank_order(const Channel& channel, int world_size, std::size_t count, DType dtype,
-                             std::byte* output);
+enum class RoundAlgorithm { one_shot, reduce_scatter };
 
-// One all-reduce in flight: a state machine that advances chunk by chunk as
-// far as the peers allow.
-class OneShotAllReduce {
+// The algorithm the group runs for a round of `bytes`: the same on every rank,
+// since it depends only on the group's header and the round's size.
+RoundAlgorithm choose_algorithm(const ShmGroup& group, std::size_t bytes);
+
+// Share j of a round of `count` elements: [share_begin(j), share_begin(j + 1)).
+// Shares start on cache lines, so that vector loads stay aligned with the slots.
+std::size_t share_begin(std::size_t count, DType dtype, int world_size, int share);
+
+struct RoundSpec {
+  std::uint64_t index = 0;  // the collective's number, for messages
+  std::uint64_t round = 0;
+  std::size_t part = 0;     // which chunk of the collective, counted from 1 (messages)
+  std::size_t parts = 0;
+  std::size_t count = 0;
+  DType dtype = DType::f32;
+  std::byte* output = nullptr;
+  // Where this rank's own contribution is read from: its slot, or (when the
+  // caller's input was not copied into the slot entirely) the input itself.
+  const std::byte* mine = nullptr;
+};
+
+// One round in flight: a state machine that goes as far as the peers allow.
+class RoundAllReduce {
  public:
-  // Reserves the rounds it will use on the data channel, so the next
-  // collective's rounds follow on every rank alike.
-  OneShotAllReduce(std::shared_ptr<ShmGroup> group, std::uint64_t index, const void* input,
-                   void* output, std::size_t count, DType dtype);
+  // Announces this rank's contribution: the slot must hold it already.
+  RoundAllReduce(const ShmGroup& group, const RoundSpec& spec);
+  RoundAllReduce(const RoundAllReduce&) = delete;
+  RoundAllReduce& operator=(const RoundAllReduce&) = delete;
 
   // Goes as far as it can without waiting; true once the result is in place.
+  // Throws what PeerWait throws (abort, lost peer, deadline).
   bool advance();
-  // Advances until done, waiting as needed (bounded by the group's timeout).
-  void finish();
-  bool done() const { return chunk_ == chunks_; }
+  bool done() const { return step_ == Step::done; }
+  std::uint64_t round() const { return spec_.round; }
+  RoundAlgorithm algorithm() const { return algorithm_; }
 
  private:
-  enum class Step { fill_slot, sum_slots };
+  enum class Step { await_contributions, await_shares, done };
 
-  bool try_fill_slot();
-  bool try_sum_slots();
   void start_step(Step step);
-  std::uint64_t sequence() const { return first_sequence_ + chunk_; }
+  bool try_sum_all();
+  bool try_reduce_my_share();
+  bool try_gather_shares();
+  void finish_round();
+  const std::byte* source(int rank) const;
 
-  std::shared_ptr<ShmGroup> group_;
-  std::uint64_t index_;
-  const std::byte* input_;
-  std::byte* output_;
-  DType dtype_;
-  std::size_t count_;
-  std::size_t chunk_elements_;
-  std::size_t chunks_;
-  std::size_t chunk_ = 0;
-  std::uint64_t first_sequence_;
-  Step step_ = Step::fill_slot;
+  const ShmGroup& group_;
+  RoundSpec spec_;
+  RoundAlgorithm algorithm_;
+  Step step_ = Step::await_contributions;
   PeerWait wait_;
-  std::uint64_t progress_ = 0;  // steps completed; lets finish() restart its backoff
+  std::vector<const std::byte*> sources_;
 };
 
 }  // namespace tpfuse::comm::shm

@@ -26,7 +26,6 @@ struct ShmGroup {
   // Every rank issues the same collectives in the same order, so these
   // counters agree across ranks without being exchanged.
   std::uint64_t collectives = 0;      // collectives started, numbering them in messages
-  std::uint64_t data_sequence = 0;    // last round used on the data channel
   std::uint64_t gather_sequence = 0;  // last round used on the gather channel
 };
 

@@ -22,7 +22,7 @@ namespace tpfuse::comm::shm {
 namespace {
 
 constexpr std::uint64_t kMagic = 0x4d53657375667074;  // "tpfuseSM" in little-endian bytes
-constexpr std::uint32_t kVersion = 1;
+constexpr std::uint32_t kVersion = 2;
 constexpr mode_t kSegmentMode = 0600;
 
 void fill_random(unsigned char* bytes, std::size_t count) {
@@ -140,12 +140,12 @@ SegmentLayout SegmentLayout::compute(int world_size, std::size_t slot_bytes) {
   offset += sizeof(SegmentState);
   layout.records = offset;
   offset += ranks * sizeof(RankRecord);
-  layout.data_flags = offset;
-  offset += ranks * sizeof(SlotFlags);
+  layout.ring_flags = offset;
+  offset += ranks * kRingDepth * sizeof(RoundFlags);
   layout.gather_flags = offset;
   offset += ranks * sizeof(SlotFlags);
-  layout.data_slots = offset;
-  offset += ranks * slot_bytes;
+  layout.ring_slots = offset;
+  offset += ranks * kRingDepth * slot_bytes;
   layout.gather_slots = offset;
   offset += ranks * kGatherSlotBytes;
   layout.total_bytes = offset;
@@ -160,15 +160,15 @@ Segment::Segment(std::string name, void* base, std::size_t bytes, bool owns_name
       header_(static_cast<SegmentHeader*>(base)),
       state_(nullptr),
       records_(nullptr),
-      data_(nullptr, nullptr, 0),
+      ring_(nullptr, nullptr, 1, 0),
       gather_(nullptr, nullptr, 0) {
   auto* bytes_at = static_cast<std::byte*>(base);
   const SegmentLayout layout =
       SegmentLayout::compute(static_cast<int>(header_->world_size), header_->slot_bytes);
   state_ = std::launder(reinterpret_cast<SegmentState*>(bytes_at + layout.state));
   records_ = std::launder(reinterpret_cast<RankRecord*>(bytes_at + layout.records));
-  data_ = Channel(std::launder(reinterpret_cast<SlotFlags*>(bytes_at + layout.data_flags)),
-                  bytes_at + layout.data_slots, header_->slot_bytes);
+  ring_ = Ring(std::launder(reinterpret_cast<RoundFlags*>(bytes_at + layout.ring_flags)),
+               bytes_at + layout.ring_slots, kRingDepth, header_->slot_bytes);
   gather_ = Channel(std::launder(reinterpret_cast<SlotFlags*>(bytes_at + layout.gather_flags)),
                     bytes_at + layout.gather_slots, kGatherSlotBytes);
 }
@@ -181,7 +181,7 @@ Segment::Segment(Segment&& other) noexcept
       header_(other.header_),
       state_(other.state_),
       records_(other.records_),
-      data_(other.data_),
+      ring_(other.ring_),
       gather_(other.gather_) {}
 
 Segment::~Segment() {
@@ -189,7 +189,7 @@ Segment::~Segment() {
   if (base_ != nullptr) ::munmap(base_, bytes_);
 }
 
-Segment Segment::create(int world_size, std::size_t slot_bytes) {
+Segment Segment::create(int world_size, std::size_t slot_bytes, AlgorithmChoice algorithm) {
   const SegmentLayout layout = SegmentLayout::compute(world_size, slot_bytes);
   const std::string name = "/tpfuse-" + random_hex(16);
   UniqueFd fd(::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, kSegmentMode));
@@ -215,11 +215,15 @@ Segment Segment::create(int world_size, std::size_t slot_bytes) {
   header->gather_slot_bytes = kGatherSlotBytes;
   const std::string token = random_hex(8);
   std::memcpy(header->group_token, token.c_str(), token.size() + 1);
+  header->ring_depth = kRingDepth;
+  header->algorithm = algorithm;
   new (region.base() + layout.state) SegmentState{};
   for (int r = 0; r < world_size; ++r) {
     new (region.base() + layout.records + r * sizeof(RankRecord)) RankRecord{};
-    new (region.base() + layout.data_flags + r * sizeof(SlotFlags)) SlotFlags{};
     new (region.base() + layout.gather_flags + r * sizeof(SlotFlags)) SlotFlags{};
+  }
+  for (std::size_t i = 0; i < static_cast<std::size_t>(world_size) * kRingDepth; ++i) {
+    new (region.base() + layout.ring_flags + i * sizeof(RoundFlags)) RoundFlags{};
   }
 
   unlink_on_failure.dismiss();
@@ -249,7 +253,7 @@ Segment Segment::attach(const std::string& name, int world_size) {
   }
   const SegmentLayout layout = SegmentLayout::compute(world_size, header->slot_bytes);
   if (header->total_bytes != bytes || layout.total_bytes != bytes ||
-      header->gather_slot_bytes != kGatherSlotBytes) {
+      header->gather_slot_bytes != kGatherSlotBytes || header->ring_depth != kRingDepth) {
     throw CommError(cat("shm setup: segment ", name, " has ", bytes, " bytes, its header says ",
                         header->total_bytes, " and its layout needs ", layout.total_bytes));
   }

@@ -1,13 +1,13 @@
 // The shared-memory segment of the shm transport: its layout, its life cycle
 // (create with a random name, attach, verify, unlink) and the abort records.
-// Algorithms see the segment only through Channel and the per-rank records;
+// Algorithms see the segment only through Ring, Channel and the per-rank records;
 // they never compute offsets themselves, so a new algorithm can reuse the
 // layout as it is.
 //
 // Layout (every part starts on a cache line):
 //   SegmentHeader | SegmentState | RankRecord x p
-//   | SlotFlags x p (data) | SlotFlags x p (gather)
-//   | data slots: p x slot_bytes | gather slots: p x gather_slot_bytes
+//   | RoundFlags x p x ring_depth | SlotFlags x p (gather)
+//   | ring slots: p x ring_depth x slot_bytes | gather slots: p x gather_slot_bytes
 //
 // Every field another rank reads while the owner writes it is a std::atomic,
 // written with release stores and read with acquire loads; plain fields are
@@ -32,10 +32,18 @@ inline constexpr const char* kSegmentKey = "shm-segment";
 inline constexpr std::size_t kMaxGatherBytes = 4096;
 // A gather slot holds the contribution's length in its first cache line.
 inline constexpr std::size_t kGatherSlotBytes = kMaxGatherBytes + kCacheLine;
+// Slots per rank in the all-reduce ring: how many rounds may be in flight.
+// Two let a producer fill one while the other is reduced; the third absorbs
+// a peer that runs a round behind without stalling the producer.
+inline constexpr std::size_t kRingDepth = 3;
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free,
               "the segment's flags must be lock-free to work across processes");
 static_assert(std::atomic<std::int64_t>::is_always_lock_free);
+
+// How the group all-reduces a round; rank 0's choice, recorded in the header,
+// is the group's, so that every rank runs the same algorithm.
+enum class AlgorithmChoice : std::uint32_t { automatic = 0, one_shot = 1, reduce_scatter = 2 };
 
 // Written once by rank 0 before it publishes the segment's name; read-only after.
 struct alignas(kCacheLine) SegmentHeader {
@@ -46,8 +54,10 @@ struct alignas(kCacheLine) SegmentHeader {
   std::uint64_t slot_bytes;
   std::uint64_t gather_slot_bytes;
   char group_token[24];  // the random part of the communicator's name, NUL-terminated
+  std::uint64_t ring_depth;
+  AlgorithmChoice algorithm;
 };
-static_assert(sizeof(SegmentHeader) == kCacheLine);
+static_assert(sizeof(SegmentHeader) == 2 * kCacheLine);
 
 // Group-wide words that any rank may change.
 struct alignas(kCacheLine) SegmentState {
@@ -71,6 +81,39 @@ struct alignas(kCacheLine) RankRecord {
   char abort_reason[kAbortReasonBytes];          // NUL-terminated
 };
 static_assert(sizeof(RankRecord) == 512);
+
+// One rank's progress on one ring slot, as round numbers (counted from 1;
+// slot (round - 1) % ring_depth holds a round); written only by that rank.
+// Release stores publish, acquire loads consume.
+struct alignas(kCacheLine) RoundFlags {
+  std::atomic<std::uint64_t> contributed;  // my contribution to this round is in my slot
+  std::atomic<std::uint64_t> reduced;      // my share of the round, summed, is in my slot
+  std::atomic<std::uint64_t> consumed;     // I have read this round from every rank's slot
+};
+static_assert(sizeof(RoundFlags) == kCacheLine);
+
+// The all-reduce ring: ring_depth slots per rank, each with its flags.
+class Ring {
+ public:
+  Ring(RoundFlags* flags, std::byte* slots, std::size_t depth, std::size_t slot_bytes)
+      : flags_(flags), slots_(slots), depth_(depth), slot_bytes_(slot_bytes) {}
+  std::size_t depth() const { return depth_; }
+  std::size_t slot_bytes() const { return slot_bytes_; }
+  RoundFlags& flags(int rank, std::uint64_t round) const { return flags_[index(rank, round)]; }
+  std::byte* slot(int rank, std::uint64_t round) const {
+    return slots_ + index(rank, round) * slot_bytes_;
+  }
+
+ private:
+  std::size_t index(int rank, std::uint64_t round) const {
+    return static_cast<std::size_t>(rank) * depth_ + static_cast<std::size_t>((round - 1) % depth_);
+  }
+
+  RoundFlags* flags_;
+  std::byte* slots_;
+  std::size_t depth_;
+  std::size_t slot_bytes_;
+};
 
 // One rank's progress on one channel; written only by that rank.
 struct alignas(kCacheLine) SlotFlags {
@@ -100,9 +143,9 @@ class Channel {
 struct SegmentLayout {
   std::size_t state = 0;
   std::size_t records = 0;
-  std::size_t data_flags = 0;
+  std::size_t ring_flags = 0;
   std::size_t gather_flags = 0;
-  std::size_t data_slots = 0;
+  std::size_t ring_slots = 0;
   std::size_t gather_slots = 0;
   std::size_t total_bytes = 0;
 
@@ -122,7 +165,7 @@ struct AbortNotice {
 class Segment {
  public:
   // Rank 0: a new segment under a random name, mode 0600, initialised.
-  static Segment create(int world_size, std::size_t slot_bytes);
+  static Segment create(int world_size, std::size_t slot_bytes, AlgorithmChoice algorithm);
   // The other ranks: maps `name` and checks the header against `world_size`.
   static Segment attach(const std::string& name, int world_size);
 
@@ -137,8 +180,9 @@ class Segment {
   const SegmentHeader& header() const { return *header_; }
   SegmentState& state() const { return *state_; }
   RankRecord& record(int rank) const { return records_[rank]; }
-  const Channel& data() const { return data_; }
+  const Ring& ring() const { return ring_; }
   const Channel& gather() const { return gather_; }
+  AlgorithmChoice algorithm() const { return header_->algorithm; }
   std::string group_token() const { return header_->group_token; }
 
   // Records this process as `rank`; InvalidArgument if that rank attached already.
@@ -156,7 +200,7 @@ class Segment {
   SegmentHeader* header_;
   SegmentState* state_;
   RankRecord* records_;
-  Channel data_;
+  Ring ring_;
   Channel gather_;
 };
 

@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
@@ -34,6 +35,20 @@ class Work {
   virtual void wait() = 0;
 };
 
+// Where a rank writes its contribution to one all-reduce, so that producing
+// it is the transfer: for the shm transport, this rank's slot in shared
+// memory. Obtained from acquire_reduce_buffer(), handed back (moved) to
+// all_reduce_start(buffer, output).
+struct ReduceBuffer {
+  std::byte* data = nullptr;  // count * dtype_size(dtype) bytes, cache-line aligned
+  std::size_t count = 0;
+  DType dtype = DType::f32;
+  // The transport's own: which round of its ring the buffer belongs to.
+  std::uint64_t round = 0;
+  // Owns the memory when the transport has no shared buffer to offer.
+  std::shared_ptr<std::byte[]> scratch;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -48,11 +63,27 @@ class Communicator {
   // Starts summing `count` elements of `dtype` (f16, bf16 or f32) across all
   // ranks; the result lands in `output` on every rank. `input` and `output`
   // may be the same buffer; both must stay valid until the Work completes.
-  // Collectives are issued in the same order on every rank; one all-reduce may
-  // be in flight at a time (starting another, or an all_gather, first
-  // completes the previous).
+  // Collectives are issued in the same order on every rank. This call, and
+  // all_gather, first complete every all-reduce in flight; so with this form
+  // one all-reduce is in flight at a time.
   virtual std::unique_ptr<Work> all_reduce_start(const void* input, void* output,
                                                  std::size_t count, DType dtype) = 0;
+
+  // The pipelined form, for producers that can write their contribution where
+  // the transport wants it. acquire_reduce_buffer() is collective (every rank
+  // calls it in the same order, with the same count and dtype) and returns
+  // the buffer to fill; it may wait, bounded, until that memory is free,
+  // which is until the all-reduce that last used it has completed on every
+  // rank. all_reduce_start(buffer, output) then starts the all-reduce; the
+  // result lands in `output`. Buffers are started in the order they were
+  // acquired, and up to max_reduces_in_flight() of them may be acquired or
+  // in flight at once: a caller may fill one while earlier ones are reduced.
+  // A buffer holds at most max_reduce_buffer_bytes(). The default versions
+  // hand out private memory and copy it in all_reduce_start (one in flight).
+  virtual ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype);
+  virtual std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output);
+  virtual std::size_t max_reduce_buffer_bytes() const;
+  virtual int max_reduces_in_flight() const { return 1; }
 
   // Every rank contributes up to max_gather_bytes() bytes; returns each
   // rank's contribution, in rank order. Blocking and bounded.

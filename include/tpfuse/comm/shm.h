@@ -17,16 +17,28 @@
 
 namespace tpfuse::comm {
 
+// How the shm transport all-reduces each round (at most a slot) of its ring.
+enum class ShmAlgorithm {
+  automatic,       // one-shot for small rounds, reduce-scatter + all-gather for large ones
+  one_shot,        // every rank reads every rank's contribution
+  reduce_scatter,  // reduce-scatter + all-gather
+};
+
 struct ShmOptions {
   // Deadline of every wait; default TPFUSE_TIMEOUT_MS (300000).
   std::chrono::milliseconds timeout = default_timeout();
-  // Bytes of each rank's data slot; larger all-reduces go in chunks. A
+  // Bytes of each of a rank's slots (it has a few, so that several
+  // all-reduces can be in flight); larger all-reduces go in chunks. A
   // multiple of 64, at least 64 and at most 1 GiB; rank 0's value counts.
   // Default TPFUSE_SHM_SLOT_BYTES (4 MiB).
   std::size_t slot_bytes = default_slot_bytes();
+  // Rank 0's value counts. Default TPFUSE_SHM_ALGORITHM: auto, one_shot or
+  // reduce_scatter. Results are the same bytes whichever runs.
+  ShmAlgorithm algorithm = default_algorithm();
 
   static std::chrono::milliseconds default_timeout();
   static std::size_t default_slot_bytes();
+  static ShmAlgorithm default_algorithm();
 };
 
 // Collective over the `size` ranks that share `store`: every rank calls it.
