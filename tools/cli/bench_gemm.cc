@@ -28,12 +28,11 @@
 #include <map>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
+#include "bench_common.h"
 #include "commands.h"
 #include "gemm/cpu_isa.h"
-#include "gemm/microkernel.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
 #include "tpfuse/gemm/tile_gemm.h"
@@ -204,12 +203,6 @@ struct Measurement {
   std::vector<double> seconds;  // per call, one per repetition
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 // Wall-clock time, or with --clock cpu the CPU time of this process: on a
 // machine shared with other work, a single-threaded run's CPU time leaves out
 // the time it was preempted (it still pays for the caches it lost).
@@ -280,31 +273,10 @@ Measurement tpfuse_measurement(ShapeData& d, const std::string& mode, bool epilo
   return m;
 }
 
-// A oneDNN matmul on plain row-major (or transposed) operands, one execution per call.
-struct OneDnnMatmul {
-  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
-  dnnl::stream stream{engine};
-  std::unique_ptr<dnnl::matmul> primitive;
-  std::unordered_map<int, dnnl::memory> args;
-  std::string impl;
-};
-
-std::shared_ptr<OneDnnMatmul> make_onednn(const ShapeData& d, dnnl::memory::data_type in, dnnl::memory::data_type out,
+std::shared_ptr<OneDnnMatmul> make_onednn(ShapeData& d, dnnl::memory::data_type in, dnnl::memory::data_type out,
                                           const void* x1, const void* x2) {
-  using dnnl::memory;
   const Shape& s = d.shape;
-  auto mm = std::make_shared<OneDnnMatmul>();
-  const memory::desc src({s.m, s.k}, in, {s.k, 1});
-  const memory::desc weights = d.x2_transposed ? memory::desc({s.k, s.n}, in, {1, s.k})
-                                               : memory::desc({s.k, s.n}, in, {s.n, 1});
-  const memory::desc dst({s.m, s.n}, out, {s.n, 1});
-  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, weights, dst), mm->engine);
-  mm->impl = pd.impl_info_str();
-  mm->primitive = std::make_unique<dnnl::matmul>(pd);
-  mm->args = {{DNNL_ARG_SRC, memory(src, mm->engine, const_cast<void*>(x1))},
-              {DNNL_ARG_WEIGHTS, memory(weights, mm->engine, const_cast<void*>(x2))},
-              {DNNL_ARG_DST, memory(dst, mm->engine, const_cast<unsigned char*>(d.out.data()))}};
-  return mm;
+  return make_onednn_matmul(s.m, s.n, s.k, in, out, x1, x2, d.out.data(), d.x2_transposed);
 }
 
 Measurement onednn_measurement(const std::string& mode, const std::string& engine,
@@ -313,24 +285,8 @@ Measurement onednn_measurement(const std::string& mode, const std::string& engin
   m.mode = mode;
   m.engine = engine;
   m.detail = mm->impl;
-  m.call = [mm] {
-    mm->primitive->execute(mm->stream, mm->args);
-    mm->stream.wait();
-  };
+  m.call = [mm] { mm->execute(); };
   return m;
-}
-
-// Converts f16 to f32 with tpfuse's vector conversion, split over the threads.
-void convert_f16(const std::vector<Half>& src, std::vector<float>& dst, int threads) {
-  const gemm::KernelTable& kernels = gemm::kernels_for(gemm::active_isa());
-  const auto count = static_cast<std::int64_t>(src.size());
-  constexpr std::int64_t kChunk = 1 << 16;
-  const std::int64_t chunks = (count + kChunk - 1) / kChunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::int64_t c = 0; c < chunks; ++c) {
-    const std::int64_t begin = c * kChunk;
-    kernels.convert_to_f32(DType::f16, src.data() + begin, std::min(kChunk, count - begin), dst.data() + begin);
-  }
 }
 
 std::vector<Measurement> baselines(ShapeData& d, int threads, const std::vector<std::string>& modes) {
@@ -349,10 +305,11 @@ std::vector<Measurement> baselines(ShapeData& d, int threads, const std::vector<
     Measurement m = onednn_measurement("f16", "convert_onednn_f32", mm);
     ShapeData* data = &d;
     m.call = [mm, data, threads] {
-      convert_f16(data->x1_f16, data->x1_converted, threads);
-      convert_f16(data->x2_f16, data->x2_converted, threads);
-      mm->primitive->execute(mm->stream, mm->args);
-      mm->stream.wait();
+      convert_to_f32(DType::f16, data->x1_f16.data(), static_cast<std::int64_t>(data->x1_f16.size()),
+                     data->x1_converted.data(), threads);
+      convert_to_f32(DType::f16, data->x2_f16.data(), static_cast<std::int64_t>(data->x2_f16.size()),
+                     data->x2_converted.data(), threads);
+      mm->execute();
     };
     out.push_back(m);
   }
