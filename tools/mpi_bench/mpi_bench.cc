@@ -1,0 +1,272 @@
+// tpfuse_mpi_bench: the MPI baselines of `tpfuse bench`, run under mpirun.
+//
+//   allreduce: MPI_Allreduce (fp32 sum, in place) over a list of sizes.
+//   peer:      what a user writes without tpfuse for a row-parallel layer:
+//              each rank's GEMM of its K-slice with oneDNN, MPI_Allreduce of
+//              the fp32 output, then one rounding to the layer's dtype.
+//
+// MPI has no 16-bit float sum, so the peer reduces fp32 (twice the bytes
+// tpfuse moves); that is also the contract's numerics (fp32 sum, one
+// rounding). The GEMM is oneDNN's bf16 matmul for bf16, its f16 matmul for
+// f16 where this CPU has one, else f16 converted to fp32 (every call, as
+// tpfuse converts x2 every call) then oneDNN's f32 matmul.
+//
+// Every figure follows the protocol tpfuse's side uses: a barrier, `calls`
+// calls, the slowest rank's time per call; the median over repetitions,
+// variants interleaved repetition by repetition. Rank 0 prints one JSON
+// object per line. Ranks pin themselves one per core (rank % cores), so
+// mpirun should not bind (--bind-to none).
+#include <mpi.h>
+#include <omp.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bench_common.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/half.h"
+
+namespace tpfuse::cli {
+
+namespace {
+
+struct Options {
+  std::vector<std::int64_t> sizes;  // allreduce: bytes
+  std::int64_t m = 0, n = 0, k = 0; // peer: k per rank
+  std::string dtype = "f16";
+  int reps = 5;
+  int warmup = 1;
+  double min_batch_ms = 0;
+  bool no_pin = false;
+};
+
+int world_rank() {
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return rank;
+}
+
+int world_size() {
+  int size = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  return size;
+}
+
+// Seconds per call on the slowest rank, over a batch of `calls` after a barrier.
+double timed_batch(const std::function<void()>& call, int calls) {
+  MPI_Barrier(MPI_COMM_WORLD);
+  const double start = MPI_Wtime();
+  for (int i = 0; i < calls; ++i) call();
+  const double mine = (MPI_Wtime() - start) / calls;
+  double slowest = 0;
+  MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return slowest;
+}
+
+struct Variant {
+  Variant(std::string variant_name, std::function<void()> variant_call)
+      : name(std::move(variant_name)), call(std::move(variant_call)) {}
+  std::string name;
+  std::function<void()> call;
+  int calls = 1;
+  std::vector<double> seconds;
+};
+
+// Warms up, sizes each variant's batch to min_batch_ms (the same on every
+// rank: it comes from the slowest rank's time), then interleaves the variants.
+void measure(std::vector<Variant>& variants, const Options& o) {
+  for (Variant& v : variants) {
+    double once = 0;
+    for (int i = 0; i < std::max(1, o.warmup); ++i) once = timed_batch(v.call, 1);
+    v.calls = static_cast<int>(std::clamp(std::ceil(o.min_batch_ms * 1e-3 / once), 1.0, 100000.0));
+  }
+  for (int r = 0; r < o.reps; ++r) {
+    for (Variant& v : variants) v.seconds.push_back(timed_batch(v.call, v.calls));
+  }
+}
+
+void run_allreduce(const Options& o) {
+  const std::int64_t largest = *std::max_element(o.sizes.begin(), o.sizes.end());
+  std::vector<float> buffer(static_cast<std::size_t>(largest / 4 + 1));
+  std::vector<Variant> variants;
+  for (std::int64_t bytes : o.sizes) {
+    float* data = buffer.data();
+    const int count = static_cast<int>(bytes / 4);
+    variants.push_back({std::to_string(bytes), [data, count] {
+                          MPI_Allreduce(MPI_IN_PLACE, data, count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+                        }});
+  }
+  measure(variants, o);
+  if (world_rank() != 0) return;
+  for (const Variant& v : variants) {
+    std::printf("{\"impl\": \"mpi\", \"ranks\": %d, \"bytes\": %s, \"dtype\": \"f32\", \"seconds\": %.9g, "
+                "\"calls\": %d, \"reps\": %d}\n",
+                world_size(), v.name.c_str(), median(v.seconds), v.calls, o.reps);
+  }
+}
+
+// One rank's operands and buffers for the peer GEMM + all-reduce.
+struct PeerData {
+  std::vector<std::uint16_t> x1, x2;   // f16 or bf16 bits
+  std::vector<float> x1_f32, x2_f32;   // f16 converted for oneDNN's f32 matmul
+  std::vector<float> sums;             // [m, n] fp32: the GEMM's output, reduced in place
+  std::vector<std::uint16_t> out;      // [m, n] in the layer's dtype
+};
+
+std::vector<std::uint16_t> random_halves(std::int64_t count, std::uint64_t seed, bool bf16) {
+  std::vector<std::uint16_t> v(static_cast<std::size_t>(count));
+  std::uint64_t state = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (auto& x : v) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    const float value = static_cast<float>(static_cast<double>(state >> 11) * 0x1p-52 - 1.0);
+    x = bf16 ? f32_to_bf16(value).bits : f32_to_f16(value).bits;
+  }
+  return v;
+}
+
+// The GEMM a user would pick on this CPU; the returned call runs it (with any
+// conversion it needs) into data.sums. oneDNN's reference implementation
+// ("ref:any") is scalar code no user would choose over converting.
+std::function<void()> make_peer_gemm(const Options& o, PeerData& data, int threads, std::string& description) {
+  using dt = dnnl::memory::data_type;
+  const bool bf16 = o.dtype == "bf16";
+  try {
+    auto mm = make_onednn_matmul(o.m, o.n, o.k, bf16 ? dt::bf16 : dt::f16, dt::f32, data.x1.data(),
+                                 data.x2.data(), data.sums.data(), false);
+    if (mm->impl.rfind("ref", 0) != 0) {
+      description = cat("oneDNN ", o.dtype, " matmul (", mm->impl, ")");
+      return [mm] { mm->execute(); };
+    }
+  } catch (const dnnl::error&) {
+    // No native matmul for this dtype here: convert, as below.
+  }
+  data.x1_f32.resize(data.x1.size());
+  data.x2_f32.resize(data.x2.size());
+  auto mm = make_onednn_matmul(o.m, o.n, o.k, dt::f32, dt::f32, data.x1_f32.data(), data.x2_f32.data(),
+                               data.sums.data(), false);
+  description = cat(o.dtype, " -> f32, oneDNN f32 matmul (", mm->impl, ")");
+  const DType dtype = bf16 ? DType::bf16 : DType::f16;
+  PeerData* d = &data;
+  return [mm, d, dtype, threads] {
+    convert_to_f32(dtype, d->x1.data(), static_cast<std::int64_t>(d->x1.size()), d->x1_f32.data(), threads);
+    convert_to_f32(dtype, d->x2.data(), static_cast<std::int64_t>(d->x2.size()), d->x2_f32.data(), threads);
+    mm->execute();
+  };
+}
+
+// Rounds the reduced fp32 sums to the layer's dtype with a oneDNN reorder.
+std::function<void()> make_rounding(const Options& o, PeerData& data) {
+  using dnnl::memory;
+  auto engine = std::make_shared<dnnl::engine>(dnnl::engine::kind::cpu, 0);
+  auto stream = std::make_shared<dnnl::stream>(*engine);
+  const memory::desc from({o.m, o.n}, memory::data_type::f32, {o.n, 1});
+  const memory::desc to({o.m, o.n}, o.dtype == "bf16" ? memory::data_type::bf16 : memory::data_type::f16, {o.n, 1});
+  auto src = std::make_shared<memory>(from, *engine, data.sums.data());
+  auto dst = std::make_shared<memory>(to, *engine, data.out.data());
+  auto reorder = std::make_shared<dnnl::reorder>(*src, *dst);
+  return [engine, stream, src, dst, reorder] {
+    reorder->execute(*stream, *src, *dst);
+    stream->wait();
+  };
+}
+
+void run_peer(const Options& o, int threads) {
+  const int rank = world_rank();
+  const bool bf16 = o.dtype == "bf16";
+  PeerData data;
+  data.x1 = random_halves(o.m * o.k, 2 * static_cast<std::uint64_t>(rank) + 1, bf16);
+  data.x2 = random_halves(o.k * o.n, 2 * static_cast<std::uint64_t>(rank) + 2, bf16);
+  data.sums.resize(static_cast<std::size_t>(o.m * o.n));
+  data.out.resize(static_cast<std::size_t>(o.m * o.n));
+  std::string gemm_description;
+  const auto gemm = make_peer_gemm(o, data, threads, gemm_description);
+  const auto round = make_rounding(o, data);
+  float* sums = data.sums.data();
+  const int count = static_cast<int>(o.m * o.n);
+  const auto all_reduce = [sums, count] {
+    MPI_Allreduce(MPI_IN_PLACE, sums, count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+  };
+  std::vector<Variant> variants = {
+      {"gemm", gemm},
+      {"comm", all_reduce},
+      {"peer", [&] {
+         gemm();
+         all_reduce();
+         round();
+       }}};
+  measure(variants, o);
+  if (rank != 0) return;
+  std::printf("{\"impl\": \"mpi\", \"what\": \"peer\", \"ranks\": %d, \"m\": %lld, \"n\": %lld, \"k_per_rank\": %lld, "
+              "\"dtype\": \"%s\", \"t_gemm\": %.9g, \"t_comm\": %.9g, \"t_peer\": %.9g, \"reps\": %d, "
+              "\"gemm\": \"%s\", \"reduce\": \"MPI_Allreduce fp32 in place, then a oneDNN reorder to %s\"}\n",
+              world_size(), static_cast<long long>(o.m), static_cast<long long>(o.n), static_cast<long long>(o.k),
+              o.dtype.c_str(), median(variants[0].seconds), median(variants[1].seconds),
+              median(variants[2].seconds), o.reps, gemm_description.c_str(), o.dtype.c_str());
+}
+
+// Pins this rank and returns the threads its GEMM gets: one on its own core,
+// else the cores divided among the ranks (tpfuse's rule).
+int place_rank(bool no_pin) {
+  const std::vector<int> cores = allowed_cores();
+  if (!no_pin) {
+    pin_rank_to_core(world_rank(), cores);
+    return 1;
+  }
+  return std::max(1, static_cast<int>(cores.size()) / world_size());
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"tpfuse_mpi_bench: MPI_Allreduce and oneDNN + MPI_Allreduce baselines (run under mpirun)"};
+  app.require_subcommand(1);
+  Options o;
+  for (CLI::App* cmd : {app.add_subcommand("allreduce", "MPI_Allreduce, fp32 sum in place"),
+                        app.add_subcommand("peer", "oneDNN GEMM of each rank's K-slice, then MPI_Allreduce")}) {
+    cmd->add_option("--reps", o.reps, "Repetitions (the median is printed)")->check(CLI::Range(1, 100000));
+    cmd->add_option("--warmup", o.warmup, "Unmeasured calls first")->check(CLI::Range(0, 1000));
+    cmd->add_option("--min-batch-ms", o.min_batch_ms, "Repeat calls to fill at least this long a batch")
+        ->check(CLI::Range(0.0, 100000.0));
+    cmd->add_flag("--no-pin", o.no_pin, "Do not pin ranks to cores");
+  }
+  app.get_subcommand("allreduce")->add_option("--sizes", o.sizes, "Message sizes in bytes")->required()
+      ->check(CLI::Range(std::int64_t{4}, std::int64_t{1} << 33));
+  CLI::App* peer = app.get_subcommand("peer");
+  peer->add_option("--m", o.m)->required()->check(CLI::Range(1, 1 << 24));
+  peer->add_option("--n", o.n)->required()->check(CLI::Range(1, 1 << 24));
+  peer->add_option("--k", o.k, "Columns of x1 per rank")->required()->check(CLI::Range(1, 1 << 24));
+  peer->add_option("--dtype", o.dtype)->check(CLI::IsMember({"f16", "bf16"}));
+  CLI11_PARSE(app, argc, argv);
+
+  const int threads = place_rank(o.no_pin);
+  omp_set_num_threads(threads);
+  if (app.got_subcommand("allreduce")) {
+    run_allreduce(o);
+  } else {
+    run_peer(o, threads);
+  }
+  return 0;
+}
+
+}  // namespace
+
+}  // namespace tpfuse::cli
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  int code = 0;
+  try {
+    code = tpfuse::cli::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tpfuse_mpi_bench: error: %s\n", e.what());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  MPI_Finalize();
+  return code;
+}
