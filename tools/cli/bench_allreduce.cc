@@ -1,0 +1,265 @@
+// `tpfuse bench allreduce`: tpfuse's shared-memory all-reduce against
+// MPI_Allreduce (OpenMPI) and torch.distributed's gloo on this host, from
+// 4 KiB to 64 MiB: latency (time per call) and algorithm bandwidth
+// (bytes / time), with the ratios the all-reduce targets are stated in.
+//
+// The three run the same protocol (bench_common.h: barrier, a batch of calls
+// sized to --min-batch-ms, slowest rank, median over repetitions, sizes taking
+// turns) with ranks pinned one per core. The implementations cannot take turns
+// with each other (each is its own process group), so they run one after the
+// other; ratios compare runs a few seconds apart.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "bench_baselines.h"
+#include "bench_common.h"
+#include "commands.h"
+#include "tpfuse/comm/communicator.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/tensor.h"
+
+namespace tpfuse::cli {
+
+namespace {
+
+struct AllReduceOptions {
+  std::vector<std::string> sizes = {"4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M"};
+  std::vector<int> ranks = {2};
+  std::string dtype = "f32";
+  int reps = 7;
+  int warmup = 2;
+  double min_batch_ms = 20;
+  std::string json;
+  BaselineOptions baselines;
+};
+
+// "4096", "64K", "64KiB", "16M", "1G" (binary multiples).
+std::int64_t parse_bytes(const std::string& text) {
+  char* end = nullptr;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  const std::string unit = end;
+  static const std::map<std::string, std::int64_t> kUnits = {
+      {"", 1}, {"B", 1}, {"K", 1 << 10}, {"KiB", 1 << 10}, {"M", 1 << 20}, {"MiB", 1 << 20},
+      {"G", 1 << 30}, {"GiB", 1 << 30}};
+  const auto unit_it = kUnits.find(unit);
+  if (end == text.c_str() || value < 1 || unit_it == kUnits.end()) {
+    throw CLI::ValidationError("--sizes", cat("expected a size such as 4096, 64K or 16M, got \"", text, "\""));
+  }
+  return value * unit_it->second;
+}
+
+std::string format_bytes(std::int64_t bytes) {
+  if (bytes % (1 << 20) == 0) return cat(bytes >> 20, " MiB");
+  if (bytes % (1 << 10) == 0) return cat(bytes >> 10, " KiB");
+  return cat(bytes, " B");
+}
+
+// Seconds per all-reduce at each size, tpfuse's shm communicator on local ranks.
+std::vector<double> measure_tpfuse(int ranks, const std::vector<std::int64_t>& sizes, DType dtype,
+                                   const AllReduceOptions& o) {
+  return run_local_ranks(ranks, o.baselines.no_pin, [&](comm::RankContext& ctx) {
+           std::vector<Tensor> buffers;  // zeros: summing them in place never overflows
+           std::vector<std::function<void()>> calls;
+           for (std::int64_t bytes : sizes) {
+             const auto count = static_cast<std::int64_t>(bytes / static_cast<std::int64_t>(dtype_size(dtype)));
+             buffers.emplace_back(dtype, std::initializer_list<std::int64_t>{std::max<std::int64_t>(count, 1)});
+             void* data = buffers.back().data();
+             comm::Communicator* comm = ctx.comm.get();
+             calls.push_back([comm, data, count, dtype] {
+               comm->all_reduce(data, data, static_cast<std::size_t>(count), dtype);
+             });
+           }
+           std::vector<int> batch(sizes.size());
+           for (std::size_t i = 0; i < calls.size(); ++i) {
+             double once = 0;
+             for (int w = 0; w < std::max(1, o.warmup); ++w) once = timed_batch(*ctx.comm, calls[i], 1);
+             batch[i] = calls_per_batch(once, o.min_batch_ms);
+           }
+           std::vector<std::vector<double>> seconds(sizes.size());
+           for (int r = 0; r < o.reps; ++r) {
+             for (std::size_t i = 0; i < calls.size(); ++i) seconds[i].push_back(timed_batch(*ctx.comm, calls[i], batch[i]));
+           }
+           RankReport report;
+           for (const auto& s : seconds) report.values.push_back(median(s));
+           return report;
+         }).values;
+}
+
+// Seconds per size from a baseline's records (NaN where it has none).
+std::vector<double> seconds_by_size(const ToolRun& run, const std::vector<std::int64_t>& sizes) {
+  std::vector<double> seconds(sizes.size(), std::nan(""));
+  for (const JsonRecord& record : run.records) {
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      if (record_number(record, "bytes") == static_cast<double>(sizes[i])) seconds[i] = record_number(record, "seconds");
+    }
+  }
+  return seconds;
+}
+
+struct Results {
+  int ranks = 0;
+  std::vector<double> tpfuse, mpi, gloo;  // seconds per call, by size
+};
+
+void print_cell(double seconds, std::int64_t bytes) {
+  if (std::isnan(seconds)) {
+    std::printf(" %10s %7s", "-", "-");
+  } else {
+    std::printf(" %10.1f %7.2f", seconds * 1e6, static_cast<double>(bytes) / seconds * 1e-9);
+  }
+}
+
+void print_ratio(double num, double den) {
+  if (std::isnan(num) || std::isnan(den)) {
+    std::printf(" %11s", "-");
+  } else {
+    std::printf(" %10.2fx", num / den);
+  }
+}
+
+void print_table(const Results& r, const std::vector<std::int64_t>& sizes, const std::string& dtype) {
+  std::printf("\n%d ranks; tpfuse %s, MPI and gloo f32 (the same bytes); us per call and GB/s (bytes / time)\n",
+              r.ranks, dtype.c_str());
+  std::printf("  %9s %10s %7s %10s %7s %10s %7s %11s %11s\n", "size", "tpfuse us", "GB/s", "MPI us", "GB/s",
+              "gloo us", "GB/s", "MPI/tpfuse", "gloo/tpfuse");
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    std::printf("  %9s", format_bytes(sizes[i]).c_str());
+    print_cell(r.tpfuse[i], sizes[i]);
+    print_cell(r.mpi[i], sizes[i]);
+    print_cell(r.gloo[i], sizes[i]);
+    print_ratio(r.mpi[i], r.tpfuse[i]);
+    print_ratio(r.gloo[i], r.tpfuse[i]);
+    std::printf("\n");
+  }
+}
+
+// The targets are stated for 2 ranks: bandwidth at 16 MiB >= 6x MPI's,
+// latency at 64 KiB <= 0.3x MPI's.
+void print_targets(const std::vector<Results>& results, const std::vector<std::int64_t>& sizes) {
+  std::printf("\nTargets (2 ranks; ratios of medians measured in this run):\n");
+  const auto at = [&](const std::vector<double>& seconds, std::int64_t bytes) {
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      if (sizes[i] == bytes) return seconds[i];
+    }
+    return std::nan("");
+  };
+  for (const Results& r : results) {
+    if (r.ranks != 2) continue;
+    const double bandwidth = at(r.mpi, 16 << 20) / at(r.tpfuse, 16 << 20);
+    const double latency = at(r.tpfuse, 64 << 10) / at(r.mpi, 64 << 10);
+    if (std::isnan(bandwidth)) {
+      std::printf("  %-46s  not measured in this run\n", "bandwidth at 16 MiB vs MPI_Allreduce");
+    } else {
+      std::printf("  %-46s  %6.2fx  (target >= 6x)   %s\n", "bandwidth at 16 MiB vs MPI_Allreduce", bandwidth,
+                  bandwidth >= 6 ? "met" : "MISSED");
+    }
+    if (std::isnan(latency)) {
+      std::printf("  %-46s  not measured in this run\n", "latency at 64 KiB vs MPI_Allreduce");
+    } else {
+      std::printf("  %-46s  %6.3fx  (target <= 0.3x) %s\n", "latency at 64 KiB vs MPI_Allreduce", latency,
+                  latency <= 0.3 ? "met" : "MISSED");
+    }
+    return;
+  }
+  std::printf("  not measured in this run (no 2-rank run)\n");
+}
+
+void write_json(const std::string& path, const std::vector<Results>& results, const std::vector<std::int64_t>& sizes,
+                const std::string& dtype) {
+  std::ofstream out(path);
+  if (!out) throw CLI::RuntimeError(cat("bench allreduce: cannot write ", path), 1);
+  std::vector<std::string> lines;
+  for (const Results& r : results) {
+    for (const auto& [impl, seconds, impl_dtype] :
+         {std::tuple{"tpfuse", &r.tpfuse, dtype}, std::tuple{"mpi", &r.mpi, std::string("f32")},
+          std::tuple{"gloo", &r.gloo, std::string("f32")}}) {
+      for (std::size_t i = 0; i < sizes.size(); ++i) {
+        if (std::isnan((*seconds)[i])) continue;
+        lines.push_back(cat("  {\"impl\": \"", impl, "\", \"ranks\": ", r.ranks, ", \"bytes\": ", sizes[i],
+                            ", \"dtype\": \"", impl_dtype, "\", \"seconds\": ", (*seconds)[i], "}"));
+      }
+    }
+  }
+  out << "[\n";
+  for (std::size_t i = 0; i < lines.size(); ++i) out << lines[i] << (i + 1 < lines.size() ? ",\n" : "\n");
+  out << "]\n";
+}
+
+std::vector<std::string> to_strings(const std::vector<std::int64_t>& values) {
+  std::vector<std::string> out;
+  for (std::int64_t v : values) out.push_back(std::to_string(v));
+  return out;
+}
+
+void run_bench(const AllReduceOptions& o) {
+  std::vector<std::int64_t> sizes;
+  for (const std::string& text : o.sizes) sizes.push_back(parse_bytes(text));
+  const DType dtype = parse_dtype(o.dtype);
+  const BaselineTools tools = find_baseline_tools(o.baselines);
+  std::printf("tpfuse bench allreduce\n  machine: %s\n", machine_facts().c_str());
+  std::printf("  ranks %s; each figure: barrier, a batch of >= %.0f ms of calls, slowest rank, median of %d\n",
+              o.baselines.no_pin ? "not pinned" : "pinned one per core (rank % cores)", o.min_batch_ms, o.reps);
+  if (!tools.mpi_unavailable.empty()) std::printf("  MPI_Allreduce skipped: %s\n", tools.mpi_unavailable.c_str());
+  if (!tools.gloo_unavailable.empty()) std::printf("  gloo skipped: %s\n", tools.gloo_unavailable.c_str());
+
+  std::vector<std::string> common = {"--reps", std::to_string(o.reps), "--warmup", std::to_string(o.warmup),
+                                     "--min-batch-ms", cat(o.min_batch_ms), "--sizes"};
+  for (const std::string& s : to_strings(sizes)) common.push_back(s);
+  std::vector<Results> results;
+  for (int ranks : o.ranks) {
+    Results r;
+    r.ranks = ranks;
+    r.tpfuse = measure_tpfuse(ranks, sizes, dtype, o);
+    r.mpi = r.gloo = std::vector<double>(sizes.size(), std::nan(""));
+    if (tools.mpi_unavailable.empty()) {
+      std::vector<std::string> args = {"allreduce"};
+      args.insert(args.end(), common.begin(), common.end());
+      const ToolRun run = run_mpi_bench(tools, ranks, args);
+      if (!run.failure.empty()) std::printf("  MPI_Allreduce failed, skipped: %s\n", run.failure.c_str());
+      r.mpi = seconds_by_size(run, sizes);
+    }
+    if (tools.gloo_unavailable.empty()) {
+      const ToolRun run = run_gloo_bench(tools, ranks, common);
+      if (!run.failure.empty()) std::printf("  gloo failed, skipped: %s\n", run.failure.c_str());
+      r.gloo = seconds_by_size(run, sizes);
+    }
+    print_table(r, sizes, o.dtype);
+    results.push_back(std::move(r));
+  }
+  print_targets(results, sizes);
+  if (!o.json.empty()) {
+    write_json(o.json, results, sizes, o.dtype);
+    std::printf("\nwrote %s\n", o.json.c_str());
+  }
+}
+
+}  // namespace
+
+void add_bench_allreduce_command(CLI::App& bench_app) {
+  auto o = std::make_shared<AllReduceOptions>();
+  auto* cmd = bench_app.add_subcommand(
+      "allreduce", "tpfuse's shm all-reduce against MPI_Allreduce and torch.distributed gloo, latency and bandwidth");
+  cmd->add_option("--sizes", o->sizes, "Message sizes (4096, 64K, 16M, ...)")->capture_default_str();
+  cmd->add_option("--ranks", o->ranks, "Rank counts to run")->check(CLI::Range(1, 256))->capture_default_str();
+  cmd->add_option("--dtype", o->dtype, "tpfuse's element type (MPI and gloo always sum f32)")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}))
+      ->capture_default_str();
+  cmd->add_option("--reps", o->reps, "Repetitions (the median is reported)")->check(CLI::Range(1, 10000));
+  cmd->add_option("--warmup", o->warmup, "Unmeasured calls per size first")->check(CLI::Range(0, 1000));
+  cmd->add_option("--min-batch-ms", o->min_batch_ms, "Calls are repeated to fill at least this long a batch")
+      ->check(CLI::Range(0.0, 100000.0));
+  cmd->add_option("--json", o->json, "Write records {impl, ranks, bytes, dtype, seconds} to this file");
+  add_baseline_options(*cmd, o->baselines);
+  cmd->callback([o] { run_bench(*o); });
+}
+
+}  // namespace tpfuse::cli
