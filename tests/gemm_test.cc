@@ -317,6 +317,9 @@ TEST(EngineSelection, ByModeAndLevel) {
               dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_in_place");
     spec.mode = Mode::plain;
     spec.dtype = DType::f16;
+    spec.x2_transposed = true;
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_dot");
+    spec.x2_transposed = false;
     spec.m = 100;  // more rows than the in-place layout serves
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_packed");
     spec.m = 8;

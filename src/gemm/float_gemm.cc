@@ -13,8 +13,12 @@
 //                  reading the weight once is the whole cost: no copy, and an
 //                  int8 weight reads a quarter of the bytes of fp32 panels.
 //                  Only a ragged last panel is copied, padded.
-//   packed_source  panels of NR columns in x2's own dtype: small m with a
-//                  transposed x2, which the kernel cannot read in place.
+//   dot            x2 itself, transposed ([n, k] storage, the usual layout of
+//                  a weight): for small m, the dot micro-kernel reads its
+//                  rows in place. Not for full quant (its lane sums could
+//                  exceed fp32's exact integers).
+//   packed_source  panels of NR columns in x2's own dtype: small m, full
+//                  quant, x2 neither row-major nor a transposed row-major.
 // The layout depends on the call's m only, never on the rows asked for, and
 // the micro-kernel's sums do not depend on the layout either.
 //
@@ -43,7 +47,7 @@ namespace tpfuse::gemm {
 
 namespace {
 
-enum class BLayout { packed_f32, in_place, packed_source };
+enum class BLayout { packed_f32, in_place, packed_source, dot };
 
 // At most this many rows per call: x2 is read by the kernel as stored.
 constexpr std::int64_t kSmallM = 64;
@@ -92,10 +96,15 @@ class FloatGemm final : public PreparedGemm {
     n_padded_ = panels_ * nr_;
     x2_elem_ = dtype_size(ops_.x2.dtype());
     const bool row_major = ops_.x2.stride(1) == 1;
+    const bool transposed = ops_.x2.stride(0) == 1 && !row_major;
     if (s.m > kSmallM) {
       layout_ = BLayout::packed_f32;
+    } else if (row_major) {
+      layout_ = BLayout::in_place;
+    } else if (transposed && s.mode != Mode::full_quant) {
+      layout_ = BLayout::dot;
     } else {
-      layout_ = row_major ? BLayout::in_place : BLayout::packed_source;
+      layout_ = BLayout::packed_source;
     }
     group_rows_ = s.scale_kind == ScaleKind::per_group ? s.group_size : s.k;
     blocking_ = choose_blocking();
@@ -116,6 +125,13 @@ class FloatGemm final : public PreparedGemm {
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
     if (m1 <= m0) return;
     std::lock_guard lock(compute_mutex_);
+    if (layout_ == BLayout::dot) {
+      const std::vector<Task> tasks = split_columns(m0, m1, ceil_div(ops_.shape.n, kDotCols));
+      pool_->run(static_cast<int>(tasks.size()), [&](int index, int) {
+        compute_dot_task(tasks[static_cast<std::size_t>(index)], m0, dst, ld);
+      });
+      return;
+    }
     const std::vector<Task> tasks = split(m0, m1);
     pool_->run(static_cast<int>(tasks.size()), [&](int index, int) {
       compute_task(tasks[static_cast<std::size_t>(index)], m0, dst, ld);
@@ -136,6 +152,8 @@ class FloatGemm final : public PreparedGemm {
         return "in_place";
       case BLayout::packed_source:
         return "packed_source";
+      case BLayout::dot:
+        return "dot";
     }
     return "?";
   }
@@ -236,7 +254,7 @@ class FloatGemm final : public PreparedGemm {
     } else if (layout_ == BLayout::packed_source) {
       packed_source_.resize(static_cast<std::size_t>(panels_ * k * nr_ * elem));
       run_chunks(panels_, [&](std::int64_t p) { pack_panel_source(p, packed_source_.data() + p * k * nr_ * elem); });
-    } else if (ops_.shape.n % nr_ != 0) {
+    } else if (layout_ == BLayout::in_place && ops_.shape.n % nr_ != 0) {
       packed_source_.resize(static_cast<std::size_t>(k * nr_ * elem));
       pack_panel_source(panels_ - 1, packed_source_.data());
     }
@@ -292,15 +310,26 @@ class FloatGemm final : public PreparedGemm {
     const std::int64_t cols = std::min<std::int64_t>(nr_, s.n - p * nr_);
     const auto elem = static_cast<std::int64_t>(x2_elem_);
     std::memset(out, 0, static_cast<std::size_t>(s.k * nr_ * elem));
-    for (std::int64_t l = 0; l < s.k; ++l) {
-      unsigned char* row = out + l * nr_ * elem;
-      if (ops_.x2.stride(1) == 1) {
-        std::memcpy(row, x2_at(l, p * nr_), static_cast<std::size_t>(cols * elem));
-        continue;
+    if (ops_.x2.stride(1) == 1) {
+      for (std::int64_t l = 0; l < s.k; ++l) {
+        std::memcpy(out + l * nr_ * elem, x2_at(l, p * nr_), static_cast<std::size_t>(cols * elem));
       }
-      for (std::int64_t j = 0; j < cols; ++j) {
-        std::memcpy(row + j * elem, x2_at(l, p * nr_ + j), x2_elem_);
-      }
+    } else if (elem == 2) {
+      transpose_columns(static_cast<const std::uint16_t*>(static_cast<const void*>(x2_at(0, p * nr_))), cols,
+                        reinterpret_cast<std::uint16_t*>(out));
+    } else {
+      transpose_columns(static_cast<const std::int8_t*>(static_cast<const void*>(x2_at(0, p * nr_))), cols,
+                        reinterpret_cast<std::int8_t*>(out));
+    }
+  }
+
+  // Column j of a transposed x2 (contiguous along k) into out[l * NR + j].
+  template <class T>
+  void transpose_columns(const T* first_column, std::int64_t cols, T* out) const {
+    const std::int64_t column_stride = ops_.x2.stride(1);
+    for (std::int64_t j = 0; j < cols; ++j) {
+      const T* column = first_column + j * column_stride;
+      for (std::int64_t l = 0; l < ops_.shape.k; ++l) out[l * nr_ + j] = column[l];
     }
   }
 
@@ -328,6 +357,62 @@ class FloatGemm final : public PreparedGemm {
     return tasks;
   }
 
+  // All rows; column blocks [0, blocks) shared out among the threads.
+  std::vector<Task> split_columns(std::int64_t m0, std::int64_t m1, std::int64_t blocks) const {
+    const std::int64_t parts = std::min<std::int64_t>(pool_->size(), blocks);
+    std::vector<Task> tasks;
+    for (std::int64_t t = 0; t < parts; ++t) tasks.push_back({m0, m1, blocks * t / parts, blocks * (t + 1) / parts});
+    return tasks;
+  }
+
+  // The dot layout: rows [r0, r1) x column blocks [p0, p1) of kDotCols.
+  void compute_dot_task(const Task& task, std::int64_t m0, void* dst, std::int64_t ld) const {
+    const CallShape& s = ops_.shape;
+    const std::int64_t rows = task.r1 - task.r0;
+    thread_local AlignedBuffer<float> a_rows;
+    a_rows.resize(static_cast<std::size_t>(rows * s.k));
+    const auto* x1 = static_cast<const unsigned char*>(ops_.x1.data());
+    const auto x1_elem = static_cast<std::int64_t>(dtype_size(ops_.x1.dtype()));
+    for (std::int64_t r = 0; r < rows; ++r) {
+      kernels_.convert_to_f32(ops_.x1.dtype(), x1 + (task.r0 + r) * ops_.x1.stride(0) * x1_elem, s.k,
+                              a_rows.data() + r * s.k);
+    }
+    const bool dequantize = s.mode == Mode::weight_quant;
+    const DotKernel* dot = dequantize && ops_.offset ? kernels_.dot_i8_with_offset
+                                                     : kernels_.dot[static_cast<int>(format_of(ops_.x2.dtype()))];
+    const std::int64_t out_elem = static_cast<std::int64_t>(dtype_size(s.out_dtype));
+    const auto* x3 = ops_.x3 ? static_cast<const unsigned char*>(ops_.x3->data()) : nullptr;
+    auto* out = static_cast<unsigned char*>(dst);
+    for (std::int64_t block = task.p0; block < task.p1; ++block) {
+      const std::int64_t j0 = block * kDotCols;
+      for (std::int64_t i = task.r0; i < task.r1; i += kMaxDotRows) {
+        TileEpilogue epilogue;
+        epilogue.bias = ops_.bias ? bias_.data() + j0 : nullptr;
+        epilogue.x3 = x3 != nullptr ? x3 + (i * ops_.x3->stride(0) + j0) * out_elem : nullptr;
+        epilogue.x3_ld = ops_.x3 ? ops_.x3->stride(0) : 0;
+        epilogue.dst = out + ((i - m0) * ld + j0) * out_elem;
+        epilogue.dst_ld = ld;
+        epilogue.out_dtype = s.out_dtype;
+        DotTile tile;
+        tile.k = s.k;
+        tile.a = a_rows.data() + (i - task.r0) * s.k;
+        tile.a_ld = s.k;
+        tile.w = x2_at(0, j0);
+        tile.w_ld = ops_.x2.stride(1);
+        if (dequantize) {
+          tile.scale = scales_.data() + j0;
+          tile.offset = ops_.offset ? offsets_.data() + j0 : nullptr;
+          tile.scale_ld = n_padded_;
+          tile.group_rows = group_rows_;
+        }
+        tile.rows = static_cast<int>(std::min<std::int64_t>(kMaxDotRows, task.r1 - i));
+        tile.cols = static_cast<int>(std::min<std::int64_t>(kDotCols, s.n - j0));
+        tile.epilogue = &epilogue;
+        dot[tile.rows - 1](tile);
+      }
+    }
+  }
+
   struct BOrigin {
     const void* data;
     std::int64_t ld;
@@ -340,6 +425,8 @@ class FloatGemm final : public PreparedGemm {
         return {packed_f32_.data() + (p * k + l) * nr_, nr_};
       case BLayout::packed_source:
         return {packed_source_.data() + (p * k + l) * nr_ * static_cast<std::int64_t>(x2_elem_), nr_};
+      case BLayout::dot:
+        break;
       case BLayout::in_place:
         if (p == panels_ - 1 && ops_.shape.n % nr_ != 0) {
           return {packed_source_.data() + l * nr_ * static_cast<std::int64_t>(x2_elem_), nr_};

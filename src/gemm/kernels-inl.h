@@ -423,6 +423,76 @@ void set_row_kernels(MicroKernel* by_rows, std::index_sequence<kRowsMinusOne...>
   ((by_rows[kRowsMinusOne] = &micro_kernel<kFormat, kOffset, static_cast<int>(kRowsMinusOne) + 1>), ...);
 }
 
+// ---- the dot micro-kernel ----
+
+template <BFormat kFormat, bool kOffset>
+HWY_INLINE FloatVec load_w(const unsigned char* p, const DotTile& t, int column, std::int64_t l) {
+  FloatVec scale = hn::Zero(FloatTag()), offset = hn::Zero(FloatTag());
+  if constexpr (kFormat == BFormat::i8) {
+    const std::int64_t at = (l / t.group_rows) * t.scale_ld + column;
+    scale = hn::Set(FloatTag(), t.scale[at]);
+    if constexpr (kOffset) offset = hn::Set(FloatTag(), t.offset[at]);
+  }
+  return load_b<kFormat, kOffset>(p, scale, offset);
+}
+
+template <BFormat kFormat, bool kOffset, int kRows>
+void dot_kernel(const DotTile& t) {
+  const FloatTag d;
+  constexpr std::int64_t kElem = b_elem_size<kFormat>();
+  FloatVec acc[kRows][kDotCols];
+  const unsigned char* w[kDotCols];
+#pragma GCC unroll 4
+  for (int c = 0; c < kDotCols; ++c) {
+    // Columns past cols read column 0 again, and are dropped.
+    w[c] = static_cast<const unsigned char*>(t.w) + (c < t.cols ? c : 0) * t.w_ld * kElem;
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) acc[i][c] = hn::Zero(d);
+  }
+  std::int64_t l = 0;
+  for (; l + kLanes <= t.k; l += kLanes) {
+    FloatVec w_chunk[kDotCols];
+#pragma GCC unroll 4
+    for (int c = 0; c < kDotCols; ++c) w_chunk[c] = load_w<kFormat, kOffset>(w[c] + l * kElem, t, c, l);
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) {
+      const FloatVec a_chunk = hn::LoadU(d, t.a + i * t.a_ld + l);
+#pragma GCC unroll 4
+      for (int c = 0; c < kDotCols; ++c) acc[i][c] = hn::MulAdd(a_chunk, w_chunk[c], acc[i][c]);
+    }
+  }
+  if (l < t.k) {  // the last chunk, through zero-padded copies
+    const std::int64_t count = t.k - l;
+    FloatVec w_chunk[kDotCols];
+#pragma GCC unroll 4
+    for (int c = 0; c < kDotCols; ++c) {
+      alignas(64) unsigned char padded[kLanes * 4] = {};
+      __builtin_memcpy(padded, w[c] + l * kElem, static_cast<std::size_t>(count * kElem));
+      w_chunk[c] = load_w<kFormat, kOffset>(padded, t, c, l);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) {
+      const FloatVec a_chunk = load_partial(t.a + i * t.a_ld + l, count);
+#pragma GCC unroll 4
+      for (int c = 0; c < kDotCols; ++c) acc[i][c] = hn::MulAdd(a_chunk, w_chunk[c], acc[i][c]);
+    }
+  }
+  // Rows padded to a whole vector, which finish_f32 may load.
+  constexpr int kSumsLd = kLanes > kDotCols ? kLanes : kDotCols;
+  alignas(64) float sums[kRows * kSumsLd] = {};
+#pragma GCC unroll 4
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int c = 0; c < kDotCols; ++c) sums[i * kSumsLd + c] = hn::GetLane(hn::SumOfLanes(d, acc[i][c]));
+  }
+  finish_f32(kRows, t.cols, sums, kSumsLd, *t.epilogue);
+}
+
+template <BFormat kFormat, bool kOffset, std::size_t... kRowsMinusOne>
+void set_dot_kernels(DotKernel* by_rows, std::index_sequence<kRowsMinusOne...>) {
+  ((by_rows[kRowsMinusOne] = &dot_kernel<kFormat, kOffset, static_cast<int>(kRowsMinusOne) + 1>), ...);
+}
+
 inline KernelTable make_kernel_table(IsaLevel isa) {
   KernelTable table;
   table.isa = isa;
@@ -435,6 +505,12 @@ inline KernelTable make_kernel_table(IsaLevel isa) {
   set_row_kernels<BFormat::bf16, false>(table.tile[static_cast<int>(BFormat::bf16)], rows);
   set_row_kernels<BFormat::i8, false>(table.tile[static_cast<int>(BFormat::i8)], rows);
   set_row_kernels<BFormat::i8, true>(table.tile_i8_with_offset, rows);
+  const auto dot_rows = std::make_index_sequence<kMaxDotRows>();
+  set_dot_kernels<BFormat::f32, false>(table.dot[static_cast<int>(BFormat::f32)], dot_rows);
+  set_dot_kernels<BFormat::f16, false>(table.dot[static_cast<int>(BFormat::f16)], dot_rows);
+  set_dot_kernels<BFormat::bf16, false>(table.dot[static_cast<int>(BFormat::bf16)], dot_rows);
+  set_dot_kernels<BFormat::i8, false>(table.dot[static_cast<int>(BFormat::i8)], dot_rows);
+  set_dot_kernels<BFormat::i8, true>(table.dot_i8_with_offset, dot_rows);
   table.pack_a = &pack_a;
   table.pack_b_f32 = &pack_b_f32;
   table.convert_to_f32 = &convert_row;

@@ -81,6 +81,39 @@ struct MicroTile {
 
 using MicroKernel = void (*)(const MicroTile& tile);
 
+// The dot micro-kernel, for few rows of x1 with a transposed x2 (B's columns
+// contiguous along k, as a [n, k] weight stores them; the micro-kernel above
+// would need x2 copied into panels first). It computes rows [0, rows) x
+// columns [0, cols) over all of k in one call:
+//
+//   s(i, j) = sum over l of a[i * a_ld + l] * W(j, l),    W(j, l) = B(l, j)
+//
+// as one fp32 partial sum per vector lane (chunks of kLanes values of l,
+// ascending, one FMA each; a last partial chunk padded with zeros), then the
+// lanes added up by the target's fixed reduction, then the epilogue. The
+// order depends on k alone, so a row's results do not depend on the tile or
+// thread that computed them. i8 weights are dequantized as in MicroTile, with
+// the scale (offset) of column j and group g at scale[g * scale_ld + j]; a
+// chunk never spans two groups (groups are multiples of 32 values of l).
+struct DotTile {
+  std::int64_t k = 0;
+  const float* a = nullptr;         // fp32 rows of x1
+  std::int64_t a_ld = 0;
+  const void* w = nullptr;          // W(j, l) at w + j * w_ld + l, in the kernel's format
+  std::int64_t w_ld = 0;
+  const float* scale = nullptr;     // i8 only
+  const float* offset = nullptr;    // i8 only, or null
+  std::int64_t scale_ld = 0;
+  std::int64_t group_rows = 0;      // values of l per dequant group
+  int rows = 0;                     // <= kMaxDotRows (one kernel per row count)
+  int cols = 0;                     // <= kDotCols
+  const TileEpilogue* epilogue = nullptr;
+};
+
+using DotKernel = void (*)(const DotTile& tile);
+inline constexpr int kMaxDotRows = 4;
+inline constexpr int kDotCols = 4;
+
 // A block of x1 for pack_a: rows [0, rows) x columns [0, kc), kc <= kPackedAStride.
 struct ASource {
   const void* data = nullptr;  // element (0, 0)
@@ -111,6 +144,9 @@ struct KernelTable {
   // [i8] reads no offset, tile_i8_with_offset does.
   MicroKernel tile[kBFormatCount][kMaxMR] = {};
   MicroKernel tile_i8_with_offset[kMaxMR] = {};
+  // dot[format][rows - 1]; dot_i8_with_offset[rows - 1] reads offsets.
+  DotKernel dot[kBFormatCount][kMaxDotRows] = {};
+  DotKernel dot_i8_with_offset[kMaxDotRows] = {};
   // out[i * kPackedAStride + l] = x1(i, l) as fp32.
   void (*pack_a)(const ASource& src, float* out) = nullptr;
   // out[l * NR + j] = B(l, j) as fp32 (dequantized), zero for columns >= src.cols.
