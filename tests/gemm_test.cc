@@ -308,20 +308,27 @@ TEST(EngineSelection, ByModeAndLevel) {
     spec.dtype = DType::f16;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_in_place");
     spec.dtype = DType::bf16;
-    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
-              dl && cpu_features().avx512_bf16 ? "onednn_bf16" : kernels + "bf16_in_place");
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "bf16_in_place");
     spec.mode = Mode::weight_quant;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "wq_bf16_in_place");
     spec.mode = Mode::full_quant;
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "i8_in_place");
+    spec.x2_transposed = true;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
-              dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_in_place");
+              dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_packed_source");
     spec.mode = Mode::plain;
     spec.dtype = DType::f16;
-    spec.x2_transposed = true;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_dot");
     spec.x2_transposed = false;
-    spec.m = 100;  // more rows than the in-place layout serves
+    spec.m = 100;  // more rows than the in-place layouts serve
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_packed");
+    spec.dtype = DType::bf16;
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
+              dl && cpu_features().avx512_bf16 ? "onednn_bf16" : kernels + "bf16_packed");
+    spec.mode = Mode::full_quant;
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
+              dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_packed");
+    spec.dtype = DType::f16;
     spec.m = 8;
   }
 }

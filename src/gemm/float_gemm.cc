@@ -4,7 +4,7 @@
 // sums keep the int32 result exact.
 //
 // prepare (once per call) puts x2 where the micro-kernel reads it, in one of
-// three layouts:
+// four layouts:
 //   packed_f32     panels of NR columns, [panel][k][NR] fp32, converted and
 //                  dequantized once. For large m: the kernel then reads B at
 //                  full speed, and the conversion is paid once for m rows.
@@ -19,8 +19,8 @@
 //                  exceed fp32's exact integers).
 //   packed_source  panels of NR columns in x2's own dtype: small m, full
 //                  quant, x2 neither row-major nor a transposed row-major.
-// The layout depends on the call's m only, never on the rows asked for, and
-// the micro-kernel's sums do not depend on the layout either.
+// The layout depends on the call's m and x2's strides only, never on the rows
+// asked for, so a row's result does not depend on them either.
 //
 // compute_rows splits [m0, m1) x [0, n) among the threads (by column panels,
 // or by rows when there are few panels), and each thread runs
@@ -79,6 +79,15 @@ BFormat format_of(DType dtype) {
   }
 }
 
+BLayout choose_layout(const GemmOperands& ops) {
+  const bool row_major = ops.x2.stride(1) == 1;
+  const bool transposed = ops.x2.stride(0) == 1 && !row_major;
+  if (ops.shape.m > kSmallM) return BLayout::packed_f32;
+  if (row_major) return BLayout::in_place;
+  if (transposed && ops.shape.mode != Mode::full_quant) return BLayout::dot;
+  return BLayout::packed_source;
+}
+
 // A part of the output one thread computes: rows [r0, r1) (of the call),
 // panels [p0, p1).
 struct Task {
@@ -95,17 +104,7 @@ class FloatGemm final : public PreparedGemm {
     panels_ = ceil_div(s.n, nr_);
     n_padded_ = panels_ * nr_;
     x2_elem_ = dtype_size(ops_.x2.dtype());
-    const bool row_major = ops_.x2.stride(1) == 1;
-    const bool transposed = ops_.x2.stride(0) == 1 && !row_major;
-    if (s.m > kSmallM) {
-      layout_ = BLayout::packed_f32;
-    } else if (row_major) {
-      layout_ = BLayout::in_place;
-    } else if (transposed && s.mode != Mode::full_quant) {
-      layout_ = BLayout::dot;
-    } else {
-      layout_ = BLayout::packed_source;
-    }
+    layout_ = choose_layout(ops_);
     group_rows_ = s.scale_kind == ScaleKind::per_group ? s.group_size : s.k;
     blocking_ = choose_blocking();
     engine_name_ = cat(isa_name(kernels_.isa), "_",
@@ -573,6 +572,11 @@ class FloatGemm final : public PreparedGemm {
 };
 
 }  // namespace
+
+bool float_gemm_reads_x2_in_place(const GemmOperands& operands) {
+  const BLayout layout = choose_layout(operands);
+  return layout == BLayout::in_place || layout == BLayout::dot;
+}
 
 std::unique_ptr<PreparedGemm> prepare_float_gemm(const GemmOperands& operands,
                                                  const KernelTable& kernels, int threads) {

@@ -11,6 +11,11 @@
 
 namespace tpfuse::gemm {
 
+// True when this engine would read x2 where it lies, without converting or
+// copying it (few rows: decode). It then beats any engine that reorders x2
+// first, whatever that engine's kernel.
+bool float_gemm_reads_x2_in_place(const GemmOperands& operands);
+
 // threads >= 1.
 std::unique_ptr<PreparedGemm> prepare_float_gemm(const GemmOperands& operands,
                                                  const KernelTable& kernels, int threads);

@@ -5,6 +5,8 @@
 //                                    else the fp32 micro-kernels
 //   int8 full quant                  oneDNN where the CPU has AVX512-VNNI,
 //                                    else the fp32 micro-kernels, exactly
+//   any mode, few rows (decode)      the fp32 micro-kernels where they read
+//                                    x2 in place
 // (The reference engine computes nothing here: it is the tests' yardstick.)
 // The micro-kernels come from the table of the level asked for.
 #include <sched.h>
@@ -45,13 +47,15 @@ int default_gemm_threads(int ranks_on_host) {
 std::unique_ptr<PreparedGemm> prepare_gemm_for_isa(const GemmOperands& operands, IsaLevel level) {
   const int threads = operands.threads > 0 ? operands.threads : default_gemm_threads(1);
   const KernelTable& kernels = kernels_for(level);
-  const bool dl_boost = level >= IsaLevel::avx512_dl;
+  // oneDNN reorders (bf16) or copies (int8) x2 on every call: for few rows,
+  // reading x2 in place costs less than that copy alone.
+  const bool onednn_pays = level >= IsaLevel::avx512_dl && !float_gemm_reads_x2_in_place(operands);
   switch (operands.shape.mode) {
     case Mode::full_quant:
-      if (dl_boost && cpu_features().avx512_vnni) return prepare_onednn_gemm(operands, kernels, threads);
+      if (onednn_pays && cpu_features().avx512_vnni) return prepare_onednn_gemm(operands, kernels, threads);
       return prepare_float_gemm(operands, kernels, threads);
     case Mode::plain:
-      if (operands.shape.in_dtype == DType::bf16 && dl_boost && cpu_features().avx512_bf16) {
+      if (operands.shape.in_dtype == DType::bf16 && onednn_pays && cpu_features().avx512_bf16) {
         return prepare_onednn_gemm(operands, kernels, threads);
       }
       return prepare_float_gemm(operands, kernels, threads);
