@@ -135,8 +135,8 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
 
   const std::int64_t m = spec.m, n = spec.n;
   const auto count = static_cast<std::size_t>(m * n);
-  const Tensor out(c.dtype, {m, n});
-  const Tensor reduced(c.dtype, {m, n});  // zeros: reducing them in place never overflows
+  Tensor out(c.dtype, {m, n});
+  Tensor reduced(c.dtype, {m, n});  // zeros: reducing them in place never overflows
   comm::Communicator& comm = *ctx.comm;
   const auto compute = [&] { gemm::prepare_gemm(operands)->compute_rows(0, m, out.data(), n); };
   const std::vector<std::function<void()>> variants = {
