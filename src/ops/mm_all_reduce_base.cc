@@ -1,18 +1,19 @@
-// The operator: validate -> agree across ranks -> compute tiles along M and
-// all-reduce each one. A tile's reduce is started as soon as the tile is
-// computed and completed after the next tile is computed, so the two overlap
-// as far as the transport allows; the overlap planner refines the tiling.
+// The operator: validate -> agree across ranks -> plan the tiles along M ->
+// run them, each tile's all-reduce overlapping the next tiles' GEMM (the
+// pipeline folder has the planner and the executor).
 #include "tpfuse/ops/mm_all_reduce_base.h"
 
 #include <algorithm>
 #include <optional>
 
 #include "ops/agreement.h"
+#include "pipeline/executor.h"
 #include "ops/test_hooks.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/log.h"
 #include "tpfuse/gemm/tile_gemm.h"
+#include "tpfuse/pipeline/plan.h"
 #include "tpfuse/ops/validate.h"
 
 namespace tpfuse {
@@ -41,33 +42,38 @@ gemm::GemmOperands make_operands(const CallShape& shape, const TensorView& x1,
   return ops;
 }
 
-// Equal tiles along M: comm_turn > 0 asks for exactly that many (capped at m).
-std::int64_t tile_count(const CallShape& shape) {
-  if (shape.comm_turn > 0) return std::min(shape.comm_turn, shape.m);
-  return 1;
-}
-
 void run(const CallShape& shape, const TensorView& x1, const TensorView& x2,
          const MmAllReduceOptions& options, const TensorView& out, comm::Communicator& comm) {
-  const auto gemm = gemm::prepare_gemm(make_operands(shape, x1, x2, options));
-  const std::int64_t tiles = tile_count(shape);
-  const std::size_t elem = dtype_size(shape.out_dtype);
-  auto* out_bytes = static_cast<std::byte*>(out.data());
-  log::debug("mm_all_reduce_base: m=", shape.m, " k=", shape.k, " n=", shape.n, " mode=",
-             mode_name(shape.mode), " tiles=", tiles, " engine=", gemm->engine());
+  const pipeline::ProgressMode progress = pipeline::default_progress_mode();
+  // The shm transport's ranks share this host's cores.
+  const pipeline::ThreadBudget budget = pipeline::thread_budget(progress, comm.size());
+  gemm::GemmOperands operands = make_operands(shape, x1, x2, options);
+  operands.threads = budget.gemm_threads;
+  const auto gemm = gemm::prepare_gemm(operands);
 
-  std::unique_ptr<comm::Work> in_flight;
-  for (std::int64_t t = 0; t < tiles; ++t) {
-    const std::int64_t m0 = shape.m * t / tiles;
-    const std::int64_t m1 = shape.m * (t + 1) / tiles;
-    std::byte* rows = out_bytes + static_cast<std::size_t>(m0 * shape.n) * elem;
-    gemm->compute_rows(m0, m1, rows, shape.n);
-    test_hooks::after_tile_computed(t);
-    if (in_flight) in_flight->wait();
-    in_flight = comm.all_reduce_start(rows, rows, static_cast<std::size_t>((m1 - m0) * shape.n),
-                                      shape.out_dtype);
-  }
-  in_flight->wait();
+  pipeline::TileJob job;
+  job.gemm = gemm.get();
+  job.comm = &comm;
+  job.n = shape.n;
+  job.dtype = shape.out_dtype;
+  job.out = out.data();
+  job.progress = progress;
+  job.after_tile_computed = test_hooks::after_tile_computed;
+
+  pipeline::PlanRequest request;
+  request.m = shape.m;
+  request.n = shape.n;
+  request.k = shape.k;
+  request.mode = shape.mode;
+  request.in_dtype = shape.in_dtype;
+  request.out_dtype = shape.out_dtype;
+  request.threads = operands.threads;
+  request.comm_turn = shape.comm_turn;
+  request.reduce_has_own_core = budget.reduce_has_own_core;
+  const pipeline::TilePlan plan = pipeline::plan_call(comm, *gemm, request);
+  log::debug("mm_all_reduce_base: m=", shape.m, " k=", shape.k, " n=", shape.n, " mode=",
+             mode_name(shape.mode), " tiles=", plan.tile_rows.size(), " engine=", gemm->engine());
+  pipeline::execute_plan(plan, job);
 }
 
 // Validates locally, then agrees with the peers; returns the validated shape.

@@ -1,0 +1,75 @@
+// Tile plans: how the fused operator cuts its output along M so that one
+// tile's all-reduce overlaps the next tile's GEMM, the machine constants the
+// choice rests on, and the predicted time. `tpfuse plan` and the benchmarks
+// print them; the operator runs them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tpfuse/comm/communicator.h"
+#include "tpfuse/core/dtype.h"
+#include "tpfuse/gemm/tile_gemm.h"
+#include "tpfuse/ops/mode.h"
+
+namespace tpfuse::pipeline {
+
+// What the plan depends on in a call: the same on every rank (k is the
+// largest K-slice of any rank, since the slowest rank paces the pipeline).
+struct PlanRequest {
+  std::int64_t m = 0, n = 0, k = 0;
+  Mode mode = Mode::plain;
+  DType in_dtype = DType::f16;
+  DType out_dtype = DType::f16;
+  int threads = 1;             // GEMM threads per rank
+  std::int64_t comm_turn = 0;  // > 0: exactly that many tiles (capped at m)
+  // Whether the reduce runs on a core of its own, alongside the GEMM (else
+  // it takes turns with the GEMM on the GEMM's cores, and cannot overlap it).
+  bool reduce_has_own_core = false;
+};
+
+// The cost model's constants, measured on this machine by each rank, then
+// agreed (the slowest rank's figure), so that every rank plans alike.
+struct CostConstants {
+  // GEMM: seconds = gemm_call_seconds + 2 m n k / gemm_flops, per compute_rows call.
+  double gemm_flops = 0;
+  double gemm_call_seconds = 0;
+  // One tile's all-reduce from the transport's buffer, in CPU time of this
+  // rank: seconds = reduce_round_seconds + bytes * reduce_seconds_per_byte.
+  double reduce_round_seconds = 0;
+  double reduce_seconds_per_byte = 0;
+  // The plain all-reduce (private input copied in): bytes * this, per byte.
+  double copy_reduce_seconds_per_byte = 0;
+  // Largest tile the transport takes without a copy, and tiles in flight.
+  std::int64_t buffer_bytes = 0;
+  int max_in_flight = 1;
+};
+
+struct TilePlan {
+  std::vector<std::int64_t> tile_rows;  // along M, in order; they sum to m
+  // Rows the GEMM computes between two polls of the transport.
+  std::int64_t poll_rows = 0;
+  double predicted_seconds = 0;         // the plan, under the cost model
+  double predicted_serial_seconds = 0;  // GEMM of all rows, then one all-reduce
+  std::string reason;                   // why this shape of plan, in words
+};
+
+// The plan for `request` under `constants`: a pure function, the same on
+// every rank given the same inputs.
+TilePlan make_plan(const PlanRequest& request, const CostConstants& constants);
+
+// The plan for a call on `comm` whose GEMM is `gemm` (collective: every rank
+// calls it, in the same order, for the same call). The transport's constants
+// are measured on the first call that needs them, the GEMM's on the first
+// call of each (mode, dtypes, n, k, threads), each agreed across the ranks and
+// cached for the communicator's life: a few milliseconds, once. `constants`,
+// when not null, receives the constants the plan used.
+TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
+                   const PlanRequest& request, CostConstants* constants = nullptr);
+
+// A readable account of a plan: the tiles, the constants and the prediction.
+std::string describe_plan(const PlanRequest& request, const CostConstants& constants,
+                          const TilePlan& plan);
+
+}  // namespace tpfuse::pipeline

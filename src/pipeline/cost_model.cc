@@ -1,0 +1,209 @@
+// The cost model's constants: measured on this machine, agreed across the
+// ranks (the slowest rank's figure counts, since it paces the pipeline), and
+// cached per communicator; and plan_call, which puts them together.
+//
+// Every decision here that leads to a collective (measure or not, plan or
+// not) depends only on values every rank has alike: the call's agreed shape,
+// the cache (filled by the same sequence of collective calls on every rank)
+// and values just gathered. A rank that decided otherwise would wait in a
+// collective its peers never enter.
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/log.h"
+#include "tpfuse/pipeline/plan.h"
+
+namespace tpfuse::pipeline {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct TransportConstants {
+  double reduce_round_seconds = 0;
+  double reduce_seconds_per_byte = 0;
+  double copy_reduce_seconds_per_byte = 0;
+};
+
+struct GemmConstants {
+  double flops = 0;
+  double call_seconds = 0;
+};
+
+using TransportKey = std::tuple<std::string, DType>;
+using GemmKey = std::tuple<std::string, Mode, DType, DType, std::int64_t, std::int64_t, int>;
+
+struct Cache {
+  std::mutex mutex;
+  std::map<TransportKey, TransportConstants> transport;
+  std::map<GemmKey, GemmConstants> gemm;
+};
+
+Cache& cache() {
+  static Cache instance;
+  return instance;
+}
+
+// Every rank's values, element by element, the largest.
+std::vector<double> agreed_max(comm::Communicator& comm, const std::vector<double>& mine) {
+  const auto blobs = comm.all_gather(
+      std::string_view(reinterpret_cast<const char*>(mine.data()), mine.size() * sizeof(double)));
+  std::vector<double> result = mine;
+  for (const std::string& blob : blobs) {
+    if (blob.size() != mine.size() * sizeof(double)) {
+      throw InternalError(cat("plan: a rank sent ", blob.size(), " bytes of constants, expected ",
+                              mine.size() * sizeof(double)));
+    }
+    for (std::size_t i = 0; i < result.size(); ++i) {
+      double value = 0;
+      std::memcpy(&value, blob.data() + i * sizeof(double), sizeof(double));
+      result[i] = std::max(result[i], value);
+    }
+  }
+  return result;
+}
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Median seconds per call of `body` over `reps` timed calls, after one untimed.
+template <class Body>
+double median_seconds(int reps, Body&& body) {
+  body();
+  std::vector<double> seconds;
+  for (int r = 0; r < reps; ++r) {
+    const auto start = Clock::now();
+    body();
+    seconds.push_back(seconds_since(start));
+  }
+  std::sort(seconds.begin(), seconds.end());
+  return seconds[seconds.size() / 2];
+}
+
+// One round from the transport's buffer (what a tile costs), tiny and at
+// the largest size; then the plain all-reduce of a private buffer.
+TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
+  constexpr int kReps = 5;
+  const std::size_t element = dtype_size(dtype);
+  const std::size_t large = std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{4} << 20) / element;
+  const std::size_t small = std::min<std::size_t>(64, large);
+  std::vector<std::byte> output(large * element);
+  auto buffer_round = [&](std::size_t count) {
+    comm::ReduceBuffer buffer = comm.acquire_reduce_buffer(count, dtype);
+    std::memset(buffer.data, 0, count * element);
+    comm.all_reduce_start(std::move(buffer), output.data())->wait();
+  };
+  comm.barrier();
+  const double round = median_seconds(kReps, [&] { buffer_round(small); });
+  const double full = median_seconds(kReps, [&] { buffer_round(large); });
+  std::vector<std::byte> input(large * element);
+  const double plain = median_seconds(kReps, [&] {
+    comm.all_reduce(input.data(), output.data(), large, dtype);
+  });
+  const auto agreed = agreed_max(comm, {round, full, plain});
+  const double bytes = static_cast<double>(large * element);
+  TransportConstants constants;
+  constants.reduce_round_seconds = agreed[0];
+  constants.reduce_seconds_per_byte = std::max(0.0, agreed[1] - agreed[0]) / bytes;
+  constants.copy_reduce_seconds_per_byte = std::max(0.0, agreed[2] - agreed[0]) / bytes;
+  return constants;
+}
+
+// compute_rows on a few rows of the call's own GEMM, at two row counts:
+// their difference is the rate, the rest the cost of a call.
+GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
+                           const PlanRequest& request) {
+  const std::int64_t large_rows = std::clamp<std::int64_t>(request.m / 64, 2, 32);
+  const std::int64_t small_rows = std::max<std::int64_t>(1, large_rows / 4);
+  std::vector<std::byte> scratch(static_cast<std::size_t>(large_rows * request.n) *
+                                 dtype_size(request.out_dtype));
+  auto time_rows = [&](std::int64_t rows) {
+    double best = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+      const auto start = Clock::now();
+      gemm.compute_rows(0, rows, scratch.data(), request.n);
+      const double seconds = seconds_since(start);
+      best = rep == 0 ? seconds : std::min(best, seconds);
+    }
+    return best;
+  };
+  const double small_seconds = time_rows(small_rows);
+  const double large_seconds = time_rows(large_rows);
+  const double per_row = std::max(1e-12, (large_seconds - small_seconds) /
+                                              static_cast<double>(large_rows - small_rows));
+  const double call = std::max(0.0, small_seconds - per_row * static_cast<double>(small_rows));
+  const auto agreed = agreed_max(comm, {per_row, call});
+  GemmConstants constants;
+  constants.flops = 2.0 * static_cast<double>(request.n) * static_cast<double>(request.k) / agreed[0];
+  constants.call_seconds = agreed[1];
+  return constants;
+}
+
+// The request with the rank-local facts agreed: the largest k, the fewest
+// threads, and a core of its own for the reduce only where every rank has one.
+PlanRequest agreed_request(comm::Communicator& comm, PlanRequest request) {
+  const auto agreed = agreed_max(
+      comm, {static_cast<double>(request.k), -static_cast<double>(request.threads),
+             request.reduce_has_own_core ? 0.0 : 1.0});
+  request.k = static_cast<std::int64_t>(agreed[0]);
+  request.threads = static_cast<int>(-agreed[1]);
+  request.reduce_has_own_core = agreed[2] == 0.0;
+  return request;
+}
+
+}  // namespace
+
+TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
+                   const PlanRequest& local_request, CostConstants* used) {
+  // A forced or one-row plan needs no constants (unless asked for them);
+  // its predictions are then meaningless and unused.
+  if ((local_request.comm_turn > 0 || local_request.m == 1) && used == nullptr) {
+    return make_plan(local_request, {.gemm_flops = 1});
+  }
+  const PlanRequest request = agreed_request(comm, local_request);
+  CostConstants constants;
+  constants.buffer_bytes = static_cast<std::int64_t>(
+      std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{1} << 62));
+  constants.max_in_flight = comm.max_reduces_in_flight();
+  const TransportKey transport_key{comm.name(), request.out_dtype};
+  const GemmKey gemm_key{comm.name(), request.mode, request.in_dtype, request.out_dtype,
+                         request.n, request.k, request.threads};
+  std::optional<TransportConstants> transport;
+  std::optional<GemmConstants> gemm_constants;
+  {
+    const std::lock_guard lock(cache().mutex);
+    if (auto it = cache().transport.find(transport_key); it != cache().transport.end()) transport = it->second;
+    if (auto it = cache().gemm.find(gemm_key); it != cache().gemm.end()) gemm_constants = it->second;
+  }
+  if (!transport) {
+    transport = measure_transport(comm, request.out_dtype);
+    const std::lock_guard lock(cache().mutex);
+    cache().transport[transport_key] = *transport;
+  }
+  if (!gemm_constants) {
+    gemm_constants = measure_gemm(comm, gemm, request);
+    const std::lock_guard lock(cache().mutex);
+    cache().gemm[gemm_key] = *gemm_constants;
+  }
+  constants.gemm_flops = gemm_constants->flops;
+  constants.gemm_call_seconds = gemm_constants->call_seconds;
+  constants.reduce_round_seconds = transport->reduce_round_seconds;
+  constants.reduce_seconds_per_byte = transport->reduce_seconds_per_byte;
+  constants.copy_reduce_seconds_per_byte = transport->copy_reduce_seconds_per_byte;
+  if (used != nullptr) *used = constants;
+  TilePlan plan = make_plan(request, constants);
+  log::debug("plan for m=", request.m, " n=", request.n, " k=", request.k, ": ",
+             plan.tile_rows.size(), " tiles (", plan.reason, ")");
+  return plan;
+}
+
+}  // namespace tpfuse::pipeline

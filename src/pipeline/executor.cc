@@ -1,0 +1,222 @@
+// The executor of a tile plan.
+//
+// Why the pipeline looks like this. Tile t's rows go straight from the GEMM's
+// epilogue into the buffer the transport hands out for round t (its shared
+// slot: no copy), and the all-reduce of round t then runs while tiles t+1,
+// t+2, ... are computed. The transport keeps max_reduces_in_flight() (3)
+// slots per rank: one being filled, one being reduced, and one of slack, so
+// that a peer a tile behind does not stall this rank's GEMM; acquiring the
+// slot for tile t waits only for tile t-3 to be read by every rank.
+//
+// Who advances the all-reduces matters on a CPU, where the reduce is work
+// for the same cores as the GEMM. Interleaved: the GEMM's thread polls the
+// transport between blocks of poll_rows rows, and reduces whatever round is
+// ready; nothing is hidden on a busy core, but nothing waits either, since a
+// round that is not ready is simply left for the next poll. Helper thread: a
+// thread of its own advances the rounds; it hides the reduce only when the
+// rank has a core for it (thread_budget leaves the GEMM one core fewer then).
+#include "pipeline/executor.h"
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "tpfuse/core/config.h"
+#include "tpfuse/core/error.h"
+
+namespace tpfuse::pipeline {
+
+namespace {
+
+const EnvSetting<std::string> kProgressMode{
+    "TPFUSE_PIPELINE_PROGRESS", "interleaved",
+    "who advances the fused operator's all-reduces: interleaved (the GEMM's thread, between "
+    "blocks of rows) or helper_thread"};
+
+// The all-reduces in flight, oldest first, and whoever advances them.
+class InFlight {
+ public:
+  virtual ~InFlight() = default;
+  virtual void add(std::unique_ptr<comm::Work> work) = 0;
+  // Called between blocks of GEMM rows.
+  virtual void poll() = 0;
+  // Waits until every all-reduce added has completed.
+  virtual void finish() = 0;
+};
+
+// The GEMM's thread advances the all-reduces itself, between blocks.
+class PolledInFlight final : public InFlight {
+ public:
+  void add(std::unique_ptr<comm::Work> work) override {
+    works_.push_back(std::move(work));
+    poll();
+  }
+  void poll() override {
+    // Completion is in order, and the transport advances every all-reduce
+    // in flight when asked about the oldest.
+    while (!works_.empty() && works_.front()->test()) works_.pop_front();
+  }
+  void finish() override {
+    for (auto& work : works_) work->wait();
+    works_.clear();
+  }
+
+ private:
+  std::deque<std::unique_ptr<comm::Work>> works_;
+};
+
+// A thread of its own advances the all-reduces while the GEMM computes.
+class HelperThreadInFlight final : public InFlight {
+ public:
+  HelperThreadInFlight() : thread_([this] { run(); }) {}
+  ~HelperThreadInFlight() override { close(); }
+
+  void add(std::unique_ptr<comm::Work> work) override {
+    {
+      const std::lock_guard lock(mutex_);
+      works_.push_back(std::move(work));
+    }
+    wake_.notify_one();
+    poll();
+  }
+  void poll() override {
+    const std::lock_guard lock(mutex_);
+    if (error_) std::rethrow_exception(error_);
+  }
+  void finish() override {
+    close();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void close() {
+    {
+      const std::lock_guard lock(mutex_);
+      closing_ = true;
+    }
+    wake_.notify_one();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  void run() {
+    try {
+      unsigned idle_rounds = 0;
+      while (true) {
+        std::unique_lock lock(mutex_);
+        wake_.wait(lock, [&] { return !works_.empty() || closing_; });
+        if (works_.empty()) return;
+        // Only this thread removes works; the GEMM's thread only appends, which
+        // leaves the front element where it is.
+        comm::Work& oldest = *works_.front();
+        lock.unlock();
+        if (oldest.test()) {
+          lock.lock();
+          works_.pop_front();
+          idle_rounds = 0;
+          continue;
+        }
+        pause(idle_rounds++);
+      }
+    } catch (...) {
+      const std::lock_guard lock(mutex_);
+      error_ = std::current_exception();
+    }
+  }
+
+  // Yields first (the GEMM may share this core), then sleeps briefly.
+  static void pause(unsigned idle_rounds) {
+    if (idle_rounds < 64) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::unique_ptr<comm::Work>> works_;
+  bool closing_ = false;
+  std::exception_ptr error_;
+  std::thread thread_;  // last: it starts once the members above exist
+};
+
+std::unique_ptr<InFlight> make_in_flight(ProgressMode mode) {
+  if (mode == ProgressMode::helper_thread) return std::make_unique<HelperThreadInFlight>();
+  return std::make_unique<PolledInFlight>();
+}
+
+// Rows [m0, m1) into `dst` (row stride n), polling between blocks.
+void compute_tile(const TileJob& job, std::int64_t m0, std::int64_t m1, std::int64_t poll_rows,
+                  std::byte* dst, InFlight& in_flight) {
+  const std::size_t row_bytes = static_cast<std::size_t>(job.n) * dtype_size(job.dtype);
+  const std::int64_t step = job.progress == ProgressMode::interleaved && poll_rows > 0
+                                ? poll_rows
+                                : m1 - m0;
+  for (std::int64_t begin = m0; begin < m1; begin += step) {
+    const std::int64_t end = std::min(m1, begin + step);
+    job.gemm->compute_rows(begin, end, dst + static_cast<std::size_t>(begin - m0) * row_bytes,
+                           job.n);
+    in_flight.poll();
+  }
+}
+
+void run_tiles(const TilePlan& plan, const TileJob& job, InFlight& in_flight) {
+  comm::Communicator& comm = *job.comm;
+  const std::size_t element = dtype_size(job.dtype);
+  const std::size_t row_bytes = static_cast<std::size_t>(job.n) * element;
+  auto* out = static_cast<std::byte*>(job.out);
+  std::int64_t m0 = 0;
+  for (std::size_t t = 0; t < plan.tile_rows.size(); ++t) {
+    const std::int64_t m1 = m0 + plan.tile_rows[t];
+    std::byte* out_rows = out + static_cast<std::size_t>(m0) * row_bytes;
+    const std::size_t count = static_cast<std::size_t>(m1 - m0) * static_cast<std::size_t>(job.n);
+    if (count * element <= comm.max_reduce_buffer_bytes()) {
+      comm::ReduceBuffer buffer = comm.acquire_reduce_buffer(count, job.dtype);
+      compute_tile(job, m0, m1, plan.poll_rows, buffer.data, in_flight);
+      if (job.after_tile_computed) job.after_tile_computed(static_cast<std::int64_t>(t));
+      in_flight.add(comm.all_reduce_start(std::move(buffer), out_rows));
+    } else {
+      // A tile larger than the transport's buffers: computed in place, copied in.
+      compute_tile(job, m0, m1, plan.poll_rows, out_rows, in_flight);
+      if (job.after_tile_computed) job.after_tile_computed(static_cast<std::int64_t>(t));
+      in_flight.add(comm.all_reduce_start(out_rows, out_rows, count, job.dtype));
+    }
+    m0 = m1;
+  }
+  in_flight.finish();
+}
+
+}  // namespace
+
+ProgressMode default_progress_mode() {
+  const std::string& name = kProgressMode.get();
+  if (name == "interleaved") return ProgressMode::interleaved;
+  if (name == "helper_thread") return ProgressMode::helper_thread;
+  throw InvalidArgument(cat(kProgressMode.name(), ": expected interleaved or helper_thread, got \"",
+                            name, "\""));
+}
+
+ThreadBudget thread_budget(ProgressMode mode, int ranks_on_host) {
+  const int cores = gemm::default_gemm_threads(ranks_on_host);
+  if (mode == ProgressMode::helper_thread && cores >= 2) return {cores - 1, true};
+  return {cores, false};
+}
+
+void execute_plan(const TilePlan& plan, const TileJob& job) {
+  // Destroyed after the abort below: its all-reduces then fail at once
+  // instead of waiting for peers that wait for us.
+  const auto in_flight = make_in_flight(job.progress);
+  try {
+    run_tiles(plan, job, *in_flight);
+  } catch (const std::exception& error) {
+    job.comm->abort(cat("rank ", job.comm->rank(), " stopped its tile pipeline: ", error.what()));
+    throw;
+  }
+}
+
+}  // namespace tpfuse::pipeline

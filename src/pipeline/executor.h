@@ -1,0 +1,51 @@
+// The executor: runs a tile plan for one call, the GEMM producing each tile
+// straight into the transport's buffer and the transport reducing finished
+// tiles while later ones are computed. See executor.cc for why it is built
+// the way it is.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "tpfuse/comm/communicator.h"
+#include "tpfuse/gemm/tile_gemm.h"
+#include "tpfuse/pipeline/plan.h"
+
+namespace tpfuse::pipeline {
+
+// Who advances the all-reduces in flight.
+enum class ProgressMode {
+  interleaved,    // the GEMM's thread, between blocks of poll_rows rows
+  helper_thread,  // a thread of its own, while the GEMM's threads compute
+};
+
+// TPFUSE_PIPELINE_PROGRESS (interleaved or helper_thread), read once.
+ProgressMode default_progress_mode();
+
+// How one rank's cores are shared: GEMM threads, and whether the reduce
+// gets a core of its own (a helper thread, when the rank has two cores or
+// more; the GEMM then leaves it one).
+struct ThreadBudget {
+  int gemm_threads = 1;
+  bool reduce_has_own_core = false;
+};
+ThreadBudget thread_budget(ProgressMode mode, int ranks_on_host);
+
+struct TileJob {
+  const gemm::PreparedGemm* gemm = nullptr;
+  comm::Communicator* comm = nullptr;
+  std::int64_t n = 0;
+  DType dtype = DType::f16;
+  void* out = nullptr;  // [m, n] row-major, dtype: the reduced result
+  ProgressMode progress = ProgressMode::interleaved;
+  // Called after a tile's GEMM, before its all-reduce starts (tests stall or
+  // kill a rank there).
+  std::function<void(std::int64_t tile)> after_tile_computed;
+};
+
+// Runs `plan` (collective: every rank runs the same plan). On an error the
+// communicator is aborted, so the peers fail at once rather than at their
+// deadline, and the error is rethrown.
+void execute_plan(const TilePlan& plan, const TileJob& job);
+
+}  // namespace tpfuse::pipeline

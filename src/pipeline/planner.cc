@@ -1,0 +1,257 @@
+// The tile planner: a pure function from a call and the measured constants
+// to a tile schedule along M.
+//
+// It predicts each candidate schedule's time with the cost model and keeps
+// the fastest (fewer tiles on a tie). Candidates: one tile; n equal tiles for
+// every n from the fewest that fit the transport's buffers up to kMaxTiles
+// more; and, like Ascend's tiling, schedules of two lengths (long tiles of L
+// rows, short ones of L/2), the short ones last (the last reduce, which
+// nothing hides, is short: good when the GEMM dominates) or first (the
+// reduce starts early: good when communication dominates).
+//
+// The prediction depends on who runs the reduce. On a core of its own it is
+// a two-stage flow shop: tile i's reduce starts when tile i is computed and
+// tile i-1's reduce is done, and tile i's GEMM waits for the slot of tile
+// i - max_in_flight to be free. Taking turns with the GEMM on the same cores,
+// the two add up, and splitting can only cost: per-tile overheads then pick
+// the fewest tiles that fit the buffers (one, when the output fits one).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <deque>
+
+#include "tpfuse/core/error.h"
+#include "tpfuse/pipeline/plan.h"
+
+namespace tpfuse::pipeline {
+
+namespace {
+
+// Beyond the fewest tiles that fit the buffers, at most this many more.
+constexpr std::int64_t kMaxExtraTiles = 32;
+// Tile boundaries fall on multiples of this many rows when m allows, so that
+// every tile starts on a full micro-kernel block.
+constexpr std::int64_t kRowGranule = 16;
+// In a tile, the GEMM polls the transport this many times.
+constexpr std::int64_t kPollsPerTile = 4;
+
+struct CostModel {
+  const PlanRequest& request;
+  const CostConstants& constants;
+
+  std::size_t row_bytes() const {
+    return static_cast<std::size_t>(request.n) * dtype_size(request.out_dtype);
+  }
+  double gemm_seconds(std::int64_t rows, std::int64_t calls) const {
+    return static_cast<double>(calls) * constants.gemm_call_seconds +
+           2.0 * static_cast<double>(rows) * static_cast<double>(request.n) *
+               static_cast<double>(request.k) / constants.gemm_flops;
+  }
+  bool fits_buffer(std::int64_t rows) const {
+    return static_cast<double>(rows) * static_cast<double>(row_bytes()) <=
+           static_cast<double>(constants.buffer_bytes);
+  }
+  // A tile's all-reduce: from the buffer the GEMM wrote, or (a tile too
+  // large for one) copied in from the output in chunks.
+  double reduce_seconds(std::int64_t rows) const {
+    if (!fits_buffer(rows)) return plain_all_reduce_seconds(rows);
+    return constants.reduce_round_seconds +
+           static_cast<double>(rows) * static_cast<double>(row_bytes()) *
+               constants.reduce_seconds_per_byte;
+  }
+  double plain_all_reduce_seconds(std::int64_t rows) const {
+    const double bytes = static_cast<double>(rows) * static_cast<double>(row_bytes());
+    const double chunks =
+        std::ceil(bytes / static_cast<double>(std::max<std::int64_t>(1, constants.buffer_bytes)));
+    return chunks * constants.reduce_round_seconds + bytes * constants.copy_reduce_seconds_per_byte;
+  }
+  std::int64_t calls_per_tile(std::int64_t rows, std::int64_t poll_rows) const {
+    if (request.reduce_has_own_core || poll_rows <= 0) return 1;
+    return (rows + poll_rows - 1) / poll_rows;
+  }
+
+  double predict(const std::vector<std::int64_t>& tiles, std::int64_t poll_rows) const {
+    if (!request.reduce_has_own_core) {
+      double total = 0;
+      for (std::int64_t rows : tiles) {
+        total += gemm_seconds(rows, calls_per_tile(rows, poll_rows)) + reduce_seconds(rows);
+      }
+      return total;
+    }
+    const auto depth = static_cast<std::size_t>(std::max(1, constants.max_in_flight));
+    std::deque<double> reduce_ends;  // of the last `depth` tiles
+    double gemm_end = 0, reduce_end = 0;
+    for (std::int64_t rows : tiles) {
+      const double slot_free = reduce_ends.size() == depth ? reduce_ends.front() : 0.0;
+      gemm_end = std::max(gemm_end, slot_free) + gemm_seconds(rows, 1);
+      reduce_end = std::max(reduce_end, gemm_end) + reduce_seconds(rows);
+      reduce_ends.push_back(reduce_end);
+      if (reduce_ends.size() > depth) reduce_ends.pop_front();
+    }
+    return reduce_end;
+  }
+};
+
+// Rows per tile for the given relative lengths, boundaries on the granule
+// where m allows; every tile gets at least one row.
+std::vector<std::int64_t> split_rows(std::int64_t m, const std::vector<double>& lengths) {
+  const auto tiles = static_cast<std::int64_t>(lengths.size());
+  const std::int64_t granule = m >= kRowGranule * tiles ? kRowGranule : 1;
+  double total = 0;
+  for (double length : lengths) total += length;
+  std::vector<std::int64_t> rows;
+  double cumulative = 0;
+  std::int64_t previous = 0;
+  for (std::int64_t t = 0; t < tiles; ++t) {
+    cumulative += lengths[static_cast<std::size_t>(t)];
+    std::int64_t boundary =
+        t + 1 == tiles ? m
+                       : static_cast<std::int64_t>(std::llround(static_cast<double>(m) * cumulative / total / static_cast<double>(granule))) * granule;
+    boundary = std::clamp(boundary, previous + 1, m - (tiles - t - 1));
+    rows.push_back(boundary - previous);
+    previous = boundary;
+  }
+  return rows;
+}
+
+std::int64_t poll_rows_for(const std::vector<std::int64_t>& tiles) {
+  const std::int64_t longest = *std::max_element(tiles.begin(), tiles.end());
+  const std::int64_t rows = (longest + kPollsPerTile - 1) / kPollsPerTile;
+  return std::max<std::int64_t>(1, (rows + kRowGranule - 1) / kRowGranule * kRowGranule);
+}
+
+struct Candidate {
+  std::vector<std::int64_t> tiles;
+  std::string reason;
+};
+
+std::vector<Candidate> candidates(const PlanRequest& request, const CostModel& model) {
+  std::vector<Candidate> list;
+  list.push_back({{request.m}, "one tile"});
+  const double output_bytes = static_cast<double>(request.m) * static_cast<double>(model.row_bytes());
+  const auto fewest = static_cast<std::int64_t>(
+      std::ceil(output_bytes / static_cast<double>(std::max<std::int64_t>(1, model.constants.buffer_bytes))));
+  const std::int64_t most = std::min(request.m, std::max<std::int64_t>(2, fewest) + kMaxExtraTiles);
+  for (std::int64_t tiles = std::max<std::int64_t>(2, fewest); tiles <= most; ++tiles) {
+    list.push_back({split_rows(request.m, std::vector<double>(static_cast<std::size_t>(tiles), 1.0)),
+                    cat(tiles, " equal tiles")});
+    for (std::int64_t short_tiles = 1; short_tiles < tiles; ++short_tiles) {
+      std::vector<double> lengths(static_cast<std::size_t>(tiles), 1.0);
+      std::fill(lengths.end() - short_tiles, lengths.end(), 0.5);
+      list.push_back({split_rows(request.m, lengths),
+                      cat("two lengths, ", short_tiles, " short tile(s) last (the GEMM dominates)")});
+      std::reverse(lengths.begin(), lengths.end());
+      list.push_back({split_rows(request.m, lengths),
+                      cat("two lengths, ", short_tiles, " short tile(s) first (the all-reduce dominates)")});
+    }
+  }
+  return list;
+}
+
+}  // namespace
+
+TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
+  require(request.m >= 1 && request.n >= 1 && request.k >= 1, "plan: m, n and k must be >= 1, got ",
+          request.m, ", ", request.n, ", ", request.k);
+  require(constants.gemm_flops > 0, "plan: the GEMM rate must be positive, got ", constants.gemm_flops);
+  const CostModel model{request, constants};
+  TilePlan plan;
+  if (request.comm_turn > 0) {
+    const std::int64_t tiles = std::min(request.comm_turn, request.m);
+    plan.tile_rows = split_rows(request.m, std::vector<double>(static_cast<std::size_t>(tiles), 1.0));
+    plan.reason = cat("comm_turn = ", request.comm_turn, ": ", tiles, " equal tiles");
+  } else {
+    double best = 0;
+    for (Candidate& candidate : candidates(request, model)) {
+      const bool zero_copy = std::all_of(candidate.tiles.begin(), candidate.tiles.end(),
+                                         [&](std::int64_t rows) { return model.fits_buffer(rows); });
+      if (candidate.tiles.size() > 1 && !zero_copy) continue;
+      const double seconds = model.predict(candidate.tiles, poll_rows_for(candidate.tiles));
+      if (plan.tile_rows.empty() || seconds < best) {
+        best = seconds;
+        plan.tile_rows = std::move(candidate.tiles);
+        plan.reason = std::move(candidate.reason);
+      }
+    }
+    if (plan.tile_rows.size() == 1) plan.reason = "one tile: splitting cannot pay";
+  }
+  plan.poll_rows = poll_rows_for(plan.tile_rows);
+  plan.predicted_seconds = model.predict(plan.tile_rows, plan.poll_rows);
+  plan.predicted_serial_seconds =
+      model.gemm_seconds(request.m, 1) + model.plain_all_reduce_seconds(request.m);
+  return plan;
+}
+
+namespace {
+
+std::string format_seconds(double seconds) {
+  char text[32];
+  if (seconds >= 1.0) {
+    std::snprintf(text, sizeof text, "%.3f s", seconds);
+  } else if (seconds >= 1e-3) {
+    std::snprintf(text, sizeof text, "%.3f ms", seconds * 1e3);
+  } else {
+    std::snprintf(text, sizeof text, "%.1f us", seconds * 1e6);
+  }
+  return text;
+}
+
+std::string format_bytes(double bytes) {
+  char text[32];
+  if (bytes >= 1 << 20) {
+    std::snprintf(text, sizeof text, "%.2f MiB", bytes / (1 << 20));
+  } else {
+    std::snprintf(text, sizeof text, "%.1f KiB", bytes / 1024);
+  }
+  return text;
+}
+
+// "256 rows x 12, then 128 rows x 4": runs of equal tiles.
+std::string describe_tiles(const std::vector<std::int64_t>& tiles) {
+  std::string text;
+  for (std::size_t t = 0; t < tiles.size();) {
+    std::size_t run = 1;
+    while (t + run < tiles.size() && tiles[t + run] == tiles[t]) ++run;
+    text += cat(text.empty() ? "" : ", then ", tiles[t], " rows x ", run);
+    t += run;
+  }
+  return text;
+}
+
+}  // namespace
+
+std::string describe_plan(const PlanRequest& request, const CostConstants& constants,
+                          const TilePlan& plan) {
+  const CostModel model{request, constants};
+  const double gemm = model.gemm_seconds(request.m, 1);
+  const double all_reduce = model.plain_all_reduce_seconds(request.m);
+  const double row_bytes = static_cast<double>(model.row_bytes());
+  const std::int64_t longest = *std::max_element(plan.tile_rows.begin(), plan.tile_rows.end());
+  std::string text;
+  text += cat("call      m=", request.m, " n=", request.n, " k=", request.k, " (largest per rank), ",
+              mode_name(request.mode), " ", dtype_name(request.in_dtype), " -> ",
+              dtype_name(request.out_dtype), ", ", request.threads, " GEMM thread(s) per rank, reduce ",
+              request.reduce_has_own_core ? "on a core of its own" : "taking turns with the GEMM",
+              "\n");
+  text += cat("schedule  ", plan.tile_rows.size(), " tile(s): ", describe_tiles(plan.tile_rows),
+              " (largest ", format_bytes(static_cast<double>(longest) * row_bytes), "); the GEMM polls every ",
+              plan.poll_rows, " rows\n");
+  text += cat("why       ", plan.reason, "\n");
+  char rate[64];
+  std::snprintf(rate, sizeof rate, "%.1f GFLOP/s", constants.gemm_flops / 1e9);
+  text += cat("measured  GEMM ", rate, " + ", format_seconds(constants.gemm_call_seconds),
+              " per call; tile all-reduce ", format_seconds(constants.reduce_round_seconds), " + ");
+  std::snprintf(rate, sizeof rate, "%.2f GB/s",
+                constants.reduce_seconds_per_byte > 0 ? 1e-9 / constants.reduce_seconds_per_byte : 0.0);
+  text += cat(rate, "; plain all-reduce ");
+  std::snprintf(rate, sizeof rate, "%.2f GB/s",
+                constants.copy_reduce_seconds_per_byte > 0 ? 1e-9 / constants.copy_reduce_seconds_per_byte : 0.0);
+  text += cat(rate, "; buffers of ", format_bytes(static_cast<double>(constants.buffer_bytes)), ", ",
+              constants.max_in_flight, " in flight\n");
+  text += cat("predicted fused ", format_seconds(plan.predicted_seconds), ", serial ",
+              format_seconds(plan.predicted_serial_seconds), " (GEMM ", format_seconds(gemm),
+              " + all-reduce ", format_seconds(all_reduce), ")\n");
+  return text;
+}
+
+}  // namespace tpfuse::pipeline

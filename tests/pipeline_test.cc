@@ -1,0 +1,346 @@
+// The executor across local ranks: every schedule shape the planner can
+// produce gives bitwise the single-tile result, in both progress modes and
+// through the transport's buffers or its copy path; a rank that stalls
+// between tiles delays the others without corrupting them; a rank that dies
+// or fails mid-pipeline makes the others fail within the deadline.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "ops/test_hooks.h"
+#include "pipeline/executor.h"
+#include "rank_harness.h"
+#include "tpfuse/ops/mm_all_reduce_base.h"
+#include "tpfuse/ops/validate.h"
+#include "tpfuse/pipeline/plan.h"
+#include "tpfuse/testing/inputs.h"
+
+namespace tpfuse {
+namespace {
+
+using namespace std::chrono_literals;
+using pipeline::ProgressMode;
+using pipeline::TilePlan;
+using test::expect_rank;
+using testing::CaseSpec;
+
+const char* mode_label(ProgressMode mode) {
+  return mode == ProgressMode::interleaved ? "interleaved" : "helper_thread";
+}
+
+comm::LaunchResult launch(int ranks, std::size_t slot_bytes,
+                          const std::function<int(comm::RankContext&)>& body,
+                          std::chrono::milliseconds timeout = 30s) {
+  comm::LaunchOptions options;
+  options.ranks = ranks;
+  options.shm.timeout = timeout;
+  options.shm.slot_bytes = slot_bytes;
+  return comm::launch_local(options, body);
+}
+
+// One rank's prepared GEMM for a spec, and its output.
+struct RankGemm {
+  RankGemm(const CaseSpec& spec, int rank) : inputs(testing::make_rank_inputs(spec, rank)) {
+    const CallShape shape = validate_call(inputs.args.x1, inputs.args.x2, inputs.args.options);
+    gemm::GemmOperands operands;
+    operands.shape = shape;
+    const std::int64_t x1_shape[2] = {shape.m, shape.k};
+    operands.x1 = TensorView(inputs.args.x1.data(), inputs.args.x1.dtype(), x1_shape);
+    operands.x2 = inputs.args.x2;
+    operands.bias = inputs.args.options.bias;
+    if (inputs.args.options.x3) {
+      const std::int64_t x3_shape[2] = {shape.m, shape.n};
+      operands.x3 = TensorView(inputs.args.options.x3->data(), inputs.args.options.x3->dtype(), x3_shape);
+    }
+    operands.scale = shape.mode == Mode::full_quant ? inputs.args.options.dequant_scale
+                                                    : inputs.args.options.antiquant_scale;
+    operands.offset = inputs.args.options.antiquant_offset;
+    operands.threads = 1;
+    gemm = gemm::prepare_gemm(operands);
+    m = shape.m;
+    n = shape.n;
+    dtype = shape.out_dtype;
+  }
+
+  std::vector<std::byte> run(const TilePlan& plan, comm::Communicator& comm, ProgressMode mode,
+                             std::function<void(std::int64_t)> hook = {}) const {
+    std::vector<std::byte> out(static_cast<std::size_t>(m * n) * dtype_size(dtype));
+    pipeline::TileJob job;
+    job.gemm = gemm.get();
+    job.comm = &comm;
+    job.n = n;
+    job.dtype = dtype;
+    job.out = out.data();
+    job.progress = mode;
+    job.after_tile_computed = std::move(hook);
+    pipeline::execute_plan(plan, job);
+    return out;
+  }
+
+  testing::RankInputs inputs;
+  std::unique_ptr<gemm::PreparedGemm> gemm;
+  std::int64_t m = 0, n = 0;
+  DType dtype = DType::f16;
+};
+
+TilePlan plan_of(std::vector<std::int64_t> rows, std::int64_t poll_rows) {
+  TilePlan plan;
+  plan.tile_rows = std::move(rows);
+  plan.poll_rows = poll_rows;
+  return plan;
+}
+
+// The plans make_plan produces for m under constants that favour each of its
+// shapes, checked to be of that shape.
+std::vector<std::pair<std::string, TilePlan>> planner_schedules(const pipeline::PlanRequest& base,
+                                                                std::int64_t buffer_bytes) {
+  pipeline::CostConstants constants;
+  constants.gemm_flops = 1e9;
+  constants.gemm_call_seconds = 1e-6;
+  constants.reduce_round_seconds = 1e-6;
+  constants.reduce_seconds_per_byte = 1e-9;
+  constants.copy_reduce_seconds_per_byte = 2e-9;
+  constants.buffer_bytes = buffer_bytes;
+  constants.max_in_flight = 3;
+  std::vector<std::pair<std::string, TilePlan>> plans;
+  pipeline::PlanRequest request = base;
+  request.reduce_has_own_core = false;
+  plans.emplace_back("planner, shared core", pipeline::make_plan(request, constants));
+  request.reduce_has_own_core = true;
+  plans.emplace_back("planner, own core, GEMM dominates", pipeline::make_plan(request, constants));
+  constants.reduce_seconds_per_byte = 1e-6;
+  plans.emplace_back("planner, own core, all-reduce dominates",
+                     pipeline::make_plan(request, constants));
+  return plans;
+}
+
+struct ScheduleCase {
+  int ranks;
+  ProgressMode mode;
+};
+
+class EverySchedule : public ::testing::TestWithParam<ScheduleCase> {};
+
+// Hand-made schedules of every shape plus the planner's own, with buffers
+// small enough that the larger tiles take the copy path: all the same bytes.
+TEST_P(EverySchedule, GivesTheSingleTileBytes) {
+  const auto [ranks, mode] = GetParam();
+  constexpr std::size_t kSlotBytes = 512;  // 10 rows of f16 n = 24
+  const auto result = launch(ranks, kSlotBytes, [mode = mode](comm::RankContext& ctx) {
+    CaseSpec spec;
+    spec.m = 37;
+    spec.k = 40;
+    spec.n = 24;
+    spec.uneven_k = true;
+    spec.bias = true;
+    spec.x3 = true;
+    const RankGemm rank(spec, ctx.rank);
+    const auto reference = rank.run(plan_of({37}, 37), *ctx.comm, mode);
+    std::vector<std::pair<std::string, TilePlan>> schedules = {
+        {"equal tiles", plan_of({10, 9, 9, 9}, 3)},
+        {"short tiles last", plan_of({10, 10, 10, 5, 2}, 4)},
+        {"short tiles first", plan_of({1, 2, 4, 10, 10, 10}, 10)},
+        {"one row per tile", plan_of(std::vector<std::int64_t>(37, 1), 1)},
+        {"large tiles through the copy path", plan_of({20, 17}, 6)},
+        {"mixed", plan_of({1, 15, 9, 12}, 5)},
+    };
+    pipeline::PlanRequest request;
+    request.m = spec.m;
+    request.n = spec.n;
+    request.k = spec.k + ctx.size - 1;
+    for (auto& planned : planner_schedules(request, kSlotBytes)) schedules.push_back(planned);
+    for (std::int64_t turn = 1; turn <= spec.m; ++turn) {
+      request.comm_turn = turn;
+      schedules.emplace_back(cat("comm_turn ", turn), pipeline::make_plan(request, {.gemm_flops = 1}));
+    }
+    for (const auto& [name, plan] : schedules) {
+      const auto out = rank.run(plan, *ctx.comm, mode);
+      expect_rank(out == reference, name, " (", plan.tile_rows.size(), " tiles) changed the output");
+    }
+    const std::uint64_t hash = test::fnv1a(reference.data(), reference.size());
+    const auto hashes =
+        ctx.comm->all_gather(std::string_view(reinterpret_cast<const char*>(&hash), sizeof hash));
+    for (const auto& other : hashes) expect_rank(other == hashes[0], "ranks differ");
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    RanksAndModes, EverySchedule,
+    ::testing::Values(ScheduleCase{1, ProgressMode::interleaved}, ScheduleCase{2, ProgressMode::interleaved},
+                      ScheduleCase{3, ProgressMode::interleaved}, ScheduleCase{8, ProgressMode::interleaved},
+                      ScheduleCase{2, ProgressMode::helper_thread},
+                      ScheduleCase{3, ProgressMode::helper_thread},
+                      ScheduleCase{8, ProgressMode::helper_thread}),
+    [](const auto& info) {
+      return cat("p", info.param.ranks, "_", mode_label(info.param.mode));
+    });
+
+// The planner's schedules have the shapes the tests above rely on.
+TEST(PlannerSchedules, CoverOneTileEqualTilesAndTwoLengths) {
+  pipeline::PlanRequest request;
+  request.m = 37;
+  request.n = 24;
+  request.k = 42;
+  const auto plans = planner_schedules(request, 512);
+  ASSERT_EQ(plans.size(), 3u);
+  EXPECT_GT(plans[0].second.tile_rows.size(), 1u) << "the output does not fit one 512-byte buffer";
+  for (const auto& [name, plan] : plans) {
+    std::int64_t rows = 0;
+    for (std::int64_t tile : plan.tile_rows) rows += tile;
+    EXPECT_EQ(rows, 37) << name;
+  }
+}
+
+class StalledRank : public ::testing::TestWithParam<std::tuple<int, ProgressMode>> {};
+
+// Rank 1 sleeps after computing tile 1: the others wait for it (bounded by
+// a deadline far longer than the stall) and everyone gets the right bytes.
+TEST_P(StalledRank, DelaysButNeverCorruptsTheOthers) {
+  const auto [ranks, mode] = GetParam();
+  const auto result = launch(ranks, 1024, [mode = mode](comm::RankContext& ctx) {
+    CaseSpec spec;
+    spec.m = 48;
+    spec.k = 64;
+    spec.n = 32;
+    spec.bias = true;
+    const RankGemm rank(spec, ctx.rank);
+    const TilePlan plan = plan_of({8, 8, 8, 8, 8, 8}, 4);
+    const auto reference = rank.run(plan_of({48}, 48), *ctx.comm, mode);
+    auto stall = [&](std::int64_t tile) {
+      if (ctx.rank == 1 && tile == 1) std::this_thread::sleep_for(300ms);
+    };
+    const auto start = std::chrono::steady_clock::now();
+    const auto out = rank.run(plan, *ctx.comm, mode, stall);
+    const auto elapsed = std::chrono::steady_clock::now() - start;
+    expect_rank(out == reference, "the stall changed the output");
+    expect_rank(elapsed >= 250ms, "rank ", ctx.rank, " finished before the stalled rank");
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+INSTANTIATE_TEST_SUITE_P(RanksAndModes, StalledRank,
+                         ::testing::Combine(::testing::Values(2, 4, 8),
+                                            ::testing::Values(ProgressMode::interleaved,
+                                                              ProgressMode::helper_thread)),
+                         [](const auto& info) {
+                           return cat("p", std::get<0>(info.param), "_",
+                                      mode_label(std::get<1>(info.param)));
+                         });
+
+class FailingRank : public ::testing::TestWithParam<ProgressMode> {};
+
+// Rank 2 is killed between tiles: the others fail within the deadline,
+// naming it, and the job leaves nothing in /dev/shm.
+TEST_P(FailingRank, KilledMidPipelineIsNamedWithinTheDeadline) {
+  const ProgressMode mode = GetParam();
+  const auto timeout = 3000ms;
+  const auto result = launch(
+      4, 1024,
+      [&](comm::RankContext& ctx) {
+        CaseSpec spec;
+        spec.m = 64;
+        spec.n = 32;
+        const RankGemm rank(spec, ctx.rank);
+        auto die = [&](std::int64_t tile) {
+          if (ctx.rank == 2 && tile == 3) raise(SIGKILL);
+        };
+        const auto start = std::chrono::steady_clock::now();
+        try {
+          rank.run(plan_of({8, 8, 8, 8, 8, 8, 8, 8}, 4), *ctx.comm, mode, die);
+        } catch (const CommError& e) {
+          const auto elapsed = std::chrono::steady_clock::now() - start;
+          expect_rank(elapsed < timeout + 1000ms, "failed too late");
+          const std::string what = e.what();
+          expect_rank(what.find("rank 2") != std::string::npos, "does not name rank 2: ", what);
+          return 0;
+        }
+        expect_rank(false, "rank ", ctx.rank, " got no error");
+        return 1;
+      },
+      timeout);
+  ASSERT_EQ(result.ranks.size(), 4u);
+  for (const auto& r : result.ranks) {
+    if (r.rank == 2) {
+      EXPECT_EQ(r.signal, SIGKILL);
+    } else {
+      EXPECT_TRUE(r.ok()) << result.describe_failures();
+    }
+  }
+  EXPECT_TRUE(test::segments_gone(result));
+}
+
+// A GEMM that fails on one rank aborts the group: the others fail at once
+// (well before the deadline), and the failing rank gets its own error.
+TEST_P(FailingRank, LocalErrorAbortsThePeersAtOnce) {
+  const ProgressMode mode = GetParam();
+  const auto timeout = 20000ms;
+  const auto result = launch(
+      3, 1024,
+      [&](comm::RankContext& ctx) {
+        CaseSpec spec;
+        spec.m = 40;
+        spec.n = 16;
+        const RankGemm rank(spec, ctx.rank);
+        auto fail = [&](std::int64_t tile) {
+          if (ctx.rank == 1 && tile == 2) throw std::runtime_error("disk on fire");
+        };
+        const auto start = std::chrono::steady_clock::now();
+        try {
+          rank.run(plan_of({8, 8, 8, 8, 8}, 8), *ctx.comm, mode, fail);
+        } catch (const std::runtime_error& e) {
+          const std::string what = e.what();
+          expect_rank(std::chrono::steady_clock::now() - start < 5000ms, "failed too late");
+          expect_rank(what.find("disk on fire") != std::string::npos, "unexpected error: ", what);
+          if (ctx.rank != 1) {
+            expect_rank(dynamic_cast<const AbortedError*>(&e) != nullptr, "not an abort: ", what);
+            expect_rank(what.find("rank 1") != std::string::npos, "does not name rank 1: ", what);
+          }
+          return 0;
+        }
+        expect_rank(false, "rank ", ctx.rank, " got no error");
+        return 1;
+      },
+      timeout);
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, FailingRank,
+                         ::testing::Values(ProgressMode::interleaved, ProgressMode::helper_thread),
+                         [](const auto& info) { return std::string(mode_label(info.param)); });
+
+// The operator runs the planner's schedule: comm_turn 0 and every forced
+// tile count give the same bytes on every rank.
+TEST(OperatorPlan, PlannedAndForcedTilingsAgree) {
+  const auto result = launch(2, 256, [](comm::RankContext& ctx) {
+    CaseSpec spec;
+    spec.m = 33;
+    spec.k = 48;
+    spec.n = 16;
+    spec.dtype = DType::bf16;
+    spec.x3 = true;
+    auto inputs = testing::make_rank_inputs(spec, ctx.rank);
+    const Tensor planned =
+        mm_all_reduce_base(inputs.args.x1, inputs.args.x2, ctx.comm->name(), inputs.args.options);
+    for (std::int64_t turn = 1; turn <= spec.m + 1; ++turn) {
+      auto options = inputs.args.options;
+      options.comm_turn = turn;
+      const Tensor forced =
+          mm_all_reduce_base(inputs.args.x1, inputs.args.x2, ctx.comm->name(), options);
+      expect_rank(std::memcmp(forced.data(), planned.data(), planned.nbytes()) == 0, "comm_turn ",
+                  turn, " differs from the planned tiling");
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+}  // namespace
+}  // namespace tpfuse
