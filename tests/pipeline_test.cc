@@ -104,7 +104,7 @@ std::vector<std::pair<std::string, TilePlan>> planner_schedules(const pipeline::
   constants.gemm_call_seconds = 1e-6;
   constants.reduce_round_seconds = 1e-6;
   constants.reduce_seconds_per_byte = 1e-9;
-  constants.copy_reduce_seconds_per_byte = 2e-9;
+  constants.copy_seconds_per_byte = 1e-9;
   constants.buffer_bytes = buffer_bytes;
   constants.max_in_flight = 3;
   std::vector<std::pair<std::string, TilePlan>> plans;

@@ -30,7 +30,7 @@ using Clock = std::chrono::steady_clock;
 struct TransportConstants {
   double reduce_round_seconds = 0;
   double reduce_seconds_per_byte = 0;
-  double copy_reduce_seconds_per_byte = 0;
+  double copy_seconds_per_byte = 0;
 };
 
 struct GemmConstants {
@@ -75,46 +75,45 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// Median seconds per call of `body` over `reps` timed calls, after one untimed.
+// The fastest of `reps` timed calls of `body`, after one untimed: on a
+// shared machine the fastest is the one least disturbed by other work.
 template <class Body>
-double median_seconds(int reps, Body&& body) {
+double fastest_seconds(int reps, Body&& body) {
   body();
-  std::vector<double> seconds;
+  double fastest = 0;
   for (int r = 0; r < reps; ++r) {
     const auto start = Clock::now();
     body();
-    seconds.push_back(seconds_since(start));
+    const double seconds = seconds_since(start);
+    fastest = r == 0 ? seconds : std::min(fastest, seconds);
   }
-  std::sort(seconds.begin(), seconds.end());
-  return seconds[seconds.size() / 2];
+  return fastest;
 }
 
-// One round from the transport's buffer (what a tile costs), tiny and at
-// the largest size; then the plain all-reduce of a private buffer.
+// Rounds from the transport's buffer (what a tile costs), tiny and at the
+// largest size; and the copy into a buffer that the plain all-reduce adds.
 TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
   constexpr int kReps = 5;
   const std::size_t element = dtype_size(dtype);
   const std::size_t large = std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{4} << 20) / element;
   const std::size_t small = std::min<std::size_t>(64, large);
+  std::vector<std::byte> private_input(large * element);
   std::vector<std::byte> output(large * element);
-  auto buffer_round = [&](std::size_t count) {
+  auto buffer_round = [&](std::size_t count, bool copy_in) {
     comm::ReduceBuffer buffer = comm.acquire_reduce_buffer(count, dtype);
-    std::memset(buffer.data, 0, count * element);
+    if (copy_in) std::memcpy(buffer.data, private_input.data(), count * element);
     comm.all_reduce_start(std::move(buffer), output.data())->wait();
   };
   comm.barrier();
-  const double round = median_seconds(kReps, [&] { buffer_round(small); });
-  const double full = median_seconds(kReps, [&] { buffer_round(large); });
-  std::vector<std::byte> input(large * element);
-  const double plain = median_seconds(kReps, [&] {
-    comm.all_reduce(input.data(), output.data(), large, dtype);
-  });
-  const auto agreed = agreed_max(comm, {round, full, plain});
+  const double round = fastest_seconds(kReps, [&] { buffer_round(small, false); });
+  const double full = fastest_seconds(kReps, [&] { buffer_round(large, false); });
+  const double copied = fastest_seconds(kReps, [&] { buffer_round(large, true); });
+  const auto agreed = agreed_max(comm, {round, full, copied});
   const double bytes = static_cast<double>(large * element);
   TransportConstants constants;
   constants.reduce_round_seconds = agreed[0];
   constants.reduce_seconds_per_byte = std::max(0.0, agreed[1] - agreed[0]) / bytes;
-  constants.copy_reduce_seconds_per_byte = std::max(0.0, agreed[2] - agreed[0]) / bytes;
+  constants.copy_seconds_per_byte = std::max(0.0, agreed[2] - agreed[1]) / bytes;
   return constants;
 }
 
@@ -198,7 +197,7 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   constants.gemm_call_seconds = gemm_constants->call_seconds;
   constants.reduce_round_seconds = transport->reduce_round_seconds;
   constants.reduce_seconds_per_byte = transport->reduce_seconds_per_byte;
-  constants.copy_reduce_seconds_per_byte = transport->copy_reduce_seconds_per_byte;
+  constants.copy_seconds_per_byte = transport->copy_seconds_per_byte;
   if (used != nullptr) *used = constants;
   TilePlan plan = make_plan(request, constants);
   log::debug("plan for m=", request.m, " n=", request.n, " k=", request.k, ": ",

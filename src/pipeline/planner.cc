@@ -63,7 +63,8 @@ struct CostModel {
     const double bytes = static_cast<double>(rows) * static_cast<double>(row_bytes());
     const double chunks =
         std::ceil(bytes / static_cast<double>(std::max<std::int64_t>(1, constants.buffer_bytes)));
-    return chunks * constants.reduce_round_seconds + bytes * constants.copy_reduce_seconds_per_byte;
+    return chunks * constants.reduce_round_seconds +
+           bytes * (constants.reduce_seconds_per_byte + constants.copy_seconds_per_byte);
   }
   std::int64_t calls_per_tile(std::int64_t rows, std::int64_t poll_rows) const {
     if (request.reduce_has_own_core || poll_rows <= 0) return 1;
@@ -92,11 +93,12 @@ struct CostModel {
   }
 };
 
-// Rows per tile for the given relative lengths, boundaries on the granule
-// where m allows; every tile gets at least one row.
-std::vector<std::int64_t> split_rows(std::int64_t m, const std::vector<double>& lengths) {
+// Rows per tile for the given relative lengths, boundaries on multiples of
+// `granule` where m allows; every tile gets at least one row.
+std::vector<std::int64_t> split_rows(std::int64_t m, const std::vector<double>& lengths,
+                                     std::int64_t granule = kRowGranule) {
   const auto tiles = static_cast<std::int64_t>(lengths.size());
-  const std::int64_t granule = m >= kRowGranule * tiles ? kRowGranule : 1;
+  if (m < granule * tiles) granule = 1;
   double total = 0;
   for (double length : lengths) total += length;
   std::vector<std::int64_t> rows;
@@ -158,7 +160,8 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
   TilePlan plan;
   if (request.comm_turn > 0) {
     const std::int64_t tiles = std::min(request.comm_turn, request.m);
-    plan.tile_rows = split_rows(request.m, std::vector<double>(static_cast<std::size_t>(tiles), 1.0));
+    plan.tile_rows =
+        split_rows(request.m, std::vector<double>(static_cast<std::size_t>(tiles), 1.0), 1);
     plan.reason = cat("comm_turn = ", request.comm_turn, ": ", tiles, " equal tiles");
   } else {
     double best = 0;
@@ -243,9 +246,9 @@ std::string describe_plan(const PlanRequest& request, const CostConstants& const
               " per call; tile all-reduce ", format_seconds(constants.reduce_round_seconds), " + ");
   std::snprintf(rate, sizeof rate, "%.2f GB/s",
                 constants.reduce_seconds_per_byte > 0 ? 1e-9 / constants.reduce_seconds_per_byte : 0.0);
-  text += cat(rate, "; plain all-reduce ");
+  text += cat(rate, "; copy-in ");
   std::snprintf(rate, sizeof rate, "%.2f GB/s",
-                constants.copy_reduce_seconds_per_byte > 0 ? 1e-9 / constants.copy_reduce_seconds_per_byte : 0.0);
+                constants.copy_seconds_per_byte > 0 ? 1e-9 / constants.copy_seconds_per_byte : 0.0);
   text += cat(rate, "; buffers of ", format_bytes(static_cast<double>(constants.buffer_bytes)), ", ",
               constants.max_in_flight, " in flight\n");
   text += cat("predicted fused ", format_seconds(plan.predicted_seconds), ", serial ",

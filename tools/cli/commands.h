@@ -7,6 +7,7 @@ namespace tpfuse::cli {
 
 void add_demo_command(CLI::App& app);
 void add_run_command(CLI::App& app);
+void add_plan_command(CLI::App& app);
 // `bench gemm`, added to the `bench` subcommand.
 void add_bench_gemm_command(CLI::App& bench_app);
 // `bench fused` and `bench allreduce`, added to the `bench` subcommand.

@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   tpfuse::cli::add_demo_command(app);
   tpfuse::cli::add_run_command(app);
+  tpfuse::cli::add_plan_command(app);
   CLI::App& bench = *app.add_subcommand("bench", "Benchmarks")->require_subcommand(1);
   tpfuse::cli::add_bench_gemm_command(bench);
   tpfuse::cli::add_bench_fused_command(bench);

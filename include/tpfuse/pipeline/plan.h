@@ -39,8 +39,9 @@ struct CostConstants {
   // rank: seconds = reduce_round_seconds + bytes * reduce_seconds_per_byte.
   double reduce_round_seconds = 0;
   double reduce_seconds_per_byte = 0;
-  // The plain all-reduce (private input copied in): bytes * this, per byte.
-  double copy_reduce_seconds_per_byte = 0;
+  // The plain all-reduce copies its private input into the transport first:
+  // bytes * this more, on top of the reduce.
+  double copy_seconds_per_byte = 0;
   // Largest tile the transport takes without a copy, and tiles in flight.
   std::int64_t buffer_bytes = 0;
   int max_in_flight = 1;

@@ -1,0 +1,186 @@
+// `tpfuse plan`: the tile schedule mm_all_reduce_base would run for a call,
+// the constants measured for it on this machine (local ranks are launched to
+// measure the transport), and the predicted time; with --run, also the
+// measured time of the operator itself.
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "commands.h"
+#include "pipeline/executor.h"
+#include "tpfuse/comm/launcher.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/ops/mm_all_reduce_base.h"
+#include "tpfuse/ops/validate.h"
+#include "tpfuse/pipeline/plan.h"
+#include "tpfuse/testing/inputs.h"
+
+namespace tpfuse::cli {
+
+namespace {
+
+struct PlanFlags {
+  testing::CaseSpec spec;
+  std::int64_t layer_k = 4096;
+  std::string dtype = "f16";
+  std::string mode = "plain";
+  int ranks = 2;
+  int run = 0;
+  bool no_pin = false;
+};
+
+// One rank per core, wrapping around when ranks outnumber cores.
+void pin_to_core(int rank) {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (sched_getaffinity(0, sizeof allowed, &allowed) != 0) throw_system_error("sched_getaffinity", errno);
+  std::vector<int> cores;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &allowed)) cores.push_back(c);
+  }
+  cpu_set_t mine;
+  CPU_ZERO(&mine);
+  CPU_SET(cores[static_cast<std::size_t>(rank) % cores.size()], &mine);
+  if (sched_setaffinity(0, sizeof mine, &mine) != 0) throw_system_error("sched_setaffinity", errno);
+}
+
+double slowest_rank(comm::Communicator& comm, double seconds) {
+  const auto all = comm.all_gather(std::string_view(reinterpret_cast<const char*>(&seconds), sizeof seconds));
+  double slowest = 0;
+  for (const std::string& blob : all) {
+    double value = 0;
+    std::memcpy(&value, blob.data(), sizeof value);
+    slowest = std::max(slowest, value);
+  }
+  return slowest;
+}
+
+// The operator's median time per call over `calls` calls, after one warm-up.
+double time_operator(comm::RankContext& ctx, const testing::RankArgs& args, const CallShape& shape, int calls) {
+  Tensor out(shape.out_dtype, {shape.m, shape.n});
+  mm_all_reduce_base_out(args.x1, args.x2, ctx.comm->name(), args.options, out);
+  std::vector<double> seconds;
+  for (int c = 0; c < calls; ++c) {
+    ctx.comm->barrier();
+    const auto start = std::chrono::steady_clock::now();
+    mm_all_reduce_base_out(args.x1, args.x2, ctx.comm->name(), args.options, out);
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    seconds.push_back(slowest_rank(*ctx.comm, elapsed));
+  }
+  std::sort(seconds.begin(), seconds.end());
+  return seconds[seconds.size() / 2];
+}
+
+// One rank's part: plan as the operator would (same threads, same request),
+// rank 0 writes the account to `report_fd`.
+int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
+  if (!flags.no_pin) pin_to_core(ctx.rank);
+  const testing::RankInputs inputs = testing::make_rank_inputs(flags.spec, ctx.rank);
+  const testing::RankArgs& args = inputs.args;
+  const CallShape shape = validate_call(args.x1, args.x2, args.options);
+  const pipeline::ProgressMode progress = pipeline::default_progress_mode();
+  const pipeline::ThreadBudget budget = pipeline::thread_budget(progress, ctx.size);
+
+  gemm::GemmOperands operands;
+  operands.shape = shape;
+  operands.x1 = args.x1;
+  operands.x2 = args.x2;
+  operands.scale = shape.mode == Mode::full_quant ? args.options.dequant_scale : args.options.antiquant_scale;
+  operands.offset = args.options.antiquant_offset;
+  operands.threads = budget.gemm_threads;
+  const auto gemm = gemm::prepare_gemm(operands);
+
+  pipeline::PlanRequest request;
+  request.m = shape.m;
+  request.n = shape.n;
+  request.k = shape.k;
+  request.mode = shape.mode;
+  request.in_dtype = shape.in_dtype;
+  request.out_dtype = shape.out_dtype;
+  request.threads = budget.gemm_threads;
+  request.comm_turn = shape.comm_turn;
+  request.reduce_has_own_core = budget.reduce_has_own_core;
+  pipeline::CostConstants constants;
+  const pipeline::TilePlan plan = pipeline::plan_call(*ctx.comm, *gemm, request, &constants);
+
+  std::string report = pipeline::describe_plan(request, constants, plan);
+  report += cat("ranks     ", ctx.size, flags.no_pin ? " (not pinned)" : " (pinned one per core)",
+                ", progress ", progress == pipeline::ProgressMode::interleaved ? "interleaved" : "helper_thread",
+                ", GEMM engine ", gemm->engine(), "\n");
+  if (flags.run > 0) {
+    const double seconds = time_operator(ctx, args, shape, flags.run);
+    char line[160];
+    std::snprintf(line, sizeof line, "measured  %.3f ms per call (median of %d, slowest rank), %.2fx the prediction\n",
+                  seconds * 1e3, flags.run, seconds / plan.predicted_seconds);
+    report += line;
+  }
+  if (ctx.rank == 0 && write(report_fd, report.data(), report.size()) != static_cast<ssize_t>(report.size())) {
+    return 3;
+  }
+  return 0;
+}
+
+}  // namespace
+
+void add_plan_command(CLI::App& app) {
+  auto flags = std::make_shared<PlanFlags>();
+  auto* plan = app.add_subcommand(
+      "plan", "Print the tile schedule mm_all_reduce_base picks for a call, the constants measured for it "
+              "on this machine, and the predicted time");
+  auto& s = flags->spec;
+  s.m = 4096;
+  s.n = 8192;
+  plan->add_option("--m", s.m, "Rows of x1 (tokens)")->capture_default_str()->check(CLI::Range(1, 1 << 24));
+  plan->add_option("--n", s.n, "Columns of the output")->capture_default_str()->check(CLI::Range(1, 1 << 24));
+  plan->add_option("--k", flags->layer_k, "K of the whole layer, split evenly over the ranks")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 24));
+  plan->add_option("--mode", flags->mode, "plain | weight_quant | full_quant")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"plain", "weight_quant", "full_quant"}));
+  plan->add_option("--dtype", flags->dtype, "Activation dtype (plain, weight_quant) or output dtype (full_quant)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f16", "bf16"}));
+  plan->add_option("--ranks", flags->ranks, "Local ranks (processes) to measure with")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+  plan->add_option("--comm-turn", s.comm_turn, "Tiles along M (0: tpfuse decides)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 24));
+  plan->add_option("--run", flags->run, "Also run the operator this many times and report its time")
+      ->check(CLI::Range(0, 100000));
+  plan->add_flag("--no-pin", flags->no_pin, "Do not pin ranks to cores");
+
+  plan->callback([flags] {
+    static const std::map<std::string, Mode> kModes = {
+        {"plain", Mode::plain}, {"weight_quant", Mode::weight_quant}, {"full_quant", Mode::full_quant}};
+    flags->spec.mode = kModes.at(flags->mode);
+    flags->spec.dtype = parse_dtype(flags->dtype);
+    flags->spec.k = std::max<std::int64_t>(1, flags->layer_k / flags->ranks);
+    int fds[2];
+    if (pipe(fds) != 0) throw_system_error("pipe", errno);
+    comm::LaunchOptions options;
+    options.ranks = flags->ranks;
+    const comm::LaunchResult result =
+        comm::launch_local(options, [&](comm::RankContext& ctx) { return plan_rank(ctx, *flags, fds[1]); });
+    close(fds[1]);
+    std::string report;
+    char buffer[4096];
+    ssize_t n = 0;
+    while ((n = read(fds[0], buffer, sizeof buffer)) > 0) report.append(buffer, static_cast<std::size_t>(n));
+    close(fds[0]);
+    if (!result.ok()) throw CLI::RuntimeError(cat("plan: ", result.describe_failures()), 1);
+    std::fputs(report.c_str(), stdout);
+  });
+}
+
+}  // namespace tpfuse::cli
