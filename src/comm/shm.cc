@@ -223,6 +223,7 @@ std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
   std::memcpy(channel.slot(me), &length, sizeof length);
   if (!mine.empty()) std::memcpy(channel.slot(me) + shm::kCacheLine, mine.data(), mine.size());
   channel.flags(me).published.store(current, std::memory_order_release);
+  shm::ring_doorbell(group_->segment.doorbell());
 
   wait.start({"all-gather", index, "to contribute"});
   wait.wait(
@@ -239,6 +240,7 @@ std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
                        static_cast<std::size_t>(their_length));
   }
   channel.flags(me).consumed.store(current, std::memory_order_release);
+  shm::ring_doorbell(group_->segment.doorbell());
   return gathered;
 }
 
@@ -289,6 +291,7 @@ void join_group(ShmGroup& group) {
     });
     group.segment.unlink();
     state.ready.store(1, std::memory_order_release);
+    shm::ring_doorbell(group.segment.doorbell());
     return;
   }
   const int root[] = {0};

@@ -49,6 +49,7 @@ RoundAllReduce::RoundAllReduce(const ShmGroup& group, const RoundSpec& spec)
   for (int r = 0; r < group_.size; ++r) sources_[static_cast<std::size_t>(r)] = source(r);
   group_.segment.ring().flags(group_.rank, spec_.round).contributed.store(spec_.round,
                                                                           std::memory_order_release);
+  ring_doorbell(group_.segment.doorbell());
   start_step(Step::await_contributions);
 }
 
@@ -107,6 +108,7 @@ bool RoundAllReduce::try_reduce_my_share() {
   sum_in_rank_order(spec_.dtype, share, end - begin, spec_.output + begin * element,
                     ring.slot(group_.rank, round) + begin * element);
   ring.flags(group_.rank, round).reduced.store(round, std::memory_order_release);
+  ring_doorbell(group_.segment.doorbell());
   start_step(Step::await_shares);
   return true;
 }
@@ -134,6 +136,7 @@ bool RoundAllReduce::try_gather_shares() {
 void RoundAllReduce::finish_round() {
   group_.segment.ring().flags(group_.rank, spec_.round).consumed.store(spec_.round,
                                                                        std::memory_order_release);
+  ring_doorbell(group_.segment.doorbell());
   start_step(Step::done);
 }
 

@@ -21,12 +21,13 @@ std::uint64_t RoundQueue::acquire(const WaitLabel& label) {
   PeerWait wait(*group_);
   wait.start({label.operation, label.index, "to finish reading the slot's last round", label.part,
               label.parts});
-  Backoff backoff;
+  Backoff backoff(group_->segment.doorbell());
   while (true) {
+    backoff.arm();
     bool free = false;
     {
       const std::lock_guard lock(mutex_);
-      if (advance_locked() > 0) backoff = Backoff{};
+      if (advance_locked() > 0) backoff.reset();
       free = complete_through_locked(last_use) && wait.poll([&](int r) {
         return ring.flags(r, last_use).consumed.load(std::memory_order_acquire) >= last_use;
       });
@@ -68,11 +69,12 @@ bool RoundQueue::complete_through_locked(std::uint64_t round) const {
 }
 
 void RoundQueue::finish_through(std::uint64_t round) {
-  Backoff backoff;
+  Backoff backoff(group_->segment.doorbell());
   while (true) {
+    backoff.arm();
     {
       const std::lock_guard lock(mutex_);
-      if (advance_locked() > 0) backoff = Backoff{};
+      if (advance_locked() > 0) backoff.reset();
       if (complete_through_locked(round)) return;
     }
     backoff.pause();

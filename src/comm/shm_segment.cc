@@ -1,15 +1,18 @@
 // Creating, attaching, verifying and unlinking the shm transport's segment,
-// and the group's abort records.
+// the group's abort records and its doorbell.
 #include "comm/shm_segment.h"
 
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <new>
 #include <utility>
@@ -22,7 +25,7 @@ namespace tpfuse::comm::shm {
 namespace {
 
 constexpr std::uint64_t kMagic = 0x4d53657375667074;  // "tpfuseSM" in little-endian bytes
-constexpr std::uint32_t kVersion = 2;
+constexpr std::uint32_t kVersion = 3;
 constexpr mode_t kSegmentMode = 0600;
 
 void fill_random(unsigned char* bytes, std::size_t count) {
@@ -138,6 +141,8 @@ SegmentLayout SegmentLayout::compute(int world_size, std::size_t slot_bytes) {
   std::size_t offset = sizeof(SegmentHeader);
   layout.state = offset;
   offset += sizeof(SegmentState);
+  layout.doorbell = offset;
+  offset += sizeof(Doorbell);
   layout.records = offset;
   offset += ranks * sizeof(RankRecord);
   layout.ring_flags = offset;
@@ -159,6 +164,7 @@ Segment::Segment(std::string name, void* base, std::size_t bytes, bool owns_name
       owns_name_(owns_name),
       header_(static_cast<SegmentHeader*>(base)),
       state_(nullptr),
+      doorbell_(nullptr),
       records_(nullptr),
       ring_(nullptr, nullptr, 1, 0),
       gather_(nullptr, nullptr, 0) {
@@ -166,6 +172,7 @@ Segment::Segment(std::string name, void* base, std::size_t bytes, bool owns_name
   const SegmentLayout layout =
       SegmentLayout::compute(static_cast<int>(header_->world_size), header_->slot_bytes);
   state_ = std::launder(reinterpret_cast<SegmentState*>(bytes_at + layout.state));
+  doorbell_ = std::launder(reinterpret_cast<Doorbell*>(bytes_at + layout.doorbell));
   records_ = std::launder(reinterpret_cast<RankRecord*>(bytes_at + layout.records));
   ring_ = Ring(std::launder(reinterpret_cast<RoundFlags*>(bytes_at + layout.ring_flags)),
                bytes_at + layout.ring_slots, kRingDepth, header_->slot_bytes);
@@ -180,6 +187,7 @@ Segment::Segment(Segment&& other) noexcept
       owns_name_(std::exchange(other.owns_name_, false)),
       header_(other.header_),
       state_(other.state_),
+      doorbell_(other.doorbell_),
       records_(other.records_),
       ring_(other.ring_),
       gather_(other.gather_) {}
@@ -218,6 +226,7 @@ Segment Segment::create(int world_size, std::size_t slot_bytes, AlgorithmChoice 
   header->ring_depth = kRingDepth;
   header->algorithm = algorithm;
   new (region.base() + layout.state) SegmentState{};
+  new (region.base() + layout.doorbell) Doorbell{};
   for (int r = 0; r < world_size; ++r) {
     new (region.base() + layout.records + r * sizeof(RankRecord)) RankRecord{};
     new (region.base() + layout.gather_flags + r * sizeof(SlotFlags)) SlotFlags{};
@@ -270,6 +279,7 @@ void Segment::attach_rank(int rank) {
   }
   // The pid is stored after the claim: a peer that sees it may watch it for liveness.
   mine.pid.store(::getpid(), std::memory_order_release);
+  ring_doorbell(doorbell());
 }
 
 void Segment::unlink() {
@@ -278,6 +288,29 @@ void Segment::unlink() {
   if (::shm_unlink(name_.c_str()) != 0 && errno != ENOENT) {
     throw_system_error(cat("shm setup: shm_unlink(", name_, ")"), errno);
   }
+}
+
+// The futex is shared (not FUTEX_PRIVATE): the ranks are different processes.
+// A sleeper counts itself before the kernel compares the word, and a ringer
+// bumps the word before it looks for sleepers (both sequentially
+// consistent), so a sleeper either sees the new word or is seen and woken.
+void ring_doorbell(Doorbell& doorbell) {
+  doorbell.rings.fetch_add(1, std::memory_order_seq_cst);
+  if (doorbell.sleepers.load(std::memory_order_seq_cst) == 0) return;
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&doorbell.rings), FUTEX_WAKE, INT_MAX,
+            nullptr, nullptr, 0);
+}
+
+void sleep_on_doorbell(Doorbell& doorbell, std::uint32_t seen, std::chrono::microseconds longest) {
+  doorbell.sleepers.fetch_add(1, std::memory_order_seq_cst);
+  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(longest);
+  struct timespec timeout {};
+  timeout.tv_sec = static_cast<time_t>(seconds.count());
+  timeout.tv_nsec = static_cast<long>(std::chrono::nanoseconds(longest - seconds).count());
+  // Woken, timed out, interrupted or already rung: the caller polls again either way.
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&doorbell.rings), FUTEX_WAIT, seen,
+            &timeout, nullptr, 0);
+  doorbell.sleepers.fetch_sub(1, std::memory_order_seq_cst);
 }
 
 void publish_abort(const Segment& segment, int rank, AbortKind kind,
@@ -298,6 +331,7 @@ void publish_abort(const Segment& segment, int rank, AbortKind kind,
   segment.state().aborted_by.compare_exchange_strong(
       not_aborted, static_cast<std::uint64_t>(rank) + 1, std::memory_order_release,
       std::memory_order_relaxed);
+  ring_doorbell(segment.doorbell());
 }
 
 std::optional<AbortNotice> read_abort(const Segment& segment) {

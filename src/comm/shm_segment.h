@@ -5,7 +5,7 @@
 // layout as it is.
 //
 // Layout (every part starts on a cache line):
-//   SegmentHeader | SegmentState | RankRecord x p
+//   SegmentHeader | SegmentState | Doorbell | RankRecord x p
 //   | RoundFlags x p x ring_depth | SlotFlags x p (gather)
 //   | ring slots: p x ring_depth x slot_bytes | gather slots: p x gather_slot_bytes
 //
@@ -15,6 +15,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -65,6 +66,19 @@ struct alignas(kCacheLine) SegmentState {
   std::atomic<std::uint64_t> aborted_by;  // 0, or 1 + the rank whose abort record counts
 };
 static_assert(sizeof(SegmentState) == kCacheLine);
+
+// Lets a rank that waits sleep until a peer moves, instead of polling: every
+// store a peer may be waiting for is followed by ring_doorbell(), which bumps
+// `rings` (a futex word) and wakes the sleepers. In a line of its own, since
+// every rank writes it on every step.
+struct alignas(kCacheLine) Doorbell {
+  std::atomic<std::uint32_t> rings;
+  std::atomic<std::uint32_t> sleepers;
+};
+static_assert(sizeof(Doorbell) == kCacheLine);
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free &&
+                  sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t),
+              "the doorbell's words must be usable as futexes");
 
 enum class AbortKind : std::uint32_t { aborted = 1, timed_out = 2, peer_lost = 3 };
 
@@ -142,6 +156,7 @@ class Channel {
 // Byte offsets of the parts of a segment for a world size and slot size.
 struct SegmentLayout {
   std::size_t state = 0;
+  std::size_t doorbell = 0;
   std::size_t records = 0;
   std::size_t ring_flags = 0;
   std::size_t gather_flags = 0;
@@ -179,6 +194,7 @@ class Segment {
   std::size_t total_bytes() const { return bytes_; }
   const SegmentHeader& header() const { return *header_; }
   SegmentState& state() const { return *state_; }
+  Doorbell& doorbell() const { return *doorbell_; }
   RankRecord& record(int rank) const { return records_[rank]; }
   const Ring& ring() const { return ring_; }
   const Channel& gather() const { return gather_; }
@@ -199,10 +215,18 @@ class Segment {
   bool owns_name_;
   SegmentHeader* header_;
   SegmentState* state_;
+  Doorbell* doorbell_;
   RankRecord* records_;
   Ring ring_;
   Channel gather_;
 };
+
+// Wakes every rank asleep on the doorbell; call after each store a peer may
+// wait for. Lock-free when no one sleeps (the usual case while ranks keep pace).
+void ring_doorbell(Doorbell& doorbell);
+// Sleeps until the doorbell rings after it showed `seen`, or `longest` has
+// passed (a wait must still check its deadline and its peers' liveness).
+void sleep_on_doorbell(Doorbell& doorbell, std::uint32_t seen, std::chrono::microseconds longest);
 
 // Makes `rank`'s report the group's abort unless some rank reported first;
 // a rank's first report is the only one kept. Lock-free, so safe from any thread.

@@ -8,7 +8,6 @@
 
 #include <cerrno>
 #include <cstring>
-#include <thread>
 
 #include "comm/unique_fd.h"
 #include "tpfuse/core/error.h"
@@ -23,7 +22,9 @@ namespace {
 
 // A few dozen spins catch a peer that is a moment behind without a system
 // call; yields then hand the core to a peer that is runnable (ranks may
-// outnumber cores); sleeps finally stop a long wait from burning a core.
+// outnumber cores); sleeps on the doorbell finally stop a long wait from
+// burning a core, and end as soon as a peer moves. The longest sleep bounds
+// how late a wait notices a dead peer or its deadline.
 constexpr unsigned kSpinRounds = 32;
 constexpr unsigned kYieldRounds = 16;
 constexpr std::chrono::microseconds kFirstSleep{20};
@@ -46,7 +47,7 @@ void Backoff::pause() {
     ::sched_yield();
   } else {
     sleep_ = sleep_.count() == 0 ? kFirstSleep : std::min(sleep_ * 2, kLongestSleep);
-    std::this_thread::sleep_for(sleep_);
+    sleep_on_doorbell(doorbell_, seen_, sleep_);
   }
   ++rounds_;
 }

@@ -1,6 +1,7 @@
 // Bounded waiting for peers in the shm transport. Every wait spins briefly,
-// then yields, then sleeps in growing steps, so that 8 ranks on 2 cores still
-// make progress; it watches the group's abort word on every poll and the
+// then yields, then sleeps on the group's doorbell in growing steps (a peer's
+// next step wakes it at once), so that 8 ranks on 2 cores still make
+// progress; it watches the group's abort word on every poll and the
 // peers' processes every few tens of milliseconds, and gives up at the
 // group's deadline with an error that names the ranks that did not arrive.
 #pragma once
@@ -22,9 +23,20 @@ namespace tpfuse::comm::shm {
 // The escalating pause between two polls of one wait.
 class Backoff {
  public:
+  explicit Backoff(Doorbell& doorbell) : doorbell_(doorbell) {}
+  // Call before checking the condition waited for: a peer that rings after
+  // this cuts the next sleep short.
+  void arm() { seen_ = doorbell_.rings.load(std::memory_order_seq_cst); }
   void pause();
+  // Starts over with short pauses (after progress).
+  void reset() {
+    rounds_ = 0;
+    sleep_ = std::chrono::microseconds{0};
+  }
 
  private:
+  Doorbell& doorbell_;
+  std::uint32_t seen_ = 0;
   unsigned rounds_ = 0;
   std::chrono::microseconds sleep_{0};
 };
@@ -75,8 +87,12 @@ class PeerWait {
 
   template <class Arrived>
   void wait(Arrived&& arrived) {
-    Backoff backoff;
-    while (!poll(arrived)) backoff.pause();
+    Backoff backoff(group_.segment.doorbell());
+    while (true) {
+      backoff.arm();
+      if (poll(arrived)) return;
+      backoff.pause();
+    }
   }
 
  private:
