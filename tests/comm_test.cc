@@ -332,10 +332,13 @@ TEST(SumKernel, VectorKernelMatchesPortableBitForBit) {
           sources.push_back(input.data() + 2);  // unaligned on purpose
         }
         std::vector<std::byte> portable(count * size + 2), vector(count * size + 2),
-            second(count * size + 2);
+            second(count * size + 2), streamed(count * size + 2);
         shm::sum_in_rank_order_portable(dtype, sources, count, portable.data() + 2);
         shm::sum_in_rank_order(dtype, sources, count, vector.data() + 2, second.data() + 2);
+        shm::sum_in_rank_order(dtype, sources, count, streamed.data() + 2, nullptr,
+                               shm::OutputStore::streaming);
         EXPECT_EQ(vector, second) << "the second output differs";
+        EXPECT_EQ(vector, streamed) << "streaming stores changed the output";
         for (std::size_t i = 0; i < count; ++i) {
           const float want = load_element(dtype, portable.data() + 2, i);
           const float got = load_element(dtype, vector.data() + 2, i);
@@ -349,6 +352,49 @@ TEST(SumKernel, VectorKernelMatchesPortableBitForBit) {
         }
       }
     }
+  }
+}
+
+// Streamed copies at every alignment of source and destination and odd sizes.
+TEST(SumKernel, StreamingCopyIsACopy) {
+  std::vector<std::byte> source(5000);
+  for (std::size_t i = 0; i < source.size(); ++i) source[i] = static_cast<std::byte>(i * 131 + 7);
+  for (std::size_t out_offset : {0, 1, 2, 33, 63}) {
+    for (std::size_t in_offset : {0, 5, 64}) {
+      for (std::size_t bytes : {0, 1, 63, 64, 65, 1000, 4000}) {
+        std::vector<std::byte> out(bytes + 128, std::byte{0xee});
+        shm::copy_to_output(out.data() + out_offset, source.data() + in_offset, bytes,
+                            shm::OutputStore::streaming);
+        ASSERT_EQ(0, std::memcmp(out.data() + out_offset, source.data() + in_offset, bytes))
+            << bytes << " bytes at offsets " << out_offset << ", " << in_offset;
+        for (std::size_t i = out_offset + bytes; i < out.size(); ++i)
+          ASSERT_EQ(out[i], std::byte{0xee}) << "wrote past the end";
+      }
+    }
+  }
+}
+
+// Large enough that outputs are written around the caches, through both
+// algorithms, in chunks and in place.
+TEST(AllReduce, LargeOutputsWrittenAroundTheCaches) {
+  for (ShmAlgorithm algorithm : {ShmAlgorithm::one_shot, ShmAlgorithm::reduce_scatter}) {
+    const auto result = launch(
+        3,
+        [](RankContext& ctx) {
+          const std::size_t count = (std::size_t{3} << 20) / 2 + 77;  // 3 MiB of f16, and some
+          const auto input = make_input(DType::f16, ctx.rank, count);
+          std::vector<std::byte> output(input.size() + 1);
+          ctx.comm->all_reduce(input.data(), output.data() + 1, count, DType::f16);
+          const auto expected = expected_sum(DType::f16, ctx.size, count);
+          expect_rank(std::equal(expected.begin(), expected.end(), output.begin() + 1),
+                      "an unaligned streamed output differs");
+          std::vector<std::byte> in_place = input;
+          ctx.comm->all_reduce(in_place.data(), in_place.data(), count, DType::f16);
+          expect_rank(in_place == expected, "a streamed in-place output differs");
+          return 0;
+        },
+        30s, std::size_t{1} << 20, algorithm);
+    EXPECT_TRUE(result.ok()) << algorithm_name(algorithm) << ": " << result.describe_failures();
   }
 }
 

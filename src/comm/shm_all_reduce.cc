@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "comm/shm_reduce_kernels.h"
 #include "tpfuse/core/error.h"
 
 namespace tpfuse::comm::shm {
@@ -87,7 +86,7 @@ bool RoundAllReduce::try_sum_all() {
     return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
   });
   if (!all_in) return false;
-  sum_in_rank_order(spec_.dtype, sources_, spec_.count, spec_.output);
+  sum_in_rank_order(spec_.dtype, sources_, spec_.count, spec_.output, nullptr, spec_.output_store);
   finish_round();
   return true;
 }
@@ -106,7 +105,7 @@ bool RoundAllReduce::try_reduce_my_share() {
   for (std::size_t r = 0; r < share.size(); ++r) share[r] = sources_[r] + begin * element;
   // My share of my slot is read by no one else: the sum may overwrite it.
   sum_in_rank_order(spec_.dtype, share, end - begin, spec_.output + begin * element,
-                    ring.slot(group_.rank, round) + begin * element);
+                    ring.slot(group_.rank, round) + begin * element, spec_.output_store);
   ring.flags(group_.rank, round).reduced.store(round, std::memory_order_release);
   ring_doorbell(group_.segment.doorbell());
   start_step(Step::await_shares);
@@ -122,10 +121,8 @@ bool RoundAllReduce::try_gather_shares() {
     if (ring.flags(r, round).reduced.load(std::memory_order_acquire) < round) return false;
     const std::size_t begin = share_begin(spec_.count, spec_.dtype, group_.size, r);
     const std::size_t end = share_begin(spec_.count, spec_.dtype, group_.size, r + 1);
-    if (end > begin) {
-      std::memcpy(spec_.output + begin * element, ring.slot(r, round) + begin * element,
-                  (end - begin) * element);
-    }
+    copy_to_output(spec_.output + begin * element, ring.slot(r, round) + begin * element,
+                   (end - begin) * element, spec_.output_store);
     return true;
   });
   if (!all_in) return false;

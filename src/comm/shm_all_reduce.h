@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "comm/shm_group.h"
+#include "comm/shm_reduce_kernels.h"
 #include "comm/shm_wait.h"
 #include "tpfuse/core/dtype.h"
 
@@ -46,6 +47,7 @@ struct RoundSpec {
   // Where this rank's own contribution is read from: its slot, or (when the
   // caller's input was not copied into the slot entirely) the input itself.
   const std::byte* mine = nullptr;
+  OutputStore output_store = OutputStore::cached;
 };
 
 // One round in flight: a state machine that goes as far as the peers allow.

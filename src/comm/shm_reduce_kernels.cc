@@ -1,14 +1,16 @@
 // The rank-order sum: a portable version and an AVX-512 one, chosen once.
 //
-// Both work through the data in blocks of fp32 accumulators that stay in L1:
-// acc = x_0, then acc += x_r for r = 1..p-1, then one rounding. Blocking and
-// vector width change only which elements are in flight together, never the
-// order of one element's additions, so the two give the same bits (the tests
-// hold them to it). The vector kernel rounds to bf16 with integer arithmetic
+// Each element sees acc = x_0, then acc += x_r for r = 1..p-1, then one
+// rounding; the portable kernel keeps a block of accumulators in L1, the
+// vector one four vectors in registers. Blocking and vector width change
+// only which elements are in flight together, never the order of one
+// element's additions, so the two give the same bits (the tests hold them to
+// it). The vector kernel rounds to bf16 with integer arithmetic
 // rather than VCVTNEPS2BF16, which flushes subnormals.
 #include "comm/shm_reduce_kernels.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "tpfuse/core/error.h"
@@ -76,23 +78,24 @@ void sum_portable(std::span<const std::byte* const> sources, std::size_t count, 
 // AVX-512 intrinsics (_mm512_undefined_*) once they are inlined here.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #define TPFUSE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c")))
 
-TPFUSE_AVX512_TARGET __m512 load16(DType dtype, const std::byte* at, __mmask16 mask) {
-  switch (dtype) {
-    case DType::f16:
-      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, at));
-    case DType::bf16:
-      return _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, at)), 16));
-    default:
-      return _mm512_maskz_loadu_ps(mask, at);
+template <DType kType>
+TPFUSE_AVX512_TARGET inline __m512 load16(const std::byte* at, __mmask16 mask) {
+  if constexpr (kType == DType::f16) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, at));
+  } else if constexpr (kType == DType::bf16) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, at)), 16));
+  } else {
+    return _mm512_maskz_loadu_ps(mask, at);
   }
 }
 
 // Round to nearest even, keeping NaNs NaN and quiet, as f32_to_bf16 does.
-TPFUSE_AVX512_TARGET __m256i round_to_bf16(__m512 sum) {
+TPFUSE_AVX512_TARGET inline __m256i round_to_bf16(__m512 sum) {
   const __m512i bits = _mm512_castps_si512(sum);
   const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
   const __mmask16 nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f800000));
@@ -103,42 +106,103 @@ TPFUSE_AVX512_TARGET __m256i round_to_bf16(__m512 sum) {
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet_nan));
 }
 
-TPFUSE_AVX512_TARGET void store16(DType dtype, std::byte* at, __m512 sum, __mmask16 mask) {
-  switch (dtype) {
-    case DType::f16:
-      _mm256_mask_storeu_epi16(at, mask, _mm512_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      return;
-    case DType::bf16:
-      _mm256_mask_storeu_epi16(at, mask, round_to_bf16(sum));
-      return;
-    default:
-      _mm512_mask_storeu_ps(at, mask, sum);
-      return;
+template <DType kType>
+TPFUSE_AVX512_TARGET inline void store16(std::byte* at, __m512 sum, __mmask16 mask) {
+  if constexpr (kType == DType::f16) {
+    _mm256_mask_storeu_epi16(at, mask,
+                             _mm512_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if constexpr (kType == DType::bf16) {
+    _mm256_mask_storeu_epi16(at, mask, round_to_bf16(sum));
+  } else {
+    _mm512_mask_storeu_ps(at, mask, sum);
   }
 }
 
-TPFUSE_AVX512_TARGET void sum_avx512(DType dtype, std::span<const std::byte* const> sources,
-                                     std::size_t count, std::byte* out, std::byte* second_out) {
-  const std::size_t size = dtype_size(dtype);
-  alignas(64) float sums[kBlock];
-  for (std::size_t begin = 0; begin < count; begin += kBlock) {
-    const std::size_t n = std::min(kBlock, count - begin);
-    for (std::size_t r = 0; r < sources.size(); ++r) {
-      const std::byte* in = sources[r] + begin * size;
-      for (std::size_t i = 0; i < n; i += 16) {
-        const auto mask = static_cast<__mmask16>(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
-        const __m512 value = load16(dtype, in + i * size, mask);
-        _mm512_store_ps(sums + i, r == 0 ? value : _mm512_add_ps(_mm512_load_ps(sums + i), value));
-      }
-    }
-    for (std::byte* target : {out, second_out}) {
-      if (target == nullptr) continue;
-      for (std::size_t i = 0; i < n; i += 16) {
-        const auto mask = static_cast<__mmask16>(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
-        store16(dtype, target + (begin + i) * size, _mm512_load_ps(sums + i), mask);
-      }
+// A full vector to an address aligned to its size, around the caches.
+template <DType kType>
+TPFUSE_AVX512_TARGET inline void stream16(std::byte* at, __m512 sum) {
+  if constexpr (kType == DType::f16) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(at),
+                        _mm512_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if constexpr (kType == DType::bf16) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(at), round_to_bf16(sum));
+  } else {
+    _mm512_stream_ps(reinterpret_cast<float*>(at), sum);
+  }
+}
+
+// `kVectors` vectors of 16 elements from `begin`, summed over the ranks in
+// registers; the last vector may be partial (`tail_mask`). kStream: `out`
+// is aligned for stream16 and every vector is full.
+template <DType kType, int kVectors, bool kStream = false>
+TPFUSE_AVX512_TARGET inline void sum_vectors(std::span<const std::byte* const> sources,
+                                             std::size_t begin, __mmask16 tail_mask,
+                                             std::byte* out, std::byte* second_out) {
+  constexpr std::size_t kSize = dtype_size(kType);
+  __m512 sums[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    const __mmask16 mask = v + 1 == kVectors ? tail_mask : __mmask16{0xffff};
+    sums[v] = load16<kType>(sources[0] + (begin + 16 * v) * kSize, mask);
+  }
+  for (std::size_t r = 1; r < sources.size(); ++r) {
+    for (int v = 0; v < kVectors; ++v) {
+      const __mmask16 mask = v + 1 == kVectors ? tail_mask : __mmask16{0xffff};
+      sums[v] = _mm512_add_ps(sums[v], load16<kType>(sources[r] + (begin + 16 * v) * kSize, mask));
     }
   }
+  for (int v = 0; v < kVectors; ++v) {
+    const __mmask16 mask = v + 1 == kVectors ? tail_mask : __mmask16{0xffff};
+    if constexpr (kStream) {
+      stream16<kType>(out + (begin + 16 * v) * kSize, sums[v]);
+    } else {
+      store16<kType>(out + (begin + 16 * v) * kSize, sums[v], mask);
+    }
+    if (second_out != nullptr) store16<kType>(second_out + (begin + 16 * v) * kSize, sums[v], mask);
+  }
+}
+
+template <DType kType>
+TPFUSE_AVX512_TARGET void sum_tail(std::span<const std::byte* const> sources, std::size_t begin,
+                                   std::size_t end, std::byte* out, std::byte* second_out) {
+  for (; begin < end; begin += 16) {
+    const std::size_t left = end - begin;
+    const auto mask = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+    sum_vectors<kType, 1>(sources, begin, mask, out, second_out);
+  }
+}
+
+// Four vectors at a time: enough loads in flight to keep the memory busy.
+// Streaming starts where `out` is 64-byte aligned; the elements before go
+// through the caches.
+template <DType kType>
+TPFUSE_AVX512_TARGET void sum_avx512(std::span<const std::byte* const> sources, std::size_t count,
+                                     std::byte* out, std::byte* second_out, OutputStore out_store) {
+  constexpr std::size_t kSize = dtype_size(kType);
+  const auto address = reinterpret_cast<std::uintptr_t>(out);
+  const bool stream = out_store == OutputStore::streaming && address % kSize == 0;
+  std::size_t begin = stream ? std::min(count, (64 - address % 64) % 64 / kSize) : 0;
+  sum_tail<kType>(sources, 0, begin, out, second_out);
+  for (; begin + 64 <= count; begin += 64) {
+    if (stream) {
+      sum_vectors<kType, 4, true>(sources, begin, 0xffff, out, second_out);
+    } else {
+      sum_vectors<kType, 4>(sources, begin, 0xffff, out, second_out);
+    }
+  }
+  sum_tail<kType>(sources, begin, count, out, second_out);
+  if (stream) _mm_sfence();
+}
+
+TPFUSE_AVX512_TARGET void stream_copy(std::byte* out, const std::byte* in, std::size_t bytes) {
+  const std::size_t head =
+      std::min(bytes, (64 - reinterpret_cast<std::uintptr_t>(out) % 64) % 64);
+  std::memcpy(out, in, head);
+  std::size_t done = head;
+  for (; done + 64 <= bytes; done += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + done), _mm512_loadu_si512(in + done));
+  }
+  std::memcpy(out + done, in + done, bytes - done);
+  _mm_sfence();
 }
 
 bool cpu_has_avx512() {
@@ -172,12 +236,29 @@ void sum_in_rank_order_portable(DType dtype, std::span<const std::byte* const> s
 }
 
 void sum_in_rank_order(DType dtype, std::span<const std::byte* const> sources, std::size_t count,
-                       std::byte* out, std::byte* second_out) {
+                       std::byte* out, std::byte* second_out, OutputStore out_store) {
   require_float(dtype);
 #if defined(TPFUSE_SHM_HAVE_AVX512_KERNEL)
-  if (cpu_has_avx512()) return sum_avx512(dtype, sources, count, out, second_out);
+  if (cpu_has_avx512()) {
+    switch (dtype) {
+      case DType::f16:
+        return sum_avx512<DType::f16>(sources, count, out, second_out, out_store);
+      case DType::bf16:
+        return sum_avx512<DType::bf16>(sources, count, out, second_out, out_store);
+      default:
+        return sum_avx512<DType::f32>(sources, count, out, second_out, out_store);
+    }
+  }
 #endif
   sum_in_rank_order_portable(dtype, sources, count, out, second_out);
+}
+
+void copy_to_output(std::byte* out, const std::byte* in, std::size_t bytes, OutputStore out_store) {
+  if (bytes == 0) return;
+#if defined(TPFUSE_SHM_HAVE_AVX512_KERNEL)
+  if (out_store == OutputStore::streaming && cpu_has_avx512()) return stream_copy(out, in, bytes);
+#endif
+  std::memcpy(out, in, bytes);
 }
 
 const char* sum_kernel_name() {

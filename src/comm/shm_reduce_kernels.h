@@ -11,12 +11,23 @@
 
 namespace tpfuse::comm::shm {
 
+// How a kernel writes its output: through the caches, or around them
+// (non-temporal stores, no read-for-ownership), which halves the memory
+// traffic of writing an output too large to stay cached for its reader.
+enum class OutputStore { cached, streaming };
+
 // out[i] = round(sources[0][i] + sources[1][i] + ... + sources[p-1][i]) for
 // i < count, the sum in fp32 left to right; also written to `second_out`
-// unless it is null. `dtype` is f16, bf16 or f32; no pointer need be aligned.
-// An out may be one of the sources (each block is read before it is written).
+// (always through the caches) unless it is null. `dtype` is f16, bf16 or
+// f32; no pointer need be aligned. An out may be one of the sources (each
+// element is read before it is written). Streamed stores are complete (fenced)
+// when it returns.
 void sum_in_rank_order(DType dtype, std::span<const std::byte* const> sources, std::size_t count,
-                       std::byte* out, std::byte* second_out = nullptr);
+                       std::byte* out, std::byte* second_out = nullptr,
+                       OutputStore out_store = OutputStore::cached);
+
+// memcpy, with the stores as asked (complete when it returns).
+void copy_to_output(std::byte* out, const std::byte* in, std::size_t bytes, OutputStore out_store);
 
 // The same with plain C++ conversions, whatever the CPU: the reference the
 // vector kernels are tested against.
