@@ -101,7 +101,6 @@ std::vector<std::pair<std::string, TilePlan>> planner_schedules(const pipeline::
                                                                 std::int64_t buffer_bytes) {
   pipeline::CostConstants constants;
   constants.gemm_flops = 1e9;
-  constants.gemm_call_seconds = 1e-6;
   constants.reduce_round_seconds = 1e-6;
   constants.reduce_seconds_per_byte = 1e-9;
   constants.copy_seconds_per_byte = 1e-9;

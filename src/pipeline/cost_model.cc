@@ -35,7 +35,7 @@ struct TransportConstants {
 
 struct GemmConstants {
   double flops = 0;
-  double call_seconds = 0;
+  double pass_seconds = 0;
 };
 
 using TransportKey = std::tuple<std::string, DType>;
@@ -117,33 +117,30 @@ TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
   return constants;
 }
 
-// compute_rows on a few rows of the call's own GEMM, at two row counts:
-// their difference is the rate, the rest the cost of a call.
+// compute_rows on the call's own GEMM (the fastest of two each): up to 64
+// rows for the rate, enough for full micro-kernel blocks and few enough to
+// cost a few percent of a call worth planning; one row for the pass over the
+// weight that every call makes. Once per shape.
 GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
                            const PlanRequest& request) {
-  const std::int64_t large_rows = std::clamp<std::int64_t>(request.m / 64, 2, 32);
-  const std::int64_t small_rows = std::max<std::int64_t>(1, large_rows / 4);
-  std::vector<std::byte> scratch(static_cast<std::size_t>(large_rows * request.n) *
+  const std::int64_t rows = std::min<std::int64_t>(request.m, 64);
+  std::vector<std::byte> scratch(static_cast<std::size_t>(rows * request.n) *
                                  dtype_size(request.out_dtype));
-  auto time_rows = [&](std::int64_t rows) {
-    double best = 0;
-    for (int rep = 0; rep < 3; ++rep) {
+  auto fastest_call = [&](std::int64_t call_rows) {
+    double fastest = 0;
+    for (int rep = 0; rep < 2; ++rep) {
       const auto start = Clock::now();
-      gemm.compute_rows(0, rows, scratch.data(), request.n);
+      gemm.compute_rows(0, call_rows, scratch.data(), request.n);
       const double seconds = seconds_since(start);
-      best = rep == 0 ? seconds : std::min(best, seconds);
+      fastest = rep == 0 ? seconds : std::min(fastest, seconds);
     }
-    return best;
+    return std::max(fastest, 1e-9);
   };
-  const double small_seconds = time_rows(small_rows);
-  const double large_seconds = time_rows(large_rows);
-  const double per_row = std::max(1e-12, (large_seconds - small_seconds) /
-                                              static_cast<double>(large_rows - small_rows));
-  const double call = std::max(0.0, small_seconds - per_row * static_cast<double>(small_rows));
-  const auto agreed = agreed_max(comm, {per_row, call});
+  const auto slowest_rank = agreed_max(comm, {fastest_call(rows), fastest_call(1)});
   GemmConstants constants;
-  constants.flops = 2.0 * static_cast<double>(request.n) * static_cast<double>(request.k) / agreed[0];
-  constants.call_seconds = agreed[1];
+  constants.flops = 2.0 * static_cast<double>(rows) * static_cast<double>(request.n) *
+                    static_cast<double>(request.k) / slowest_rank[0];
+  constants.pass_seconds = slowest_rank[1];
   return constants;
 }
 
@@ -194,7 +191,7 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
     cache().gemm[gemm_key] = *gemm_constants;
   }
   constants.gemm_flops = gemm_constants->flops;
-  constants.gemm_call_seconds = gemm_constants->call_seconds;
+  constants.gemm_pass_seconds = gemm_constants->pass_seconds;
   constants.reduce_round_seconds = transport->reduce_round_seconds;
   constants.reduce_seconds_per_byte = transport->reduce_seconds_per_byte;
   constants.copy_seconds_per_byte = transport->copy_seconds_per_byte;

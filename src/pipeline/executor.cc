@@ -17,7 +17,6 @@
 // rank has a core for it (thread_budget leaves the GEMM one core fewer then).
 #include "pipeline/executor.h"
 
-#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -150,15 +149,19 @@ std::unique_ptr<InFlight> make_in_flight(ProgressMode mode) {
   return std::make_unique<PolledInFlight>();
 }
 
-// Rows [m0, m1) into `dst` (row stride n), polling between blocks.
+// Rows [m0, m1) into `dst` (row stride n), polling between blocks of at
+// most poll_rows rows, all of about the same size (a short last block would
+// still pay a whole pass over the weight).
 void compute_tile(const TileJob& job, std::int64_t m0, std::int64_t m1, std::int64_t poll_rows,
                   std::byte* dst, InFlight& in_flight) {
   const std::size_t row_bytes = static_cast<std::size_t>(job.n) * dtype_size(job.dtype);
-  const std::int64_t step = job.progress == ProgressMode::interleaved && poll_rows > 0
-                                ? poll_rows
-                                : m1 - m0;
-  for (std::int64_t begin = m0; begin < m1; begin += step) {
-    const std::int64_t end = std::min(m1, begin + step);
+  const std::int64_t rows = m1 - m0;
+  const std::int64_t blocks = job.progress == ProgressMode::interleaved && poll_rows > 0
+                                  ? (rows + poll_rows - 1) / poll_rows
+                                  : 1;
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    const std::int64_t begin = m0 + rows * b / blocks;
+    const std::int64_t end = m0 + rows * (b + 1) / blocks;
     job.gemm->compute_rows(begin, end, dst + static_cast<std::size_t>(begin - m0) * row_bytes,
                            job.n);
     in_flight.poll();

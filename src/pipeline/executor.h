@@ -15,7 +15,7 @@ namespace tpfuse::pipeline {
 
 // Who advances the all-reduces in flight.
 enum class ProgressMode {
-  interleaved,    // the GEMM's thread, between blocks of poll_rows rows
+  interleaved,    // the GEMM's thread, between blocks of at most poll_rows rows
   helper_thread,  // a thread of its own, while the GEMM's threads compute
 };
 

@@ -9,6 +9,10 @@
 // nothing hides, is short: good when the GEMM dominates) or first (the
 // reduce starts early: good when communication dominates).
 //
+// The GEMM's time per compute_rows call is the larger of its arithmetic and
+// one pass over the prepared weight, so cutting few rows into many tiles
+// (reading the weight once per tile) never looks free.
+//
 // The prediction depends on who runs the reduce. On a core of its own it is
 // a two-stage flow shop: tile i's reduce starts when tile i is computed and
 // tile i-1's reduce is done, and tile i's GEMM waits for the slot of tile
@@ -42,10 +46,25 @@ struct CostModel {
   std::size_t row_bytes() const {
     return static_cast<std::size_t>(request.n) * dtype_size(request.out_dtype);
   }
-  double gemm_seconds(std::int64_t rows, std::int64_t calls) const {
-    return static_cast<double>(calls) * constants.gemm_call_seconds +
-           2.0 * static_cast<double>(rows) * static_cast<double>(request.n) *
-               static_cast<double>(request.k) / constants.gemm_flops;
+  double arithmetic_seconds(std::int64_t rows) const {
+    return 2.0 * static_cast<double>(rows) * static_cast<double>(request.n) *
+           static_cast<double>(request.k) / constants.gemm_flops;
+  }
+  double gemm_call_seconds(std::int64_t rows) const {
+    return std::max(arithmetic_seconds(rows), constants.gemm_pass_seconds);
+  }
+  // A tile computed in ceil(rows / poll_rows) blocks of equal size (one call
+  // each when the GEMM's thread polls between them; one call when a helper
+  // polls).
+  double gemm_seconds(std::int64_t rows, std::int64_t poll_rows) const {
+    if (request.reduce_has_own_core || poll_rows >= rows) return gemm_call_seconds(rows);
+    const std::int64_t blocks = (rows + poll_rows - 1) / poll_rows;
+    return static_cast<double>(blocks) * gemm_call_seconds((rows + blocks - 1) / blocks);
+  }
+  // Rows per call at which the arithmetic starts to outweigh the pass.
+  std::int64_t rows_bound_by_arithmetic() const {
+    const double per_row = arithmetic_seconds(1);
+    return static_cast<std::int64_t>(std::ceil(constants.gemm_pass_seconds / per_row));
   }
   bool fits_buffer(std::int64_t rows) const {
     return static_cast<double>(rows) * static_cast<double>(row_bytes()) <=
@@ -66,17 +85,10 @@ struct CostModel {
     return chunks * constants.reduce_round_seconds +
            bytes * (constants.reduce_seconds_per_byte + constants.copy_seconds_per_byte);
   }
-  std::int64_t calls_per_tile(std::int64_t rows, std::int64_t poll_rows) const {
-    if (request.reduce_has_own_core || poll_rows <= 0) return 1;
-    return (rows + poll_rows - 1) / poll_rows;
-  }
-
   double predict(const std::vector<std::int64_t>& tiles, std::int64_t poll_rows) const {
     if (!request.reduce_has_own_core) {
       double total = 0;
-      for (std::int64_t rows : tiles) {
-        total += gemm_seconds(rows, calls_per_tile(rows, poll_rows)) + reduce_seconds(rows);
-      }
+      for (std::int64_t rows : tiles) total += gemm_seconds(rows, poll_rows) + reduce_seconds(rows);
       return total;
     }
     const auto depth = static_cast<std::size_t>(std::max(1, constants.max_in_flight));
@@ -84,7 +96,7 @@ struct CostModel {
     double gemm_end = 0, reduce_end = 0;
     for (std::int64_t rows : tiles) {
       const double slot_free = reduce_ends.size() == depth ? reduce_ends.front() : 0.0;
-      gemm_end = std::max(gemm_end, slot_free) + gemm_seconds(rows, 1);
+      gemm_end = std::max(gemm_end, slot_free) + gemm_seconds(rows, poll_rows);
       reduce_end = std::max(reduce_end, gemm_end) + reduce_seconds(rows);
       reduce_ends.push_back(reduce_end);
       if (reduce_ends.size() > depth) reduce_ends.pop_front();
@@ -116,9 +128,12 @@ std::vector<std::int64_t> split_rows(std::int64_t m, const std::vector<double>& 
   return rows;
 }
 
-std::int64_t poll_rows_for(const std::vector<std::int64_t>& tiles) {
+// A few polls per tile, but never so few rows per block that the weight
+// pass would outweigh the arithmetic.
+std::int64_t poll_rows_for(const std::vector<std::int64_t>& tiles, const CostModel& model) {
   const std::int64_t longest = *std::max_element(tiles.begin(), tiles.end());
-  const std::int64_t rows = (longest + kPollsPerTile - 1) / kPollsPerTile;
+  const std::int64_t rows = std::max((longest + kPollsPerTile - 1) / kPollsPerTile,
+                                     model.rows_bound_by_arithmetic());
   return std::max<std::int64_t>(1, (rows + kRowGranule - 1) / kRowGranule * kRowGranule);
 }
 
@@ -155,7 +170,9 @@ std::vector<Candidate> candidates(const PlanRequest& request, const CostModel& m
 TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
   require(request.m >= 1 && request.n >= 1 && request.k >= 1, "plan: m, n and k must be >= 1, got ",
           request.m, ", ", request.n, ", ", request.k);
-  require(constants.gemm_flops > 0, "plan: the GEMM rate must be positive, got ", constants.gemm_flops);
+  require(constants.gemm_flops > 0 && constants.gemm_pass_seconds >= 0,
+          "plan: the GEMM rate must be positive and its pass time not negative, got ",
+          constants.gemm_flops, " and ", constants.gemm_pass_seconds);
   const CostModel model{request, constants};
   TilePlan plan;
   if (request.comm_turn > 0) {
@@ -169,7 +186,7 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
       const bool zero_copy = std::all_of(candidate.tiles.begin(), candidate.tiles.end(),
                                          [&](std::int64_t rows) { return model.fits_buffer(rows); });
       if (candidate.tiles.size() > 1 && !zero_copy) continue;
-      const double seconds = model.predict(candidate.tiles, poll_rows_for(candidate.tiles));
+      const double seconds = model.predict(candidate.tiles, poll_rows_for(candidate.tiles, model));
       if (plan.tile_rows.empty() || seconds < best) {
         best = seconds;
         plan.tile_rows = std::move(candidate.tiles);
@@ -178,10 +195,10 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
     }
     if (plan.tile_rows.size() == 1) plan.reason = "one tile: splitting cannot pay";
   }
-  plan.poll_rows = poll_rows_for(plan.tile_rows);
+  plan.poll_rows = poll_rows_for(plan.tile_rows, model);
   plan.predicted_seconds = model.predict(plan.tile_rows, plan.poll_rows);
   plan.predicted_serial_seconds =
-      model.gemm_seconds(request.m, 1) + model.plain_all_reduce_seconds(request.m);
+      model.gemm_call_seconds(request.m) + model.plain_all_reduce_seconds(request.m);
   return plan;
 }
 
@@ -226,7 +243,7 @@ std::string describe_tiles(const std::vector<std::int64_t>& tiles) {
 std::string describe_plan(const PlanRequest& request, const CostConstants& constants,
                           const TilePlan& plan) {
   const CostModel model{request, constants};
-  const double gemm = model.gemm_seconds(request.m, 1);
+  const double gemm = model.gemm_call_seconds(request.m);
   const double all_reduce = model.plain_all_reduce_seconds(request.m);
   const double row_bytes = static_cast<double>(model.row_bytes());
   const std::int64_t longest = *std::max_element(plan.tile_rows.begin(), plan.tile_rows.end());
@@ -242,7 +259,7 @@ std::string describe_plan(const PlanRequest& request, const CostConstants& const
   text += cat("why       ", plan.reason, "\n");
   char rate[64];
   std::snprintf(rate, sizeof rate, "%.1f GFLOP/s", constants.gemm_flops / 1e9);
-  text += cat("measured  GEMM ", rate, " + ", format_seconds(constants.gemm_call_seconds),
+  text += cat("measured  GEMM ", rate, ", at least ", format_seconds(constants.gemm_pass_seconds),
               " per call; tile all-reduce ", format_seconds(constants.reduce_round_seconds), " + ");
   std::snprintf(rate, sizeof rate, "%.2f GB/s",
                 constants.reduce_seconds_per_byte > 0 ? 1e-9 / constants.reduce_seconds_per_byte : 0.0);

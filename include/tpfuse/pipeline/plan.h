@@ -32,9 +32,14 @@ struct PlanRequest {
 // The cost model's constants, measured on this machine by each rank, then
 // agreed (the slowest rank's figure), so that every rank plans alike.
 struct CostConstants {
-  // GEMM: seconds = gemm_call_seconds + 2 m n k / gemm_flops, per compute_rows call.
+  // GEMM: one compute_rows call of r rows takes
+  //   max(2 r n k / gemm_flops, gemm_pass_seconds),
+  // the pass being what any call costs at least: reading the prepared weight
+  // once (a call of one row). Few rows per call are bound by the pass (a
+  // decode step), many by the arithmetic, where cutting rows into blocks
+  // costs nothing measurable (blocks of 64 rows ran as fast as whole outputs).
   double gemm_flops = 0;
-  double gemm_call_seconds = 0;
+  double gemm_pass_seconds = 0;
   // One tile's all-reduce from the transport's buffer, in CPU time of this
   // rank: seconds = reduce_round_seconds + bytes * reduce_seconds_per_byte.
   double reduce_round_seconds = 0;
@@ -49,7 +54,8 @@ struct CostConstants {
 
 struct TilePlan {
   std::vector<std::int64_t> tile_rows;  // along M, in order; they sum to m
-  // Rows the GEMM computes between two polls of the transport.
+  // At most this many rows per GEMM call between two polls of the
+  // transport (interleaved progress); a tile's blocks are of equal size.
   std::int64_t poll_rows = 0;
   double predicted_seconds = 0;         // the plan, under the cost model
   double predicted_serial_seconds = 0;  // GEMM of all rows, then one all-reduce
