@@ -14,6 +14,7 @@
 // OpenBLAS is loaded at run time, after OPENBLAS_CORETYPE and
 // OPENBLAS_L2_SIZE are cleared in this process: set, they make OpenBLAS pick
 // slower kernels than the CPU supports.
+#include <dirent.h>
 #include <dlfcn.h>
 #include <omp.h>
 #include <sched.h>
@@ -340,6 +341,22 @@ std::vector<Measurement> baselines(ShapeData& d, int threads, const std::vector<
   return out;
 }
 
+// Sets the affinity of every thread of this process (the calling thread's
+// alone would leave tpfuse's pooled workers and OpenMP's threads where they
+// were created, possibly all on one core).
+void set_process_affinity(const cpu_set_t& set) {
+  DIR* tasks = opendir("/proc/self/task");
+  if (tasks == nullptr) {
+    sched_setaffinity(0, sizeof(set), &set);
+    return;
+  }
+  while (const dirent* entry = readdir(tasks)) {
+    if (entry->d_name[0] == '.') continue;
+    sched_setaffinity(static_cast<pid_t>(std::atoi(entry->d_name)), sizeof(set), &set);
+  }
+  closedir(tasks);
+}
+
 // Pins this process to `threads` cores of those it was started with (the
 // last ones: core 0 tends to take the interrupts). Returns a description.
 std::string pin_to_cores(const cpu_set_t& allowed, int threads) {
@@ -348,7 +365,7 @@ std::string pin_to_cores(const cpu_set_t& allowed, int threads) {
     if (CPU_ISSET(c, &allowed)) cores.push_back(c);
   }
   if (static_cast<int>(cores.size()) < threads) {
-    sched_setaffinity(0, sizeof(allowed), &allowed);
+    set_process_affinity(allowed);
     return cat("not pinned: only ", cores.size(), " cores for ", threads, " threads");
   }
   cpu_set_t set;
@@ -358,7 +375,7 @@ std::string pin_to_cores(const cpu_set_t& allowed, int threads) {
     CPU_SET(cores[i], &set);
     names += cat(names.empty() ? "" : ",", cores[i]);
   }
-  sched_setaffinity(0, sizeof(set), &set);
+  set_process_affinity(set);
   return cat("pinned to core", threads > 1 ? "s " : " ", names);
 }
 
@@ -428,6 +445,9 @@ void print_targets(const std::map<std::string, Record>& records) {
   for (const char* mode : {"f16", "bf16", "int8", "wq_f16", "wq_bf16"}) {
     targets.push_back({cat(mode, " 2048^3 2 threads vs 1"), record_key(mode, big, 2, "tpfuse", false), record_key(mode, big, 1, "tpfuse", false), 1.8, false});
   }
+  // Other work on the machine only ever slows a repetition down, so the
+  // ratio of the best repetitions is shown too: on a busy machine it is the
+  // steadier estimate of what the code itself does.
   std::printf("\nTargets (ratios of medians measured in this run):\n");
   for (const Target& t : targets) {
     const auto num = records.find(t.num), den = records.find(t.den);
@@ -436,9 +456,10 @@ void print_targets(const std::map<std::string, Record>& records) {
       continue;
     }
     const double ratio = num->second.gflops / den->second.gflops;
+    const double best_ratio = num->second.gflops_max / den->second.gflops_max;
     const bool met = t.strictly_more ? ratio > t.at_least : ratio >= t.at_least;
-    std::printf("  %-44s  %6.3f  (target %s %.2f)  %s\n", t.what.c_str(), ratio, t.strictly_more ? ">" : ">=",
-                t.at_least, met ? "met" : "MISSED");
+    std::printf("  %-44s  %6.3f  (target %s %.2f)  %-6s  best-of-reps ratio %6.3f\n", t.what.c_str(), ratio,
+                t.strictly_more ? ">" : ">=", t.at_least, met ? "met" : "MISSED", best_ratio);
   }
 }
 
@@ -510,7 +531,7 @@ void run_bench(const BenchOptions& o) {
       }
     }
   }
-  sched_setaffinity(0, sizeof(allowed), &allowed);
+  set_process_affinity(allowed);
   print_targets(by_key);
   if (!o.json.empty()) {
     write_json(o.json, records);
