@@ -9,6 +9,9 @@
 // Why the results do not depend on the row range:
 //   int8: the int32 sums are exact whatever order oneDNN adds them in (k <=
 //     65535 keeps them in range; VNNI's products and sums do not saturate).
+//     x2 is handed over as the caller stores it, column slice by slice: for
+//     int8, oneDNN's reorder into its blocked layout is slower than the
+//     packing its gemm kernel does inside each call.
 //   bf16: x2 is reordered once per call into the blocked layout oneDNN's
 //     brgemm kernel chooses for it, and every chunk runs brgemm on that same
 //     layout, whose order of additions per element depends on k and that
