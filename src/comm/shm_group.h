@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <thread>
 #include <utility>
 
 #include "comm/shm_segment.h"
@@ -17,12 +18,16 @@ struct ShmGroup {
       : segment(std::move(mapped)),
         rank(my_rank),
         size(static_cast<int>(segment.header().world_size)),
-        timeout(wait_timeout) {}
+        timeout(wait_timeout),
+        ranks_share_cores(size > static_cast<int>(std::thread::hardware_concurrency())) {}
 
   Segment segment;
   int rank;
   int size;
   std::chrono::milliseconds timeout;
+  // More ranks than this host has cores: the ranks take turns on them, and a
+  // waiting rank should hand its core to a peer (see Backoff).
+  bool ranks_share_cores;
   // Every rank issues the same collectives in the same order, so these
   // counters agree across ranks without being exchanged.
   std::uint64_t collectives = 0;      // collectives started, numbering them in messages

@@ -21,7 +21,7 @@ std::uint64_t RoundQueue::acquire(const WaitLabel& label) {
   PeerWait wait(*group_);
   wait.start({label.operation, label.index, "to finish reading the slot's last round", label.part,
               label.parts});
-  Backoff backoff(group_->segment.doorbell());
+  Backoff backoff(*group_);
   while (true) {
     backoff.arm();
     bool free = false;
@@ -69,7 +69,7 @@ bool RoundQueue::complete_through_locked(std::uint64_t round) const {
 }
 
 void RoundQueue::finish_through(std::uint64_t round) {
-  Backoff backoff(group_->segment.doorbell());
+  Backoff backoff(*group_);
   while (true) {
     backoff.arm();
     {

@@ -1,7 +1,6 @@
 // Bounded waiting for peers in the shm transport. Every wait spins briefly,
-// then yields, then sleeps on the group's doorbell in growing steps (a peer's
-// next step wakes it at once), so that 8 ranks on 2 cores still make
-// progress; it watches the group's abort word on every poll and the
+// then sleeps on the group's doorbell in growing steps (a peer's next step
+// wakes it at once), so that 8 ranks on 2 cores still make progress; it watches the group's abort word on every poll and the
 // peers' processes every few tens of milliseconds, and gives up at the
 // group's deadline with an error that names the ranks that did not arrive.
 #pragma once
@@ -11,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -23,21 +23,25 @@ namespace tpfuse::comm::shm {
 // The escalating pause between two polls of one wait.
 class Backoff {
  public:
-  explicit Backoff(Doorbell& doorbell) : doorbell_(doorbell) {}
+  explicit Backoff(const ShmGroup& group)
+      : doorbell_(group.segment.doorbell()), yield_to_peers_(group.ranks_share_cores) {}
   // Call before checking the condition waited for: a peer that rings after
   // this cuts the next sleep short.
   void arm() { seen_ = doorbell_.rings.load(std::memory_order_seq_cst); }
   void pause();
   // Starts over with short pauses (after progress).
   void reset() {
-    rounds_ = 0;
+    yields_ = 0;
+    spinning_since_.reset();
     sleep_ = std::chrono::microseconds{0};
   }
 
  private:
   Doorbell& doorbell_;
+  bool yield_to_peers_;
   std::uint32_t seen_ = 0;
-  unsigned rounds_ = 0;
+  unsigned yields_ = 0;
+  std::optional<std::chrono::steady_clock::time_point> spinning_since_;
   std::chrono::microseconds sleep_{0};
 };
 
@@ -87,7 +91,7 @@ class PeerWait {
 
   template <class Arrived>
   void wait(Arrived&& arrived) {
-    Backoff backoff(group_.segment.doorbell());
+    Backoff backoff(group_);
     while (true) {
       backoff.arm();
       if (poll(arrived)) return;
