@@ -5,9 +5,9 @@
 //
 // The three run the same protocol (bench_common.h: barrier, a batch of calls
 // sized to --min-batch-ms, slowest rank, median over repetitions, sizes taking
-// turns) with ranks pinned one per core. The implementations cannot take turns
-// with each other (each is its own process group), so they run one after the
-// other; ratios compare runs a few seconds apart.
+// turns) with ranks pinned one per core. Each is its own process group, so
+// they cannot take turns call by call; they take turns round by round
+// instead, and each figure is the median over the rounds.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -35,7 +35,8 @@ struct AllReduceOptions {
   std::vector<std::string> sizes = {"4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M"};
   std::vector<int> ranks = {2};
   std::string dtype = "f32";
-  int reps = 7;
+  int rounds = 3;
+  int reps = 5;
   int warmup = 2;
   double min_batch_ms = 20;
   std::string json;
@@ -194,10 +195,48 @@ void write_json(const std::string& path, const std::vector<Results>& results, co
   out << "]\n";
 }
 
-std::vector<std::string> to_strings(const std::vector<std::int64_t>& values) {
-  std::vector<std::string> out;
-  for (std::int64_t v : values) out.push_back(std::to_string(v));
+// Each size's median over the rounds of that round's figure, leaving out the
+// rounds that have none (NaN when no round has one).
+std::vector<double> median_over_rounds(const std::vector<std::vector<double>>& rounds, std::size_t sizes) {
+  std::vector<double> out(sizes, std::nan(""));
+  for (std::size_t i = 0; i < sizes; ++i) {
+    std::vector<double> figures;
+    for (const auto& round : rounds) {
+      if (!std::isnan(round[i])) figures.push_back(round[i]);
+    }
+    if (!figures.empty()) out[i] = median(figures);
+  }
   return out;
+}
+
+// The three implementations take turns, round after round, so that a load
+// that comes and goes over minutes reaches each of them alike.
+Results measure_rounds(int ranks, const std::vector<std::int64_t>& sizes, DType dtype, const BaselineTools& tools,
+                       const AllReduceOptions& o) {
+  std::vector<std::string> args = {"--reps", std::to_string(o.reps), "--warmup", std::to_string(o.warmup),
+                                   "--min-batch-ms", cat(o.min_batch_ms), "--sizes"};
+  for (std::int64_t bytes : sizes) args.push_back(std::to_string(bytes));
+  std::vector<std::string> mpi_args = {"allreduce"};
+  mpi_args.insert(mpi_args.end(), args.begin(), args.end());
+  std::string mpi_failure = tools.mpi_unavailable, gloo_failure = tools.gloo_unavailable;
+  std::vector<std::vector<double>> tpfuse, mpi, gloo;
+  for (int round = 0; round < o.rounds; ++round) {
+    tpfuse.push_back(measure_tpfuse(ranks, sizes, dtype, o));
+    if (mpi_failure.empty()) {
+      const ToolRun run = run_mpi_bench(tools, ranks, mpi_args);
+      mpi_failure = run.failure;
+      if (!run.failure.empty()) std::printf("  MPI_Allreduce failed, skipped: %s\n", run.failure.c_str());
+      mpi.push_back(seconds_by_size(run, sizes));
+    }
+    if (gloo_failure.empty()) {
+      const ToolRun run = run_gloo_bench(tools, ranks, args);
+      gloo_failure = run.failure;
+      if (!run.failure.empty()) std::printf("  gloo failed, skipped: %s\n", run.failure.c_str());
+      gloo.push_back(seconds_by_size(run, sizes));
+    }
+  }
+  return {ranks, median_over_rounds(tpfuse, sizes.size()), median_over_rounds(mpi, sizes.size()),
+          median_over_rounds(gloo, sizes.size())};
 }
 
 void run_bench(const AllReduceOptions& o) {
@@ -206,34 +245,16 @@ void run_bench(const AllReduceOptions& o) {
   const DType dtype = parse_dtype(o.dtype);
   const BaselineTools tools = find_baseline_tools(o.baselines);
   std::printf("tpfuse bench allreduce\n  machine: %s\n", machine_facts().c_str());
-  std::printf("  ranks %s; each figure: barrier, a batch of >= %.0f ms of calls, slowest rank, median of %d\n",
-              o.baselines.no_pin ? "not pinned" : "pinned one per core (rank % cores)", o.min_batch_ms, o.reps);
+  std::printf("  ranks %s; each figure: barrier, a batch of >= %.0f ms of calls, slowest rank; median of %d "
+              "repetitions,\n  then the median over %d rounds in which tpfuse, MPI and gloo take turns\n",
+              o.baselines.no_pin ? "not pinned" : "pinned one per core (rank % cores)", o.min_batch_ms, o.reps,
+              o.rounds);
   if (!tools.mpi_unavailable.empty()) std::printf("  MPI_Allreduce skipped: %s\n", tools.mpi_unavailable.c_str());
   if (!tools.gloo_unavailable.empty()) std::printf("  gloo skipped: %s\n", tools.gloo_unavailable.c_str());
-
-  std::vector<std::string> common = {"--reps", std::to_string(o.reps), "--warmup", std::to_string(o.warmup),
-                                     "--min-batch-ms", cat(o.min_batch_ms), "--sizes"};
-  for (const std::string& s : to_strings(sizes)) common.push_back(s);
   std::vector<Results> results;
   for (int ranks : o.ranks) {
-    Results r;
-    r.ranks = ranks;
-    r.tpfuse = measure_tpfuse(ranks, sizes, dtype, o);
-    r.mpi = r.gloo = std::vector<double>(sizes.size(), std::nan(""));
-    if (tools.mpi_unavailable.empty()) {
-      std::vector<std::string> args = {"allreduce"};
-      args.insert(args.end(), common.begin(), common.end());
-      const ToolRun run = run_mpi_bench(tools, ranks, args);
-      if (!run.failure.empty()) std::printf("  MPI_Allreduce failed, skipped: %s\n", run.failure.c_str());
-      r.mpi = seconds_by_size(run, sizes);
-    }
-    if (tools.gloo_unavailable.empty()) {
-      const ToolRun run = run_gloo_bench(tools, ranks, common);
-      if (!run.failure.empty()) std::printf("  gloo failed, skipped: %s\n", run.failure.c_str());
-      r.gloo = seconds_by_size(run, sizes);
-    }
-    print_table(r, sizes, o.dtype);
-    results.push_back(std::move(r));
+    results.push_back(measure_rounds(ranks, sizes, dtype, tools, o));
+    print_table(results.back(), sizes, o.dtype);
   }
   print_targets(results, sizes);
   if (!o.json.empty()) {
@@ -253,7 +274,10 @@ void add_bench_allreduce_command(CLI::App& bench_app) {
   cmd->add_option("--dtype", o->dtype, "tpfuse's element type (MPI and gloo always sum f32)")
       ->check(CLI::IsMember({"f32", "f16", "bf16"}))
       ->capture_default_str();
-  cmd->add_option("--reps", o->reps, "Repetitions (the median is reported)")->check(CLI::Range(1, 10000));
+  cmd->add_option("--rounds", o->rounds, "Rounds in which the implementations take turns (the median is reported)")
+      ->check(CLI::Range(1, 1000));
+  cmd->add_option("--reps", o->reps, "Repetitions per round (their median is the round's figure)")
+      ->check(CLI::Range(1, 10000));
   cmd->add_option("--warmup", o->warmup, "Unmeasured calls per size first")->check(CLI::Range(0, 1000));
   cmd->add_option("--min-batch-ms", o->min_batch_ms, "Calls are repeated to fill at least this long a batch")
       ->check(CLI::Range(0.0, 100000.0));

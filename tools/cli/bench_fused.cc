@@ -64,7 +64,8 @@ struct FusedOptions {
   std::vector<std::string> shapes;
   std::vector<int> ranks;  // empty: each shape's own
   std::vector<std::string> dtypes = {"f16", "bf16"};
-  int reps = 5;
+  int rounds = 2;
+  int reps = 3;
   int warmup = 1;
   std::int64_t comm_turn = 0;
   std::string json;
@@ -172,7 +173,8 @@ void measure_tpfuse(FusedCase& c, const FusedOptions& o) {
   c.engine = report.text;
 }
 
-void measure_peer(FusedCase& c, const FusedOptions& o, const BaselineTools& tools) {
+// Returns false when the peer failed (and says why).
+bool measure_peer(FusedCase& c, const FusedOptions& o, const BaselineTools& tools) {
   const ToolRun run = run_mpi_bench(
       tools, c.ranks,
       {"peer", "--m", std::to_string(c.shape.m), "--n", std::to_string(c.shape.n), "--k",
@@ -186,6 +188,49 @@ void measure_peer(FusedCase& c, const FusedOptions& o, const BaselineTools& tool
     c.comm_mpi = record_number(record, "t_comm");
     c.peer_detail = cat(record_text(record, "gemm"), "; ", record_text(record, "reduce"));
   }
+  return run.failure.empty();
+}
+
+double median_of_measured(const std::vector<double>& values) {
+  std::vector<double> measured;
+  for (double v : values) {
+    if (!std::isnan(v)) measured.push_back(v);
+  }
+  return median(measured);
+}
+
+// tpfuse and the MPI peer are separate process groups, so they take turns
+// round by round, so that a load that comes and goes over minutes reaches
+// both alike. A figure is the median over the rounds of each round's median;
+// the spread covers every repetition of every round.
+void measure_case(FusedCase& c, const FusedOptions& o, const BaselineTools& tools) {
+  std::vector<FusedCase> rounds;
+  bool peer_runs = tools.mpi_unavailable.empty();
+  for (int round = 0; round < o.rounds; ++round) {
+    FusedCase figures = c;
+    measure_tpfuse(figures, o);
+    if (peer_runs) peer_runs = measure_peer(figures, o, tools);
+    rounds.push_back(figures);
+  }
+  for (Spread FusedCase::*field : {&FusedCase::gemm, &FusedCase::comm, &FusedCase::serial, &FusedCase::fused}) {
+    std::vector<double> medians;
+    Spread& combined = c.*field;
+    combined.min = std::numeric_limits<double>::infinity();
+    combined.max = 0;
+    for (const FusedCase& r : rounds) {
+      medians.push_back((r.*field).median);
+      combined.min = std::min(combined.min, (r.*field).min);
+      combined.max = std::max(combined.max, (r.*field).max);
+    }
+    combined.median = median(medians);
+  }
+  for (double FusedCase::*field : {&FusedCase::peer, &FusedCase::peer_gemm, &FusedCase::comm_mpi}) {
+    std::vector<double> figures;
+    for (const FusedCase& r : rounds) figures.push_back(r.*field);
+    c.*field = median_of_measured(figures);
+  }
+  c.engine = rounds.front().engine;
+  c.peer_detail = rounds.front().peer_detail;
 }
 
 // gloo all-reduces every case's output (as f32) once per rank count: one
@@ -299,7 +344,7 @@ void write_json(const std::string& path, const std::vector<FusedCase>& cases, co
         << ", \"t_serial_min\": " << json_number(c.serial.min) << ", \"t_serial_max\": " << json_number(c.serial.max)
         << ", \"t_comm_mpi\": " << json_number(c.comm_mpi) << ", \"t_comm_gloo\": " << json_number(c.comm_gloo)
         << ", \"t_peer_gemm\": " << json_number(c.peer_gemm) << ", \"engine\": \"" << c.engine
-        << "\", \"peer\": \"" << c.peer_detail << "\", \"reps\": " << o.reps
+        << "\", \"peer\": \"" << c.peer_detail << "\", \"rounds\": " << o.rounds << ", \"reps\": " << o.reps
         << ", \"pinned\": " << (o.baselines.no_pin ? "false" : "true") << ", \"comm_turn\": " << o.comm_turn
         << "}" << (i + 1 < cases.size() ? "," : "") << "\n";
   }
@@ -396,17 +441,17 @@ void run_bench(const FusedOptions& o) {
   std::vector<FusedCase> cases = plan_cases(o);
   const BaselineTools tools = find_baseline_tools(o.baselines);
   std::printf("tpfuse bench fused\n  machine: %s\n", machine_facts().c_str());
-  std::printf("  ranks %s, one GEMM thread each; every figure: barrier, one call, slowest rank, median of %d "
-              "(after %d warm-up)\n  T_gemm = prepare_gemm + compute_rows (all rows); T_comm = tpfuse all_reduce of the "
-              "output; T_serial = both; T_fused = mm_all_reduce_base_out (comm_turn %lld)\n",
-              o.baselines.no_pin ? "not pinned" : "pinned one per core (rank % cores)", o.reps, o.warmup,
+  std::printf("  ranks %s, one GEMM thread each; every figure: barrier, one call, slowest rank; median of %d "
+              "repetitions (after %d warm-up),\n  then the median over %d rounds in which tpfuse and the MPI peer take "
+              "turns\n  T_gemm = prepare_gemm + compute_rows (all rows); T_comm = tpfuse all_reduce of the output; "
+              "T_serial = both; T_fused = mm_all_reduce_base_out (comm_turn %lld)\n",
+              o.baselines.no_pin ? "not pinned" : "pinned one per core (rank % cores)", o.reps, o.warmup, o.rounds,
               static_cast<long long>(o.comm_turn));
   if (!tools.mpi_unavailable.empty()) std::printf("  T_peer and MPI skipped: %s\n", tools.mpi_unavailable.c_str());
   if (!tools.gloo_unavailable.empty()) std::printf("  gloo skipped: %s\n", tools.gloo_unavailable.c_str());
   for (FusedCase& c : cases) {
     std::printf("  measuring %s %s, %d ranks ...\n", c.label().c_str(), std::string(dtype_name(c.dtype)).c_str(), c.ranks);
-    measure_tpfuse(c, o);
-    if (tools.mpi_unavailable.empty()) measure_peer(c, o, tools);
+    measure_case(c, o, tools);
   }
   if (tools.gloo_unavailable.empty()) measure_gloo(cases, o, tools);
   std::set<std::string> peers;
@@ -439,8 +484,11 @@ void add_bench_fused_command(CLI::App& bench_app) {
   cmd->add_option("--dtype", o->dtypes, "Activation and output dtypes (plain mode)")
       ->check(CLI::IsMember({"f16", "bf16"}))
       ->capture_default_str();
-  cmd->add_option("--reps", o->reps, "Repetitions (the median is reported)")->check(CLI::Range(1, 10000));
-  cmd->add_option("--warmup", o->warmup, "Unmeasured repetitions first")->check(CLI::Range(0, 1000));
+  cmd->add_option("--rounds", o->rounds, "Rounds in which tpfuse and the MPI peer take turns (the median is reported)")
+      ->check(CLI::Range(1, 1000));
+  cmd->add_option("--reps", o->reps, "Repetitions per round (their median is the round's figure)")
+      ->check(CLI::Range(1, 10000));
+  cmd->add_option("--warmup", o->warmup, "Unmeasured repetitions at the start of each round")->check(CLI::Range(0, 1000));
   cmd->add_option("--comm-turn", o->comm_turn, "The fused op's comm_turn (0: tpfuse picks)")->check(CLI::Range(0, 1 << 24));
   cmd->add_option("--json", o->json, "Write one record per shape, dtype and rank count to this file");
   cmd->add_option("--plot", o->plot, "Draw time against M (fused, serial, peer) into this PNG (gnuplot)");
