@@ -7,9 +7,18 @@
 // element's additions, so the two give the same bits (the tests hold them to
 // it). The vector kernel rounds to bf16 with integer arithmetic
 // rather than VCVTNEPS2BF16, which flushes subnormals.
+//
+// NaNs: which NaN a sum yields depends on operand order (x86 returns the
+// first operand's), and the compiler may swap the operands of an addition,
+// differently in each kernel. So a NaN sum is replaced by one chosen by rule,
+// the same in every kernel and on every rank: the first NaN among the
+// contributions in rank order, made quiet, or the x86 default NaN when the
+// contributions are numbers (inf - inf). That is what acc += x_r in rank
+// order gives on x86 when the operands stay in order.
 #include "comm/shm_reduce_kernels.h"
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 
@@ -28,22 +37,44 @@ namespace {
 constexpr std::size_t kBlock = 512;
 
 struct F32Codec {
+  static constexpr DType kType = DType::f32;
   using Stored = float;
   static float load(float value) { return value; }
   static float store(float value) { return value; }
 };
 
 struct F16Codec {
+  static constexpr DType kType = DType::f16;
   using Stored = Half;
   static float load(Half value) { return f16_to_f32(value); }
   static Half store(float value) { return f32_to_f16(value); }
 };
 
 struct BF16Codec {
+  static constexpr DType kType = DType::bf16;
   using Stored = BFloat16;
   static float load(BFloat16 value) { return bf16_to_f32(value); }
   static BFloat16 store(float value) { return f32_to_bf16(value); }
 };
+
+constexpr std::uint32_t kDefaultNan = 0xffc00000u;
+constexpr std::uint32_t kQuietBit = 0x00400000u;
+
+// The NaN that element `index` sums to, by the rule above.
+float rank_order_nan(DType dtype, std::span<const std::byte* const> sources, std::size_t index) {
+  for (const std::byte* source : sources) {
+    float value = 0;
+    if (dtype == DType::f32) {
+      std::memcpy(&value, source + index * 4, 4);
+    } else {
+      std::uint16_t bits = 0;
+      std::memcpy(&bits, source + index * 2, 2);
+      value = dtype == DType::f16 ? f16_to_f32(Half{bits}) : bf16_to_f32(BFloat16{bits});
+    }
+    if (value != value) return std::bit_cast<float>(std::bit_cast<std::uint32_t>(value) | kQuietBit);
+  }
+  return std::bit_cast<float>(kDefaultNan);
+}
 
 // Element loads and stores go through memcpy: no buffer need be aligned.
 template <class Codec>
@@ -61,6 +92,9 @@ void sum_portable(std::span<const std::byte* const> sources, std::size_t count, 
         std::memcpy(&value, in + i * kSize, kSize);
         sums[i] = r == 0 ? Codec::load(value) : sums[i] + Codec::load(value);
       }
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      if (sums[i] != sums[i]) sums[i] = rank_order_nan(Codec::kType, sources, begin + i);
     }
     for (std::byte* target : {out, second_out}) {
       if (target == nullptr) continue;
@@ -118,6 +152,17 @@ TPFUSE_AVX512_TARGET inline void store16(std::byte* at, __m512 sum, __mmask16 ma
   }
 }
 
+// The rare path: NaN lanes get their NaN by the rule, lane by lane.
+TPFUSE_AVX512_TARGET __m512 replace_nans(DType dtype, std::span<const std::byte* const> sources,
+                                         std::size_t begin, __m512 sums, __mmask16 nan) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, sums);
+  for (int lane = 0; lane < 16; ++lane) {
+    if ((nan >> lane) & 1) lanes[lane] = rank_order_nan(dtype, sources, begin + static_cast<std::size_t>(lane));
+  }
+  return _mm512_load_ps(lanes);
+}
+
 // A full vector to an address aligned to its size, around the caches.
 template <DType kType>
 TPFUSE_AVX512_TARGET inline void stream16(std::byte* at, __m512 sum) {
@@ -149,6 +194,11 @@ TPFUSE_AVX512_TARGET inline void sum_vectors(std::span<const std::byte* const> s
       const __mmask16 mask = v + 1 == kVectors ? tail_mask : __mmask16{0xffff};
       sums[v] = _mm512_add_ps(sums[v], load16<kType>(sources[r] + (begin + 16 * v) * kSize, mask));
     }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    const __mmask16 mask = v + 1 == kVectors ? tail_mask : __mmask16{0xffff};
+    const __mmask16 nan = _mm512_mask_cmp_ps_mask(mask, sums[v], sums[v], _CMP_UNORD_Q);
+    if (nan != 0) sums[v] = replace_nans(kType, sources, begin + 16 * v, sums[v], nan);
   }
   for (int v = 0; v < kVectors; ++v) {
     const __mmask16 mask = v + 1 == kVectors ? tail_mask : __mmask16{0xffff};
