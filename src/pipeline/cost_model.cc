@@ -93,7 +93,7 @@ double fastest_seconds(int reps, Body&& body) {
 // Rounds from the transport's buffer (what a tile costs), tiny and at the
 // largest size; and the copy into a buffer that the plain all-reduce adds.
 TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
-  constexpr int kReps = 5;
+  constexpr int kReps = 3;
   const std::size_t element = dtype_size(dtype);
   const std::size_t large = std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{4} << 20) / element;
   const std::size_t small = std::min<std::size_t>(64, large);
