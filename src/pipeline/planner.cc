@@ -2,7 +2,8 @@
 // to a tile schedule along M.
 //
 // It predicts each candidate schedule's time with the cost model and keeps
-// the fastest (fewer tiles on a tie). Candidates: one tile; n equal tiles for
+// the fastest (fewer tiles, and equal ones, unless more or uneven tiles gain
+// at least half a percent). Candidates: one tile; n equal tiles for
 // every n from the fewest that fit the transport's buffers up to kMaxTiles
 // more; and, like Ascend's tiling, schedules of two lengths (long tiles of L
 // rows, short ones of L/2), the short ones last (the last reduce, which
@@ -36,8 +37,12 @@ constexpr std::int64_t kMaxExtraTiles = 32;
 // Tile boundaries fall on multiples of this many rows when m allows, so that
 // every tile starts on a full micro-kernel block.
 constexpr std::int64_t kRowGranule = 16;
-// In a tile, the GEMM polls the transport this many times.
+// In a tile, the GEMM polls the transport at most this many times.
 constexpr std::int64_t kPollsPerTile = 4;
+// A schedule must beat the best so far (candidates come in order of tile
+// count) by this fraction of its time to replace it: a gain within the
+// model's error is no reason for more tiles or uneven ones.
+constexpr double kSignificantGain = 0.005;
 
 struct CostModel {
   const PlanRequest& request;
@@ -147,9 +152,13 @@ struct Candidate {
   std::string reason;
 };
 
+// In order of preference on a tie: the simplest schedule that needs no copy
+// first, a single tile through the copy path (an output larger than a
+// buffer) last.
 std::vector<Candidate> candidates(const PlanRequest& request, const CostModel& model) {
   std::vector<Candidate> list;
-  list.push_back({{request.m}, "one tile"});
+  const bool one_tile_fits = model.fits_buffer(request.m);
+  if (one_tile_fits) list.push_back({{request.m}, "one tile: splitting cannot pay"});
   const double output_bytes = static_cast<double>(request.m) * static_cast<double>(model.row_bytes());
   const auto fewest = static_cast<std::int64_t>(
       std::ceil(output_bytes / static_cast<double>(std::max<std::int64_t>(1, model.constants.buffer_bytes))));
@@ -167,6 +176,7 @@ std::vector<Candidate> candidates(const PlanRequest& request, const CostModel& m
                       cat("two lengths, ", short_tiles, " short tile(s) first (the all-reduce dominates)")});
     }
   }
+  if (!one_tile_fits) list.push_back({{request.m}, "one tile, copied into the transport in chunks"});
   return list;
 }
 
@@ -192,13 +202,12 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
                                          [&](std::int64_t rows) { return model.fits_buffer(rows); });
       if (candidate.tiles.size() > 1 && !zero_copy) continue;
       const double seconds = model.predict(candidate.tiles, poll_rows_for(candidate.tiles, model));
-      if (plan.tile_rows.empty() || seconds < best) {
+      if (plan.tile_rows.empty() || seconds < best * (1.0 - kSignificantGain)) {
         best = seconds;
         plan.tile_rows = std::move(candidate.tiles);
         plan.reason = std::move(candidate.reason);
       }
     }
-    if (plan.tile_rows.size() == 1) plan.reason = "one tile: splitting cannot pay";
   }
   plan.poll_rows = poll_rows_for(plan.tile_rows, model);
   plan.predicted_seconds = model.predict(plan.tile_rows, plan.poll_rows);
