@@ -12,7 +12,6 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -144,6 +143,20 @@ GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& g
   return constants;
 }
 
+// The cached value for `key`, or (collectively: every rank misses alike)
+// the one `measure` returns, cached. The lock is not held while measuring.
+template <class Key, class Value, class Measure>
+Value cached_or_measured(std::map<Key, Value>& table, const Key& key, Measure&& measure) {
+  {
+    const std::lock_guard lock(cache().mutex);
+    if (auto it = table.find(key); it != table.end()) return it->second;
+  }
+  const Value value = measure();
+  const std::lock_guard lock(cache().mutex);
+  table[key] = value;
+  return value;
+}
+
 // The request with the rank-local facts agreed: the largest k, the fewest
 // threads, and a core of its own for the reduce only where every rank has one.
 PlanRequest agreed_request(comm::Communicator& comm, PlanRequest request) {
@@ -166,35 +179,24 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
     return make_plan(local_request, {.gemm_flops = 1});
   }
   const PlanRequest request = agreed_request(comm, local_request);
+  const TransportConstants transport = cached_or_measured(
+      cache().transport, TransportKey{comm.name(), request.out_dtype},
+      [&] { return measure_transport(comm, request.out_dtype); });
+  const GemmConstants gemm_constants = cached_or_measured(
+      cache().gemm,
+      GemmKey{comm.name(), request.mode, request.in_dtype, request.out_dtype, request.n, request.k,
+              request.threads},
+      [&] { return measure_gemm(comm, gemm, request); });
+
   CostConstants constants;
+  constants.gemm_flops = gemm_constants.flops;
+  constants.gemm_pass_seconds = gemm_constants.pass_seconds;
+  constants.reduce_round_seconds = transport.reduce_round_seconds;
+  constants.reduce_seconds_per_byte = transport.reduce_seconds_per_byte;
+  constants.copy_seconds_per_byte = transport.copy_seconds_per_byte;
   constants.buffer_bytes = static_cast<std::int64_t>(
       std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{1} << 62));
   constants.max_in_flight = comm.max_reduces_in_flight();
-  const TransportKey transport_key{comm.name(), request.out_dtype};
-  const GemmKey gemm_key{comm.name(), request.mode, request.in_dtype, request.out_dtype,
-                         request.n, request.k, request.threads};
-  std::optional<TransportConstants> transport;
-  std::optional<GemmConstants> gemm_constants;
-  {
-    const std::lock_guard lock(cache().mutex);
-    if (auto it = cache().transport.find(transport_key); it != cache().transport.end()) transport = it->second;
-    if (auto it = cache().gemm.find(gemm_key); it != cache().gemm.end()) gemm_constants = it->second;
-  }
-  if (!transport) {
-    transport = measure_transport(comm, request.out_dtype);
-    const std::lock_guard lock(cache().mutex);
-    cache().transport[transport_key] = *transport;
-  }
-  if (!gemm_constants) {
-    gemm_constants = measure_gemm(comm, gemm, request);
-    const std::lock_guard lock(cache().mutex);
-    cache().gemm[gemm_key] = *gemm_constants;
-  }
-  constants.gemm_flops = gemm_constants->flops;
-  constants.gemm_pass_seconds = gemm_constants->pass_seconds;
-  constants.reduce_round_seconds = transport->reduce_round_seconds;
-  constants.reduce_seconds_per_byte = transport->reduce_seconds_per_byte;
-  constants.copy_seconds_per_byte = transport->copy_seconds_per_byte;
   if (used != nullptr) *used = constants;
   TilePlan plan = make_plan(request, constants);
   log::debug("plan for m=", request.m, " n=", request.n, " k=", request.k, ": ",
