@@ -1,11 +1,12 @@
 // mm_all_reduce_base end to end across local ranks: every mode against the
 // golden model, bitwise agreement across ranks, runs and tilings, and the
-// failure paths (disagreeing ranks, a rank that dies mid-call).
+// failure paths (disagreeing ranks, a rank that stalls or dies mid-call).
 #include <gtest/gtest.h>
 #include <signal.h>
 
 #include <chrono>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "ops/test_hooks.h"
@@ -233,6 +234,30 @@ TEST(Operator, UnknownHcomIsAClearError) {
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("no-such-group"), std::string::npos) << e.what();
   }
+}
+
+// A rank that stalls between two tiles holds the others up, and everyone
+// still gets the golden result, bitwise the same on every rank.
+TEST(Operator, RankStalledMidCallDelaysButNeverCorrupts) {
+  const auto result = run_ranks(3, [](comm::RankContext& ctx) {
+    if (ctx.rank == 1) {
+      test_hooks::set_after_tile_computed([](std::int64_t tile) {
+        if (tile == 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      });
+    }
+    CaseSpec spec;
+    spec.m = 40;
+    spec.k = 48;
+    spec.n = 24;
+    spec.bias = true;
+    spec.comm_turn = 5;
+    const auto start = std::chrono::steady_clock::now();
+    run_and_check(spec, ctx);
+    expect_rank(std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(250),
+                "rank ", ctx.rank, " finished before the stalled rank");
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
 // A rank killed between two tiles: the others fail within the deadline,
