@@ -26,6 +26,9 @@ namespace tpfuse::comm {
 // One asynchronous collective in flight. Destroying a Work that has not
 // completed waits for it (its buffers may be in use until then); an error
 // met there is not lost: the communicator is aborted and the next call throws.
+// test() and wait() may run on another thread than the one that acquires and
+// starts all-reduces, concurrently with it (a communication helper thread);
+// the shm transport serialises them internally.
 class Work {
  public:
   virtual ~Work() = default;
