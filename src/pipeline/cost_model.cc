@@ -178,10 +178,24 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   if ((local_request.comm_turn > 0 || local_request.m == 1) && used == nullptr) {
     return make_plan(local_request, {.gemm_flops = 1});
   }
-  const PlanRequest request = agreed_request(comm, local_request);
   const TransportConstants transport = cached_or_measured(
-      cache().transport, TransportKey{comm.name(), request.out_dtype},
-      [&] { return measure_transport(comm, request.out_dtype); });
+      cache().transport, TransportKey{comm.name(), local_request.out_dtype},
+      [&] { return measure_transport(comm, local_request.out_dtype); });
+  // No split can pay when reducing the whole output costs less than one
+  // more round: decided from agreed values alone, so the call is spared the
+  // gather below (a small output's call is mostly synchronisation).
+  const double output_bytes = static_cast<double>(local_request.m) *
+                              static_cast<double>(local_request.n) *
+                              static_cast<double>(dtype_size(local_request.out_dtype));
+  if (output_bytes * transport.reduce_seconds_per_byte <= transport.reduce_round_seconds &&
+      used == nullptr) {
+    TilePlan plan;
+    plan.tile_rows = {local_request.m};
+    plan.poll_rows = local_request.m;
+    plan.reason = "one tile: reducing the whole output costs less than one more round";
+    return plan;
+  }
+  const PlanRequest request = agreed_request(comm, local_request);
   const GemmConstants gemm_constants = cached_or_measured(
       cache().gemm,
       GemmKey{comm.name(), request.mode, request.in_dtype, request.out_dtype, request.n, request.k,
