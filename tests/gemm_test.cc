@@ -312,7 +312,11 @@ TEST(EngineSelection, ByModeAndLevel) {
     spec.mode = Mode::weight_quant;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "wq_bf16_in_place");
     spec.mode = Mode::full_quant;
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
+              dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_in_place");
+    spec.m = 4;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "i8_in_place");
+    spec.m = 8;
     spec.x2_transposed = true;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
               dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_packed_source");
