@@ -505,8 +505,7 @@ inline KernelTable make_kernel_table(IsaLevel isa) {
   set_row_kernels<BFormat::bf16, false>(table.tile[static_cast<int>(BFormat::bf16)], rows);
   set_row_kernels<BFormat::i8, false>(table.tile[static_cast<int>(BFormat::i8)], rows);
   set_row_kernels<BFormat::i8, true>(table.tile_i8_with_offset, rows);
-  const auto dot_rows = std::make_index_sequence<kMaxDotRows>();
-  set_dot_kernels<BFormat::f32, false>(table.dot[static_cast<int>(BFormat::f32)], dot_rows);
+  const auto dot_rows = std::make_index_sequence<kMaxDotRows>();  // x2 is never f32
   set_dot_kernels<BFormat::f16, false>(table.dot[static_cast<int>(BFormat::f16)], dot_rows);
   set_dot_kernels<BFormat::bf16, false>(table.dot[static_cast<int>(BFormat::bf16)], dot_rows);
   set_dot_kernels<BFormat::i8, false>(table.dot[static_cast<int>(BFormat::i8)], dot_rows);

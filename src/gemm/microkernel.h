@@ -144,7 +144,7 @@ struct KernelTable {
   // [i8] reads no offset, tile_i8_with_offset does.
   MicroKernel tile[kBFormatCount][kMaxMR] = {};
   MicroKernel tile_i8_with_offset[kMaxMR] = {};
-  // dot[format][rows - 1]; dot_i8_with_offset[rows - 1] reads offsets.
+  // dot[format][rows - 1] for f16, bf16 and i8; dot_i8_with_offset reads offsets.
   DotKernel dot[kBFormatCount][kMaxDotRows] = {};
   DotKernel dot_i8_with_offset[kMaxDotRows] = {};
   // out[i * kPackedAStride + l] = x1(i, l) as fp32.
