@@ -55,7 +55,8 @@ struct RankGemm {
     operands.bias = inputs.args.options.bias;
     if (inputs.args.options.x3) {
       const std::int64_t x3_shape[2] = {shape.m, shape.n};
-      operands.x3 = TensorView(inputs.args.options.x3->data(), inputs.args.options.x3->dtype(), x3_shape);
+      operands.x3 =
+          TensorView(inputs.args.options.x3->data(), inputs.args.options.x3->dtype(), x3_shape);
     }
     operands.scale = shape.mode == Mode::full_quant ? inputs.args.options.dequant_scale
                                                     : inputs.args.options.antiquant_scale;
@@ -155,11 +156,13 @@ TEST_P(EverySchedule, GivesTheSingleTileBytes) {
     for (auto& planned : planner_schedules(request, kSlotBytes)) schedules.push_back(planned);
     for (std::int64_t turn = 1; turn <= spec.m; ++turn) {
       request.comm_turn = turn;
-      schedules.emplace_back(cat("comm_turn ", turn), pipeline::make_plan(request, {.gemm_flops = 1}));
+      schedules.emplace_back(cat("comm_turn ", turn),
+                             pipeline::make_plan(request, {.gemm_flops = 1}));
     }
     for (const auto& [name, plan] : schedules) {
       const auto out = rank.run(plan, *ctx.comm, mode);
-      expect_rank(out == reference, name, " (", plan.tile_rows.size(), " tiles) changed the output");
+      expect_rank(out == reference, name, " (", plan.tile_rows.size(),
+                  " tiles) changed the output");
     }
     const std::uint64_t hash = test::fnv1a(reference.data(), reference.size());
     const auto hashes =
@@ -170,16 +173,17 @@ TEST_P(EverySchedule, GivesTheSingleTileBytes) {
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    RanksAndModes, EverySchedule,
-    ::testing::Values(ScheduleCase{1, ProgressMode::interleaved}, ScheduleCase{2, ProgressMode::interleaved},
-                      ScheduleCase{3, ProgressMode::interleaved}, ScheduleCase{8, ProgressMode::interleaved},
-                      ScheduleCase{2, ProgressMode::helper_thread},
-                      ScheduleCase{3, ProgressMode::helper_thread},
-                      ScheduleCase{8, ProgressMode::helper_thread}),
-    [](const auto& info) {
-      return cat("p", info.param.ranks, "_", mode_label(info.param.mode));
-    });
+INSTANTIATE_TEST_SUITE_P(RanksAndModes, EverySchedule,
+                         ::testing::Values(ScheduleCase{1, ProgressMode::interleaved},
+                                           ScheduleCase{2, ProgressMode::interleaved},
+                                           ScheduleCase{3, ProgressMode::interleaved},
+                                           ScheduleCase{8, ProgressMode::interleaved},
+                                           ScheduleCase{2, ProgressMode::helper_thread},
+                                           ScheduleCase{3, ProgressMode::helper_thread},
+                                           ScheduleCase{8, ProgressMode::helper_thread}),
+                         [](const auto& info) {
+                           return cat("p", info.param.ranks, "_", mode_label(info.param.mode));
+                         });
 
 // The planner's schedules have the shapes the tests above rely on.
 TEST(PlannerSchedules, CoverOneTileEqualTilesAndTwoLengths) {

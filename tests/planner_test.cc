@@ -64,7 +64,8 @@ TEST(Planner, CommTurnForcesThatManyEqualTiles) {
     const TilePlan plan = make_plan(request, round_constants(request));
     expect_well_formed(request, plan);
     EXPECT_EQ(static_cast<std::int64_t>(plan.tile_rows.size()), std::min<std::int64_t>(turn, 37));
-    const auto [shortest, longest] = std::minmax_element(plan.tile_rows.begin(), plan.tile_rows.end());
+    const auto [shortest, longest] =
+        std::minmax_element(plan.tile_rows.begin(), plan.tile_rows.end());
     EXPECT_LE(*longest - *shortest, 1) << "comm_turn " << turn;
     EXPECT_NE(plan.reason.find("comm_turn"), std::string::npos) << plan.reason;
   }

@@ -35,13 +35,13 @@ ReduceBuffer Communicator::acquire_reduce_buffer(std::size_t count, DType dtype)
   require(is_floating(dtype), "acquire_reduce_buffer: dtype must be f16, bf16 or f32, got ",
           dtype_name(dtype));
   require(count <= max_reduce_buffer_bytes() / dtype_size(dtype), "acquire_reduce_buffer: ", count,
-          " elements of ", dtype_name(dtype), " exceed max_reduce_buffer_bytes() = ",
-          max_reduce_buffer_bytes());
+          " elements of ", dtype_name(dtype),
+          " exceed max_reduce_buffer_bytes() = ", max_reduce_buffer_bytes());
   ReduceBuffer buffer;
   buffer.count = count;
   buffer.dtype = dtype;
   buffer.scratch = std::shared_ptr<std::byte[]>(
-      static_cast<std::byte*>(::operator new(count * dtype_size(dtype), kBufferAlignment)),
+      static_cast<std::byte*>(::operator new(count* dtype_size(dtype), kBufferAlignment)),
       [](std::byte* memory) { ::operator delete(memory, kBufferAlignment); });
   buffer.data = buffer.scratch.get();
   return buffer;

@@ -33,9 +33,10 @@ RoundAlgorithm choose_algorithm(const ShmGroup& group, std::size_t bytes) {
 std::size_t share_begin(std::size_t count, DType dtype, int world_size, int share) {
   if (share >= world_size) return count;
   const std::size_t per_line = kCacheLine / dtype_size(dtype);
-  const std::size_t even = count / static_cast<std::size_t>(world_size) * static_cast<std::size_t>(share) +
-                           count % static_cast<std::size_t>(world_size) * static_cast<std::size_t>(share) /
-                               static_cast<std::size_t>(world_size);
+  const std::size_t even =
+      count / static_cast<std::size_t>(world_size) * static_cast<std::size_t>(share) +
+      count % static_cast<std::size_t>(world_size) * static_cast<std::size_t>(share) /
+          static_cast<std::size_t>(world_size);
   return even / per_line * per_line;
 }
 
@@ -46,8 +47,9 @@ RoundAllReduce::RoundAllReduce(const ShmGroup& group, const RoundSpec& spec)
       wait_(group),
       sources_(static_cast<std::size_t>(group.size)) {
   for (int r = 0; r < group_.size; ++r) sources_[static_cast<std::size_t>(r)] = source(r);
-  group_.segment.ring().flags(group_.rank, spec_.round).contributed.store(spec_.round,
-                                                                          std::memory_order_release);
+  group_.segment.ring()
+      .flags(group_.rank, spec_.round)
+      .contributed.store(spec_.round, std::memory_order_release);
   ring_doorbell(group_.segment.doorbell());
   start_step(Step::await_contributions);
 }
@@ -131,8 +133,9 @@ bool RoundAllReduce::try_gather_shares() {
 }
 
 void RoundAllReduce::finish_round() {
-  group_.segment.ring().flags(group_.rank, spec_.round).consumed.store(spec_.round,
-                                                                       std::memory_order_release);
+  group_.segment.ring()
+      .flags(group_.rank, spec_.round)
+      .consumed.store(spec_.round, std::memory_order_release);
   ring_doorbell(group_.segment.doorbell());
   start_step(Step::done);
 }

@@ -39,7 +39,7 @@ std::size_t share_begin(std::size_t count, DType dtype, int world_size, int shar
 struct RoundSpec {
   std::uint64_t index = 0;  // the collective's number, for messages
   std::uint64_t round = 0;
-  std::size_t part = 0;     // which chunk of the collective, counted from 1 (messages)
+  std::size_t part = 0;  // which chunk of the collective, counted from 1 (messages)
   std::size_t parts = 0;
   std::size_t count = 0;
   DType dtype = DType::f32;

@@ -71,7 +71,8 @@ float rank_order_nan(DType dtype, std::span<const std::byte* const> sources, std
       std::memcpy(&bits, source + index * 2, 2);
       value = dtype == DType::f16 ? f16_to_f32(Half{bits}) : bf16_to_f32(BFloat16{bits});
     }
-    if (value != value) return std::bit_cast<float>(std::bit_cast<std::uint32_t>(value) | kQuietBit);
+    if (value != value)
+      return std::bit_cast<float>(std::bit_cast<std::uint32_t>(value) | kQuietBit);
   }
   return std::bit_cast<float>(kDefaultNan);
 }
@@ -158,7 +159,8 @@ TPFUSE_AVX512_TARGET __m512 replace_nans(DType dtype, std::span<const std::byte*
   alignas(64) float lanes[16];
   _mm512_store_ps(lanes, sums);
   for (int lane = 0; lane < 16; ++lane) {
-    if ((nan >> lane) & 1) lanes[lane] = rank_order_nan(dtype, sources, begin + static_cast<std::size_t>(lane));
+    if ((nan >> lane) & 1)
+      lanes[lane] = rank_order_nan(dtype, sources, begin + static_cast<std::size_t>(lane));
   }
   return _mm512_load_ps(lanes);
 }
@@ -181,8 +183,8 @@ TPFUSE_AVX512_TARGET inline void stream16(std::byte* at, __m512 sum) {
 // is aligned for stream16 and every vector is full.
 template <DType kType, int kVectors, bool kStream = false>
 TPFUSE_AVX512_TARGET inline void sum_vectors(std::span<const std::byte* const> sources,
-                                             std::size_t begin, __mmask16 tail_mask,
-                                             std::byte* out, std::byte* second_out) {
+                                             std::size_t begin, __mmask16 tail_mask, std::byte* out,
+                                             std::byte* second_out) {
   constexpr std::size_t kSize = dtype_size(kType);
   __m512 sums[kVectors];
   for (int v = 0; v < kVectors; ++v) {
@@ -244,8 +246,7 @@ TPFUSE_AVX512_TARGET void sum_avx512(std::span<const std::byte* const> sources, 
 }
 
 TPFUSE_AVX512_TARGET void stream_copy(std::byte* out, const std::byte* in, std::size_t bytes) {
-  const std::size_t head =
-      std::min(bytes, (64 - reinterpret_cast<std::uintptr_t>(out) % 64) % 64);
+  const std::size_t head = std::min(bytes, (64 - reinterpret_cast<std::uintptr_t>(out) % 64) % 64);
   std::memcpy(out, in, head);
   std::size_t done = head;
   for (; done + 64 <= bytes; done += 64) {
@@ -257,8 +258,8 @@ TPFUSE_AVX512_TARGET void stream_copy(std::byte* out, const std::byte* in, std::
 
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c");
   return has;
 }
 
@@ -267,7 +268,8 @@ bool cpu_has_avx512() {
 #endif
 
 void require_float(DType dtype) {
-  if (!is_floating(dtype)) throw InternalError(cat("all-reduce: no sum for dtype ", dtype_name(dtype)));
+  if (!is_floating(dtype))
+    throw InternalError(cat("all-reduce: no sum for dtype ", dtype_name(dtype)));
 }
 
 }  // namespace

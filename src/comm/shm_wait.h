@@ -1,8 +1,9 @@
 // Bounded waiting for peers in the shm transport. Every wait spins briefly,
 // then sleeps on the group's doorbell in growing steps (a peer's next step
-// wakes it at once), so that 8 ranks on 2 cores still make progress; it watches the group's abort word on every poll and the
-// peers' processes every few tens of milliseconds, and gives up at the
-// group's deadline with an error that names the ranks that did not arrive.
+// wakes it at once), so that 8 ranks on 2 cores still make progress; it
+// watches the group's abort word on every poll and the peers' processes
+// every few tens of milliseconds, and gives up at the group's deadline with
+// an error that names the ranks that did not arrive.
 #pragma once
 
 #include <sys/types.h>

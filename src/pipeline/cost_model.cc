@@ -94,7 +94,8 @@ double fastest_seconds(int reps, Body&& body) {
 TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
   constexpr int kReps = 3;
   const std::size_t element = dtype_size(dtype);
-  const std::size_t large = std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{4} << 20) / element;
+  const std::size_t large =
+      std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{4} << 20) / element;
   const std::size_t small = std::min<std::size_t>(64, large);
   std::vector<std::byte> private_input(large * element);
   std::vector<std::byte> output(large * element);
@@ -160,9 +161,9 @@ Value cached_or_measured(std::map<Key, Value>& table, const Key& key, Measure&& 
 // The request with the rank-local facts agreed: the largest k, the fewest
 // threads, and a core of its own for the reduce only where every rank has one.
 PlanRequest agreed_request(comm::Communicator& comm, PlanRequest request) {
-  const auto agreed = agreed_max(
-      comm, {static_cast<double>(request.k), -static_cast<double>(request.threads),
-             request.reduce_has_own_core ? 0.0 : 1.0});
+  const auto agreed =
+      agreed_max(comm, {static_cast<double>(request.k), -static_cast<double>(request.threads),
+                        request.reduce_has_own_core ? 0.0 : 1.0});
   request.k = static_cast<std::int64_t>(agreed[0]);
   request.threads = static_cast<int>(-agreed[1]);
   request.reduce_has_own_core = agreed[2] == 0.0;
@@ -178,9 +179,9 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   if ((local_request.comm_turn > 0 || local_request.m == 1) && used == nullptr) {
     return make_plan(local_request, {.gemm_flops = 1});
   }
-  const TransportConstants transport = cached_or_measured(
-      cache().transport, TransportKey{comm.name(), local_request.out_dtype},
-      [&] { return measure_transport(comm, local_request.out_dtype); });
+  const TransportConstants transport =
+      cached_or_measured(cache().transport, TransportKey{comm.name(), local_request.out_dtype},
+                         [&] { return measure_transport(comm, local_request.out_dtype); });
   // No split can pay when reducing the whole output costs less than one
   // more round: decided from agreed values alone, so the call is spared the
   // gather below (a small output's call is mostly synchronisation).
@@ -196,11 +197,11 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
     return plan;
   }
   const PlanRequest request = agreed_request(comm, local_request);
-  const GemmConstants gemm_constants = cached_or_measured(
-      cache().gemm,
-      GemmKey{comm.name(), request.mode, request.in_dtype, request.out_dtype, request.n, request.k,
-              request.threads},
-      [&] { return measure_gemm(comm, gemm, request); });
+  const GemmConstants gemm_constants =
+      cached_or_measured(cache().gemm,
+                         GemmKey{comm.name(), request.mode, request.in_dtype, request.out_dtype,
+                                 request.n, request.k, request.threads},
+                         [&] { return measure_gemm(comm, gemm, request); });
 
   CostConstants constants;
   constants.gemm_flops = gemm_constants.flops;

@@ -200,8 +200,8 @@ ProgressMode default_progress_mode() {
   const std::string& name = kProgressMode.get();
   if (name == "interleaved") return ProgressMode::interleaved;
   if (name == "helper_thread") return ProgressMode::helper_thread;
-  throw InvalidArgument(cat(kProgressMode.name(), ": expected interleaved or helper_thread, got \"",
-                            name, "\""));
+  throw InvalidArgument(
+      cat(kProgressMode.name(), ": expected interleaved or helper_thread, got \"", name, "\""));
 }
 
 ThreadBudget thread_budget(ProgressMode mode, int ranks_on_host) {

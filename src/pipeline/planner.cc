@@ -51,20 +51,22 @@ struct CostModel {
   std::size_t row_bytes() const {
     return static_cast<std::size_t>(request.n) * dtype_size(request.out_dtype);
   }
-  double arithmetic_seconds(std::int64_t rows) const {
-    return 2.0 * static_cast<double>(rows) * static_cast<double>(request.n) *
-           static_cast<double>(request.k) / constants.gemm_flops;
+  double arithmetic_seconds(double rows) const {
+    return 2.0 * rows * static_cast<double>(request.n) * static_cast<double>(request.k) /
+           constants.gemm_flops;
   }
-  double gemm_call_seconds(std::int64_t rows) const {
+  double gemm_call_seconds(double rows) const {
     return std::max(arithmetic_seconds(rows), constants.gemm_pass_seconds);
   }
   // A tile computed in ceil(rows / poll_rows) blocks of equal size (one call
   // each when the GEMM's thread polls between them; one call when a helper
   // polls).
   double gemm_seconds(std::int64_t rows, std::int64_t poll_rows) const {
-    if (request.reduce_has_own_core || poll_rows >= rows) return gemm_call_seconds(rows);
-    const std::int64_t blocks = (rows + poll_rows - 1) / poll_rows;
-    return static_cast<double>(blocks) * gemm_call_seconds((rows + blocks - 1) / blocks);
+    if (request.reduce_has_own_core || poll_rows >= rows) {
+      return gemm_call_seconds(static_cast<double>(rows));
+    }
+    const auto blocks = static_cast<double>((rows + poll_rows - 1) / poll_rows);
+    return blocks * gemm_call_seconds(static_cast<double>(rows) / blocks);
   }
   // Fewest rows per call for which the pass is at most a tenth of the
   // arithmetic. The two overlap only in part: blocks of 64 rows ran 10%
@@ -72,7 +74,7 @@ struct CostModel {
   // of a block's arithmetic (K=4096, N=8192), and no slower where it took a
   // sixth (K=256).
   std::int64_t rows_to_hide_the_pass() const {
-    const double per_row = arithmetic_seconds(1);
+    const double per_row = arithmetic_seconds(1.0);
     return static_cast<std::int64_t>(std::ceil(10.0 * constants.gemm_pass_seconds / per_row));
   }
   bool fits_buffer(std::int64_t rows) const {
@@ -83,9 +85,9 @@ struct CostModel {
   // large for one) copied in from the output in chunks.
   double reduce_seconds(std::int64_t rows) const {
     if (!fits_buffer(rows)) return plain_all_reduce_seconds(rows);
-    return constants.reduce_round_seconds +
-           static_cast<double>(rows) * static_cast<double>(row_bytes()) *
-               constants.reduce_seconds_per_byte;
+    return constants.reduce_round_seconds + static_cast<double>(rows) *
+                                                static_cast<double>(row_bytes()) *
+                                                constants.reduce_seconds_per_byte;
   }
   double plain_all_reduce_seconds(std::int64_t rows) const {
     const double bytes = static_cast<double>(rows) * static_cast<double>(row_bytes());
@@ -128,8 +130,11 @@ std::vector<std::int64_t> split_rows(std::int64_t m, const std::vector<double>& 
   for (std::int64_t t = 0; t < tiles; ++t) {
     cumulative += lengths[static_cast<std::size_t>(t)];
     std::int64_t boundary =
-        t + 1 == tiles ? m
-                       : static_cast<std::int64_t>(std::llround(static_cast<double>(m) * cumulative / total / static_cast<double>(granule))) * granule;
+        t + 1 == tiles
+            ? m
+            : static_cast<std::int64_t>(std::llround(static_cast<double>(m) * cumulative / total /
+                                                     static_cast<double>(granule))) *
+                  granule;
     boundary = std::clamp(boundary, previous + 1, m - (tiles - t - 1));
     rows.push_back(boundary - previous);
     previous = boundary;
@@ -141,9 +146,8 @@ std::vector<std::int64_t> split_rows(std::int64_t m, const std::vector<double>& 
 // none so short that its pass over the weight would show.
 std::int64_t poll_rows_for(const std::vector<std::int64_t>& tiles, const CostModel& model) {
   const std::int64_t longest = *std::max_element(tiles.begin(), tiles.end());
-  const std::int64_t blocks =
-      std::clamp<std::int64_t>(longest / std::max<std::int64_t>(1, model.rows_to_hide_the_pass()), 1,
-                               kPollsPerTile);
+  const std::int64_t blocks = std::clamp<std::int64_t>(
+      longest / std::max<std::int64_t>(1, model.rows_to_hide_the_pass()), 1, kPollsPerTile);
   return (longest + blocks - 1) / blocks;
 }
 
@@ -159,24 +163,29 @@ std::vector<Candidate> candidates(const PlanRequest& request, const CostModel& m
   std::vector<Candidate> list;
   const bool one_tile_fits = model.fits_buffer(request.m);
   if (one_tile_fits) list.push_back({{request.m}, "one tile: splitting cannot pay"});
-  const double output_bytes = static_cast<double>(request.m) * static_cast<double>(model.row_bytes());
-  const auto fewest = static_cast<std::int64_t>(
-      std::ceil(output_bytes / static_cast<double>(std::max<std::int64_t>(1, model.constants.buffer_bytes))));
+  const double output_bytes =
+      static_cast<double>(request.m) * static_cast<double>(model.row_bytes());
+  const auto fewest = static_cast<std::int64_t>(std::ceil(
+      output_bytes / static_cast<double>(std::max<std::int64_t>(1, model.constants.buffer_bytes))));
   const std::int64_t most = std::min(request.m, std::max<std::int64_t>(2, fewest) + kMaxExtraTiles);
   for (std::int64_t tiles = std::max<std::int64_t>(2, fewest); tiles <= most; ++tiles) {
-    list.push_back({split_rows(request.m, std::vector<double>(static_cast<std::size_t>(tiles), 1.0)),
-                    cat(tiles, " equal tiles")});
+    list.push_back(
+        {split_rows(request.m, std::vector<double>(static_cast<std::size_t>(tiles), 1.0)),
+         cat(tiles, " equal tiles")});
     for (std::int64_t short_tiles = 1; short_tiles < tiles; ++short_tiles) {
       std::vector<double> lengths(static_cast<std::size_t>(tiles), 1.0);
       std::fill(lengths.end() - short_tiles, lengths.end(), 0.5);
-      list.push_back({split_rows(request.m, lengths),
-                      cat("two lengths, ", short_tiles, " short tile(s) last (the GEMM dominates)")});
+      list.push_back(
+          {split_rows(request.m, lengths),
+           cat("two lengths, ", short_tiles, " short tile(s) last (the GEMM dominates)")});
       std::reverse(lengths.begin(), lengths.end());
-      list.push_back({split_rows(request.m, lengths),
-                      cat("two lengths, ", short_tiles, " short tile(s) first (the all-reduce dominates)")});
+      list.push_back(
+          {split_rows(request.m, lengths),
+           cat("two lengths, ", short_tiles, " short tile(s) first (the all-reduce dominates)")});
     }
   }
-  if (!one_tile_fits) list.push_back({{request.m}, "one tile, copied into the transport in chunks"});
+  if (!one_tile_fits)
+    list.push_back({{request.m}, "one tile, copied into the transport in chunks"});
   return list;
 }
 
@@ -198,8 +207,9 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
   } else {
     double best = 0;
     for (Candidate& candidate : candidates(request, model)) {
-      const bool zero_copy = std::all_of(candidate.tiles.begin(), candidate.tiles.end(),
-                                         [&](std::int64_t rows) { return model.fits_buffer(rows); });
+      const bool zero_copy =
+          std::all_of(candidate.tiles.begin(), candidate.tiles.end(),
+                      [&](std::int64_t rows) { return model.fits_buffer(rows); });
       if (candidate.tiles.size() > 1 && !zero_copy) continue;
       const double seconds = model.predict(candidate.tiles, poll_rows_for(candidate.tiles, model));
       if (plan.tile_rows.empty() || seconds < best * (1.0 - kSignificantGain)) {
@@ -211,8 +221,8 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
   }
   plan.poll_rows = poll_rows_for(plan.tile_rows, model);
   plan.predicted_seconds = model.predict(plan.tile_rows, plan.poll_rows);
-  plan.predicted_serial_seconds =
-      model.gemm_call_seconds(request.m) + model.plain_all_reduce_seconds(request.m);
+  plan.predicted_serial_seconds = model.gemm_call_seconds(static_cast<double>(request.m)) +
+                                  model.plain_all_reduce_seconds(request.m);
   return plan;
 }
 
@@ -257,31 +267,32 @@ std::string describe_tiles(const std::vector<std::int64_t>& tiles) {
 std::string describe_plan(const PlanRequest& request, const CostConstants& constants,
                           const TilePlan& plan) {
   const CostModel model{request, constants};
-  const double gemm = model.gemm_call_seconds(request.m);
+  const double gemm = model.gemm_call_seconds(static_cast<double>(request.m));
   const double all_reduce = model.plain_all_reduce_seconds(request.m);
   const double row_bytes = static_cast<double>(model.row_bytes());
   const std::int64_t longest = *std::max_element(plan.tile_rows.begin(), plan.tile_rows.end());
   std::string text;
-  text += cat("call      m=", request.m, " n=", request.n, " k=", request.k, " (largest per rank), ",
-              mode_name(request.mode), " ", dtype_name(request.in_dtype), " -> ",
-              dtype_name(request.out_dtype), ", ", request.threads, " GEMM thread(s) per rank, reduce ",
-              request.reduce_has_own_core ? "on a core of its own" : "taking turns with the GEMM",
-              "\n");
+  text += cat(
+      "call      m=", request.m, " n=", request.n, " k=", request.k, " (largest per rank), ",
+      mode_name(request.mode), " ", dtype_name(request.in_dtype), " -> ",
+      dtype_name(request.out_dtype), ", ", request.threads, " GEMM thread(s) per rank, reduce ",
+      request.reduce_has_own_core ? "on a core of its own" : "taking turns with the GEMM", "\n");
   text += cat("schedule  ", plan.tile_rows.size(), " tile(s): ", describe_tiles(plan.tile_rows),
-              " (largest ", format_bytes(static_cast<double>(longest) * row_bytes), "); the GEMM polls every ",
-              plan.poll_rows, " rows\n");
+              " (largest ", format_bytes(static_cast<double>(longest) * row_bytes),
+              "); the GEMM polls every ", plan.poll_rows, " rows\n");
   text += cat("why       ", plan.reason, "\n");
   char rate[64];
   std::snprintf(rate, sizeof rate, "%.1f GFLOP/s", constants.gemm_flops / 1e9);
   text += cat("measured  GEMM ", rate, ", at least ", format_seconds(constants.gemm_pass_seconds),
               " per call; tile all-reduce ", format_seconds(constants.reduce_round_seconds), " + ");
-  std::snprintf(rate, sizeof rate, "%.2f GB/s",
-                constants.reduce_seconds_per_byte > 0 ? 1e-9 / constants.reduce_seconds_per_byte : 0.0);
+  std::snprintf(
+      rate, sizeof rate, "%.2f GB/s",
+      constants.reduce_seconds_per_byte > 0 ? 1e-9 / constants.reduce_seconds_per_byte : 0.0);
   text += cat(rate, "; copy-in ");
   std::snprintf(rate, sizeof rate, "%.2f GB/s",
                 constants.copy_seconds_per_byte > 0 ? 1e-9 / constants.copy_seconds_per_byte : 0.0);
-  text += cat(rate, "; buffers of ", format_bytes(static_cast<double>(constants.buffer_bytes)), ", ",
-              constants.max_in_flight, " in flight\n");
+  text += cat(rate, "; buffers of ", format_bytes(static_cast<double>(constants.buffer_bytes)),
+              ", ", constants.max_in_flight, " in flight\n");
   text += cat("predicted fused ", format_seconds(plan.predicted_seconds), ", serial ",
               format_seconds(plan.predicted_serial_seconds), " (GEMM ", format_seconds(gemm),
               " + all-reduce ", format_seconds(all_reduce), ")\n");

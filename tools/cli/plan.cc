@@ -2,6 +2,8 @@
 // the constants measured for it on this machine (local ranks are launched to
 // measure the transport), and the predicted time; with --run, also the
 // measured time of the operator itself.
+#include "tpfuse/pipeline/plan.h"
+
 #include <sched.h>
 #include <unistd.h>
 
@@ -21,7 +23,6 @@
 #include "tpfuse/core/error.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/ops/validate.h"
-#include "tpfuse/pipeline/plan.h"
 #include "tpfuse/testing/inputs.h"
 
 namespace tpfuse::cli {
@@ -42,7 +43,8 @@ struct PlanFlags {
 void pin_to_core(int rank) {
   cpu_set_t allowed;
   CPU_ZERO(&allowed);
-  if (sched_getaffinity(0, sizeof allowed, &allowed) != 0) throw_system_error("sched_getaffinity", errno);
+  if (sched_getaffinity(0, sizeof allowed, &allowed) != 0)
+    throw_system_error("sched_getaffinity", errno);
   std::vector<int> cores;
   for (int c = 0; c < CPU_SETSIZE; ++c) {
     if (CPU_ISSET(c, &allowed)) cores.push_back(c);
@@ -54,7 +56,8 @@ void pin_to_core(int rank) {
 }
 
 double slowest_rank(comm::Communicator& comm, double seconds) {
-  const auto all = comm.all_gather(std::string_view(reinterpret_cast<const char*>(&seconds), sizeof seconds));
+  const auto all =
+      comm.all_gather(std::string_view(reinterpret_cast<const char*>(&seconds), sizeof seconds));
   double slowest = 0;
   for (const std::string& blob : all) {
     double value = 0;
@@ -65,7 +68,8 @@ double slowest_rank(comm::Communicator& comm, double seconds) {
 }
 
 // The operator's median time per call over `calls` calls, after one warm-up.
-double time_operator(comm::RankContext& ctx, const testing::RankArgs& args, const CallShape& shape, int calls) {
+double time_operator(comm::RankContext& ctx, const testing::RankArgs& args, const CallShape& shape,
+                     int calls) {
   Tensor out(shape.out_dtype, {shape.m, shape.n});
   mm_all_reduce_base_out(args.x1, args.x2, ctx.comm->name(), args.options, out);
   std::vector<double> seconds;
@@ -73,7 +77,8 @@ double time_operator(comm::RankContext& ctx, const testing::RankArgs& args, cons
     ctx.comm->barrier();
     const auto start = std::chrono::steady_clock::now();
     mm_all_reduce_base_out(args.x1, args.x2, ctx.comm->name(), args.options, out);
-    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     seconds.push_back(slowest_rank(*ctx.comm, elapsed));
   }
   std::sort(seconds.begin(), seconds.end());
@@ -94,7 +99,8 @@ int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
   operands.shape = shape;
   operands.x1 = args.x1;
   operands.x2 = args.x2;
-  operands.scale = shape.mode == Mode::full_quant ? args.options.dequant_scale : args.options.antiquant_scale;
+  operands.scale =
+      shape.mode == Mode::full_quant ? args.options.dequant_scale : args.options.antiquant_scale;
   operands.offset = args.options.antiquant_offset;
   operands.threads = budget.gemm_threads;
   const auto gemm = gemm::prepare_gemm(operands);
@@ -114,16 +120,19 @@ int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
 
   std::string report = pipeline::describe_plan(request, constants, plan);
   report += cat("ranks     ", ctx.size, flags.no_pin ? " (not pinned)" : " (pinned one per core)",
-                ", progress ", progress == pipeline::ProgressMode::interleaved ? "interleaved" : "helper_thread",
+                ", progress ",
+                progress == pipeline::ProgressMode::interleaved ? "interleaved" : "helper_thread",
                 ", GEMM engine ", gemm->engine(), "\n");
   if (flags.run > 0) {
     const double seconds = time_operator(ctx, args, shape, flags.run);
     char line[160];
-    std::snprintf(line, sizeof line, "measured  %.3f ms per call (median of %d, slowest rank), %.2fx the prediction\n",
+    std::snprintf(line, sizeof line,
+                  "measured  %.3f ms per call (median of %d, slowest rank), %.2fx the prediction\n",
                   seconds * 1e3, flags.run, seconds / plan.predicted_seconds);
     report += line;
   }
-  if (ctx.rank == 0 && write(report_fd, report.data(), report.size()) != static_cast<ssize_t>(report.size())) {
+  if (ctx.rank == 0 &&
+      write(report_fd, report.data(), report.size()) != static_cast<ssize_t>(report.size())) {
     return 3;
   }
   return 0;
@@ -134,20 +143,26 @@ int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
 void add_plan_command(CLI::App& app) {
   auto flags = std::make_shared<PlanFlags>();
   auto* plan = app.add_subcommand(
-      "plan", "Print the tile schedule mm_all_reduce_base picks for a call, the constants measured for it "
-              "on this machine, and the predicted time");
+      "plan",
+      "Print the tile schedule mm_all_reduce_base picks for a call, the constants measured for it "
+      "on this machine, and the predicted time");
   auto& s = flags->spec;
   s.m = 4096;
   s.n = 8192;
-  plan->add_option("--m", s.m, "Rows of x1 (tokens)")->capture_default_str()->check(CLI::Range(1, 1 << 24));
-  plan->add_option("--n", s.n, "Columns of the output")->capture_default_str()->check(CLI::Range(1, 1 << 24));
+  plan->add_option("--m", s.m, "Rows of x1 (tokens)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 24));
+  plan->add_option("--n", s.n, "Columns of the output")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 24));
   plan->add_option("--k", flags->layer_k, "K of the whole layer, split evenly over the ranks")
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 24));
   plan->add_option("--mode", flags->mode, "plain | weight_quant | full_quant")
       ->capture_default_str()
       ->check(CLI::IsMember({"plain", "weight_quant", "full_quant"}));
-  plan->add_option("--dtype", flags->dtype, "Activation dtype (plain, weight_quant) or output dtype (full_quant)")
+  plan->add_option("--dtype", flags->dtype,
+                   "Activation dtype (plain, weight_quant) or output dtype (full_quant)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f16", "bf16"}));
   plan->add_option("--ranks", flags->ranks, "Local ranks (processes) to measure with")
@@ -161,8 +176,9 @@ void add_plan_command(CLI::App& app) {
   plan->add_flag("--no-pin", flags->no_pin, "Do not pin ranks to cores");
 
   plan->callback([flags] {
-    static const std::map<std::string, Mode> kModes = {
-        {"plain", Mode::plain}, {"weight_quant", Mode::weight_quant}, {"full_quant", Mode::full_quant}};
+    static const std::map<std::string, Mode> kModes = {{"plain", Mode::plain},
+                                                       {"weight_quant", Mode::weight_quant},
+                                                       {"full_quant", Mode::full_quant}};
     flags->spec.mode = kModes.at(flags->mode);
     flags->spec.dtype = parse_dtype(flags->dtype);
     flags->spec.k = std::max<std::int64_t>(1, flags->layer_k / flags->ranks);
@@ -170,13 +186,14 @@ void add_plan_command(CLI::App& app) {
     if (pipe(fds) != 0) throw_system_error("pipe", errno);
     comm::LaunchOptions options;
     options.ranks = flags->ranks;
-    const comm::LaunchResult result =
-        comm::launch_local(options, [&](comm::RankContext& ctx) { return plan_rank(ctx, *flags, fds[1]); });
+    const comm::LaunchResult result = comm::launch_local(
+        options, [&](comm::RankContext& ctx) { return plan_rank(ctx, *flags, fds[1]); });
     close(fds[1]);
     std::string report;
     char buffer[4096];
     ssize_t n = 0;
-    while ((n = read(fds[0], buffer, sizeof buffer)) > 0) report.append(buffer, static_cast<std::size_t>(n));
+    while ((n = read(fds[0], buffer, sizeof buffer)) > 0)
+      report.append(buffer, static_cast<std::size_t>(n));
     close(fds[0]);
     if (!result.ok()) throw CLI::RuntimeError(cat("plan: ", result.describe_failures()), 1);
     std::fputs(report.c_str(), stdout);
