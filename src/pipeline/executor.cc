@@ -17,7 +17,6 @@
 // rank has a core for it (thread_budget leaves the GEMM one core fewer then).
 #include "pipeline/executor.h"
 
-#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -102,9 +101,11 @@ class HelperThreadInFlight final : public InFlight {
     if (thread_.joinable()) thread_.join();
   }
 
+  // Waits on each all-reduce in turn: the transport's bounded wait sleeps
+  // until a peer moves, so an idle helper costs the GEMM nothing (polling
+  // every few tens of microseconds instead would take its core that often).
   void run() {
     try {
-      unsigned idle_rounds = 0;
       while (true) {
         std::unique_lock lock(mutex_);
         wake_.wait(lock, [&] { return !works_.empty() || closing_; });
@@ -113,26 +114,13 @@ class HelperThreadInFlight final : public InFlight {
         // leaves the front element where it is.
         comm::Work& oldest = *works_.front();
         lock.unlock();
-        if (oldest.test()) {
-          lock.lock();
-          works_.pop_front();
-          idle_rounds = 0;
-          continue;
-        }
-        pause(idle_rounds++);
+        oldest.wait();
+        lock.lock();
+        works_.pop_front();
       }
     } catch (...) {
       const std::lock_guard lock(mutex_);
       error_ = std::current_exception();
-    }
-  }
-
-  // Yields first (the GEMM may share this core), then sleeps briefly.
-  static void pause(unsigned idle_rounds) {
-    if (idle_rounds < 64) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
   }
 

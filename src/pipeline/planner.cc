@@ -68,14 +68,15 @@ struct CostModel {
     const auto blocks = static_cast<double>((rows + poll_rows - 1) / poll_rows);
     return blocks * gemm_call_seconds(static_cast<double>(rows) / blocks);
   }
-  // Fewest rows per call for which the pass is at most a tenth of the
-  // arithmetic. The two overlap only in part: blocks of 64 rows ran 10%
-  // slower than blocks of 256 where the pass over the weight took a third
-  // of a block's arithmetic (K=4096, N=8192), and no slower where it took a
-  // sixth (K=256).
+  // Fewest rows per poll block for which the pass is at most 1% of the
+  // block's arithmetic. The two overlap only in part (blocks of 64 rows ran
+  // 10% slower than blocks of 256 where the pass took a third of a block's
+  // arithmetic, at K=4096, N=8192), and polls inside a tile buy little: a
+  // round is reduced at the next tile's start anyway when the ranks keep
+  // pace. So a tile is cut only where the weight is cheap to read again.
   std::int64_t rows_to_hide_the_pass() const {
     const double per_row = arithmetic_seconds(1.0);
-    return static_cast<std::int64_t>(std::ceil(10.0 * constants.gemm_pass_seconds / per_row));
+    return static_cast<std::int64_t>(std::ceil(100.0 * constants.gemm_pass_seconds / per_row));
   }
   bool fits_buffer(std::int64_t rows) const {
     return static_cast<double>(rows) * static_cast<double>(row_bytes()) <=
