@@ -197,7 +197,7 @@ inline void finish_partial(FloatVec sum, std::int64_t count, const float* bias, 
   __builtin_memcpy(dst, dst_lanes, static_cast<std::size_t>(count) * size);
 }
 
-// Loads count <= kLanes values (the rest zero).
+// Loads count < kLanes values (the rest zero).
 template <class T>
 inline hn::Vec<hn::Rebind<T, FloatTag>> load_partial(const T* p, std::int64_t count) {
   alignas(64) T lanes[kLanes] = {};
@@ -205,9 +205,18 @@ inline hn::Vec<hn::Rebind<T, FloatTag>> load_partial(const T* p, std::int64_t co
   return hn::Load(hn::Rebind<T, FloatTag>(), lanes);
 }
 
+// Visits a row of cols values as whole vectors, then one partial vector:
+// finish(j, count) for columns [j, j + count), count <= kLanes.
+template <class Finish>
+HWY_INLINE void for_each_vector(std::int64_t cols, const Finish& finish) {
+  std::int64_t j = 0;
+  for (; j + kLanes <= cols; j += kLanes) finish(j, kLanes);
+  if (j < cols) finish(j, cols - j);
+}
+
 template <class T>
 inline hn::Vec<hn::Rebind<T, FloatTag>> load_lanes(const T* p, std::int64_t count) {
-  if (count >= kLanes) return hn::LoadU(hn::Rebind<T, FloatTag>(), p);
+  if (count == kLanes) return hn::LoadU(hn::Rebind<T, FloatTag>(), p);
   return load_partial(p, count);
 }
 
@@ -217,8 +226,7 @@ inline void finish_f32(std::int64_t rows, std::int64_t cols, const float* acc, s
   const auto* x3 = static_cast<const unsigned char*>(e.x3);
   auto* dst = static_cast<unsigned char*>(e.dst);
   for (std::int64_t i = 0; i < rows; ++i) {
-    for (std::int64_t j = 0; j < cols; j += kLanes) {
-      const std::int64_t count = min_i64(kLanes, cols - j);
+    for_each_vector(cols, [&](std::int64_t j, std::int64_t count) {
       const FloatVec sum = load_lanes(acc + i * acc_ld + j, count);
       const float* bias = e.bias != nullptr ? e.bias + j : nullptr;
       const void* x3_at = x3 != nullptr ? x3 + (i * e.x3_ld + j) * size : nullptr;
@@ -228,7 +236,7 @@ inline void finish_f32(std::int64_t rows, std::int64_t cols, const float* acc, s
       } else {
         finish_partial(sum, count, bias, x3_at, e.out_dtype, dst_at);
       }
-    }
+    });
   }
 }
 
@@ -240,8 +248,7 @@ inline void finish_i32(std::int64_t rows, std::int64_t cols, const std::int32_t*
   const auto* x3 = static_cast<const unsigned char*>(e.x3);
   auto* dst = static_cast<unsigned char*>(e.dst);
   for (std::int64_t i = 0; i < rows; ++i) {
-    for (std::int64_t j = 0; j < cols; j += kLanes) {
-      const std::int64_t count = min_i64(kLanes, cols - j);
+    for_each_vector(cols, [&](std::int64_t j, std::int64_t count) {
       auto sum = load_lanes(acc + i * acc_ld + j, count);
       if (e.bias_i32 != nullptr) sum = hn::Add(sum, load_lanes(e.bias_i32 + j, count));
       const FloatVec scaled = hn::Mul(hn::ConvertTo(FloatTag(), sum), load_lanes(e.scale + j, count));
@@ -252,7 +259,7 @@ inline void finish_i32(std::int64_t rows, std::int64_t cols, const std::int32_t*
       } else {
         finish_partial(scaled, count, nullptr, x3_at, e.out_dtype, dst_at);
       }
-    }
+    });
   }
 }
 
