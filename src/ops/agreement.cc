@@ -1,5 +1,6 @@
 #include "ops/agreement.h"
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <vector>
@@ -28,14 +29,21 @@ constexpr AgreedField kAgreedFields[] = {
 };
 constexpr std::size_t kFieldCount = std::size(kAgreedFields);
 
-// Wire form: a flag (1 = validated), the fields, then the error text if any.
+// Wire form: a flag (1 = validated), the fields, the rank's facts, then the
+// error text if any.
+constexpr std::size_t kFactsAt = kFieldCount + 1;
+using Words = std::array<std::int64_t, kFactsAt + 3>;
+
 std::string encode(const std::optional<CallShape>& shape, const std::string& error,
-                   std::size_t max_bytes) {
-  std::array<std::int64_t, kFieldCount + 1> words{};
+                   const RankFacts& mine, std::size_t max_bytes) {
+  Words words{};
   words[0] = shape ? 1 : 0;
   if (shape) {
     for (std::size_t f = 0; f < kFieldCount; ++f) words[f + 1] = kAgreedFields[f].get(*shape);
   }
+  words[kFactsAt] = mine.k;
+  words[kFactsAt + 1] = mine.threads;
+  words[kFactsAt + 2] = mine.reduce_has_own_core ? 1 : 0;
   std::string blob(reinterpret_cast<const char*>(words.data()), sizeof(words));
   if (!shape) blob += error.substr(0, max_bytes - blob.size());
   return blob;
@@ -52,10 +60,10 @@ std::string field_value(std::size_t field, std::int64_t value) {
 
 }  // namespace
 
-void check_agreement(comm::Communicator& comm, const std::optional<CallShape>& shape,
-                     const std::string& local_error) {
-  const auto blobs = comm.all_gather(encode(shape, local_error, comm.max_gather_bytes()));
-  std::vector<std::array<std::int64_t, kFieldCount + 1>> words(blobs.size());
+RankFacts check_agreement(comm::Communicator& comm, const std::optional<CallShape>& shape,
+                          const std::string& local_error, const RankFacts& mine) {
+  const auto blobs = comm.all_gather(encode(shape, local_error, mine, comm.max_gather_bytes()));
+  std::vector<Words> words(blobs.size());
   for (std::size_t r = 0; r < blobs.size(); ++r) {
     if (blobs[r].size() < sizeof(words[r])) {
       throw InternalError(cat("agreement: rank ", r, " sent ", blobs[r].size(), " bytes"));
@@ -80,6 +88,14 @@ void check_agreement(comm::Communicator& comm, const std::optional<CallShape>& s
                                   field_value(f, other), " (every rank must pass the same value)"));
     }
   }
+
+  RankFacts agreed = mine;
+  for (const Words& rank : words) {
+    agreed.k = std::max(agreed.k, rank[kFactsAt]);
+    agreed.threads = std::min(agreed.threads, static_cast<int>(rank[kFactsAt + 1]));
+    agreed.reduce_has_own_core = agreed.reduce_has_own_core && rank[kFactsAt + 2] == 1;
+  }
+  return agreed;
 }
 
 }  // namespace tpfuse

@@ -42,44 +42,19 @@ gemm::GemmOperands make_operands(const CallShape& shape, const TensorView& x1,
   return ops;
 }
 
-void run(const CallShape& shape, const TensorView& x1, const TensorView& x2,
-         const MmAllReduceOptions& options, const TensorView& out, comm::Communicator& comm) {
-  const pipeline::ProgressMode progress = pipeline::default_progress_mode();
-  // The shm transport's ranks share this host's cores.
-  const pipeline::ThreadBudget budget = pipeline::thread_budget(progress, comm.size());
-  gemm::GemmOperands operands = make_operands(shape, x1, x2, options);
-  operands.threads = budget.gemm_threads;
-  const auto gemm = gemm::prepare_gemm(operands);
+// A validated call, agreed by every rank, and how this rank runs it.
+struct AgreedCall {
+  CallShape shape;
+  pipeline::ProgressMode progress = pipeline::ProgressMode::interleaved;
+  int gemm_threads = 1;
+  pipeline::PlanRequest request;  // agreed: the same on every rank
+};
 
-  pipeline::TileJob job;
-  job.gemm = gemm.get();
-  job.comm = &comm;
-  job.n = shape.n;
-  job.dtype = shape.out_dtype;
-  job.out = out.data();
-  job.progress = progress;
-  job.after_tile_computed = test_hooks::after_tile_computed;
-
-  pipeline::PlanRequest request;
-  request.m = shape.m;
-  request.n = shape.n;
-  request.k = shape.k;
-  request.mode = shape.mode;
-  request.in_dtype = shape.in_dtype;
-  request.out_dtype = shape.out_dtype;
-  request.threads = operands.threads;
-  request.comm_turn = shape.comm_turn;
-  request.reduce_has_own_core = budget.reduce_has_own_core;
-  const pipeline::TilePlan plan = pipeline::plan_call(comm, *gemm, request);
-  log::debug("mm_all_reduce_base: m=", shape.m, " k=", shape.k, " n=", shape.n, " mode=",
-             mode_name(shape.mode), " tiles=", plan.tile_rows.size(), " engine=", gemm->engine());
-  pipeline::execute_plan(plan, job);
-}
-
-// Validates locally, then agrees with the peers; returns the validated shape.
-CallShape validate_and_agree(const TensorView& x1, const TensorView& x2,
-                             const MmAllReduceOptions& options, const TensorView* out,
-                             comm::Communicator& comm) {
+// Validates locally, then agrees with the peers (one exchange, which also
+// combines what the planner needs from every rank).
+AgreedCall validate_and_agree(const TensorView& x1, const TensorView& x2,
+                              const MmAllReduceOptions& options, const TensorView* out,
+                              comm::Communicator& comm) {
   std::optional<CallShape> shape;
   std::string error;
   try {
@@ -89,8 +64,39 @@ CallShape validate_and_agree(const TensorView& x1, const TensorView& x2,
     shape.reset();
     error = e.what();
   }
-  check_agreement(comm, shape, error);
-  return *shape;
+  AgreedCall call;
+  call.progress = pipeline::default_progress_mode();
+  // The shm transport's ranks share this host's cores.
+  const pipeline::ThreadBudget budget = pipeline::thread_budget(call.progress, comm.size());
+  call.gemm_threads = budget.gemm_threads;
+  const RankFacts agreed = check_agreement(
+      comm, shape, error, {shape ? shape->k : 0, budget.gemm_threads, budget.reduce_has_own_core});
+  call.shape = *shape;
+  call.request = pipeline::make_request(call.shape, agreed.threads, agreed.reduce_has_own_core);
+  call.request.k = agreed.k;
+  return call;
+}
+
+void run(const AgreedCall& call, const TensorView& x1, const TensorView& x2,
+         const MmAllReduceOptions& options, const TensorView& out, comm::Communicator& comm) {
+  const CallShape& shape = call.shape;
+  gemm::GemmOperands operands = make_operands(shape, x1, x2, options);
+  operands.threads = call.gemm_threads;
+  const auto gemm = gemm::prepare_gemm(operands);
+
+  pipeline::TileJob job;
+  job.gemm = gemm.get();
+  job.comm = &comm;
+  job.n = shape.n;
+  job.dtype = shape.out_dtype;
+  job.out = out.data();
+  job.progress = call.progress;
+  job.after_tile_computed = test_hooks::after_tile_computed;
+
+  const pipeline::TilePlan plan = pipeline::plan_call(comm, *gemm, call.request);
+  log::debug("mm_all_reduce_base: m=", shape.m, " k=", shape.k, " n=", shape.n, " mode=",
+             mode_name(shape.mode), " tiles=", plan.tile_rows.size(), " engine=", gemm->engine());
+  pipeline::execute_plan(plan, job);
 }
 
 }  // namespace
@@ -98,17 +104,17 @@ CallShape validate_and_agree(const TensorView& x1, const TensorView& x2,
 Tensor mm_all_reduce_base(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                           const MmAllReduceOptions& options) {
   const auto comm = comm::find_communicator(hcom);
-  const CallShape shape = validate_and_agree(x1, x2, options, nullptr, *comm);
-  Tensor out(shape.out_dtype, output_shape(shape));
-  run(shape, x1, x2, options, out, *comm);
+  const AgreedCall call = validate_and_agree(x1, x2, options, nullptr, *comm);
+  Tensor out(call.shape.out_dtype, output_shape(call.shape));
+  run(call, x1, x2, options, out, *comm);
   return out;
 }
 
 void mm_all_reduce_base_out(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                             const MmAllReduceOptions& options, const TensorView& out) {
   const auto comm = comm::find_communicator(hcom);
-  const CallShape shape = validate_and_agree(x1, x2, options, &out, *comm);
-  run(shape, x1, x2, options, out, *comm);
+  const AgreedCall call = validate_and_agree(x1, x2, options, &out, *comm);
+  run(call, x1, x2, options, out, *comm);
 }
 
 }  // namespace tpfuse

@@ -158,9 +158,23 @@ Value cached_or_measured(std::map<Key, Value>& table, const Key& key, Measure&& 
   return value;
 }
 
-// The request with the rank-local facts agreed: the largest k, the fewest
-// threads, and a core of its own for the reduce only where every rank has one.
-PlanRequest agreed_request(comm::Communicator& comm, PlanRequest request) {
+}  // namespace
+
+PlanRequest make_request(const CallShape& shape, int threads, bool reduce_has_own_core) {
+  PlanRequest request;
+  request.m = shape.m;
+  request.n = shape.n;
+  request.k = shape.k;
+  request.mode = shape.mode;
+  request.in_dtype = shape.in_dtype;
+  request.out_dtype = shape.out_dtype;
+  request.threads = threads;
+  request.comm_turn = shape.comm_turn;
+  request.reduce_has_own_core = reduce_has_own_core;
+  return request;
+}
+
+PlanRequest agree_request(comm::Communicator& comm, PlanRequest request) {
   const auto agreed =
       agreed_max(comm, {static_cast<double>(request.k), -static_cast<double>(request.threads),
                         request.reduce_has_own_core ? 0.0 : 1.0});
@@ -170,33 +184,30 @@ PlanRequest agreed_request(comm::Communicator& comm, PlanRequest request) {
   return request;
 }
 
-}  // namespace
-
 TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
-                   const PlanRequest& local_request, CostConstants* used) {
+                   const PlanRequest& request, CostConstants* used) {
   // A forced or one-row plan needs no constants (unless asked for them);
   // its predictions are then meaningless and unused.
-  if ((local_request.comm_turn > 0 || local_request.m == 1) && used == nullptr) {
-    return make_plan(local_request, {.gemm_flops = 1});
+  if ((request.comm_turn > 0 || request.m == 1) && used == nullptr) {
+    return make_plan(request, {.gemm_flops = 1});
   }
   const TransportConstants transport =
-      cached_or_measured(cache().transport, TransportKey{comm.name(), local_request.out_dtype},
-                         [&] { return measure_transport(comm, local_request.out_dtype); });
+      cached_or_measured(cache().transport, TransportKey{comm.name(), request.out_dtype},
+                         [&] { return measure_transport(comm, request.out_dtype); });
   // No split can pay when reducing the whole output costs less than one
   // more round: decided from agreed values alone, so the call is spared the
   // gather below (a small output's call is mostly synchronisation).
-  const double output_bytes = static_cast<double>(local_request.m) *
-                              static_cast<double>(local_request.n) *
-                              static_cast<double>(dtype_size(local_request.out_dtype));
+  const double output_bytes = static_cast<double>(request.m) *
+                              static_cast<double>(request.n) *
+                              static_cast<double>(dtype_size(request.out_dtype));
   if (output_bytes * transport.reduce_seconds_per_byte <= transport.reduce_round_seconds &&
       used == nullptr) {
     TilePlan plan;
-    plan.tile_rows = {local_request.m};
-    plan.poll_rows = local_request.m;
+    plan.tile_rows = {request.m};
+    plan.poll_rows = request.m;
     plan.reason = "one tile: reducing the whole output costs less than one more round";
     return plan;
   }
-  const PlanRequest request = agreed_request(comm, local_request);
   const GemmConstants gemm_constants =
       cached_or_measured(cache().gemm,
                          GemmKey{comm.name(), request.mode, request.in_dtype, request.out_dtype,

@@ -105,16 +105,9 @@ int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
   operands.threads = budget.gemm_threads;
   const auto gemm = gemm::prepare_gemm(operands);
 
-  pipeline::PlanRequest request;
-  request.m = shape.m;
-  request.n = shape.n;
-  request.k = shape.k;
-  request.mode = shape.mode;
-  request.in_dtype = shape.in_dtype;
-  request.out_dtype = shape.out_dtype;
-  request.threads = budget.gemm_threads;
-  request.comm_turn = shape.comm_turn;
-  request.reduce_has_own_core = budget.reduce_has_own_core;
+  const pipeline::PlanRequest request = pipeline::agree_request(
+      *ctx.comm,
+      pipeline::make_request(shape, budget.gemm_threads, budget.reduce_has_own_core));
   pipeline::CostConstants constants;
   const pipeline::TilePlan plan = pipeline::plan_call(*ctx.comm, *gemm, request, &constants);
 

@@ -62,12 +62,21 @@ struct TilePlan {
   std::string reason;                   // why this shape of plan, in words
 };
 
+// The request for one rank's validated call, with its own k and GEMM threads.
+PlanRequest make_request(const CallShape& shape, int threads, bool reduce_has_own_core);
+
+// The request with the facts that may differ between ranks agreed (one
+// all_gather; collective): the largest k, the fewest threads, and a core of
+// its own for the reduce only where every rank has one. The operator gets the
+// same from its agreement step instead.
+PlanRequest agree_request(comm::Communicator& comm, PlanRequest request);
+
 // The plan for `request` under `constants`: a pure function, the same on
 // every rank given the same inputs.
 TilePlan make_plan(const PlanRequest& request, const CostConstants& constants);
 
 // The plan for a call on `comm` whose GEMM is `gemm` (collective: every rank
-// calls it, in the same order, for the same call). The transport's constants
+// calls it, in the same order, with the same agreed request). The transport's constants
 // are measured on the first call that needs them, the GEMM's on the first
 // call of each (mode, dtypes, n, k, threads), each agreed across the ranks and
 // cached for the communicator's life: a few milliseconds, once. `constants`,
