@@ -41,25 +41,23 @@ auto translate_errors(Body&& body) -> decltype(body()) {
   }
 }
 
+// tpfuse's dtypes and torch's, both ways.
+struct DTypePair {
+  DType dtype;
+  at::ScalarType scalar_type;
+};
+constexpr DTypePair kDTypes[] = {
+    {DType::f16, at::kHalf}, {DType::bf16, at::kBFloat16}, {DType::f32, at::kFloat},
+    {DType::i8, at::kChar},  {DType::i32, at::kInt},       {DType::i64, at::kLong},
+};
+
 DType to_dtype(const char* name, at::ScalarType type) {
-  switch (type) {
-    case at::kHalf:
-      return DType::f16;
-    case at::kBFloat16:
-      return DType::bf16;
-    case at::kFloat:
-      return DType::f32;
-    case at::kChar:
-      return DType::i8;
-    case at::kInt:
-      return DType::i32;
-    case at::kLong:
-      return DType::i64;
-    default:
-      throw InvalidArgument(cat(name, ": dtype ", c10::toString(type),
-                                " has no tpfuse equivalent (tpfuse takes Half, BFloat16, "
-                                "Float, Char, Int or Long)"));
+  for (const DTypePair& pair : kDTypes) {
+    if (pair.scalar_type == type) return pair.dtype;
   }
+  throw InvalidArgument(cat(name, ": dtype ", c10::toString(type),
+                            " has no tpfuse equivalent (tpfuse takes Half, BFloat16, "
+                            "Float, Char, Int or Long)"));
 }
 
 // Torch leaves the pointer of an empty tensor null; any non-null address lets
@@ -86,19 +84,8 @@ std::optional<TensorView> to_view(const char* name, const c10::optional<at::Tens
 }
 
 at::ScalarType to_scalar_type(DType dtype) {
-  switch (dtype) {
-    case DType::f16:
-      return at::kHalf;
-    case DType::bf16:
-      return at::kBFloat16;
-    case DType::f32:
-      return at::kFloat;
-    case DType::i8:
-      return at::kChar;
-    case DType::i32:
-      return at::kInt;
-    case DType::i64:
-      return at::kLong;
+  for (const DTypePair& pair : kDTypes) {
+    if (pair.dtype == dtype) return pair.scalar_type;
   }
   throw InternalError(cat("no torch dtype for ", dtype_name(dtype)));
 }
