@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -246,11 +247,18 @@ testing::Comparison check_against_golden(const testing::CaseSpec& spec, int rank
   return testing::compare(out, testing::golden_mm_all_reduce(args));
 }
 
+void record_failure(RankRecord& record, const std::string& label, const std::string& what,
+                    const testing::CaseSpec& spec, int ranks) {
+  std::snprintf(record.failure, sizeof(record.failure), "%s: %s, %s [%s]; reproduce with: %s",
+                label.c_str(), what.c_str(), describe_mode(spec).c_str(),
+                describe_shape(spec).c_str(), run_command(spec, ranks).c_str());
+}
+
 // One call on this rank: compute, hash, check if it is this rank's turn, and
 // gather every rank's verdict. False (on every rank alike) when the call
-// failed; the failure is in the record.
-bool soak_call(comm::RankContext& ctx, const testing::CaseSpec& spec, std::int64_t index,
-               const std::string& label, const SoakOptions& o, RankRecord& record) {
+// gave a wrong or differing output; the failure is in the record.
+bool checked_call(comm::RankContext& ctx, const testing::CaseSpec& spec, std::int64_t index,
+                  const std::string& label, const SoakOptions& o, RankRecord& record) {
   const testing::RankInputs inputs = testing::make_rank_inputs(spec, ctx.rank);
   const Tensor out =
       mm_all_reduce_base(inputs.args.x1, inputs.args.x2, ctx.comm->name(), inputs.args.options);
@@ -284,10 +292,20 @@ bool soak_call(comm::RankContext& ctx, const testing::CaseSpec& spec, std::int64
     }
   }
   if (failure.empty()) return true;
-  std::snprintf(record.failure, sizeof(record.failure), "%s: %s, %s [%s]; reproduce with: %s",
-                label.c_str(), failure.c_str(), describe_mode(spec).c_str(),
-                describe_shape(spec).c_str(), run_command(spec, ctx.size).c_str());
+  record_failure(record, label, failure, spec, ctx.size);
   return false;
+}
+
+// checked_call, with the call that threw (a rank lost, a deadline passed)
+// named in the record before the error ends the rank.
+bool soak_call(comm::RankContext& ctx, const testing::CaseSpec& spec, std::int64_t index,
+               const std::string& label, const SoakOptions& o, RankRecord& record) {
+  try {
+    return checked_call(ctx, spec, index, label, o, record);
+  } catch (const std::exception& error) {
+    record_failure(record, label, error.what(), spec, ctx.size);
+    throw;
+  }
 }
 
 int soak_rank(comm::RankContext& ctx, const SoakOptions& o, RankRecord& record) {
@@ -339,7 +357,12 @@ std::vector<std::string> violations(const SoakOptions& o, const comm::LaunchResu
                                     SharedRecords& records) {
   std::vector<std::string> found;
   if (!launch.ok()) found.push_back(cat("ranks failed (", launch.describe_failures(), ")"));
-  if (records[0].failure[0] != '\0') found.emplace_back(records[0].failure);
+  // Every rank records a wrong output alike; an error may hit some only.
+  for (int r = 0; r < o.ranks; ++r) {
+    if (records[r].failure[0] == '\0') continue;
+    found.push_back(cat("rank ", r, ": ", records[r].failure));
+    if (launch.ok()) break;
+  }
   for (int r = 0; r < o.ranks; ++r) {
     const RankRecord& rec = records[r];
     if (!rec.started || !rec.finished) continue;
