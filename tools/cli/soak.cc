@@ -249,7 +249,7 @@ testing::Comparison check_against_golden(const testing::CaseSpec& spec, int rank
 
 void record_failure(RankRecord& record, const std::string& label, const std::string& what,
                     const testing::CaseSpec& spec, int ranks) {
-  std::snprintf(record.failure, sizeof(record.failure), "%s: %s, %s [%s]; reproduce with: %s",
+  std::snprintf(record.failure, sizeof(record.failure), "%s: %s; %s, %s; reproduce with: %s",
                 label.c_str(), what.c_str(), describe_mode(spec).c_str(),
                 describe_shape(spec).c_str(), run_command(spec, ranks).c_str());
 }
@@ -394,9 +394,14 @@ void print_report(const SoakOptions& o, const comm::LaunchResult& launch, Shared
   const RankRecord& first = records[0];
   std::printf("warm-up: %lld calls in %.1f s\n", static_cast<long long>(first.warmup_calls),
               first.warmup_seconds);
-  std::printf("calls: %lld of %lld in %.1f s (%.2f ms per call)\n",
-              static_cast<long long>(first.calls_done), static_cast<long long>(o.calls),
-              first.seconds, first.calls_done > 0 ? first.seconds * 1e3 / static_cast<double>(first.calls_done) : 0.0);
+  if (first.finished) {
+    std::printf("calls: %lld of %lld in %.1f s (%.2f ms per call)\n",
+                static_cast<long long>(first.calls_done), static_cast<long long>(o.calls), first.seconds,
+                first.calls_done > 0 ? first.seconds * 1e3 / static_cast<double>(first.calls_done) : 0.0);
+  } else {
+    std::printf("calls: %lld of %lld, then rank 0 stopped\n", static_cast<long long>(first.calls_done),
+                static_cast<long long>(o.calls));
+  }
   std::printf("golden checks: %lld (warm-up included), max error %.3g (tolerance there %.3g), "
               "worst error / tolerance %.3g\n",
               static_cast<long long>(first.checks), first.max_abs_error, first.bound_at_max,
