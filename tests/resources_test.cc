@@ -63,7 +63,8 @@ TEST(CountMappings, RejectsMalformedLines) {
 TEST(SampleProcessResources, SeesMemoryTouched) {
   constexpr std::size_t kBytes = std::size_t{16} << 20;
   const ProcessResources before = sample_process_resources();
-  void* memory = ::mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* memory =
+      ::mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ASSERT_NE(memory, MAP_FAILED);
   const long page = ::sysconf(_SC_PAGESIZE);
   for (std::size_t at = 0; at < kBytes; at += static_cast<std::size_t>(page)) {

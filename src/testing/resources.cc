@@ -69,13 +69,15 @@ std::string_view next_field(std::string_view& text) {
 }
 
 [[noreturn]] void malformed_maps_line(std::string_view line) {
-  throw Error(cat("resources: expected a maps line (start-end perms offset dev inode [path]), got \"",
-                  line, "\""));
+  throw Error(
+      cat("resources: expected a maps line (start-end perms offset dev inode [path]), got \"", line,
+          "\""));
 }
 
 std::uint64_t parse_address(std::string_view digits, std::string_view line) {
   std::uint64_t value = 0;
-  const auto [end, error] = std::from_chars(digits.data(), digits.data() + digits.size(), value, 16);
+  const auto [end, error] =
+      std::from_chars(digits.data(), digits.data() + digits.size(), value, 16);
   if (digits.empty() || error != std::errc() || end != digits.data() + digits.size()) {
     malformed_maps_line(line);
   }
@@ -109,8 +111,8 @@ std::int64_t parse_vm_rss(std::string_view status) {
     const auto [stop, error] = std::from_chars(number.data(), number.data() + number.size(), kib);
     if (number.empty() || error != std::errc() || stop != number.data() + number.size() ||
         unit != "kB") {
-      throw Error(cat("resources: expected \"VmRSS: <n> kB\" in the status, got \"VmRSS: ",
-                      number, " ", unit, "\""));
+      throw Error(cat("resources: expected \"VmRSS: <n> kB\" in the status, got \"VmRSS: ", number,
+                      " ", unit, "\""));
     }
     bytes = kib * 1024;
     return true;
@@ -147,7 +149,8 @@ ProcessResources sample_process_resources() {
   ProcessResources sample;
   sample.rss_bytes = parse_vm_rss(read_proc_file("/proc/self/status"));
   sample.open_fds = count_open_fds();
-  const MappingCount segments = count_mappings(read_proc_file("/proc/self/maps"), kSegmentPathPrefix);
+  const MappingCount segments =
+      count_mappings(read_proc_file("/proc/self/maps"), kSegmentPathPrefix);
   sample.segment_mappings = segments.mappings;
   sample.segment_mapped_bytes = segments.bytes;
   return sample;

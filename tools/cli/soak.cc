@@ -21,13 +21,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <dnnl.hpp>
 #include <exception>
 #include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <dnnl.hpp>
 
 #include "case_runner.h"
 #include "commands.h"
@@ -169,7 +168,8 @@ struct RankRecord {
 class SharedRecords {
  public:
   explicit SharedRecords(int ranks) : count_(static_cast<std::size_t>(ranks)) {
-    void* memory = ::mmap(nullptr, bytes(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    void* memory =
+        ::mmap(nullptr, bytes(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (memory == MAP_FAILED) throw_system_error("soak: mmap of the rank records", errno);
     records_ = static_cast<RankRecord*>(memory);
     std::uninitialized_default_construct_n(records_, count_);
@@ -239,7 +239,8 @@ std::string run_command(const testing::CaseSpec& s, int ranks) {
   return text + cat(" --comm-turn ", s.comm_turn, " --seed ", s.seed, " --ranks ", ranks);
 }
 
-testing::Comparison check_against_golden(const testing::CaseSpec& spec, int ranks, const Tensor& out) {
+testing::Comparison check_against_golden(const testing::CaseSpec& spec, int ranks,
+                                         const Tensor& out) {
   std::vector<testing::RankInputs> inputs;
   std::vector<testing::RankArgs> args;
   for (int r = 0; r < ranks; ++r) inputs.push_back(testing::make_rank_inputs(spec, r));
@@ -287,8 +288,9 @@ bool checked_call(comm::RankContext& ctx, const testing::CaseSpec& spec, std::in
     }
     record.worst_ratio = std::max(record.worst_ratio, c.worst_ratio);
     if (!c.ok()) {
-      failure = cat(c.mismatches, " elements beyond the golden model's tolerance (max error ",
-                    c.max_abs_error, ", tolerance there ", c.max_bound, "; checked on rank ", r, ")");
+      failure =
+          cat(c.mismatches, " elements beyond the golden model's tolerance (max error ",
+              c.max_abs_error, ", tolerance there ", c.max_bound, "; checked on rank ", r, ")");
     }
   }
   if (failure.empty()) return true;
@@ -311,11 +313,13 @@ bool soak_call(comm::RankContext& ctx, const testing::CaseSpec& spec, std::int64
 int soak_rank(comm::RankContext& ctx, const SoakOptions& o, RankRecord& record) {
   if (o.primitive_cache >= 0) dnnl::set_primitive_cache_capacity(o.primitive_cache);
   std::vector<testing::CaseSpec> warmup = largest_calls(o);
-  if (static_cast<std::int64_t>(warmup.size()) > o.warmup) warmup.resize(static_cast<std::size_t>(o.warmup));
+  if (static_cast<std::int64_t>(warmup.size()) > o.warmup)
+    warmup.resize(static_cast<std::size_t>(o.warmup));
   // The warm-up draws from its own stream, so that a seed's measured calls
   // do not depend on --warmup.
   Draws warmup_draws(o.seed ^ 0x5EEDF00DCAFEBABEull);
-  while (static_cast<std::int64_t>(warmup.size()) < o.warmup) warmup.push_back(draw_call(warmup_draws, o));
+  while (static_cast<std::int64_t>(warmup.size()) < o.warmup)
+    warmup.push_back(draw_call(warmup_draws, o));
   record.warmup_calls = static_cast<std::int64_t>(warmup.size());
   Progress progress(ctx.rank == 0, record.warmup_calls + o.calls);
 
@@ -377,10 +381,10 @@ std::vector<std::string> violations(const SoakOptions& o, const comm::LaunchResu
     }
     if (rec.end.segment_mappings > rec.start.segment_mappings ||
         rec.end.segment_mapped_bytes > rec.start.segment_mapped_bytes) {
-      found.push_back(cat("rank ", r, "'s mapped tpfuse segments went from ",
-                          rec.start.segment_mappings, " (", format_bytes(rec.start.segment_mapped_bytes),
-                          ") to ", rec.end.segment_mappings, " (",
-                          format_bytes(rec.end.segment_mapped_bytes), ")"));
+      found.push_back(
+          cat("rank ", r, "'s mapped tpfuse segments went from ", rec.start.segment_mappings, " (",
+              format_bytes(rec.start.segment_mapped_bytes), ") to ", rec.end.segment_mappings, " (",
+              format_bytes(rec.end.segment_mapped_bytes), ")"));
     }
   }
   if (!launch.reclaimed_segments.empty()) {
@@ -395,17 +399,19 @@ void print_report(const SoakOptions& o, const comm::LaunchResult& launch, Shared
   std::printf("warm-up: %lld calls in %.1f s\n", static_cast<long long>(first.warmup_calls),
               first.warmup_seconds);
   if (first.finished) {
-    std::printf("calls: %lld of %lld in %.1f s (%.2f ms per call)\n",
-                static_cast<long long>(first.calls_done), static_cast<long long>(o.calls), first.seconds,
-                first.calls_done > 0 ? first.seconds * 1e3 / static_cast<double>(first.calls_done) : 0.0);
+    std::printf(
+        "calls: %lld of %lld in %.1f s (%.2f ms per call)\n",
+        static_cast<long long>(first.calls_done), static_cast<long long>(o.calls), first.seconds,
+        first.calls_done > 0 ? first.seconds * 1e3 / static_cast<double>(first.calls_done) : 0.0);
   } else {
-    std::printf("calls: %lld of %lld, then rank 0 stopped\n", static_cast<long long>(first.calls_done),
-                static_cast<long long>(o.calls));
+    std::printf("calls: %lld of %lld, then rank 0 stopped\n",
+                static_cast<long long>(first.calls_done), static_cast<long long>(o.calls));
   }
-  std::printf("golden checks: %lld (warm-up included), max error %.3g (tolerance there %.3g), "
-              "worst error / tolerance %.3g\n",
-              static_cast<long long>(first.checks), first.max_abs_error, first.bound_at_max,
-              first.worst_ratio);
+  std::printf(
+      "golden checks: %lld (warm-up included), max error %.3g (tolerance there %.3g), "
+      "worst error / tolerance %.3g\n",
+      static_cast<long long>(first.checks), first.max_abs_error, first.bound_at_max,
+      first.worst_ratio);
   std::printf("\n%4s  %-40s  %-11s  %s\n", "rank", "resident memory: after warm-up -> end (growth)",
               "descriptors", "tpfuse segments mapped");
   for (int r = 0; r < o.ranks; ++r) {
@@ -414,8 +420,9 @@ void print_report(const SoakOptions& o, const comm::LaunchResult& launch, Shared
       std::printf("%4d  not sampled (the rank stopped early)\n", r);
       continue;
     }
-    const std::string rss = cat(format_bytes(rec.start.rss_bytes), " -> ", format_bytes(rec.end.rss_bytes),
-                                " (", format_bytes(rec.end.rss_bytes - rec.start.rss_bytes, true), ")");
+    const std::string rss =
+        cat(format_bytes(rec.start.rss_bytes), " -> ", format_bytes(rec.end.rss_bytes), " (",
+            format_bytes(rec.end.rss_bytes - rec.start.rss_bytes, true), ")");
     const std::string fds = cat(rec.start.open_fds, " -> ", rec.end.open_fds);
     std::printf("%4d  %-40s  %-11s  %lld (%s) -> %lld (%s)\n", r, rss.c_str(), fds.c_str(),
                 static_cast<long long>(rec.start.segment_mappings),
@@ -423,14 +430,16 @@ void print_report(const SoakOptions& o, const comm::LaunchResult& launch, Shared
                 static_cast<long long>(rec.end.segment_mappings),
                 format_bytes(rec.end.segment_mapped_bytes).c_str());
   }
-  std::printf("\n/dev/shm tpfuse-* (host-wide, every job's): %lld entries, %s -> %lld entries, %s\n",
-              static_cast<long long>(first.shm_start.entries), format_bytes(first.shm_start.bytes).c_str(),
-              static_cast<long long>(first.shm_end.entries), format_bytes(first.shm_end.bytes).c_str());
+  std::printf(
+      "\n/dev/shm tpfuse-* (host-wide, every job's): %lld entries, %s -> %lld entries, %s\n",
+      static_cast<long long>(first.shm_start.entries), format_bytes(first.shm_start.bytes).c_str(),
+      static_cast<long long>(first.shm_end.entries), format_bytes(first.shm_end.bytes).c_str());
   std::printf("segments the job created: %zu; left in /dev/shm when it ended: %zu\n",
               launch.segments.size(), launch.reclaimed_segments.size());
-  std::printf("limits: resident memory growth <= %s per rank; no growth of descriptors or mapped segments; "
-              "nothing left in /dev/shm\n",
-              format_bytes(o.max_rss_growth).c_str());
+  std::printf(
+      "limits: resident memory growth <= %s per rank; no growth of descriptors or mapped segments; "
+      "nothing left in /dev/shm\n",
+      format_bytes(o.max_rss_growth).c_str());
 }
 
 void write_json(const std::string& path, const SoakOptions& o, const comm::LaunchResult& launch,
@@ -438,21 +447,26 @@ void write_json(const std::string& path, const SoakOptions& o, const comm::Launc
   std::ofstream out(path);
   if (!out) throw CLI::RuntimeError(cat("soak: cannot write ", path), 1);
   const RankRecord& first = records[0];
-  out << "{\"calls\": " << o.calls << ", \"calls_done\": " << first.calls_done << ", \"ranks\": " << o.ranks
-      << ", \"seed\": " << o.seed << ", \"max_m\": " << o.max_m << ", \"max_n\": " << o.max_n
-      << ", \"max_k\": " << o.max_k << ", \"check_every\": " << o.check_every
-      << ", \"primitive_cache\": " << o.primitive_cache
-      << ", \"warmup_calls\": " << first.warmup_calls << ", \"warmup_seconds\": " << first.warmup_seconds
-      << ", \"seconds\": " << first.seconds << ", \"golden_checks\": " << first.checks
-      << ", \"max_abs_error\": " << first.max_abs_error << ", \"tolerance_at_max_error\": " << first.bound_at_max
-      << ", \"worst_error_ratio\": " << first.worst_ratio << ", \"max_rss_growth_limit\": " << o.max_rss_growth
-      << ", \"shm_entries_start\": " << first.shm_start.entries << ", \"shm_bytes_start\": " << first.shm_start.bytes
-      << ", \"shm_entries_end\": " << first.shm_end.entries << ", \"shm_bytes_end\": " << first.shm_end.bytes
+  out << "{\"calls\": " << o.calls << ", \"calls_done\": " << first.calls_done
+      << ", \"ranks\": " << o.ranks << ", \"seed\": " << o.seed << ", \"max_m\": " << o.max_m
+      << ", \"max_n\": " << o.max_n << ", \"max_k\": " << o.max_k
+      << ", \"check_every\": " << o.check_every << ", \"primitive_cache\": " << o.primitive_cache
+      << ", \"warmup_calls\": " << first.warmup_calls
+      << ", \"warmup_seconds\": " << first.warmup_seconds << ", \"seconds\": " << first.seconds
+      << ", \"golden_checks\": " << first.checks << ", \"max_abs_error\": " << first.max_abs_error
+      << ", \"tolerance_at_max_error\": " << first.bound_at_max
+      << ", \"worst_error_ratio\": " << first.worst_ratio
+      << ", \"max_rss_growth_limit\": " << o.max_rss_growth
+      << ", \"shm_entries_start\": " << first.shm_start.entries
+      << ", \"shm_bytes_start\": " << first.shm_start.bytes
+      << ", \"shm_entries_end\": " << first.shm_end.entries
+      << ", \"shm_bytes_end\": " << first.shm_end.bytes
       << ", \"segments_created\": " << launch.segments.size()
       << ", \"segments_left\": " << launch.reclaimed_segments.size() << ",\n \"per_rank\": [\n";
   for (int r = 0; r < o.ranks; ++r) {
     const RankRecord& rec = records[r];
-    out << "  {\"rank\": " << r << ", \"sampled\": " << (rec.started && rec.finished ? "true" : "false")
+    out << "  {\"rank\": " << r
+        << ", \"sampled\": " << (rec.started && rec.finished ? "true" : "false")
         << ", \"rss_start\": " << rec.start.rss_bytes << ", \"rss_end\": " << rec.end.rss_bytes
         << ", \"rss_growth\": " << rec.end.rss_bytes - rec.start.rss_bytes
         << ", \"fds_start\": " << rec.start.open_fds << ", \"fds_end\": " << rec.end.open_fds
@@ -475,14 +489,16 @@ void write_json(const std::string& path, const SoakOptions& o, const comm::Launc
 }
 
 void run_soak(const SoakOptions& o) {
-  std::printf("tpfuse soak: %lld calls on %d ranks, seed %llu; m <= %lld, n <= %lld, k <= %lld; "
-              "golden check every %lld%s call\n",
-              static_cast<long long>(o.calls), o.ranks, static_cast<unsigned long long>(o.seed),
-              static_cast<long long>(o.max_m), static_cast<long long>(o.max_n),
-              static_cast<long long>(o.max_k), static_cast<long long>(o.check_every),
-              o.check_every == 1 ? "" : "th");
+  std::printf(
+      "tpfuse soak: %lld calls on %d ranks, seed %llu; m <= %lld, n <= %lld, k <= %lld; "
+      "golden check every %lld%s call\n",
+      static_cast<long long>(o.calls), o.ranks, static_cast<unsigned long long>(o.seed),
+      static_cast<long long>(o.max_m), static_cast<long long>(o.max_n),
+      static_cast<long long>(o.max_k), static_cast<long long>(o.check_every),
+      o.check_every == 1 ? "" : "th");
   if (o.primitive_cache >= 0) {
-    std::printf("oneDNN primitive cache: %d primitives per rank (--primitive-cache)\n", o.primitive_cache);
+    std::printf("oneDNN primitive cache: %d primitives per rank (--primitive-cache)\n",
+                o.primitive_cache);
   }
   SharedRecords records(o.ranks);
   comm::LaunchOptions launch_options;
@@ -508,15 +524,18 @@ void run_soak(const SoakOptions& o) {
 void add_soak_command(CLI::App& app) {
   auto o = std::make_shared<SoakOptions>();
   auto* soak = app.add_subcommand(
-      "soak", "Run many fused calls with random shapes, modes and comm_turn values; check them "
-              "and watch memory, descriptors and shared memory for growth");
+      "soak",
+      "Run many fused calls with random shapes, modes and comm_turn values; check them "
+      "and watch memory, descriptors and shared memory for growth");
   soak->add_option("--calls", o->calls, "Calls after the warm-up")->check(CLI::Range(1, 1 << 30));
   soak->add_option("--ranks", o->ranks, "Local ranks (processes)")->check(CLI::Range(1, 256));
   soak->add_option("--seed", o->seed, "Seed of the calls and their inputs");
-  soak->add_option("--check-every", o->check_every, "Compare every this-many-th call with the golden model")
+  soak->add_option("--check-every", o->check_every,
+                   "Compare every this-many-th call with the golden model")
       ->check(CLI::Range(1, 1 << 30));
-  soak->add_option("--warmup", o->warmup,
-                   "Calls before the start sample: the largest of each mode first, then random ones")
+  soak->add_option(
+          "--warmup", o->warmup,
+          "Calls before the start sample: the largest of each mode first, then random ones")
       ->check(CLI::Range(0, 1 << 30));
   soak->add_option("--max-m", o->max_m, "Largest m drawn")->check(CLI::Range(1, 1 << 14));
   soak->add_option("--max-n", o->max_n, "Largest n drawn")->check(CLI::Range(1, 1 << 14));
