@@ -1,4 +1,5 @@
-# Runs CMD with ARGS (separated by "|") and fails unless it exits with EXPECT.
+# Runs CMD with ARGS (separated by "|") and fails unless it exits with EXPECT
+# (and, when MATCH is given, its stderr matches that regular expression).
 string(REPLACE "|" ";" ARGS "${ARGS}")
 execute_process(COMMAND ${CMD} ${ARGS} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 message(STATUS "${CMD} ${ARGS} -> ${rc}\n${out}${err}")
@@ -7,4 +8,7 @@ if(NOT rc EQUAL EXPECT)
 endif()
 if("${err}" STREQUAL "")
   message(FATAL_ERROR "expected an error message on stderr, got none")
+endif()
+if(DEFINED MATCH AND NOT "${err}" MATCHES "${MATCH}")
+  message(FATAL_ERROR "expected stderr to match \"${MATCH}\"")
 endif()

@@ -24,13 +24,6 @@ struct WireResult {
   double seconds_per_call = 0;
 };
 
-std::uint64_t fnv1a(const void* data, std::size_t bytes) {
-  std::uint64_t h = 1469598103934665603ull;
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
-
 double median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
   return values[values.size() / 2];
@@ -72,6 +65,13 @@ int run_rank(comm::RankContext& ctx, const testing::CaseSpec& spec, int iteratio
 }
 
 }  // namespace
+
+std::uint64_t fnv1a(const void* data, std::size_t bytes) {
+  std::uint64_t h = 1469598103934665603ull;
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
 
 CaseResult run_case(const testing::CaseSpec& spec, int ranks, int iterations, bool check) {
   int fds[2];

@@ -3,6 +3,7 @@
 // the golden model and that every rank got bitwise the same bytes.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -25,6 +26,9 @@ CaseResult run_case(const testing::CaseSpec& spec, int ranks, int iterations, bo
 std::string describe_mode(const testing::CaseSpec& spec);
 // "[128, 512] x [512, 64]" (x1 as given on each rank, per-rank k).
 std::string describe_shape(const testing::CaseSpec& spec);
+
+// FNV-1a of the bytes: how ranks compare their outputs without sending them.
+std::uint64_t fnv1a(const void* data, std::size_t bytes);
 
 // Prints the table header / one row (mode, shape, ranks, max error, tolerance, time).
 void print_table_header();

@@ -13,5 +13,7 @@ void add_bench_gemm_command(CLI::App& bench_app);
 // `bench fused` and `bench allreduce`, added to the `bench` subcommand.
 void add_bench_fused_command(CLI::App& bench_app);
 void add_bench_allreduce_command(CLI::App& bench_app);
+// `soak`: many random calls, checked, watching for leaks.
+void add_soak_command(CLI::App& app);
 
 }  // namespace tpfuse::cli
