@@ -17,6 +17,7 @@
 #include "comm/shm_round_queue.h"
 #include "comm/shm_segment.h"
 #include "comm/shm_wait.h"
+#include "core/fault_hooks.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/config.h"
 #include "tpfuse/core/error.h"
@@ -284,6 +285,7 @@ shm::AlgorithmChoice algorithm_choice(const ShmOptions& options) {
 shm::Segment open_segment(Store& store, int rank, int size, const ShmOptions& options) {
   if (rank == 0) {
     shm::Segment segment = shm::Segment::create(size, options.slot_bytes, algorithm_choice(options));
+    test_hooks::fault_point(test_hooks::FaultPoint::setup);
     store.set(shm::kSegmentKey, segment.name());
     return segment;
   }
@@ -301,6 +303,7 @@ shm::Segment open_segment(Store& store, int rank, int size, const ShmOptions& op
 // releases the others. So setup ends on every rank with nothing in /dev/shm.
 void join_group(ShmGroup& group) {
   group.segment.attach_rank(group.rank);
+  test_hooks::fault_point(test_hooks::FaultPoint::setup);
   shm::SegmentState& state = group.segment.state();
   PeerWait wait(group);
   if (group.rank == 0) {
