@@ -282,9 +282,15 @@ shm::AlgorithmChoice algorithm_choice(const ShmOptions& options) {
 }
 
 // Rank 0 creates the segment and publishes its name; the others map it.
+// The name is in the store (reserved) before the segment exists: a rank 0
+// killed between creating and publishing it would otherwise leave a segment
+// that no one can name, in /dev/shm until the host reboots.
 shm::Segment open_segment(Store& store, int rank, int size, const ShmOptions& options) {
   if (rank == 0) {
-    shm::Segment segment = shm::Segment::create(size, options.slot_bytes, algorithm_choice(options));
+    const std::string reserved = shm::Segment::random_name();
+    store.set(shm::kReservedSegmentKey, reserved);
+    shm::Segment segment =
+        shm::Segment::create(reserved, size, options.slot_bytes, algorithm_choice(options));
     test_hooks::fault_point(test_hooks::FaultPoint::setup);
     store.set(shm::kSegmentKey, segment.name());
     return segment;

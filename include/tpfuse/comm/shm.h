@@ -3,7 +3,9 @@
 // Rank 0 creates one POSIX shared-memory segment (mode 0600, a random
 // 128-bit name, O_EXCL) and publishes its name in the rendezvous store; the
 // others map it. The segment is unlinked as soon as every rank has attached,
-// so a crash at any later point leaves nothing in /dev/shm. Setup is
+// so a crash at any later point leaves nothing in /dev/shm; the name is in
+// the store from before the segment exists, so that launch_local can unlink
+// what a crash during setup leaves. Setup is
 // collective: it returns on a rank once every rank has attached and the name
 // is gone. Several groups may share one store when each uses a PrefixStore.
 #pragma once
