@@ -14,7 +14,6 @@
 #include <thread>
 
 #include "comm/unique_fd.h"
-#include "core/fault_hooks.h"
 #include "tpfuse/core/error.h"
 
 namespace tpfuse::comm {
@@ -111,7 +110,6 @@ std::string FileStore::get(const std::string& key, std::chrono::milliseconds tim
       throw TimeoutError(cat("store: timed out after ", timeout.count(), " ms waiting for key \"",
                              key, "\" in ", dir_.string()));
     }
-    test_hooks::fault_point(test_hooks::FaultPoint::wait);
     std::this_thread::sleep_for(pause);
     pause = std::min(pause * 2, std::chrono::microseconds{10000});
   }
