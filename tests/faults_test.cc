@@ -741,6 +741,58 @@ TEST(FaultRegression, RankKilledBeforeAttachingIsReportedLostAtOnce) {
   EXPECT_TRUE(test::segments_gone(result));
 }
 
+// Rank 2 freezes before attaching, and rank 1 starts waiting for rank 0 to
+// finish setup before rank 0 starts waiting for the ranks to attach (rank 0
+// is held there). Rank 1's deadline used to come first, and it blamed rank 0
+// for the timeout; it now waits for rank 0's verdict, which names rank 2.
+void freeze_rank_2_before_attaching(FaultPoint point) {
+  static int rank_0_setup_passes = 0;
+  if (g_rank.rank == 0 && point == FaultPoint::setup) {
+    // First pass: before publishing the name (rank 2 then waits for it);
+    // second: attached, before waiting for the others (rank 1 is waiting already).
+    std::this_thread::sleep_for(++rank_0_setup_passes == 1 ? 100ms : 300ms);
+  }
+  if (g_rank.rank == 2 && point == FaultPoint::wait) {
+    g_rank.page->victim_pid = ::getpid();
+    g_rank.page->fault_ns = steady_ns();
+    ::raise(SIGSTOP);
+  }
+}
+
+TEST(FaultRegression, RankFrozenBeforeAttachingIsNamedNotRankZero) {
+  TrialPage& page = shared_page<TrialPage>();
+  test_hooks::set_fault_hook(freeze_rank_2_before_attaching);
+  const auto result = test::run_ranks(3, [&](comm::RankContext& ctx) {
+    g_rank.page = &page;
+    g_rank.rank = ctx.rank;
+    comm::FileStore store(std::getenv("TPFUSE_STORE_DIR"));
+    comm::PrefixStore second_group("second.", store);
+    comm::ShmOptions options;
+    options.timeout = kDeadline;
+    try {
+      comm::create_shm_communicator(second_group, ctx.rank, ctx.size, options);
+    } catch (const CommError& error) {
+      report_error(page.ranks[ctx.rank], Outcome::comm_error, comm_error_type(error), error.what(),
+                   error.ranks());
+    }
+    if (page.finished.fetch_add(1) + 1 == 2 && page.victim_pid.load() > 0) {
+      ::kill(page.victim_pid.load(), SIGKILL);
+    }
+    return 0;
+  });
+  test_hooks::set_fault_hook(nullptr);
+  ASSERT_EQ(result.ranks.size(), 3u);
+  EXPECT_EQ(result.ranks[2].signal, SIGKILL);
+  for (int r = 0; r < 2; ++r) {
+    const RankReport& report = page.ranks[r];
+    EXPECT_TRUE(result.ranks[static_cast<std::size_t>(r)].ok()) << result.describe_failures();
+    EXPECT_EQ(std::string(report.error_type), "TimeoutError") << report.message;
+    EXPECT_EQ(report.error_ranks, 4u) << "rank " << r << " blames others: " << report.message;
+    EXPECT_TRUE(names_rank(report.message, 2)) << report.message;
+  }
+  EXPECT_TRUE(test::segments_gone(result));
+}
+
 // ---- abort from another thread ----
 
 struct AbortPage {

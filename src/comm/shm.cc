@@ -378,6 +378,11 @@ void join_group(Store& store, ShmGroup& group) {
   if (group.rank == 0) {
     using Clock = std::chrono::steady_clock;
     wait.start({"shm setup", 0, "to attach"});
+    state.setup_deadline_ns.store(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(
+            (Clock::now() + group.timeout).time_since_epoch())
+            .count(),
+        std::memory_order_release);
     shm::Backoff backoff(group);
     Clock::time_point next_liveness_check = Clock::now();
     while (true) {
@@ -398,9 +403,25 @@ void join_group(Store& store, ShmGroup& group) {
     shm::ring_doorbell(group.segment.doorbell());
     return;
   }
+  // Only rank 0 knows which ranks are missing. A rank that started waiting
+  // for it before rank 0 started waiting for them would reach its deadline
+  // first and blame rank 0: so wait until a little after rank 0's deadline,
+  // by which time rank 0 has reported the missing ranks (or, frozen itself,
+  // is rightly blamed).
   const int root[] = {0};
   wait.start({"shm setup", 0, "to finish setup"}, root);
-  wait.wait([&](int) { return state.ready.load(std::memory_order_acquire) != 0; });
+  const auto slack =
+      std::min<std::chrono::milliseconds>(group.timeout / 4, std::chrono::seconds{1});
+  shm::Backoff backoff(group);
+  while (true) {
+    backoff.arm();
+    if (const std::int64_t ns = state.setup_deadline_ns.load(std::memory_order_acquire); ns != 0) {
+      wait.extend_deadline(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(ns)) +
+                           slack);
+    }
+    if (wait.poll([&](int) { return state.ready.load(std::memory_order_acquire) != 0; })) return;
+    backoff.pause();
+  }
 }
 
 int env_int(const char* name) {

@@ -68,6 +68,9 @@ static_assert(sizeof(SegmentHeader) == 2 * kCacheLine);
 struct alignas(kCacheLine) SegmentState {
   std::atomic<std::uint64_t> ready;       // 1 once rank 0 saw every rank attach and unlinked
   std::atomic<std::uint64_t> aborted_by;  // 0, or 1 + the rank whose abort record counts
+  // Rank 0's deadline for every rank to attach (steady clock, in ns; the
+  // same clock in every process of the host); 0 until rank 0 waits.
+  std::atomic<std::int64_t> setup_deadline_ns;
 };
 static_assert(sizeof(SegmentState) == kCacheLine);
 
