@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -147,7 +148,8 @@ void reap_ranks(std::vector<RankExit>& ranks, std::chrono::milliseconds grace) {
 }
 
 // Segment names are in the store under keys ending in kSegmentKey (groups on
-// a PrefixStore add a prefix in front).
+// a PrefixStore add a prefix in front); a group's name is there twice, once
+// reserved and once published, and counts once.
 std::vector<std::string> segment_names(const std::filesystem::path& store_dir) {
   std::vector<std::string> names;
   FileStore store(store_dir);
@@ -156,7 +158,10 @@ std::vector<std::string> segment_names(const std::filesystem::path& store_dir) {
   for (const auto& entry : std::filesystem::directory_iterator(store_dir, error)) {
     const std::string key = entry.path().filename().string();
     if (key.front() == '.' || !key.ends_with(suffix)) continue;
-    if (auto name = store.try_get(key)) names.push_back(*name);
+    auto name = store.try_get(key);
+    if (name && std::find(names.begin(), names.end(), *name) == names.end()) {
+      names.push_back(*std::move(name));
+    }
   }
   return names;
 }

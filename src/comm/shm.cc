@@ -5,11 +5,17 @@
 // shm_round_queue.
 #include "tpfuse/comm/shm.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <limits>
+#include <optional>
+#include <thread>
 
 #include "comm/shm_all_reduce.h"
 #include "comm/shm_group.h"
@@ -17,6 +23,7 @@
 #include "comm/shm_round_queue.h"
 #include "comm/shm_segment.h"
 #include "comm/shm_wait.h"
+#include "core/fault_hooks.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/config.h"
 #include "tpfuse/core/error.h"
@@ -280,42 +287,141 @@ shm::AlgorithmChoice algorithm_choice(const ShmOptions& options) {
   return shm::AlgorithmChoice::automatic;
 }
 
+// Before the segment exists, or before a rank has attached it, its pid is not
+// in the segment; so every rank first puts its pid in the store, and setup's
+// waits check those pids too: a rank killed during setup is then reported as
+// lost at once, not as late at the deadline (minutes, by default).
+constexpr std::chrono::milliseconds kSetupLivenessInterval{25};
+
+std::string pid_key(int rank) { return cat("shm-pid-", rank); }
+
+// `rank`'s pid, when it is in the store and that process is gone.
+std::optional<long> lost_pid(Store& store, int rank) {
+  const auto text = store.try_get(pid_key(rank));
+  if (!text) return std::nullopt;
+  const long pid = std::strtol(text->c_str(), nullptr, 10);
+  if (pid <= 0 || !shm::process_is_gone(static_cast<pid_t>(pid))) return std::nullopt;
+  return pid;
+}
+
+// Rendezvous is not latency-critical: poll gently, 100 us growing to 10 ms.
+std::string wait_for_segment_name(Store& store, std::chrono::milliseconds timeout) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point deadline = Clock::now() + timeout;
+  Clock::time_point next_liveness_check = Clock::now();
+  std::chrono::microseconds pause{100};
+  for (;;) {
+    if (auto name = store.try_get(shm::kSegmentKey)) return *std::move(name);
+    const Clock::time_point now = Clock::now();
+    if (now >= next_liveness_check || now >= deadline) {
+      if (const auto pid = lost_pid(store, 0)) {
+        throw PeerLostError(
+            cat("shm setup: rank 0 (pid ", *pid, ") died before publishing the segment's name"),
+            {0});
+      }
+      next_liveness_check = now + kSetupLivenessInterval;
+    }
+    if (now >= deadline) {
+      throw TimeoutError(cat("shm setup: timed out after ", timeout.count(),
+                             " ms waiting for rank 0 to publish the segment's name"),
+                         {0});
+    }
+    test_hooks::fault_point(test_hooks::FaultPoint::wait);
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds{10000});
+  }
+}
+
 // Rank 0 creates the segment and publishes its name; the others map it.
+// The name is in the store (reserved) before the segment exists: a rank 0
+// killed between creating and publishing it would otherwise leave a segment
+// that no one can name, in /dev/shm until the host reboots.
 shm::Segment open_segment(Store& store, int rank, int size, const ShmOptions& options) {
   if (rank == 0) {
-    shm::Segment segment = shm::Segment::create(size, options.slot_bytes, algorithm_choice(options));
+    const std::string reserved = shm::Segment::random_name();
+    store.set(shm::kReservedSegmentKey, reserved);
+    shm::Segment segment =
+        shm::Segment::create(reserved, size, options.slot_bytes, algorithm_choice(options));
+    test_hooks::fault_point(test_hooks::FaultPoint::setup);
     store.set(shm::kSegmentKey, segment.name());
     return segment;
   }
-  std::string name;
-  try {
-    name = store.get(shm::kSegmentKey, options.timeout);
-  } catch (const TimeoutError& error) {
-    throw TimeoutError(cat("shm setup: rank 0 did not publish the segment's name: ", error.what()),
-                       {0});
+  return shm::Segment::attach(wait_for_segment_name(store, options.timeout), size);
+}
+
+// Rank 0's check of the ranks that have not attached: those whose process is
+// gone abort the group (the others wait for rank 0, which then releases them
+// with the error) and fail setup.
+void check_unattached_alive(Store& store, const ShmGroup& group) {
+  std::vector<int> lost;
+  std::string detail;
+  for (int r = 1; r < group.size; ++r) {
+    if (group.segment.record(r).attached.load(std::memory_order_acquire) != 0) continue;
+    if (const auto pid = lost_pid(store, r)) {
+      lost.push_back(r);
+      detail += cat(detail.empty() ? "" : ", ", "rank ", r, " (pid ", *pid, ")");
+    }
   }
-  return shm::Segment::attach(name, size);
+  if (lost.empty()) return;
+  detail += " died before attaching";
+  shm::publish_abort(group.segment, group.rank, shm::AbortKind::peer_lost, lost, detail);
+  throw PeerLostError(cat("shm setup: ", detail), lost);
 }
 
 // Every rank records itself; rank 0 waits for all, unlinks the name, and
 // releases the others. So setup ends on every rank with nothing in /dev/shm.
-void join_group(ShmGroup& group) {
+void join_group(Store& store, ShmGroup& group) {
   group.segment.attach_rank(group.rank);
+  test_hooks::fault_point(test_hooks::FaultPoint::setup);
   shm::SegmentState& state = group.segment.state();
   PeerWait wait(group);
   if (group.rank == 0) {
+    using Clock = std::chrono::steady_clock;
     wait.start({"shm setup", 0, "to attach"});
-    wait.wait([&](int r) {
-      return group.segment.record(r).attached.load(std::memory_order_acquire) != 0;
-    });
+    state.setup_deadline_ns.store(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(
+            (Clock::now() + group.timeout).time_since_epoch())
+            .count(),
+        std::memory_order_release);
+    shm::Backoff backoff(group);
+    Clock::time_point next_liveness_check = Clock::now();
+    while (true) {
+      backoff.arm();
+      if (wait.poll([&](int r) {
+            return group.segment.record(r).attached.load(std::memory_order_acquire) != 0;
+          })) {
+        break;
+      }
+      if (Clock::now() >= next_liveness_check) {
+        check_unattached_alive(store, group);
+        next_liveness_check = Clock::now() + kSetupLivenessInterval;
+      }
+      backoff.pause();
+    }
     group.segment.unlink();
     state.ready.store(1, std::memory_order_release);
     shm::ring_doorbell(group.segment.doorbell());
     return;
   }
+  // Only rank 0 knows which ranks are missing. A rank that started waiting
+  // for it before rank 0 started waiting for them would reach its deadline
+  // first and blame rank 0: so wait until a little after rank 0's deadline,
+  // by which time rank 0 has reported the missing ranks (or, frozen itself,
+  // is rightly blamed).
   const int root[] = {0};
   wait.start({"shm setup", 0, "to finish setup"}, root);
-  wait.wait([&](int) { return state.ready.load(std::memory_order_acquire) != 0; });
+  const auto slack =
+      std::min<std::chrono::milliseconds>(group.timeout / 4, std::chrono::seconds{1});
+  shm::Backoff backoff(group);
+  while (true) {
+    backoff.arm();
+    if (const std::int64_t ns = state.setup_deadline_ns.load(std::memory_order_acquire); ns != 0) {
+      wait.extend_deadline(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(ns)) +
+                           slack);
+    }
+    if (wait.poll([&](int) { return state.ready.load(std::memory_order_acquire) != 0; })) return;
+    backoff.pause();
+  }
 }
 
 int env_int(const char* name) {
@@ -348,8 +454,8 @@ ShmAlgorithm ShmOptions::default_algorithm() {
   if (name == "auto") return ShmAlgorithm::automatic;
   if (name == "one_shot") return ShmAlgorithm::one_shot;
   if (name == "reduce_scatter") return ShmAlgorithm::reduce_scatter;
-  throw InvalidArgument(cat(kAlgorithm.name(), ": expected auto, one_shot or reduce_scatter, got \"",
-                            name, "\""));
+  throw InvalidArgument(
+      cat(kAlgorithm.name(), ": expected auto, one_shot or reduce_scatter, got \"", name, "\""));
 }
 
 std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, int size,
@@ -364,15 +470,15 @@ std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, in
           "shm: slot_bytes must be a multiple of 64 in [64, ", kMaxSlotBytes, "], got ",
           options.slot_bytes);
   log::set_rank(rank);
+  store.set(pid_key(rank), std::to_string(::getpid()));
 
   auto group =
       std::make_shared<ShmGroup>(open_segment(store, rank, size, options), rank, options.timeout);
-  join_group(*group);
+  join_group(store, *group);
   auto comm = std::make_shared<ShmCommunicator>(group);
   log::info("shm communicator ", comm->name(), " ready: ", size, " ranks, segment of ",
             group->segment.total_bytes(), " B, ", shm::kRingDepth, " slots of ",
-            group->segment.header().slot_bytes, " B per rank, sum kernel ",
-            shm::sum_kernel_name());
+            group->segment.header().slot_bytes, " B per rank, sum kernel ", shm::sum_kernel_name());
   return comm;
 }
 

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/fault_hooks.h"
 #include "tpfuse/core/error.h"
 
 namespace tpfuse::comm::shm {
@@ -88,6 +89,7 @@ bool RoundAllReduce::try_sum_all() {
     return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
   });
   if (!all_in) return false;
+  test_hooks::fault_point(test_hooks::FaultPoint::reduce);
   sum_in_rank_order(spec_.dtype, sources_, spec_.count, spec_.output, nullptr, spec_.output_store);
   finish_round();
   return true;
@@ -100,6 +102,7 @@ bool RoundAllReduce::try_reduce_my_share() {
     return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
   });
   if (!all_in) return false;
+  test_hooks::fault_point(test_hooks::FaultPoint::reduce);
   const std::size_t element = dtype_size(spec_.dtype);
   const std::size_t begin = share_begin(spec_.count, spec_.dtype, group_.size, group_.rank);
   const std::size_t end = share_begin(spec_.count, spec_.dtype, group_.size, group_.rank + 1);

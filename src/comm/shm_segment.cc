@@ -197,9 +197,11 @@ Segment::~Segment() {
   if (base_ != nullptr) ::munmap(base_, bytes_);
 }
 
-Segment Segment::create(int world_size, std::size_t slot_bytes, AlgorithmChoice algorithm) {
+std::string Segment::random_name() { return "/tpfuse-" + random_hex(16); }
+
+Segment Segment::create(const std::string& name, int world_size, std::size_t slot_bytes,
+                        AlgorithmChoice algorithm) {
   const SegmentLayout layout = SegmentLayout::compute(world_size, slot_bytes);
-  const std::string name = "/tpfuse-" + random_hex(16);
   UniqueFd fd(::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, kSegmentMode));
   if (!fd.valid())
     throw_system_error(cat("shm setup: shm_open(", name, ", O_CREAT | O_EXCL)"), errno);

@@ -29,6 +29,10 @@ inline constexpr std::size_t kCacheLine = 64;
 inline constexpr int kMaxRanks = 256;
 // The store key under which rank 0 publishes the segment's name.
 inline constexpr const char* kSegmentKey = "shm-segment";
+// The key under which rank 0 records the name before it creates the segment,
+// so that a launcher finds the name even if rank 0 dies before publishing it.
+// It ends in kSegmentKey: a launcher collects the names of every key that does.
+inline constexpr const char* kReservedSegmentKey = "reserved-shm-segment";
 // Bytes a rank may contribute to one all_gather.
 inline constexpr std::size_t kMaxGatherBytes = 4096;
 // A gather slot holds the contribution's length in its first cache line.
@@ -64,6 +68,9 @@ static_assert(sizeof(SegmentHeader) == 2 * kCacheLine);
 struct alignas(kCacheLine) SegmentState {
   std::atomic<std::uint64_t> ready;       // 1 once rank 0 saw every rank attach and unlinked
   std::atomic<std::uint64_t> aborted_by;  // 0, or 1 + the rank whose abort record counts
+  // Rank 0's deadline for every rank to attach (steady clock, in ns; the
+  // same clock in every process of the host); 0 until rank 0 waits.
+  std::atomic<std::int64_t> setup_deadline_ns;
 };
 static_assert(sizeof(SegmentState) == kCacheLine);
 
@@ -179,8 +186,12 @@ struct AbortNotice {
 // the owner is destroyed before that (setup failed), it unlinks the name.
 class Segment {
  public:
-  // Rank 0: a new segment under a random name, mode 0600, initialised.
-  static Segment create(int world_size, std::size_t slot_bytes, AlgorithmChoice algorithm);
+  // A fresh random name for create().
+  static std::string random_name();
+  // Rank 0: a new segment under `name` (from random_name()), mode 0600,
+  // initialised. SystemError if the name exists.
+  static Segment create(const std::string& name, int world_size, std::size_t slot_bytes,
+                        AlgorithmChoice algorithm);
   // The other ranks: maps `name` and checks the header against `world_size`.
   static Segment attach(const std::string& name, int world_size);
 

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "comm/unique_fd.h"
+#include "core/fault_hooks.h"
 #include "tpfuse/core/error.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -51,6 +52,7 @@ void cpu_relax() {
 }  // namespace
 
 void Backoff::pause() {
+  test_hooks::fault_point(test_hooks::FaultPoint::wait);
   const auto now = std::chrono::steady_clock::now();
   if (!spinning_since_) spinning_since_ = now;
   if (now - *spinning_since_ < (yield_to_peers_ ? kSpinTimeWhenSharingCores : kSpinTime)) {

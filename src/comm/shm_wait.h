@@ -71,6 +71,10 @@ class PeerWait {
   // Waits for every rank but this one.
   void start(const WaitLabel& label);
   void start(const WaitLabel& label, std::span<const int> peers);
+  // Moves the deadline of the wait in progress to `deadline` if that is later.
+  void extend_deadline(std::chrono::steady_clock::time_point deadline) {
+    deadline_ = std::max(deadline_, deadline);
+  }
 
   // Drops the peers for which arrived(rank) holds; true once none is left.
   // Otherwise throws AbortedError (or the error a peer reported) once the

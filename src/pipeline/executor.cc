@@ -36,6 +36,7 @@
 #include <mutex>
 #include <thread>
 
+#include "core/fault_hooks.h"
 #include "tpfuse/core/config.h"
 #include "tpfuse/core/error.h"
 
@@ -162,6 +163,7 @@ void compute_tile(const TileJob& job, std::int64_t m0, std::int64_t m1, std::int
   for (std::int64_t b = 0; b < blocks; ++b) {
     const std::int64_t begin = m0 + rows * b / blocks;
     const std::int64_t end = m0 + rows * (b + 1) / blocks;
+    test_hooks::fault_point(test_hooks::FaultPoint::gemm_block);
     job.gemm->compute_rows(begin, end, dst + static_cast<std::size_t>(begin - m0) * row_bytes,
                            job.n);
     in_flight.poll();

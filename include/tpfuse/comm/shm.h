@@ -3,7 +3,12 @@
 // Rank 0 creates one POSIX shared-memory segment (mode 0600, a random
 // 128-bit name, O_EXCL) and publishes its name in the rendezvous store; the
 // others map it. The segment is unlinked as soon as every rank has attached,
-// so a crash at any later point leaves nothing in /dev/shm. Setup is
+// so a crash at any later point leaves nothing in /dev/shm; the name is in
+// the store from before the segment exists, so that launch_local can unlink
+// what a crash during setup leaves. A rank that died during setup is
+// reported as lost at once; one that does not come is named by rank 0 at its
+// deadline (the others wait for rank 0's verdict, up to a quarter of the
+// deadline, at most a second, after it). Setup is
 // collective: it returns on a rank once every rank has attached and the name
 // is gone. Several groups may share one store when each uses a PrefixStore.
 #pragma once
