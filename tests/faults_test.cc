@@ -12,8 +12,7 @@
 // TPFUSE_FAULT_SEED (default 1) choose the trials; a failed trial prints the
 // two values that replay it alone.
 //
-// Also here: an abort from another thread wakes every rank inside a
-// pipelined call, and the regression tests of what the trials found.
+// Also here: the regression tests of what the trials found.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -42,6 +41,7 @@
 #include <vector>
 
 #include "core/fault_hooks.h"
+#include "fault_report.h"
 #include "ops/test_hooks.h"
 #include "rank_harness.h"
 #include "tpfuse/comm/launcher.h"
@@ -55,6 +55,11 @@ namespace tpfuse {
 namespace {
 
 using namespace std::chrono_literals;
+using test::comm_error_type;
+using test::copy_text;
+using test::names_rank;
+using test::shared_page;
+using test::steady_ns;
 using test_hooks::FaultPoint;
 using testing::CaseSpec;
 
@@ -70,11 +75,6 @@ constexpr auto kMargin = 1500ms;
 constexpr int kMaxRanks = 4;
 constexpr int kMaxCalls = 3;
 
-std::int64_t steady_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 std::int64_t env_or(const char* name, std::int64_t fallback) {
   const char* text = std::getenv(name);
@@ -216,12 +216,6 @@ class FaultTimer {
   std::thread thread_;
 };
 
-void copy_text(char* dst, std::size_t size, const std::string& text) {
-  const std::size_t n = std::min(text.size(), size - 1);
-  std::memcpy(dst, text.data(), n);
-  dst[n] = '\0';
-}
-
 void report_error(RankReport& report, Outcome outcome, const char* type, const std::string& what,
                   const std::vector<int>& ranks) {
   report.error_ns = steady_ns();
@@ -234,12 +228,6 @@ void report_error(RankReport& report, Outcome outcome, const char* type, const s
   }
 }
 
-const char* comm_error_type(const CommError& error) {
-  if (dynamic_cast<const PeerLostError*>(&error) != nullptr) return "PeerLostError";
-  if (dynamic_cast<const TimeoutError*>(&error) != nullptr) return "TimeoutError";
-  if (dynamic_cast<const AbortedError*>(&error) != nullptr) return "AbortedError";
-  return "CommError";
-}
 
 // Checks a fault-free run's output against the golden model.
 void check_golden(const CaseSpec& spec, int size, const Tensor& out) {
@@ -323,17 +311,6 @@ int rank_body(comm::RankContext& ctx, TrialPage& page, const TrialConfig& config
 
 // ---- in the test process ----
 
-// A fresh `Page` in memory that ranks forked later share with this process.
-template <class Page>
-Page& shared_page() {
-  static void* const memory = [] {
-    void* mapped =
-        ::mmap(nullptr, sizeof(Page), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (mapped == MAP_FAILED) throw std::runtime_error("mmap of a shared page failed");
-    return mapped;
-  }();
-  return *new (memory) Page{};
-}
 
 using Reports = std::array<RankReport, kMaxRanks>;
 
@@ -496,14 +473,6 @@ std::set<std::string> leftover_segments(const std::set<std::string>& before,
   return suspects;
 }
 
-bool names_rank(const std::string& what, int rank) {
-  const std::string needle = cat("rank ", rank);
-  for (auto at = what.find(needle); at != std::string::npos; at = what.find(needle, at + 1)) {
-    const std::size_t end = at + needle.size();
-    if (end == what.size() || !std::isdigit(static_cast<unsigned char>(what[end]))) return true;
-  }
-  return false;
-}
 
 struct TrialVerdict {
   bool struck = false;
@@ -793,85 +762,6 @@ TEST(FaultRegression, RankFrozenBeforeAttachingIsNamedNotRankZero) {
   EXPECT_TRUE(test::segments_gone(result));
 }
 
-// ---- abort from another thread ----
-
-struct AbortPage {
-  std::atomic<std::int64_t> abort_ns;
-  std::atomic<std::int64_t> stall_end_ns;
-  std::int64_t error_ns[3];
-  char error_type[3][24];
-  char message[3][640];
-};
-
-class AbortInsidePipeline : public ::testing::TestWithParam<const char*> {};
-
-// Rank 2 stalls between two tiles of a pipelined call, so ranks 0 and 1 wait
-// for it inside the pipeline (in the transport, or in the helper thread);
-// a thread of rank 0 aborts the communicator. Ranks 0 and 1 must wake at
-// once, far from the 20 s deadline, and rank 2 as soon as it calls into the
-// transport again; every rank's error names rank 0 and the reason.
-TEST_P(AbortInsidePipeline, WakesEveryRankAtOnce) {
-  const char* progress = GetParam();
-  AbortPage& page = shared_page<AbortPage>();
-  const auto result = test::run_ranks(
-      3,
-      [&](comm::RankContext& ctx) {
-        ::setenv("TPFUSE_PIPELINE_PROGRESS", progress, 1);
-        if (ctx.rank == 2) {
-          test_hooks::set_after_tile_computed([&](std::int64_t tile) {
-            if (tile != 1) return;
-            std::this_thread::sleep_for(1500ms);
-            page.stall_end_ns = steady_ns();
-          });
-        }
-        std::thread aborter;
-        if (ctx.rank == 0) {
-          aborter = std::thread([&] {
-            std::this_thread::sleep_for(300ms);
-            page.abort_ns = steady_ns();
-            ctx.comm->abort("stop requested");
-          });
-        }
-        CaseSpec spec;
-        spec.m = 64;
-        spec.n = 32;
-        spec.comm_turn = 4;
-        const auto inputs = testing::make_rank_inputs(spec, ctx.rank);
-        try {
-          mm_all_reduce_base(inputs.args.x1, inputs.args.x2, ctx.comm->name(), inputs.args.options);
-          copy_text(page.error_type[ctx.rank], sizeof page.error_type[ctx.rank], "none");
-        } catch (const std::exception& error) {
-          page.error_ns[ctx.rank] = steady_ns();
-          const auto* comm_error = dynamic_cast<const CommError*>(&error);
-          copy_text(page.error_type[ctx.rank], sizeof page.error_type[ctx.rank],
-                    comm_error != nullptr ? comm_error_type(*comm_error) : "other");
-          copy_text(page.message[ctx.rank], sizeof page.message[ctx.rank], error.what());
-        }
-        if (aborter.joinable()) aborter.join();
-        return 0;
-      },
-      20s);
-  ASSERT_TRUE(result.ok()) << result.describe_failures();
-  ASSERT_NE(page.abort_ns.load(), 0);
-  ASSERT_NE(page.stall_end_ns.load(), 0);
-  for (int r = 0; r < 3; ++r) {
-    const std::string what = page.message[r];
-    EXPECT_EQ(std::string(page.error_type[r]), "AbortedError") << "rank " << r << ": " << what;
-    EXPECT_TRUE(names_rank(what, 0) && what.find("stop requested") != std::string::npos)
-        << "rank " << r << ": " << what;
-    // Ranks 0 and 1 were waiting when the abort came; rank 2 was stalled.
-    const std::int64_t woken_at = r == 2 ? page.stall_end_ns.load() : page.abort_ns.load();
-    const double ms = static_cast<double>(page.error_ns[r] - woken_at) / 1e6;
-    std::printf("%s: rank %d failed %.1f ms after %s\n", progress, r, ms,
-                r == 2 ? "its stall ended" : "the abort");
-    EXPECT_GE(ms, 0.0) << "rank " << r << " failed before the abort: " << what;
-    EXPECT_LT(ms, 500.0) << "rank " << r << " was not woken at once";
-  }
-}
-
-INSTANTIATE_TEST_SUITE_P(Modes, AbortInsidePipeline,
-                         ::testing::Values("interleaved", "helper_thread"),
-                         [](const auto& info) { return std::string(info.param); });
 
 }  // namespace
 }  // namespace tpfuse

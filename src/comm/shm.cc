@@ -15,6 +15,7 @@
 #include <deque>
 #include <limits>
 #include <optional>
+#include <sstream>
 #include <thread>
 
 #include "comm/shm_all_reduce.h"
@@ -332,6 +333,49 @@ std::string wait_for_segment_name(Store& store, std::chrono::milliseconds timeou
   }
 }
 
+// When setup fails on rank 0 it unlinks the segment, and a rank that reads
+// the name only then finds nothing to map; so rank 0 first records why in the
+// store: the error's kind, the ranks it names, its message.
+constexpr const char* kSetupVerdictKey = "shm-setup-verdict";
+
+void record_setup_verdict(Store& store, const CommError& error) {
+  const char kind = dynamic_cast<const PeerLostError*>(&error) != nullptr  ? 'L'
+                    : dynamic_cast<const TimeoutError*>(&error) != nullptr ? 'T'
+                                                                           : 'A';
+  std::string ranks;
+  for (int r : error.ranks()) ranks += cat(ranks.empty() ? "" : ",", r);
+  store.set(kSetupVerdictKey, cat(kind, ' ', ranks, ' ', error.what()));
+}
+
+// A rank that found the segment gone: rank 0's verdict, once it is in the
+// store, as the error rank 0 met; rank 0 lost, if it died instead.
+[[noreturn]] void throw_setup_verdict(Store& store, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    if (const auto verdict = store.try_get(kSetupVerdictKey)) {
+      // "<kind> <rank>,<rank>,... <message>"
+      const std::size_t message_at = verdict->find(' ', 2);
+      std::vector<int> ranks;
+      std::istringstream list(verdict->substr(2, message_at - 2));
+      for (std::string rank; std::getline(list, rank, ',');) ranks.push_back(std::stoi(rank));
+      const std::string message = cat(verdict->substr(message_at + 1),
+                                      " (rank 0's verdict; it removed the segment)");
+      if ((*verdict)[0] == 'L') throw PeerLostError(message, ranks);
+      if ((*verdict)[0] == 'T') throw TimeoutError(message, ranks);
+      throw AbortedError(message, ranks);
+    }
+    if (const auto pid = lost_pid(store, 0)) {
+      throw PeerLostError(cat("shm setup: rank 0 (pid ", *pid, ") died during setup"), {0});
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      throw TimeoutError(cat("shm setup: the segment was removed and rank 0 said nothing why within ",
+                             timeout.count(), " ms"),
+                         {0});
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds{1});
+  }
+}
+
 // Rank 0 creates the segment and publishes its name; the others map it.
 // The name is in the store (reserved) before the segment exists: a rank 0
 // killed between creating and publishing it would otherwise leave a segment
@@ -346,7 +390,10 @@ shm::Segment open_segment(Store& store, int rank, int size, const ShmOptions& op
     store.set(shm::kSegmentKey, segment.name());
     return segment;
   }
-  return shm::Segment::attach(wait_for_segment_name(store, options.timeout), size);
+  if (auto segment = shm::Segment::attach(wait_for_segment_name(store, options.timeout), size)) {
+    return *std::move(segment);
+  }
+  throw_setup_verdict(store, options.timeout);
 }
 
 // Rank 0's check of the ranks that have not attached: those whose process is
@@ -385,18 +432,23 @@ void join_group(Store& store, ShmGroup& group) {
         std::memory_order_release);
     shm::Backoff backoff(group);
     Clock::time_point next_liveness_check = Clock::now();
-    while (true) {
-      backoff.arm();
-      if (wait.poll([&](int r) {
-            return group.segment.record(r).attached.load(std::memory_order_acquire) != 0;
-          })) {
-        break;
+    try {
+      while (true) {
+        backoff.arm();
+        if (wait.poll([&](int r) {
+              return group.segment.record(r).attached.load(std::memory_order_acquire) != 0;
+            })) {
+          break;
+        }
+        if (Clock::now() >= next_liveness_check) {
+          check_unattached_alive(store, group);
+          next_liveness_check = Clock::now() + kSetupLivenessInterval;
+        }
+        backoff.pause();
       }
-      if (Clock::now() >= next_liveness_check) {
-        check_unattached_alive(store, group);
-        next_liveness_check = Clock::now() + kSetupLivenessInterval;
-      }
-      backoff.pause();
+    } catch (const CommError& error) {
+      record_setup_verdict(store, error);
+      throw;
     }
     group.segment.unlink();
     state.ready.store(1, std::memory_order_release);

@@ -241,8 +241,9 @@ Segment Segment::create(const std::string& name, int world_size, std::size_t slo
   return Segment(name, region.release(), layout.total_bytes, /*owns_name=*/true);
 }
 
-Segment Segment::attach(const std::string& name, int world_size) {
+std::optional<Segment> Segment::attach(const std::string& name, int world_size) {
   UniqueFd fd(::shm_open(name.c_str(), O_RDWR, 0));
+  if (!fd.valid() && errno == ENOENT) return std::nullopt;
   if (!fd.valid()) throw_system_error(cat("shm setup: shm_open(", name, ")"), errno);
   struct stat info {};
   verify_owner_and_mode(fd.get(), name, info);

@@ -192,8 +192,10 @@ class Segment {
   // initialised. SystemError if the name exists.
   static Segment create(const std::string& name, int world_size, std::size_t slot_bytes,
                         AlgorithmChoice algorithm);
-  // The other ranks: maps `name` and checks the header against `world_size`.
-  static Segment attach(const std::string& name, int world_size);
+  // The other ranks: maps `name` and checks the header against `world_size`;
+  // nullopt when no segment has that name any more (rank 0 gave up on setup
+  // and unlinked it, or the launcher reclaimed it).
+  static std::optional<Segment> attach(const std::string& name, int world_size);
 
   Segment(Segment&& other) noexcept;
   Segment& operator=(Segment&&) = delete;

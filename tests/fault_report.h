@@ -1,0 +1,62 @@
+// What the fault tests share: a page of memory that forked ranks write their
+// outcome to and the test process reads once they have ended, and how an
+// error is described there.
+#pragma once
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "tpfuse/core/error.h"
+
+namespace tpfuse::test {
+
+inline std::int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A fresh `Page` in memory that ranks forked later share with this process.
+template <class Page>
+Page& shared_page() {
+  static void* const memory = [] {
+    void* mapped =
+        ::mmap(nullptr, sizeof(Page), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (mapped == MAP_FAILED) throw std::runtime_error("mmap of a shared page failed");
+    return mapped;
+  }();
+  return *new (memory) Page{};
+}
+
+inline void copy_text(char* dst, std::size_t size, const std::string& text) {
+  const std::size_t n = std::min(text.size(), size - 1);
+  std::memcpy(dst, text.data(), n);
+  dst[n] = '\0';
+}
+
+inline const char* comm_error_type(const CommError& error) {
+  if (dynamic_cast<const PeerLostError*>(&error) != nullptr) return "PeerLostError";
+  if (dynamic_cast<const TimeoutError*>(&error) != nullptr) return "TimeoutError";
+  if (dynamic_cast<const AbortedError*>(&error) != nullptr) return "AbortedError";
+  return "CommError";
+}
+
+// Whether `what` names "rank <rank>" (and not, say, rank 12 for rank 1).
+inline bool names_rank(const std::string& what, int rank) {
+  const std::string needle = cat("rank ", rank);
+  for (auto at = what.find(needle); at != std::string::npos; at = what.find(needle, at + 1)) {
+    const std::size_t end = at + needle.size();
+    if (end == what.size() || !std::isdigit(static_cast<unsigned char>(what[end]))) return true;
+  }
+  return false;
+}
+
+}  // namespace tpfuse::test
