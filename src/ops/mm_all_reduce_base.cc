@@ -46,7 +46,7 @@ void run(const CallShape& shape, const TensorView& x1, const TensorView& x2,
          const MmAllReduceOptions& options, const TensorView& out, comm::Communicator& comm) {
   const pipeline::ProgressMode progress = pipeline::default_progress_mode();
   // The shm transport's ranks share this host's cores.
-  const pipeline::ThreadBudget budget = pipeline::thread_budget(progress, comm.size());
+  const pipeline::ThreadBudget budget = pipeline::thread_budget(progress, comm.ranks_on_host());
   gemm::GemmOperands operands = make_operands(shape, x1, x2, options);
   operands.threads = budget.gemm_threads;
   const auto gemm = gemm::prepare_gemm(operands);

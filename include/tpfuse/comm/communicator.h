@@ -62,6 +62,9 @@ class Communicator {
   virtual const std::string& name() const = 0;
   // The deadline every wait of this communicator uses.
   virtual std::chrono::milliseconds timeout() const = 0;
+  // How many ranks of the group run on this rank's host (they share its
+  // cores); every rank for transports within one host.
+  virtual int ranks_on_host() const { return size(); }
 
   // Starts summing `count` elements of `dtype` (f16, bf16 or f32) across all
   // ranks; the result lands in `output` on every rank. `input` and `output`
