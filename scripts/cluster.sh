@@ -94,7 +94,7 @@ cmd_down() {
     [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
     ip netns del "$ns"
   done
-  rm -rf "$STATE_DIR"
+  rm -rf "$STATE_DIR" /dev/shm/"${PREFIX}"-h[0-9]*
 }
 
 cmd_exec() {
@@ -107,10 +107,19 @@ cmd_hosts() {
   for (( i = 0; i < hosts; i++ )); do echo "$(host_addr "$i") slots=${SLOTS:-1}"; done
 }
 
+# Open MPI names its shared-memory (vader) segments after the hostname, which
+# the hosts share, and the local rank: ranks of two hosts would map each
+# other's segments. So each host gets a backing directory of its own (h0's
+# ranks, started by mpirun itself, keep /dev/shm).
+host_shm_dir() { echo "/dev/shm/${PREFIX}-h$1"; }
+
 # OpenMPI's launcher calls this as its rsh agent: `agent HOST CMD...`.
 cmd_rsh() {
   local host=$1; shift
-  cmd_exec "$host" /bin/sh -c "$*"
+  local index; index=$(host_index "$host")
+  local dir; dir=$(host_shm_dir "$index")
+  mkdir -p "$dir"
+  cmd_exec "$host" env OMPI_MCA_btl_vader_backing_directory="$dir" /bin/sh -c "$*"
 }
 
 cmd_mpirun() {
