@@ -170,7 +170,8 @@ TEST(MpiTransport, AHelperThreadMayAdvanceWhileTheCallerStartsMore) {
 
 TEST(MpiTransport, AllGatherReturnsEveryContributionInRankOrder) {
   Communicator& comm = *world();
-  const auto gathered = comm.all_gather(std::string(static_cast<std::size_t>(comm.rank()) * 3, 'a' + comm.rank()));
+  const auto mine = std::string(static_cast<std::size_t>(comm.rank()) * 3, 'a' + comm.rank());
+  const auto gathered = comm.all_gather(mine);
   ASSERT_EQ(gathered.size(), static_cast<std::size_t>(comm.size()));
   for (int r = 0; r < comm.size(); ++r) {
     EXPECT_EQ(gathered[r], std::string(static_cast<std::size_t>(r) * 3, 'a' + r));
@@ -187,6 +188,7 @@ TEST(MpiTransport, AllGatherReturnsEveryContributionInRankOrder) {
 TEST(MpiTransport, ARankThatNeverArrivesIsNamedAtTheDeadline) {
   const int last = world()->size() - 1;
   auto comm = create_mpi_communicator({.timeout = 1000ms});
+  world()->barrier();  // every rank has finished setting up the communicator
   const auto start = Clock::now();
   if (comm->rank() != last) {
     float value = 1, out = 0;
@@ -216,6 +218,7 @@ TEST(MpiTransport, ARankThatNeverArrivesIsNamedAtTheDeadline) {
 
 TEST(MpiTransport, AbortReachesEveryRank) {
   auto comm = create_mpi_communicator({.timeout = 10000ms});
+  world()->barrier();  // or rank 0's abort may reach a rank still in setup
   const auto start = Clock::now();
   if (comm->rank() == 0) {
     comm->abort("stopping on purpose");
@@ -248,12 +251,8 @@ TEST(MpiTransport, BadArgumentsAreRejectedBeforeAnyMessage) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  tpfuse::comm::world() = tpfuse::comm::create_mpi_communicator({.timeout = std::chrono::milliseconds{30000}});
-  if (tpfuse::comm::world()->rank() != 0) {
-    // One report: the other ranks print only their failures.
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
+  tpfuse::comm::world() =
+      tpfuse::comm::create_mpi_communicator({.timeout = std::chrono::milliseconds{30000}});
   const int result = RUN_ALL_TESTS();
   // Every rank agrees on the verdict, so that mpirun's exit status is one.
   int failed = result != 0, any_failed = 0;

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <deque>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -64,7 +65,8 @@ void init_mpi() {
     MPI_Initialized(&initialized);
     int provided = MPI_THREAD_SINGLE;
     if (!initialized) {
-      mpi::check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided), "MPI_Init_thread");
+      mpi::check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided),
+                     "MPI_Init_thread");
       g_finalize_at_exit = true;
       std::atexit(finalize_at_exit);
     } else {
@@ -102,6 +104,10 @@ struct Failure {
   }
 };
 
+// The kind of notice a rank sends, three quarters into a long wait, to say
+// that it is alive and which ranks it is waiting for (see suspects()).
+constexpr int kStillWaiting = 3;
+
 // A failure as it travels to the peers: "KIND RANK,RANK,...\nMESSAGE". The
 // peers fail with the same kind and ranks (a rank that timed out waiting for
 // rank 2 makes the others fail naming rank 2, not itself).
@@ -119,7 +125,9 @@ Failure decode_notice(const std::string& notice, int sender) {
   const auto newline = notice.find('\n');
   int kind = -1;
   std::istringstream header(notice.substr(0, newline));
-  if (newline == std::string::npos || !(header >> kind) || kind < 0 || kind > 2) return failure;
+  if (newline == std::string::npos || !(header >> kind) || kind < 0 || kind > kStillWaiting) {
+    return failure;
+  }
   failure.kind = static_cast<Failure::Kind>(kind);
   failure.message = notice.substr(newline + 1);
   failure.ranks.clear();
@@ -204,6 +212,17 @@ class MpiCommunicator final : public Communicator,
   void advance_locked(Reduce& reduce);
   std::shared_ptr<Reduce> start_locked(std::shared_ptr<Reduce> reduce);
   void wait_all_locked(std::unique_lock<std::mutex>& lock);
+  // The deadline of one wait: three quarters in, this rank tells the others
+  // it is alive and whom it waits for; at the deadline it fails, naming the
+  // ranks it suspects.
+  struct WaitClock {
+    Clock::time_point start = Clock::now();
+    bool announced = false;
+  };
+  void check_deadline_locked(WaitClock& clock, const std::vector<int>& pending,
+                             const std::string& what);
+  std::vector<int> suspects(const WaitClock& clock, const std::vector<int>& pending) const;
+  void send_notice_locked(const std::string& notice);
   // Waits for `requests` with the deadline; names the ranks still missing.
   void wait_requests_locked(std::unique_lock<std::mutex>& lock, mpi::Requests& requests,
                             std::string_view operation, std::uint64_t index,
@@ -225,6 +244,9 @@ class MpiCommunicator final : public Communicator,
   MPI_Request abort_receive_ = MPI_REQUEST_NULL;
   std::deque<std::string> abort_outbox_;
   mpi::Requests abort_sends_;
+  // The last still-waiting notice of each rank that sent one: when, and whom
+  // that rank was waiting for.
+  std::map<int, std::pair<Clock::time_point, std::vector<int>>> still_waiting_;
 };
 
 MpiWork::~MpiWork() {
@@ -290,14 +312,19 @@ void MpiCommunicator::fail_locked(Failure failure) {
   // Reduces in in_flight_, which live as long as the communicator.
   for (auto& reduce : in_flight_) reduce->requests.cancel_receives();
   // Tell the others, so that they fail now rather than at their deadline.
-  abort_outbox_.push_back(encode_notice(*failure_, rank_).substr(0, kMaxAbortBytes));
+  send_notice_locked(encode_notice(*failure_, rank_));
+}
+
+void MpiCommunicator::send_notice_locked(const std::string& notice) {
+  abort_sends_.test_all();
+  abort_outbox_.push_back(notice.substr(0, kMaxAbortBytes));
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
     try {
       abort_sends_.isend(reinterpret_cast<const std::byte*>(abort_outbox_.back().data()),
                          abort_outbox_.back().size(), r, kAbortTag, comm_);
     } catch (const CommError& error) {
-      log::warn("mpi: could not tell rank ", r, " of the failure: ", error.what());
+      log::warn("mpi: could not send rank ", r, " a notice: ", error.what());
     }
   }
 }
@@ -309,9 +336,60 @@ void MpiCommunicator::poll_abort_locked() {
   if (MPI_Test(&abort_receive_, &arrived, &status) != MPI_SUCCESS || !arrived) return;
   int bytes = 0;
   MPI_Get_count(&status, MPI_BYTE, &bytes);
-  failure_ = decode_notice(abort_inbox_.substr(0, static_cast<std::size_t>(bytes)),
-                           status.MPI_SOURCE);
+  const std::string notice = abort_inbox_.substr(0, static_cast<std::size_t>(bytes));
+  if (notice.starts_with(cat(kStillWaiting, " "))) {
+    still_waiting_[status.MPI_SOURCE] = {Clock::now(),
+                                         decode_notice(notice, status.MPI_SOURCE).ranks};
+    mpi::check_mpi(MPI_Irecv(abort_inbox_.data(), static_cast<int>(kMaxAbortBytes), MPI_BYTE,
+                             MPI_ANY_SOURCE, kAbortTag, comm_, &abort_receive_),
+                   "MPI_Irecv (notices)");
+    return;
+  }
+  failure_ = decode_notice(notice, status.MPI_SOURCE);
   for (auto& reduce : in_flight_) reduce->requests.cancel_receives();
+}
+
+// The ranks this wait did not hear from, less those that said during it that
+// they are alive, plus those that such ranks were waiting for in turn: with
+// a host cut off, a rank waiting for a result that a live peer could not
+// compute names the cut host's ranks, not the live peer. Just the ranks it
+// waits for when that leaves none.
+std::vector<int> MpiCommunicator::suspects(const WaitClock& clock,
+                                           const std::vector<int>& pending) const {
+  std::vector<int> candidates = pending;
+  std::vector<int> alive;
+  for (const auto& [rank, report] : still_waiting_) {
+    if (report.first < clock.start) continue;
+    alive.push_back(rank);
+    candidates.insert(candidates.end(), report.second.begin(), report.second.end());
+  }
+  std::vector<int> named;
+  for (int r : candidates) {
+    if (r != rank_ && std::find(alive.begin(), alive.end(), r) == alive.end() &&
+        std::find(named.begin(), named.end(), r) == named.end()) {
+      named.push_back(r);
+    }
+  }
+  std::sort(named.begin(), named.end());
+  return named.empty() ? pending : named;
+}
+
+void MpiCommunicator::check_deadline_locked(WaitClock& clock, const std::vector<int>& pending,
+                                            const std::string& what) {
+  const auto now = Clock::now();
+  if (!clock.announced && now >= clock.start + timeout_ * 3 / 4) {
+    clock.announced = true;
+    std::string ranks;
+    for (int r : pending) ranks += cat(ranks.empty() ? "" : ",", r);
+    send_notice_locked(cat(kStillWaiting, " ", ranks, "\n"));
+  }
+  if (now < clock.start + timeout_) return;
+  const auto missing = suspects(clock, pending);
+  fail_locked({Failure::Kind::timeout,
+               cat(what, ": timed out after ", timeout_.count(), " ms waiting for ranks ",
+                   format_ranks(missing)),
+               missing});
+  failure_->raise();
 }
 
 void MpiCommunicator::advance_locked(Reduce& reduce) {
@@ -396,22 +474,14 @@ bool MpiCommunicator::test(const std::shared_ptr<Reduce>& reduce) {
 void MpiCommunicator::wait(const std::shared_ptr<Reduce>& reduce) {
   std::unique_lock lock(mutex_);
   if (reduce->phase == 3) return;
-  const auto start = Clock::now();
-  const auto deadline = start + timeout_;
+  WaitClock clock;
   for (;;) {
     advance_locked();
     if (reduce->phase == 3) return;
-    const auto now = Clock::now();
-    if (now >= deadline) {
-      const auto missing = reduce->requests.pending_peers();
-      fail_locked({Failure::Kind::timeout,
-                   cat("all-reduce #", reduce->index, ": timed out after ", timeout_.count(),
-                       " ms waiting for ranks ", format_ranks(missing),
-                       reduce->phase == 1 ? " to contribute" : " to share their result"),
-                   missing});
-      failure_->raise();
-    }
-    if (now - start > kSpin) {
+    check_deadline_locked(clock, reduce->requests.pending_peers(),
+                          cat("all-reduce #", reduce->index, " (",
+                              reduce->phase == 1 ? "contributions" : "results", ")"));
+    if (Clock::now() - clock.start > kSpin) {
       lock.unlock();
       std::this_thread::sleep_for(kPollPause);
       lock.lock();
@@ -501,8 +571,7 @@ std::unique_ptr<Work> MpiCommunicator::all_reduce_start(ReduceBuffer buffer, voi
 void MpiCommunicator::wait_requests_locked(std::unique_lock<std::mutex>& lock,
                                            mpi::Requests& requests, std::string_view operation,
                                            std::uint64_t index, std::string_view step) {
-  const auto start = Clock::now();
-  const auto deadline = start + timeout_;
+  WaitClock clock;
   for (;;) {
     try {
       check_failed_locked();
@@ -516,17 +585,14 @@ void MpiCommunicator::wait_requests_locked(std::unique_lock<std::mutex>& lock,
       requests.cancel_receives();
       throw;
     }
-    const auto now = Clock::now();
-    if (now >= deadline) {
+    try {
+      check_deadline_locked(clock, requests.pending_peers(),
+                            cat(operation, " #", index, " (", step, ")"));
+    } catch (...) {
       requests.cancel_receives();
-      const auto missing = requests.pending_peers();
-      fail_locked({Failure::Kind::timeout,
-                   cat(operation, " #", index, ": timed out after ", timeout_.count(),
-                       " ms waiting for ranks ", format_ranks(missing), " ", step),
-                   missing});
-      failure_->raise();
+      throw;
     }
-    if (now - start > kSpin) {
+    if (Clock::now() - clock.start > kSpin) {
       lock.unlock();
       std::this_thread::sleep_for(kPollPause);
       lock.lock();
@@ -553,7 +619,7 @@ std::vector<std::string> MpiCommunicator::all_gather(std::string_view mine) {
     requests.isend(reinterpret_cast<const std::byte*>(mine.data()), mine.size(),
                    (rank_ + step) % size_, kGatherTag, comm_);
   }
-  wait_requests_locked(lock, requests, "all-gather", index, "to contribute");
+  wait_requests_locked(lock, requests, "all-gather", index, "contributions");
   for (int r = 0; r < size_; ++r) {
     if (r != rank_) gathered[r].resize(requests.received_bytes(r));
   }
