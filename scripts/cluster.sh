@@ -107,10 +107,12 @@ cmd_hosts() {
   for (( i = 0; i < hosts; i++ )); do echo "$(host_addr "$i") slots=${SLOTS:-1}"; done
 }
 
-# Open MPI names its shared-memory (vader) segments after the hostname, which
-# the hosts share, and the local rank: ranks of two hosts would map each
-# other's segments. So each host gets a backing directory of its own (h0's
-# ranks, started by mpirun itself, keep /dev/shm).
+# Open MPI names its shared-memory (vader) segments and its session directory
+# after the hostname, which the hosts share: ranks of two hosts would map
+# each other's segments, and daemons race to create the same directories. So
+# each host gets a directory of its own for both (h0's ranks, started by
+# mpirun itself, keep the defaults), and PMIx keeps its data in each
+# process (gds hash) rather than in shared files.
 host_shm_dir() { echo "/dev/shm/${PREFIX}-h$1"; }
 
 # OpenMPI's launcher calls this as its rsh agent: `agent HOST CMD...`.
@@ -119,7 +121,8 @@ cmd_rsh() {
   local index; index=$(host_index "$host")
   local dir; dir=$(host_shm_dir "$index")
   mkdir -p "$dir"
-  cmd_exec "$host" env OMPI_MCA_btl_vader_backing_directory="$dir" /bin/sh -c "$*"
+  cmd_exec "$host" env OMPI_MCA_btl_vader_backing_directory="$dir" \
+    OMPI_MCA_orte_tmpdir_base="$dir" PMIX_MCA_gds=hash /bin/sh -c "$*"
 }
 
 cmd_mpirun() {
@@ -129,7 +132,7 @@ cmd_mpirun() {
   printf '#!/bin/sh\nTPFUSE_CLUSTER=%s TPFUSE_CLUSTER_SUBNET=%s exec %s rsh "$@"\n' \
     "$PREFIX" "$SUBNET_BASE" "$SELF" > "$agent"
   chmod 0755 "$agent"
-  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PMIX_MCA_gds=hash \
     ip netns exec "$(host_ns 0)" mpirun --hostfile "$STATE_DIR/hostfile" \
       --mca plm_rsh_agent "$agent" \
       --mca btl tcp,self,vader --mca btl_tcp_if_include "${SUBNET_BASE}.0/24" \
