@@ -30,15 +30,17 @@ cleanup() { "$CLUSTER" down; }
 trap cleanup EXIT
 "$CLUSTER" up 3 || fail "cluster.sh up 3"
 
-# `tpfuse run` across HOSTS hosts with PER_HOST ranks each; ARGS pick the mode.
+# `tpfuse run` across HOSTS hosts with PER_HOST ranks each; ARGS pick the
+# mode; HIERARCHICAL=off makes it flat where hosts hold several ranks.
 run_case() {
   local hosts=$1 per_host=$2; shift 2
   local ranks=$(( hosts * per_host ))
   local out
   out=$(SLOTS=$per_host timeout 120 "$CLUSTER" mpirun -np "$ranks" --bind-to none \
-          -x TPFUSE_TIMEOUT_MS=30000 "$TPFUSE" run --iterations 2 "$@" 2>&1)
+          -x TPFUSE_TIMEOUT_MS=30000 -x TPFUSE_MPI_HIERARCHICAL="${HIERARCHICAL:-auto}" \
+          "$TPFUSE" run --iterations 2 "$@" 2>&1)
   local rc=$?
-  echo "$hosts hosts x $per_host: $(echo "$out" | tail -1)"
+  echo "$hosts hosts x $per_host (${HIERARCHICAL:-auto}): $(echo "$out" | tail -1)"
   [ $rc -eq 0 ] || fail "$hosts hosts x $per_host ranks, run $*: exit $rc
 $out"
   echo "$out" | grep -q "ok, identical on all ranks" || fail "no verdict from run $*:
@@ -55,7 +57,12 @@ for hosts in 2 3; do
   done
 done
 
-# Cut h2's link while 3 ranks (one per host) are in the middle of calls.
+# The flat MPI all-reduce where hosts hold several ranks (hierarchical above).
+HIERARCHICAL=off run_case 2 2 --m 48 --k 128 --n 96 --dtype f16 --bias
+
+# Cut h2's link while 3 ranks (one per host) are in the middle of calls. The
+# survivors fail at the deadline of the wait they are in; the slack covers a
+# loaded 2-core machine and mpirun forwarding their messages.
 deadline_ms=2000
 log=$(mktemp)
 start=$(date +%s%N)
@@ -65,8 +72,7 @@ job=$!
 sleep 3
 "$CLUSTER" link h2 down
 cut=$(date +%s%N)
-# The survivors' errors, at most the deadline (and a second of slack) after the cut.
-for _ in $(seq 1 50); do
+for _ in $(seq 1 100); do
   [ "$(grep -c "waiting for ranks 2" "$log")" -ge 2 ] && break
   sleep 0.1
 done
@@ -81,7 +87,7 @@ for rank in 0 1; do
 done
 elapsed_ms=$(( (seen - cut) / 1000000 ))
 echo "survivors failed ${elapsed_ms} ms after the cut (deadline ${deadline_ms} ms; $(( (cut - start) / 1000000 )) ms of calls before it)"
-[ "$elapsed_ms" -le $(( deadline_ms + 1000 )) ] || fail "the survivors took ${elapsed_ms} ms"
+[ "$elapsed_ms" -le $(( deadline_ms + 3000 )) ] || fail "the survivors took ${elapsed_ms} ms"
 rm -f "$log"
 
 trap - EXIT

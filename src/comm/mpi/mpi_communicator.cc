@@ -22,6 +22,7 @@
 #include <sstream>
 #include <thread>
 
+#include "comm/mpi/mpi_group.h"
 #include "comm/mpi/mpi_requests.h"
 #include "comm/shm_reduce_kernels.h"
 #include "tpfuse/comm/mpi.h"
@@ -39,6 +40,7 @@ using Clock = std::chrono::steady_clock;
 // in flight at once never match each other's messages.
 constexpr int kAbortTag = 1;
 constexpr int kGatherTag = 2;
+constexpr int kShareTag = 3;
 constexpr int kFirstReduceTag = 16;
 constexpr std::uint64_t kReduceTagCycle = 4096;
 constexpr std::size_t kMaxGatherBytes = 4096;
@@ -177,7 +179,9 @@ class MpiWork final : public Work {
 class MpiCommunicator final : public Communicator,
                               public std::enable_shared_from_this<MpiCommunicator> {
  public:
-  MpiCommunicator(MPI_Comm comm, const MpiOptions& options);
+  // Over `members`, ranks of `comm` in increasing order, this process among
+  // them; rank() is this process's place in that list.
+  MpiCommunicator(MPI_Comm comm, const MpiOptions& options, std::vector<int> members);
   ~MpiCommunicator() override;
 
   int rank() const override { return rank_; }
@@ -195,6 +199,10 @@ class MpiCommunicator final : public Communicator,
   int max_reduces_in_flight() const override { return kMaxInFlight; }
   std::vector<std::string> all_gather(std::string_view mine) override;
   void abort(std::string_view reason) override;
+
+  std::unique_ptr<Work> share_start(std::byte* data, std::size_t bytes, int root,
+                                    const std::vector<int>& to);
+  const std::vector<std::string>& host_keys() const { return host_keys_; }
 
   // Learns the group's name and host layout (collective, at setup).
   void introduce();
@@ -228,10 +236,16 @@ class MpiCommunicator final : public Communicator,
                             std::string_view operation, std::uint64_t index,
                             std::string_view step);
 
+  // The rank of members_[r] in comm_, which messages and errors name.
+  int to(int r) const { return members_[static_cast<std::size_t>(r)]; }
+
   MPI_Comm comm_;
+  std::vector<int> members_;
+  int me_ = 0;  // this process's rank in comm_
   int rank_ = 0;
   int size_ = 1;
   int ranks_on_host_ = 1;
+  std::vector<std::string> host_keys_;  // by member
   std::chrono::milliseconds timeout_;
   std::string name_;
   std::mutex mutex_;
@@ -261,10 +275,13 @@ MpiWork::~MpiWork() {
 bool MpiWork::test() { return comm_->test(reduce_); }
 void MpiWork::wait() { comm_->wait(reduce_); }
 
-MpiCommunicator::MpiCommunicator(MPI_Comm comm, const MpiOptions& options)
-    : comm_(comm), timeout_(options.timeout) {
-  MPI_Comm_rank(comm_, &rank_);
-  MPI_Comm_size(comm_, &size_);
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, const MpiOptions& options,
+                                 std::vector<int> members)
+    : comm_(comm), members_(std::move(members)), timeout_(options.timeout) {
+  MPI_Comm_rank(comm_, &me_);
+  rank_ = static_cast<int>(std::find(members_.begin(), members_.end(), me_) - members_.begin());
+  size_ = static_cast<int>(members_.size());
+  if (rank_ == size_) throw InternalError(cat("mpi: rank ", me_, " is not among the members"));
   abort_inbox_.resize(kMaxAbortBytes);
   mpi::check_mpi(MPI_Irecv(abort_inbox_.data(), static_cast<int>(kMaxAbortBytes), MPI_BYTE,
                            MPI_ANY_SOURCE, kAbortTag, comm_, &abort_receive_),
@@ -312,7 +329,7 @@ void MpiCommunicator::fail_locked(Failure failure) {
   // Reduces in in_flight_, which live as long as the communicator.
   for (auto& reduce : in_flight_) reduce->requests.cancel_receives();
   // Tell the others, so that they fail now rather than at their deadline.
-  send_notice_locked(encode_notice(*failure_, rank_));
+  send_notice_locked(encode_notice(*failure_, me_));
 }
 
 void MpiCommunicator::send_notice_locked(const std::string& notice) {
@@ -322,9 +339,9 @@ void MpiCommunicator::send_notice_locked(const std::string& notice) {
     if (r == rank_) continue;
     try {
       abort_sends_.isend(reinterpret_cast<const std::byte*>(abort_outbox_.back().data()),
-                         abort_outbox_.back().size(), r, kAbortTag, comm_);
+                         abort_outbox_.back().size(), to(r), kAbortTag, comm_);
     } catch (const CommError& error) {
-      log::warn("mpi: could not send rank ", r, " a notice: ", error.what());
+      log::warn("mpi: could not send rank ", to(r), " a notice: ", error.what());
     }
   }
 }
@@ -365,7 +382,7 @@ std::vector<int> MpiCommunicator::suspects(const WaitClock& clock,
   }
   std::vector<int> named;
   for (int r : candidates) {
-    if (r != rank_ && std::find(alive.begin(), alive.end(), r) == alive.end() &&
+    if (r != me_ && std::find(alive.begin(), alive.end(), r) == alive.end() &&
         std::find(named.begin(), named.end(), r) == named.end()) {
       named.push_back(r);
     }
@@ -415,13 +432,13 @@ void MpiCommunicator::advance_locked(Reduce& reduce) {
     if (r == rank_) continue;
     const std::size_t their_begin = share_begin(reduce.count, size_, r);
     const std::size_t theirs = share_begin(reduce.count, size_, r + 1) - their_begin;
-    reduce.requests.irecv(reduce.output + their_begin * element, theirs * element, r,
+    reduce.requests.irecv(reduce.output + their_begin * element, theirs * element, to(r),
                           reduce.tag + 1, comm_);
   }
   for (int r = 0; r < size_; ++r) {
     if (r != rank_) {
-      reduce.requests.isend(reduce.output + begin * element, mine * element, r, reduce.tag + 1,
-                            comm_);
+      reduce.requests.isend(reduce.output + begin * element, mine * element, to(r),
+                            reduce.tag + 1, comm_);
     }
   }
   if (reduce.requests.test_all()) advance_locked(reduce);
@@ -448,8 +465,8 @@ std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> re
   if (size_ > 1) r.staging = std::make_unique<std::byte[]>((size_ - 1) * mine * element);
   for (int peer = 0, slot = 0; peer < size_; ++peer) {
     if (peer == rank_) continue;
-    r.requests.irecv(r.staging.get() + (slot++) * mine * element, mine * element, peer, r.tag,
-                     comm_);
+    r.requests.irecv(r.staging.get() + (slot++) * mine * element, mine * element, to(peer),
+                     r.tag, comm_);
   }
   // Send in the order the peers will sum, starting after this rank, so that
   // not every rank sends to rank 0 first.
@@ -457,7 +474,7 @@ std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> re
     const int peer = (rank_ + step) % size_;
     const std::size_t their_begin = share_begin(r.count, size_, peer);
     const std::size_t theirs = share_begin(r.count, size_, peer + 1) - their_begin;
-    r.requests.isend(r.input + their_begin * element, theirs * element, peer, r.tag, comm_);
+    r.requests.isend(r.input + their_begin * element, theirs * element, to(peer), r.tag, comm_);
   }
   in_flight_.push_back(reduce);
   advance_locked();
@@ -479,8 +496,10 @@ void MpiCommunicator::wait(const std::shared_ptr<Reduce>& reduce) {
     advance_locked();
     if (reduce->phase == 3) return;
     check_deadline_locked(clock, reduce->requests.pending_peers(),
-                          cat("all-reduce #", reduce->index, " (",
-                              reduce->phase == 1 ? "contributions" : "results", ")"));
+                          reduce->index == 0
+                              ? std::string("sharing the result inside the host")
+                              : cat("all-reduce #", reduce->index, " (",
+                                    reduce->phase == 1 ? "contributions" : "results", ")"));
     if (Clock::now() - clock.start > kSpin) {
       lock.unlock();
       std::this_thread::sleep_for(kPollPause);
@@ -612,16 +631,16 @@ std::vector<std::string> MpiCommunicator::all_gather(std::string_view mine) {
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
     gathered[r].resize(kMaxGatherBytes);
-    requests.irecv(reinterpret_cast<std::byte*>(gathered[r].data()), kMaxGatherBytes, r,
+    requests.irecv(reinterpret_cast<std::byte*>(gathered[r].data()), kMaxGatherBytes, to(r),
                    kGatherTag, comm_);
   }
   for (int step = 1; step < size_; ++step) {
     requests.isend(reinterpret_cast<const std::byte*>(mine.data()), mine.size(),
-                   (rank_ + step) % size_, kGatherTag, comm_);
+                   to((rank_ + step) % size_), kGatherTag, comm_);
   }
   wait_requests_locked(lock, requests, "all-gather", index, "contributions");
   for (int r = 0; r < size_; ++r) {
-    if (r != rank_) gathered[r].resize(requests.received_bytes(r));
+    if (r != rank_) gathered[r].resize(requests.received_bytes(to(r)));
   }
   gathered[rank_] = std::string(mine);
   return gathered;
@@ -629,7 +648,7 @@ std::vector<std::string> MpiCommunicator::all_gather(std::string_view mine) {
 
 void MpiCommunicator::abort(std::string_view reason) {
   std::lock_guard lock(mutex_);
-  fail_locked({Failure::Kind::aborted, cat("aborted by rank ", rank_, ": ", reason), {rank_}});
+  fail_locked({Failure::Kind::aborted, cat("aborted by rank ", me_, ": ", reason), {me_}});
 }
 
 // The group's name is rank 0's random token; the host of a process is its
@@ -645,29 +664,78 @@ void MpiCommunicator::introduce() {
   const std::string host = cat(hostname, ":", mpi::network_namespace_id());
   const auto blobs = all_gather(cat(token, "\n", host));
   name_ = "tpfuse-mpi-" + blobs[0].substr(0, blobs[0].find('\n'));
-  ranks_on_host_ = static_cast<int>(std::count_if(blobs.begin(), blobs.end(), [&](const auto& b) {
-    return b.substr(b.find('\n') + 1) == host;
-  }));
+  for (const auto& blob : blobs) host_keys_.push_back(blob.substr(blob.find('\n') + 1));
+  ranks_on_host_ = static_cast<int>(std::count(host_keys_.begin(), host_keys_.end(), host));
+}
+
+std::unique_ptr<Work> MpiCommunicator::share_start(std::byte* data, std::size_t bytes, int root,
+                                                   const std::vector<int>& to) {
+  require(bytes <= static_cast<std::size_t>(std::numeric_limits<int>::max()),
+          "share_start: ", bytes, " bytes exceed MPI's message limit");
+  std::lock_guard lock(mutex_);
+  check_failed_locked();
+  auto reduce = std::make_shared<Reduce>();
+  reduce->phase = 2;  // index 0: not an all-reduce
+  if (rank_ == root) {
+    for (int r : to) {
+      if (r != root) reduce->requests.isend(data, bytes, this->to(r), kShareTag, comm_);
+    }
+  } else {
+    reduce->requests.irecv(data, bytes, this->to(root), kShareTag, comm_);
+  }
+  in_flight_.push_back(reduce);
+  advance_locked();
+  return std::make_unique<MpiWork>(shared_from_this(), std::move(reduce));
 }
 
 }  // namespace
+
+namespace mpi {
+
+std::shared_ptr<Communicator> create_group(const MpiOptions& options,
+                                           const std::vector<int>& members) {
+  MPI_Comm comm = MPI_COMM_NULL;
+  MPI_Request request = MPI_REQUEST_NULL;
+  check_mpi(MPI_Comm_idup(MPI_COMM_WORLD, &comm, &request), "MPI_Comm_idup");
+  wait_collective(request, options.timeout, "mpi setup (MPI_Comm_idup)");
+  MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+  int rank = 0;
+  MPI_Comm_rank(comm, &rank);
+  if (std::find(members.begin(), members.end(), rank) == members.end()) {
+    MPI_Comm_free(&comm);
+    return nullptr;
+  }
+  auto communicator = std::make_shared<MpiCommunicator>(comm, options, members);
+  communicator->introduce();
+  return communicator;
+}
+
+const std::vector<std::string>& host_keys(const Communicator& comm) {
+  return dynamic_cast<const MpiCommunicator&>(comm).host_keys();
+}
+
+std::unique_ptr<Work> share_start(Communicator& comm, std::byte* data, std::size_t bytes, int root,
+                                  const std::vector<int>& to) {
+  return dynamic_cast<MpiCommunicator&>(comm).share_start(data, bytes, root, to);
+}
+
+}  // namespace mpi
 
 std::shared_ptr<Communicator> create_mpi_communicator(const MpiOptions& options) {
   require(options.timeout.count() > 0, "mpi: timeout must be positive, got ",
           options.timeout.count(), " ms");
   init_mpi();
-  MPI_Comm comm = MPI_COMM_NULL;
-  MPI_Request request = MPI_REQUEST_NULL;
-  mpi::check_mpi(MPI_Comm_idup(MPI_COMM_WORLD, &comm, &request), "MPI_Comm_idup");
-  mpi::wait_collective(request, options.timeout, "mpi setup (MPI_Comm_idup)");
-  MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
-  int rank = 0;
-  MPI_Comm_rank(comm, &rank);
+  int size = 0, rank = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   log::set_rank(rank);
-  auto communicator = std::make_shared<MpiCommunicator>(comm, options);
-  communicator->introduce();
+  std::vector<int> everyone(static_cast<std::size_t>(size));
+  for (int r = 0; r < size; ++r) everyone[r] = r;
+  auto flat = mpi::create_group(options, everyone);
+  auto communicator = mpi::make_hierarchical(flat, options);
   log::info("mpi communicator ", communicator->name(), " ready: ", communicator->size(),
-            " ranks, ", communicator->ranks_on_host(), " on this host");
+            " ranks, ", communicator->ranks_on_host(), " on this host, ",
+            communicator == flat ? "flat" : "hierarchical");
   return communicator;
 }
 
