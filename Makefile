@@ -39,3 +39,10 @@ test-asan: deps
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
+
+# tpfuse bench fused across emulated hosts (network namespaces; root): set
+# up, measure, tear down. Writes JSON (and JSON's name with .png, the plot).
+.PHONY: bench-cluster
+bench-cluster: build
+	@test -n "$(JSON)" || { echo "usage: make bench-cluster JSON=FILE"; exit 2; }
+	./scripts/bench_cluster.sh $(JSON) $(BUILD)
