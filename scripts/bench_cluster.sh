@@ -24,7 +24,8 @@ PEER=$(readlink -f "$BUILD/tpfuse_mpi_bench")
 PROGRESS=${TPFUSE_PIPELINE_PROGRESS:-helper_thread}
 REPS=${REPS:-5}
 WORK=$(mktemp -d)
-trap '"$CLUSTER" down; rm -rf "$WORK"' EXIT
+# The raw records stay in $WORK if a step fails.
+trap '"$CLUSTER" down' EXIT
 
 [ "$(id -u)" -eq 0 ] || { echo "bench-cluster: needs root (network namespaces)" >&2; exit 1; }
 [ -x "$TPFUSE" ] && [ -x "$PEER" ] || { echo "bench-cluster: build first (needs MPI)" >&2; exit 1; }
@@ -35,13 +36,14 @@ trap '"$CLUSTER" down; rm -rf "$WORK"' EXIT
 measure() {
   local hosts=$1 per_host=$2 gbps=$3 hierarchical=$4; shift 4
   local ranks=$(( hosts * per_host ))
-  local tag="h${hosts}x${per_host}-${gbps}g-${hierarchical}"
+  local tag="h${hosts}x${per_host}-${gbps}g-${hierarchical}-t${COMM_TURN:-0}"
   local shapes=() s
   for s in "$@"; do shapes+=(--shape "$s"); done
   echo "== $hosts hosts x $per_host ranks, ${gbps} Gbit/s, hierarchical $hierarchical: $*"
   SLOTS=$per_host "$CLUSTER" mpirun -np "$ranks" --bind-to none -x TPFUSE_NUM_THREADS=1 \
     -x TPFUSE_PIPELINE_PROGRESS="$PROGRESS" -x TPFUSE_MPI_HIERARCHICAL="$hierarchical" \
     "$TPFUSE" bench fused "${shapes[@]}" --dtype bf16 --rounds 1 --reps "$REPS" \
+    --comm-turn "${COMM_TURN:-0}" \
     --json "$WORK/$tag.json" | sed -n '/^Time per call/,$p'
   for s in "$@"; do
     IFS=x read -r m n k <<<"$s"
@@ -49,7 +51,8 @@ measure() {
       "$PEER" peer --m "$m" --n "$n" --k $(( k / ranks )) --dtype bf16 --reps "$REPS" \
       --warmup 1 | grep '"what": "peer"' >>"$WORK/$tag.peer" || true
   done
-  echo "$hosts $per_host $gbps $hierarchical $WORK/$tag.json $WORK/$tag.peer" >>"$WORK/runs"
+  echo "$hosts $per_host $gbps $hierarchical ${COMM_TURN:-0} $WORK/$tag.json $WORK/$tag.peer" \
+    >>"$WORK/runs"
 }
 
 for gbps in 1 2.5; do
@@ -63,5 +66,8 @@ done
 for hierarchical in auto off; do
   measure 2 2 1 "$hierarchical" "256x4096x256"
 done
+# The balanced shape again with the tiles fixed (comm_turn 8) rather than planned.
+COMM_TURN=8 measure 2 1 1 auto "256x4096x512"
 
 python3 "$ROOT/scripts/bench_cluster_merge.py" "$WORK/runs" "$PROGRESS" "$JSON"
+rm -rf "$WORK"

@@ -17,7 +17,7 @@ def main(runs_path, progress, out_path):
     records = []
     with open(runs_path) as runs:
         for line in runs:
-            hosts, per_host, gbps, hierarchical, bench, peer = line.split()
+            hosts, per_host, gbps, hierarchical, turn, bench, peer = line.split()
             peers = []
             try:
                 with open(peer) as f:
@@ -35,18 +35,19 @@ def main(runs_path, progress, out_path):
                             record["peer"] = f'{p["gemm"]}; {p["reduce"]}'
                     record.update(hosts=int(hosts), ranks_per_host=int(per_host),
                                   link_gbps=float(gbps), hierarchical=hierarchical,
+                                  comm_turn=int(turn),
                                   progress=progress)
                     records.append(record)
     with open(out_path, "w") as out:
         json.dump(records, out, indent=1)
     print(f"\nwrote {len(records)} records to {out_path}")
-    print(f'{"hosts":>5} {"x":>2} {"Gbps":>4} {"hier":>4} {"shape":>14} {"T_gemm":>8} {"T_comm":>8} '
+    print(f'{"hosts":>5} {"x":>2} {"turn":>4} {"Gbps":>4} {"hier":>4} {"shape":>14} {"T_gemm":>8} {"T_comm":>8} '
           f'{"T_serial":>8} {"T_fused":>8} {"T_peer":>8} {"hidden":>7} {"peer/f":>7} {"f/ser":>6}')
     for r in records:
         def ms(key):
             return f'{r[key] * 1e3:8.2f}' if r.get(key) is not None else f'{"-":>8}'
         peer_ratio = r["t_peer"] / r["t_fused"] if r.get("t_peer") else float("nan")
-        print(f'{r["hosts"]:5d} {r["ranks_per_host"]:2d} {r["link_gbps"]:4g} {r["hierarchical"]:>4} '
+        print(f'{r["hosts"]:5d} {r["ranks_per_host"]:2d} {r["comm_turn"]:4d} {r["link_gbps"]:4g} {r["hierarchical"]:>4} '
               f'{r["shape"]:>14} {ms("t_gemm")} {ms("t_comm")} {ms("t_serial")} {ms("t_fused")} '
               f'{ms("t_peer")} {r["hidden_fraction"]:7.3f} {peer_ratio:7.3f} '
               f'{r["t_fused"] / r["t_serial"]:6.3f}')
@@ -62,6 +63,7 @@ def plot(records, path):
     for r in records:
         label = (f'{r["hosts"]}x{r["ranks_per_host"]} {r["link_gbps"]:g}G '
                  f'{"hier " if r["ranks_per_host"] > 1 and r["hierarchical"] == "auto" else ""}'
+                 f'{"turn8 " if r["comm_turn"] else ""}'
                  f'K={r["k"]}')
         peer = r["t_peer"] * 1e3 if r.get("t_peer") else "?"
         data += f'"{label}" {r["t_serial"] * 1e3} {r["t_fused"] * 1e3} {peer}\n'

@@ -46,15 +46,18 @@ host_count() {
 
 shape_link() {  # namespace device rate
   local ns=$1 dev=$2 rate=$3
-  # Burst of about 1 ms of traffic at the rate (at least 64 KiB) keeps tbf accurate at Gbit/s.
-  local burst=$(( rate * 1000000000 / 8 / 1000 ))
-  [ "$burst" -lt 65536 ] && burst=65536
+  # Burst of about 1 ms of traffic at the rate (at least 64 KiB) keeps tbf
+  # accurate at Gbit/s. The rate may be fractional (2.5): awk does the sum.
+  local burst
+  burst=$(awk -v r="$rate" 'BEGIN { b = int(r * 1e9 / 8 / 1000); print (b < 65536 ? 65536 : b) }')
   ip netns exec "$ns" tc qdisc replace dev "$dev" root tbf rate "${rate}gbit" burst "$burst" latency 50ms
 }
 
 cmd_up() {
   local hosts=${1:-}; local rate=${2:-}
   [ -n "$hosts" ] && [ "$hosts" -ge 1 ] 2>/dev/null || die "up: expected a host count >= 1, got \"${hosts}\""
+  [ -z "$rate" ] || awk -v r="$rate" 'BEGIN { exit !(r + 0 > 0) }' ||
+    die "up: expected a positive rate in Gbit/s, got \"${rate}\""
   [ "$(id -u)" -eq 0 ] || die "up: needs root (network namespaces)"
   [ -d "$STATE_DIR" ] && cmd_down
   mkdir -p "$STATE_DIR"
