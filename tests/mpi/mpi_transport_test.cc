@@ -187,7 +187,7 @@ TEST(MpiTransport, AllGatherReturnsEveryContributionInRankOrder) {
 // deadline.
 TEST(MpiTransport, ARankThatNeverArrivesIsNamedAtTheDeadline) {
   const int last = world()->size() - 1;
-  auto comm = create_mpi_communicator({.timeout = 1000ms});
+  auto comm = create_mpi_communicator({.timeout = 2000ms});
   world()->barrier();  // every rank has finished setting up the communicator
   const auto start = Clock::now();
   if (comm->rank() != last) {
@@ -200,17 +200,17 @@ TEST(MpiTransport, ARankThatNeverArrivesIsNamedAtTheDeadline) {
       EXPECT_NE(std::string(error.what()).find(cat("ranks ", last)), std::string::npos)
           << error.what();
     }
-    EXPECT_GE(Clock::now() - start, 1000ms);
-    EXPECT_LT(Clock::now() - start, 5000ms);
+    EXPECT_GE(Clock::now() - start, 2000ms);
+    EXPECT_LT(Clock::now() - start, 6000ms);
     EXPECT_THROW(comm->all_gather("after"), TimeoutError);
   } else {
-    std::this_thread::sleep_for(500ms);
+    std::this_thread::sleep_for(1000ms);
     try {
       comm->all_gather("late");
       ADD_FAILURE() << "the all-gather completed while the others were in an all-reduce";
     } catch (const TimeoutError& error) {
       EXPECT_EQ(error.ranks(), std::vector<int>{last}) << error.what();
-      EXPECT_LT(Clock::now() - start, 1400ms) << "it waited for its own deadline: " << error.what();
+      EXPECT_LT(Clock::now() - start, 2900ms) << "it waited for its own deadline: " << error.what();
     }
   }
   world()->barrier();

@@ -93,7 +93,8 @@ CaseResult run_case(const testing::CaseSpec& spec, int ranks, int iterations, bo
     close(fds[0]);
     const auto result = run_rank(ctx, spec, iterations, check);
     if (!result) return 0;
-    return write(fds[1], &*result, sizeof(*result)) == static_cast<ssize_t>(sizeof(*result)) ? 0 : 3;
+    const auto wrote = write(fds[1], &*result, sizeof(*result));
+    return wrote == static_cast<ssize_t>(sizeof(*result)) ? 0 : 3;
   });
   close(fds[1]);
   WireResult wire;

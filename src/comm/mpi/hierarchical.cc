@@ -54,7 +54,8 @@ void narrow(DType dtype, const float* in, std::size_t count, std::byte* out) {
     return;
   }
   for (std::size_t i = 0; i < count; ++i) {
-    const std::uint16_t bits = dtype == DType::f16 ? f32_to_f16(in[i]).bits : f32_to_bf16(in[i]).bits;
+    const std::uint16_t bits =
+        dtype == DType::f16 ? f32_to_f16(in[i]).bits : f32_to_bf16(in[i]).bits;
     std::memcpy(out + i * 2, &bits, 2);
   }
 }
@@ -79,10 +80,10 @@ Layout layout_of(const std::vector<std::string>& keys, int rank) {
 class HierarchicalWork final : public Work {
  public:
   struct Steps {
-    Communicator* flat;
-    Communicator* local;
-    Communicator* leaders;  // null on ranks that are not their host's leader
-    const Layout* layout;
+    std::shared_ptr<Communicator> flat;
+    std::shared_ptr<Communicator> local;
+    std::shared_ptr<Communicator> leaders;  // null where this rank is not its host's leader
+    std::shared_ptr<const Layout> layout;
   };
   HierarchicalWork(Steps steps, const void* input, void* output, std::size_t count, DType dtype)
       : steps_(steps),
@@ -119,7 +120,8 @@ class HierarchicalWork final : public Work {
       case Step::host_sum:
         if (steps_.leaders != nullptr) {
           step_ = Step::leaders_sum;
-          current_ = steps_.leaders->all_reduce_start(sums_.get(), sums_.get(), count_, DType::f32);
+          current_ =
+              steps_.leaders->all_reduce_start(sums_.get(), sums_.get(), count_, DType::f32);
           return;
         }
         break;  // not the leader: receive its result
@@ -154,13 +156,13 @@ class HierarchicalCommunicator final : public Communicator {
       : flat_(std::move(flat)),
         local_(std::move(local)),
         leaders_(std::move(leaders)),
-        layout_(std::move(layout)) {}
+        layout_(std::make_shared<const Layout>(std::move(layout))) {}
 
   int rank() const override { return flat_->rank(); }
   int size() const override { return flat_->size(); }
   const std::string& name() const override { return flat_->name(); }
   std::chrono::milliseconds timeout() const override { return flat_->timeout(); }
-  int ranks_on_host() const override { return static_cast<int>(layout_.host.size()); }
+  int ranks_on_host() const override { return static_cast<int>(layout_->host.size()); }
   std::size_t max_gather_bytes() const override { return flat_->max_gather_bytes(); }
   std::vector<std::string> all_gather(std::string_view mine) override {
     finish();
@@ -181,10 +183,9 @@ class HierarchicalCommunicator final : public Communicator {
             ") is positive");
     finish();
     auto work = std::make_unique<HierarchicalWork>(
-        HierarchicalWork::Steps{flat_.get(), local_.get(), leaders_.get(), &layout_}, input,
-        output, count, dtype);
-    last_ = work.get();
-    return std::make_unique<Tracked>(std::move(work), &last_);
+        HierarchicalWork::Steps{flat_, local_, leaders_, layout_}, input, output, count, dtype);
+    *last_ = work.get();
+    return std::make_unique<Tracked>(std::move(work), last_);
   }
 
  private:
@@ -192,7 +193,8 @@ class HierarchicalCommunicator final : public Communicator {
   // collective, and forget it once its Work is gone.
   class Tracked final : public Work {
    public:
-    Tracked(std::unique_ptr<Work> work, Work** last) : work_(std::move(work)), last_(last) {}
+    Tracked(std::unique_ptr<Work> work, std::shared_ptr<Work*> last)
+        : work_(std::move(work)), last_(std::move(last)) {}
     ~Tracked() override {
       if (*last_ == work_.get()) *last_ = nullptr;
     }
@@ -201,18 +203,19 @@ class HierarchicalCommunicator final : public Communicator {
 
    private:
     std::unique_ptr<Work> work_;
-    Work** last_;
+    std::shared_ptr<Work*> last_;
   };
 
   void finish() {
-    if (last_ != nullptr) last_->wait();
+    if (*last_ != nullptr) (*last_)->wait();
   }
 
   std::shared_ptr<Communicator> flat_;
   std::shared_ptr<Communicator> local_;
   std::shared_ptr<Communicator> leaders_;
-  Layout layout_;
-  Work* last_ = nullptr;
+  std::shared_ptr<const Layout> layout_;
+  // The all-reduce in flight, shared with its Work (which may outlive this).
+  std::shared_ptr<Work*> last_ = std::make_shared<Work*>(nullptr);
 };
 
 }  // namespace
