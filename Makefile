@@ -1,7 +1,7 @@
 # tpfuse's entry points. `make demo` and `make test` each install what is
 # missing (as root), configure, build, and then run the demo or the tests.
 
-DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev libdnnl-dev libopenblas-dev libhwy-dev python3-torch libtorch-dev python3-pytest libopenmpi-dev openmpi-bin gnuplot-nox
+DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev libdnnl-dev libopenblas-dev libhwy-dev python3-torch libtorch-dev python3-pytest libopenmpi-dev openmpi-bin gnuplot-nox iproute2
 BUILD        ?= build
 ASAN_BUILD   ?= build-asan
 JOBS         ?= $(shell nproc)

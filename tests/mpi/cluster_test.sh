@@ -22,6 +22,7 @@ fail() { echo "FAILED: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || skip "needs root for network namespaces"
 command -v mpirun >/dev/null || skip "mpirun not found (apt-get install openmpi-bin)"
+command -v ip >/dev/null && command -v tc >/dev/null || skip "ip or tc not found (apt-get install iproute2)"
 probe="${TPFUSE_CLUSTER}-probe"
 ip netns add "$probe" 2>/dev/null || skip "cannot create network namespaces here"
 ip netns del "$probe"
