@@ -1,7 +1,7 @@
 # tpfuse's entry points. `make demo` and `make test` each install what is
 # missing (as root), configure, build, and then run the demo or the tests.
 
-DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev libdnnl-dev libopenblas-dev libhwy-dev python3-torch libtorch-dev python3-pytest libopenmpi-dev openmpi-bin gnuplot-nox
+DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev libdnnl-dev libopenblas-dev libhwy-dev python3-torch libtorch-dev python3-pytest libopenmpi-dev openmpi-bin gnuplot-nox iproute2
 BUILD        ?= build
 ASAN_BUILD   ?= build-asan
 JOBS         ?= $(shell nproc)
@@ -39,3 +39,10 @@ test-asan: deps
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
+
+# tpfuse bench fused across emulated hosts (network namespaces; root): set
+# up, measure, tear down. Writes JSON (and JSON's name with .png, the plot).
+.PHONY: bench-cluster
+bench-cluster: build
+	@test -n "$(JSON)" || { echo "usage: make bench-cluster JSON=FILE"; exit 2; }
+	./scripts/bench_cluster.sh $(JSON) $(BUILD)

@@ -46,15 +46,18 @@ host_count() {
 
 shape_link() {  # namespace device rate
   local ns=$1 dev=$2 rate=$3
-  # Burst of about 1 ms of traffic at the rate (at least 64 KiB) keeps tbf accurate at Gbit/s.
-  local burst=$(( rate * 1000000000 / 8 / 1000 ))
-  [ "$burst" -lt 65536 ] && burst=65536
+  # Burst of about 1 ms of traffic at the rate (at least 64 KiB) keeps tbf
+  # accurate at Gbit/s. The rate may be fractional (2.5): awk does the sum.
+  local burst
+  burst=$(awk -v r="$rate" 'BEGIN { b = int(r * 1e9 / 8 / 1000); print (b < 65536 ? 65536 : b) }')
   ip netns exec "$ns" tc qdisc replace dev "$dev" root tbf rate "${rate}gbit" burst "$burst" latency 50ms
 }
 
 cmd_up() {
   local hosts=${1:-}; local rate=${2:-}
   [ -n "$hosts" ] && [ "$hosts" -ge 1 ] 2>/dev/null || die "up: expected a host count >= 1, got \"${hosts}\""
+  [ -z "$rate" ] || awk -v r="$rate" 'BEGIN { exit !(r + 0 > 0) }' ||
+    die "up: expected a positive rate in Gbit/s, got \"${rate}\""
   [ "$(id -u)" -eq 0 ] || die "up: needs root (network namespaces)"
   [ -d "$STATE_DIR" ] && cmd_down
   mkdir -p "$STATE_DIR"
@@ -94,7 +97,7 @@ cmd_down() {
     [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
     ip netns del "$ns"
   done
-  rm -rf "$STATE_DIR"
+  rm -rf "$STATE_DIR" /dev/shm/"${PREFIX}"-h[0-9]*
 }
 
 cmd_exec() {
@@ -107,10 +110,22 @@ cmd_hosts() {
   for (( i = 0; i < hosts; i++ )); do echo "$(host_addr "$i") slots=${SLOTS:-1}"; done
 }
 
+# Open MPI names its shared-memory (vader) segments and its session directory
+# after the hostname, which the hosts share: ranks of two hosts would map
+# each other's segments, and daemons race to create the same directories. So
+# each host gets a directory of its own for both (h0's ranks, started by
+# mpirun itself, keep the defaults), and PMIx keeps its data in each
+# process (gds hash) rather than in shared files.
+host_shm_dir() { echo "/dev/shm/${PREFIX}-h$1"; }
+
 # OpenMPI's launcher calls this as its rsh agent: `agent HOST CMD...`.
 cmd_rsh() {
   local host=$1; shift
-  cmd_exec "$host" /bin/sh -c "$*"
+  local index; index=$(host_index "$host")
+  local dir; dir=$(host_shm_dir "$index")
+  mkdir -p "$dir"
+  cmd_exec "$host" env OMPI_MCA_btl_vader_backing_directory="$dir" \
+    OMPI_MCA_orte_tmpdir_base="$dir" PMIX_MCA_gds=hash /bin/sh -c "$*"
 }
 
 cmd_mpirun() {
@@ -120,7 +135,7 @@ cmd_mpirun() {
   printf '#!/bin/sh\nTPFUSE_CLUSTER=%s TPFUSE_CLUSTER_SUBNET=%s exec %s rsh "$@"\n' \
     "$PREFIX" "$SUBNET_BASE" "$SELF" > "$agent"
   chmod 0755 "$agent"
-  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PMIX_MCA_gds=hash \
     ip netns exec "$(host_ns 0)" mpirun --hostfile "$STATE_DIR/hostfile" \
       --mca plm_rsh_agent "$agent" \
       --mca btl tcp,self,vader --mca btl_tcp_if_include "${SUBNET_BASE}.0/24" \

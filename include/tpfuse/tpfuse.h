@@ -5,6 +5,7 @@
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/comm/launcher.h"
 #include "tpfuse/comm/registry.h"
+#include "tpfuse/comm/mpi.h"
 #include "tpfuse/comm/shm.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/dtype.h"

@@ -66,8 +66,9 @@ AgreedCall validate_and_agree(const TensorView& x1, const TensorView& x2,
   }
   AgreedCall call;
   call.progress = pipeline::default_progress_mode();
-  // The shm transport's ranks share this host's cores.
-  const pipeline::ThreadBudget budget = pipeline::thread_budget(call.progress, comm.size());
+  // The ranks on this host share its cores.
+  const pipeline::ThreadBudget budget =
+      pipeline::thread_budget(call.progress, comm.ranks_on_host());
   call.gemm_threads = budget.gemm_threads;
   const RankFacts agreed = check_agreement(
       comm, shape, error, {shape ? shape->k : 0, budget.gemm_threads, budget.reduce_has_own_core});

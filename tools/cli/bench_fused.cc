@@ -34,6 +34,8 @@
 #include "bench_common.h"
 #include "commands.h"
 #include "tpfuse/comm/communicator.h"
+#include "tpfuse/comm/mpi.h"
+#include "tpfuse/comm/registry.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/gemm/tile_gemm.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
@@ -60,6 +62,9 @@ const std::vector<FusedShape>& preset_shapes() {
       {"decode_m16", 16, 4096, 4096, 2},      {"prefill_m256", 256, 4096, 4096, 2}};
   return presets;
 }
+
+struct FusedOptions;
+void run_bench(const FusedOptions& o);
 
 struct FusedOptions {
   std::vector<std::string> shapes;
@@ -189,9 +194,26 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
   return report;
 }
 
+// Under mpirun (scripts/cluster.sh, `make bench-cluster`) this process is one
+// rank of the job's MPI communicator, made once; rank 0's report counts.
+comm::RankContext& mpi_rank_context() {
+  static comm::RankContext ctx = [] {
+    comm::RankContext made;
+    made.comm = comm::create_communicator_from_env();
+    made.rank = made.comm->rank();
+    made.size = made.comm->size();
+    comm::register_communicator(made.comm);
+    return made;
+  }();
+  return ctx;
+}
+
 void measure_tpfuse(FusedCase& c, const FusedOptions& o) {
-  const RankReport report = run_local_ranks(
-      c.ranks, o.baselines.no_pin, [&](comm::RankContext& ctx) { return measure_tpfuse_rank(ctx, c, o); });
+  const RankReport report =
+      comm::launched_by_mpi()
+          ? measure_tpfuse_rank(mpi_rank_context(), c, o)
+          : run_local_ranks(c.ranks, o.baselines.no_pin,
+                            [&](comm::RankContext& ctx) { return measure_tpfuse_rank(ctx, c, o); });
   Spread* targets[] = {&c.gemm, &c.comm, &c.serial, &c.fused};
   for (std::size_t v = 0; v < 4; ++v) *targets[v] = {report.values[3 * v], report.values[3 * v + 1], report.values[3 * v + 2]};
   c.comm_busy = report.values[12];
@@ -472,6 +494,24 @@ std::vector<FusedCase> plan_cases(const FusedOptions& o) {
   return cases;
 }
 
+// Under mpirun: the job's size is the rank count, ranks pin themselves, only
+// rank 0 prints and writes, and the baselines (which start processes of their
+// own) are skipped: the cluster script runs the MPI peer under the same
+// mpirun itself.
+void run_bench_under_mpi(FusedOptions o) {
+  comm::RankContext& ctx = mpi_rank_context();
+  if (!o.baselines.no_pin) pin_rank_to_core(ctx.rank, allowed_cores());
+  o.ranks = {ctx.size};
+  o.baselines.no_mpi = true;
+  o.baselines.no_gloo = true;
+  if (ctx.rank != 0) {
+    o.json.clear();
+    o.plot.clear();
+    if (std::freopen("/dev/null", "w", stdout) == nullptr) throw_system_error("freopen", errno);
+  }
+  run_bench(o);
+}
+
 void run_bench(const FusedOptions& o) {
   std::vector<FusedCase> cases = plan_cases(o);
   const BaselineTools tools = find_baseline_tools(o.baselines);
@@ -528,7 +568,13 @@ void add_bench_fused_command(CLI::App& bench_app) {
   cmd->add_option("--json", o->json, "Write one record per shape, dtype and rank count to this file");
   cmd->add_option("--plot", o->plot, "Draw time against M (fused, serial, peer) into this PNG (gnuplot)");
   add_baseline_options(*cmd, o->baselines);
-  cmd->callback([o] { run_bench(*o); });
+  cmd->callback([o] {
+    if (comm::launched_by_mpi()) {
+      run_bench_under_mpi(*o);
+    } else {
+      run_bench(*o);
+    }
+  });
 }
 
 }  // namespace tpfuse::cli

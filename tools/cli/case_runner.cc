@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "tpfuse/comm/launcher.h"
@@ -29,8 +30,9 @@ double median(std::vector<double> values) {
   return values[values.size() / 2];
 }
 
-int run_rank(comm::RankContext& ctx, const testing::CaseSpec& spec, int iterations, bool check,
-             int result_fd) {
+// Runs the case on this rank; on rank 0, returns what it found.
+std::optional<WireResult> run_rank(comm::RankContext& ctx, const testing::CaseSpec& spec,
+                                   int iterations, bool check) {
   auto inputs = testing::make_rank_inputs(spec, ctx.rank);
   const auto& args = inputs.args;
   Tensor out = mm_all_reduce_base(args.x1, args.x2, ctx.comm->name(), args.options);
@@ -46,7 +48,7 @@ int run_rank(comm::RankContext& ctx, const testing::CaseSpec& spec, int iteratio
   const std::uint64_t hash = fnv1a(out.data(), out.nbytes());
   const auto hashes = ctx.comm->all_gather(
       std::string_view(reinterpret_cast<const char*>(&hash), sizeof(hash)));
-  if (ctx.rank != 0) return 0;
+  if (ctx.rank != 0) return std::nullopt;
 
   WireResult result;
   result.identical = std::all_of(hashes.begin(), hashes.end(),
@@ -60,8 +62,17 @@ int run_rank(comm::RankContext& ctx, const testing::CaseSpec& spec, int iteratio
     result.checked = 1;
   }
   result.seconds_per_call = seconds.empty() ? 0 : median(seconds);
-  if (write(result_fd, &result, sizeof(result)) != static_cast<ssize_t>(sizeof(result))) return 3;
-  return 0;
+  return result;
+}
+
+CaseResult to_case_result(const WireResult& wire) {
+  CaseResult result;
+  result.ran = true;
+  result.identical_across_ranks = wire.identical != 0;
+  result.checked = wire.checked != 0;
+  result.comparison = wire.comparison;
+  result.seconds_per_call = wire.seconds_per_call;
+  return result;
 }
 
 }  // namespace
@@ -80,24 +91,29 @@ CaseResult run_case(const testing::CaseSpec& spec, int ranks, int iterations, bo
   options.ranks = ranks;
   const auto launch = comm::launch_local(options, [&](comm::RankContext& ctx) {
     close(fds[0]);
-    return run_rank(ctx, spec, iterations, check, fds[1]);
+    const auto result = run_rank(ctx, spec, iterations, check);
+    if (!result) return 0;
+    const auto wrote = write(fds[1], &*result, sizeof(*result));
+    return wrote == static_cast<ssize_t>(sizeof(*result)) ? 0 : 3;
   });
   close(fds[1]);
   WireResult wire;
   const ssize_t got = read(fds[0], &wire, sizeof(wire));
   close(fds[0]);
 
-  CaseResult result;
   if (!launch.ok() || got != static_cast<ssize_t>(sizeof(wire))) {
+    CaseResult result;
     result.error = launch.ok() ? "rank 0 reported no result" : launch.describe_failures();
     return result;
   }
-  result.ran = true;
-  result.identical_across_ranks = wire.identical != 0;
-  result.checked = wire.checked != 0;
-  result.comparison = wire.comparison;
-  result.seconds_per_call = wire.seconds_per_call;
-  return result;
+  return to_case_result(wire);
+}
+
+std::optional<CaseResult> run_case_on(comm::RankContext& ctx, const testing::CaseSpec& spec,
+                                      int iterations, bool check) {
+  const auto wire = run_rank(ctx, spec, iterations, check);
+  if (!wire) return std::nullopt;
+  return to_case_result(*wire);
 }
 
 std::string describe_mode(const testing::CaseSpec& spec) {

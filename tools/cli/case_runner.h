@@ -5,8 +5,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 
+#include "tpfuse/comm/launcher.h"
 #include "tpfuse/testing/inputs.h"
 
 namespace tpfuse::cli {
@@ -21,6 +23,12 @@ struct CaseResult {
 };
 
 CaseResult run_case(const testing::CaseSpec& spec, int ranks, int iterations, bool check);
+
+// The same, as one rank of a group that something else started (mpirun):
+// every rank calls it; rank 0 gets the result, the others nothing. A rank
+// that fails throws (its peers then fail at their deadline or at once).
+std::optional<CaseResult> run_case_on(comm::RankContext& ctx, const testing::CaseSpec& spec,
+                                      int iterations, bool check);
 
 // "plain f16", "weight_quant bf16 per_group(G=32) +offset", ...
 std::string describe_mode(const testing::CaseSpec& spec);

@@ -5,6 +5,8 @@
 
 #include "case_runner.h"
 #include "commands.h"
+#include "tpfuse/comm/mpi.h"
+#include "tpfuse/comm/registry.h"
 #include "tpfuse/core/error.h"
 
 namespace tpfuse::cli {
@@ -20,6 +22,23 @@ struct RunFlags {
   int iterations = 10;
   bool no_check = false;
 };
+
+// Under mpirun every process is one rank (--ranks is mpirun's -np); rank 0
+// prints the row. A rank's error reaches main, which prints it and exits 1.
+void run_under_mpi(const testing::CaseSpec& spec, int iterations, bool check) {
+  comm::RankContext ctx;
+  ctx.comm = comm::create_communicator_from_env();
+  ctx.rank = ctx.comm->rank();
+  ctx.size = ctx.comm->size();
+  comm::register_communicator(ctx.comm);
+  const auto result = run_case_on(ctx, spec, iterations, check);
+  comm::unregister_communicator(ctx.comm->name());
+  if (!result) return;
+  print_table_header();
+  print_table_row(spec, ctx.size, *result);
+  const bool ok = result->ran && result->identical_across_ranks && result->comparison.ok();
+  if (!ok) throw CLI::RuntimeError("run: the case failed", 1);
+}
 
 }  // namespace
 
@@ -66,6 +85,10 @@ void add_run_command(CLI::App& app) {
     spec.scale_kind = kScales.at(flags->scale);
     if (spec.batch > 0 && spec.m % spec.batch != 0) {
       throw CLI::ValidationError("--batch", tpfuse::cat("must divide --m (", spec.m, "), got ", spec.batch));
+    }
+    if (comm::launched_by_mpi()) {
+      run_under_mpi(spec, flags->iterations, !flags->no_check);
+      return;
     }
     print_table_header();
     const CaseResult result = run_case(spec, flags->ranks, flags->iterations, !flags->no_check);

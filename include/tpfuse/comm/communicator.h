@@ -3,8 +3,12 @@
 // it; the ops never see which one runs.
 //
 // Guarantees every implementation gives:
-// - all-reduce sums in fp32, in rank order 0..p-1, and rounds once to the
-//   buffer's dtype, so every rank gets bitwise the same result;
+// - all-reduce sums in fp32, in an order fixed by the group's layout, and
+//   rounds once to the buffer's dtype, so every rank gets bitwise the same
+//   result. The order is rank order 0..p-1 for the shm and flat MPI
+//   transports (which give the same bytes); the hierarchical MPI transport
+//   (several ranks on each of several hosts) sums each host's ranks in rank
+//   order, then the host sums in the order of their lowest ranks;
 // - every wait is bounded by timeout(); at the deadline it throws TimeoutError
 //   naming the ranks that did not arrive; a peer known to be dead gives
 //   PeerLostError; an abort on any rank gives AbortedError on all of them.
@@ -62,6 +66,9 @@ class Communicator {
   virtual const std::string& name() const = 0;
   // The deadline every wait of this communicator uses.
   virtual std::chrono::milliseconds timeout() const = 0;
+  // How many ranks of the group run on this rank's host (they share its
+  // cores); every rank for transports within one host.
+  virtual int ranks_on_host() const { return size(); }
 
   // Starts summing `count` elements of `dtype` (f16, bf16 or f32) across all
   // ranks; the result lands in `output` on every rank. `input` and `output`

@@ -1,0 +1,742 @@
+// The MPI Communicator (see tpfuse/comm/mpi.h for its algorithm and
+// guarantees): setup, the all-reduce's two phases, all_gather and abort.
+//
+// Every MPI call of a communicator is made under its mutex, so a helper
+// thread advancing Works and the thread starting all-reduces never call MPI
+// at once (MPI_THREAD_SERIALIZED is enough). Waits poll: MPI's TCP transport
+// moves data only inside MPI calls, so a wait that slept in the kernel would
+// move nothing; after a short spin it sleeps 50 us between polls, so that a
+// helper thread leaves the GEMM its core.
+#include <mpi.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "comm/mpi/mpi_group.h"
+#include "comm/mpi/mpi_requests.h"
+#include "comm/shm_reduce_kernels.h"
+#include "tpfuse/comm/mpi.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/log.h"
+
+namespace tpfuse::comm {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Tags: one for abort notices, one for all-gathers, and two per all-reduce
+// (contributions, results), numbered by the collective so that all-reduces
+// in flight at once never match each other's messages.
+constexpr int kAbortTag = 1;
+constexpr int kGatherTag = 2;
+constexpr int kShareTag = 3;
+constexpr int kFirstReduceTag = 16;
+constexpr std::uint64_t kReduceTagCycle = 4096;
+constexpr std::size_t kMaxGatherBytes = 4096;
+constexpr std::size_t kMaxAbortBytes = 1024;
+constexpr int kMaxInFlight = 4;
+constexpr auto kSpin = std::chrono::microseconds{200};
+constexpr auto kPollPause = std::chrono::microseconds{50};
+
+// Whether finalizing at exit is safe: a failure may leave messages that
+// never complete, and MPI_Finalize would wait for them (or for peers that
+// are gone) forever.
+std::atomic<bool> g_finalize_at_exit{false};
+
+void finalize_at_exit() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized && g_finalize_at_exit.load()) MPI_Finalize();
+}
+
+void init_mpi() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    int provided = MPI_THREAD_SINGLE;
+    if (!initialized) {
+      mpi::check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided),
+                     "MPI_Init_thread");
+      g_finalize_at_exit = true;
+      std::atexit(finalize_at_exit);
+    } else {
+      MPI_Query_thread(&provided);
+    }
+    if (provided < MPI_THREAD_SERIALIZED) {
+      throw InvalidArgument(cat("mpi: MPI was initialized with thread level ", provided,
+                                "; tpfuse needs MPI_THREAD_SERIALIZED (", MPI_THREAD_SERIALIZED,
+                                ") or more (a helper thread may advance all-reduces)"));
+    }
+  });
+}
+
+// floor(count * rank / size), without the product overflowing.
+std::size_t share_begin(std::size_t count, int size, int rank) {
+  const auto p = static_cast<std::size_t>(size), r = static_cast<std::size_t>(rank);
+  return count / p * r + count % p * r / p;
+}
+
+// How a communicator failed, kept so that every later call throws the same.
+struct Failure {
+  enum class Kind { timeout, aborted, lost } kind = Kind::aborted;
+  std::string message;
+  std::vector<int> ranks;
+  [[noreturn]] void raise() const {
+    switch (kind) {
+      case Kind::timeout:
+        throw TimeoutError(message, ranks);
+      case Kind::lost:
+        throw PeerLostError(message, ranks);
+      case Kind::aborted:
+        break;
+    }
+    throw AbortedError(message, ranks);
+  }
+};
+
+// The kind of notice a rank sends, three quarters into a long wait, to say
+// that it is alive and which ranks it is waiting for (see suspects()).
+constexpr int kStillWaiting = 3;
+
+// A failure as it travels to the peers: "KIND RANK,RANK,...\nMESSAGE". The
+// peers fail with the same kind and ranks (a rank that timed out waiting for
+// rank 2 makes the others fail naming rank 2, not itself).
+std::string encode_notice(const Failure& failure, int sender) {
+  std::string ranks;
+  for (int r : failure.ranks) ranks += cat(ranks.empty() ? "" : ",", r);
+  const std::string message =
+      failure.kind == Failure::Kind::aborted ? failure.message
+                                             : cat("rank ", sender, " failed: ", failure.message);
+  return cat(static_cast<int>(failure.kind), " ", ranks, "\n", message);
+}
+
+Failure decode_notice(const std::string& notice, int sender) {
+  Failure failure{Failure::Kind::aborted, cat("aborted by rank ", sender), {sender}};
+  const auto newline = notice.find('\n');
+  int kind = -1;
+  std::istringstream header(notice.substr(0, newline));
+  if (newline == std::string::npos || !(header >> kind) || kind < 0 || kind > kStillWaiting) {
+    return failure;
+  }
+  failure.kind = static_cast<Failure::Kind>(kind);
+  failure.message = notice.substr(newline + 1);
+  failure.ranks.clear();
+  std::string ranks;
+  header >> ranks;
+  std::istringstream list(ranks);
+  for (std::string rank; std::getline(list, rank, ',');) {
+    std::istringstream number(rank);
+    int value = 0;
+    if (number >> value) failure.ranks.push_back(value);
+  }
+  return failure;
+}
+
+// One all-reduce in flight: phase 1 exchanges contributions to each share,
+// phase 2 the summed shares.
+struct Reduce {
+  std::uint64_t index = 0;
+  int tag = 0;
+  const std::byte* input = nullptr;
+  std::byte* output = nullptr;
+  std::size_t count = 0;
+  DType dtype = DType::f32;
+  std::shared_ptr<std::byte[]> owned_input;  // a pipelined buffer's memory
+  std::unique_ptr<std::byte[]> staging;      // the others' contributions to my share
+  mpi::Requests requests;
+  int phase = 0;  // 1, 2; 3 once the result is in place
+};
+
+class MpiCommunicator;
+
+class MpiWork final : public Work {
+ public:
+  MpiWork(std::shared_ptr<MpiCommunicator> comm, std::shared_ptr<Reduce> reduce)
+      : comm_(std::move(comm)), reduce_(std::move(reduce)) {}
+  MpiWork(const MpiWork&) = delete;
+  MpiWork& operator=(const MpiWork&) = delete;
+  ~MpiWork() override;
+  bool test() override;
+  void wait() override;
+
+ private:
+  std::shared_ptr<MpiCommunicator> comm_;
+  std::shared_ptr<Reduce> reduce_;
+};
+
+class MpiCommunicator final : public Communicator,
+                              public std::enable_shared_from_this<MpiCommunicator> {
+ public:
+  // Over `members`, ranks of `comm` in increasing order, this process among
+  // them; rank() is this process's place in that list.
+  MpiCommunicator(MPI_Comm comm, const MpiOptions& options, std::vector<int> members);
+  ~MpiCommunicator() override;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return name_; }
+  std::chrono::milliseconds timeout() const override { return timeout_; }
+  std::size_t max_gather_bytes() const override { return kMaxGatherBytes; }
+  int ranks_on_host() const override { return ranks_on_host_; }
+
+  std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
+                                         DType dtype) override;
+  ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override;
+  std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output) override;
+  std::size_t max_reduce_buffer_bytes() const override { return std::size_t{1} << 30; }
+  int max_reduces_in_flight() const override { return kMaxInFlight; }
+  std::vector<std::string> all_gather(std::string_view mine) override;
+  void abort(std::string_view reason) override;
+
+  std::unique_ptr<Work> share_start(std::byte* data, std::size_t bytes, int root,
+                                    const std::vector<int>& to);
+  const std::vector<std::string>& host_keys() const { return host_keys_; }
+
+  // Learns the group's name and host layout (collective, at setup).
+  void introduce();
+
+  // Advances every all-reduce in flight; true once `reduce` has completed.
+  bool test(const std::shared_ptr<Reduce>& reduce);
+  // Polls test(reduce) until it completes or the deadline passes.
+  void wait(const std::shared_ptr<Reduce>& reduce);
+
+ private:
+  void check_failed_locked();
+  void fail_locked(Failure failure);
+  void poll_abort_locked();
+  void advance_locked();
+  void advance_locked(Reduce& reduce);
+  std::shared_ptr<Reduce> start_locked(std::shared_ptr<Reduce> reduce);
+  void wait_all_locked(std::unique_lock<std::mutex>& lock);
+  // The deadline of one wait: three quarters in, this rank tells the others
+  // it is alive and whom it waits for; at the deadline it fails, naming the
+  // ranks it suspects.
+  struct WaitClock {
+    Clock::time_point start = Clock::now();
+    bool announced = false;
+  };
+  void check_deadline_locked(WaitClock& clock, const std::vector<int>& pending,
+                             const std::string& what);
+  std::vector<int> suspects(const WaitClock& clock, const std::vector<int>& pending) const;
+  void send_notice_locked(const std::string& notice);
+  // Waits for `requests` with the deadline; names the ranks still missing.
+  void wait_requests_locked(std::unique_lock<std::mutex>& lock, mpi::Requests& requests,
+                            std::string_view operation, std::uint64_t index,
+                            std::string_view step);
+
+  // The rank of members_[r] in comm_, which messages and errors name.
+  int to(int r) const { return members_[static_cast<std::size_t>(r)]; }
+
+  MPI_Comm comm_;
+  std::vector<int> members_;
+  int me_ = 0;  // this process's rank in comm_
+  int rank_ = 0;
+  int size_ = 1;
+  int ranks_on_host_ = 1;
+  std::vector<std::string> host_keys_;  // by member
+  std::chrono::milliseconds timeout_;
+  std::string name_;
+  std::mutex mutex_;
+  std::uint64_t collectives_ = 0;
+  std::deque<std::shared_ptr<Reduce>> in_flight_;
+  std::deque<std::shared_ptr<Reduce>> acquired_;
+  std::optional<Failure> failure_;
+  // The standing receive for a peer's abort notice, and the notices this rank sent.
+  std::string abort_inbox_;
+  MPI_Request abort_receive_ = MPI_REQUEST_NULL;
+  std::deque<std::string> abort_outbox_;
+  mpi::Requests abort_sends_;
+  // The last still-waiting notice of each rank that sent one: when, and whom
+  // that rank was waiting for.
+  std::map<int, std::pair<Clock::time_point, std::vector<int>>> still_waiting_;
+};
+
+MpiWork::~MpiWork() {
+  try {
+    comm_->wait(reduce_);
+  } catch (const std::exception& error) {
+    // The failure is kept by the communicator: its next call throws it.
+    log::debug("unfinished all-reduce dropped: ", error.what());
+  }
+}
+
+bool MpiWork::test() { return comm_->test(reduce_); }
+void MpiWork::wait() { comm_->wait(reduce_); }
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, const MpiOptions& options,
+                                 std::vector<int> members)
+    : comm_(comm), members_(std::move(members)), timeout_(options.timeout) {
+  MPI_Comm_rank(comm_, &me_);
+  rank_ = static_cast<int>(std::find(members_.begin(), members_.end(), me_) - members_.begin());
+  size_ = static_cast<int>(members_.size());
+  if (rank_ == size_) throw InternalError(cat("mpi: rank ", me_, " is not among the members"));
+  abort_inbox_.resize(kMaxAbortBytes);
+  mpi::check_mpi(MPI_Irecv(abort_inbox_.data(), static_cast<int>(kMaxAbortBytes), MPI_BYTE,
+                           MPI_ANY_SOURCE, kAbortTag, comm_, &abort_receive_),
+                 "MPI_Irecv (abort notices)");
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  std::unique_lock lock(mutex_);
+  if (!failure_) {
+    try {
+      wait_all_locked(lock);
+    } catch (const std::exception& error) {
+      log::warn("mpi: all-reduces in flight at destruction failed: ", error.what());
+    }
+  }
+  if (abort_receive_ != MPI_REQUEST_NULL) {
+    MPI_Cancel(&abort_receive_);
+    MPI_Wait(&abort_receive_, MPI_STATUS_IGNORE);
+  }
+  // Messages that cannot complete (a failure) would keep MPI_Finalize waiting.
+  bool settled = true;
+  const auto test = [&](mpi::Requests& requests) {
+    try {
+      settled = requests.test_all() && settled;
+    } catch (const mpi::RequestError&) {
+      settled = false;
+    }
+  };
+  test(abort_sends_);
+  for (auto& reduce : in_flight_) test(reduce->requests);
+  if (!settled) g_finalize_at_exit = false;
+  if (!failure_) MPI_Comm_free(&comm_);
+}
+
+void MpiCommunicator::check_failed_locked() {
+  poll_abort_locked();
+  if (failure_) failure_->raise();
+}
+
+void MpiCommunicator::fail_locked(Failure failure) {
+  if (failure_) return;
+  failure_ = std::move(failure);
+  // Receives that will never match would write into freed memory if their
+  // message came after all: cancel them. The buffers stay owned by the
+  // Reduces in in_flight_, which live as long as the communicator.
+  for (auto& reduce : in_flight_) reduce->requests.cancel_receives();
+  // Tell the others, so that they fail now rather than at their deadline.
+  send_notice_locked(encode_notice(*failure_, me_));
+}
+
+void MpiCommunicator::send_notice_locked(const std::string& notice) {
+  abort_sends_.test_all();
+  abort_outbox_.push_back(notice.substr(0, kMaxAbortBytes));
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    try {
+      abort_sends_.isend(reinterpret_cast<const std::byte*>(abort_outbox_.back().data()),
+                         abort_outbox_.back().size(), to(r), kAbortTag, comm_);
+    } catch (const CommError& error) {
+      log::warn("mpi: could not send rank ", to(r), " a notice: ", error.what());
+    }
+  }
+}
+
+void MpiCommunicator::poll_abort_locked() {
+  if (failure_ || abort_receive_ == MPI_REQUEST_NULL) return;
+  MPI_Status status;
+  int arrived = 0;
+  if (MPI_Test(&abort_receive_, &arrived, &status) != MPI_SUCCESS || !arrived) return;
+  int bytes = 0;
+  MPI_Get_count(&status, MPI_BYTE, &bytes);
+  const std::string notice = abort_inbox_.substr(0, static_cast<std::size_t>(bytes));
+  if (notice.starts_with(cat(kStillWaiting, " "))) {
+    still_waiting_[status.MPI_SOURCE] = {Clock::now(),
+                                         decode_notice(notice, status.MPI_SOURCE).ranks};
+    mpi::check_mpi(MPI_Irecv(abort_inbox_.data(), static_cast<int>(kMaxAbortBytes), MPI_BYTE,
+                             MPI_ANY_SOURCE, kAbortTag, comm_, &abort_receive_),
+                   "MPI_Irecv (notices)");
+    return;
+  }
+  failure_ = decode_notice(notice, status.MPI_SOURCE);
+  for (auto& reduce : in_flight_) reduce->requests.cancel_receives();
+}
+
+// The ranks this wait did not hear from, less those that said during it that
+// they are alive, plus those that such ranks were waiting for in turn: with
+// a host cut off, a rank waiting for a result that a live peer could not
+// compute names the cut host's ranks, not the live peer. Just the ranks it
+// waits for when that leaves none.
+std::vector<int> MpiCommunicator::suspects(const WaitClock& clock,
+                                           const std::vector<int>& pending) const {
+  std::vector<int> candidates = pending;
+  std::vector<int> alive;
+  for (const auto& [rank, report] : still_waiting_) {
+    if (report.first < clock.start) continue;
+    alive.push_back(rank);
+    candidates.insert(candidates.end(), report.second.begin(), report.second.end());
+  }
+  std::vector<int> named;
+  for (int r : candidates) {
+    if (r != me_ && std::find(alive.begin(), alive.end(), r) == alive.end() &&
+        std::find(named.begin(), named.end(), r) == named.end()) {
+      named.push_back(r);
+    }
+  }
+  std::sort(named.begin(), named.end());
+  return named.empty() ? pending : named;
+}
+
+void MpiCommunicator::check_deadline_locked(WaitClock& clock, const std::vector<int>& pending,
+                                            const std::string& what) {
+  const auto now = Clock::now();
+  if (!clock.announced && now >= clock.start + timeout_ * 3 / 4) {
+    clock.announced = true;
+    std::string ranks;
+    for (int r : pending) ranks += cat(ranks.empty() ? "" : ",", r);
+    send_notice_locked(cat(kStillWaiting, " ", ranks, "\n"));
+  }
+  if (now < clock.start + timeout_) return;
+  const auto missing = suspects(clock, pending);
+  fail_locked({Failure::Kind::timeout,
+               cat(what, ": timed out after ", timeout_.count(), " ms waiting for ranks ",
+                   format_ranks(missing)),
+               missing});
+  failure_->raise();
+}
+
+void MpiCommunicator::advance_locked(Reduce& reduce) {
+  if (reduce.phase == 3 || !reduce.requests.test_all()) return;
+  const std::size_t element = dtype_size(reduce.dtype);
+  const std::size_t begin = share_begin(reduce.count, size_, rank_);
+  const std::size_t mine = share_begin(reduce.count, size_, rank_ + 1) - begin;
+  if (reduce.phase == 2) {
+    reduce.phase = 3;
+    reduce.staging.reset();
+    reduce.owned_input.reset();
+    return;
+  }
+  // Phase 1 is complete: every contribution to my share is here.
+  std::vector<const std::byte*> sources(static_cast<std::size_t>(size_));
+  for (int r = 0, slot = 0; r < size_; ++r) {
+    sources[r] = r == rank_ ? reduce.input + begin * element
+                            : reduce.staging.get() + (slot++) * mine * element;
+  }
+  shm::sum_in_rank_order(reduce.dtype, sources, mine, reduce.output + begin * element);
+  reduce.phase = 2;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    const std::size_t their_begin = share_begin(reduce.count, size_, r);
+    const std::size_t theirs = share_begin(reduce.count, size_, r + 1) - their_begin;
+    reduce.requests.irecv(reduce.output + their_begin * element, theirs * element, to(r),
+                          reduce.tag + 1, comm_);
+  }
+  for (int r = 0; r < size_; ++r) {
+    if (r != rank_) {
+      reduce.requests.isend(reduce.output + begin * element, mine * element, to(r),
+                            reduce.tag + 1, comm_);
+    }
+  }
+  if (reduce.requests.test_all()) advance_locked(reduce);
+}
+
+void MpiCommunicator::advance_locked() {
+  check_failed_locked();
+  try {
+    for (auto& reduce : in_flight_) advance_locked(*reduce);
+  } catch (const mpi::RequestError& error) {
+    fail_locked({Failure::Kind::lost, error.what(), {error.peer()}});
+    failure_->raise();
+  }
+  while (!in_flight_.empty() && in_flight_.front()->phase == 3) in_flight_.pop_front();
+}
+
+std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> reduce) {
+  Reduce& r = *reduce;
+  r.tag = kFirstReduceTag + static_cast<int>((r.index % kReduceTagCycle) * 2);
+  r.phase = 1;
+  const std::size_t element = dtype_size(r.dtype);
+  const std::size_t begin = share_begin(r.count, size_, rank_);
+  const std::size_t mine = share_begin(r.count, size_, rank_ + 1) - begin;
+  if (size_ > 1) r.staging = std::make_unique<std::byte[]>((size_ - 1) * mine * element);
+  for (int peer = 0, slot = 0; peer < size_; ++peer) {
+    if (peer == rank_) continue;
+    r.requests.irecv(r.staging.get() + (slot++) * mine * element, mine * element, to(peer),
+                     r.tag, comm_);
+  }
+  // Send in the order the peers will sum, starting after this rank, so that
+  // not every rank sends to rank 0 first.
+  for (int step = 1; step < size_; ++step) {
+    const int peer = (rank_ + step) % size_;
+    const std::size_t their_begin = share_begin(r.count, size_, peer);
+    const std::size_t theirs = share_begin(r.count, size_, peer + 1) - their_begin;
+    r.requests.isend(r.input + their_begin * element, theirs * element, to(peer), r.tag, comm_);
+  }
+  in_flight_.push_back(reduce);
+  advance_locked();
+  return reduce;
+}
+
+bool MpiCommunicator::test(const std::shared_ptr<Reduce>& reduce) {
+  std::lock_guard lock(mutex_);
+  if (reduce->phase == 3) return true;
+  advance_locked();
+  return reduce->phase == 3;
+}
+
+void MpiCommunicator::wait(const std::shared_ptr<Reduce>& reduce) {
+  std::unique_lock lock(mutex_);
+  if (reduce->phase == 3) return;
+  WaitClock clock;
+  for (;;) {
+    advance_locked();
+    if (reduce->phase == 3) return;
+    check_deadline_locked(clock, reduce->requests.pending_peers(),
+                          reduce->index == 0
+                              ? std::string("sharing the result inside the host")
+                              : cat("all-reduce #", reduce->index, " (",
+                                    reduce->phase == 1 ? "contributions" : "results", ")"));
+    if (Clock::now() - clock.start > kSpin) {
+      lock.unlock();
+      std::this_thread::sleep_for(kPollPause);
+      lock.lock();
+    }
+  }
+}
+
+void MpiCommunicator::wait_all_locked(std::unique_lock<std::mutex>& lock) {
+  while (!in_flight_.empty()) {
+    auto oldest = in_flight_.front();
+    lock.unlock();
+    wait(oldest);
+    lock.lock();
+  }
+}
+
+std::unique_ptr<Work> MpiCommunicator::all_reduce_start(const void* input, void* output,
+                                                        std::size_t count, DType dtype) {
+  require(is_floating(dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
+          dtype_name(dtype));
+  require(count == 0 || (input != nullptr && output != nullptr),
+          "all_reduce: input and output must not be null when count (", count, ") is positive");
+  const std::size_t element = dtype_size(dtype);
+  const std::size_t max_share = static_cast<std::size_t>(std::numeric_limits<int>::max());
+  require(count / size_ + 1 <= max_share / element, "all_reduce: count ", count, " of ",
+          dtype_name(dtype), " gives shares over ", max_share, " bytes (MPI's message limit)");
+  const auto in = reinterpret_cast<std::uintptr_t>(input);
+  const auto out = reinterpret_cast<std::uintptr_t>(output);
+  const std::size_t bytes = count * element;
+  require(in == out || in + bytes <= out || out + bytes <= in,
+          "all_reduce: input and output must be the same buffer or not overlap");
+  std::unique_lock lock(mutex_);
+  require(acquired_.empty(),
+          "all_reduce: a reduce buffer is acquired and not started; start it first");
+  wait_all_locked(lock);
+  check_failed_locked();
+  auto reduce = std::make_shared<Reduce>();
+  reduce->index = ++collectives_;
+  reduce->input = static_cast<const std::byte*>(input);
+  reduce->output = static_cast<std::byte*>(output);
+  reduce->count = count;
+  reduce->dtype = dtype;
+  return std::make_unique<MpiWork>(shared_from_this(), start_locked(std::move(reduce)));
+}
+
+ReduceBuffer MpiCommunicator::acquire_reduce_buffer(std::size_t count, DType dtype) {
+  ReduceBuffer buffer = Communicator::acquire_reduce_buffer(count, dtype);
+  std::unique_lock lock(mutex_);
+  // At most kMaxInFlight acquired or in flight: wait for the oldest.
+  while (in_flight_.size() + acquired_.size() >= static_cast<std::size_t>(kMaxInFlight) &&
+         !in_flight_.empty()) {
+    auto oldest = in_flight_.front();
+    lock.unlock();
+    wait(oldest);
+    lock.lock();
+  }
+  check_failed_locked();
+  require(acquired_.size() < static_cast<std::size_t>(kMaxInFlight),
+          "acquire_reduce_buffer: ", kMaxInFlight, " buffers are acquired and not started");
+  auto reduce = std::make_shared<Reduce>();
+  reduce->index = ++collectives_;
+  reduce->owned_input = buffer.scratch;
+  reduce->input = buffer.data;
+  reduce->count = count;
+  reduce->dtype = dtype;
+  buffer.round = reduce->index;
+  acquired_.push_back(std::move(reduce));
+  return buffer;
+}
+
+std::unique_ptr<Work> MpiCommunicator::all_reduce_start(ReduceBuffer buffer, void* output) {
+  std::unique_lock lock(mutex_);
+  require(!acquired_.empty() && buffer.round == acquired_.front()->index &&
+              buffer.data == acquired_.front()->input,
+          "all_reduce_start: the buffer was not acquired from this communicator, or not the "
+          "oldest one acquired");
+  require(buffer.count == 0 || output != nullptr,
+          "all_reduce_start: output must not be null when count (", buffer.count,
+          ") is positive");
+  check_failed_locked();
+  auto reduce = std::move(acquired_.front());
+  acquired_.pop_front();
+  reduce->output = static_cast<std::byte*>(output);
+  return std::make_unique<MpiWork>(shared_from_this(), start_locked(std::move(reduce)));
+}
+
+void MpiCommunicator::wait_requests_locked(std::unique_lock<std::mutex>& lock,
+                                           mpi::Requests& requests, std::string_view operation,
+                                           std::uint64_t index, std::string_view step) {
+  WaitClock clock;
+  for (;;) {
+    try {
+      check_failed_locked();
+      if (requests.test_all()) return;
+    } catch (const mpi::RequestError& error) {
+      requests.cancel_receives();
+      fail_locked({Failure::Kind::lost, error.what(), {error.peer()}});
+      failure_->raise();
+    } catch (...) {
+      // The receives' buffers belong to the caller, who is about to free them.
+      requests.cancel_receives();
+      throw;
+    }
+    try {
+      check_deadline_locked(clock, requests.pending_peers(),
+                            cat(operation, " #", index, " (", step, ")"));
+    } catch (...) {
+      requests.cancel_receives();
+      throw;
+    }
+    if (Clock::now() - clock.start > kSpin) {
+      lock.unlock();
+      std::this_thread::sleep_for(kPollPause);
+      lock.lock();
+    }
+  }
+}
+
+std::vector<std::string> MpiCommunicator::all_gather(std::string_view mine) {
+  require(mine.size() <= kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
+          " bytes exceeds max_gather_bytes() = ", kMaxGatherBytes);
+  std::unique_lock lock(mutex_);
+  wait_all_locked(lock);
+  check_failed_locked();
+  const std::uint64_t index = ++collectives_;
+  std::vector<std::string> gathered(static_cast<std::size_t>(size_));
+  mpi::Requests requests;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    gathered[r].resize(kMaxGatherBytes);
+    requests.irecv(reinterpret_cast<std::byte*>(gathered[r].data()), kMaxGatherBytes, to(r),
+                   kGatherTag, comm_);
+  }
+  for (int step = 1; step < size_; ++step) {
+    requests.isend(reinterpret_cast<const std::byte*>(mine.data()), mine.size(),
+                   to((rank_ + step) % size_), kGatherTag, comm_);
+  }
+  wait_requests_locked(lock, requests, "all-gather", index, "contributions");
+  for (int r = 0; r < size_; ++r) {
+    if (r != rank_) gathered[r].resize(requests.received_bytes(to(r)));
+  }
+  gathered[rank_] = std::string(mine);
+  return gathered;
+}
+
+void MpiCommunicator::abort(std::string_view reason) {
+  std::lock_guard lock(mutex_);
+  fail_locked({Failure::Kind::aborted, cat("aborted by rank ", me_, ": ", reason), {me_}});
+}
+
+// The group's name is rank 0's random token; the host of a process is its
+// hostname and network namespace (emulated hosts share the hostname).
+void MpiCommunicator::introduce() {
+  std::string token;
+  if (rank_ == 0) {
+    std::random_device device;
+    token = cat(std::hex, device(), device(), device());
+  }
+  char hostname[256] = {};
+  gethostname(hostname, sizeof hostname - 1);
+  const std::string host = cat(hostname, ":", mpi::network_namespace_id());
+  const auto blobs = all_gather(cat(token, "\n", host));
+  name_ = "tpfuse-mpi-" + blobs[0].substr(0, blobs[0].find('\n'));
+  for (const auto& blob : blobs) host_keys_.push_back(blob.substr(blob.find('\n') + 1));
+  ranks_on_host_ = static_cast<int>(std::count(host_keys_.begin(), host_keys_.end(), host));
+}
+
+std::unique_ptr<Work> MpiCommunicator::share_start(std::byte* data, std::size_t bytes, int root,
+                                                   const std::vector<int>& to) {
+  require(bytes <= static_cast<std::size_t>(std::numeric_limits<int>::max()),
+          "share_start: ", bytes, " bytes exceed MPI's message limit");
+  std::lock_guard lock(mutex_);
+  check_failed_locked();
+  auto reduce = std::make_shared<Reduce>();
+  reduce->phase = 2;  // index 0: not an all-reduce
+  if (rank_ == root) {
+    for (int r : to) {
+      if (r != root) reduce->requests.isend(data, bytes, this->to(r), kShareTag, comm_);
+    }
+  } else {
+    reduce->requests.irecv(data, bytes, this->to(root), kShareTag, comm_);
+  }
+  in_flight_.push_back(reduce);
+  advance_locked();
+  return std::make_unique<MpiWork>(shared_from_this(), std::move(reduce));
+}
+
+}  // namespace
+
+namespace mpi {
+
+std::shared_ptr<Communicator> create_group(const MpiOptions& options,
+                                           const std::vector<int>& members) {
+  MPI_Comm comm = MPI_COMM_NULL;
+  MPI_Request request = MPI_REQUEST_NULL;
+  check_mpi(MPI_Comm_idup(MPI_COMM_WORLD, &comm, &request), "MPI_Comm_idup");
+  wait_collective(request, options.timeout, "mpi setup (MPI_Comm_idup)");
+  MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+  int rank = 0;
+  MPI_Comm_rank(comm, &rank);
+  if (std::find(members.begin(), members.end(), rank) == members.end()) {
+    MPI_Comm_free(&comm);
+    return nullptr;
+  }
+  auto communicator = std::make_shared<MpiCommunicator>(comm, options, members);
+  communicator->introduce();
+  return communicator;
+}
+
+const std::vector<std::string>& host_keys(const Communicator& comm) {
+  return dynamic_cast<const MpiCommunicator&>(comm).host_keys();
+}
+
+std::unique_ptr<Work> share_start(Communicator& comm, std::byte* data, std::size_t bytes, int root,
+                                  const std::vector<int>& to) {
+  return dynamic_cast<MpiCommunicator&>(comm).share_start(data, bytes, root, to);
+}
+
+}  // namespace mpi
+
+std::shared_ptr<Communicator> create_mpi_communicator(const MpiOptions& options) {
+  require(options.timeout.count() > 0, "mpi: timeout must be positive, got ",
+          options.timeout.count(), " ms");
+  init_mpi();
+  int size = 0, rank = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  log::set_rank(rank);
+  std::vector<int> everyone(static_cast<std::size_t>(size));
+  for (int r = 0; r < size; ++r) everyone[r] = r;
+  auto flat = mpi::create_group(options, everyone);
+  auto communicator = mpi::make_hierarchical(flat, options);
+  log::info("mpi communicator ", communicator->name(), " ready: ", communicator->size(),
+            " ranks, ", communicator->ranks_on_host(), " on this host, ",
+            communicator == flat ? "flat" : "hierarchical");
+  return communicator;
+}
+
+}  // namespace tpfuse::comm

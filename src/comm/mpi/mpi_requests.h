@@ -1,0 +1,71 @@
+// The requests of one step of an MPI collective, each with the peer it is
+// for, so that a wait that times out can name the ranks it did not hear
+// from, and MPI error codes turned into tpfuse errors.
+#pragma once
+
+#include <mpi.h>
+
+#include <chrono>
+#include <cstddef>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tpfuse/core/error.h"
+
+namespace tpfuse::comm::mpi {
+
+// A request that completed with an error (a peer's connection failed).
+class RequestError : public CommError {
+ public:
+  RequestError(const std::string& what, int peer) : CommError(what, {peer}), peer_(peer) {}
+  int peer() const { return peer_; }
+
+ private:
+  int peer_;
+};
+
+// Throws CommError with MPI's text for `code` unless it is MPI_SUCCESS.
+void check_mpi(int code, std::string_view call);
+
+// Polls a collective's request until it completes or `timeout` passes
+// (TimeoutError: a collective cannot say which rank is missing).
+void wait_collective(MPI_Request& request, std::chrono::milliseconds timeout,
+                     std::string_view what);
+
+// This process's network namespace ("device:inode" of /proc/self/ns/net).
+std::string network_namespace_id();
+
+class Requests {
+ public:
+  Requests() = default;
+  Requests(const Requests&) = delete;
+  Requests& operator=(const Requests&) = delete;
+  // Requests still pending (after a failure) are released to MPI.
+  ~Requests();
+
+  void irecv(std::byte* data, std::size_t bytes, int peer, int tag, MPI_Comm comm);
+  void isend(const std::byte* data, std::size_t bytes, int peer, int tag, MPI_Comm comm);
+  // Tests the pending requests and forgets those that completed; true when
+  // none is left. A request that failed throws RequestError naming its peer.
+  bool test_all();
+  // Cancels the pending receives (their buffers may then be freed).
+  void cancel_receives();
+  // The peers of the pending receives, or of the pending sends when no
+  // receive is pending; sorted.
+  std::vector<int> pending_peers() const;
+  // Bytes the completed receive from `peer` brought.
+  std::size_t received_bytes(int peer) const;
+
+ private:
+  struct Pending {
+    MPI_Request request = MPI_REQUEST_NULL;
+    int peer = 0;
+    bool receive = false;
+  };
+  std::vector<Pending> pending_;
+  std::map<int, std::size_t> received_;
+};
+
+}  // namespace tpfuse::comm::mpi

@@ -1,0 +1,262 @@
+// The MPI transport, run under `mpirun -np 2` and `-np 3` on one host: its
+// all-reduce gives the shm transport's bytes (both run on the same inputs in
+// the same job), pipelined buffers and a helper thread, all_gather, and its
+// failures (a rank that never arrives, abort) within the deadline.
+#include <gtest/gtest.h>
+#include <mpi.h>
+#include <stdlib.h>
+
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "comm/shm_reduce_kernels.h"
+#include "tpfuse/comm/mpi.h"
+#include "tpfuse/comm/shm.h"
+#include "tpfuse/comm/store.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/half.h"
+
+namespace tpfuse::comm {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+std::shared_ptr<Communicator>& world() {
+  static std::shared_ptr<Communicator> comm;
+  return comm;
+}
+
+// Rank r's contribution: random values, with a NaN, infinities and values
+// that cancel, so that the order of the additions shows in the bits.
+std::vector<std::byte> contribution(DType dtype, std::size_t count, int rank, std::uint64_t seed) {
+  std::mt19937_64 random(seed * 1000 + static_cast<std::uint64_t>(rank));
+  std::uniform_real_distribution<float> value(-4.0f, 4.0f);
+  std::vector<std::byte> bytes(count * dtype_size(dtype));
+  for (std::size_t i = 0; i < count; ++i) {
+    float v = value(random) * (i % 7 == 0 ? 65504.0f / 4 : 1.0f);
+    if (i == 3 && rank == 1) v = std::numeric_limits<float>::quiet_NaN();
+    if (i == 5) v = rank % 2 == 0 ? std::numeric_limits<float>::infinity() : 1.0f;
+    if (dtype == DType::f32) {
+      std::memcpy(&bytes[i * 4], &v, 4);
+    } else {
+      const std::uint16_t bits = dtype == DType::f16 ? f32_to_f16(v).bits : f32_to_bf16(v).bits;
+      std::memcpy(&bytes[i * 2], &bits, 2);
+    }
+  }
+  return bytes;
+}
+
+// The rank-order sum of every rank's contribution, computed here.
+std::vector<std::byte> expected_sum(DType dtype, std::size_t count, int size, std::uint64_t seed) {
+  std::vector<std::vector<std::byte>> all;
+  std::vector<const std::byte*> sources;
+  for (int r = 0; r < size; ++r) all.push_back(contribution(dtype, count, r, seed));
+  for (const auto& c : all) sources.push_back(c.data());
+  std::vector<std::byte> out(count * dtype_size(dtype));
+  shm::sum_in_rank_order_portable(dtype, sources, count, out.data());
+  return out;
+}
+
+// A shm group of the same ranks (they share this host), through a store
+// directory that rank 0 makes and the others learn from MPI.
+std::shared_ptr<Communicator> shm_group() {
+  Communicator& comm = *world();
+  std::string dir;
+  if (comm.rank() == 0) {
+    char path[] = "/tmp/tpfuse-mpi-test-XXXXXX";
+    if (mkdtemp(path) == nullptr) throw_system_error("mkdtemp", errno);
+    dir = path;
+  }
+  dir = comm.all_gather(dir)[0];
+  FileStore store(dir);
+  auto shm = create_shm_communicator(store, comm.rank(), comm.size());
+  comm.barrier();
+  if (comm.rank() == 0) std::filesystem::remove_all(dir);
+  return shm;
+}
+
+TEST(MpiTransport, AllReduceGivesTheShmTransportsBytes) {
+  Communicator& comm = *world();
+  auto shm = shm_group();
+  std::uint64_t seed = 1;
+  for (DType dtype : {DType::f16, DType::bf16, DType::f32}) {
+    for (std::size_t count : {std::size_t{1}, std::size_t{2}, std::size_t{7}, std::size_t{4099},
+                              std::size_t{300001}}) {
+      for (bool in_place : {false, true}) {
+        SCOPED_TRACE(cat(dtype_name(dtype), " count ", count, in_place ? " in place" : ""));
+        ++seed;
+        const auto mine = contribution(dtype, count, comm.rank(), seed);
+        std::vector<std::byte> over_mpi = mine, over_shm = mine;
+        std::vector<std::byte> out_mpi(mine.size()), out_shm(mine.size());
+        comm.all_reduce(over_mpi.data(), in_place ? over_mpi.data() : out_mpi.data(), count, dtype);
+        shm->all_reduce(over_shm.data(), in_place ? over_shm.data() : out_shm.data(), count, dtype);
+        const auto& got_mpi = in_place ? over_mpi : out_mpi;
+        const auto& got_shm = in_place ? over_shm : out_shm;
+        EXPECT_EQ(got_mpi, got_shm);
+        EXPECT_EQ(got_mpi, expected_sum(dtype, count, comm.size(), seed));
+        if (!in_place) EXPECT_EQ(over_mpi, mine) << "the input was modified";
+      }
+    }
+  }
+}
+
+TEST(MpiTransport, PipelinedBuffersReduceInOrderWhileOthersAreFilled) {
+  Communicator& comm = *world();
+  const DType dtype = DType::bf16;
+  const std::size_t count = 50000;
+  const int tiles = 3 * comm.max_reduces_in_flight() + 1;
+  std::vector<std::vector<std::byte>> outputs(tiles, std::vector<std::byte>(count * 2));
+  std::vector<std::unique_ptr<Work>> works;
+  for (int t = 0; t < tiles; ++t) {
+    ReduceBuffer buffer = comm.acquire_reduce_buffer(count, dtype);
+    const auto mine = contribution(dtype, count, comm.rank(), 100 + t);
+    std::memcpy(buffer.data, mine.data(), mine.size());
+    works.push_back(comm.all_reduce_start(std::move(buffer), outputs[t].data()));
+    works.front()->test();
+  }
+  for (auto& work : works) work->wait();
+  for (int t = 0; t < tiles; ++t) {
+    EXPECT_EQ(outputs[t], expected_sum(dtype, count, comm.size(), 100 + t)) << "tile " << t;
+  }
+}
+
+TEST(MpiTransport, AHelperThreadMayAdvanceWhileTheCallerStartsMore) {
+  Communicator& comm = *world();
+  const DType dtype = DType::f16;
+  const std::size_t count = 20000;
+  const int tiles = 12;
+  std::vector<std::vector<std::byte>> outputs(tiles, std::vector<std::byte>(count * 2));
+  std::mutex mutex;
+  std::deque<std::unique_ptr<Work>> queue;
+  bool done = false;
+  std::thread helper([&] {
+    for (;;) {
+      std::unique_ptr<Work> work;
+      {
+        std::lock_guard lock(mutex);
+        if (queue.empty() && done) return;
+        if (!queue.empty()) {
+          work = std::move(queue.front());
+          queue.pop_front();
+        }
+      }
+      if (work) work->wait();
+    }
+  });
+  for (int t = 0; t < tiles; ++t) {
+    ReduceBuffer buffer = comm.acquire_reduce_buffer(count, dtype);
+    const auto mine = contribution(dtype, count, comm.rank(), 200 + t);
+    std::memcpy(buffer.data, mine.data(), mine.size());
+    auto work = comm.all_reduce_start(std::move(buffer), outputs[t].data());
+    std::lock_guard lock(mutex);
+    queue.push_back(std::move(work));
+  }
+  {
+    std::lock_guard lock(mutex);
+    done = true;
+  }
+  helper.join();
+  for (int t = 0; t < tiles; ++t) {
+    EXPECT_EQ(outputs[t], expected_sum(dtype, count, comm.size(), 200 + t)) << "tile " << t;
+  }
+}
+
+TEST(MpiTransport, AllGatherReturnsEveryContributionInRankOrder) {
+  Communicator& comm = *world();
+  const auto mine = std::string(static_cast<std::size_t>(comm.rank()) * 3, 'a' + comm.rank());
+  const auto gathered = comm.all_gather(mine);
+  ASSERT_EQ(gathered.size(), static_cast<std::size_t>(comm.size()));
+  for (int r = 0; r < comm.size(); ++r) {
+    EXPECT_EQ(gathered[r], std::string(static_cast<std::size_t>(r) * 3, 'a' + r));
+  }
+  EXPECT_THROW(comm.all_gather(std::string(comm.max_gather_bytes() + 1, 'x')), InvalidArgument);
+  EXPECT_TRUE(comm.name().starts_with("tpfuse-mpi-"));
+  EXPECT_EQ(comm.all_gather(comm.name())[0], comm.name());
+  EXPECT_EQ(comm.ranks_on_host(), comm.size());
+}
+
+// The last rank never joins an all-reduce: the others fail at the deadline
+// naming it, and their report makes the last rank fail too, before its own
+// deadline.
+TEST(MpiTransport, ARankThatNeverArrivesIsNamedAtTheDeadline) {
+  const int last = world()->size() - 1;
+  auto comm = create_mpi_communicator({.timeout = 2000ms});
+  world()->barrier();  // every rank has finished setting up the communicator
+  const auto start = Clock::now();
+  if (comm->rank() != last) {
+    float value = 1, out = 0;
+    try {
+      comm->all_reduce(&value, &out, 1, DType::f32);
+      ADD_FAILURE() << "the all-reduce completed without rank " << last;
+    } catch (const TimeoutError& error) {
+      EXPECT_EQ(error.ranks(), std::vector<int>{last}) << error.what();
+      EXPECT_NE(std::string(error.what()).find(cat("ranks ", last)), std::string::npos)
+          << error.what();
+    }
+    EXPECT_GE(Clock::now() - start, 2000ms);
+    EXPECT_LT(Clock::now() - start, 6000ms);
+    EXPECT_THROW(comm->all_gather("after"), TimeoutError);
+  } else {
+    std::this_thread::sleep_for(1000ms);
+    try {
+      comm->all_gather("late");
+      ADD_FAILURE() << "the all-gather completed while the others were in an all-reduce";
+    } catch (const TimeoutError& error) {
+      EXPECT_EQ(error.ranks(), std::vector<int>{last}) << error.what();
+      EXPECT_LT(Clock::now() - start, 2900ms) << "it waited for its own deadline: " << error.what();
+    }
+  }
+  world()->barrier();
+}
+
+TEST(MpiTransport, AbortReachesEveryRank) {
+  auto comm = create_mpi_communicator({.timeout = 10000ms});
+  world()->barrier();  // or rank 0's abort may reach a rank still in setup
+  const auto start = Clock::now();
+  if (comm->rank() == 0) {
+    comm->abort("stopping on purpose");
+    EXPECT_THROW(comm->all_gather("x"), AbortedError);
+  } else {
+    try {
+      comm->all_gather("x");
+      ADD_FAILURE() << "the all-gather completed after rank 0 aborted";
+    } catch (const AbortedError& error) {
+      EXPECT_EQ(error.ranks(), std::vector<int>{0});
+      EXPECT_NE(std::string(error.what()).find("stopping on purpose"), std::string::npos)
+          << error.what();
+    }
+    EXPECT_LT(Clock::now() - start, 5000ms);
+  }
+  world()->barrier();
+}
+
+TEST(MpiTransport, BadArgumentsAreRejectedBeforeAnyMessage) {
+  Communicator& comm = *world();
+  float value = 0;
+  EXPECT_THROW(comm.all_reduce(&value, &value, 1, DType::i8), InvalidArgument);
+  EXPECT_THROW(comm.all_reduce(nullptr, &value, 1, DType::f32), InvalidArgument);
+  EXPECT_THROW(create_mpi_communicator({.timeout = 0ms}), InvalidArgument);
+  comm.barrier();
+}
+
+}  // namespace
+}  // namespace tpfuse::comm
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  tpfuse::comm::world() =
+      tpfuse::comm::create_mpi_communicator({.timeout = std::chrono::milliseconds{30000}});
+  const int result = RUN_ALL_TESTS();
+  // Every rank agrees on the verdict, so that mpirun's exit status is one.
+  int failed = result != 0, any_failed = 0;
+  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  tpfuse::comm::world().reset();
+  return any_failed;
+}
