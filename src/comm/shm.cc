@@ -155,6 +155,7 @@ void ShmCommunicator::copy_contribution(std::uint64_t round, const std::byte* ch
 
 std::unique_ptr<Work> ShmCommunicator::all_reduce_start(const void* input, void* output,
                                                         std::size_t count, DType dtype) {
+  const ExclusiveUse use(*this, "all_reduce");
   require(is_floating(dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
           dtype_name(dtype));
   require(count == 0 || (input != nullptr && output != nullptr),
@@ -197,6 +198,7 @@ std::unique_ptr<Work> ShmCommunicator::all_reduce_start(const void* input, void*
 }
 
 ReduceBuffer ShmCommunicator::acquire_reduce_buffer(std::size_t count, DType dtype) {
+  const ExclusiveUse use(*this, "acquire_reduce_buffer");
   require(is_floating(dtype), "acquire_reduce_buffer: dtype must be f16, bf16 or f32, got ",
           dtype_name(dtype));
   require(count <= max_reduce_buffer_bytes() / dtype_size(dtype), "acquire_reduce_buffer: ",
@@ -213,6 +215,7 @@ ReduceBuffer ShmCommunicator::acquire_reduce_buffer(std::size_t count, DType dty
 }
 
 std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, void* output) {
+  const ExclusiveUse use(*this, "all_reduce_start");
   require(!acquired_indices_.empty() && buffer.round != 0 &&
               buffer.data == group_->segment.ring().slot(group_->rank, buffer.round),
           "all_reduce_start: the buffer was not acquired from this communicator");
@@ -232,6 +235,7 @@ std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, voi
 }
 
 std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
+  const ExclusiveUse use(*this, "all_gather");
   require(mine.size() <= shm::kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
           " bytes exceeds max_gather_bytes() = ", shm::kMaxGatherBytes);
   queue_->finish_all();

@@ -72,6 +72,13 @@ class SystemError : public Error {
   using Error::Error;
 };
 
+// A thread called into a communicator that another thread of this process
+// was using (see ExclusiveUse in comm/communicator.h).
+class ConcurrentCallError : public Error {
+ public:
+  using Error::Error;
+};
+
 // A broken invariant inside tpfuse: a bug, never the caller's fault.
 class InternalError : public Error {
  public:
