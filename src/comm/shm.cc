@@ -462,6 +462,10 @@ ShmAlgorithm ShmOptions::default_algorithm() {
       cat(kAlgorithm.name(), ": expected auto, one_shot or reduce_scatter, got \"", name, "\""));
 }
 
+std::string ShmOptions::default_secret() {
+  return detail::read_env("TPFUSE_SECRET").value_or(std::string());
+}
+
 std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, int size,
                                                       const ShmOptions& options) {
   require(size >= 1 && size <= shm::kMaxRanks, "shm: world size must be in [1, ", shm::kMaxRanks,
@@ -473,12 +477,20 @@ std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, in
               options.slot_bytes <= kMaxSlotBytes,
           "shm: slot_bytes must be a multiple of 64 in [64, ", kMaxSlotBytes, "], got ",
           options.slot_bytes);
+  std::optional<JobSecret> secret;
+  if (!options.secret.empty()) {
+    secret = JobSecret::parse(options.secret, "shm: secret (ShmOptions::secret or TPFUSE_SECRET)");
+  }
   log::set_rank(rank);
-  store.set(pid_key(rank), std::to_string(::getpid()));
 
-  auto group =
-      std::make_shared<ShmGroup>(open_segment(store, rank, size, options), rank, options.timeout);
-  join_group(store, *group);
+  // Nothing is written before the check: a refused process leaves no key.
+  PrefixStore job_store(
+      check_job_secret(store, secret ? &*secret : nullptr, rank, options.timeout, "shm setup"),
+      store);
+  job_store.set(pid_key(rank), std::to_string(::getpid()));
+  auto group = std::make_shared<ShmGroup>(open_segment(job_store, rank, size, options), rank,
+                                          options.timeout);
+  join_group(job_store, *group);
   auto comm = std::make_shared<ShmCommunicator>(group);
   log::info("shm communicator ", comm->name(), " ready: ", size, " ranks, segment of ",
             group->segment.total_bytes(), " B, ", shm::kRingDepth, " slots of ",

@@ -79,6 +79,13 @@ class ConcurrentCallError : public Error {
   using Error::Error;
 };
 
+// A process that does not hold a job's secret tried to join its rendezvous
+// (see JobSecret in comm/store.h).
+class AccessDenied : public Error {
+ public:
+  using Error::Error;
+};
+
 // A broken invariant inside tpfuse: a bug, never the caller's fault.
 class InternalError : public Error {
  public:
