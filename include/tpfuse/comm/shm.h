@@ -66,7 +66,11 @@ std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, in
 // TPFUSE_SECRET. Whoever starts the ranks otherwise creates the directory
 // (mode 0700) and sets the same TPFUSE_SECRET in each (`openssl rand -hex
 // 16`); rank 0 then seals the store, and a process without the secret that
-// comes after is refused.
+// comes after is refused. One that comes before is not refused, but cannot
+// join either (the job's keys are under the secret's prefix); only a process
+// with a secret of its own that claims rank 0 before the real rank 0 could
+// seal the store first and so lock the job out. Where that can happen, seal
+// the store (seal_store) before starting the ranks.
 std::shared_ptr<Communicator> create_shm_communicator_from_env(const ShmOptions& options = {});
 
 }  // namespace tpfuse::comm
