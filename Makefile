@@ -50,7 +50,7 @@ clean:
 # its process at once (halt_on_error) with exit code 66, which fails the
 # test, from inside a rank too.
 TSAN_BUILD   ?= build-tsan
-TSAN_TESTS   := comm launcher pipeline planner operator concurrency isolation
+TSAN_TESTS   := comm launcher pipeline planner operator concurrency isolation shm_wait
 
 .PHONY: test-tsan clean-tsan
 test: test-tsan
