@@ -22,7 +22,7 @@ using namespace std::chrono_literals;
 // waits for rank 1's process to end). Seen slow under ThreadSanitizer, where
 // a rank finishing an all_gather was reported dead by a peer still in it.
 TEST(PeerWait, PeerThatArrivedAndExitedIsNotLost) {
-  Segment segment = Segment::create(2, 4096, AlgorithmChoice::automatic);
+  Segment segment = Segment::create(Segment::random_name(), 2, 4096, AlgorithmChoice::automatic);
   const std::string name = segment.name();
   const pid_t child = ::fork();
   if (child == 0) {
@@ -57,7 +57,7 @@ TEST(PeerWait, PeerThatArrivedAndExitedIsNotLost) {
 
 // The same peer gone without arriving is lost, and named.
 TEST(PeerWait, PeerGoneWithoutArrivingIsLost) {
-  Segment segment = Segment::create(2, 4096, AlgorithmChoice::automatic);
+  Segment segment = Segment::create(Segment::random_name(), 2, 4096, AlgorithmChoice::automatic);
   const std::string name = segment.name();
   const pid_t child = ::fork();
   if (child == 0) {
