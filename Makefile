@@ -51,6 +51,10 @@ clean:
 # test, from inside a rank too.
 TSAN_BUILD   ?= build-tsan
 TSAN_TESTS   := comm launcher pipeline planner operator concurrency isolation shm_wait
+# Skipped as well: a memory-bandwidth test, and the 8-rank operator cases
+# (the threads are those of the 3- and 4-rank cases; they took a fifth of
+# the run under TSan).
+TSAN_SKIP    := _NOT_BUILT$$|LargeOutputsWrittenAroundTheCaches|EveryMode.*_ranks8
 
 .PHONY: test-tsan clean-tsan
 test: test-tsan
@@ -59,7 +63,7 @@ clean: clean-tsan
 test-tsan: deps
 	@cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTPFUSE_SANITIZE=thread -DTPFUSE_BUILD_CLI=OFF -DTPFUSE_BUILD_PYTHON=OFF $(CMAKE_FLAGS) >/dev/null
 	@cmake --build $(TSAN_BUILD) -j $(JOBS) --target $(foreach t,$(TSAN_TESTS),tpfuse_$(t)_test)
-	cd $(TSAN_BUILD) && TPFUSE_NUM_THREADS=3 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --output-on-failure -j $(JOBS) -E '_NOT_BUILT$$'
+	cd $(TSAN_BUILD) && TPFUSE_NUM_THREADS=3 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --output-on-failure -j $(JOBS) -E '$(TSAN_SKIP)'
 
 clean-tsan:
 	rm -rf $(TSAN_BUILD)
