@@ -191,7 +191,9 @@ TEST(Launcher, ReclaimsASegmentOfARankThatDiedInSetup) {
       options.timeout = 20s;
       create_shm_communicator(second_group, 0, 2, options);
     });
-    second_group.get(shm::kSegmentKey, 20s);
+    // The job's keys are under its secret's prefix.
+    const JobSecret secret = JobSecret::parse(std::getenv("TPFUSE_SECRET"), "TPFUSE_SECRET");
+    second_group.get(secret.key_prefix() + shm::kSegmentKey, 20s);
     ::raise(SIGKILL);
     creator.join();
     return 0;

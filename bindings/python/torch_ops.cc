@@ -3,8 +3,9 @@
 //
 //   mm_all_reduce_base(...)           the fused operator, CPU kernel + Autograd kernel
 //   trans_quant_param(scale, offset)  torch_npu's npu_trans_quant_param
-//   _make_rendezvous_dir()            a private directory for a group's FileStore
-//   _create_shm_communicator(dir, rank, size)   collective; registers and returns hcom
+//   _make_rendezvous_dir()            a private directory for a group's FileStore,
+//                                     sealed with a fresh job secret: [dir, secret]
+//   _create_shm_communicator(dir, rank, size, secret)   collective; registers and returns hcom
 //
 // Everything here converts between at::Tensor and tpfuse's types and calls the
 // C++ API; the rules live in the library. tpfuse errors cross as c10 errors so
@@ -256,22 +257,37 @@ at::Tensor trans_quant_param_cpu(const at::Tensor& scale, const c10::optional<at
   });
 }
 
-std::string make_rendezvous_dir() {
-  return translate_errors([] { return comm::FileStore::make_private_dir().string(); });
+// A private directory for a group's store, sealed with a fresh job secret:
+// [directory, secret]. Rank 0 sends both to the group's other ranks.
+std::vector<std::string> make_rendezvous_dir() {
+  return translate_errors([] {
+    const std::filesystem::path dir = comm::FileStore::make_private_dir();
+    try {
+      comm::FileStore store(dir);
+      const comm::JobSecret secret = comm::JobSecret::generate();
+      comm::seal_store(store, secret);
+      return std::vector<std::string>{dir.string(), secret.hex()};
+    } catch (...) {
+      std::filesystem::remove_all(dir);
+      throw;
+    }
+  });
 }
 
 // Collective over the group's `size` ranks. The barrier tells rank 0 that
 // every rank is done with the store, so it can remove the directory.
 std::string create_shm_communicator(c10::string_view store_dir, std::int64_t rank,
-                                    std::int64_t size) {
+                                    std::int64_t size, c10::string_view secret) {
   return translate_errors([&] {
     const std::filesystem::path dir(std::string(store_dir.data(), store_dir.size()));
     require(rank >= 0 && rank < size, "rank: expected 0 <= rank < size = ", size, ", got ", rank);
     std::shared_ptr<comm::Communicator> communicator;
     try {
       comm::FileStore store(dir);
+      comm::ShmOptions options;
+      options.secret.assign(secret.data(), secret.size());
       communicator = comm::create_shm_communicator(store, static_cast<int>(rank),
-                                                   static_cast<int>(size));
+                                                   static_cast<int>(size), options);
       communicator->barrier();
     } catch (...) {
       if (rank == 0) std::filesystem::remove_all(dir);
@@ -294,8 +310,8 @@ TORCH_LIBRARY(tpfuse, m) {
       "Tensor? x3=None, Tensor? dequant_scale=None, int comm_turn=0, "
       "int antiquant_group_size=0) -> Tensor");
   m.def("trans_quant_param(Tensor scale, Tensor? offset=None) -> Tensor");
-  m.def("_make_rendezvous_dir() -> str", &make_rendezvous_dir);
-  m.def("_create_shm_communicator(str store_dir, int rank, int size) -> str",
+  m.def("_make_rendezvous_dir() -> str[]", &make_rendezvous_dir);
+  m.def("_create_shm_communicator(str store_dir, int rank, int size, str secret) -> str",
         &create_shm_communicator);
 }
 

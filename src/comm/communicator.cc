@@ -5,6 +5,7 @@
 
 #include <limits>
 #include <new>
+#include <string>
 #include <utility>
 
 #include "tpfuse/core/error.h"
@@ -56,6 +57,27 @@ std::unique_ptr<Work> Communicator::all_reduce_start(ReduceBuffer buffer, void* 
 
 std::size_t Communicator::max_reduce_buffer_bytes() const {
   return std::numeric_limits<std::size_t>::max() / 2;
+}
+
+ExclusiveUse::ExclusiveUse(Communicator& comm, std::string_view operation) : comm_(comm) {
+  const std::thread::id me = std::this_thread::get_id();
+  std::thread::id none;
+  if (comm.user_.compare_exchange_strong(none, me, std::memory_order_acquire)) {
+    claimed_ = true;
+    return;
+  }
+  if (none == me) return;  // nested: this thread holds it already
+  const std::string reason =
+      cat(operation, " on communicator \"", comm.name(), "\" (rank ", comm.rank(),
+          ") overlapped a call of another thread of the same process; calls on one "
+          "communicator must not overlap, since every rank must issue them in the same "
+          "order (use one communicator per thread)");
+  comm.abort(reason);
+  throw ConcurrentCallError(cat(reason, "; the communicator is aborted"));
+}
+
+ExclusiveUse::~ExclusiveUse() {
+  if (claimed_) comm_.user_.store(std::thread::id{}, std::memory_order_release);
 }
 
 }  // namespace tpfuse::comm

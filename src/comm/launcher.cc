@@ -67,6 +67,7 @@ int run_body(const std::filesystem::path& store_dir, int rank, const LaunchOptio
   ::setenv("TPFUSE_RANK", std::to_string(rank).c_str(), 1);
   ::setenv("TPFUSE_WORLD_SIZE", std::to_string(options.ranks).c_str(), 1);
   ::setenv("TPFUSE_STORE_DIR", store_dir.c_str(), 1);
+  ::setenv("TPFUSE_SECRET", options.shm.secret.c_str(), 1);
   FileStore store(store_dir);
   RankContext context{rank, options.ranks,
                       create_shm_communicator(store, rank, options.ranks, options.shm)};
@@ -209,13 +210,20 @@ LaunchResult launch_local(const LaunchOptions& options,
                                               : options.shm.timeout + std::chrono::seconds{10};
   const std::filesystem::path store_dir = FileStore::make_private_dir();
   const StoreDirRemover remover(store_dir);
+  LaunchOptions job = options;
+  const JobSecret secret = JobSecret::generate();
+  job.shm.secret = secret.hex();
+  {
+    FileStore store(store_dir);
+    seal_store(store, secret);
+  }
 
   LaunchResult result;
   result.ranks.resize(static_cast<std::size_t>(options.ranks));
   flush_output();  // or the children would print the parent's buffered output again
   for (int r = 0; r < options.ranks; ++r) {
     const pid_t pid = ::fork();
-    if (pid == 0) run_rank(store_dir, r, options, body);
+    if (pid == 0) run_rank(store_dir, r, job, body);
     if (pid < 0) {
       const int err = errno;
       result.ranks.resize(static_cast<std::size_t>(r));

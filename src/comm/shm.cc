@@ -156,6 +156,7 @@ void ShmCommunicator::copy_contribution(std::uint64_t round, const std::byte* ch
 
 std::unique_ptr<Work> ShmCommunicator::all_reduce_start(const void* input, void* output,
                                                         std::size_t count, DType dtype) {
+  const ExclusiveUse use(*this, "all_reduce");
   require(is_floating(dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
           dtype_name(dtype));
   require(count == 0 || (input != nullptr && output != nullptr),
@@ -198,6 +199,7 @@ std::unique_ptr<Work> ShmCommunicator::all_reduce_start(const void* input, void*
 }
 
 ReduceBuffer ShmCommunicator::acquire_reduce_buffer(std::size_t count, DType dtype) {
+  const ExclusiveUse use(*this, "acquire_reduce_buffer");
   require(is_floating(dtype), "acquire_reduce_buffer: dtype must be f16, bf16 or f32, got ",
           dtype_name(dtype));
   require(count <= max_reduce_buffer_bytes() / dtype_size(dtype), "acquire_reduce_buffer: ",
@@ -214,6 +216,7 @@ ReduceBuffer ShmCommunicator::acquire_reduce_buffer(std::size_t count, DType dty
 }
 
 std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, void* output) {
+  const ExclusiveUse use(*this, "all_reduce_start");
   require(!acquired_indices_.empty() && buffer.round != 0 &&
               buffer.data == group_->segment.ring().slot(group_->rank, buffer.round),
           "all_reduce_start: the buffer was not acquired from this communicator");
@@ -233,6 +236,7 @@ std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, voi
 }
 
 std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
+  const ExclusiveUse use(*this, "all_gather");
   require(mine.size() <= shm::kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
           " bytes exceeds max_gather_bytes() = ", shm::kMaxGatherBytes);
   queue_->finish_all();
@@ -510,6 +514,10 @@ ShmAlgorithm ShmOptions::default_algorithm() {
       cat(kAlgorithm.name(), ": expected auto, one_shot or reduce_scatter, got \"", name, "\""));
 }
 
+std::string ShmOptions::default_secret() {
+  return detail::read_env("TPFUSE_SECRET").value_or(std::string());
+}
+
 std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, int size,
                                                       const ShmOptions& options) {
   require(size >= 1 && size <= shm::kMaxRanks, "shm: world size must be in [1, ", shm::kMaxRanks,
@@ -521,12 +529,20 @@ std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, in
               options.slot_bytes <= kMaxSlotBytes,
           "shm: slot_bytes must be a multiple of 64 in [64, ", kMaxSlotBytes, "], got ",
           options.slot_bytes);
+  std::optional<JobSecret> secret;
+  if (!options.secret.empty()) {
+    secret = JobSecret::parse(options.secret, "shm: secret (ShmOptions::secret or TPFUSE_SECRET)");
+  }
   log::set_rank(rank);
-  store.set(pid_key(rank), std::to_string(::getpid()));
 
-  auto group =
-      std::make_shared<ShmGroup>(open_segment(store, rank, size, options), rank, options.timeout);
-  join_group(store, *group);
+  // Nothing is written before the check: a refused process leaves no key.
+  PrefixStore job_store(
+      check_job_secret(store, secret ? &*secret : nullptr, rank, options.timeout, "shm setup"),
+      store);
+  job_store.set(pid_key(rank), std::to_string(::getpid()));
+  auto group = std::make_shared<ShmGroup>(open_segment(job_store, rank, size, options), rank,
+                                          options.timeout);
+  join_group(job_store, *group);
   auto comm = std::make_shared<ShmCommunicator>(group);
   log::info("shm communicator ", comm->name(), " ready: ", size, " ranks, segment of ",
             group->segment.total_bytes(), " B, ", shm::kRingDepth, " slots of ",

@@ -113,17 +113,22 @@ void PeerWait::check_abort() const {
   }
 }
 
-void PeerWait::check_peers_alive() const {
-  std::vector<int> lost;
-  std::string detail;
+std::vector<int> PeerWait::gone_peers() const {
+  std::vector<int> gone;
   for (int r : pending_) {
     const auto pid =
         static_cast<pid_t>(group_.segment.record(r).pid.load(std::memory_order_acquire));
-    if (pid <= 0 || !process_is_gone(pid)) continue;  // pid 0: not attached yet
-    lost.push_back(r);
-    detail += cat(detail.empty() ? "" : ", ", "rank ", r, " (pid ", pid, ")");
+    if (pid > 0 && process_is_gone(pid)) gone.push_back(r);  // pid 0: not attached yet
   }
-  if (lost.empty()) return;
+  return gone;
+}
+
+void PeerWait::fail_peers_lost(const std::vector<int>& lost) const {
+  std::string detail;
+  for (int r : lost) {
+    detail += cat(detail.empty() ? "" : ", ", "rank ", r, " (pid ",
+                  group_.segment.record(r).pid.load(std::memory_order_acquire), ")");
+  }
   detail += " died";
   publish_abort(group_.segment, group_.rank, AbortKind::peer_lost, lost, detail);
   throw PeerLostError(cat(describe_context(label_), ": ", detail), lost);

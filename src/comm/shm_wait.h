@@ -87,10 +87,18 @@ class PeerWait {
     check_abort();
     const Clock::time_point now = Clock::now();
     if (now >= next_liveness_check_ || now >= deadline_) {
-      check_peers_alive();
+      std::vector<int> gone = gone_peers();
+      // A peer may do its part and exit, done, between the check above and
+      // this one: it is lost only if it still has not arrived once gone.
+      std::erase_if(gone, [&](int rank) { return arrived(rank); });
+      if (!gone.empty()) fail_peers_lost(gone);
       next_liveness_check_ = now + kLivenessInterval;
     }
-    if (now >= deadline_) fail_timeout();
+    if (now >= deadline_) {
+      std::erase_if(pending_, [&](int rank) { return arrived(rank); });
+      if (pending_.empty()) return true;
+      fail_timeout();
+    }
     return false;
   }
 
@@ -109,7 +117,9 @@ class PeerWait {
   static constexpr std::chrono::milliseconds kLivenessInterval{25};
 
   void check_abort() const;
-  void check_peers_alive() const;
+  // The pending peers whose processes are gone.
+  std::vector<int> gone_peers() const;
+  [[noreturn]] void fail_peers_lost(const std::vector<int>& lost) const;
   [[noreturn]] void fail_timeout() const;
 
   const ShmGroup& group_;

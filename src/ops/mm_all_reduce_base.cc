@@ -105,6 +105,7 @@ void run(const AgreedCall& call, const TensorView& x1, const TensorView& x2,
 Tensor mm_all_reduce_base(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                           const MmAllReduceOptions& options) {
   const auto comm = comm::find_communicator(hcom);
+  const comm::ExclusiveUse use(*comm, "mm_all_reduce_base");
   const AgreedCall call = validate_and_agree(x1, x2, options, nullptr, *comm);
   Tensor out(call.shape.out_dtype, output_shape(call.shape));
   run(call, x1, x2, options, out, *comm);
@@ -114,6 +115,7 @@ Tensor mm_all_reduce_base(const TensorView& x1, const TensorView& x2, std::strin
 void mm_all_reduce_base_out(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                             const MmAllReduceOptions& options, const TensorView& out) {
   const auto comm = comm::find_communicator(hcom);
+  const comm::ExclusiveUse use(*comm, "mm_all_reduce_base_out");
   const AgreedCall call = validate_and_agree(x1, x2, options, &out, *comm);
   run(call, x1, x2, options, out, *comm);
 }

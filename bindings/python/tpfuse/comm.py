@@ -6,10 +6,11 @@ torch_npu asks HCCL for a group's communicator name
 so tpfuse code calls `tpfuse.get_comm_name(group)` instead.
 
 The communicator is tpfuse's shared-memory one. Its rendezvous needs a
-directory every rank can see: rank 0 of the group creates a private one and
-sends its path over the group itself, every rank joins, and rank 0 removes
-the directory once all have (inside the operator library's
-_create_shm_communicator).
+directory every rank can see: rank 0 of the group creates a private one,
+sealed with a fresh job secret, and sends its path and the secret over the
+group itself (so a process outside the group cannot join), every rank joins,
+and rank 0 removes the directory once all have (inside the operator
+library's _create_shm_communicator).
 """
 import pathlib
 import socket
@@ -59,12 +60,12 @@ def _create_communicator(group):
             f"(ranks by host: {by_host}); tpfuse's shared-memory communicator needs "
             "them all on one host (the transport between hosts comes later)")
 
-    # Rank 0 sends the directory or its failure, so no rank waits for a path
-    # that never comes.
+    # Rank 0 sends the directory and the job secret, or its failure, so no
+    # rank waits for a path that never comes.
     payload = [None]
     if rank == 0:
         try:
-            payload[0] = ("dir", torch.ops.tpfuse._make_rendezvous_dir())
+            payload[0] = ("dir", list(torch.ops.tpfuse._make_rendezvous_dir()))
         except Exception as error:  # noqa: BLE001  (every rank raises it below)
             payload[0] = ("error", str(error))
     # torch 1.13's broadcast takes the source as a global rank.
@@ -74,4 +75,5 @@ def _create_communicator(group):
     if kind == "error":
         raise RuntimeError(f"tpfuse.get_comm_name: rank 0 could not create the rendezvous "
                            f"directory: {value}")
-    return torch.ops.tpfuse._create_shm_communicator(value, rank, size)
+    store_dir, secret = value
+    return torch.ops.tpfuse._create_shm_communicator(store_dir, rank, size, secret)

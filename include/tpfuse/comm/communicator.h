@@ -12,8 +12,21 @@
 // - every wait is bounded by timeout(); at the deadline it throws TimeoutError
 //   naming the ranks that did not arrive; a peer known to be dead gives
 //   PeerLostError; an abort on any rank gives AbortedError on all of them.
+//
+// Threads: a communicator serves one thread at a time (plus the helper that
+// may test() and wait() its Works). Collectives must come in the same order
+// on every rank, and two threads of one process calling into the same
+// communicator at once have no order: each rank would pair them with its
+// peers' calls as its own threads happened to run, so a serialising lock
+// would not deadlock but would silently mix one call's data into another.
+// An overlapping call is therefore refused (see ExclusiveUse): it aborts the
+// communicator on every rank, so no rank pairs calls wrongly, and throws
+// ConcurrentCallError. Threads that communicate concurrently use a
+// communicator each (one create_shm_communicator per thread, each group on
+// its own PrefixStore); those run independently.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -21,6 +34,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "tpfuse/core/dtype.h"
@@ -109,6 +123,30 @@ class Communicator {
     all_reduce_start(input, output, count, dtype)->wait();
   }
   void barrier() { all_gather({}); }
+
+ private:
+  friend class ExclusiveUse;
+  // The thread inside a collective or an operator call, or none.
+  std::atomic<std::thread::id> user_{};
+};
+
+// Claims `comm` for the calling thread while it lives: operators hold one for
+// a whole call (it issues several collectives), and the transports' collective
+// entry points hold one too. Nested claims on the same thread are free. A
+// claim while another thread holds the communicator aborts it (every rank's
+// calls on it fail at once with AbortedError giving the reason) and throws
+// ConcurrentCallError naming `operation`; the communicator cannot be used
+// afterwards.
+class ExclusiveUse {
+ public:
+  ExclusiveUse(Communicator& comm, std::string_view operation);
+  ~ExclusiveUse();
+  ExclusiveUse(const ExclusiveUse&) = delete;
+  ExclusiveUse& operator=(const ExclusiveUse&) = delete;
+
+ private:
+  Communicator& comm_;
+  bool claimed_ = false;  // false for a nested claim: the outer one releases
 };
 
 }  // namespace tpfuse::comm

@@ -45,6 +45,9 @@ struct LaunchResult {
 
 struct LaunchOptions {
   int ranks = 1;
+  // shm.secret is not used: launch_local creates the job's store, so it
+  // generates the job's secret, seals the store with it and hands it to the
+  // ranks (in ShmOptions and TPFUSE_SECRET).
   ShmOptions shm;
   // The parent kills ranks still running this long after the first rank
   // ended abnormally; default: shm.timeout plus 10 s.

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstddef>
 #include <memory>
+#include <string>
 
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/comm/store.h"
@@ -40,21 +41,36 @@ struct ShmOptions {
   // Rank 0's value counts. Default TPFUSE_SHM_ALGORITHM: auto, one_shot or
   // reduce_scatter. Results are the same bytes whichever runs.
   ShmAlgorithm algorithm = default_algorithm();
+  // The job's secret, 32 hex digits (see JobSecret in store.h), or empty for
+  // none. Default TPFUSE_SECRET, read afresh each time (launch_local sets it
+  // in the ranks it forks).
+  std::string secret = default_secret();
 
   static std::chrono::milliseconds default_timeout();
   static std::size_t default_slot_bytes();
   static ShmAlgorithm default_algorithm();
+  static std::string default_secret();
 };
 
 // Collective over the `size` ranks that share `store`: every rank calls it.
-// Also records `rank` as this process's rank for log lines.
+// Also records `rank` as this process's rank for log lines. A store sealed
+// with a job secret refuses a process that does not hold it (AccessDenied,
+// before any key of the job is read or written); see check_job_secret.
 std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, int size,
                                                       const ShmOptions& options = {});
 
 // The same, for processes started by something other than launch_local: the
 // rank, world size and store directory (a FileStore) come from TPFUSE_RANK,
 // TPFUSE_WORLD_SIZE and TPFUSE_STORE_DIR; a missing or malformed one is an
-// InvalidArgument naming it. launch_local sets them in every rank.
+// InvalidArgument naming it. launch_local sets them in every rank, and
+// TPFUSE_SECRET. Whoever starts the ranks otherwise creates the directory
+// (mode 0700) and sets the same TPFUSE_SECRET in each (`openssl rand -hex
+// 16`); rank 0 then seals the store, and a process without the secret that
+// comes after is refused. One that comes before is not refused, but cannot
+// join either (the job's keys are under the secret's prefix); only a process
+// with a secret of its own that claims rank 0 before the real rank 0 could
+// seal the store first and so lock the job out. Where that can happen, seal
+// the store (seal_store) before starting the ranks.
 std::shared_ptr<Communicator> create_shm_communicator_from_env(const ShmOptions& options = {});
 
 }  // namespace tpfuse::comm

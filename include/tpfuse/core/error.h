@@ -72,6 +72,20 @@ class SystemError : public Error {
   using Error::Error;
 };
 
+// A thread called into a communicator that another thread of this process
+// was using (see ExclusiveUse in comm/communicator.h).
+class ConcurrentCallError : public Error {
+ public:
+  using Error::Error;
+};
+
+// A process that does not hold a job's secret tried to join its rendezvous
+// (see JobSecret in comm/store.h).
+class AccessDenied : public Error {
+ public:
+  using Error::Error;
+};
+
 // A broken invariant inside tpfuse: a bug, never the caller's fault.
 class InternalError : public Error {
  public:

@@ -8,6 +8,16 @@
 //   weight-only quant: x1 @ ((x2 + antiquant_offset) * antiquant_scale) + bias + x3
 //   full quant:        dequant_scale * (x1 @ x2 + bias) + x3
 // (bias and x3 are added on every rank, before the reduce).
+//
+// Threads: calls on one `hcom` must not overlap. Every rank must issue them
+// in the same order, and two threads of a process have none, so a mutex that
+// serialised them would not deadlock but would let each rank pair the calls
+// in its own order, mixing one call's data into another's result. A call that
+// finds another thread's call in progress on the same communicator is refused
+// instead: it throws ConcurrentCallError and aborts the communicator, so the
+// call in progress fails with AbortedError on every rank rather than complete
+// wrongly. Threads that call at the same time use a communicator each; those
+// calls run concurrently and independently.
 #pragma once
 
 #include <cstdint>
