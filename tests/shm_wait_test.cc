@@ -27,7 +27,7 @@ TEST(PeerWait, PeerThatArrivedAndExitedIsNotLost) {
   const pid_t child = ::fork();
   if (child == 0) {
     try {
-      Segment::attach(name, 2).attach_rank(1);
+      Segment::attach(name, 2).value().attach_rank(1);
     } catch (...) {
       ::_exit(1);
     }
@@ -62,7 +62,7 @@ TEST(PeerWait, PeerGoneWithoutArrivingIsLost) {
   const pid_t child = ::fork();
   if (child == 0) {
     try {
-      Segment::attach(name, 2).attach_rank(1);
+      Segment::attach(name, 2).value().attach_rank(1);
     } catch (...) {
       ::_exit(1);
     }
