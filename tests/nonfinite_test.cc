@@ -111,7 +111,8 @@ float largest_finite(DType dtype) { return dtype == DType::f16 ? 65504.0f : 3.38
 struct Case {
   std::string name;
   std::function<void(RankInputs& in, int rank)> edit;
-  std::function<Class(std::int64_t i, std::int64_t j, const std::vector<RankInputs>& inputs)> pattern;
+  std::function<Class(std::int64_t i, std::int64_t j, const std::vector<RankInputs>& inputs)>
+      pattern;
   bool golden = true;  // false where a finite value overflows (the bound assumes none does)
 };
 
@@ -134,7 +135,8 @@ std::vector<Case> common_cases(const CaseSpec& spec) {
   };
   std::vector<Case> cases;
   if (spec.mode != Mode::full_quant) {
-    cases.push_back({"x1 NaN", [](RankInputs& in, int rank) {
+    cases.push_back({"x1 NaN",
+                     [](RankInputs& in, int rank) {
                        if (rank == 0) store(in.args.x1, kRowNaN, kK, kNaN);
                      },
                      finite_except([](std::int64_t i, std::int64_t, const auto&) -> Maybe {
@@ -145,19 +147,21 @@ std::vector<Case> common_cases(const CaseSpec& spec) {
     // weight quant dequantized: (x2 + offset) * scale, whose sign and zeros
     // fp32 computes exactly).
     const std::int64_t scale_row = spec.group_size > 0 ? kK / spec.group_size : 0;
-    cases.push_back({"x1 -inf", [](RankInputs& in, int rank) {
-                       if (rank == 1) store(in.args.x1, kRowInf, kK, -kInf);
-                     },
-                     finite_except([scale_row](std::int64_t i, std::int64_t j,
-                                               const auto& inputs) -> Maybe {
-                       if (i != kRowInf) return std::nullopt;
-                       const MmAllReduceOptions& options = inputs[1].args.options;
-                       double w = load(inputs[1].args.x2, kK, j);
-                       if (options.antiquant_offset) w += load(*options.antiquant_offset, scale_row, j);
-                       if (options.antiquant_scale) w *= load(*options.antiquant_scale, scale_row, j);
-                       return inf_times(w, true);
-                     })});
-    cases.push_back({"bias NaN and +inf", [](RankInputs& in, int rank) {
+    cases.push_back(
+        {"x1 -inf",
+         [](RankInputs& in, int rank) {
+           if (rank == 1) store(in.args.x1, kRowInf, kK, -kInf);
+         },
+         finite_except([scale_row](std::int64_t i, std::int64_t j, const auto& inputs) -> Maybe {
+           if (i != kRowInf) return std::nullopt;
+           const MmAllReduceOptions& options = inputs[1].args.options;
+           double w = load(inputs[1].args.x2, kK, j);
+           if (options.antiquant_offset) w += load(*options.antiquant_offset, scale_row, j);
+           if (options.antiquant_scale) w *= load(*options.antiquant_scale, scale_row, j);
+           return inf_times(w, true);
+         })});
+    cases.push_back({"bias NaN and +inf",
+                     [](RankInputs& in, int rank) {
                        if (rank == 1) store(*in.args.options.bias, 0, kCol, kNaN);
                        if (rank == 0) store(*in.args.options.bias, 0, kColInf, kInf);
                      },
@@ -167,7 +171,8 @@ std::vector<Case> common_cases(const CaseSpec& spec) {
                        return std::nullopt;
                      })});
   }
-  cases.push_back({"x3 NaN, +inf - inf, -inf - inf", [](RankInputs& in, int rank) {
+  cases.push_back({"x3 NaN, +inf - inf, -inf - inf",
+                   [](RankInputs& in, int rank) {
                      store(*in.args.options.x3, 0, kCol, rank == 0 ? kNaN : 0.5f);
                      store(*in.args.options.x3, 1, kCol, rank == 0 ? kInf : -kInf);
                      store(*in.args.options.x3, 2, kCol, -kInf);
@@ -177,14 +182,14 @@ std::vector<Case> common_cases(const CaseSpec& spec) {
                      return i == 2 ? Class::neg_inf : Class::nan;
                    })});
   const float largest = largest_finite(testing::output_dtype(spec));
-  cases.push_back({"finite sum beyond the output dtype", [largest](RankInputs& in, int) {
-                     store(*in.args.options.x3, 1, kColInf, largest);
-                   },
-                   finite_except([](std::int64_t i, std::int64_t j, const auto&) -> Maybe {
-                     if (i == 1 && j == kColInf) return Class::pos_inf;
-                     return std::nullopt;
-                   }),
-                   false});
+  cases.push_back(
+      {"finite sum beyond the output dtype",
+       [largest](RankInputs& in, int) { store(*in.args.options.x3, 1, kColInf, largest); },
+       finite_except([](std::int64_t i, std::int64_t j, const auto&) -> Maybe {
+         if (i == 1 && j == kColInf) return Class::pos_inf;
+         return std::nullopt;
+       }),
+       false});
   return cases;
 }
 
@@ -200,34 +205,40 @@ std::vector<Case> mode_cases(Mode mode) {
   std::vector<Case> cases;
   switch (mode) {
     case Mode::plain:
-      cases.push_back({"x2 NaN", [](RankInputs& in, int rank) {
+      cases.push_back({"x2 NaN",
+                       [](RankInputs& in, int rank) {
                          if (rank == 1) store(in.args.x2, kK, kCol, kNaN);
                        },
                        column(Class::nan)});
       break;
     case Mode::weight_quant:
-      cases.push_back({"antiquant_scale NaN", [](RankInputs& in, int rank) {
+      cases.push_back({"antiquant_scale NaN",
+                       [](RankInputs& in, int rank) {
                          if (rank == 0) store(*in.args.options.antiquant_scale, 0, kCol, kNaN);
                        },
                        column(Class::nan)});
       // (x2 + offset) * inf is +-inf (NaN where x2 + offset = 0); summed over
       // k with x1's mixed signs: non-finite, the golden model says which.
-      cases.push_back({"antiquant_scale +inf", [](RankInputs& in, int rank) {
+      cases.push_back({"antiquant_scale +inf",
+                       [](RankInputs& in, int rank) {
                          if (rank == 1) store(*in.args.options.antiquant_scale, 0, kCol, kInf);
                        },
                        column(Class::non_finite)});
-      cases.push_back({"antiquant_offset NaN", [](RankInputs& in, int rank) {
+      cases.push_back({"antiquant_offset NaN",
+                       [](RankInputs& in, int rank) {
                          if (rank == 1) store(*in.args.options.antiquant_offset, 0, kCol, kNaN);
                        },
                        column(Class::nan)});
       break;
     case Mode::full_quant:
-      cases.push_back({"dequant_scale NaN", [](RankInputs& in, int rank) {
+      cases.push_back({"dequant_scale NaN",
+                       [](RankInputs& in, int rank) {
                          if (rank == 0) store(*in.args.options.dequant_scale, 0, kCol, kNaN);
                        },
                        column(Class::nan)});
       // inf * (x1 @ x2 + bias): +-inf by the integer's sign, NaN where it is 0.
-      cases.push_back({"dequant_scale -inf", [](RankInputs& in, int rank) {
+      cases.push_back({"dequant_scale -inf",
+                       [](RankInputs& in, int rank) {
                          if (rank == 1) store(*in.args.options.dequant_scale, 0, kCol, -kInf);
                        },
                        column(Class::non_finite)});
@@ -266,9 +277,10 @@ void run_cases(const CaseSpec& spec, comm::RankContext& ctx) {
     }
     for (const RankInputs& in : inputs) args.push_back(in.args);
     const RankInputs& mine = inputs[static_cast<std::size_t>(ctx.rank)];
-    const Tensor out = mm_all_reduce_base(mine.args.x1, mine.args.x2, ctx.comm->name(),
-                                          mine.args.options);
-    const std::string where = cat(c.name, ", m=", spec.m, spec.x2_transposed ? " x2 transposed" : "");
+    const Tensor out =
+        mm_all_reduce_base(mine.args.x1, mine.args.x2, ctx.comm->name(), mine.args.options);
+    const std::string where =
+        cat(c.name, ", m=", spec.m, spec.x2_transposed ? " x2 transposed" : "");
     for (std::int64_t i = 0; i < spec.m; ++i) {
       for (std::int64_t j = 0; j < spec.n; ++j) {
         const Class want = c.pattern(i, j, inputs);
@@ -313,7 +325,8 @@ TEST_P(NonFinite, PropagatesAsIeeeArithmeticSays) {
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
-INSTANTIATE_TEST_SUITE_P(EveryMode, NonFinite, ::testing::Range(0, static_cast<int>(std::size(kModes))),
+INSTANTIATE_TEST_SUITE_P(EveryMode, NonFinite,
+                         ::testing::Range(0, static_cast<int>(std::size(kModes))),
                          [](const auto& info) { return std::string(kModes[info.param].name); });
 
 // The packed dequant scale keeps the fp32 pattern with its 13 lowest mantissa

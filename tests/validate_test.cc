@@ -168,7 +168,8 @@ TEST(Validate, UnknownDtypeIsQuotedByItsCode) {
                  {"got unknown dtype code 200"});
   // Quoted as given where the argument is not allowed at all.
   call = plain_call();
-  call.options.dequant_scale = TensorView(call.make(DType::i64, {1}).data(), static_cast<DType>(6), {1});
+  call.options.dequant_scale =
+      TensorView(call.make(DType::i64, {1}).data(), static_cast<DType>(6), {1});
   expect_call_invalid(call, "dequant_scale",
                       {"expected none in plain mode", "got [1] unknown dtype code 6"});
 }
