@@ -64,7 +64,7 @@ test-fuzz: deps
 	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target tpfuse_validate_fuzz
 	@rm -rf $(FUZZ_BUILD)/corpus && cp -r tests/fuzz/corpus $(FUZZ_BUILD)/corpus
 	OMP_NUM_THREADS=1 UBSAN_OPTIONS=print_stacktrace=1 $(FUZZ_BUILD)/tests/fuzz/tpfuse_validate_fuzz \
-	  -max_total_time=$(FUZZ_SECONDS) -max_len=128 -timeout=60 -verbosity=0 -print_final_stats=1 \
+	  -max_total_time=$(FUZZ_SECONDS) -max_len=128 -timeout=60 -verbosity=0 -print_funcs=0 -print_final_stats=1 \
 	  -artifact_prefix=$(FUZZ_BUILD)/ $(FUZZ_BUILD)/corpus
 
 clean-fuzz:
