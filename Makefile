@@ -74,3 +74,33 @@ test-tsan: deps
 
 clean-tsan:
 	rm -rf $(TSAN_BUILD)
+
+# libFuzzer on the operator's argument validation (tests/fuzz): built with
+# clang under ASan + UBSan in a tree of its own, then run for FUZZ_SECONDS
+# from a copy of the committed corpus; a crash, a sanitizer report or a
+# broken check fails. clang's OpenMP is pointed at GCC's libgomp, the runtime
+# Debian's oneDNN uses, so that one runtime serves the process.
+DEB_PACKAGES += clang-14 libclang-rt-14-dev libomp-14-dev
+FUZZ_BUILD   ?= build-fuzz
+FUZZ_CXX     ?= clang++-14
+FUZZ_SECONDS ?= 60
+
+.PHONY: test-fuzz clean-fuzz
+test: test-fuzz
+clean: clean-fuzz
+
+test-fuzz: deps
+	@cmake -S . -B $(FUZZ_BUILD) -DCMAKE_CXX_COMPILER=$(FUZZ_CXX) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only -DNDEBUG" \
+	  -DTPFUSE_SANITIZE=address,undefined,fuzzer-no-link -DTPFUSE_FUZZ=ON \
+	  -DTPFUSE_BUILD_TESTS=OFF -DTPFUSE_BUILD_CLI=OFF -DTPFUSE_BUILD_PYTHON=OFF \
+	  -DOpenMP_CXX_FLAGS=-fopenmp=libgomp -DOpenMP_CXX_LIB_NAMES=gomp \
+	  -DOpenMP_gomp_LIBRARY=$$($(FUZZ_CXX) -print-file-name=libgomp.so) $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target tpfuse_validate_fuzz
+	@rm -rf $(FUZZ_BUILD)/corpus && cp -r tests/fuzz/corpus $(FUZZ_BUILD)/corpus
+	OMP_NUM_THREADS=1 UBSAN_OPTIONS=print_stacktrace=1 $(FUZZ_BUILD)/tests/fuzz/tpfuse_validate_fuzz \
+	  -max_total_time=$(FUZZ_SECONDS) -max_len=128 -timeout=60 -verbosity=0 -print_funcs=0 -print_final_stats=1 \
+	  -artifact_prefix=$(FUZZ_BUILD)/ $(FUZZ_BUILD)/corpus
+
+clean-fuzz:
+	rm -rf $(FUZZ_BUILD)

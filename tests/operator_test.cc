@@ -301,5 +301,40 @@ TEST(Operator, RankKilledMidCallIsNamedByTheOthers) {
   EXPECT_TRUE(test::segments_gone(result));
 }
 
+// Found by fuzzing: an x2 of one column may carry any stride on that column
+// (validation accepts it as row-major); oneDNN's int8 and bf16 engines read
+// that stride as a layout and returned garbage.
+TEST(Operator, OneColumnWeightWithAnyColumnStride) {
+  const auto result = run_ranks(2, [](comm::RankContext& ctx) {
+    for (const auto& [mode, dtype] : {std::pair{Mode::full_quant, DType::bf16},
+                                      std::pair{Mode::full_quant, DType::f16},
+                                      std::pair{Mode::plain, DType::bf16}}) {
+      CaseSpec spec;
+      spec.mode = mode;
+      spec.dtype = dtype;
+      spec.scale_kind = ScaleKind::per_tensor;
+      spec.m = 96;
+      spec.k = 28;
+      spec.n = 1;
+      std::vector<testing::RankInputs> all;
+      std::vector<testing::RankArgs> args;
+      for (int r = 0; r < ctx.size; ++r) {
+        all.push_back(testing::make_rank_inputs(spec, r));
+        const TensorView& x2 = all.back().args.x2;
+        const std::int64_t shape[2] = {spec.k, 1}, strides[2] = {1, 2};
+        all.back().args.x2 = TensorView(x2.data(), x2.dtype(), shape, strides);
+      }
+      for (const auto& in : all) args.push_back(in.args);
+      const auto& mine = all[static_cast<std::size_t>(ctx.rank)].args;
+      const Tensor out = mm_all_reduce_base(mine.x1, mine.x2, ctx.comm->name(), mine.options);
+      const auto cmp = testing::compare(out, testing::golden_mm_all_reduce(args));
+      expect_rank(cmp.ok(), mode_name(mode), " ", dtype_name(dtype), ": ", cmp.mismatches,
+                  " elements beyond the bound");
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
 }  // namespace
 }  // namespace tpfuse

@@ -152,6 +152,28 @@ TEST(Validate, X1SizesMustFitInt64) {
   expect_call_invalid(call, "x1", {"fit int64", "strides [4611686018427387904, 1]"});
 }
 
+// A DType cast from an integer outside the enum used to be quoted as "?";
+// every argument now names its code.
+TEST(Validate, UnknownDtypeIsQuotedByItsCode) {
+  Call call = plain_call();
+  call.x1 = TensorView(call.x1.data(), static_cast<DType>(7), {kM, kK});
+  expect_call_invalid(call, "x1", {"expected dtype f16, bf16, f32, i8, i32 or i64",
+                                   "got unknown dtype code 7"});
+  call = plain_call();
+  call.options.bias = TensorView(call.make(DType::f16, {kN}).data(), static_cast<DType>(6), {kN});
+  expect_call_invalid(call, "bias", {"got unknown dtype code 6"});
+  call = plain_call();
+  const TensorView out(call.make(DType::f16, {kM, kN}).data(), static_cast<DType>(200), {kM, kN});
+  expect_invalid([&] { validate_out(call.validate(), out, call.x1, call.x2, call.options); }, "out",
+                 {"got unknown dtype code 200"});
+  // Quoted as given where the argument is not allowed at all.
+  call = plain_call();
+  call.options.dequant_scale =
+      TensorView(call.make(DType::i64, {1}).data(), static_cast<DType>(6), {1});
+  expect_call_invalid(call, "dequant_scale",
+                      {"expected none in plain mode", "got [1] unknown dtype code 6"});
+}
+
 // ---- x2 ----
 
 TEST(Validate, X2MustBe2D) {

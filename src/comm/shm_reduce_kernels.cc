@@ -26,6 +26,7 @@
 #include "tpfuse/core/half.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define TPFUSE_SHM_HAVE_AVX512_KERNEL 1
 #endif
@@ -256,10 +257,16 @@ TPFUSE_AVX512_TARGET void stream_copy(std::byte* out, const std::byte* in, std::
   _mm_sfence();
 }
 
+// F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know it.
+bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("avx512dq") && cpu_has_f16c();
   return has;
 }
 

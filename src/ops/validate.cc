@@ -38,10 +38,17 @@ std::string shape_text(std::span<const std::int64_t> dims) {
   return out + "]";
 }
 
+// dtype_name, or the code of a value outside the enum (which it prints as "?").
+std::string dtype_text(DType dtype) {
+  if (dtype_size(dtype) == 0) return cat("unknown dtype code ", static_cast<int>(dtype));
+  return std::string(dtype_name(dtype));
+}
+
 // Shape and dtype, and the strides when given. Unlike TensorView::describe()
-// it multiplies nothing, so it can quote views whose sizes overflow int64.
+// it multiplies nothing, so it can quote views whose sizes overflow int64 (or
+// whose dtype is unknown).
 std::string raw_text(const TensorView& view, bool with_strides = true) {
-  std::string text = cat(shape_text(view.shape()), " ", dtype_name(view.dtype()));
+  std::string text = cat(shape_text(view.shape()), " ", dtype_text(view.dtype()));
   if (with_strides) text += " strides " + shape_text(view.strides());
   return text;
 }
@@ -71,10 +78,15 @@ bool has_dims(const TensorView& view, std::span<const std::int64_t> dims) {
   return std::equal(shape.begin(), shape.end(), dims.begin(), dims.end());
 }
 
-// What every tensor argument must satisfy, whatever its role: a pointer,
-// non-negative dims and strides, and an element count, byte size and byte
-// extent that int64 can hold, so that later size arithmetic cannot overflow.
+// What every tensor argument must satisfy, whatever its role: a dtype of the
+// enum (a value cast from elsewhere would print as "?" and size as 0), a
+// pointer, non-negative dims and strides, and an element count, byte size
+// and byte extent that int64 can hold, so that later size arithmetic cannot
+// overflow.
 void check_view(const char* name, const TensorView& view) {
+  if (dtype_size(view.dtype()) == 0) {
+    fail(name, ": expected dtype f16, bf16, f32, i8, i32 or i64, got ", dtype_text(view.dtype()));
+  }
   if (view.data() == nullptr)
     fail(name, ": expected a data pointer, got null (", raw_text(view), ")");
   for (int d = 0; d < view.ndim(); ++d) {

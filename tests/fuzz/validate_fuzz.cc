@@ -1,0 +1,253 @@
+// libFuzzer target: hostile arguments to mm_all_reduce_base. Each input
+// decodes to a call (fuzz_call.h) that the contract model (contract_model.h)
+// judges independently; then
+//   - validation must agree with the model: accept what it accepts, with the
+//     same facts (CallShape), and reject what it rejects with an
+//     InvalidArgument "<argument>: ... got ..." naming an argument at fault;
+//   - a rejected call, through the operator on a one-rank communicator, must
+//     fail with that same error after exactly one collective, the agreement's
+//     all_gather carrying the error (so that peers fail rather than wait): no
+//     reduce buffer, no all-reduce, no allocation of 64 KiB or more (an
+//     output's), and a caller's output left as it was;
+//   - an accepted call small enough to back with memory runs, and its output
+//     matches the fp64 golden model (NaN and infinities exactly).
+// Anything else (a crash, a sanitizer report, another exception) aborts.
+#include <sanitizer/allocator_interface.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "contract_model.h"
+#include "fuzz_call.h"
+#include "recording_comm.h"
+#include "tpfuse/comm/registry.h"
+#include "tpfuse/comm/shm.h"
+#include "tpfuse/comm/store.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/ops/validate.h"
+#include "tpfuse/testing/golden.h"
+
+namespace tpfuse::fuzz {
+namespace {
+
+// Calls this large or larger are only validated: the golden model's fp64
+// loops would dominate the run.
+constexpr __int128 kMaxRunMacs = 1 << 16;
+// A rejected call allocates its message and exception, never this much.
+constexpr std::size_t kLargeAllocation = 64 * 1024;
+
+RecordingCommunicator* g_comm = nullptr;
+
+// The largest allocation since arm(), from the sanitizer's malloc hook (any thread).
+std::atomic<bool> g_armed{false};
+std::atomic<std::size_t> g_largest{0};
+
+void on_malloc(const volatile void*, std::size_t size) {
+  if (!g_armed.load(std::memory_order_relaxed)) return;
+  std::size_t seen = g_largest.load(std::memory_order_relaxed);
+  while (size > seen && !g_largest.compare_exchange_weak(seen, size)) {
+  }
+}
+
+void on_free(const volatile void*) {}
+
+[[noreturn]] void finding(const CallSpec& spec, const std::string& what) {
+  std::fprintf(stderr, "\n=== validate_fuzz finding: %s\n--- call:\n%s\n", what.c_str(),
+               describe_call(spec).c_str());
+  std::abort();
+}
+
+std::string shape_text(const CallShape& s) {
+  return cat("mode ", mode_name(s.mode), " in ", dtype_name(s.in_dtype), " out ",
+             dtype_name(s.out_dtype), " b ", s.batch, " s ", s.seq, " m ", s.m, " k ", s.k, " n ",
+             s.n, " transposed ", s.x2_transposed, " bias ", s.has_bias, " x3 ", s.has_x3,
+             " scale ", scale_kind_name(s.scale_kind), " offset ", s.has_offset, " group ",
+             s.group_size, " comm_turn ", s.comm_turn);
+}
+
+bool same_shape(const CallShape& a, const CallShape& b) { return shape_text(a) == shape_text(b); }
+
+TensorView arg_view(const MaterializedCall& call, Arg arg) {
+  return call.views[static_cast<int>(arg)].value_or(TensorView());
+}
+
+// Validation alone: the error message, or "" when it accepts.
+std::string validation_error(const MaterializedCall& call, bool with_out, CallShape& shape) {
+  try {
+    const TensorView x1 = arg_view(call, Arg::x1), x2 = arg_view(call, Arg::x2);
+    shape = validate_call(x1, x2, call.options);
+    if (with_out) validate_out(shape, arg_view(call, Arg::out), x1, x2, call.options);
+    return "";
+  } catch (const InvalidArgument& e) {
+    const std::string message = e.what();
+    return message.empty() ? "(empty message)" : message;
+  }
+}
+
+// The operator on the recording communicator; `result` receives the output
+// of the allocating form.
+void run_operator(const MaterializedCall& call, bool with_out, Tensor& result) {
+  const TensorView x1 = arg_view(call, Arg::x1), x2 = arg_view(call, Arg::x2);
+  if (with_out) {
+    mm_all_reduce_base_out(x1, x2, g_comm->name(), call.options, arg_view(call, Arg::out));
+  } else {
+    result = mm_all_reduce_base(x1, x2, g_comm->name(), call.options);
+  }
+}
+
+void check_rejected(const CallSpec& spec, const MaterializedCall& call, bool with_out,
+                    const Verdict& verdict, const std::string& error) {
+  // "<argument>: expected ..., got ...", quoting what was given ("?" is
+  // how dtype_name prints a dtype it does not know: not a quote).
+  const std::string name = error.substr(0, error.find(':'));
+  if (error.find(':') == std::string::npos || !verdict.faults.contains(name) ||
+      error.find("got") == std::string::npos || error.find('?') != std::string::npos) {
+    std::string faults;
+    for (const auto& f : verdict.faults) faults += f + " ";
+    finding(spec, cat("rejected with an error that does not name an argument at fault (", faults,
+                      "): ", error));
+  }
+
+  const TensorView* out = with_out ? &*call.views[static_cast<int>(Arg::out)] : nullptr;
+  const bool own_out =
+      out != nullptr && call.backed[static_cast<int>(Arg::out)] && spec.arg(Arg::out).alias_of < 0;
+  g_comm->clear();
+  g_largest = 0;
+  g_armed = true;
+  std::string thrown;
+  try {
+    Tensor result;
+    run_operator(call, with_out, result);
+  } catch (const InvalidArgument& e) {
+    thrown = e.what();
+  } catch (const std::exception& e) {
+    g_armed = false;
+    finding(spec, cat("the operator threw something other than InvalidArgument: ", e.what()));
+  }
+  g_armed = false;
+  if (thrown != error) {
+    finding(spec, cat("the operator's error differs from validation's: \"", thrown, "\" vs \"",
+                      error, "\""));
+  }
+  const auto events = g_comm->events();
+  if (events.size() != 1 || events[0] != CommEvent::all_gather) {
+    finding(spec, cat("a rejected call made ", events.size(),
+                      " collectives; expected only the agreement's all_gather"));
+  }
+  const std::string sent = g_comm->first_gather();
+  if (sent.find(error.substr(0, 48)) == std::string::npos) {
+    finding(spec, "the agreement's all_gather did not carry the error to the peers");
+  }
+  if (g_largest.load() >= kLargeAllocation) {
+    finding(spec, cat("a rejected call allocated ", g_largest.load(), " bytes at once"));
+  }
+  if (own_out) {
+    const auto* bytes = static_cast<const unsigned char*>(out->data());
+    const auto extent = extent_of(spec.arg(Arg::out));
+    for (__int128 i = 0; i < extent->bytes; ++i) {
+      if (bytes[i] != 0xA5) finding(spec, "a rejected call wrote into the caller's output");
+    }
+  }
+}
+
+bool runnable(const MaterializedCall& call, const Verdict& verdict) {
+  const CallShape& s = verdict.shape;
+  return call.all_backed() && verdict.output_bytes <= kMaxBackedBytes &&
+         static_cast<__int128>(s.m) * s.n * s.k <= kMaxRunMacs;
+}
+
+void check_accepted_run(const CallSpec& spec, const MaterializedCall& call, bool with_out,
+                        const Verdict& verdict) {
+  g_comm->clear();
+  Tensor result;
+  try {
+    run_operator(call, with_out, result);
+  } catch (const std::exception& e) {
+    finding(spec, cat("an accepted call failed: ", e.what()));
+  }
+  const auto events = g_comm->events();
+  const std::string sent = g_comm->first_gather();
+  std::int64_t flag = 0;
+  if (sent.size() >= sizeof(flag)) std::memcpy(&flag, sent.data(), sizeof(flag));
+  if (events.empty() || events[0] != CommEvent::all_gather || flag != 1) {
+    finding(spec, "an accepted call did not start with the agreement's all_gather");
+  }
+  const TensorView out = with_out ? *call.views[static_cast<int>(Arg::out)] : result.view();
+  const std::int64_t flat[2] = {verdict.shape.m, verdict.shape.n};
+  const testing::RankArgs args[1] = {
+      {arg_view(call, Arg::x1), arg_view(call, Arg::x2), call.options}};
+  const testing::GoldenResult golden = testing::golden_mm_all_reduce(args);
+  const testing::Comparison cmp =
+      testing::compare(TensorView(out.data(), out.dtype(), flat), golden);
+  if (!cmp.ok()) {
+    finding(spec, cat(cmp.mismatches, " output elements differ from the golden model (worst ",
+                      cmp.worst_ratio, " x the bound, max error ", cmp.max_abs_error, ")"));
+  }
+  if (!with_out && (result.dtype() != verdict.shape.out_dtype ||
+                    result.numel() != verdict.shape.m * verdict.shape.n)) {
+    finding(spec, cat("the output is ", result.view().describe()));
+  }
+}
+
+void fuzz_one(std::span<const std::uint8_t> bytes) {
+  const CallSpec spec = decode_call(bytes);
+  const MaterializedCall call = materialize(spec);
+  const bool with_out = spec.arg(Arg::out).present;
+  const Verdict verdict = judge(spec, call, with_out);
+
+  CallShape shape;
+  const std::string error = validation_error(call, with_out, shape);
+  if (!verdict.accepted()) {
+    if (error.empty()) {
+      std::string faults;
+      for (const auto& f : verdict.faults) faults += f + " ";
+      finding(spec, cat("validation accepted a call the contract rejects (", faults, ")"));
+    }
+    check_rejected(spec, call, with_out, verdict, error);
+    return;
+  }
+  if (!error.empty()) finding(spec, cat("validation rejected a valid call: ", error));
+  if (!same_shape(shape, verdict.shape)) {
+    finding(spec, cat("validation described the call as\n  ", shape_text(shape),
+                      "\nthe contract as\n  ", shape_text(verdict.shape)));
+  }
+  if (runnable(call, verdict)) check_accepted_run(spec, call, with_out, verdict);
+}
+
+}  // namespace
+}  // namespace tpfuse::fuzz
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  using namespace tpfuse;
+  // One GEMM thread: results do not depend on it, and executions are faster.
+  setenv("TPFUSE_NUM_THREADS", "1", 0);
+  __sanitizer_install_malloc_and_free_hooks(fuzz::on_malloc, fuzz::on_free);
+  // A real one-rank shared-memory communicator (its segment is unlinked once
+  // attached, so nothing is left behind even if the fuzzer dies), small slots
+  // so that larger outputs are reduced in chunks.
+  const auto dir = comm::FileStore::make_private_dir();
+  std::shared_ptr<comm::Communicator> inner;
+  {
+    comm::FileStore store(dir);
+    comm::ShmOptions options;
+    options.timeout = std::chrono::seconds(10);
+    options.slot_bytes = 64 * 1024;
+    inner = comm::create_shm_communicator(store, 0, 1, options);
+  }
+  std::filesystem::remove_all(dir);
+  auto recording = std::make_shared<fuzz::RecordingCommunicator>(inner, "validate_fuzz");
+  fuzz::g_comm = recording.get();
+  comm::register_communicator(recording);
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  tpfuse::fuzz::fuzz_one({data, size});
+  return 0;
+}
