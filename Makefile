@@ -1,14 +1,18 @@
 # tpfuse's entry points. `make demo` and `make test` each install what is
 # missing (as root), configure, build, and then run the demo or the tests.
 
-DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev libdnnl-dev libopenblas-dev libhwy-dev python3-torch libtorch-dev python3-pytest libopenmpi-dev openmpi-bin gnuplot-nox iproute2
+DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev libdnnl-dev libopenblas-dev \
+                libhwy-dev python3-torch libtorch-dev python3-pytest libopenmpi-dev openmpi-bin \
+                gnuplot-nox iproute2 clang-14 libclang-rt-14-dev libomp-14-dev
 BUILD        ?= build
 ASAN_BUILD   ?= build-asan
+TSAN_BUILD   ?= build-tsan
+FUZZ_BUILD   ?= build-fuzz
 JOBS         ?= $(shell nproc)
 PYTHON       ?= /usr/bin/python3
 CMAKE_FLAGS  ?=
 
-.PHONY: all deps configure build demo test test-release test-asan clean
+.PHONY: all deps configure build demo test test-release test-asan test-tsan test-fuzz clean bench-cluster
 
 all: build
 
@@ -25,7 +29,9 @@ demo: build
 	$(BUILD)/tpfuse demo
 	PYTHONPATH=$(BUILD)/python $(PYTHON) examples/mm_all_reduce_base.py
 
-test: test-release test-asan
+# The release suite, then again under ASan + UBSan, the threaded tests under
+# TSan, and the fuzzer for a minute.
+test: test-release test-asan test-tsan test-fuzz
 
 # ctest runs the Python tests too (python.test_*, pytest under $(PYTHON)).
 test-release: build
@@ -38,11 +44,10 @@ test-asan: deps
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)
 
 # tpfuse bench fused across emulated hosts (network namespaces; root): set
 # up, measure, tear down. Writes JSON (and JSON's name with .png, the plot).
-.PHONY: bench-cluster
 bench-cluster: build
 	@test -n "$(JSON)" || { echo "usage: make bench-cluster JSON=FILE"; exit 2; }
 	./scripts/bench_cluster.sh $(JSON) $(BUILD)
@@ -56,38 +61,24 @@ bench-cluster: build
 # calling thread by the oneDNN engine and never starts a team. A report ends
 # its process at once (halt_on_error) with exit code 66, which fails the
 # test, from inside a rank too.
-TSAN_BUILD   ?= build-tsan
 TSAN_TESTS   := comm launcher pipeline planner operator concurrency isolation shm_wait
 # Skipped as well: a memory-bandwidth test, and the 8-rank operator cases
 # (the threads are those of the 3- and 4-rank cases; they took a fifth of
 # the run under TSan).
 TSAN_SKIP    := _NOT_BUILT$$|LargeOutputsWrittenAroundTheCaches|EveryMode.*_ranks8
 
-.PHONY: test-tsan clean-tsan
-test: test-tsan
-clean: clean-tsan
-
 test-tsan: deps
 	@cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTPFUSE_SANITIZE=thread -DTPFUSE_BUILD_CLI=OFF -DTPFUSE_BUILD_PYTHON=OFF $(CMAKE_FLAGS) >/dev/null
 	@cmake --build $(TSAN_BUILD) -j $(JOBS) --target $(foreach t,$(TSAN_TESTS),tpfuse_$(t)_test)
 	cd $(TSAN_BUILD) && TPFUSE_NUM_THREADS=3 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --output-on-failure -j $(JOBS) -E '$(TSAN_SKIP)'
-
-clean-tsan:
-	rm -rf $(TSAN_BUILD)
 
 # libFuzzer on the operator's argument validation (tests/fuzz): built with
 # clang under ASan + UBSan in a tree of its own, then run for FUZZ_SECONDS
 # from a copy of the committed corpus; a crash, a sanitizer report or a
 # broken check fails. clang's OpenMP is pointed at GCC's libgomp, the runtime
 # Debian's oneDNN uses, so that one runtime serves the process.
-DEB_PACKAGES += clang-14 libclang-rt-14-dev libomp-14-dev
-FUZZ_BUILD   ?= build-fuzz
 FUZZ_CXX     ?= clang++-14
 FUZZ_SECONDS ?= 60
-
-.PHONY: test-fuzz clean-fuzz
-test: test-fuzz
-clean: clean-fuzz
 
 test-fuzz: deps
 	@cmake -S . -B $(FUZZ_BUILD) -DCMAKE_CXX_COMPILER=$(FUZZ_CXX) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -101,6 +92,3 @@ test-fuzz: deps
 	OMP_NUM_THREADS=1 UBSAN_OPTIONS=print_stacktrace=1 $(FUZZ_BUILD)/tests/fuzz/tpfuse_validate_fuzz \
 	  -max_total_time=$(FUZZ_SECONDS) -max_len=128 -timeout=60 -verbosity=0 -print_funcs=0 -print_final_stats=1 \
 	  -artifact_prefix=$(FUZZ_BUILD)/ $(FUZZ_BUILD)/corpus
-
-clean-fuzz:
-	rm -rf $(FUZZ_BUILD)
