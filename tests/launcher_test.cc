@@ -146,6 +146,25 @@ TEST(Launcher, KillsStragglersAfterTheGrace) {
   EXPECT_LT(took, 30s) << "the launcher waited for the straggler";
 }
 
+// A rank stopped (SIGSTOP) while the others end successfully: no one is left
+// to resume it, and the launcher must not wait for it forever; but the ranks
+// still running when it stopped are waited for, however long they take.
+TEST(Launcher, KillsARankLeftStoppedAfterTheOthersEnded) {
+  LaunchOptions options = options_for(2);
+  options.straggler_grace = 300ms;
+  const auto start = std::chrono::steady_clock::now();
+  const auto result = launch_local(options, [](RankContext& ctx) {
+    if (ctx.rank == 1) ::raise(SIGSTOP);
+    if (ctx.rank == 0) std::this_thread::sleep_for(900ms);  // longer than the grace
+    return 0;
+  });
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_EQ(result.ranks.size(), 2u);
+  EXPECT_TRUE(result.ranks[0].ok()) << result.describe_failures();
+  EXPECT_EQ(result.ranks[1].signal, SIGKILL);
+  EXPECT_LT(took, 30s) << "the launcher waited for the stopped rank";
+}
+
 TEST(Launcher, GivesRanksTheEnvironmentForCreateFromEnv) {
   // A second group, through the environment and another store directory.
   const std::filesystem::path second_store = FileStore::make_private_dir();

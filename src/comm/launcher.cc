@@ -117,19 +117,27 @@ void kill_and_reap(std::vector<RankExit>& ranks, std::vector<bool>& ended) {
 
 // Polls the ranks (waitpid on our own pids only: the caller may have other
 // children). Once one ends badly the others get `grace` to end too, since a
-// rank stuck in a computation would otherwise hold the launcher forever.
+// rank stuck in a computation would otherwise hold the launcher forever. So
+// do ranks left stopped (SIGSTOP) once every other rank has ended: no peer
+// is left to need them, and no one may ever resume them.
 void reap_ranks(std::vector<RankExit>& ranks, std::chrono::milliseconds grace) {
   std::vector<bool> ended(ranks.size(), false);
+  std::vector<bool> stopped(ranks.size(), false);
   std::size_t remaining = ranks.size();
   std::optional<Clock::time_point> kill_at;
+  Clock::time_point abandoned_at = Clock::time_point::max();  // max: some rank is not stopped
   std::chrono::microseconds pause{50};
   while (remaining > 0) {
     bool reaped = false;
     for (std::size_t i = 0; i < ranks.size(); ++i) {
       if (ended[i]) continue;
       int status = 0;
-      const pid_t pid = ::waitpid(ranks[i].pid, &status, WNOHANG);
+      const pid_t pid = ::waitpid(ranks[i].pid, &status, WNOHANG | WUNTRACED | WCONTINUED);
       if (pid == 0 || (pid < 0 && errno == EINTR)) continue;
+      if (pid > 0 && (WIFSTOPPED(status) || WIFCONTINUED(status))) {
+        stopped[i] = WIFSTOPPED(status);
+        continue;
+      }
       if (pid > 0) record_status(ranks[i], status);  // else ECHILD: someone else reaped it
       ended[i] = true;
       --remaining;
@@ -137,8 +145,23 @@ void reap_ranks(std::vector<RankExit>& ranks, std::chrono::milliseconds grace) {
       if (!ranks[i].ok() && !kill_at) kill_at = Clock::now() + grace;
     }
     if (remaining == 0) return;
+    bool only_stopped_left = remaining < ranks.size();
+    for (std::size_t i = 0; i < ranks.size(); ++i) {
+      if (!ended[i] && !stopped[i]) only_stopped_left = false;
+    }
+    if (!only_stopped_left) {
+      abandoned_at = Clock::time_point::max();
+    } else if (abandoned_at == Clock::time_point::max()) {
+      abandoned_at = Clock::now() + grace;
+    }
     if (kill_at && Clock::now() >= *kill_at) {
       log::warn("launcher: killing ranks still running ", grace.count(), " ms after a rank failed");
+      kill_and_reap(ranks, ended);
+      return;
+    }
+    if (Clock::now() >= abandoned_at) {
+      log::warn("launcher: killing ranks left stopped ", grace.count(),
+                " ms after every other rank ended");
       kill_and_reap(ranks, ended);
       return;
     }
