@@ -72,7 +72,7 @@ AgreedCall validate_and_agree(const TensorView& x1, const TensorView& x2,
     error = e.what();
   }
   AgreedCall call;
-  call.progress = pipeline::default_progress_mode();
+  call.progress = pipeline::progress_mode_for(comm);
   // The ranks on this host share its cores.
   const pipeline::ThreadBudget budget =
       pipeline::thread_budget(call.progress, comm.ranks_on_host());

@@ -19,8 +19,10 @@ enum class ProgressMode {
   helper_thread,  // a thread of its own, while the GEMM's threads compute
 };
 
-// TPFUSE_PIPELINE_PROGRESS (interleaved or helper_thread), read once.
-ProgressMode default_progress_mode();
+// TPFUSE_PIPELINE_PROGRESS (auto, interleaved or helper_thread), read once;
+// auto: a helper thread where `comm` moves data only while it is called,
+// else interleaved.
+ProgressMode progress_mode_for(const comm::Communicator& comm);
 
 // How one rank's cores are shared: GEMM threads, and whether the reduce
 // gets a core of its own (a helper thread, when the rank has two cores or

@@ -92,7 +92,7 @@ int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
   const testing::RankInputs inputs = testing::make_rank_inputs(flags.spec, ctx.rank);
   const testing::RankArgs& args = inputs.args;
   const CallShape shape = validate_call(args.x1, args.x2, args.options);
-  const pipeline::ProgressMode progress = pipeline::default_progress_mode();
+  const pipeline::ProgressMode progress = pipeline::progress_mode_for(*ctx.comm);
   const pipeline::ThreadBudget budget = pipeline::thread_budget(progress, ctx.size);
 
   gemm::GemmOperands operands;

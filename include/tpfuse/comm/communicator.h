@@ -83,6 +83,11 @@ class Communicator {
   // How many ranks of the group run on this rank's host (they share its
   // cores); every rank for transports within one host.
   virtual int ranks_on_host() const { return size(); }
+  // Whether data moves only while this rank calls into the transport (MPI
+  // over a network): the fused operator then advances its all-reduces from a
+  // thread of its own rather than between GEMM blocks, which would leave the
+  // network idle for a block at a time.
+  virtual bool progresses_only_when_called() const { return false; }
 
   // Starts summing `count` elements of `dtype` (f16, bf16 or f32) across all
   // ranks; the result lands in `output` on every rank. `input` and `output`

@@ -163,6 +163,7 @@ class HierarchicalCommunicator final : public Communicator {
   const std::string& name() const override { return flat_->name(); }
   std::chrono::milliseconds timeout() const override { return flat_->timeout(); }
   int ranks_on_host() const override { return static_cast<int>(layout_->host.size()); }
+  bool progresses_only_when_called() const override { return true; }
   std::size_t max_gather_bytes() const override { return flat_->max_gather_bytes(); }
   std::vector<std::string> all_gather(std::string_view mine) override {
     finish();

@@ -190,6 +190,7 @@ class MpiCommunicator final : public Communicator,
   std::chrono::milliseconds timeout() const override { return timeout_; }
   std::size_t max_gather_bytes() const override { return kMaxGatherBytes; }
   int ranks_on_host() const override { return ranks_on_host_; }
+  bool progresses_only_when_called() const override { return true; }
 
   std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
                                          DType dtype) override;
