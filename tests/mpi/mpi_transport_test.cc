@@ -200,7 +200,9 @@ TEST(MpiTransport, ARankThatNeverArrivesIsNamedAtTheDeadline) {
       EXPECT_NE(std::string(error.what()).find(cat("ranks ", last)), std::string::npos)
           << error.what();
     }
-    EXPECT_GE(Clock::now() - start, 2000ms);
+    // Not before the deadline; the error may come from a peer whose own
+    // deadline came a moment earlier (it left the barrier first): allow that skew.
+    EXPECT_GE(Clock::now() - start, 1800ms);
     EXPECT_LT(Clock::now() - start, 6000ms);
     EXPECT_THROW(comm->all_gather("after"), TimeoutError);
   } else {
