@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <ctime>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -90,10 +89,6 @@ struct FusedCase {
   DType dtype = DType::f16;
   int ranks = 0;
   Spread gemm, comm, serial, fused;  // tpfuse
-  // The share of T_comm in which the all-reduce kept its rank's core busy
-  // (copying, summing): with every core busy with the GEMM, only the rest
-  // (waiting for peers) can be hidden.
-  double comm_busy = kNotMeasured;
   std::string engine;                // tpfuse's GEMM engine
   double peer = kNotMeasured, peer_gemm = kNotMeasured, comm_mpi = kNotMeasured, comm_gloo = kNotMeasured;
   std::string peer_detail;
@@ -102,11 +97,6 @@ struct FusedCase {
   double bound() const { return std::max(gemm.median, comm.median); }
   double hidden_fraction() const {
     return (serial.median - fused.median) / std::min(gemm.median, comm.median);
-  }
-  // The hidden fraction that is possible when the reduce takes turns with the
-  // GEMM on the same cores: only the all-reduce's idle time can overlap.
-  double hideable_on_shared_cores() const {
-    return (1 - comm_busy) * comm.median / std::min(gemm.median, comm.median);
   }
   std::string label() const { return shape.name.empty() ? cat(shape.m, "x", shape.n, "x", shape.k) : shape.name; }
 };
@@ -130,14 +120,6 @@ FusedShape parse_shape(const std::string& text) {
 Spread spread_of(const std::vector<double>& seconds) {
   return {median(seconds), *std::min_element(seconds.begin(), seconds.end()),
           *std::max_element(seconds.begin(), seconds.end())};
-}
-
-// CPU time of the calling thread: the collective runs on it (interleaved
-// progress), and its wall time minus this is time spent waiting.
-double thread_cpu_seconds() {
-  timespec now{};
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
-  return static_cast<double>(now.tv_sec) + static_cast<double>(now.tv_nsec) * 1e-9;
 }
 
 // One rank's part of tpfuse's measurements: the four variants in turn, each
@@ -176,20 +158,14 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
     for (const auto& variant : variants) timed_batch(comm, variant, 1);
   }
   std::vector<std::vector<double>> seconds(variants.size());
-  std::vector<double> comm_busy;
   for (int r = 0; r < o.reps; ++r) {
-    for (std::size_t v = 0; v < variants.size(); ++v) {
-      const double cpu_start = thread_cpu_seconds();
-      seconds[v].push_back(timed_batch(comm, variants[v], 1));
-      if (v == 1) comm_busy.push_back((thread_cpu_seconds() - cpu_start) / seconds[v].back());
-    }
+    for (std::size_t v = 0; v < variants.size(); ++v) seconds[v].push_back(timed_batch(comm, variants[v], 1));
   }
   RankReport report;
   for (const auto& s : seconds) {
     const Spread spread = spread_of(s);
     report.values.insert(report.values.end(), {spread.median, spread.min, spread.max});
   }
-  report.values.push_back(median(comm_busy));
   report.text = gemm::prepare_gemm(operands)->engine();
   return report;
 }
@@ -216,7 +192,6 @@ void measure_tpfuse(FusedCase& c, const FusedOptions& o) {
                             [&](comm::RankContext& ctx) { return measure_tpfuse_rank(ctx, c, o); });
   Spread* targets[] = {&c.gemm, &c.comm, &c.serial, &c.fused};
   for (std::size_t v = 0; v < 4; ++v) *targets[v] = {report.values[3 * v], report.values[3 * v + 1], report.values[3 * v + 2]};
-  c.comm_busy = report.values[12];
   c.engine = report.text;
 }
 
@@ -271,8 +246,7 @@ void measure_case(FusedCase& c, const FusedOptions& o, const BaselineTools& tool
     }
     combined.median = median(medians);
   }
-  for (double FusedCase::*field :
-       {&FusedCase::peer, &FusedCase::peer_gemm, &FusedCase::comm_mpi, &FusedCase::comm_busy}) {
+  for (double FusedCase::*field : {&FusedCase::peer, &FusedCase::peer_gemm, &FusedCase::comm_mpi}) {
     std::vector<double> figures;
     for (const FusedCase& r : rounds) figures.push_back(r.*field);
     c.*field = median_of_measured(figures);
@@ -367,12 +341,7 @@ void print_targets(const std::vector<FusedCase>& cases) {
       std::printf("    ceiling T_peer / T_gemm %.3f: T_gemm %.1f ms (peer's GEMM %.1f ms), MPI_Allreduce %.1f ms\n",
                   c.peer / c.gemm.median, c.gemm.median * 1e3, c.peer_gemm * 1e3, c.comm_mpi * 1e3);
     }
-    if (is_shape(c, 4096, 8192, 256, 2)) {
-      print_target(cat("hidden fraction, ", name), c.hidden_fraction(), ">=", 0.5);
-      std::printf("    the all-reduce keeps rank 0's core busy %.0f%% of T_comm; with the GEMM on every core only the\n"
-                  "    rest can overlap it: at most %.3f of min(T_gemm, T_comm) on these cores\n",
-                  c.comm_busy * 100, c.hideable_on_shared_cores());
-    }
+    if (is_shape(c, 4096, 8192, 256, 2)) print_target(cat("hidden fraction, ", name), c.hidden_fraction(), ">=", 0.5);
     print_target(cat("T_fused / T_serial, ", name), c.fused.median / c.serial.median, "<=", 1.03);
     if (is_shape(c, 128, 64, 4096, 8)) {
       std::printf("  %-52s %7.1f us per call (report)\n", cat("seed example, ", name).c_str(), c.fused.median * 1e6);
@@ -396,7 +365,6 @@ void write_json(const std::string& path, const std::vector<FusedCase>& cases, co
         << ", \"t_comm\": " << json_number(c.comm.median) << ", \"t_serial\": " << json_number(c.serial.median)
         << ", \"t_peer\": " << json_number(c.peer) << ", \"t_fused\": " << json_number(c.fused.median)
         << ", \"hidden_fraction\": " << json_number(c.hidden_fraction())
-        << ", \"comm_busy\": " << json_number(c.comm_busy)
         << ", \"t_fused_min\": " << json_number(c.fused.min) << ", \"t_fused_max\": " << json_number(c.fused.max)
         << ", \"t_serial_min\": " << json_number(c.serial.min) << ", \"t_serial_max\": " << json_number(c.serial.max)
         << ", \"t_comm_mpi\": " << json_number(c.comm_mpi) << ", \"t_comm_gloo\": " << json_number(c.comm_gloo)
