@@ -340,6 +340,12 @@ class FloatGemm final : public PreparedGemm {
     std::vector<Task> tasks;
     if (threads == 1) {
       tasks.push_back({m0, m1, 0, panels_});
+    } else if (rows >= 2 * blocking_.mc * threads) {
+      // One task per A block, taken by whichever thread is free: a core that
+      // other work slows down computes fewer blocks instead of holding up the
+      // call. Each block packs its own rows of A and reads B as it would in
+      // one thread, so the split costs nothing.
+      for (std::int64_t r = m0; r < m1; r += blocking_.mc) tasks.push_back({r, std::min(m1, r + blocking_.mc), 0, panels_});
     } else if (panels_ >= 2 * threads || rows < 2 * mr_ * threads) {
       const std::int64_t parts = std::min(threads, panels_);
       for (std::int64_t t = 0; t < parts; ++t) {
