@@ -4,9 +4,9 @@
 // f32, then oneDNN f32". Prints GFLOP/s (median over repetitions, with the
 // spread), the ratios the GEMM targets are stated in, and optionally JSON.
 //
-// Measurements of one shape and thread count are interleaved repetition by
-// repetition, so a burst of load from other processes hits all of them alike
-// and the ratios stay meaningful on a noisy machine. A tpfuse measurement is
+// Measurements of one shape are interleaved repetition by repetition, across
+// engines and thread counts, so a burst of load from other processes hits all
+// of them alike and the ratios stay meaningful on a noisy machine. A tpfuse measurement is
 // one whole call, prepare_gemm() (x2's conversion and packing) included; a
 // library measurement is one execution of a primitive created beforehand.
 // Each thread count runs pinned to that many cores (--no-pin to disable).
@@ -379,18 +379,38 @@ std::string pin_to_cores(const cpu_set_t& allowed, int threads) {
   return cat("pinned to core", threads > 1 ? "s " : " ", names);
 }
 
-void measure(std::vector<Measurement>& ms, int reps, double min_rep_ms) {
-  for (Measurement& m : ms) {  // warm up, and size a repetition
-    const double t0 = now_seconds();
-    m.call();
-    const double once = std::max(1e-6, now_seconds() - t0);
-    m.calls_per_rep = static_cast<int>(std::clamp(min_rep_ms * 1e-3 / once, 1.0, 10000.0));
+// The measurements of one thread count, run pinned to that many cores.
+struct ThreadGroup {
+  int threads = 0;
+  std::string pinning;
+  std::vector<Measurement> ms;
+};
+
+// Repetitions are interleaved across thread counts as well as engines: the
+// scaling ratio (2 threads against 1) then compares repetitions taken side
+// by side, not two stretches of the run that other load may treat unevenly.
+void measure(std::vector<ThreadGroup>& groups, const cpu_set_t& allowed, bool pin, int reps, double min_rep_ms) {
+  const auto enter = [&](ThreadGroup& g) {
+    const std::string pinning = pin ? pin_to_cores(allowed, g.threads) : "not pinned";
+    if (g.pinning.empty()) g.pinning = pinning;
+  };
+  for (ThreadGroup& g : groups) {  // warm up, and size a repetition
+    enter(g);
+    for (Measurement& m : g.ms) {
+      const double t0 = now_seconds();
+      m.call();
+      const double once = std::max(1e-6, now_seconds() - t0);
+      m.calls_per_rep = static_cast<int>(std::clamp(min_rep_ms * 1e-3 / once, 1.0, 10000.0));
+    }
   }
   for (int r = 0; r < reps; ++r) {
-    for (Measurement& m : ms) {
-      const double t0 = now_seconds();
-      for (int c = 0; c < m.calls_per_rep; ++c) m.call();
-      m.seconds.push_back((now_seconds() - t0) / m.calls_per_rep);
+    for (ThreadGroup& g : groups) {
+      enter(g);
+      for (Measurement& m : g.ms) {
+        const double t0 = now_seconds();
+        for (int c = 0; c < m.calls_per_rep; ++c) m.call();
+        m.seconds.push_back((now_seconds() - t0) / m.calls_per_rep);
+      }
     }
   }
 }
@@ -501,24 +521,27 @@ void run_bench(const BenchOptions& o) {
   std::map<std::string, Record> by_key;
   for (const Shape& shape : shapes) {
     ShapeData data(shape, o.transposed);
+    std::vector<ThreadGroup> groups;
     for (int threads : o.threads) {
-      const std::string pinning = o.no_pin ? "not pinned" : pin_to_cores(allowed, threads);
-      std::vector<Measurement> ms;
+      ThreadGroup& g = groups.emplace_back();
+      g.threads = threads;
       for (const std::string& mode : o.modes) {
         if (mode == "f32") continue;
-        for (bool epilogue : epilogues) ms.push_back(tpfuse_measurement(data, mode, epilogue, threads));
+        for (bool epilogue : epilogues) g.ms.push_back(tpfuse_measurement(data, mode, epilogue, threads));
       }
       if (!o.no_baselines) {
-        for (Measurement& m : baselines(data, threads, o.modes)) ms.push_back(std::move(m));
+        for (Measurement& m : baselines(data, threads, o.modes)) g.ms.push_back(std::move(m));
       }
-      measure(ms, o.reps, o.min_rep_ms);
+    }
+    measure(groups, allowed, !o.no_pin, o.reps, o.min_rep_ms);
+    const double flops = 2.0 * static_cast<double>(shape.m) * static_cast<double>(shape.n) * static_cast<double>(shape.k);
+    for (const ThreadGroup& g : groups) {
       std::printf("\nm=%lld n=%lld k=%lld, %d thread%s (%s)\n", static_cast<long long>(shape.m),
-                  static_cast<long long>(shape.n), static_cast<long long>(shape.k), threads,
-                  threads > 1 ? "s" : "", pinning.c_str());
+                  static_cast<long long>(shape.n), static_cast<long long>(shape.k), g.threads,
+                  g.threads > 1 ? "s" : "", g.pinning.c_str());
       std::printf("  %-8s %-20s %-9s %9s %19s  %s\n", "mode", "engine", "epilogue", "GFLOP/s", "(min-max)", "detail");
-      const double flops = 2.0 * static_cast<double>(shape.m) * static_cast<double>(shape.n) * static_cast<double>(shape.k);
-      for (const Measurement& m : ms) {
-        Record r{m.mode, m.engine, m.detail, shape, threads, m.epilogue};
+      for (const Measurement& m : g.ms) {
+        Record r{m.mode, m.engine, m.detail, shape, g.threads, m.epilogue};
         r.seconds = median(m.seconds);
         r.gflops = flops / r.seconds * 1e-9;
         r.gflops_min = flops / *std::max_element(m.seconds.begin(), m.seconds.end()) * 1e-9;
@@ -527,7 +550,7 @@ void run_bench(const BenchOptions& o) {
         std::printf("  %-8s %-20s %-9s %9.1f  (%7.1f-%7.1f)  %s\n", r.mode.c_str(), r.engine.c_str(),
                     r.epilogue ? "bias+x3" : "none", r.gflops, r.gflops_min, r.gflops_max, r.detail.c_str());
         records.push_back(r);
-        by_key[record_key(r.mode, shape, threads, r.engine, r.epilogue)] = r;
+        by_key[record_key(r.mode, shape, g.threads, r.engine, r.epilogue)] = r;
       }
     }
   }
