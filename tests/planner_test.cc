@@ -102,6 +102,31 @@ TEST(Planner, SharedCoreTakesTheFewestTilesThatFit) {
   EXPECT_EQ(plan.tile_rows.size(), 1u) << plan.reason;
 }
 
+// Taking turns with the GEMM but spending little CPU on the reduce (MPI
+// across hosts: the bytes are on the wire), the reduce overlaps the GEMM as
+// on a core of its own: more tiles than fit the buffers alone, and a
+// prediction well under serial. As the share grows, the gain shrinks.
+TEST(Planner, SharedCoreHidesAReduceThatWaitsOnTheWire) {
+  PlanRequest request = ascend_request(128);  // GEMM 86 ms, reduce 67 ms
+  CostConstants constants = round_constants(request);
+  constants.reduce_seconds_per_byte = 1.0 / 1e9;
+  constants.buffer_bytes = 64 << 20;  // one tile would fit: only the model splits
+  double previous_gain = 1e9;
+  for (double share : {0.0, 0.1, 0.5, 1.0}) {
+    constants.reduce_cpu_share = share;
+    const TilePlan plan = make_plan(request, constants);
+    expect_well_formed(request, plan);
+    const double gain = plan.predicted_serial_seconds - plan.predicted_seconds;
+    EXPECT_LT(gain, previous_gain) << "share " << share;
+    previous_gain = gain;
+    if (share <= 0.1) {
+      EXPECT_GT(plan.tile_rows.size(), 1u) << "share " << share << ": " << plan.reason;
+      EXPECT_LT(plan.predicted_seconds, 0.8 * plan.predicted_serial_seconds) << "share " << share;
+    }
+    if (share == 1.0) EXPECT_EQ(plan.tile_rows.size(), 1u) << plan.reason;
+  }
+}
+
 // With a core of its own for the reduce, the GEMM-heavy layer splits into
 // tiles that fit the buffers, and the reduce of all but the last tile is
 // hidden: the prediction beats the serial one by most of the reduce.

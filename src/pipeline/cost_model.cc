@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <ctime>
 #include <map>
 #include <mutex>
 #include <string>
@@ -30,6 +31,7 @@ struct TransportConstants {
   double reduce_round_seconds = 0;
   double reduce_seconds_per_byte = 0;
   double copy_seconds_per_byte = 0;
+  double reduce_cpu_share = 1;
 };
 
 struct GemmConstants {
@@ -81,6 +83,13 @@ std::vector<double> agreed_max(comm::Communicator& comm, const std::vector<doubl
   return result;
 }
 
+// CPU time of the calling thread, user and system.
+double thread_cpu_seconds() {
+  timespec now{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
+  return static_cast<double>(now.tv_sec) + static_cast<double>(now.tv_nsec) * 1e-9;
+}
+
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
@@ -117,14 +126,22 @@ TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
   };
   comm.barrier();
   const double round = fastest_seconds(kReps, [&] { buffer_round(small, false); });
-  const double full = fastest_seconds(kReps, [&] { buffer_round(large, false); });
+  double cpu = 0, wall = 0;
+  const double full = fastest_seconds(kReps, [&] {
+    const double cpu_start = thread_cpu_seconds();
+    const auto start = Clock::now();
+    buffer_round(large, false);
+    cpu += thread_cpu_seconds() - cpu_start;
+    wall += seconds_since(start);
+  });
   const double copied = fastest_seconds(kReps, [&] { buffer_round(large, true); });
-  const auto agreed = agreed_max(comm, {round, full, copied});
+  const auto agreed = agreed_max(comm, {round, full, copied, cpu / std::max(wall, 1e-9)});
   const double bytes = static_cast<double>(large * element);
   TransportConstants constants;
   constants.reduce_round_seconds = agreed[0];
   constants.reduce_seconds_per_byte = std::max(0.0, agreed[1] - agreed[0]) / bytes;
   constants.copy_seconds_per_byte = std::max(0.0, agreed[2] - agreed[1]) / bytes;
+  constants.reduce_cpu_share = std::clamp(agreed[3], 0.0, 1.0);
   return constants;
 }
 
@@ -231,6 +248,7 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   constants.reduce_round_seconds = transport.reduce_round_seconds;
   constants.reduce_seconds_per_byte = transport.reduce_seconds_per_byte;
   constants.copy_seconds_per_byte = transport.copy_seconds_per_byte;
+  constants.reduce_cpu_share = transport.reduce_cpu_share;
   constants.buffer_bytes = static_cast<std::int64_t>(
       std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{1} << 62));
   constants.max_in_flight = comm.max_reduces_in_flight();

@@ -14,12 +14,16 @@
 // one pass over the prepared weight, so cutting few rows into many tiles
 // (reading the weight once per tile) never looks free.
 //
-// The prediction depends on who runs the reduce. On a core of its own it is
-// a two-stage flow shop: tile i's reduce starts when tile i is computed and
-// tile i-1's reduce is done, and tile i's GEMM waits for the slot of tile
-// i - max_in_flight to be free. Taking turns with the GEMM on the same cores,
-// the two add up, and splitting can only cost: per-tile overheads then pick
-// the fewest tiles that fit the buffers (one, when the output fits one).
+// The prediction is a two-stage flow shop: tile i's reduce starts when tile
+// i is computed and tile i-1's reduce is done, and tile i's GEMM waits for
+// the slot of tile i - max_in_flight to be free. Who runs the reduce decides
+// the stages. On a core of its own, the GEMM is the first stage and the
+// reduce the second. Taking turns with the GEMM on the same cores, the
+// reduce's CPU share (measured) joins the GEMM in the first stage, and only
+// the rest (the wire, waiting for peers) overlaps: for shared memory, where
+// the share is about 1, splitting then only adds overheads and the fewest
+// tiles that fit the buffers win; across hosts, where the share is small, the
+// network's time hides under the GEMM as on a core of its own.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -98,18 +102,15 @@ struct CostModel {
            bytes * (constants.reduce_seconds_per_byte + constants.copy_seconds_per_byte);
   }
   double predict(const std::vector<std::int64_t>& tiles, std::int64_t poll_rows) const {
-    if (!request.reduce_has_own_core) {
-      double total = 0;
-      for (std::int64_t rows : tiles) total += gemm_seconds(rows, poll_rows) + reduce_seconds(rows);
-      return total;
-    }
+    const double cpu_share = request.reduce_has_own_core ? 0.0 : constants.reduce_cpu_share;
     const auto depth = static_cast<std::size_t>(std::max(1, constants.max_in_flight));
     std::deque<double> reduce_ends;  // of the last `depth` tiles
     double gemm_end = 0, reduce_end = 0;
     for (std::int64_t rows : tiles) {
       const double slot_free = reduce_ends.size() == depth ? reduce_ends.front() : 0.0;
-      gemm_end = std::max(gemm_end, slot_free) + gemm_seconds(rows, poll_rows);
-      reduce_end = std::max(reduce_end, gemm_end) + reduce_seconds(rows);
+      const double reduce = reduce_seconds(rows);
+      gemm_end = std::max(gemm_end, slot_free) + gemm_seconds(rows, poll_rows) + cpu_share * reduce;
+      reduce_end = std::max(reduce_end, gemm_end) + (1.0 - cpu_share) * reduce;
       reduce_ends.push_back(reduce_end);
       if (reduce_ends.size() > depth) reduce_ends.pop_front();
     }
@@ -289,7 +290,8 @@ std::string describe_plan(const PlanRequest& request, const CostConstants& const
   std::snprintf(
       rate, sizeof rate, "%.2f GB/s",
       constants.reduce_seconds_per_byte > 0 ? 1e-9 / constants.reduce_seconds_per_byte : 0.0);
-  text += cat(rate, "; copy-in ");
+  text += cat(rate, " (", static_cast<int>(std::lround(constants.reduce_cpu_share * 100)),
+              "% of it on the CPU); copy-in ");
   std::snprintf(rate, sizeof rate, "%.2f GB/s",
                 constants.copy_seconds_per_byte > 0 ? 1e-9 / constants.copy_seconds_per_byte : 0.0);
   text += cat(rate, "; buffers of ", format_bytes(static_cast<double>(constants.buffer_bytes)),

@@ -40,10 +40,16 @@ struct CostConstants {
   // costs nothing measurable (blocks of 64 rows ran as fast as whole outputs).
   double gemm_flops = 0;
   double gemm_pass_seconds = 0;
-  // One tile's all-reduce from the transport's buffer, in CPU time of this
-  // rank: seconds = reduce_round_seconds + bytes * reduce_seconds_per_byte.
+  // One tile's all-reduce from the transport's buffer, in wall time:
+  // seconds = reduce_round_seconds + bytes * reduce_seconds_per_byte.
   double reduce_round_seconds = 0;
   double reduce_seconds_per_byte = 0;
+  // The part of that time the rank's thread spends on its core (the rest it
+  // waits for the wire or for peers). Where the reduce takes turns with the
+  // GEMM on the same cores, only this part competes with the GEMM: about 1
+  // for shared memory (the reduce is the CPU's own loads and adds), little
+  // for MPI across hosts (the bytes are on the network).
+  double reduce_cpu_share = 1;
   // The plain all-reduce copies its private input into the transport first:
   // bytes * this more, on top of the reduce.
   double copy_seconds_per_byte = 0;
