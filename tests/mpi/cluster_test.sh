@@ -31,11 +31,12 @@ cleanup() { "$CLUSTER" down; }
 trap cleanup EXIT
 "$CLUSTER" up 3 || fail "cluster.sh up 3"
 
-# `tpfuse run` across HOSTS hosts with PER_HOST ranks each; ARGS pick the
-# mode; HIERARCHICAL=off makes it flat where hosts hold several ranks.
+# `tpfuse run` across HOSTS hosts with PER_HOST ranks each (RANKS fewer
+# leaves the last host short); ARGS pick the mode; HIERARCHICAL=off makes it
+# flat where hosts hold several ranks.
 run_case() {
   local hosts=$1 per_host=$2; shift 2
-  local ranks=$(( hosts * per_host ))
+  local ranks=${RANKS:-$(( hosts * per_host ))}
   local out
   out=$(SLOTS=$per_host timeout 120 "$CLUSTER" mpirun -np "$ranks" --bind-to none \
           -x TPFUSE_TIMEOUT_MS=30000 -x TPFUSE_MPI_HIERARCHICAL="${HIERARCHICAL:-auto}" \
@@ -57,6 +58,11 @@ for hosts in 2 3; do
       --scale per_channel --x3
   done
 done
+
+# Three rails (three ranks on each host), and hosts of two ranks and one
+# (one rail; the second rank of the first host only receives).
+run_case 2 3 --m 40 --k 96 --n 72 --dtype bf16 --x3
+RANKS=3 run_case 2 2 --m 48 --k 128 --n 96 --dtype f16 --bias
 
 # The flat MPI all-reduce where hosts hold several ranks (hierarchical above).
 HIERARCHICAL=off run_case 2 2 --m 48 --k 128 --n 96 --dtype f16 --bias

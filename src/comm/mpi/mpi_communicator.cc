@@ -152,7 +152,8 @@ struct Reduce {
   const std::byte* input = nullptr;
   std::byte* output = nullptr;
   std::size_t count = 0;
-  DType dtype = DType::f32;
+  DType dtype = DType::f32;      // of the contributions
+  DType out_dtype = DType::f32;  // of the result (f32 contributions may be rounded once to it)
   std::shared_ptr<std::byte[]> owned_input;  // a pipelined buffer's memory
   std::unique_ptr<std::byte[]> staging;      // the others' contributions to my share
   mpi::Requests requests;
@@ -201,8 +202,10 @@ class MpiCommunicator final : public Communicator,
   std::vector<std::string> all_gather(std::string_view mine) override;
   void abort(std::string_view reason) override;
 
-  std::unique_ptr<Work> share_start(std::byte* data, std::size_t bytes, int root,
-                                    const std::vector<int>& to);
+  std::unique_ptr<Work> gather_slices_start(std::byte* data, const std::vector<std::size_t>& offsets,
+                                            const std::vector<int>& members);
+  std::unique_ptr<Work> start(const void* input, void* output, std::size_t count, DType dtype,
+                              DType out_dtype);
   const std::vector<std::string>& host_keys() const { return host_keys_; }
 
   // Learns the group's name and host layout (collective, at setup).
@@ -413,6 +416,7 @@ void MpiCommunicator::check_deadline_locked(WaitClock& clock, const std::vector<
 void MpiCommunicator::advance_locked(Reduce& reduce) {
   if (reduce.phase == 3 || !reduce.requests.test_all()) return;
   const std::size_t element = dtype_size(reduce.dtype);
+  const std::size_t out_element = dtype_size(reduce.out_dtype);
   const std::size_t begin = share_begin(reduce.count, size_, rank_);
   const std::size_t mine = share_begin(reduce.count, size_, rank_ + 1) - begin;
   if (reduce.phase == 2) {
@@ -427,18 +431,24 @@ void MpiCommunicator::advance_locked(Reduce& reduce) {
     sources[r] = r == rank_ ? reduce.input + begin * element
                             : reduce.staging.get() + (slot++) * mine * element;
   }
-  shm::sum_in_rank_order(reduce.dtype, sources, mine, reduce.output + begin * element);
+  if (reduce.out_dtype == reduce.dtype) {
+    shm::sum_in_rank_order(reduce.dtype, sources, mine, reduce.output + begin * element);
+  } else {  // fp32 sums, then the one rounding
+    std::vector<float> sums(mine);
+    shm::sum_in_rank_order(DType::f32, sources, mine, reinterpret_cast<std::byte*>(sums.data()));
+    mpi::narrow(reduce.out_dtype, sums.data(), mine, reduce.output + begin * out_element);
+  }
   reduce.phase = 2;
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
     const std::size_t their_begin = share_begin(reduce.count, size_, r);
     const std::size_t theirs = share_begin(reduce.count, size_, r + 1) - their_begin;
-    reduce.requests.irecv(reduce.output + their_begin * element, theirs * element, to(r),
+    reduce.requests.irecv(reduce.output + their_begin * out_element, theirs * out_element, to(r),
                           reduce.tag + 1, comm_);
   }
   for (int r = 0; r < size_; ++r) {
     if (r != rank_) {
-      reduce.requests.isend(reduce.output + begin * element, mine * element, to(r),
+      reduce.requests.isend(reduce.output + begin * out_element, mine * out_element, to(r),
                             reduce.tag + 1, comm_);
     }
   }
@@ -522,6 +532,11 @@ std::unique_ptr<Work> MpiCommunicator::all_reduce_start(const void* input, void*
                                                         std::size_t count, DType dtype) {
   require(is_floating(dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
           dtype_name(dtype));
+  return start(input, output, count, dtype, dtype);
+}
+
+std::unique_ptr<Work> MpiCommunicator::start(const void* input, void* output, std::size_t count,
+                                             DType dtype, DType out_dtype) {
   require(count == 0 || (input != nullptr && output != nullptr),
           "all_reduce: input and output must not be null when count (", count, ") is positive");
   const std::size_t element = dtype_size(dtype);
@@ -530,8 +545,8 @@ std::unique_ptr<Work> MpiCommunicator::all_reduce_start(const void* input, void*
           dtype_name(dtype), " gives shares over ", max_share, " bytes (MPI's message limit)");
   const auto in = reinterpret_cast<std::uintptr_t>(input);
   const auto out = reinterpret_cast<std::uintptr_t>(output);
-  const std::size_t bytes = count * element;
-  require(in == out || in + bytes <= out || out + bytes <= in,
+  const std::size_t in_bytes = count * element, out_bytes = count * dtype_size(out_dtype);
+  require((in == out && dtype == out_dtype) || in + in_bytes <= out || out + out_bytes <= in,
           "all_reduce: input and output must be the same buffer or not overlap");
   std::unique_lock lock(mutex_);
   require(acquired_.empty(),
@@ -544,6 +559,7 @@ std::unique_ptr<Work> MpiCommunicator::all_reduce_start(const void* input, void*
   reduce->output = static_cast<std::byte*>(output);
   reduce->count = count;
   reduce->dtype = dtype;
+  reduce->out_dtype = out_dtype;
   return std::make_unique<MpiWork>(shared_from_this(), start_locked(std::move(reduce)));
 }
 
@@ -567,6 +583,7 @@ ReduceBuffer MpiCommunicator::acquire_reduce_buffer(std::size_t count, DType dty
   reduce->input = buffer.data;
   reduce->count = count;
   reduce->dtype = dtype;
+  reduce->out_dtype = dtype;
   buffer.round = reduce->index;
   acquired_.push_back(std::move(reduce));
   return buffer;
@@ -669,20 +686,27 @@ void MpiCommunicator::introduce() {
   ranks_on_host_ = static_cast<int>(std::count(host_keys_.begin(), host_keys_.end(), host));
 }
 
-std::unique_ptr<Work> MpiCommunicator::share_start(std::byte* data, std::size_t bytes, int root,
-                                                   const std::vector<int>& to) {
-  require(bytes <= static_cast<std::size_t>(std::numeric_limits<int>::max()),
-          "share_start: ", bytes, " bytes exceed MPI's message limit");
+std::unique_ptr<Work> MpiCommunicator::gather_slices_start(std::byte* data,
+                                                           const std::vector<std::size_t>& offsets,
+                                                           const std::vector<int>& members) {
+  require(offsets.size() == members.size() + 1, "gather_slices_start: ", members.size(),
+          " members need ", members.size() + 1, " offsets, got ", offsets.size());
   std::lock_guard lock(mutex_);
   check_failed_locked();
   auto reduce = std::make_shared<Reduce>();
   reduce->phase = 2;  // index 0: not an all-reduce
-  if (rank_ == root) {
-    for (int r : to) {
-      if (r != root) reduce->requests.isend(data, bytes, this->to(r), kShareTag, comm_);
+  const auto me = std::find(members.begin(), members.end(), rank_) - members.begin();
+  for (std::size_t i = 0; i < members.size(); ++i) {
+    if (static_cast<std::ptrdiff_t>(i) == me) continue;
+    if (offsets[i + 1] > offsets[i]) {
+      reduce->requests.irecv(data + offsets[i], offsets[i + 1] - offsets[i], to(members[i]),
+                             kShareTag, comm_);
     }
-  } else {
-    reduce->requests.irecv(data, bytes, this->to(root), kShareTag, comm_);
+    const auto mine = static_cast<std::size_t>(me);
+    if (offsets[mine + 1] > offsets[mine]) {
+      reduce->requests.isend(data + offsets[mine], offsets[mine + 1] - offsets[mine],
+                             to(members[i]), kShareTag, comm_);
+    }
   }
   in_flight_.push_back(reduce);
   advance_locked();
@@ -715,9 +739,18 @@ const std::vector<std::string>& host_keys(const Communicator& comm) {
   return dynamic_cast<const MpiCommunicator&>(comm).host_keys();
 }
 
-std::unique_ptr<Work> share_start(Communicator& comm, std::byte* data, std::size_t bytes, int root,
-                                  const std::vector<int>& to) {
-  return dynamic_cast<MpiCommunicator&>(comm).share_start(data, bytes, root, to);
+std::unique_ptr<Work> gather_slices_start(Communicator& comm, std::byte* data,
+                                          const std::vector<std::size_t>& offsets,
+                                          const std::vector<int>& members) {
+  return dynamic_cast<MpiCommunicator&>(comm).gather_slices_start(data, offsets, members);
+}
+
+std::unique_ptr<Work> all_reduce_rounding_start(Communicator& comm, const float* input,
+                                                std::byte* output, std::size_t count,
+                                                DType out_dtype) {
+  require(is_floating(out_dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
+          dtype_name(out_dtype));
+  return dynamic_cast<MpiCommunicator&>(comm).start(input, output, count, DType::f32, out_dtype);
 }
 
 }  // namespace mpi
