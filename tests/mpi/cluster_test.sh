@@ -2,8 +2,9 @@
 # tpfuse across emulated hosts (scripts/cluster.sh): every mode on 2 and 3
 # hosts with 1 and 2 ranks each, checked by `tpfuse run` against the golden
 # model and for the same bytes on every rank; then a host whose link is cut
-# mid-call: every surviving rank fails within the deadline naming the cut
-# host's rank; then the namespaces are gone.
+# mid-call (one rank per host, and two with several all-reduces in flight):
+# every surviving rank fails within the deadline naming a rank of the cut
+# host; then the namespaces are gone.
 #
 #   cluster_test.sh TPFUSE_BINARY CLUSTER_SCRIPT
 #
@@ -32,8 +33,9 @@ trap cleanup EXIT
 "$CLUSTER" up 3 || fail "cluster.sh up 3"
 
 # `tpfuse run` across HOSTS hosts with PER_HOST ranks each (RANKS fewer
-# leaves the last host short); ARGS pick the mode; HIERARCHICAL=off makes it
-# flat where hosts hold several ranks.
+# leaves the last host short); ARGS pick the mode (and with --comm-turn,
+# several all-reduces in flight); HIERARCHICAL=off makes it flat where hosts
+# hold several ranks.
 run_case() {
   local hosts=$1 per_host=$2; shift 2
   local ranks=${RANKS:-$(( hosts * per_host ))}
@@ -51,7 +53,7 @@ $out"
 
 for hosts in 2 3; do
   for per_host in 1 2; do
-    run_case "$hosts" "$per_host" --m 48 --k 128 --n 96 --dtype bf16 --bias
+    run_case "$hosts" "$per_host" --m 48 --k 128 --n 96 --dtype bf16 --bias --comm-turn 5
     run_case "$hosts" "$per_host" --m 33 --k 128 --n 64 --mode weight_quant --scale per_group \
       --group-size 32 --offset
     run_case "$hosts" "$per_host" --m 40 --k 64 --n 80 --mode full_quant --dtype f16 \
@@ -61,41 +63,55 @@ done
 
 # Three rails (three ranks on each host), and hosts of two ranks and one
 # (one rail; the second rank of the first host only receives).
-run_case 2 3 --m 40 --k 96 --n 72 --dtype bf16 --x3
-RANKS=3 run_case 2 2 --m 48 --k 128 --n 96 --dtype f16 --bias
+run_case 2 3 --m 40 --k 96 --n 72 --dtype bf16 --x3 --comm-turn 4
+RANKS=3 run_case 2 2 --m 48 --k 128 --n 96 --dtype f16 --bias --comm-turn 4
 
 # The flat MPI all-reduce where hosts hold several ranks (hierarchical above).
 HIERARCHICAL=off run_case 2 2 --m 48 --k 128 --n 96 --dtype f16 --bias
 
-# Cut h2's link while 3 ranks (one per host) are in the middle of calls. The
-# survivors fail at the deadline of the wait they are in; the slack covers a
-# loaded 2-core machine and mpirun forwarding their messages.
-deadline_ms=2000
-log=$(mktemp)
-start=$(date +%s%N)
-timeout 60 "$CLUSTER" mpirun -np 3 --bind-to none --tag-output -x TPFUSE_TIMEOUT_MS=$deadline_ms \
-  "$TPFUSE" run --m 256 --k 512 --n 512 --iterations 1000000 --no-check >"$log" 2>&1 &
-job=$!
-sleep 3
-"$CLUSTER" link h2 down
-cut=$(date +%s%N)
-for _ in $(seq 1 100); do
-  [ "$(grep -c "waiting for ranks 2" "$log")" -ge 2 ] && break
-  sleep 0.1
-done
-seen=$(date +%s%N)
-kill "$job" 2>/dev/null
-wait "$job" 2>/dev/null
-echo "--- job output after the cut (h2 holds rank 2) ---"
-grep -v "^\[1,[0-9]\]<stdout>:plain" "$log" | head -20
-for rank in 0 1; do
-  grep -q "^\[1,$rank\]<stderr>:.*waiting for ranks 2" "$log" ||
-    fail "rank $rank did not fail naming rank 2"
-done
-elapsed_ms=$(( (seen - cut) / 1000000 ))
-echo "survivors failed ${elapsed_ms} ms after the cut (deadline ${deadline_ms} ms; $(( (cut - start) / 1000000 )) ms of calls before it)"
-[ "$elapsed_ms" -le $(( deadline_ms + 3000 )) ] || fail "the survivors took ${elapsed_ms} ms"
-rm -f "$log"
+# Cut host CUT's link while HOSTS hosts of PER_HOST ranks are in the middle
+# of calls. The survivors fail at the deadline of the wait they are in,
+# naming a rank of the cut host; the slack covers a loaded 2-core machine and
+# mpirun forwarding their messages.
+cut_case() {
+  local hosts=$1 per_host=$2 cut_host=$3; shift 3
+  local ranks=$(( hosts * per_host )) deadline_ms=2000 log start cut seen
+  local first=$(( cut_host * per_host )) last=$(( cut_host * per_host + per_host - 1 ))
+  local pattern
+  pattern="waiting for ranks \($(seq -s '\|' "$first" "$last")\)"
+  log=$(mktemp)
+  "$CLUSTER" up "$hosts" || fail "cluster.sh up $hosts"
+  start=$(date +%s%N)
+  SLOTS=$per_host timeout 60 "$CLUSTER" mpirun -np "$ranks" --bind-to none --tag-output \
+    -x TPFUSE_TIMEOUT_MS=$deadline_ms "$TPFUSE" run --m 256 --k 512 --n 512 --iterations 1000000 \
+    --no-check "$@" >"$log" 2>&1 &
+  local job=$!
+  sleep 3
+  "$CLUSTER" link "h$cut_host" down
+  cut=$(date +%s%N)
+  for _ in $(seq 1 100); do
+    [ "$(grep -c "$pattern" "$log")" -ge $(( ranks - per_host )) ] && break
+    sleep 0.1
+  done
+  seen=$(date +%s%N)
+  kill "$job" 2>/dev/null
+  wait "$job" 2>/dev/null
+  echo "--- $hosts hosts x $per_host, h$cut_host cut (ranks $first..$last): job output after the cut ---"
+  grep -v "<stdout>:plain" "$log" | head -20
+  for rank in $(seq 0 $(( ranks - 1 ))); do
+    [ "$rank" -ge "$first" ] && [ "$rank" -le "$last" ] && continue
+    grep -q "^\[1,$rank\]<stderr>:.*$pattern" "$log" ||
+      fail "rank $rank did not fail naming a rank of h$cut_host"
+  done
+  local elapsed_ms=$(( (seen - cut) / 1000000 ))
+  echo "survivors failed ${elapsed_ms} ms after the cut (deadline ${deadline_ms} ms; $(( (cut - start) / 1000000 )) ms of calls before it)"
+  [ "$elapsed_ms" -le $(( deadline_ms + 3000 )) ] || fail "the survivors took ${elapsed_ms} ms"
+  rm -f "$log"
+}
+
+cut_case 3 1 2
+# Hierarchical, several all-reduces in flight: each survivor waits on its rail.
+cut_case 2 2 1 --comm-turn 4
 
 trap - EXIT
 cleanup

@@ -23,10 +23,14 @@
 // "Same host" is the same hostname and network namespace, and a shm group
 // that the host's ranks can set up together through a directory in /tmp.
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <deque>
+#include <exception>
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <thread>
 
 #include "comm/mpi/mpi_group.h"
 #include "tpfuse/comm/shm.h"
@@ -86,27 +90,204 @@ std::size_t slice_begin(std::size_t count, std::size_t slices, std::size_t j) {
   return count / slices * j + count % slices * j / slices;
 }
 
-// One all-reduce: the host sum (shm), this rank's rail (MPI), the gather of
-// the slices in the host (MPI). Each step's wait is bounded by its transport.
-// Both the thread that starts the next all-reduce (which first completes
-// this one) and a helper thread may wait on it: a mutex keeps them in turn.
-class HierarchicalWork final : public Work {
+// The all-reduces in flight and their steps: the host sum (shm), this
+// rank's rail (MPI), the gather of the slices in the host (MPI). Each
+// sub-communicator takes its collectives one at a time and in the same order
+// on every rank, so an all-reduce starts a step only once the one before it
+// has finished that step; steps of different all-reduces overlap (one's
+// rail with the next one's host sum). Waiting polls: the thread that starts
+// all-reduces never blocks on the network while a helper thread waits.
+class Pipeline {
  public:
-  struct Steps {
+  struct Parts {
     std::shared_ptr<Communicator> flat;
     std::shared_ptr<Communicator> local;
     std::shared_ptr<Communicator> rail;  // null where this rank's place in its host has no rail
     std::shared_ptr<const Layout> layout;
   };
-  HierarchicalWork(Steps steps, const void* input, void* output, std::size_t count, DType dtype)
-      : steps_(steps),
-        output_(static_cast<std::byte*>(output)),
-        count_(count),
-        dtype_(dtype),
-        sums_(std::make_unique<float[]>(count)) {
-    widen(dtype, static_cast<const std::byte*>(input), count, sums_.get());
-    current_ = steps_.local->all_reduce_start(sums_.get(), sums_.get(), count, DType::f32);
+  enum class Step { host_sum, rail, gather, done };
+  struct Op {
+    std::byte* output = nullptr;
+    std::size_t count = 0;
+    DType dtype = DType::f32;
+    std::unique_ptr<float[]> sums;  // the contribution widened, then the host sum
+    Step step = Step::host_sum;
+    std::unique_ptr<Work> current;  // the step's collective, once started
+  };
+
+  explicit Pipeline(Parts parts) : parts_(std::move(parts)) {}
+
+  std::shared_ptr<Op> start(const void* input, void* output, std::size_t count, DType dtype) {
+    auto op = std::make_shared<Op>();
+    op->output = static_cast<std::byte*>(output);
+    op->count = count;
+    op->dtype = dtype;
+    op->sums = std::make_unique<float[]>(count);
+    widen(dtype, static_cast<const std::byte*>(input), count, op->sums.get());
+    const std::lock_guard lock(mutex_);
+    rethrow_failure_locked();
+    if (ops_.empty()) last_progress_ = Clock::now();
+    ops_.push_back(op);
+    advance_locked();
+    return op;
   }
+
+  bool test(const Op& op) {
+    const std::lock_guard lock(mutex_);
+    advance_locked();
+    return op.step == Step::done;
+  }
+
+  // Polls until `op` is done. Where nothing has moved for a while, waits on
+  // the oldest collective in flight instead, and its transport fails naming
+  // the ranks it waits for: after a quarter of the timeout for a rail, whose
+  // peers are on other hosts (so a cut link shows within 1.25 timeouts); after
+  // 1.25 timeouts for a step inside the host, whose peers are most likely
+  // busy on their own rails and, if one fails, abort the host's groups with
+  // its reason first (see fail_locked). That wait holds the lock: the next
+  // all-reduce cannot start meanwhile, which costs overlap only when a step
+  // is that slow.
+  void wait(const Op& op) {
+    const auto spin_until = Clock::now() + std::chrono::microseconds{200};
+    for (;;) {
+      {
+        const std::lock_guard lock(mutex_);
+        advance_locked();
+        if (op.step == Step::done) return;
+        const Op* stuck = oldest_started_locked();
+        const auto patience = stuck != nullptr && stuck->step == Step::rail
+                                  ? parts_.flat->timeout() / 4
+                                  : parts_.flat->timeout() * 5 / 4;
+        if (stuck != nullptr && Clock::now() - last_progress_ > patience) {
+          try {
+            stuck->current->wait();
+          } catch (const std::exception& error) {
+            fail_locked(error);
+          }
+          last_progress_ = Clock::now();
+        }
+      }
+      if (Clock::now() > spin_until) std::this_thread::sleep_for(std::chrono::microseconds{50});
+    }
+  }
+
+  std::size_t in_flight() {
+    const std::lock_guard lock(mutex_);
+    return ops_.size();
+  }
+  std::shared_ptr<Op> oldest() {
+    const std::lock_guard lock(mutex_);
+    return ops_.empty() ? nullptr : ops_.front();
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  void advance_locked() {
+    rethrow_failure_locked();
+    try {
+      const Op* previous = nullptr;
+      for (const std::shared_ptr<Op>& op : ops_) {
+        while (op->step != Step::done) {
+          if (op->current == nullptr) {
+            if (previous != nullptr && previous->step <= op->step) break;
+            start_step(*op);
+            last_progress_ = Clock::now();
+          }
+          if (!op->current->test()) break;
+          finish_step(*op);
+          last_progress_ = Clock::now();
+        }
+        previous = op.get();
+      }
+    } catch (const std::exception& error) {
+      fail_locked(error);
+    }
+    while (!ops_.empty() && ops_.front()->step == Step::done) ops_.pop_front();
+  }
+
+  void start_step(Op& op) {
+    const std::size_t element = dtype_size(op.dtype);
+    const std::size_t rails = parts_.layout->rails.size();
+    const std::vector<int>& host = parts_.layout->host;
+    switch (op.step) {
+      case Step::host_sum:
+        op.current = parts_.local->all_reduce_start(op.sums.get(), op.sums.get(), op.count, DType::f32);
+        return;
+      case Step::rail: {
+        const auto place = static_cast<std::size_t>(
+            std::find(host.begin(), host.end(), parts_.flat->rank()) - host.begin());
+        const std::size_t begin = slice_begin(op.count, rails, place);
+        const std::size_t end = slice_begin(op.count, rails, place + 1);
+        op.current = all_reduce_rounding_start(*parts_.rail, op.sums.get() + begin,
+                                               op.output + begin * element, end - begin, op.dtype);
+        return;
+      }
+      case Step::gather: {
+        std::vector<std::size_t> offsets(host.size() + 1);
+        for (std::size_t i = 0; i <= host.size(); ++i) {
+          offsets[i] = slice_begin(op.count, rails, std::min(i, rails)) * element;
+        }
+        op.current = gather_slices_start(*parts_.flat, op.output, offsets, host);
+        return;
+      }
+      case Step::done:
+        return;
+    }
+  }
+
+  void finish_step(Op& op) {
+    op.current.reset();
+    switch (op.step) {
+      case Step::host_sum:
+        op.step = parts_.rail != nullptr ? Step::rail : Step::gather;
+        return;
+      case Step::rail:
+        op.step = Step::gather;
+        return;
+      case Step::gather:
+      case Step::done:
+        op.step = Step::done;
+        op.sums.reset();
+        return;
+    }
+  }
+
+  const Op* oldest_started_locked() const {
+    for (const std::shared_ptr<Op>& op : ops_) {
+      if (op->current != nullptr) return op.get();
+    }
+    return nullptr;
+  }
+
+  // Keeps the failure for every later call, and aborts the other groups with
+  // its reason: the ranks of this host waiting on this one (say for its
+  // slice, while its rail to a cut host timed out) fail at once, naming the
+  // unreachable ranks rather than this one.
+  [[noreturn]] void fail_locked(const std::exception& error) {
+    failure_ = std::current_exception();
+    parts_.flat->abort(error.what());
+    parts_.local->abort(error.what());
+    if (parts_.rail) parts_.rail->abort(error.what());
+    std::rethrow_exception(failure_);
+  }
+
+  void rethrow_failure_locked() const {
+    if (failure_) std::rethrow_exception(failure_);
+  }
+
+  Parts parts_;
+  std::mutex mutex_;
+  std::deque<std::shared_ptr<Op>> ops_;  // in flight, oldest first
+  Clock::time_point last_progress_ = Clock::now();
+  std::exception_ptr failure_;  // once a step failed, every call fails alike
+};
+
+class HierarchicalWork final : public Work {
+ public:
+  HierarchicalWork(std::shared_ptr<Pipeline> pipeline, std::shared_ptr<Pipeline::Op> op,
+                   std::shared_ptr<std::byte[]> scratch = nullptr)
+      : pipeline_(std::move(pipeline)), op_(std::move(op)), scratch_(std::move(scratch)) {}
   ~HierarchicalWork() override {
     try {
       wait();
@@ -114,131 +295,78 @@ class HierarchicalWork final : public Work {
       log::debug("unfinished all-reduce dropped: ", error.what());
     }
   }
-  bool test() override {
-    const std::lock_guard lock(mutex_);
-    while (step_ != Step::done && current_->test()) next();
-    return step_ == Step::done;
-  }
-  void wait() override {
-    const std::lock_guard lock(mutex_);
-    while (step_ != Step::done) {
-      current_->wait();
-      next();
-    }
-  }
+  bool test() override { return pipeline_->test(*op_); }
+  void wait() override { pipeline_->wait(*op_); }
 
  private:
-  enum class Step { host_sum, rail, gather, done };
-
-  void next() {
-    const std::size_t element = dtype_size(dtype_);
-    const std::vector<int>& host = steps_.layout->host;
-    const std::size_t rails = steps_.layout->rails.size();
-    if (step_ == Step::host_sum && steps_.rail != nullptr) {
-      const auto place = static_cast<std::size_t>(local_place());
-      const std::size_t begin = slice_begin(count_, rails, place);
-      const std::size_t end = slice_begin(count_, rails, place + 1);
-      step_ = Step::rail;
-      current_ = all_reduce_rounding_start(*steps_.rail, sums_.get() + begin,
-                                           output_ + begin * element, end - begin, dtype_);
-    } else if (step_ == Step::host_sum || step_ == Step::rail) {
-      std::vector<std::size_t> offsets(host.size() + 1);
-      for (std::size_t i = 0; i <= host.size(); ++i) {
-        offsets[i] = slice_begin(count_, rails, std::min(i, rails)) * element;
-      }
-      step_ = Step::gather;
-      current_ = gather_slices_start(*steps_.flat, output_, offsets, host);
-    } else {
-      step_ = Step::done;
-      current_.reset();
-      sums_.reset();
-    }
-  }
-
-  // This rank's place among its host's ranks.
-  int local_place() const {
-    const std::vector<int>& host = steps_.layout->host;
-    return static_cast<int>(std::find(host.begin(), host.end(), steps_.flat->rank()) - host.begin());
-  }
-
-  Steps steps_;
-  std::byte* output_;
-  std::size_t count_;
-  DType dtype_;
-  std::unique_ptr<float[]> sums_;
-  std::unique_ptr<Work> current_;
-  Step step_ = Step::host_sum;
-  std::mutex mutex_;
+  std::shared_ptr<Pipeline> pipeline_;
+  std::shared_ptr<Pipeline::Op> op_;
+  std::shared_ptr<std::byte[]> scratch_;  // the acquired buffer, kept to the end
 };
 
 class HierarchicalCommunicator final : public Communicator {
  public:
-  HierarchicalCommunicator(std::shared_ptr<Communicator> flat, std::shared_ptr<Communicator> local,
-                           std::shared_ptr<Communicator> rail, Layout layout)
-      : flat_(std::move(flat)),
-        local_(std::move(local)),
-        rail_(std::move(rail)),
-        layout_(std::make_shared<const Layout>(std::move(layout))) {}
+  explicit HierarchicalCommunicator(Pipeline::Parts parts)
+      : parts_(parts), pipeline_(std::make_shared<Pipeline>(std::move(parts))) {}
 
-  int rank() const override { return flat_->rank(); }
-  int size() const override { return flat_->size(); }
-  const std::string& name() const override { return flat_->name(); }
-  std::chrono::milliseconds timeout() const override { return flat_->timeout(); }
-  int ranks_on_host() const override { return static_cast<int>(layout_->host.size()); }
+  int rank() const override { return parts_.flat->rank(); }
+  int size() const override { return parts_.flat->size(); }
+  const std::string& name() const override { return parts_.flat->name(); }
+  std::chrono::milliseconds timeout() const override { return parts_.flat->timeout(); }
+  int ranks_on_host() const override { return static_cast<int>(parts_.layout->host.size()); }
   bool progresses_only_when_called() const override { return true; }
-  std::size_t max_gather_bytes() const override { return flat_->max_gather_bytes(); }
+  std::size_t max_gather_bytes() const override { return parts_.flat->max_gather_bytes(); }
+  int max_reduces_in_flight() const override { return kMaxInFlight; }
   std::vector<std::string> all_gather(std::string_view mine) override {
-    finish();
-    return flat_->all_gather(mine);
+    finish(0);
+    return parts_.flat->all_gather(mine);
   }
   void abort(std::string_view reason) override {
-    flat_->abort(reason);
-    local_->abort(reason);
-    if (rail_) rail_->abort(reason);
+    parts_.flat->abort(reason);
+    parts_.local->abort(reason);
+    if (parts_.rail) parts_.rail->abort(reason);
   }
 
   std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
                                          DType dtype) override {
+    check_all_reduce(input, output, count, dtype);
+    finish(0);
+    return std::make_unique<HierarchicalWork>(pipeline_,
+                                              pipeline_->start(input, output, count, dtype));
+  }
+  ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override {
+    finish(kMaxInFlight - 1);
+    return Communicator::acquire_reduce_buffer(count, dtype);
+  }
+  std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output) override {
+    require(buffer.scratch != nullptr && buffer.data == buffer.scratch.get(),
+            "all_reduce_start: the buffer was not acquired from this communicator");
+    check_all_reduce(buffer.data, output, buffer.count, buffer.dtype);
+    auto op = pipeline_->start(buffer.data, output, buffer.count, buffer.dtype);
+    return std::make_unique<HierarchicalWork>(pipeline_, std::move(op), std::move(buffer.scratch));
+  }
+
+ private:
+  static constexpr int kMaxInFlight = 3;
+
+  static void check_all_reduce(const void* input, const void* output, std::size_t count,
+                               DType dtype) {
     require(is_floating(dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
             dtype_name(dtype));
     require(count == 0 || (input != nullptr && output != nullptr),
             "all_reduce: input and output must not be null when count (", count,
             ") is positive");
-    finish();
-    auto work = std::make_unique<HierarchicalWork>(
-        HierarchicalWork::Steps{flat_, local_, rail_, layout_}, input, output, count, dtype);
-    *last_ = work.get();
-    return std::make_unique<Tracked>(std::move(work), last_);
   }
 
- private:
-  // Lets the communicator finish the all-reduce in flight before the next
-  // collective, and forget it once its Work is gone.
-  class Tracked final : public Work {
-   public:
-    Tracked(std::unique_ptr<Work> work, std::shared_ptr<Work*> last)
-        : work_(std::move(work)), last_(std::move(last)) {}
-    ~Tracked() override {
-      if (*last_ == work_.get()) *last_ = nullptr;
+  // Waits until at most `left` all-reduces are in flight, oldest first.
+  void finish(std::size_t left) {
+    while (pipeline_->in_flight() > left) {
+      if (auto oldest = pipeline_->oldest()) pipeline_->wait(*oldest);
     }
-    bool test() override { return work_->test(); }
-    void wait() override { work_->wait(); }
-
-   private:
-    std::unique_ptr<Work> work_;
-    std::shared_ptr<Work*> last_;
-  };
-
-  void finish() {
-    if (*last_ != nullptr) (*last_)->wait();
   }
 
-  std::shared_ptr<Communicator> flat_;
-  std::shared_ptr<Communicator> local_;
-  std::shared_ptr<Communicator> rail_;
-  std::shared_ptr<const Layout> layout_;
-  // The all-reduce in flight, shared with its Work (which may outlive this).
-  std::shared_ptr<Work*> last_ = std::make_shared<Work*>(nullptr);
+  Pipeline::Parts parts_;
+  std::shared_ptr<Pipeline> pipeline_;
 };
 
 }  // namespace
@@ -275,8 +403,9 @@ std::shared_ptr<Communicator> make_hierarchical(std::shared_ptr<Communicator> fl
   for (const std::vector<int>& members : layout.rails) {
     if (auto group = create_group(options, members)) rail = std::move(group);
   }
-  return std::make_shared<HierarchicalCommunicator>(std::move(flat), std::move(local),
-                                                    std::move(rail), layout);
+  return std::make_shared<HierarchicalCommunicator>(Pipeline::Parts{
+      std::move(flat), std::move(local), std::move(rail),
+      std::make_shared<const Layout>(layout)});
 }
 
 void narrow(DType dtype, const float* in, std::size_t count, std::byte* out) {
