@@ -174,6 +174,10 @@ GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& g
 
 // The cached value for `key`, or (collectively: every rank misses alike)
 // the one `measure` returns, cached. The lock is not held while measuring.
+// A communicator keeps at most kMaxPlans entries of a table: past that its
+// own are dropped, which happens on all its ranks at the same call, since
+// they make the same calls on it; another communicator's entries are never
+// touched (its ranks would then miss apart, and one would measure alone).
 template <class Key, class Value, class Measure>
 Value cached_or_measured(std::map<Key, Value>& table, const Key& key, Measure&& measure) {
   {
@@ -182,6 +186,10 @@ Value cached_or_measured(std::map<Key, Value>& table, const Key& key, Measure&& 
   }
   const Value value = measure();
   const std::lock_guard lock(cache().mutex);
+  const auto same_group = [&](const auto& entry) { return std::get<0>(entry.first) == std::get<0>(key); };
+  if (static_cast<std::size_t>(std::count_if(table.begin(), table.end(), same_group)) >= kMaxPlans) {
+    std::erase_if(table, same_group);
+  }
   table[key] = value;
   return value;
 }
