@@ -16,11 +16,13 @@
 //
 // Where several hosts hold several ranks each, the communicator is
 // hierarchical (TPFUSE_MPI_HIERARCHICAL=auto, the default): each host's
-// ranks sum over the shm transport (in fp32, in rank order), one rank per
-// host all-reduces the host sums over MPI (in the order of the hosts' lowest
-// ranks), rounds once and sends the result to its host's ranks. The bytes
-// are the same on every rank, but not the flat order's bytes; =off gives the
-// flat all-reduce. A host is a hostname and network namespace.
+// ranks sum over the shm transport (in fp32, in rank order); with L ranks on
+// every host, the j-th ranks of all hosts all-reduce the j-th of L slices of
+// the host sums over MPI (in fp32, in the order of their ranks: the hosts'
+// order where a host's ranks are consecutive) and round once; the ranks of a
+// host then exchange their slices. The bytes are the same on every rank,
+// but not the flat order's bytes; =off gives the flat all-reduce. A host is
+// a hostname and network namespace.
 //
 // MPI is initialized on first use (with MPI_THREAD_MULTIPLE requested, as a
 // Work may be advanced from a helper thread) and finalized at exit unless a
