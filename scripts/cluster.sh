@@ -14,7 +14,9 @@
 #
 # Names carry a prefix (TPFUSE_CLUSTER, default "tpfc") so that two clusters
 # can exist at once; everything is created under that prefix and `down`
-# removes exactly that. Needs root (CAP_NET_ADMIN).
+# removes exactly that. Needs root (CAP_NET_ADMIN). TPFUSE_CLUSTER_BTL sets
+# Open MPI's transports for `mpirun` (default tcp,self,vader; tcp,self for a
+# job that will be killed: vader leaves h0's segments in /dev/shm then).
 set -euo pipefail
 
 PREFIX=${TPFUSE_CLUSTER:-tpfc}
@@ -138,7 +140,7 @@ cmd_mpirun() {
   OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PMIX_MCA_gds=hash \
     ip netns exec "$(host_ns 0)" mpirun --hostfile "$STATE_DIR/hostfile" \
       --mca plm_rsh_agent "$agent" \
-      --mca btl tcp,self,vader --mca btl_tcp_if_include "${SUBNET_BASE}.0/24" \
+      --mca btl "${TPFUSE_CLUSTER_BTL:-tcp,self,vader}" --mca btl_tcp_if_include "${SUBNET_BASE}.0/24" \
       --mca oob_tcp_if_include "${SUBNET_BASE}.0/24" "$@"
 }
 
