@@ -320,6 +320,10 @@ std::string wait_for_segment_name(Store& store, std::chrono::milliseconds timeou
     const Clock::time_point now = Clock::now();
     if (now >= next_liveness_check || now >= deadline) {
       if (const auto pid = lost_pid(store, 0)) {
+        // Rank 0 may have published the name since the look above, then
+        // failed (a rank that never attached) and exited: the name is there
+        // now, and the segment's absence leads to rank 0's verdict.
+        if (auto name = store.try_get(shm::kSegmentKey)) return *std::move(name);
         throw PeerLostError(
             cat("shm setup: rank 0 (pid ", *pid, ") died before publishing the segment's name"),
             {0});
