@@ -85,11 +85,6 @@ Layout layout_of(const std::vector<std::string>& keys, int rank) {
   return layout;
 }
 
-// Slice j of `count` elements cut in `slices`: [begin(j), begin(j + 1)).
-std::size_t slice_begin(std::size_t count, std::size_t slices, std::size_t j) {
-  return count / slices * j + count % slices * j / slices;
-}
-
 // The all-reduces in flight and their steps: the host sum (shm), this
 // rank's rail (MPI), the gather of the slices in the host (MPI). Each
 // sub-communicator takes its collectives one at a time and in the same order
@@ -208,17 +203,17 @@ class Pipeline {
 
   void start_step(Op& op) {
     const std::size_t element = dtype_size(op.dtype);
-    const std::size_t rails = parts_.layout->rails.size();
+    const int rails = static_cast<int>(parts_.layout->rails.size());
     const std::vector<int>& host = parts_.layout->host;
     switch (op.step) {
       case Step::host_sum:
         op.current = parts_.local->all_reduce_start(op.sums.get(), op.sums.get(), op.count, DType::f32);
         return;
       case Step::rail: {
-        const auto place = static_cast<std::size_t>(
+        const auto place = static_cast<int>(
             std::find(host.begin(), host.end(), parts_.flat->rank()) - host.begin());
-        const std::size_t begin = slice_begin(op.count, rails, place);
-        const std::size_t end = slice_begin(op.count, rails, place + 1);
+        const std::size_t begin = share_begin(op.count, rails, place);
+        const std::size_t end = share_begin(op.count, rails, place + 1);
         op.current = all_reduce_rounding_start(*parts_.rail, op.sums.get() + begin,
                                                op.output + begin * element, end - begin, op.dtype);
         return;
@@ -226,7 +221,7 @@ class Pipeline {
       case Step::gather: {
         std::vector<std::size_t> offsets(host.size() + 1);
         for (std::size_t i = 0; i <= host.size(); ++i) {
-          offsets[i] = slice_begin(op.count, rails, std::min(i, rails)) * element;
+          offsets[i] = share_begin(op.count, rails, std::min(static_cast<int>(i), rails)) * element;
         }
         op.current = gather_slices_start(*parts_.flat, op.output, offsets, host);
         return;

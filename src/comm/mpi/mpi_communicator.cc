@@ -82,12 +82,6 @@ void init_mpi() {
   });
 }
 
-// floor(count * rank / size), without the product overflowing.
-std::size_t share_begin(std::size_t count, int size, int rank) {
-  const auto p = static_cast<std::size_t>(size), r = static_cast<std::size_t>(rank);
-  return count / p * r + count % p * r / p;
-}
-
 // How a communicator failed, kept so that every later call throws the same.
 struct Failure {
   enum class Kind { timeout, aborted, lost } kind = Kind::aborted;
@@ -417,8 +411,8 @@ void MpiCommunicator::advance_locked(Reduce& reduce) {
   if (reduce.phase == 3 || !reduce.requests.test_all()) return;
   const std::size_t element = dtype_size(reduce.dtype);
   const std::size_t out_element = dtype_size(reduce.out_dtype);
-  const std::size_t begin = share_begin(reduce.count, size_, rank_);
-  const std::size_t mine = share_begin(reduce.count, size_, rank_ + 1) - begin;
+  const std::size_t begin = mpi::share_begin(reduce.count, size_, rank_);
+  const std::size_t mine = mpi::share_begin(reduce.count, size_, rank_ + 1) - begin;
   if (reduce.phase == 2) {
     reduce.phase = 3;
     reduce.staging.reset();
@@ -441,8 +435,8 @@ void MpiCommunicator::advance_locked(Reduce& reduce) {
   reduce.phase = 2;
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
-    const std::size_t their_begin = share_begin(reduce.count, size_, r);
-    const std::size_t theirs = share_begin(reduce.count, size_, r + 1) - their_begin;
+    const std::size_t their_begin = mpi::share_begin(reduce.count, size_, r);
+    const std::size_t theirs = mpi::share_begin(reduce.count, size_, r + 1) - their_begin;
     reduce.requests.irecv(reduce.output + their_begin * out_element, theirs * out_element, to(r),
                           reduce.tag + 1, comm_);
   }
@@ -471,8 +465,8 @@ std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> re
   r.tag = kFirstReduceTag + static_cast<int>((r.index % kReduceTagCycle) * 2);
   r.phase = 1;
   const std::size_t element = dtype_size(r.dtype);
-  const std::size_t begin = share_begin(r.count, size_, rank_);
-  const std::size_t mine = share_begin(r.count, size_, rank_ + 1) - begin;
+  const std::size_t begin = mpi::share_begin(r.count, size_, rank_);
+  const std::size_t mine = mpi::share_begin(r.count, size_, rank_ + 1) - begin;
   if (size_ > 1) r.staging = std::make_unique<std::byte[]>((size_ - 1) * mine * element);
   for (int peer = 0, slot = 0; peer < size_; ++peer) {
     if (peer == rank_) continue;
@@ -483,8 +477,8 @@ std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> re
   // not every rank sends to rank 0 first.
   for (int step = 1; step < size_; ++step) {
     const int peer = (rank_ + step) % size_;
-    const std::size_t their_begin = share_begin(r.count, size_, peer);
-    const std::size_t theirs = share_begin(r.count, size_, peer + 1) - their_begin;
+    const std::size_t their_begin = mpi::share_begin(r.count, size_, peer);
+    const std::size_t theirs = mpi::share_begin(r.count, size_, peer + 1) - their_begin;
     r.requests.isend(r.input + their_begin * element, theirs * element, to(peer), r.tag, comm_);
   }
   in_flight_.push_back(reduce);
@@ -716,6 +710,11 @@ std::unique_ptr<Work> MpiCommunicator::gather_slices_start(std::byte* data,
 }  // namespace
 
 namespace mpi {
+
+std::size_t share_begin(std::size_t count, int size, int rank) {
+  const auto p = static_cast<std::size_t>(size), r = static_cast<std::size_t>(rank);
+  return count / p * r + count % p * r / p;
+}
 
 std::shared_ptr<Communicator> create_group(const MpiOptions& options,
                                            const std::vector<int>& members) {

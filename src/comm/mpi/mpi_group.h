@@ -39,6 +39,10 @@ std::unique_ptr<Work> gather_slices_start(Communicator& comm, std::byte* data,
                                           const std::vector<std::size_t>& offsets,
                                           const std::vector<int>& members);
 
+// Where share `rank` of `count` elements cut in `size` shares begins:
+// floor(count * rank / size), without the product overflowing.
+std::size_t share_begin(std::size_t count, int size, int rank);
+
 // fp32 values rounded to `dtype` (f16, bf16 or f32), each once.
 void narrow(DType dtype, const float* in, std::size_t count, std::byte* out);
 
