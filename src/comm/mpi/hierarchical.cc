@@ -63,6 +63,7 @@ void widen(DType dtype, const std::byte* in, std::size_t count, float* out) {
 
 struct Layout {
   std::vector<int> host;  // world ranks on this rank's host, increasing
+  int place = 0;          // this rank's index in `host`
   int hosts = 0;
   // Rail j: the j-th rank of every host, increasing; as many rails as the
   // fewest ranks any host has.
@@ -74,6 +75,8 @@ Layout layout_of(const std::vector<std::string>& keys, int rank) {
   for (int r = 0; r < static_cast<int>(keys.size()); ++r) by_host[keys[r]].push_back(r);
   Layout layout;
   layout.host = by_host[keys[rank]];
+  layout.place = static_cast<int>(std::find(layout.host.begin(), layout.host.end(), rank) -
+                                  layout.host.begin());
   layout.hosts = static_cast<int>(by_host.size());
   std::size_t rails = layout.host.size();
   for (const auto& [key, ranks] : by_host) rails = std::min(rails, ranks.size());
@@ -210,8 +213,7 @@ class Pipeline {
         op.current = parts_.local->all_reduce_start(op.sums.get(), op.sums.get(), op.count, DType::f32);
         return;
       case Step::rail: {
-        const auto place = static_cast<int>(
-            std::find(host.begin(), host.end(), parts_.flat->rank()) - host.begin());
+        const int place = parts_.layout->place;
         const std::size_t begin = share_begin(op.count, rails, place);
         const std::size_t end = share_begin(op.count, rails, place + 1);
         op.current = all_reduce_rounding_start(*parts_.rail, op.sums.get() + begin,
@@ -385,8 +387,7 @@ std::shared_ptr<Communicator> make_hierarchical(std::shared_ptr<Communicator> fl
   std::shared_ptr<Communicator> local;
   {
     FileStore store(dir);
-    const auto place = std::find(layout.host.begin(), layout.host.end(), flat->rank());
-    local = create_shm_communicator(store, static_cast<int>(place - layout.host.begin()),
+    local = create_shm_communicator(store, layout.place,
                                     static_cast<int>(layout.host.size()),
                                     ShmOptions{.timeout = options.timeout});
   }
