@@ -4,7 +4,6 @@
 // measured time of the operator itself.
 #include "tpfuse/pipeline/plan.h"
 
-#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "commands.h"
 #include "pipeline/executor.h"
 #include "tpfuse/comm/launcher.h"
@@ -38,22 +38,6 @@ struct PlanFlags {
   int run = 0;
   bool no_pin = false;
 };
-
-// One rank per core, wrapping around when ranks outnumber cores.
-void pin_to_core(int rank) {
-  cpu_set_t allowed;
-  CPU_ZERO(&allowed);
-  if (sched_getaffinity(0, sizeof allowed, &allowed) != 0)
-    throw_system_error("sched_getaffinity", errno);
-  std::vector<int> cores;
-  for (int c = 0; c < CPU_SETSIZE; ++c) {
-    if (CPU_ISSET(c, &allowed)) cores.push_back(c);
-  }
-  cpu_set_t mine;
-  CPU_ZERO(&mine);
-  CPU_SET(cores[static_cast<std::size_t>(rank) % cores.size()], &mine);
-  if (sched_setaffinity(0, sizeof mine, &mine) != 0) throw_system_error("sched_setaffinity", errno);
-}
 
 double slowest_rank(comm::Communicator& comm, double seconds) {
   const auto all =
@@ -88,7 +72,7 @@ double time_operator(comm::RankContext& ctx, const testing::RankArgs& args, cons
 // One rank's part: plan as the operator would (same threads, same request),
 // rank 0 writes the account to `report_fd`.
 int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
-  if (!flags.no_pin) pin_to_core(ctx.rank);
+  if (!flags.no_pin) pin_rank_to_core(ctx.rank, allowed_cores());
   const testing::RankInputs inputs = testing::make_rank_inputs(flags.spec, ctx.rank);
   const testing::RankArgs& args = inputs.args;
   const CallShape shape = validate_call(args.x1, args.x2, args.options);
