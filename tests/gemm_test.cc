@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "gemm/cpu_isa.h"
 #include "gemm/engines.h"
 #include "gemm/microkernel.h"
+#include "gemm/onednn_gemm.h"
 #include "gemm/reference_gemm.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
@@ -36,6 +38,20 @@ std::vector<IsaLevel> runnable_levels() {
     if (level <= detected_isa()) levels.push_back(level);
   }
   return levels;
+}
+
+// Every engine the operands can get: the one chosen at each level this CPU
+// runs, and oneDNN's bf16 matmul for plain bf16 wherever the CPU has
+// AVX512-BF16 (it is chosen only with AMX, so it is also tested on its own).
+std::vector<std::unique_ptr<PreparedGemm>> engines_for(const GemmOperands& operands) {
+  std::vector<std::unique_ptr<PreparedGemm>> engines;
+  for (IsaLevel level : runnable_levels()) engines.push_back(prepare_gemm_for_isa(operands, level));
+  const bool plain_bf16 = operands.shape.mode == Mode::plain && operands.shape.in_dtype == DType::bf16;
+  if (plain_bf16 && cpu_features().avx512_bf16) {
+    engines.push_back(prepare_onednn_gemm(operands, kernels_for(IsaLevel::avx512_dl),
+                                          operands.threads > 0 ? operands.threads : 1));
+  }
+  return engines;
 }
 
 // One rank's inputs and the operands the operator would hand the GEMM.
@@ -179,9 +195,8 @@ TEST_P(EngineTest, MatchesGoldenAtEveryLevel) {
   GemmCase c(GetParam().spec);
   const testing::RankArgs args[] = {c.inputs.args};
   const testing::GoldenResult golden = testing::golden_mm_all_reduce(args);
-  for (IsaLevel level : runnable_levels()) {
-    const auto gemm = prepare_gemm_for_isa(c.operands, level);
-    SCOPED_TRACE(cat("level ", isa_name(level), ", engine ", gemm->engine()));
+  for (const auto& gemm : engines_for(c.operands)) {
+    SCOPED_TRACE(cat("engine ", gemm->engine()));
     std::vector<unsigned char> out = compute(*gemm, c.shape, whole(c.shape.m));
     const std::int64_t out_shape[2] = {c.shape.m, c.shape.n};
     const testing::Comparison cmp =
@@ -199,18 +214,20 @@ TEST_P(EngineTest, MatchesGoldenAtEveryLevel) {
 
 TEST_P(EngineTest, RowsDoNotDependOnRangeOrThreads) {
   GemmCase c(GetParam().spec);
-  for (IsaLevel level : runnable_levels()) {
-    const auto gemm = prepare_gemm_for_isa(c.operands, level);
-    SCOPED_TRACE(cat("level ", isa_name(level), ", engine ", gemm->engine()));
-    const std::vector<unsigned char> expected = compute(*gemm, c.shape, whole(c.shape.m));
-    EXPECT_TRUE(compute(*gemm, c.shape, random_cuts(c.shape.m, 7)) == expected) << "random row ranges";
+  const auto engines = engines_for(c.operands);
+  for (std::size_t e = 0; e < engines.size(); ++e) {
+    const PreparedGemm& gemm = *engines[e];
+    SCOPED_TRACE(cat("engine ", gemm.engine()));
+    const std::vector<unsigned char> expected = compute(gemm, c.shape, whole(c.shape.m));
+    EXPECT_TRUE(compute(gemm, c.shape, random_cuts(c.shape.m, 7)) == expected) << "random row ranges";
     if (c.shape.m > 1) {
-      EXPECT_TRUE(compute(*gemm, c.shape, {0, c.shape.m - 1, c.shape.m}) == expected) << "last row alone";
+      EXPECT_TRUE(compute(gemm, c.shape, {0, c.shape.m - 1, c.shape.m}) == expected) << "last row alone";
     }
     for (int threads : {2, 3}) {
       GemmOperands threaded = c.operands;
       threaded.threads = threads;
-      const auto parallel = prepare_gemm_for_isa(threaded, level);
+      const auto parallel = std::move(engines_for(threaded)[e]);
+      ASSERT_EQ(std::string(parallel->engine()), std::string(gemm.engine()));
       EXPECT_TRUE(compute(*parallel, c.shape, whole(c.shape.m)) == expected) << threads << " threads";
       EXPECT_TRUE(compute(*parallel, c.shape, random_cuts(c.shape.m, 11)) == expected)
           << threads << " threads, random row ranges";
@@ -328,7 +345,7 @@ TEST(EngineSelection, ByModeAndLevel) {
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_packed");
     spec.dtype = DType::bf16;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
-              dl && cpu_features().avx512_bf16 ? "onednn_bf16" : kernels + "bf16_packed");
+              dl && cpu_features().amx_bf16 ? "onednn_bf16" : kernels + "bf16_packed");
     spec.mode = Mode::full_quant;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
               dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_packed");

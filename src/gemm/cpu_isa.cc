@@ -48,6 +48,7 @@ CpuFeatures detect() {
   const std::uint64_t xcr0 = os_saved_state();
   const bool os_ymm = (xcr0 & 0x6) == 0x6;            // SSE and AVX state
   const bool os_zmm = (xcr0 & 0xe6) == 0xe6;          // + opmask, ZMM0-15 high, ZMM16-31
+  const bool os_tiles = (xcr0 & 0x60000) == 0x60000;  // AMX tile config and data
   const bool fma = bit(leaf1.ecx, 12), f16c = bit(leaf1.ecx, 29), avx = bit(leaf1.ecx, 28);
   const CpuidRegs leaf7 = cpuid(7, 0);
   const bool avx2 = bit(leaf7.ebx, 5), bmi2 = bit(leaf7.ebx, 8);
@@ -58,6 +59,7 @@ CpuFeatures detect() {
   f.avx512_vnni = f.avx512 && bit(leaf7.ecx, 11);
   const CpuidRegs leaf7_1 = cpuid(7, 1);
   f.avx512_bf16 = f.avx512 && bit(leaf7_1.eax, 5);
+  f.amx_bf16 = f.avx512 && os_tiles && bit(leaf7.edx, 22) && bit(leaf7.edx, 24);
   return f;
 }
 #else

@@ -21,6 +21,7 @@ struct CpuFeatures {
   bool avx512 = false;       // F, BW, DQ, VL and OS support for ZMM and masks
   bool avx512_bf16 = false;
   bool avx512_vnni = false;
+  bool amx_bf16 = false;     // AMX tiles with BF16, and OS support for their state
 };
 
 // What this CPU and OS support (detected once).
