@@ -133,6 +133,27 @@ TEST(Planner, SharedCoreHidesAReduceThatWaitsOnTheWire) {
   }
 }
 
+// Each GEMM call's fixed cost (the weight read again) is charged to every
+// tile: the dearer a call, the fewer tiles, down to one when a call costs
+// more than the whole reduce that splitting could hide.
+TEST(Planner, DearerCallsMeanFewerTiles) {
+  PlanRequest request = ascend_request(128);  // GEMM 86 ms, reduce 67 ms
+  CostConstants constants = round_constants(request);
+  constants.reduce_seconds_per_byte = 1.0 / 1e9;
+  constants.reduce_cpu_share = 0;
+  constants.buffer_bytes = 64 << 20;
+  std::size_t previous_tiles = SIZE_MAX;
+  for (double call_seconds : {0.0, 1e-3, 5e-3, 0.1}) {
+    constants.gemm_call_seconds = call_seconds;
+    const TilePlan plan = make_plan(request, constants);
+    expect_well_formed(request, plan);
+    EXPECT_LE(plan.tile_rows.size(), previous_tiles) << "call " << call_seconds << " s";
+    previous_tiles = plan.tile_rows.size();
+    if (call_seconds == 0) EXPECT_GT(plan.tile_rows.size(), 4u) << plan.reason;
+    if (call_seconds == 0.1) EXPECT_EQ(plan.tile_rows.size(), 1u) << plan.reason;
+  }
+}
+
 // With a core of its own for the reduce, the GEMM-heavy layer splits into
 // tiles that fit the buffers, and the reduce of all but the last tile is
 // hidden: the prediction beats the serial one by most of the reduce.
@@ -216,6 +237,9 @@ TEST(Planner, RejectsMeaninglessInputs) {
   CostConstants constants = round_constants(request);
   constants.gemm_flops = 0;
   EXPECT_THROW(make_plan(ascend_request(128), constants), InvalidArgument);
+  constants = round_constants(request);
+  constants.gemm_call_seconds = -1e-3;
+  EXPECT_THROW(make_plan(ascend_request(128), constants), InvalidArgument);
 }
 
 TEST(Planner, DescribesScheduleConstantsAndPrediction) {
@@ -223,7 +247,7 @@ TEST(Planner, DescribesScheduleConstantsAndPrediction) {
   const CostConstants constants = round_constants(request);
   const TilePlan plan = make_plan(request, constants);
   const std::string text = describe_plan(request, constants, plan);
-  for (const char* part : {"m=4096", "16 tile(s)", "256 rows x 16", "100.0 GFLOP/s", "10.00 GB/s",
+  for (const char* part : {"m=4096", "16 tile(s)", "256 rows x 16", "100.0 GFLOP/s", "per extra call", "10.00 GB/s",
                            "predicted", "serial", "why"}) {
     EXPECT_NE(text.find(part), std::string::npos) << "missing \"" << part << "\" in:\n" << text;
   }

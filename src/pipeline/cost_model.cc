@@ -37,6 +37,7 @@ struct TransportConstants {
 struct GemmConstants {
   double flops = 0;
   double pass_seconds = 0;
+  double call_seconds = 0;
 };
 
 using TransportKey = std::tuple<std::string, DType>;
@@ -145,30 +146,53 @@ TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
   return constants;
 }
 
-// compute_rows on the call's own GEMM (the fastest of two each): up to 64
-// rows for the rate, enough for full micro-kernel blocks and few enough to
-// cost a few percent of a call worth planning; one row for the pass over the
-// weight that every call makes. Once per shape.
+// compute_rows on the call's own GEMM, each figure the fastest of two: one
+// row, for the pass over the weight that every call makes; r rows (up to 64:
+// full micro-kernel blocks, and a few percent of a call worth planning) and
+// 2r rows in one call and in two. A call of rows then costs a fixed part,
+// two calls of r less one of 2r, plus each row's share, one call of 2r less
+// one of r over r; with fewer than 2r rows, the fixed part is not told apart.
+// Once per shape.
 GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
                            const PlanRequest& request) {
   const std::int64_t rows = std::min<std::int64_t>(request.m, 64);
-  std::vector<std::byte> scratch(static_cast<std::size_t>(rows * request.n) *
-                                 dtype_size(request.out_dtype));
-  auto fastest_call = [&](std::int64_t call_rows) {
-    double fastest = 0;
+  const bool pairs = request.m >= 2 * rows;
+  const std::size_t row_bytes =
+      static_cast<std::size_t>(request.n) * dtype_size(request.out_dtype);
+  std::vector<std::byte> scratch(static_cast<std::size_t>(pairs ? 2 * rows : rows) * row_bytes);
+  const auto rows_from = [&](std::int64_t begin, std::int64_t end) {
+    gemm.compute_rows(begin, end, scratch.data() + static_cast<std::size_t>(begin) * row_bytes,
+                      request.n);
+  };
+  const auto fastest = [](auto&& body) {
+    double best = 0;
     for (int rep = 0; rep < 2; ++rep) {
       const auto start = Clock::now();
-      gemm.compute_rows(0, call_rows, scratch.data(), request.n);
+      body();
       const double seconds = seconds_since(start);
-      fastest = rep == 0 ? seconds : std::min(fastest, seconds);
+      best = rep == 0 ? seconds : std::min(best, seconds);
     }
-    return std::max(fastest, 1e-9);
+    return std::max(best, 1e-9);
   };
-  const auto slowest_rank = agreed_max(comm, {fastest_call(rows), fastest_call(1)});
+  const double pass = fastest([&] { rows_from(0, 1); });
+  const double call_of_r = fastest([&] { rows_from(0, rows); });
+  double rows_seconds = call_of_r, call_seconds = 0;
+  if (pairs) {
+    const double call_of_2r = fastest([&] { rows_from(0, 2 * rows); });
+    const double two_calls = fastest([&] {
+      rows_from(0, rows);
+      rows_from(rows, 2 * rows);
+    });
+    // Noise can make the difference small: r rows take at least half a call of r.
+    rows_seconds = std::max(call_of_2r - call_of_r, 0.5 * call_of_r);
+    call_seconds = std::max(0.0, two_calls - call_of_2r);
+  }
+  const auto slowest_rank = agreed_max(comm, {rows_seconds, pass, call_seconds});
   GemmConstants constants;
   constants.flops = 2.0 * static_cast<double>(rows) * static_cast<double>(request.n) *
                     static_cast<double>(request.k) / slowest_rank[0];
   constants.pass_seconds = slowest_rank[1];
+  constants.call_seconds = slowest_rank[2];
   return constants;
 }
 
@@ -253,6 +277,7 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   CostConstants constants;
   constants.gemm_flops = gemm_constants.flops;
   constants.gemm_pass_seconds = gemm_constants.pass_seconds;
+  constants.gemm_call_seconds = gemm_constants.call_seconds;
   constants.reduce_round_seconds = transport.reduce_round_seconds;
   constants.reduce_seconds_per_byte = transport.reduce_seconds_per_byte;
   constants.copy_seconds_per_byte = transport.copy_seconds_per_byte;

@@ -10,9 +10,10 @@
 // nothing hides, is short: good when the GEMM dominates) or first (the
 // reduce starts early: good when communication dominates).
 //
-// The GEMM's time per compute_rows call is the larger of its arithmetic and
-// one pass over the prepared weight, so cutting few rows into many tiles
-// (reading the weight once per tile) never looks free.
+// The GEMM's time per compute_rows call is its arithmetic plus a fixed part
+// (measured: the weight read again, which a long call only partly overlaps),
+// and at least one pass over the prepared weight, so cutting rows into many
+// tiles never looks free.
 //
 // The prediction is a two-stage flow shop: tile i's reduce starts when tile
 // i is computed and tile i-1's reduce is done, and tile i's GEMM waits for
@@ -60,7 +61,8 @@ struct CostModel {
            constants.gemm_flops;
   }
   double gemm_call_seconds(double rows) const {
-    return std::max(arithmetic_seconds(rows), constants.gemm_pass_seconds);
+    return std::max(arithmetic_seconds(rows) + constants.gemm_call_seconds,
+                    constants.gemm_pass_seconds);
   }
   // A tile computed in ceil(rows / poll_rows) blocks of equal size (one call
   // each when the GEMM's thread polls between them; one call when a helper
@@ -72,15 +74,17 @@ struct CostModel {
     const auto blocks = static_cast<double>((rows + poll_rows - 1) / poll_rows);
     return blocks * gemm_call_seconds(static_cast<double>(rows) / blocks);
   }
-  // Fewest rows per poll block for which the pass is at most 1% of the
-  // block's arithmetic. The two overlap only in part (blocks of 64 rows ran
-  // 10% slower than blocks of 256 where the pass took a third of a block's
-  // arithmetic, at K=4096, N=8192), and polls inside a tile buy little: a
-  // round is reduced at the next tile's start anyway when the ranks keep
-  // pace. So a tile is cut only where the weight is cheap to read again.
+  // Fewest rows per poll block for which the pass and a call's fixed part
+  // are at most 1% of the block's arithmetic. The pass overlaps the
+  // arithmetic only in part (blocks of 64 rows ran 10% slower than blocks of
+  // 256 where the pass took a third of a block's arithmetic, at K=4096,
+  // N=8192), and polls inside a tile buy little: a round is reduced at the
+  // next tile's start anyway when the ranks keep pace. So a tile is cut only
+  // where the weight is cheap to read again.
   std::int64_t rows_to_hide_the_pass() const {
     const double per_row = arithmetic_seconds(1.0);
-    return static_cast<std::int64_t>(std::ceil(100.0 * constants.gemm_pass_seconds / per_row));
+    return static_cast<std::int64_t>(std::ceil(
+        100.0 * (constants.gemm_pass_seconds + constants.gemm_call_seconds) / per_row));
   }
   bool fits_buffer(std::int64_t rows) const {
     return static_cast<double>(rows) * static_cast<double>(row_bytes()) <=
@@ -159,11 +163,7 @@ struct Candidate {
 };
 
 // In order of preference on a tie: one tile first (through the copy path
-// where the output is larger than a buffer), then more tiles. A split must
-// beat one GEMM call by a significant gain, because each call costs what the
-// model does not see: rows cut into tiles re-read the weight from memory
-// where one call keeps a block of it in cache (f16, K=2048, N=8192, one
-// thread: tiles of 168 to 512 rows took 6 to 11% longer than one call).
+// where the output is larger than a buffer), then more tiles.
 std::vector<Candidate> candidates(const PlanRequest& request, const CostModel& model) {
   std::vector<Candidate> list;
   const bool one_tile_fits = model.fits_buffer(request.m);
@@ -198,9 +198,11 @@ std::vector<Candidate> candidates(const PlanRequest& request, const CostModel& m
 TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
   require(request.m >= 1 && request.n >= 1 && request.k >= 1, "plan: m, n and k must be >= 1, got ",
           request.m, ", ", request.n, ", ", request.k);
-  require(constants.gemm_flops > 0 && constants.gemm_pass_seconds >= 0,
-          "plan: the GEMM rate must be positive and its pass time not negative, got ",
-          constants.gemm_flops, " and ", constants.gemm_pass_seconds);
+  require(constants.gemm_flops > 0 && constants.gemm_pass_seconds >= 0 &&
+              constants.gemm_call_seconds >= 0,
+          "plan: the GEMM rate must be positive and its pass and call times not negative, got ",
+          constants.gemm_flops, ", ", constants.gemm_pass_seconds, " and ",
+          constants.gemm_call_seconds);
   const CostModel model{request, constants};
   TilePlan plan;
   if (request.comm_turn > 0) {
@@ -288,7 +290,8 @@ std::string describe_plan(const PlanRequest& request, const CostConstants& const
   char rate[64];
   std::snprintf(rate, sizeof rate, "%.1f GFLOP/s", constants.gemm_flops / 1e9);
   text += cat("measured  GEMM ", rate, ", at least ", format_seconds(constants.gemm_pass_seconds),
-              " per call; tile all-reduce ", format_seconds(constants.reduce_round_seconds), " + ");
+              " per call, ", format_seconds(constants.gemm_call_seconds),
+              " more per extra call; tile all-reduce ", format_seconds(constants.reduce_round_seconds), " + ");
   std::snprintf(
       rate, sizeof rate, "%.2f GB/s",
       constants.reduce_seconds_per_byte > 0 ? 1e-9 / constants.reduce_seconds_per_byte : 0.0);

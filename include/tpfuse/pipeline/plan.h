@@ -34,15 +34,17 @@ struct PlanRequest {
 // agreed (the slowest rank's figure), so that every rank plans alike.
 struct CostConstants {
   // GEMM: one compute_rows call of r rows takes
-  //   max(2 r n k / gemm_flops, gemm_pass_seconds),
+  //   max(2 r n k / gemm_flops + gemm_call_seconds, gemm_pass_seconds),
   // the pass being what any call costs at least: reading the prepared weight
   // once (a call of one row). Few rows per call are bound by the pass (a
-  // decode step), many by the arithmetic. Cutting rows into calls costs more
-  // than this says for tpfuse's own f16 engine (calls of 168 to 512 rows ran
-  // 6-11% slower than one call at K=2048, N=8192: each re-reads the weight
-  // from memory), so the planner splits only for a significant gain.
+  // decode step), many by the arithmetic. gemm_call_seconds is what cutting
+  // rows into one more call adds: each call reads the weight again, which a
+  // long call overlaps with its arithmetic only in part (f16, K=2048, N=8192,
+  // one thread: calls of 168 to 512 rows ran 6-11% slower than one call; at
+  // K=128, whose weight stays in cache, they cost nothing more).
   double gemm_flops = 0;
   double gemm_pass_seconds = 0;
+  double gemm_call_seconds = 0;
   // One tile's all-reduce from the transport's buffer, in wall time:
   // seconds = reduce_round_seconds + bytes * reduce_seconds_per_byte.
   double reduce_round_seconds = 0;
