@@ -294,18 +294,31 @@ void Segment::unlink() {
 }
 
 // The futex is shared (not FUTEX_PRIVATE): the ranks are different processes.
-// A sleeper counts itself before the kernel compares the word, and a ringer
-// bumps the word before it looks for sleepers (both sequentially
-// consistent), so a sleeper either sees the new word or is seen and woken.
+// A sleeper counts itself, then reads the word and checks its condition once
+// more, then sleeps if the word is unchanged. A ringer, after its store, looks
+// for sleepers and only then bumps the word and wakes them. Both sides order
+// their two steps with a sequentially consistent fence, so either the ringer
+// sees the sleeper or the sleeper sees the store. A ringer that finds no
+// sleeper writes nothing: the doorbell's line then stays shared between the
+// cores instead of moving to the ringer at every step.
 void ring_doorbell(Doorbell& doorbell) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (doorbell.sleepers.load(std::memory_order_relaxed) == 0) return;
   doorbell.rings.fetch_add(1, std::memory_order_seq_cst);
-  if (doorbell.sleepers.load(std::memory_order_seq_cst) == 0) return;
   ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&doorbell.rings), FUTEX_WAKE, INT_MAX,
             nullptr, nullptr, 0);
 }
 
-void sleep_on_doorbell(Doorbell& doorbell, std::uint32_t seen, std::chrono::microseconds longest) {
+void count_sleeper(Doorbell& doorbell) {
   doorbell.sleepers.fetch_add(1, std::memory_order_seq_cst);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+
+void uncount_sleeper(Doorbell& doorbell) {
+  doorbell.sleepers.fetch_sub(1, std::memory_order_seq_cst);
+}
+
+void sleep_on_doorbell(Doorbell& doorbell, std::uint32_t seen, std::chrono::microseconds longest) {
   const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(longest);
   struct timespec timeout {};
   timeout.tv_sec = static_cast<time_t>(seconds.count());
@@ -313,7 +326,6 @@ void sleep_on_doorbell(Doorbell& doorbell, std::uint32_t seen, std::chrono::micr
   // Woken, timed out, interrupted or already rung: the caller polls again either way.
   ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&doorbell.rings), FUTEX_WAIT, seen,
             &timeout, nullptr, 0);
-  doorbell.sleepers.fetch_sub(1, std::memory_order_seq_cst);
 }
 
 void publish_abort(const Segment& segment, int rank, AbortKind kind,

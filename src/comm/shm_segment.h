@@ -75,9 +75,9 @@ struct alignas(kCacheLine) SegmentState {
 static_assert(sizeof(SegmentState) == kCacheLine);
 
 // Lets a rank that waits sleep until a peer moves, instead of polling: every
-// store a peer may be waiting for is followed by ring_doorbell(), which bumps
-// `rings` (a futex word) and wakes the sleepers. In a line of its own, since
-// every rank writes it on every step.
+// store a peer may be waiting for is followed by ring_doorbell(), which, when
+// `sleepers` counts anyone, bumps `rings` (a futex word) and wakes them. In a
+// line of its own, which every rank reads on every step.
 struct alignas(kCacheLine) Doorbell {
   std::atomic<std::uint32_t> rings;
   std::atomic<std::uint32_t> sleepers;
@@ -235,10 +235,16 @@ class Segment {
 };
 
 // Wakes every rank asleep on the doorbell; call after each store a peer may
-// wait for. Lock-free when no one sleeps (the usual case while ranks keep pace).
+// wait for. Writes nothing when no one sleeps (the usual case while ranks
+// keep pace).
 void ring_doorbell(Doorbell& doorbell);
-// Sleeps until the doorbell rings after it showed `seen`, or `longest` has
-// passed (a wait must still check its deadline and its peers' liveness).
+// A waiter counts itself among the sleepers before it reads the word (`seen`)
+// and checks its condition for the last time, and uncounts itself when it
+// stops waiting; while counted, it may sleep until the doorbell rings after it
+// showed `seen`, or `longest` has passed (a wait must still check its deadline
+// and its peers' liveness).
+void count_sleeper(Doorbell& doorbell);
+void uncount_sleeper(Doorbell& doorbell);
 void sleep_on_doorbell(Doorbell& doorbell, std::uint32_t seen, std::chrono::microseconds longest);
 
 // Makes `rank`'s report the group's abort unless some rank reported first;

@@ -64,6 +64,11 @@ void Backoff::pause() {
     ::sched_yield();
     return;
   }
+  if (!counted_) {
+    count_sleeper(doorbell_);
+    counted_ = true;
+    return;
+  }
   sleep_ = sleep_.count() == 0 ? kFirstSleep : std::min(sleep_ * 2, kLongestSleep);
   sleep_on_doorbell(doorbell_, seen_, sleep_);
 }

@@ -21,11 +21,17 @@
 
 namespace tpfuse::comm::shm {
 
-// The escalating pause between two polls of one wait.
+// The escalating pause between two polls of one wait. Before its first
+// sleep a pause only counts the waiter among the doorbell's sleepers, so that
+// the condition is checked once more, counted, before any sleep; the waiter
+// stays counted until reset() or the end of the wait.
 class Backoff {
  public:
   explicit Backoff(const ShmGroup& group)
       : doorbell_(group.segment.doorbell()), yield_to_peers_(group.ranks_share_cores) {}
+  Backoff(const Backoff&) = delete;
+  Backoff& operator=(const Backoff&) = delete;
+  ~Backoff() { stop_sleeping(); }
   // Call before checking the condition waited for: a peer that rings after
   // this cuts the next sleep short.
   void arm() { seen_ = doorbell_.rings.load(std::memory_order_seq_cst); }
@@ -35,11 +41,19 @@ class Backoff {
     yields_ = 0;
     spinning_since_.reset();
     sleep_ = std::chrono::microseconds{0};
+    stop_sleeping();
   }
 
  private:
+  void stop_sleeping() {
+    if (!counted_) return;
+    uncount_sleeper(doorbell_);
+    counted_ = false;
+  }
+
   Doorbell& doorbell_;
   bool yield_to_peers_;
+  bool counted_ = false;
   std::uint32_t seen_ = 0;
   unsigned yields_ = 0;
   std::optional<std::chrono::steady_clock::time_point> spinning_since_;
