@@ -437,13 +437,13 @@ void MpiCommunicator::advance_locked(Reduce& reduce) {
     if (r == rank_) continue;
     const std::size_t their_begin = mpi::share_begin(reduce.count, size_, r);
     const std::size_t theirs = mpi::share_begin(reduce.count, size_, r + 1) - their_begin;
-    reduce.requests.irecv(reduce.output + their_begin * out_element, theirs * out_element, to(r),
-                          reduce.tag + 1, comm_);
+    reduce.requests.irecv_pieces(reduce.output + their_begin * out_element,
+                                 theirs * out_element, to(r), reduce.tag + 1, comm_);
   }
   for (int r = 0; r < size_; ++r) {
     if (r != rank_) {
-      reduce.requests.isend(reduce.output + begin * out_element, mine * out_element, to(r),
-                            reduce.tag + 1, comm_);
+      reduce.requests.isend_pieces(reduce.output + begin * out_element, mine * out_element, to(r),
+                                   reduce.tag + 1, comm_);
     }
   }
   if (reduce.requests.test_all()) advance_locked(reduce);
@@ -470,8 +470,8 @@ std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> re
   if (size_ > 1) r.staging = std::make_unique<std::byte[]>((size_ - 1) * mine * element);
   for (int peer = 0, slot = 0; peer < size_; ++peer) {
     if (peer == rank_) continue;
-    r.requests.irecv(r.staging.get() + (slot++) * mine * element, mine * element, to(peer),
-                     r.tag, comm_);
+    r.requests.irecv_pieces(r.staging.get() + (slot++) * mine * element, mine * element,
+                            to(peer), r.tag, comm_);
   }
   // Send in the order the peers will sum, starting after this rank, so that
   // not every rank sends to rank 0 first.
@@ -479,7 +479,8 @@ std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> re
     const int peer = (rank_ + step) % size_;
     const std::size_t their_begin = mpi::share_begin(r.count, size_, peer);
     const std::size_t theirs = mpi::share_begin(r.count, size_, peer + 1) - their_begin;
-    r.requests.isend(r.input + their_begin * element, theirs * element, to(peer), r.tag, comm_);
+    r.requests.isend_pieces(r.input + their_begin * element, theirs * element, to(peer), r.tag,
+                            comm_);
   }
   in_flight_.push_back(reduce);
   advance_locked();

@@ -64,6 +64,26 @@ void Requests::isend(const std::byte* data, std::size_t bytes, int peer, int tag
   pending_.push_back(p);
 }
 
+void Requests::irecv_pieces(std::byte* data, std::size_t bytes, int peer, int tag,
+                            MPI_Comm comm) {
+  std::size_t offset = 0;
+  do {
+    const std::size_t piece = std::min(kPieceBytes, bytes - offset);
+    irecv(data + offset, piece, peer, tag, comm);
+    offset += piece;
+  } while (offset < bytes);
+}
+
+void Requests::isend_pieces(const std::byte* data, std::size_t bytes, int peer, int tag,
+                            MPI_Comm comm) {
+  std::size_t offset = 0;
+  do {
+    const std::size_t piece = std::min(kPieceBytes, bytes - offset);
+    isend(data + offset, piece, peer, tag, comm);
+    offset += piece;
+  } while (offset < bytes);
+}
+
 bool Requests::test_all() {
   for (Pending& p : pending_) {
     int done = 0;
@@ -74,7 +94,8 @@ bool Requests::test_all() {
                              p.peer, " failed: ", error_text(code)),
                          p.peer);
     }
-    if (done && p.receive) {
+    if (!done) break;
+    if (p.receive) {
       int count = 0;
       MPI_Get_count(&status, MPI_BYTE, &count);
       received_[p.peer] = static_cast<std::size_t>(count);

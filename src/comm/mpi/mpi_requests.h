@@ -34,6 +34,10 @@ void check_mpi(int code, std::string_view call);
 void wait_collective(MPI_Request& request, std::chrono::milliseconds timeout,
                      std::string_view what);
 
+// Open MPI's TCP transport sends messages of up to 64 KiB, its header
+// included, eagerly (btl_tcp_eager_limit); pieces leave room for the header.
+inline constexpr std::size_t kPieceBytes = std::size_t{32} << 10;
+
 // This process's network namespace ("device:inode" of /proc/self/ns/net).
 std::string network_namespace_id();
 
@@ -47,8 +51,18 @@ class Requests {
 
   void irecv(std::byte* data, std::size_t bytes, int peer, int tag, MPI_Comm comm);
   void isend(const std::byte* data, std::size_t bytes, int peer, int tag, MPI_Comm comm);
-  // Tests the pending requests and forgets those that completed; true when
-  // none is left. A request that failed throws RequestError naming its peer.
+  // The same as messages of at most kPieceBytes each, in order (MPI matches
+  // the messages of one peer and tag in the order they were sent), for bulk
+  // data. A piece goes by Open MPI's eager protocol, which sends it without
+  // waiting for the receiver. A larger message first asks the receiver, and
+  // over TCP the answer queues behind the bulk data the receiver is sending
+  // on the same connection: when ranks start apart, the two directions then
+  // take turns. Both sides must cut the same byte count.
+  void irecv_pieces(std::byte* data, std::size_t bytes, int peer, int tag, MPI_Comm comm);
+  void isend_pieces(const std::byte* data, std::size_t bytes, int peer, int tag, MPI_Comm comm);
+  // Tests the pending requests in order and forgets those that completed,
+  // up to the first that has not; true when none is left. A request that
+  // failed throws RequestError naming its peer.
   bool test_all();
   // Cancels the pending receives (their buffers may then be freed).
   void cancel_receives();
