@@ -17,6 +17,18 @@ std::string error_text(int code) {
   return std::string(text, static_cast<std::size_t>(length));
 }
 
+// Calls post(offset, bytes) for each piece of a message, in order; a
+// message of 0 bytes is one piece of 0 bytes.
+template <class Post>
+void for_each_piece(std::size_t bytes, Post&& post) {
+  std::size_t offset = 0;
+  do {
+    const std::size_t piece = std::min(kPieceBytes, bytes - offset);
+    post(offset, piece);
+    offset += piece;
+  } while (offset < bytes);
+}
+
 }  // namespace
 
 void check_mpi(int code, std::string_view call) {
@@ -66,22 +78,16 @@ void Requests::isend(const std::byte* data, std::size_t bytes, int peer, int tag
 
 void Requests::irecv_pieces(std::byte* data, std::size_t bytes, int peer, int tag,
                             MPI_Comm comm) {
-  std::size_t offset = 0;
-  do {
-    const std::size_t piece = std::min(kPieceBytes, bytes - offset);
+  for_each_piece(bytes, [&](std::size_t offset, std::size_t piece) {
     irecv(data + offset, piece, peer, tag, comm);
-    offset += piece;
-  } while (offset < bytes);
+  });
 }
 
 void Requests::isend_pieces(const std::byte* data, std::size_t bytes, int peer, int tag,
                             MPI_Comm comm) {
-  std::size_t offset = 0;
-  do {
-    const std::size_t piece = std::min(kPieceBytes, bytes - offset);
+  for_each_piece(bytes, [&](std::size_t offset, std::size_t piece) {
     isend(data + offset, piece, peer, tag, comm);
-    offset += piece;
-  } while (offset < bytes);
+  });
 }
 
 bool Requests::test_all() {
