@@ -146,7 +146,8 @@ TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
   return constants;
 }
 
-// compute_rows on the call's own GEMM, each figure the fastest of two: one
+// compute_rows on the call's own GEMM, each figure the fastest of two (after
+// one untimed): one
 // row, for the pass over the weight that every call makes; r rows (up to 64:
 // full micro-kernel blocks, and a few percent of a call worth planning) and
 // 2r rows in one call and in two. A call of rows then costs a fixed part,
@@ -164,16 +165,7 @@ GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& g
     gemm.compute_rows(begin, end, scratch.data() + static_cast<std::size_t>(begin) * row_bytes,
                       request.n);
   };
-  const auto fastest = [](auto&& body) {
-    double best = 0;
-    for (int rep = 0; rep < 2; ++rep) {
-      const auto start = Clock::now();
-      body();
-      const double seconds = seconds_since(start);
-      best = rep == 0 ? seconds : std::min(best, seconds);
-    }
-    return std::max(best, 1e-9);
-  };
+  const auto fastest = [](auto&& body) { return std::max(fastest_seconds(2, body), 1e-9); };
   const double pass = fastest([&] { rows_from(0, 1); });
   const double call_of_r = fastest([&] { rows_from(0, rows); });
   double rows_seconds = call_of_r, call_seconds = 0;

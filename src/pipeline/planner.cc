@@ -291,7 +291,8 @@ std::string describe_plan(const PlanRequest& request, const CostConstants& const
   std::snprintf(rate, sizeof rate, "%.1f GFLOP/s", constants.gemm_flops / 1e9);
   text += cat("measured  GEMM ", rate, ", at least ", format_seconds(constants.gemm_pass_seconds),
               " per call, ", format_seconds(constants.gemm_call_seconds),
-              " more per extra call; tile all-reduce ", format_seconds(constants.reduce_round_seconds), " + ");
+              " more per extra call; tile all-reduce ",
+              format_seconds(constants.reduce_round_seconds), " + ");
   std::snprintf(
       rate, sizeof rate, "%.2f GB/s",
       constants.reduce_seconds_per_byte > 0 ? 1e-9 / constants.reduce_seconds_per_byte : 0.0);

@@ -17,6 +17,10 @@ std::string error_text(int code) {
   return std::string(text, static_cast<std::size_t>(length));
 }
 
+// Open MPI's TCP transport sends messages of up to 64 KiB, its header
+// included, eagerly (btl_tcp_eager_limit); pieces leave room for the header.
+constexpr std::size_t kPieceBytes = std::size_t{32} << 10;
+
 // Calls post(offset, bytes) for each piece of a message, in order; a
 // message of 0 bytes is one piece of 0 bytes.
 template <class Post>

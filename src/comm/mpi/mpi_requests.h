@@ -34,10 +34,6 @@ void check_mpi(int code, std::string_view call);
 void wait_collective(MPI_Request& request, std::chrono::milliseconds timeout,
                      std::string_view what);
 
-// Open MPI's TCP transport sends messages of up to 64 KiB, its header
-// included, eagerly (btl_tcp_eager_limit); pieces leave room for the header.
-inline constexpr std::size_t kPieceBytes = std::size_t{32} << 10;
-
 // This process's network namespace ("device:inode" of /proc/self/ns/net).
 std::string network_namespace_id();
 
@@ -51,7 +47,7 @@ class Requests {
 
   void irecv(std::byte* data, std::size_t bytes, int peer, int tag, MPI_Comm comm);
   void isend(const std::byte* data, std::size_t bytes, int peer, int tag, MPI_Comm comm);
-  // The same as messages of at most kPieceBytes each, in order (MPI matches
+  // The same as messages of at most 32 KiB each, in order (MPI matches
   // the messages of one peer and tag in the order they were sent), for bulk
   // data. A piece goes by Open MPI's eager protocol, which sends it without
   // waiting for the receiver. A larger message first asks the receiver, and
