@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -215,6 +216,12 @@ TEST_P(EngineTest, MatchesGoldenAtEveryLevel) {
 TEST_P(EngineTest, RowsDoNotDependOnRangeOrThreads) {
   GemmCase c(GetParam().spec);
   const auto engines = engines_for(c.operands);
+  std::map<int, std::vector<std::unique_ptr<PreparedGemm>>> parallel_engines;
+  for (int threads : {2, 3}) {
+    GemmOperands threaded = c.operands;
+    threaded.threads = threads;
+    parallel_engines[threads] = engines_for(threaded);
+  }
   for (std::size_t e = 0; e < engines.size(); ++e) {
     const PreparedGemm& gemm = *engines[e];
     SCOPED_TRACE(cat("engine ", gemm.engine()));
@@ -224,9 +231,7 @@ TEST_P(EngineTest, RowsDoNotDependOnRangeOrThreads) {
       EXPECT_TRUE(compute(gemm, c.shape, {0, c.shape.m - 1, c.shape.m}) == expected) << "last row alone";
     }
     for (int threads : {2, 3}) {
-      GemmOperands threaded = c.operands;
-      threaded.threads = threads;
-      const auto parallel = std::move(engines_for(threaded)[e]);
+      const auto& parallel = parallel_engines[threads][e];
       ASSERT_EQ(std::string(parallel->engine()), std::string(gemm.engine()));
       EXPECT_TRUE(compute(*parallel, c.shape, whole(c.shape.m)) == expected) << threads << " threads";
       EXPECT_TRUE(compute(*parallel, c.shape, random_cuts(c.shape.m, 11)) == expected)
