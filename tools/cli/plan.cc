@@ -1,6 +1,7 @@
 // `tpfuse plan`: the tile schedule mm_all_reduce_base would run for a call,
 // the constants measured for it on this machine (local ranks are launched to
-// measure the transport), and the predicted time; with --run, also the
+// measure the transport; under mpirun, the job's ranks measure it), and the
+// predicted time; with --run, also the
 // measured time of the operator itself.
 #include "tpfuse/pipeline/plan.h"
 
@@ -20,6 +21,8 @@
 #include "commands.h"
 #include "pipeline/executor.h"
 #include "tpfuse/comm/launcher.h"
+#include "tpfuse/comm/mpi.h"
+#include "tpfuse/comm/registry.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/ops/validate.h"
@@ -96,7 +99,7 @@ int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
   const pipeline::TilePlan plan = pipeline::plan_call(*ctx.comm, *gemm, request, &constants);
 
   std::string report = pipeline::describe_plan(request, constants, plan);
-  report += cat("ranks     ", ctx.size, flags.no_pin ? " (not pinned)" : " (pinned one per core)",
+  report += cat("ranks     ", ctx.size, flags.no_pin ? " (not pinned)" : " (pinned to core rank % cores)",
                 ", progress ",
                 progress == pipeline::ProgressMode::interleaved ? "interleaved" : "helper_thread",
                 ", GEMM engine ", gemm->engine(), "\n");
@@ -113,6 +116,22 @@ int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
     return 3;
   }
   return 0;
+}
+
+// Under mpirun every process is one rank of the job's communicator (--ranks is
+// mpirun's -np), so the constants are those of the MPI transport, across
+// whatever hosts the job spans; rank 0 prints the account.
+void plan_under_mpi(PlanFlags& flags) {
+  comm::RankContext ctx;
+  ctx.comm = comm::create_communicator_from_env();
+  ctx.rank = ctx.comm->rank();
+  ctx.size = ctx.comm->size();
+  comm::register_communicator(ctx.comm);
+  flags.ranks = ctx.size;
+  flags.spec.k = std::max<std::int64_t>(1, flags.layer_k / ctx.size);
+  const int status = plan_rank(ctx, flags, STDOUT_FILENO);
+  comm::unregister_communicator(ctx.comm->name());
+  if (status != 0) throw CLI::RuntimeError("plan: could not write the report", status);
 }
 
 }  // namespace
@@ -142,7 +161,7 @@ void add_plan_command(CLI::App& app) {
                    "Activation dtype (plain, weight_quant) or output dtype (full_quant)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f16", "bf16"}));
-  plan->add_option("--ranks", flags->ranks, "Local ranks (processes) to measure with")
+  plan->add_option("--ranks", flags->ranks, "Local ranks (processes) to measure with (under mpirun: the job's ranks)")
       ->capture_default_str()
       ->check(CLI::Range(1, 256));
   plan->add_option("--comm-turn", s.comm_turn, "Tiles along M (0: tpfuse decides)")
@@ -158,6 +177,10 @@ void add_plan_command(CLI::App& app) {
                                                        {"full_quant", Mode::full_quant}};
     flags->spec.mode = kModes.at(flags->mode);
     flags->spec.dtype = parse_dtype(flags->dtype);
+    if (comm::launched_by_mpi()) {
+      plan_under_mpi(*flags);
+      return;
+    }
     flags->spec.k = std::max<std::int64_t>(1, flags->layer_k / flags->ranks);
     int fds[2];
     if (pipe(fds) != 0) throw_system_error("pipe", errno);
