@@ -133,6 +133,26 @@ TEST(Planner, SharedCoreHidesAReduceThatWaitsOnTheWire) {
   }
 }
 
+// The reduces of a call take turns on one link (or one memory), so however
+// the output is cut and whatever share of a reduce the CPU takes, a call
+// lasts at least its whole all-reduce: when communication dominates, no
+// schedule may promise to beat it.
+TEST(Planner, NoScheduleIsFasterThanItsAllReduce) {
+  PlanRequest request = ascend_request(8);  // GEMM 5 ms, reduce 67 ms
+  CostConstants constants = round_constants(request);
+  constants.reduce_seconds_per_byte = 1.0 / 1e9;
+  constants.buffer_bytes = 64 << 20;
+  const double bytes = static_cast<double>(request.m * request.n * 2);
+  const double all_reduce = constants.reduce_round_seconds + bytes * constants.reduce_seconds_per_byte;
+  for (double share : {0.0, 0.25, 0.5, 0.75, 1.0}) {
+    constants.reduce_cpu_share = share;
+    const TilePlan plan = make_plan(request, constants);
+    expect_well_formed(request, plan);
+    EXPECT_GE(plan.predicted_seconds, all_reduce) << "share " << share << ": " << plan.reason;
+    if (share == 0.0) EXPECT_GT(plan.tile_rows.size(), 1u) << plan.reason;
+  }
+}
+
 // Each GEMM call's fixed cost (the weight read again) is charged to every
 // tile: the dearer a call, the fewer tiles, down to one when a call costs
 // more than the whole reduce that splitting could hide.

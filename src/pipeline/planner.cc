@@ -17,14 +17,14 @@
 //
 // The prediction is a two-stage flow shop: tile i's reduce starts when tile
 // i is computed and tile i-1's reduce is done, and tile i's GEMM waits for
-// the slot of tile i - max_in_flight to be free. Who runs the reduce decides
-// the stages. On a core of its own, the GEMM is the first stage and the
-// reduce the second. Taking turns with the GEMM on the same cores, the
-// reduce's CPU share (measured) joins the GEMM in the first stage, and only
-// the rest (the wire, waiting for peers) overlaps: for shared memory, where
-// the share is about 1, splitting then only adds overheads and the fewest
-// tiles that fit the buffers win; across hosts, where the share is small, the
-// network's time hides under the GEMM as on a core of its own.
+// the slot of tile i - max_in_flight to be free. A reduce takes its whole
+// time in the second stage: the reduces of a call take turns on the same
+// link or memory, so no tiling makes the all-reduce itself shorter. Taking
+// turns with the GEMM on the same cores, a reduce's CPU share (measured)
+// also delays the next tile's GEMM by that share of the reduce: for shared
+// memory, where the share is about 1, splitting then only adds overheads and
+// the fewest tiles that fit the buffers win; across hosts, where the share
+// is small, the network's time hides under the GEMM as on a core of its own.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -109,12 +109,13 @@ struct CostModel {
     const double cpu_share = request.reduce_has_own_core ? 0.0 : constants.reduce_cpu_share;
     const auto depth = static_cast<std::size_t>(std::max(1, constants.max_in_flight));
     std::deque<double> reduce_ends;  // of the last `depth` tiles
-    double gemm_end = 0, reduce_end = 0;
+    double gemm_end = 0, reduce_end = 0, stolen = 0;
     for (std::int64_t rows : tiles) {
       const double slot_free = reduce_ends.size() == depth ? reduce_ends.front() : 0.0;
+      gemm_end = std::max(gemm_end, slot_free) + gemm_seconds(rows, poll_rows) + stolen;
       const double reduce = reduce_seconds(rows);
-      gemm_end = std::max(gemm_end, slot_free) + gemm_seconds(rows, poll_rows) + cpu_share * reduce;
-      reduce_end = std::max(reduce_end, gemm_end) + (1.0 - cpu_share) * reduce;
+      reduce_end = std::max(reduce_end, gemm_end) + reduce;
+      stolen = cpu_share * reduce;
       reduce_ends.push_back(reduce_end);
       if (reduce_ends.size() > depth) reduce_ends.pop_front();
     }
@@ -256,6 +257,15 @@ std::string format_bytes(double bytes) {
   return text;
 }
 
+// A measured cost per byte as a rate; a cost too small to measure (the
+// larger transfer was no slower) is said so, not shown as 0 GB/s.
+std::string format_rate(double seconds_per_byte) {
+  if (seconds_per_byte <= 0) return "too fast to measure";
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2f GB/s", 1e-9 / seconds_per_byte);
+  return text;
+}
+
 // "256 rows x 12, then 128 rows x 4": runs of equal tiles.
 std::string describe_tiles(const std::vector<std::int64_t>& tiles) {
   std::string text;
@@ -293,15 +303,11 @@ std::string describe_plan(const PlanRequest& request, const CostConstants& const
               " per call, ", format_seconds(constants.gemm_call_seconds),
               " more per extra call; tile all-reduce ",
               format_seconds(constants.reduce_round_seconds), " + ");
-  std::snprintf(
-      rate, sizeof rate, "%.2f GB/s",
-      constants.reduce_seconds_per_byte > 0 ? 1e-9 / constants.reduce_seconds_per_byte : 0.0);
-  text += cat(rate, " (", static_cast<int>(std::lround(constants.reduce_cpu_share * 100)),
-              "% of it on the CPU); copy-in ");
-  std::snprintf(rate, sizeof rate, "%.2f GB/s",
-                constants.copy_seconds_per_byte > 0 ? 1e-9 / constants.copy_seconds_per_byte : 0.0);
-  text += cat(rate, "; buffers of ", format_bytes(static_cast<double>(constants.buffer_bytes)),
-              ", ", constants.max_in_flight, " in flight\n");
+  text += cat(format_rate(constants.reduce_seconds_per_byte), " (",
+              static_cast<int>(std::lround(constants.reduce_cpu_share * 100)),
+              "% of it on the CPU); copy-in ", format_rate(constants.copy_seconds_per_byte),
+              "; buffers of ", format_bytes(static_cast<double>(constants.buffer_bytes)), ", ",
+              constants.max_in_flight, " in flight\n");
   text += cat("predicted fused ", format_seconds(plan.predicted_seconds), ", serial ",
               format_seconds(plan.predicted_serial_seconds), " (GEMM ", format_seconds(gemm),
               " + all-reduce ", format_seconds(all_reduce), ")\n");
