@@ -120,7 +120,6 @@ class FloatGemm final : public PreparedGemm {
   }
 
   const char* engine() const override { return engine_name_.c_str(); }
-  int threads() const override { return pool_->size(); }
 
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
     if (m1 <= m0) return;

@@ -88,7 +88,6 @@ class OneDnnGemm final : public PreparedGemm {
   }
 
   const char* engine() const override { return full_quant_ ? "onednn_s8" : "onednn_bf16"; }
-  int threads() const override { return pool_->size(); }
 
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
     if (m1 <= m0) return;

@@ -26,7 +26,6 @@ class ReferenceGemm final : public PreparedGemm {
   }
 
   const char* engine() const override { return "reference"; }
-  int threads() const override { return 1; }
 
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
     if (ops_.shape.mode == Mode::full_quant) {

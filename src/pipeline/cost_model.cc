@@ -96,34 +96,16 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// One call of `body`, timed by the wall clock and by the calling thread's CPU.
-struct Timing {
-  double wall = 0;
-  double cpu = 0;
-};
+// The fastest of `reps` timed calls of `body`, after one untimed: on a
+// shared machine the fastest is the one least disturbed by other work.
 template <class Body>
-Timing time_call(Body&& body) {
-  const double cpu_start = thread_cpu_seconds();
-  const auto start = Clock::now();
-  body();
-  return {seconds_since(start), thread_cpu_seconds() - cpu_start};
-}
-
-// The fastest of `reps` timed calls of `body`, after one untimed, by the
-// wall clock or (by_cpu) the thread's CPU: on a shared machine the fastest
-// is the one least disturbed by other work. `total`, if given, adds up
-// every timed call.
-template <class Body>
-double fastest_seconds(int reps, Body&& body, bool by_cpu = false, Timing* total = nullptr) {
+double fastest_seconds(int reps, Body&& body) {
   body();
   double fastest = 0;
   for (int r = 0; r < reps; ++r) {
-    const Timing timing = time_call(body);
-    if (total != nullptr) {
-      total->wall += timing.wall;
-      total->cpu += timing.cpu;
-    }
-    const double seconds = by_cpu ? timing.cpu : timing.wall;
+    const auto start = Clock::now();
+    body();
+    const double seconds = seconds_since(start);
     fastest = r == 0 ? seconds : std::min(fastest, seconds);
   }
   return fastest;
@@ -146,12 +128,16 @@ TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
   };
   comm.barrier();
   const double round = fastest_seconds(kReps, [&] { buffer_round(small, false); });
-  Timing full_total;
-  const double full =
-      fastest_seconds(kReps, [&] { buffer_round(large, false); }, false, &full_total);
+  double cpu = 0, wall = 0;
+  const double full = fastest_seconds(kReps, [&] {
+    const double cpu_start = thread_cpu_seconds();
+    const auto start = Clock::now();
+    buffer_round(large, false);
+    cpu += thread_cpu_seconds() - cpu_start;
+    wall += seconds_since(start);
+  });
   const double copied = fastest_seconds(kReps, [&] { buffer_round(large, true); });
-  const auto agreed =
-      agreed_max(comm, {round, full, copied, full_total.cpu / std::max(full_total.wall, 1e-9)});
+  const auto agreed = agreed_max(comm, {round, full, copied, cpu / std::max(wall, 1e-9)});
   const double bytes = static_cast<double>(large * element);
   TransportConstants constants;
   constants.reduce_round_seconds = agreed[0];
@@ -180,17 +166,7 @@ GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& g
     gemm.compute_rows(begin, end, scratch.data() + static_cast<std::size_t>(begin) * row_bytes,
                       request.n);
   };
-  // On one GEMM thread the calling thread does all the work, and its CPU
-  // time is the call's cost undisturbed by the ranks it shares a core with:
-  // two ranks on a core take turns every few ms, and a difference of two
-  // such wall times, the fixed part, came out anywhere from 4 to 13 ms. How
-  // much of the core the rank had, wall over CPU time of all these calls,
-  // turns each figure back into wall time. With more threads, wall times.
-  const bool by_cpu = gemm.threads() == 1;
-  Timing total;
-  const auto fastest = [&](auto&& body) {
-    return std::max(fastest_seconds(2, body, by_cpu, &total), 1e-9);
-  };
+  const auto fastest = [](auto&& body) { return std::max(fastest_seconds(2, body), 1e-9); };
   const double pass = fastest([&] { rows_from(0, 1); });
   const double call_of_r = fastest([&] { rows_from(0, rows); });
   double rows_seconds = call_of_r, call_seconds = 0;
@@ -204,9 +180,7 @@ GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& g
     rows_seconds = std::max(call_of_2r - call_of_r, 0.5 * call_of_r);
     call_seconds = std::max(0.0, two_calls - call_of_2r);
   }
-  const double stretch = by_cpu && total.cpu > 0 ? std::max(1.0, total.wall / total.cpu) : 1.0;
-  const auto slowest_rank =
-      agreed_max(comm, {rows_seconds * stretch, pass * stretch, call_seconds * stretch});
+  const auto slowest_rank = agreed_max(comm, {rows_seconds, pass, call_seconds});
   GemmConstants constants;
   constants.flops = 2.0 * static_cast<double>(rows) * static_cast<double>(request.n) *
                     static_cast<double>(request.k) / slowest_rank[0];

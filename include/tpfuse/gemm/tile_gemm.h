@@ -44,8 +44,6 @@ class PreparedGemm {
   virtual void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const = 0;
   // The engine's name, for logs and benchmarks ("reference", "avx512_f16", ...).
   virtual const char* engine() const = 0;
-  // The threads compute_rows runs on; 1: the calling thread alone.
-  virtual int threads() const = 0;
 };
 
 // Chooses the engine for the operands on this CPU and prepares it.
