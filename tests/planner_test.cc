@@ -36,6 +36,22 @@ CostConstants round_constants(const PlanRequest& request) {
   return constants;
 }
 
+// Constants for a reduce bound by a slow link (1 GB/s), across hosts: a
+// share of the CPU of `cpu_share`, buffers that hold the whole output.
+CostConstants link_constants(const PlanRequest& request, double cpu_share) {
+  CostConstants constants = round_constants(request);
+  constants.reduce_seconds_per_byte = 1.0 / 1e9;
+  constants.reduce_cpu_share = cpu_share;
+  constants.buffer_bytes = 64 << 20;
+  return constants;
+}
+
+// One all-reduce of the whole f16 output under `constants`.
+double whole_all_reduce_seconds(const PlanRequest& request, const CostConstants& constants) {
+  const double bytes = static_cast<double>(request.m * request.n * 2);
+  return constants.reduce_round_seconds + bytes * constants.reduce_seconds_per_byte;
+}
+
 std::int64_t total_rows(const TilePlan& plan) {
   return std::accumulate(plan.tile_rows.begin(), plan.tile_rows.end(), std::int64_t{0});
 }
@@ -114,9 +130,8 @@ TEST(Planner, SharedCoreSplitsOnlyToSaveASignificantCopy) {
 // prediction well under serial. As the share grows, the gain shrinks.
 TEST(Planner, SharedCoreHidesAReduceThatWaitsOnTheWire) {
   PlanRequest request = ascend_request(128);  // GEMM 86 ms, reduce 67 ms
-  CostConstants constants = round_constants(request);
-  constants.reduce_seconds_per_byte = 1.0 / 1e9;
-  constants.buffer_bytes = 64 << 20;  // one tile would fit: only the model splits
+  // One tile would fit the buffers: only the model splits.
+  CostConstants constants = link_constants(request, 0);
   double previous_gain = 1e9;
   for (double share : {0.0, 0.1, 0.5, 1.0}) {
     constants.reduce_cpu_share = share;
@@ -133,17 +148,15 @@ TEST(Planner, SharedCoreHidesAReduceThatWaitsOnTheWire) {
   }
 }
 
-// The reduces of a call take turns on one link (or one memory), so however
-// the output is cut and whatever share of a reduce the CPU takes, a call
-// lasts at least its whole all-reduce: when communication dominates, no
-// schedule may promise to beat it.
+// Where the reduces of a call take turns on one link (or one memory) for
+// all of their time (reduce_overlap 0), however the output is cut and
+// whatever share of a reduce the CPU takes, a call lasts at least its whole
+// all-reduce: when communication dominates, no schedule may promise to beat
+// it.
 TEST(Planner, NoScheduleIsFasterThanItsAllReduce) {
   PlanRequest request = ascend_request(8);  // GEMM 5 ms, reduce 67 ms
-  CostConstants constants = round_constants(request);
-  constants.reduce_seconds_per_byte = 1.0 / 1e9;
-  constants.buffer_bytes = 64 << 20;
-  const double bytes = static_cast<double>(request.m * request.n * 2);
-  const double all_reduce = constants.reduce_round_seconds + bytes * constants.reduce_seconds_per_byte;
+  CostConstants constants = link_constants(request, 0);
+  const double all_reduce = whole_all_reduce_seconds(request, constants);
   for (double share : {0.0, 0.25, 0.5, 0.75, 1.0}) {
     constants.reduce_cpu_share = share;
     const TilePlan plan = make_plan(request, constants);
@@ -153,15 +166,35 @@ TEST(Planner, NoScheduleIsFasterThanItsAllReduce) {
   }
 }
 
+// Where a reduce leaves the link idle part of its time (reduce_overlap, as
+// across hosts, where it also waits for its peers' steps), reduces in flight
+// together share that part: tiles then beat one all-reduce, but never its
+// time on the link.
+TEST(Planner, ReducesInFlightShareWhatTheyLeaveIdle) {
+  PlanRequest request = ascend_request(8);  // GEMM 5 ms, reduce 67 ms
+  CostConstants constants = link_constants(request, 0);
+  const double all_reduce = whole_all_reduce_seconds(request, constants);
+  double previous = 1e9;
+  for (double overlap : {0.0, 0.25, 0.5}) {
+    constants.reduce_overlap = overlap;
+    const TilePlan plan = make_plan(request, constants);
+    expect_well_formed(request, plan);
+    EXPECT_GE(plan.predicted_seconds, (1.0 - overlap) * all_reduce) << "overlap " << overlap;
+    EXPECT_LT(plan.predicted_seconds, previous) << "overlap " << overlap;
+    previous = plan.predicted_seconds;
+    if (overlap > 0) {
+      EXPECT_LT(plan.predicted_seconds, all_reduce) << "overlap " << overlap << ": " << plan.reason;
+      EXPECT_GT(plan.tile_rows.size(), 1u) << plan.reason;
+    }
+  }
+}
+
 // Each GEMM call's fixed cost (the weight read again) is charged to every
 // tile: the dearer a call, the fewer tiles, down to one when a call costs
 // more than the whole reduce that splitting could hide.
 TEST(Planner, DearerCallsMeanFewerTiles) {
   PlanRequest request = ascend_request(128);  // GEMM 86 ms, reduce 67 ms
-  CostConstants constants = round_constants(request);
-  constants.reduce_seconds_per_byte = 1.0 / 1e9;
-  constants.reduce_cpu_share = 0;
-  constants.buffer_bytes = 64 << 20;
+  CostConstants constants = link_constants(request, 0);
   std::size_t previous_tiles = SIZE_MAX;
   for (double call_seconds : {0.0, 1e-3, 5e-3, 0.1}) {
     constants.gemm_call_seconds = call_seconds;
@@ -195,9 +228,8 @@ TEST(Planner, OwnCoreHidesTheReduceWhenTheGemmDominates) {
 TEST(Planner, OwnCoreStartsWithShortTilesWhenTheReduceDominates) {
   PlanRequest request = ascend_request(64);
   request.reduce_has_own_core = true;
-  CostConstants constants = round_constants(request);
-  constants.buffer_bytes = 64 << 20;  // room for any split: the model alone decides
-  constants.reduce_seconds_per_byte = 1.0 / 1e9;
+  // Room for any split: the model alone decides.
+  const CostConstants constants = link_constants(request, 1);
   const TilePlan plan = make_plan(request, constants);
   expect_well_formed(request, plan);
   ASSERT_GT(plan.tile_rows.size(), 1u);

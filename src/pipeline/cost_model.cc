@@ -33,6 +33,7 @@ struct TransportConstants {
   double reduce_seconds_per_byte = 0;
   double copy_seconds_per_byte = 0;
   double reduce_cpu_share = 1;
+  double reduce_overlap = 0;
 };
 
 struct GemmConstants {
@@ -96,6 +97,19 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// One call of `body`, timed by the wall clock and by the calling thread's CPU.
+struct Timing {
+  double wall = 0;
+  double cpu = 0;
+};
+template <class Body>
+Timing time_call(Body&& body) {
+  const double cpu_start = thread_cpu_seconds();
+  const auto start = Clock::now();
+  body();
+  return {seconds_since(start), thread_cpu_seconds() - cpu_start};
+}
+
 // The fastest of `reps` timed calls of `body`, after one untimed: on a
 // shared machine the fastest is the one least disturbed by other work.
 template <class Body>
@@ -103,16 +117,16 @@ double fastest_seconds(int reps, Body&& body) {
   body();
   double fastest = 0;
   for (int r = 0; r < reps; ++r) {
-    const auto start = Clock::now();
-    body();
-    const double seconds = seconds_since(start);
+    const double seconds = time_call(body).wall;
     fastest = r == 0 ? seconds : std::min(fastest, seconds);
   }
   return fastest;
 }
 
 // Rounds from the transport's buffer (what a tile costs), tiny and at the
-// largest size; and the copy into a buffer that the plain all-reduce adds.
+// largest size, and two of the largest at once (how much reduces in flight
+// together overlap); and the copy into a buffer that the plain all-reduce
+// adds.
 TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
   constexpr int kReps = 3;
   const std::size_t element = dtype_size(dtype);
@@ -128,22 +142,39 @@ TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
   };
   comm.barrier();
   const double round = fastest_seconds(kReps, [&] { buffer_round(small, false); });
-  double cpu = 0, wall = 0;
-  const double full = fastest_seconds(kReps, [&] {
-    const double cpu_start = thread_cpu_seconds();
-    const auto start = Clock::now();
-    buffer_round(large, false);
-    cpu += thread_cpu_seconds() - cpu_start;
-    wall += seconds_since(start);
-  });
+  // One round and, where the transport lets two be in flight, two at once,
+  // in turns, so that a burst of other work hits both alike.
+  std::vector<std::byte> second_output(large * element);
+  const auto two_rounds = [&] {
+    comm::ReduceBuffer first = comm.acquire_reduce_buffer(large, dtype);
+    comm::ReduceBuffer second = comm.acquire_reduce_buffer(large, dtype);
+    const auto first_work = comm.all_reduce_start(std::move(first), output.data());
+    const auto second_work = comm.all_reduce_start(std::move(second), second_output.data());
+    first_work->wait();
+    second_work->wait();
+  };
+  const bool pairs = comm.max_reduces_in_flight() >= 2;
+  Timing full_total;
+  double full = 0, pair = 0;
+  buffer_round(large, false);
+  for (int r = 0; r < 2 * kReps; ++r) {
+    const Timing one = time_call([&] { buffer_round(large, false); });
+    full_total.wall += one.wall;
+    full_total.cpu += one.cpu;
+    full = r == 0 ? one.wall : std::min(full, one.wall);
+    const double both = pairs ? time_call(two_rounds).wall : 2 * one.wall;
+    pair = r == 0 ? both : std::min(pair, both);
+  }
   const double copied = fastest_seconds(kReps, [&] { buffer_round(large, true); });
-  const auto agreed = agreed_max(comm, {round, full, copied, cpu / std::max(wall, 1e-9)});
+  const auto agreed = agreed_max(
+      comm, {round, full, copied, full_total.cpu / std::max(full_total.wall, 1e-9), pair});
   const double bytes = static_cast<double>(large * element);
   TransportConstants constants;
   constants.reduce_round_seconds = agreed[0];
   constants.reduce_seconds_per_byte = std::max(0.0, agreed[1] - agreed[0]) / bytes;
   constants.copy_seconds_per_byte = std::max(0.0, agreed[2] - agreed[1]) / bytes;
   constants.reduce_cpu_share = std::clamp(agreed[3], 0.0, 1.0);
+  constants.reduce_overlap = std::clamp(2.0 - agreed[4] / std::max(agreed[1], 1e-9), 0.0, 1.0);
   return constants;
 }
 
@@ -306,6 +337,7 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   constants.reduce_seconds_per_byte = transport.reduce_seconds_per_byte;
   constants.copy_seconds_per_byte = transport.copy_seconds_per_byte;
   constants.reduce_cpu_share = transport.reduce_cpu_share;
+  constants.reduce_overlap = transport.reduce_overlap;
   constants.buffer_bytes = static_cast<std::int64_t>(
       std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{1} << 62));
   constants.max_in_flight = comm.max_reduces_in_flight();

@@ -16,15 +16,16 @@
 // tiles never looks free.
 //
 // The prediction is a two-stage flow shop: tile i's reduce starts when tile
-// i is computed and tile i-1's reduce is done, and tile i's GEMM waits for
-// the slot of tile i - max_in_flight to be free. A reduce takes its whole
-// time in the second stage: the reduces of a call take turns on the same
-// link or memory, so no tiling makes the all-reduce itself shorter. Taking
-// turns with the GEMM on the same cores, a reduce's CPU share (measured)
-// also delays the next tile's GEMM by that share of the reduce: for shared
-// memory, where the share is about 1, splitting then only adds overheads and
-// the fewest tiles that fit the buffers win; across hosts, where the share
-// is small, the network's time hides under the GEMM as on a core of its own.
+// i is computed and the link is free of tile i-1's, and tile i's GEMM waits
+// for the slot of tile i - max_in_flight to be free. A reduce holds the link
+// for all of its time but the part that another reduce in flight can use
+// too (reduce_overlap, measured: none for shared memory, some across hosts,
+// where a reduce also waits for its peers' steps). Taking turns with the
+// GEMM on the same cores, a reduce's CPU share (measured) also delays the
+// next tile's GEMM by that share of the reduce: for shared memory, where the
+// share is about 1, splitting then only adds overheads and the fewest tiles
+// that fit the buffers win; across hosts, where the share is small, the
+// network's time hides under the GEMM as on a core of its own.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -108,18 +109,21 @@ struct CostModel {
   double predict(const std::vector<std::int64_t>& tiles, std::int64_t poll_rows) const {
     const double cpu_share = request.reduce_has_own_core ? 0.0 : constants.reduce_cpu_share;
     const auto depth = static_cast<std::size_t>(std::max(1, constants.max_in_flight));
+    const double overlap = constants.reduce_overlap;
     std::deque<double> reduce_ends;  // of the last `depth` tiles
-    double gemm_end = 0, reduce_end = 0, stolen = 0;
+    double gemm_end = 0, link_end = 0, stolen = 0, end = 0;
     for (std::int64_t rows : tiles) {
       const double slot_free = reduce_ends.size() == depth ? reduce_ends.front() : 0.0;
       gemm_end = std::max(gemm_end, slot_free) + gemm_seconds(rows, poll_rows) + stolen;
       const double reduce = reduce_seconds(rows);
-      reduce_end = std::max(reduce_end, gemm_end) + reduce;
+      link_end = std::max(link_end, gemm_end) + (1.0 - overlap) * reduce;
+      const double reduce_end = link_end + overlap * reduce;
+      end = std::max(end, reduce_end);
       stolen = cpu_share * reduce;
       reduce_ends.push_back(reduce_end);
       if (reduce_ends.size() > depth) reduce_ends.pop_front();
     }
-    return reduce_end;
+    return end;
   }
 };
 
@@ -305,7 +309,10 @@ std::string describe_plan(const PlanRequest& request, const CostConstants& const
               format_seconds(constants.reduce_round_seconds), " + ");
   text += cat(format_rate(constants.reduce_seconds_per_byte), " (",
               static_cast<int>(std::lround(constants.reduce_cpu_share * 100)),
-              "% of it on the CPU); copy-in ", format_rate(constants.copy_seconds_per_byte),
+              "% of it on the CPU, ",
+              static_cast<int>(std::lround(constants.reduce_overlap * 100)),
+              "% shared with another in flight); copy-in ",
+              format_rate(constants.copy_seconds_per_byte),
               "; buffers of ", format_bytes(static_cast<double>(constants.buffer_bytes)), ", ",
               constants.max_in_flight, " in flight\n");
   text += cat("predicted fused ", format_seconds(plan.predicted_seconds), ", serial ",

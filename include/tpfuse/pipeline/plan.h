@@ -56,6 +56,12 @@ struct CostConstants {
   // for shared memory (the reduce is the CPU's own loads and adds), little
   // for MPI across hosts (the bytes are on the network).
   double reduce_cpu_share = 1;
+  // The part of that time that another reduce in flight can use too: 2 less
+  // the time of two reduces started together over that of one. About 0 for
+  // shared memory (the same cores and memory do both) and where one reduce
+  // keeps the link busy; more across hosts, where a reduce also waits for
+  // its peers' steps and the link idles meanwhile.
+  double reduce_overlap = 0;
   // The plain all-reduce copies its private input into the transport first:
   // bytes * this more, on top of the reduce.
   double copy_seconds_per_byte = 0;
