@@ -68,18 +68,10 @@ struct RankGemm {
     dtype = shape.out_dtype;
   }
 
-  // `early_rows` are computed before the plan runs, as the operator does
-  // while its agreement travels, and handed to the executor.
   std::vector<std::byte> run(const TilePlan& plan, comm::Communicator& comm, ProgressMode mode,
-                             std::function<void(std::int64_t)> hook = {},
-                             std::int64_t early_rows = 0) const {
-    const std::size_t row_bytes = static_cast<std::size_t>(n) * dtype_size(dtype);
-    std::vector<std::byte> out(static_cast<std::size_t>(m) * row_bytes);
-    std::vector<std::byte> early(static_cast<std::size_t>(early_rows) * row_bytes);
-    if (early_rows > 0) gemm->compute_rows(0, early_rows, early.data(), n);
+                             std::function<void(std::int64_t)> hook = {}) const {
+    std::vector<std::byte> out(static_cast<std::size_t>(m * n) * dtype_size(dtype));
     pipeline::TileJob job;
-    job.early = early.data();
-    job.early_rows = early_rows;
     job.gemm = gemm.get();
     job.comm = &comm;
     job.n = n;
@@ -157,15 +149,6 @@ TEST_P(EverySchedule, GivesTheSingleTileBytes) {
         {"large tiles through the copy path", plan_of({20, 17}, 6)},
         {"mixed", plan_of({1, 15, 9, 12}, 5)},
     };
-    // Rows computed early join a schedule unchanged: part of the first
-    // tile, all of it, part of the next, every row.
-    for (std::size_t s = 0; s < schedules.size(); ++s) {
-      for (std::int64_t early : {1, 10, 16, 37}) {
-        const auto out = rank.run(schedules[s].second, *ctx.comm, mode, {}, early);
-        expect_rank(out == reference, schedules[s].first, " with ", early,
-                    " rows computed early changed the output");
-      }
-    }
     pipeline::PlanRequest request;
     request.m = spec.m;
     request.n = spec.n;

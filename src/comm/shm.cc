@@ -90,26 +90,6 @@ class ShmWork final : public Work {
   std::uint64_t last_round_;
 };
 
-class ShmCommunicator;
-
-// The second half of an shm all-gather: wait for every rank's contribution,
-// copy them out, and mark this rank's slot read.
-class ShmPendingGather final : public PendingGather {
- public:
-  ShmPendingGather(ShmCommunicator& comm, std::uint64_t index, std::uint64_t sequence)
-      : comm_(comm), index_(index), sequence_(sequence) {}
-  ShmPendingGather(const ShmPendingGather&) = delete;
-  ShmPendingGather& operator=(const ShmPendingGather&) = delete;
-  ~ShmPendingGather() override;
-  std::vector<std::string> wait() override;
-
- private:
-  ShmCommunicator& comm_;
-  std::uint64_t index_;
-  std::uint64_t sequence_;
-  bool waited_ = false;
-};
-
 class ShmCommunicator final : public Communicator {
  public:
   explicit ShmCommunicator(std::shared_ptr<ShmGroup> group)
@@ -134,11 +114,9 @@ class ShmCommunicator final : public Communicator {
     return static_cast<int>(group_->segment.ring().depth());
   }
   std::vector<std::string> all_gather(std::string_view mine) override;
-  std::unique_ptr<PendingGather> all_gather_start(std::string_view mine) override;
   void abort(std::string_view reason) override;
 
  private:
-  friend class ShmPendingGather;
   // Numbers the next collective and refuses to start it on an aborted group.
   std::uint64_t begin_collective(std::string_view operation);
   // Copies into this rank's slot the part of a chunk that peers will read.
@@ -258,10 +236,6 @@ std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, voi
 }
 
 std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
-  return all_gather_start(mine)->wait();
-}
-
-std::unique_ptr<PendingGather> ShmCommunicator::all_gather_start(std::string_view mine) {
   const ExclusiveUse use(*this, "all_gather");
   require(mine.size() <= shm::kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
           " bytes exceeds max_gather_bytes() = ", shm::kMaxGatherBytes);
@@ -281,43 +255,24 @@ std::unique_ptr<PendingGather> ShmCommunicator::all_gather_start(std::string_vie
   if (!mine.empty()) std::memcpy(channel.slot(me) + shm::kCacheLine, mine.data(), mine.size());
   channel.flags(me).published.store(current, std::memory_order_release);
   shm::ring_doorbell(group_->segment.doorbell());
-  return std::make_unique<ShmPendingGather>(*this, index, current);
-}
 
-std::vector<std::string> ShmPendingGather::wait() {
-  const ExclusiveUse use(comm_, "all_gather");
-  ShmGroup& group = *comm_.group_;
-  const shm::Channel& channel = group.segment.gather();
-  waited_ = true;
-  PeerWait wait(group);
-  wait.start({"all-gather", index_, "to contribute"});
-  wait.wait([&](int r) {
-    return channel.flags(r).published.load(std::memory_order_acquire) >= sequence_;
-  });
-  std::vector<std::string> gathered(static_cast<std::size_t>(group.size));
-  for (int r = 0; r < group.size; ++r) {
+  wait.start({"all-gather", index, "to contribute"});
+  wait.wait(
+      [&](int r) { return channel.flags(r).published.load(std::memory_order_acquire) >= current; });
+  std::vector<std::string> gathered(static_cast<std::size_t>(group_->size));
+  for (int r = 0; r < group_->size; ++r) {
     std::uint64_t their_length = 0;
     std::memcpy(&their_length, channel.slot(r), sizeof their_length);
     if (their_length > shm::kMaxGatherBytes) {
-      throw InternalError(cat("all-gather #", index_, ": rank ", r, " wrote a length of ",
+      throw InternalError(cat("all-gather #", index, ": rank ", r, " wrote a length of ",
                               their_length, " bytes into its slot"));
     }
     gathered[r].assign(reinterpret_cast<const char*>(channel.slot(r) + shm::kCacheLine),
                        static_cast<std::size_t>(their_length));
   }
-  channel.flags(group.rank).consumed.store(sequence_, std::memory_order_release);
-  shm::ring_doorbell(group.segment.doorbell());
+  channel.flags(me).consumed.store(current, std::memory_order_release);
+  shm::ring_doorbell(group_->segment.doorbell());
   return gathered;
-}
-
-ShmPendingGather::~ShmPendingGather() {
-  if (waited_) return;
-  try {
-    wait();
-  } catch (const std::exception& error) {
-    // As for an unfinished Work: the failed wait reported itself to the group.
-    log::debug("unfinished all-gather dropped: ", error.what());
-  }
 }
 
 void ShmCommunicator::abort(std::string_view reason) {

@@ -60,16 +60,9 @@ std::string field_value(std::size_t field, std::int64_t value) {
 
 }  // namespace
 
-std::unique_ptr<comm::PendingGather> start_agreement(comm::Communicator& comm,
-                                                     const std::optional<CallShape>& shape,
-                                                     const std::string& local_error,
-                                                     const RankFacts& mine) {
-  return comm.all_gather_start(encode(shape, local_error, mine, comm.max_gather_bytes()));
-}
-
-RankFacts finish_agreement(comm::PendingGather& exchange, int my_rank,
-                           const std::string& local_error, const RankFacts& mine) {
-  const auto blobs = exchange.wait();
+RankFacts check_agreement(comm::Communicator& comm, const std::optional<CallShape>& shape,
+                          const std::string& local_error, const RankFacts& mine) {
+  const auto blobs = comm.all_gather(encode(shape, local_error, mine, comm.max_gather_bytes()));
   std::vector<Words> words(blobs.size());
   for (std::size_t r = 0; r < blobs.size(); ++r) {
     if (blobs[r].size() < sizeof(words[r])) {
@@ -80,7 +73,7 @@ RankFacts finish_agreement(comm::PendingGather& exchange, int my_rank,
 
   for (std::size_t r = 0; r < blobs.size(); ++r) {
     if (words[r][0] == 1) continue;
-    if (static_cast<int>(r) == my_rank) throw InvalidArgument(local_error);
+    if (static_cast<int>(r) == comm.rank()) throw InvalidArgument(local_error);
     throw DisagreementError(cat("mm_all_reduce_base: rank ", r, " rejected its arguments (",
                                 blobs[r].substr(sizeof(words[r])), "); no rank ran the call"));
   }

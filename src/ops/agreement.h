@@ -23,23 +23,15 @@ struct RankFacts {
   bool reduce_has_own_core = false;
 };
 
-// The check in two halves, so that a rank can compute while the exchange
-// travels. start_agreement sends this rank's part: `shape` is its validated
-// call, or nullopt with `local_error` set when its own validation failed.
-// No other collective may be issued on `comm` before finish_agreement.
-std::unique_ptr<comm::PendingGather> start_agreement(comm::Communicator& comm,
-                                                     const std::optional<CallShape>& shape,
-                                                     const std::string& local_error,
-                                                     const RankFacts& mine);
-
-// Waits for every rank's part (the same local_error and mine as were sent).
-// Throws on every rank when any rank failed validation (the failing rank
-// rethrows its own InvalidArgument, the others get DisagreementError naming
-// it) or when the ranks disagree on m, b, s, n, mode, dtypes or comm_turn
-// (DisagreementError naming the field, the ranks and their values). Returns
-// every rank's `mine` combined: the largest k, the fewest threads, and an own
-// core for the reduce only where every rank has one.
-RankFacts finish_agreement(comm::PendingGather& exchange, int my_rank,
-                           const std::string& local_error, const RankFacts& mine);
+// `shape` is this rank's validated call, or nullopt with `local_error` set
+// when this rank's own validation failed. Throws on every rank when any rank
+// failed validation (the failing rank rethrows its own InvalidArgument, the
+// others get DisagreementError naming it) or when the ranks disagree on m, b,
+// s, n, mode, dtypes or comm_turn (DisagreementError naming the field, the
+// ranks and their values). Returns every rank's `mine` combined: the largest
+// k, the fewest threads, and an own core for the reduce only where every rank
+// has one.
+RankFacts check_agreement(comm::Communicator& comm, const std::optional<CallShape>& shape,
+                          const std::string& local_error, const RankFacts& mine);
 
 }  // namespace tpfuse

@@ -13,7 +13,6 @@
 #include <ctime>
 #include <map>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -268,60 +267,29 @@ PlanRequest agree_request(comm::Communicator& comm, PlanRequest request) {
   return request;
 }
 
-namespace {
-
-// A forced or one-row plan needs no constants; its predictions are then
-// meaningless and unused.
-bool needs_no_constants(const PlanRequest& request) {
-  return request.comm_turn > 0 || request.m == 1;
-}
-
-// No split can pay when reducing the whole output costs less than one more
-// round: decided from agreed values alone, so the call is spared measuring
-// the GEMM (a small output's call is mostly synchronisation).
-std::optional<TilePlan> one_cheap_round(const PlanRequest& request,
-                                        const TransportConstants& transport) {
-  const double output_bytes = static_cast<double>(request.m) *
-                              static_cast<double>(request.n) *
-                              static_cast<double>(dtype_size(request.out_dtype));
-  if (output_bytes * transport.reduce_seconds_per_byte > transport.reduce_round_seconds) {
-    return std::nullopt;
-  }
-  TilePlan plan;
-  plan.tile_rows = {request.m};
-  plan.poll_rows = request.m;
-  plan.reason = "one tile: reducing the whole output costs less than one more round";
-  return plan;
-}
-
-PlanKey plan_key(const comm::Communicator& comm, const PlanRequest& request) {
-  return {comm.name(),       request.n, request.mode,    request.in_dtype,
-          request.out_dtype, request.m, request.k,       request.threads,
-          request.reduce_has_own_core,  request.comm_turn};
-}
-
-}  // namespace
-
-std::optional<TilePlan> cached_plan(const comm::Communicator& comm, const PlanRequest& request) {
-  if (needs_no_constants(request)) return make_plan(request, {.gemm_flops = 1});
-  const std::lock_guard lock(cache().mutex);
-  const auto transport = cache().transport.find(TransportKey{comm.name(), request.out_dtype});
-  if (transport == cache().transport.end()) return std::nullopt;
-  if (auto plan = one_cheap_round(request, transport->second)) return plan;
-  if (auto it = cache().plans.find(plan_key(comm, request)); it != cache().plans.end()) {
-    return it->second;
-  }
-  return std::nullopt;
-}
-
 TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
                    const PlanRequest& request, CostConstants* used) {
-  if (needs_no_constants(request) && used == nullptr) return make_plan(request, {.gemm_flops = 1});
+  // A forced or one-row plan needs no constants (unless asked for them);
+  // its predictions are then meaningless and unused.
+  if ((request.comm_turn > 0 || request.m == 1) && used == nullptr) {
+    return make_plan(request, {.gemm_flops = 1});
+  }
   const TransportConstants transport =
       cached_or_measured(cache().transport, TransportKey{comm.name(), request.out_dtype},
                          [&] { return measure_transport(comm, request.out_dtype); });
-  if (used == nullptr) {
-    if (auto plan = one_cheap_round(request, transport)) return *plan;
+  // No split can pay when reducing the whole output costs less than one
+  // more round: decided from agreed values alone, so the call is spared the
+  // gather below (a small output's call is mostly synchronisation).
+  const double output_bytes = static_cast<double>(request.m) *
+                              static_cast<double>(request.n) *
+                              static_cast<double>(dtype_size(request.out_dtype));
+  if (output_bytes * transport.reduce_seconds_per_byte <= transport.reduce_round_seconds &&
+      used == nullptr) {
+    TilePlan plan;
+    plan.tile_rows = {request.m};
+    plan.poll_rows = request.m;
+    plan.reason = "one tile: reducing the whole output costs less than one more round";
+    return plan;
   }
   const GemmConstants gemm_constants =
       cached_or_measured(cache().gemm,
@@ -342,7 +310,10 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
       std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{1} << 62));
   constants.max_in_flight = comm.max_reduces_in_flight();
   if (used != nullptr) *used = constants;
-  const PlanKey key = plan_key(comm, request);
+  const PlanKey key{comm.name(),      request.n,         request.mode,
+                    request.in_dtype, request.out_dtype, request.m,
+                    request.k,        request.threads,   request.reduce_has_own_core,
+                    request.comm_turn};
   {
     const std::lock_guard lock(cache().mutex);
     if (auto it = cache().plans.find(key); it != cache().plans.end()) return it->second;

@@ -32,9 +32,7 @@
 // against 37 ms with the helper thread, serial about 80 ms.
 #include "pipeline/executor.h"
 
-#include <algorithm>
 #include <condition_variable>
-#include <cstring>
 #include <deque>
 #include <exception>
 #include <memory>
@@ -156,22 +154,13 @@ std::unique_ptr<InFlight> make_in_flight(ProgressMode mode) {
   return std::make_unique<PolledInFlight>();
 }
 
-// Rows [m0, m1) into `dst` (row stride n): those computed early copied, the
-// rest computed, polling between blocks of at most poll_rows rows, all of
-// about the same size (a short last block would still pay a whole pass over
-// the weight).
+// Rows [m0, m1) into `dst` (row stride n), polling between blocks of at
+// most poll_rows rows, all of about the same size (a short last block would
+// still pay a whole pass over the weight).
 void compute_tile(const TileJob& job, std::int64_t m0, std::int64_t m1, std::int64_t poll_rows,
                   std::byte* dst, InFlight& in_flight) {
   const std::size_t row_bytes = static_cast<std::size_t>(job.n) * dtype_size(job.dtype);
-  const std::int64_t early_end = std::clamp(job.early_rows, m0, m1);
-  if (early_end > m0) {
-    const std::size_t bytes = static_cast<std::size_t>(early_end - m0) * row_bytes;
-    std::memcpy(dst, job.early + static_cast<std::size_t>(m0) * row_bytes, bytes);
-    dst += bytes;
-    m0 = early_end;
-  }
   const std::int64_t rows = m1 - m0;
-  if (rows == 0) return;
   const std::int64_t blocks = job.progress == ProgressMode::interleaved && poll_rows > 0
                                   ? (rows + poll_rows - 1) / poll_rows
                                   : 1;

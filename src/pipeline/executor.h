@@ -39,10 +39,6 @@ struct TileJob {
   std::int64_t n = 0;
   DType dtype = DType::f16;
   void* out = nullptr;  // [m, n] row-major, dtype: the reduced result
-  // Rows [0, early_rows) computed already into `early` (row stride n):
-  // copied into their tiles, not computed again.
-  const std::byte* early = nullptr;
-  std::int64_t early_rows = 0;
   ProgressMode progress = ProgressMode::interleaved;
   // Called after a tile's GEMM, before its all-reduce starts (tests stall or
   // kill a rank there).

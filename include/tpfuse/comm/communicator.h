@@ -60,14 +60,6 @@ class Work {
 // it is the transfer: for the shm transport, this rank's slot in shared
 // memory. Obtained from acquire_reduce_buffer(), handed back (moved) to
 // all_reduce_start(buffer, output).
-// An all-gather whose contributions are on their way: see all_gather_start().
-class PendingGather {
- public:
-  virtual ~PendingGather() = default;
-  // Every rank's contribution, in rank order; blocking and bounded. Once.
-  virtual std::vector<std::string> wait() = 0;
-};
-
 struct ReduceBuffer {
   std::byte* data = nullptr;  // count * dtype_size(dtype) bytes, cache-line aligned
   std::size_t count = 0;
@@ -126,14 +118,6 @@ class Communicator {
   // rank's contribution, in rank order. Blocking and bounded.
   virtual std::vector<std::string> all_gather(std::string_view mine) = 0;
   virtual std::size_t max_gather_bytes() const = 0;
-  // all_gather in two halves, so that a rank can work while the
-  // contributions travel: this sends this rank's, and wait() on the result
-  // returns every rank's. No other collective may be issued on the
-  // communicator before that wait(), and the PendingGather must not outlive
-  // the communicator; destroyed unwaited, it waits in its destructor (the
-  // transport's buffers are in use until then). The default gathers at
-  // once, here.
-  virtual std::unique_ptr<PendingGather> all_gather_start(std::string_view mine);
 
   // Marks the communicator failed on every rank: their waits wake at once and
   // throw AbortedError naming this rank and the reason. Safe from any thread.

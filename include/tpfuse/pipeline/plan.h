@@ -5,7 +5,6 @@
 #pragma once
 
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -101,11 +100,6 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants);
 // when not null, receives the constants the plan used.
 TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
                    const PlanRequest& request, CostConstants* constants = nullptr);
-
-// The plan plan_call would return for `request`, where it needs nothing
-// measured or gathered (a forced or one-row plan, or one cached by an earlier
-// call); else nullopt. Local: a rank may look before its peers agree.
-std::optional<TilePlan> cached_plan(const comm::Communicator& comm, const PlanRequest& request);
 
 // A readable account of a plan: the tiles, the constants and the prediction.
 std::string describe_plan(const PlanRequest& request, const CostConstants& constants,

@@ -19,9 +19,9 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <sstream>
 #include <thread>
 
-#include "comm/mpi/mpi_failure.h"
 #include "comm/mpi/mpi_group.h"
 #include "comm/mpi/mpi_requests.h"
 #include "comm/shm_reduce_kernels.h"
@@ -34,10 +34,6 @@ namespace tpfuse::comm {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using mpi::decode_notice;
-using mpi::encode_notice;
-using mpi::Failure;
-using mpi::kStillWaiting;
 
 // Tags: one for abort notices, one for all-gathers, and two per all-reduce
 // (contributions, results), numbered by the collective so that all-reduces
@@ -86,6 +82,62 @@ void init_mpi() {
   });
 }
 
+// How a communicator failed, kept so that every later call throws the same.
+struct Failure {
+  enum class Kind { timeout, aborted, lost } kind = Kind::aborted;
+  std::string message;
+  std::vector<int> ranks;
+  [[noreturn]] void raise() const {
+    switch (kind) {
+      case Kind::timeout:
+        throw TimeoutError(message, ranks);
+      case Kind::lost:
+        throw PeerLostError(message, ranks);
+      case Kind::aborted:
+        break;
+    }
+    throw AbortedError(message, ranks);
+  }
+};
+
+// The kind of notice a rank sends, three quarters into a long wait, to say
+// that it is alive and which ranks it is waiting for (see suspects()).
+constexpr int kStillWaiting = 3;
+
+// A failure as it travels to the peers: "KIND RANK,RANK,...\nMESSAGE". The
+// peers fail with the same kind and ranks (a rank that timed out waiting for
+// rank 2 makes the others fail naming rank 2, not itself).
+std::string encode_notice(const Failure& failure, int sender) {
+  std::string ranks;
+  for (int r : failure.ranks) ranks += cat(ranks.empty() ? "" : ",", r);
+  const std::string message =
+      failure.kind == Failure::Kind::aborted ? failure.message
+                                             : cat("rank ", sender, " failed: ", failure.message);
+  return cat(static_cast<int>(failure.kind), " ", ranks, "\n", message);
+}
+
+Failure decode_notice(const std::string& notice, int sender) {
+  Failure failure{Failure::Kind::aborted, cat("aborted by rank ", sender), {sender}};
+  const auto newline = notice.find('\n');
+  int kind = -1;
+  std::istringstream header(notice.substr(0, newline));
+  if (newline == std::string::npos || !(header >> kind) || kind < 0 || kind > kStillWaiting) {
+    return failure;
+  }
+  failure.kind = static_cast<Failure::Kind>(kind);
+  failure.message = notice.substr(newline + 1);
+  failure.ranks.clear();
+  std::string ranks;
+  header >> ranks;
+  std::istringstream list(ranks);
+  for (std::string rank; std::getline(list, rank, ',');) {
+    std::istringstream number(rank);
+    int value = 0;
+    if (number >> value) failure.ranks.push_back(value);
+  }
+  return failure;
+}
+
 // One all-reduce in flight: phase 1 exchanges contributions to each share,
 // phase 2 the summed shares.
 struct Reduce {
@@ -119,27 +171,6 @@ class MpiWork final : public Work {
   std::shared_ptr<Reduce> reduce_;
 };
 
-class MpiCommunicator;
-
-// The second half of an MPI all-gather: the contributions' messages, posted
-// by all_gather_start, and the buffers they use until they complete.
-class MpiPendingGather final : public PendingGather {
- public:
-  MpiPendingGather(MpiCommunicator& comm, std::uint64_t index, std::string_view mine);
-  MpiPendingGather(const MpiPendingGather&) = delete;
-  MpiPendingGather& operator=(const MpiPendingGather&) = delete;
-  ~MpiPendingGather() override;
-  std::vector<std::string> wait() override;
-
- private:
-  friend class MpiCommunicator;
-  MpiCommunicator& comm_;
-  std::uint64_t index_;
-  bool waited_ = false;
-  std::vector<std::string> gathered_;  // this rank's own is what it sends
-  mpi::Requests requests_;             // last: released before the buffers
-};
-
 class MpiCommunicator final : public Communicator,
                               public std::enable_shared_from_this<MpiCommunicator> {
  public:
@@ -163,7 +194,6 @@ class MpiCommunicator final : public Communicator,
   std::size_t max_reduce_buffer_bytes() const override { return std::size_t{1} << 30; }
   int max_reduces_in_flight() const override { return kMaxInFlight; }
   std::vector<std::string> all_gather(std::string_view mine) override;
-  std::unique_ptr<PendingGather> all_gather_start(std::string_view mine) override;
   void abort(std::string_view reason) override;
 
   std::unique_ptr<Work> gather_slices_start(std::byte* data, const std::vector<std::size_t>& offsets,
@@ -181,7 +211,6 @@ class MpiCommunicator final : public Communicator,
   void wait(const std::shared_ptr<Reduce>& reduce);
 
  private:
-  friend class MpiPendingGather;
   void check_failed_locked();
   void fail_locked(Failure failure);
   void poll_abort_locked();
@@ -604,54 +633,30 @@ void MpiCommunicator::wait_requests_locked(std::unique_lock<std::mutex>& lock,
 }
 
 std::vector<std::string> MpiCommunicator::all_gather(std::string_view mine) {
-  return all_gather_start(mine)->wait();
-}
-
-std::unique_ptr<PendingGather> MpiCommunicator::all_gather_start(std::string_view mine) {
   require(mine.size() <= kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
           " bytes exceeds max_gather_bytes() = ", kMaxGatherBytes);
   std::unique_lock lock(mutex_);
   wait_all_locked(lock);
   check_failed_locked();
-  auto gather = std::make_unique<MpiPendingGather>(*this, ++collectives_, mine);
+  const std::uint64_t index = ++collectives_;
+  std::vector<std::string> gathered(static_cast<std::size_t>(size_));
+  mpi::Requests requests;
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
-    gather->gathered_[r].resize(kMaxGatherBytes);
-    gather->requests_.irecv(reinterpret_cast<std::byte*>(gather->gathered_[r].data()),
-                            kMaxGatherBytes, to(r), kGatherTag, comm_);
+    gathered[r].resize(kMaxGatherBytes);
+    requests.irecv(reinterpret_cast<std::byte*>(gathered[r].data()), kMaxGatherBytes, to(r),
+                   kGatherTag, comm_);
   }
-  const std::string& sent = gather->gathered_[rank_];
   for (int step = 1; step < size_; ++step) {
-    gather->requests_.isend(reinterpret_cast<const std::byte*>(sent.data()), sent.size(),
-                            to((rank_ + step) % size_), kGatherTag, comm_);
+    requests.isend(reinterpret_cast<const std::byte*>(mine.data()), mine.size(),
+                   to((rank_ + step) % size_), kGatherTag, comm_);
   }
-  return gather;
-}
-
-MpiPendingGather::MpiPendingGather(MpiCommunicator& comm, std::uint64_t index,
-                                   std::string_view mine)
-    : comm_(comm), index_(index), gathered_(static_cast<std::size_t>(comm.size())) {
-  gathered_[comm.rank()] = std::string(mine);
-}
-
-MpiPendingGather::~MpiPendingGather() {
-  if (waited_) return;
-  try {
-    wait();
-  } catch (const std::exception& error) {
-    // The failed wait failed the communicator: its next call throws.
-    log::debug("unfinished all-gather dropped: ", error.what());
+  wait_requests_locked(lock, requests, "all-gather", index, "contributions");
+  for (int r = 0; r < size_; ++r) {
+    if (r != rank_) gathered[r].resize(requests.received_bytes(to(r)));
   }
-}
-
-std::vector<std::string> MpiPendingGather::wait() {
-  waited_ = true;
-  std::unique_lock lock(comm_.mutex_);
-  comm_.wait_requests_locked(lock, requests_, "all-gather", index_, "contributions");
-  for (int r = 0; r < comm_.size(); ++r) {
-    if (r != comm_.rank()) gathered_[r].resize(requests_.received_bytes(comm_.to(r)));
-  }
-  return std::move(gathered_);
+  gathered[rank_] = std::string(mine);
+  return gathered;
 }
 
 void MpiCommunicator::abort(std::string_view reason) {
