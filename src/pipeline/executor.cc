@@ -227,14 +227,13 @@ void execute_plan(const TilePlan& plan, const TileJob& job) {
   // and waits for its reduce itself, as a plain all-reduce would. A helper
   // thread would only add a thread that, on a busy core, waits its turn
   // before the reduce moves: 2-4 ms a call across 4 emulated hosts on 2 cores.
-  TileJob single = job;
-  const bool one_tile = plan.tile_rows.size() == 1;
-  if (one_tile) single.progress = ProgressMode::interleaved;
+  TileJob run = job;
+  if (plan.tile_rows.size() == 1) run.progress = ProgressMode::interleaved;
   // Destroyed after the abort below: its all-reduces then fail at once
   // instead of waiting for peers that wait for us.
-  const auto in_flight = make_in_flight(one_tile ? single.progress : job.progress);
+  const auto in_flight = make_in_flight(run.progress);
   try {
-    run_tiles(plan, one_tile ? single : job, *in_flight);
+    run_tiles(plan, run, *in_flight);
   } catch (const std::exception& error) {
     job.comm->abort(cat("rank ", job.comm->rank(), " stopped its tile pipeline: ", error.what()));
     throw;
