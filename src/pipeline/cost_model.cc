@@ -178,10 +178,9 @@ TransportConstants measure_transport(comm::Communicator& comm, DType dtype) {
 }
 
 // compute_rows on the call's own GEMM, each figure the fastest of two (after
-// one untimed): one
-// row, for the pass over the weight that every call makes; r rows (up to 64:
-// full micro-kernel blocks, and a few percent of a call worth planning) and
-// 2r rows in one call and in two. A call of rows then costs a fixed part,
+// one untimed): one row, for the pass over the weight that every call makes;
+// r rows (up to 64: full micro-kernel blocks, and a few percent of a call
+// worth planning) and 2r rows in one call and in two. A call of rows then costs a fixed part,
 // two calls of r less one of 2r, plus each row's share, one call of 2r less
 // one of r over r; with fewer than 2r rows, the fixed part is not told apart.
 // Once per shape.

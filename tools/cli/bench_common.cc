@@ -14,6 +14,8 @@
 
 #include "gemm/cpu_isa.h"
 #include "gemm/microkernel.h"
+#include "tpfuse/comm/mpi.h"
+#include "tpfuse/comm/registry.h"
 #include "tpfuse/core/dtype.h"
 #include "tpfuse/core/error.h"
 
@@ -94,6 +96,15 @@ double timed_batch(comm::Communicator& comm, const std::function<void()>& call, 
 
 int calls_per_batch(double once_seconds, double min_batch_ms) {
   return static_cast<int>(std::clamp(std::ceil(min_batch_ms * 1e-3 / std::max(once_seconds, 1e-9)), 1.0, 100000.0));
+}
+
+comm::RankContext rank_context_from_env() {
+  comm::RankContext ctx;
+  ctx.comm = comm::create_communicator_from_env();
+  ctx.rank = ctx.comm->rank();
+  ctx.size = ctx.comm->size();
+  comm::register_communicator(ctx.comm);
+  return ctx;
 }
 
 RankReport run_local_ranks(int ranks, bool no_pin, const std::function<RankReport(comm::RankContext&)>& body) {

@@ -55,6 +55,10 @@ struct RankReport {
 // under 64 KiB. Throws Error naming the ranks that failed.
 RankReport run_local_ranks(int ranks, bool no_pin, const std::function<RankReport(comm::RankContext&)>& body);
 
+// Under mpirun: this process as one rank of the job's communicator
+// (comm::create_communicator_from_env), registered under its name.
+comm::RankContext rank_context_from_env();
+
 // A oneDNN matmul on row-major operands (x2 optionally a transposed [n, k]
 // storage), created once and executed many times.
 struct OneDnnMatmul {

@@ -34,7 +34,6 @@
 #include "commands.h"
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/comm/mpi.h"
-#include "tpfuse/comm/registry.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/gemm/tile_gemm.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
@@ -173,14 +172,7 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
 // Under mpirun (scripts/cluster.sh, `make bench-cluster`) this process is one
 // rank of the job's MPI communicator, made once; rank 0's report counts.
 comm::RankContext& mpi_rank_context() {
-  static comm::RankContext ctx = [] {
-    comm::RankContext made;
-    made.comm = comm::create_communicator_from_env();
-    made.rank = made.comm->rank();
-    made.size = made.comm->size();
-    comm::register_communicator(made.comm);
-    return made;
-  }();
+  static comm::RankContext ctx = rank_context_from_env();
   return ctx;
 }
 

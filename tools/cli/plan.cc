@@ -1,8 +1,7 @@
 // `tpfuse plan`: the tile schedule mm_all_reduce_base would run for a call,
 // the constants measured for it on this machine (local ranks are launched to
 // measure the transport; under mpirun, the job's ranks measure it), and the
-// predicted time; with --run, also the
-// measured time of the operator itself.
+// predicted time; with --run, also the measured time of the operator itself.
 #include "tpfuse/pipeline/plan.h"
 
 #include <unistd.h>
@@ -99,8 +98,8 @@ int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
   const pipeline::TilePlan plan = pipeline::plan_call(*ctx.comm, *gemm, request, &constants);
 
   std::string report = pipeline::describe_plan(request, constants, plan);
-  report += cat("ranks     ", ctx.size, flags.no_pin ? " (not pinned)" : " (pinned to core rank % cores)",
-                ", progress ",
+  report += cat("ranks     ", ctx.size,
+                flags.no_pin ? " (not pinned)" : " (pinned to core rank % cores)", ", progress ",
                 progress == pipeline::ProgressMode::interleaved ? "interleaved" : "helper_thread",
                 ", GEMM engine ", gemm->engine(), "\n");
   if (flags.run > 0) {
@@ -122,11 +121,7 @@ int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
 // mpirun's -np), so the constants are those of the MPI transport, across
 // whatever hosts the job spans; rank 0 prints the account.
 void plan_under_mpi(PlanFlags& flags) {
-  comm::RankContext ctx;
-  ctx.comm = comm::create_communicator_from_env();
-  ctx.rank = ctx.comm->rank();
-  ctx.size = ctx.comm->size();
-  comm::register_communicator(ctx.comm);
+  comm::RankContext ctx = rank_context_from_env();
   flags.ranks = ctx.size;
   flags.spec.k = std::max<std::int64_t>(1, flags.layer_k / ctx.size);
   const int status = plan_rank(ctx, flags, STDOUT_FILENO);
@@ -161,7 +156,8 @@ void add_plan_command(CLI::App& app) {
                    "Activation dtype (plain, weight_quant) or output dtype (full_quant)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f16", "bf16"}));
-  plan->add_option("--ranks", flags->ranks, "Local ranks (processes) to measure with (under mpirun: the job's ranks)")
+  plan->add_option("--ranks", flags->ranks,
+                   "Local ranks (processes) to measure with (under mpirun: the job's ranks)")
       ->capture_default_str()
       ->check(CLI::Range(1, 256));
   plan->add_option("--comm-turn", s.comm_turn, "Tiles along M (0: tpfuse decides)")

@@ -3,6 +3,7 @@
 #include <memory>
 #include <string>
 
+#include "bench_common.h"
 #include "case_runner.h"
 #include "commands.h"
 #include "tpfuse/comm/mpi.h"
@@ -26,11 +27,7 @@ struct RunFlags {
 // Under mpirun every process is one rank (--ranks is mpirun's -np); rank 0
 // prints the row. A rank's error reaches main, which prints it and exits 1.
 void run_under_mpi(const testing::CaseSpec& spec, int iterations, bool check) {
-  comm::RankContext ctx;
-  ctx.comm = comm::create_communicator_from_env();
-  ctx.rank = ctx.comm->rank();
-  ctx.size = ctx.comm->size();
-  comm::register_communicator(ctx.comm);
+  comm::RankContext ctx = rank_context_from_env();
   const auto result = run_case_on(ctx, spec, iterations, check);
   comm::unregister_communicator(ctx.comm->name());
   if (!result) return;
