@@ -33,6 +33,7 @@
 #include <thread>
 
 #include "comm/mpi/mpi_group.h"
+#include "comm/mpi/mpi_requests.h"
 #include "tpfuse/comm/shm.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/config.h"
@@ -146,11 +147,14 @@ class Pipeline {
   // all-reduce cannot start meanwhile, which costs overlap only when a step
   // is that slow.
   void wait(const Op& op) {
-    const auto spin_until = Clock::now() + std::chrono::microseconds{200};
+    mpi::PollPacer pacer;
     for (;;) {
+      bool progressed = false;
       {
         const std::lock_guard lock(mutex_);
+        const auto progress_before = last_progress_;
         advance_locked();
+        progressed = last_progress_ != progress_before;
         if (op.step == Step::done) return;
         const Op* stuck = oldest_started_locked();
         const auto patience = stuck != nullptr && stuck->step == Step::rail
@@ -165,7 +169,7 @@ class Pipeline {
           last_progress_ = Clock::now();
         }
       }
-      if (Clock::now() > spin_until) std::this_thread::sleep_for(std::chrono::microseconds{50});
+      std::this_thread::sleep_for(pacer.next(progressed));
     }
   }
 

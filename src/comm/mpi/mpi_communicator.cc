@@ -3,10 +3,8 @@
 //
 // Every MPI call of a communicator is made under its mutex, so a helper
 // thread advancing Works and the thread starting all-reduces never call MPI
-// at once (MPI_THREAD_SERIALIZED is enough). Waits poll: MPI's TCP transport
-// moves data only inside MPI calls, so a wait that slept in the kernel would
-// move nothing; after a short spin it sleeps 50 us between polls, so that a
-// helper thread leaves the GEMM its core.
+// at once (MPI_THREAD_SERIALIZED is enough). Waits poll, paced by
+// mpi::PollPacer, and give up the lock while they sleep.
 #include <mpi.h>
 #include <unistd.h>
 
@@ -46,8 +44,6 @@ constexpr std::uint64_t kReduceTagCycle = 4096;
 constexpr std::size_t kMaxGatherBytes = 4096;
 constexpr std::size_t kMaxAbortBytes = 1024;
 constexpr int kMaxInFlight = 4;
-constexpr auto kSpin = std::chrono::microseconds{200};
-constexpr auto kPollPause = std::chrono::microseconds{50};
 
 // Whether finalizing at exit is safe: a failure may leave messages that
 // never complete, and MPI_Finalize would wait for them (or for peers that
@@ -248,6 +244,7 @@ class MpiCommunicator final : public Communicator,
   std::string name_;
   std::mutex mutex_;
   std::uint64_t collectives_ = 0;
+  std::uint64_t advances_ = 0;  // phases of all-reduces completed, for waits to see progress
   std::deque<std::shared_ptr<Reduce>> in_flight_;
   std::deque<std::shared_ptr<Reduce>> acquired_;
   std::optional<Failure> failure_;
@@ -413,6 +410,7 @@ void MpiCommunicator::advance_locked(Reduce& reduce) {
   const std::size_t out_element = dtype_size(reduce.out_dtype);
   const std::size_t begin = mpi::share_begin(reduce.count, size_, rank_);
   const std::size_t mine = mpi::share_begin(reduce.count, size_, rank_ + 1) - begin;
+  ++advances_;
   if (reduce.phase == 2) {
     reduce.phase = 3;
     reduce.staging.reset();
@@ -498,7 +496,9 @@ void MpiCommunicator::wait(const std::shared_ptr<Reduce>& reduce) {
   std::unique_lock lock(mutex_);
   if (reduce->phase == 3) return;
   WaitClock clock;
+  mpi::PollPacer pacer;
   for (;;) {
+    const std::uint64_t advances = advances_;
     advance_locked();
     if (reduce->phase == 3) return;
     check_deadline_locked(clock, reduce->requests.pending_peers(),
@@ -506,9 +506,9 @@ void MpiCommunicator::wait(const std::shared_ptr<Reduce>& reduce) {
                               ? std::string("sharing the result inside the host")
                               : cat("all-reduce #", reduce->index, " (",
                                     reduce->phase == 1 ? "contributions" : "results", ")"));
-    if (Clock::now() - clock.start > kSpin) {
+    if (const auto pause = pacer.next(advances_ != advances); pause.count() > 0) {
       lock.unlock();
-      std::this_thread::sleep_for(kPollPause);
+      std::this_thread::sleep_for(pause);
       lock.lock();
     }
   }
@@ -604,6 +604,7 @@ void MpiCommunicator::wait_requests_locked(std::unique_lock<std::mutex>& lock,
                                            mpi::Requests& requests, std::string_view operation,
                                            std::uint64_t index, std::string_view step) {
   WaitClock clock;
+  mpi::PollPacer pacer;
   for (;;) {
     try {
       check_failed_locked();
@@ -624,9 +625,9 @@ void MpiCommunicator::wait_requests_locked(std::unique_lock<std::mutex>& lock,
       requests.cancel_receives();
       throw;
     }
-    if (Clock::now() - clock.start > kSpin) {
+    if (const auto pause = pacer.next(false); pause.count() > 0) {
       lock.unlock();
-      std::this_thread::sleep_for(kPollPause);
+      std::this_thread::sleep_for(pause);
       lock.lock();
     }
   }
