@@ -597,6 +597,61 @@ TEST(AllGather, ReturnsEveryBlobInRankOrder) {
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
+// Starting a gather sends this rank's blob and returns without waiting for
+// the peers', so a rank can work meanwhile: the last rank starts 300 ms
+// late, and the others' starts still return at once. A gather dropped
+// unwaited is completed by its destructor, and the next gather pairs up.
+TEST(AllGather, StartsWithoutWaitingForThePeers) {
+  const auto result = launch(3, [](RankContext& ctx) {
+    const bool late = ctx.rank == 2;
+    for (int round = 0; round < 3; ++round) {
+      if (late) std::this_thread::sleep_for(300ms);
+      const auto started = std::chrono::steady_clock::now();
+      auto pending = ctx.comm->all_gather_start(cat("rank ", ctx.rank, " round ", round));
+      const auto start_took = std::chrono::steady_clock::now() - started;
+      expect_rank(late || start_took < 150ms, "round ", round, ": starting took ",
+                  std::chrono::duration_cast<std::chrono::milliseconds>(start_took).count(),
+                  " ms, as if it waited for the late rank");
+      if (round == 1) continue;  // dropped unwaited
+      const auto blobs = pending->wait();
+      for (int r = 0; r < 3; ++r) {
+        expect_rank(blobs[r] == cat("rank ", r, " round ", round), "round ", round,
+                    ": blob of rank ", r, " is \"", blobs[r], "\"");
+      }
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// Each rank has two gather slots, taken in turn: a rank done with a gather
+// starts the next while a slower peer has yet to read the last; only the one
+// after that waits for it.
+TEST(AllGather, NextStartsWhileAPeerStillReadsTheLast) {
+  const auto result = launch(2, [](RankContext& ctx) {
+    auto first = ctx.comm->all_gather_start(cat("first ", ctx.rank));
+    if (ctx.rank == 1) {
+      std::this_thread::sleep_for(300ms);
+      expect_rank(first->wait()[0] == "first 0", "rank 1 read the wrong first blob");
+      ctx.comm->all_gather_start("second 1")->wait();
+      ctx.comm->all_gather_start("third 1")->wait();
+      return 0;
+    }
+    expect_rank(first->wait()[1] == "first 1", "rank 0 read the wrong first blob");
+    const auto started = Clock::now();
+    auto second = ctx.comm->all_gather_start("second 0");
+    const auto second_took = Clock::now() - started;
+    expect_rank(second_took < 150ms, "starting the second gather took ",
+                std::chrono::duration_cast<std::chrono::milliseconds>(second_took).count(),
+                " ms, as if it waited for rank 1 to read the first");
+    expect_rank(second->wait()[1] == "second 1", "rank 0 read the wrong second blob");
+    expect_rank(ctx.comm->all_gather_start("third 0")->wait()[1] == "third 1",
+                "rank 0 read the wrong third blob");
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
 TEST(AllGather, RejectsABlobOverTheLimit) {
   const auto result = launch(2, [](RankContext& ctx) {
     const std::string too_big(ctx.comm->max_gather_bytes() + 1, 'x');

@@ -90,6 +90,26 @@ class ShmWork final : public Work {
   std::uint64_t last_round_;
 };
 
+class ShmCommunicator;
+
+// The second half of an shm all-gather: wait for every rank's contribution,
+// copy them out, and mark this rank's slot read.
+class ShmPendingGather final : public PendingGather {
+ public:
+  ShmPendingGather(ShmCommunicator& comm, std::uint64_t index, std::uint64_t sequence)
+      : comm_(comm), index_(index), sequence_(sequence) {}
+  ShmPendingGather(const ShmPendingGather&) = delete;
+  ShmPendingGather& operator=(const ShmPendingGather&) = delete;
+  ~ShmPendingGather() override;
+  std::vector<std::string> wait() override;
+
+ private:
+  ShmCommunicator& comm_;
+  std::uint64_t index_;
+  std::uint64_t sequence_;
+  bool waited_ = false;
+};
+
 class ShmCommunicator final : public Communicator {
  public:
   explicit ShmCommunicator(std::shared_ptr<ShmGroup> group)
@@ -113,10 +133,18 @@ class ShmCommunicator final : public Communicator {
   int max_reduces_in_flight() const override {
     return static_cast<int>(group_->segment.ring().depth());
   }
+  // A round up to this size is one chunk and one-shot, whatever its count
+  // on each rank: every rank waits for the same flags, and reads its own
+  // count from each slot, which holds that many.
+  std::size_t max_mismatch_safe_reduce_bytes() const override {
+    return std::min(max_reduce_buffer_bytes(), shm::max_one_shot_bytes(*group_));
+  }
   std::vector<std::string> all_gather(std::string_view mine) override;
+  std::unique_ptr<PendingGather> all_gather_start(std::string_view mine) override;
   void abort(std::string_view reason) override;
 
  private:
+  friend class ShmPendingGather;
   // Numbers the next collective and refuses to start it on an aborted group.
   std::uint64_t begin_collective(std::string_view operation);
   // Copies into this rank's slot the part of a chunk that peers will read.
@@ -236,6 +264,10 @@ std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, voi
 }
 
 std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
+  return all_gather_start(mine)->wait();
+}
+
+std::unique_ptr<PendingGather> ShmCommunicator::all_gather_start(std::string_view mine) {
   const ExclusiveUse use(*this, "all_gather");
   require(mine.size() <= shm::kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
           " bytes exceeds max_gather_bytes() = ", shm::kMaxGatherBytes);
@@ -245,34 +277,56 @@ std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
   const std::uint64_t current = ++group_->gather_sequence;
   const int me = group_->rank;
 
+  // The slot of `current` was last used two rounds ago.
   PeerWait wait(*group_);
-  wait.start({"all-gather", index, "to finish reading the previous round"});
+  wait.start({"all-gather", index, "to finish reading the round before the previous"});
   wait.wait([&](int r) {
-    return channel.flags(r).consumed.load(std::memory_order_acquire) >= current - 1;
+    return channel.flags(r).consumed.load(std::memory_order_acquire) + 2 >= current;
   });
+  std::byte* slot = channel.slot(me, current);
   const std::uint64_t length = mine.size();
-  std::memcpy(channel.slot(me), &length, sizeof length);
-  if (!mine.empty()) std::memcpy(channel.slot(me) + shm::kCacheLine, mine.data(), mine.size());
+  std::memcpy(slot, &length, sizeof length);
+  if (!mine.empty()) std::memcpy(slot + shm::kCacheLine, mine.data(), mine.size());
   channel.flags(me).published.store(current, std::memory_order_release);
   shm::ring_doorbell(group_->segment.doorbell());
+  return std::make_unique<ShmPendingGather>(*this, index, current);
+}
 
-  wait.start({"all-gather", index, "to contribute"});
-  wait.wait(
-      [&](int r) { return channel.flags(r).published.load(std::memory_order_acquire) >= current; });
-  std::vector<std::string> gathered(static_cast<std::size_t>(group_->size));
-  for (int r = 0; r < group_->size; ++r) {
+std::vector<std::string> ShmPendingGather::wait() {
+  const ExclusiveUse use(comm_, "all_gather");
+  ShmGroup& group = *comm_.group_;
+  const shm::Channel& channel = group.segment.gather();
+  waited_ = true;
+  PeerWait wait(group);
+  wait.start({"all-gather", index_, "to contribute"});
+  wait.wait([&](int r) {
+    return channel.flags(r).published.load(std::memory_order_acquire) >= sequence_;
+  });
+  std::vector<std::string> gathered(static_cast<std::size_t>(group.size));
+  for (int r = 0; r < group.size; ++r) {
+    const std::byte* slot = channel.slot(r, sequence_);
     std::uint64_t their_length = 0;
-    std::memcpy(&their_length, channel.slot(r), sizeof their_length);
+    std::memcpy(&their_length, slot, sizeof their_length);
     if (their_length > shm::kMaxGatherBytes) {
-      throw InternalError(cat("all-gather #", index, ": rank ", r, " wrote a length of ",
+      throw InternalError(cat("all-gather #", index_, ": rank ", r, " wrote a length of ",
                               their_length, " bytes into its slot"));
     }
-    gathered[r].assign(reinterpret_cast<const char*>(channel.slot(r) + shm::kCacheLine),
+    gathered[r].assign(reinterpret_cast<const char*>(slot + shm::kCacheLine),
                        static_cast<std::size_t>(their_length));
   }
-  channel.flags(me).consumed.store(current, std::memory_order_release);
-  shm::ring_doorbell(group_->segment.doorbell());
+  channel.flags(group.rank).consumed.store(sequence_, std::memory_order_release);
+  shm::ring_doorbell(group.segment.doorbell());
   return gathered;
+}
+
+ShmPendingGather::~ShmPendingGather() {
+  if (waited_) return;
+  try {
+    wait();
+  } catch (const std::exception& error) {
+    // As for an unfinished Work: the failed wait reported itself to the group.
+    log::debug("unfinished all-gather dropped: ", error.what());
+  }
 }
 
 void ShmCommunicator::abort(std::string_view reason) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "core/fault_hooks.h"
 #include "tpfuse/core/error.h"
@@ -18,17 +19,22 @@ constexpr std::size_t kOneShotMaxBytes = std::size_t{256} << 10;
 
 }  // namespace
 
-RoundAlgorithm choose_algorithm(const ShmGroup& group, std::size_t bytes) {
-  if (group.size == 1) return RoundAlgorithm::one_shot;
+std::size_t max_one_shot_bytes(const ShmGroup& group) {
+  if (group.size == 1) return std::numeric_limits<std::size_t>::max();
   switch (group.segment.algorithm()) {
     case AlgorithmChoice::one_shot:
-      return RoundAlgorithm::one_shot;
+      return std::numeric_limits<std::size_t>::max();
     case AlgorithmChoice::reduce_scatter:
-      return RoundAlgorithm::reduce_scatter;
+      return 0;
     case AlgorithmChoice::automatic:
       break;
   }
-  return bytes <= kOneShotMaxBytes ? RoundAlgorithm::one_shot : RoundAlgorithm::reduce_scatter;
+  return kOneShotMaxBytes;
+}
+
+RoundAlgorithm choose_algorithm(const ShmGroup& group, std::size_t bytes) {
+  return bytes <= max_one_shot_bytes(group) ? RoundAlgorithm::one_shot
+                                            : RoundAlgorithm::reduce_scatter;
 }
 
 std::size_t share_begin(std::size_t count, DType dtype, int world_size, int share) {

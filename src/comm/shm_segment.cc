@@ -25,7 +25,7 @@ namespace tpfuse::comm::shm {
 namespace {
 
 constexpr std::uint64_t kMagic = 0x4d53657375667074;  // "tpfuseSM" in little-endian bytes
-constexpr std::uint32_t kVersion = 3;
+constexpr std::uint32_t kVersion = 4;
 constexpr mode_t kSegmentMode = 0600;
 
 void fill_random(unsigned char* bytes, std::size_t count) {
@@ -152,7 +152,7 @@ SegmentLayout SegmentLayout::compute(int world_size, std::size_t slot_bytes) {
   layout.ring_slots = offset;
   offset += ranks * kRingDepth * slot_bytes;
   layout.gather_slots = offset;
-  offset += ranks * kGatherSlotBytes;
+  offset += ranks * Channel::kSlotsPerRank * kGatherSlotBytes;
   layout.total_bytes = offset;
   return layout;
 }

@@ -7,7 +7,7 @@
 // Layout (every part starts on a cache line):
 //   SegmentHeader | SegmentState | Doorbell | RankRecord x p
 //   | RoundFlags x p x ring_depth | SlotFlags x p (gather)
-//   | ring slots: p x ring_depth x slot_bytes | gather slots: p x gather_slot_bytes
+//   | ring slots: p x ring_depth x slot_bytes | gather slots: p x 2 x gather_slot_bytes
 //
 // Every field another rank reads while the owner writes it is a std::atomic,
 // written with release stores and read with acquire loads; plain fields are
@@ -143,15 +143,21 @@ struct alignas(kCacheLine) SlotFlags {
 };
 static_assert(sizeof(SlotFlags) == kCacheLine);
 
-// One slot per rank plus its flags. A round with sequence number s: a rank
-// waits until every peer consumed s - 1 (so its slot is free), fills its slot,
-// publishes s, waits until every peer published s, reads, and consumes s.
+// Two slots per rank, taken in turn, plus its flags. A round with sequence
+// number s: a rank waits until every peer consumed s - 2 (so the slot of s is
+// free), fills it, publishes s, waits until every peer published s, reads,
+// and consumes s. With two slots a rank that is done with round s may start
+// s + 1 while a slower peer still reads s.
 class Channel {
  public:
+  static constexpr std::size_t kSlotsPerRank = 2;
   Channel(SlotFlags* flags, std::byte* slots, std::size_t slot_bytes)
       : flags_(flags), slots_(slots), slot_bytes_(slot_bytes) {}
   SlotFlags& flags(int rank) const { return flags_[rank]; }
-  std::byte* slot(int rank) const { return slots_ + static_cast<std::size_t>(rank) * slot_bytes_; }
+  std::byte* slot(int rank, std::uint64_t sequence) const {
+    return slots_ + (static_cast<std::size_t>(rank) * kSlotsPerRank + sequence % kSlotsPerRank) *
+                        slot_bytes_;
+  }
   std::size_t slot_bytes() const { return slot_bytes_; }
 
  private:

@@ -56,6 +56,14 @@ class Work {
   virtual void wait() = 0;
 };
 
+// An all-gather whose contributions are on their way: see all_gather_start().
+class PendingGather {
+ public:
+  virtual ~PendingGather() = default;
+  // Every rank's contribution, in rank order; blocking and bounded. Once.
+  virtual std::vector<std::string> wait() = 0;
+};
+
 // Where a rank writes its contribution to one all-reduce, so that producing
 // it is the transfer: for the shm transport, this rank's slot in shared
 // memory. Obtained from acquire_reduce_buffer(), handed back (moved) to
@@ -118,6 +126,20 @@ class Communicator {
   // rank's contribution, in rank order. Blocking and bounded.
   virtual std::vector<std::string> all_gather(std::string_view mine) = 0;
   virtual std::size_t max_gather_bytes() const = 0;
+  // all_gather in two halves, so that a rank can work while the
+  // contributions travel: this sends this rank's, and wait() on the result
+  // returns every rank's. All-reduces may run in between; another all-gather
+  // may not start before that wait(). The PendingGather must not outlive the
+  // communicator; destroyed unwaited, it waits in its destructor (the
+  // transport's buffers are in use until then). The default gathers at
+  // once, here.
+  virtual std::unique_ptr<PendingGather> all_gather_start(std::string_view mine);
+  // The largest all-reduce (in bytes) that ranks may enter with different
+  // counts and still all complete, each reading only inside the transport's
+  // buffers (its result is then garbage): what lets a rank start a call
+  // before it has heard that its peers agree, and check afterwards. 0 (the
+  // default): no such all-reduce.
+  virtual std::size_t max_mismatch_safe_reduce_bytes() const { return 0; }
 
   // Marks the communicator failed on every rank: their waits wake at once and
   // throw AbortedError naming this rank and the reason. Safe from any thread.
