@@ -1,10 +1,13 @@
 // The operator: validate -> agree across ranks -> plan the tiles along M ->
-// run them, each tile's all-reduce overlapping the next tiles' GEMM (the
+// run them (a call seen before may run first and be checked after; see
+// ops/agreement.h), each tile's all-reduce overlapping the next tiles' GEMM (the
 // pipeline folder has the planner and the executor).
 #include "tpfuse/ops/mm_all_reduce_base.h"
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
+#include <vector>
 
 #include "ops/agreement.h"
 #include "pipeline/executor.h"
@@ -49,45 +52,67 @@ gemm::GemmOperands make_operands(const CallShape& shape, const TensorView& x1,
   return ops;
 }
 
-// A validated call, agreed by every rank, and how this rank runs it.
-struct AgreedCall {
-  CallShape shape;
+// This rank's call, validated here, and how this rank would run it.
+struct LocalCall {
+  std::optional<CallShape> shape;  // nullopt when validation failed
+  std::string error;               // why it failed
   pipeline::ProgressMode progress = pipeline::ProgressMode::interleaved;
   int gemm_threads = 1;
-  pipeline::PlanRequest request;  // agreed: the same on every rank
+  RankFacts mine;
 };
 
-// Validates locally, then agrees with the peers (one exchange, which also
-// combines what the planner needs from every rank).
-AgreedCall validate_and_agree(const TensorView& x1, const TensorView& x2,
-                              const MmAllReduceOptions& options, const TensorView* out,
-                              comm::Communicator& comm) {
-  std::optional<CallShape> shape;
-  std::string error;
+LocalCall validate_locally(const TensorView& x1, const TensorView& x2,
+                           const MmAllReduceOptions& options, const TensorView* out,
+                           const comm::Communicator& comm) {
+  LocalCall call;
   try {
-    shape = validate_call(x1, x2, options);
-    if (out != nullptr) validate_out(*shape, *out, x1, x2, options);
+    call.shape = validate_call(x1, x2, options);
+    if (out != nullptr) validate_out(*call.shape, *out, x1, x2, options);
   } catch (const InvalidArgument& e) {
-    shape.reset();
-    error = e.what();
+    call.shape.reset();
+    call.error = e.what();
   }
-  AgreedCall call;
   call.progress = pipeline::progress_mode_for(comm);
   // The ranks on this host share its cores.
   const pipeline::ThreadBudget budget =
       pipeline::thread_budget(call.progress, comm.ranks_on_host());
   call.gemm_threads = budget.gemm_threads;
-  const RankFacts agreed = check_agreement(
-      comm, shape, error, {shape ? shape->k : 0, budget.gemm_threads, budget.reduce_has_own_core});
-  call.shape = *shape;
-  call.request = pipeline::make_request(call.shape, agreed.threads, agreed.reduce_has_own_core);
-  call.request.k = agreed.k;
+  call.mine = {call.shape ? call.shape->k : 0, budget.gemm_threads, budget.reduce_has_own_core};
   return call;
 }
 
-void run(const AgreedCall& call, const TensorView& x1, const TensorView& x2,
-         const MmAllReduceOptions& options, const TensorView& out, comm::Communicator& comm) {
-  const CallShape& shape = call.shape;
+pipeline::PlanRequest request_for(const CallShape& shape, const RankFacts& agreed) {
+  pipeline::PlanRequest request =
+      pipeline::make_request(shape, agreed.threads, agreed.reduce_has_own_core);
+  request.k = agreed.k;
+  return request;
+}
+
+// The plan this rank may run before hearing its peers: one tile, planned
+// from the combination agreed for the same proposal before, and small enough
+// that the transport completes its all-reduce even if the peers' differ.
+std::optional<pipeline::TilePlan> plan_to_run_ahead(const LocalCall& call,
+                                                    const comm::Communicator& comm,
+                                                    std::optional<RankFacts>& assumed) {
+  if (!call.shape) return std::nullopt;
+  const CallShape& shape = *call.shape;
+  const double bytes = static_cast<double>(shape.m) * static_cast<double>(shape.n) *
+                       static_cast<double>(dtype_size(shape.out_dtype));
+  if (bytes > static_cast<double>(comm.max_mismatch_safe_reduce_bytes())) return std::nullopt;
+  assumed = remembered_agreement(comm, shape, call.mine);
+  if (!assumed) return std::nullopt;
+  auto plan = pipeline::cached_plan(comm, request_for(shape, *assumed));
+  if (!plan || plan->tile_rows.size() != 1) {
+    assumed.reset();
+    return std::nullopt;
+  }
+  return plan;
+}
+
+void run_plan(const pipeline::TilePlan& plan, const LocalCall& call, const TensorView& x1,
+              const TensorView& x2, const MmAllReduceOptions& options, const TensorView& out,
+              comm::Communicator& comm) {
+  const CallShape& shape = *call.shape;
   gemm::GemmOperands operands = make_operands(shape, x1, x2, options);
   operands.threads = call.gemm_threads;
   const auto gemm = gemm::prepare_gemm(operands);
@@ -100,11 +125,58 @@ void run(const AgreedCall& call, const TensorView& x1, const TensorView& x2,
   job.out = out.data();
   job.progress = call.progress;
   job.after_tile_computed = test_hooks::after_tile_computed;
-
-  const pipeline::TilePlan plan = pipeline::plan_call(comm, *gemm, call.request);
   log::debug("mm_all_reduce_base: m=", shape.m, " k=", shape.k, " n=", shape.n, " mode=",
              mode_name(shape.mode), " tiles=", plan.tile_rows.size(), " engine=", gemm->engine());
   pipeline::execute_plan(plan, job);
+}
+
+// Plans with the agreed facts (collective) and runs the plan.
+void run_agreed(const RankFacts& agreed, const LocalCall& call, const TensorView& x1,
+                const TensorView& x2, const MmAllReduceOptions& options, const TensorView& out,
+                comm::Communicator& comm) {
+  gemm::GemmOperands operands = make_operands(*call.shape, x1, x2, options);
+  operands.threads = call.gemm_threads;
+  const pipeline::TilePlan plan =
+      pipeline::plan_call(comm, *gemm::prepare_gemm(operands), request_for(*call.shape, agreed));
+  run_plan(plan, call, x1, x2, options, out, comm);
+}
+
+// Enters the all-reduce that a peer which ran ahead entered, with zeros: the
+// round completes on every rank, and its result is discarded.
+void join_round(comm::Communicator& comm, std::size_t count, DType dtype) {
+  comm::ReduceBuffer buffer = comm.acquire_reduce_buffer(count, dtype);
+  std::memset(buffer.data, 0, count * dtype_size(dtype));
+  std::vector<std::byte> discarded(count * dtype_size(dtype));
+  comm.all_reduce_start(std::move(buffer), discarded.data())->wait();
+}
+
+// Agrees with the peers (one all_gather), running ahead where this rank may,
+// and runs the call into `out` (null only when validation failed here).
+void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView& x2,
+                   const MmAllReduceOptions& options, const TensorView* out,
+                   comm::Communicator& comm) {
+  std::optional<RankFacts> assumed;
+  const auto ahead = plan_to_run_ahead(call, comm, assumed);
+  auto pending = comm.all_gather_start(encode_proposal(
+      {call.shape, call.error, call.mine, assumed}, comm.max_gather_bytes()));
+  if (ahead) run_plan(*ahead, call, x1, x2, options, *out, comm);
+  const Agreement agreement = judge_proposals(pending->wait(), comm.rank(), call.error);
+  if (agreement.ran_ahead && !ahead && !agreement.ran_ahead_rightly) {
+    join_round(comm, agreement.ahead_count, agreement.ahead_dtype);
+  }
+  if (agreement.failure) std::rethrow_exception(agreement.failure);
+  remember_agreement(comm, *call.shape, call.mine, agreement.facts);
+  if (ahead) {
+    log::debug("mm_all_reduce_base: ran ahead, ",
+               agreement.ran_ahead_rightly ? "as agreed" : "on stale facts: running again");
+  }
+  if (ahead && agreement.ran_ahead_rightly) {
+    test_hooks::after_agreement(test_hooks::Agreement::ran_ahead);
+    return;
+  }
+  run_agreed(agreement.facts, call, x1, x2, options, *out, comm);
+  test_hooks::after_agreement(ahead ? test_hooks::Agreement::ran_ahead_then_again
+                                    : test_hooks::Agreement::before_running);
 }
 
 }  // namespace
@@ -113,9 +185,10 @@ Tensor mm_all_reduce_base(const TensorView& x1, const TensorView& x2, std::strin
                           const MmAllReduceOptions& options) {
   const auto comm = comm::find_communicator(hcom);
   const comm::ExclusiveUse use(*comm, "mm_all_reduce_base");
-  const AgreedCall call = validate_and_agree(x1, x2, options, nullptr, *comm);
-  Tensor out(call.shape.out_dtype, output_shape(call.shape));
-  run(call, x1, x2, options, out, *comm);
+  const LocalCall call = validate_locally(x1, x2, options, nullptr, *comm);
+  Tensor out;
+  if (call.shape) out = Tensor(call.shape->out_dtype, output_shape(*call.shape));
+  agree_and_run(call, x1, x2, options, call.shape ? &out.view() : nullptr, *comm);
   return out;
 }
 
@@ -123,8 +196,8 @@ void mm_all_reduce_base_out(const TensorView& x1, const TensorView& x2, std::str
                             const MmAllReduceOptions& options, const TensorView& out) {
   const auto comm = comm::find_communicator(hcom);
   const comm::ExclusiveUse use(*comm, "mm_all_reduce_base_out");
-  const AgreedCall call = validate_and_agree(x1, x2, options, &out, *comm);
-  run(call, x1, x2, options, out, *comm);
+  const LocalCall call = validate_locally(x1, x2, options, &out, *comm);
+  agree_and_run(call, x1, x2, options, call.shape ? &out : nullptr, *comm);
 }
 
 }  // namespace tpfuse

@@ -11,4 +11,13 @@ namespace tpfuse::test_hooks {
 void set_after_tile_computed(std::function<void(std::int64_t tile)> hook);
 void after_tile_computed(std::int64_t tile);
 
+// How a call's agreement went on this rank: agreed before running, or run
+// ahead of it on facts remembered from before, the run then counting or
+// (the facts were stale) done again.
+enum class Agreement { before_running, ran_ahead, ran_ahead_then_again };
+
+// Called by the operator once its ranks agreed and this rank's run is settled.
+void set_after_agreement(std::function<void(Agreement outcome)> hook);
+void after_agreement(Agreement outcome);
+
 }  // namespace tpfuse::test_hooks

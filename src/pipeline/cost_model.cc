@@ -240,6 +240,33 @@ Value cached_or_measured(std::map<Key, Value>& table, const Key& key, Measure&& 
   return value;
 }
 
+bool one_round_is_enough(const PlanRequest& request, const TransportConstants& transport) {
+  const double output_bytes = static_cast<double>(request.m) *
+                              static_cast<double>(request.n) *
+                              static_cast<double>(dtype_size(request.out_dtype));
+  return output_bytes * transport.reduce_seconds_per_byte <= transport.reduce_round_seconds;
+}
+
+TilePlan one_tile_plan(const PlanRequest& request) {
+  TilePlan plan;
+  plan.tile_rows = {request.m};
+  plan.poll_rows = request.m;
+  plan.reason = "one tile: reducing the whole output costs less than one more round";
+  return plan;
+}
+
+GemmKey gemm_key(const comm::Communicator& comm, const PlanRequest& request) {
+  return {comm.name(), request.mode,    request.in_dtype, request.out_dtype,
+          request.n,   request.k,       request.threads};
+}
+
+PlanKey plan_key(const comm::Communicator& comm, const PlanRequest& request) {
+  return {comm.name(),      request.n,         request.mode,
+          request.in_dtype, request.out_dtype, request.m,
+          request.k,        request.threads,   request.reduce_has_own_core,
+          request.comm_turn};
+}
+
 }  // namespace
 
 PlanRequest make_request(const CallShape& shape, int threads, bool reduce_has_own_core) {
@@ -279,21 +306,9 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   // No split can pay when reducing the whole output costs less than one
   // more round: decided from agreed values alone, so the call is spared the
   // gather below (a small output's call is mostly synchronisation).
-  const double output_bytes = static_cast<double>(request.m) *
-                              static_cast<double>(request.n) *
-                              static_cast<double>(dtype_size(request.out_dtype));
-  if (output_bytes * transport.reduce_seconds_per_byte <= transport.reduce_round_seconds &&
-      used == nullptr) {
-    TilePlan plan;
-    plan.tile_rows = {request.m};
-    plan.poll_rows = request.m;
-    plan.reason = "one tile: reducing the whole output costs less than one more round";
-    return plan;
-  }
+  if (one_round_is_enough(request, transport) && used == nullptr) return one_tile_plan(request);
   const GemmConstants gemm_constants =
-      cached_or_measured(cache().gemm,
-                         GemmKey{comm.name(), request.mode, request.in_dtype, request.out_dtype,
-                                 request.n, request.k, request.threads},
+      cached_or_measured(cache().gemm, gemm_key(comm, request),
                          [&] { return measure_gemm(comm, gemm, request); });
 
   CostConstants constants;
@@ -309,10 +324,7 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
       std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{1} << 62));
   constants.max_in_flight = comm.max_reduces_in_flight();
   if (used != nullptr) *used = constants;
-  const PlanKey key{comm.name(),      request.n,         request.mode,
-                    request.in_dtype, request.out_dtype, request.m,
-                    request.k,        request.threads,   request.reduce_has_own_core,
-                    request.comm_turn};
+  const PlanKey key = plan_key(comm, request);
   {
     const std::lock_guard lock(cache().mutex);
     if (auto it = cache().plans.find(key); it != cache().plans.end()) return it->second;
@@ -324,6 +336,22 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   if (cache().plans.size() >= kMaxPlans) cache().plans.clear();
   cache().plans.emplace(key, plan);
   return plan;
+}
+
+std::optional<TilePlan> cached_plan(const comm::Communicator& comm, const PlanRequest& request) {
+  if (request.comm_turn > 0 || request.m == 1) return make_plan(request, {.gemm_flops = 1});
+  const std::lock_guard lock(cache().mutex);
+  const auto transport = cache().transport.find(TransportKey{comm.name(), request.out_dtype});
+  if (transport == cache().transport.end()) return std::nullopt;
+  if (one_round_is_enough(request, transport->second)) return one_tile_plan(request);
+  // The GEMM's constants too: plan_call on a peer that has no plan cached
+  // then computes the same plan without measuring (the tables of constants
+  // change only when every rank measures together; the plans' do not).
+  const auto plan = cache().plans.find(plan_key(comm, request));
+  if (plan == cache().plans.end() || !cache().gemm.contains(gemm_key(comm, request))) {
+    return std::nullopt;
+  }
+  return plan->second;
 }
 
 }  // namespace tpfuse::pipeline

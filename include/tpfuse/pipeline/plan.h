@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -100,6 +101,11 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants);
 // when not null, receives the constants the plan used.
 TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
                    const PlanRequest& request, CostConstants* constants = nullptr);
+
+// The plan plan_call would return, where that needs nothing measured or
+// agreed (it is in this rank's cache, or needs no constants); nullopt
+// otherwise. Not collective: a rank may call it alone.
+std::optional<TilePlan> cached_plan(const comm::Communicator& comm, const PlanRequest& request);
 
 // A readable account of a plan: the tiles, the constants and the prediction.
 std::string describe_plan(const PlanRequest& request, const CostConstants& constants,
