@@ -109,16 +109,28 @@ std::optional<pipeline::TilePlan> plan_to_run_ahead(const LocalCall& call,
   return plan;
 }
 
-void run_plan(const pipeline::TilePlan& plan, const LocalCall& call, const TensorView& x1,
-              const TensorView& x2, const MmAllReduceOptions& options, const TensorView& out,
-              comm::Communicator& comm) {
-  const CallShape& shape = *call.shape;
-  gemm::GemmOperands operands = make_operands(shape, x1, x2, options);
+// The call's GEMM, prepared. It is prepared once the peers may be waiting
+// for this rank's tiles, so a failure (memory for the packed weight) aborts
+// the communicator: they fail at once rather than at their deadline.
+std::unique_ptr<gemm::PreparedGemm> prepare(const LocalCall& call, const TensorView& x1,
+                                             const TensorView& x2,
+                                             const MmAllReduceOptions& options,
+                                             comm::Communicator& comm) {
+  gemm::GemmOperands operands = make_operands(*call.shape, x1, x2, options);
   operands.threads = call.gemm_threads;
-  const auto gemm = gemm::prepare_gemm(operands);
+  try {
+    return gemm::prepare_gemm(operands);
+  } catch (const std::exception& error) {
+    comm.abort(cat("rank ", comm.rank(), " could not prepare its GEMM: ", error.what()));
+    throw;
+  }
+}
 
+void run_plan(const pipeline::TilePlan& plan, const LocalCall& call,
+              const gemm::PreparedGemm& gemm, const TensorView& out, comm::Communicator& comm) {
+  const CallShape& shape = *call.shape;
   pipeline::TileJob job;
-  job.gemm = gemm.get();
+  job.gemm = &gemm;
   job.comm = &comm;
   job.n = shape.n;
   job.dtype = shape.out_dtype;
@@ -126,19 +138,8 @@ void run_plan(const pipeline::TilePlan& plan, const LocalCall& call, const Tenso
   job.progress = call.progress;
   job.after_tile_computed = test_hooks::after_tile_computed;
   log::debug("mm_all_reduce_base: m=", shape.m, " k=", shape.k, " n=", shape.n, " mode=",
-             mode_name(shape.mode), " tiles=", plan.tile_rows.size(), " engine=", gemm->engine());
+             mode_name(shape.mode), " tiles=", plan.tile_rows.size(), " engine=", gemm.engine());
   pipeline::execute_plan(plan, job);
-}
-
-// Plans with the agreed facts (collective) and runs the plan.
-void run_agreed(const RankFacts& agreed, const LocalCall& call, const TensorView& x1,
-                const TensorView& x2, const MmAllReduceOptions& options, const TensorView& out,
-                comm::Communicator& comm) {
-  gemm::GemmOperands operands = make_operands(*call.shape, x1, x2, options);
-  operands.threads = call.gemm_threads;
-  const pipeline::TilePlan plan =
-      pipeline::plan_call(comm, *gemm::prepare_gemm(operands), request_for(*call.shape, agreed));
-  run_plan(plan, call, x1, x2, options, out, comm);
 }
 
 // Enters the all-reduce that a peer which ran ahead entered, with zeros: the
@@ -159,7 +160,7 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
   const auto ahead = plan_to_run_ahead(call, comm, assumed);
   auto pending = comm.all_gather_start(encode_proposal(
       {call.shape, call.error, call.mine, assumed}, comm.max_gather_bytes()));
-  if (ahead) run_plan(*ahead, call, x1, x2, options, *out, comm);
+  if (ahead) run_plan(*ahead, call, *prepare(call, x1, x2, options, comm), *out, comm);
   const Agreement agreement = judge_proposals(pending->wait(), comm.rank(), call.error);
   if (agreement.ran_ahead && !ahead && !agreement.ran_ahead_rightly) {
     join_round(comm, agreement.ahead_count, agreement.ahead_dtype);
@@ -174,7 +175,10 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
     test_hooks::after_agreement(test_hooks::Agreement::ran_ahead);
     return;
   }
-  run_agreed(agreement.facts, call, x1, x2, options, *out, comm);
+  // Planned with the agreed facts (collective), then run.
+  const auto gemm = prepare(call, x1, x2, options, comm);
+  run_plan(pipeline::plan_call(comm, *gemm, request_for(*call.shape, agreement.facts)), call,
+           *gemm, *out, comm);
   test_hooks::after_agreement(ahead ? test_hooks::Agreement::ran_ahead_then_again
                                     : test_hooks::Agreement::before_running);
 }
