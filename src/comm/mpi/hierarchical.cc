@@ -173,6 +173,12 @@ class Pipeline {
     }
   }
 
+  // A collective outside the pipeline failed: as for a step (fail_locked).
+  [[noreturn]] void fail(const std::exception& error) {
+    const std::lock_guard lock(mutex_);
+    fail_locked(error);
+  }
+
   std::size_t in_flight() {
     const std::lock_guard lock(mutex_);
     return ops_.size();
@@ -320,7 +326,11 @@ class HierarchicalCommunicator final : public Communicator {
   int max_reduces_in_flight() const override { return kMaxInFlight; }
   std::vector<std::string> all_gather(std::string_view mine) override {
     finish(0);
-    return parts_.flat->all_gather(mine);
+    try {
+      return parts_.flat->all_gather(mine);
+    } catch (const std::exception& error) {
+      pipeline_->fail(error);
+    }
   }
   void abort(std::string_view reason) override {
     parts_.flat->abort(reason);
@@ -383,7 +393,10 @@ std::shared_ptr<Communicator> make_hierarchical(std::shared_ptr<Communicator> fl
   if (mode == "off" || layout.hosts < 2 || !shared_hosts) return flat;
 
   // The host's shm group meets in a directory named after the job and the
-  // host's lowest rank, which removes it once every rank has joined.
+  // host's lowest rank, which removes it once every rank has joined. Its waits
+  // last a quarter longer than those across hosts: a peer of this host that
+  // waits on a cut host then fails first and aborts this group with its
+  // reason, so every rank here names the unreachable ranks, not that peer.
   const int first = layout.host.front();
   const std::filesystem::path dir =
       std::filesystem::temp_directory_path() / cat(flat->name(), "-host", first);
@@ -393,7 +406,7 @@ std::shared_ptr<Communicator> make_hierarchical(std::shared_ptr<Communicator> fl
     FileStore store(dir);
     local = create_shm_communicator(store, layout.place,
                                     static_cast<int>(layout.host.size()),
-                                    ShmOptions{.timeout = options.timeout});
+                                    ShmOptions{.timeout = options.timeout * 5 / 4});
   }
   log::set_rank(flat->rank());  // the shm group recorded its own rank
   flat->barrier();
