@@ -1,9 +1,12 @@
 // A call that a rank proposed before on the same communicator runs ahead of
 // the agreement and is checked afterwards (ops/agreement.h): it counts when
 // the facts it assumed hold, runs again when they went stale, and fails on
-// every rank, leaving the communicator usable, when the ranks disagree.
+// every rank, leaving the outputs as they were and the communicator usable,
+// when the ranks disagree.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -71,6 +74,19 @@ void expect_outcome(Outcome got, Outcome want, int call, int rank) {
               "; expected: ", outcome_name(want));
 }
 
+// An output tensor for `spec`'s call, every byte 0xA5, for a failed call to
+// leave as it was.
+Tensor marked_out(const CaseSpec& spec) {
+  Tensor out(spec.dtype, {spec.m, spec.n});
+  std::memset(out.data(), 0xA5, out.nbytes());
+  return out;
+}
+
+bool still_marked(const Tensor& out) {
+  const auto* bytes = static_cast<const unsigned char*>(out.data());
+  return std::all_of(bytes, bytes + out.nbytes(), [](unsigned char b) { return b == 0xA5; });
+}
+
 CaseSpec small_case() {
   CaseSpec spec;
   spec.m = 12;
@@ -129,8 +145,10 @@ TEST(RunAhead, RanksThatRanAheadAndDisagreeAllFail) {
     run_and_check({sixteen, sixteen}, ctx);
     const CaseSpec& mine = ctx.rank == 0 ? eight : sixteen;
     const auto inputs = testing::make_rank_inputs(mine, ctx.rank);
+    const Tensor out = marked_out(mine);
     try {
-      mm_all_reduce_base(inputs.args.x1, inputs.args.x2, ctx.comm->name(), inputs.args.options);
+      mm_all_reduce_base_out(inputs.args.x1, inputs.args.x2, ctx.comm->name(),
+                             inputs.args.options, out);
       expect_rank(false, "rank ", ctx.rank, " got no error");
     } catch (const DisagreementError& e) {
       const std::string what = e.what();
@@ -138,6 +156,7 @@ TEST(RunAhead, RanksThatRanAheadAndDisagreeAllFail) {
                       what.find("rank 1 has 16") != std::string::npos,
                   "unexpected message: ", what);
     }
+    expect_rank(still_marked(out), "rank ", ctx.rank, ": the failed call wrote into out");
     expect_outcome(run_and_check({eight, eight}, ctx), Outcome::ran_ahead, 4, ctx.rank);
     return 0;
   });
@@ -155,8 +174,9 @@ TEST(RunAhead, ARankRejectingItsArgumentsFailsThoseThatRanAhead) {
     const auto inputs = testing::make_rank_inputs(spec, ctx.rank);
     auto options = inputs.args.options;
     if (ctx.rank == 2) options.reduce_op = "max";
+    const Tensor out = marked_out(spec);
     try {
-      mm_all_reduce_base(inputs.args.x1, inputs.args.x2, ctx.comm->name(), options);
+      mm_all_reduce_base_out(inputs.args.x1, inputs.args.x2, ctx.comm->name(), options, out);
       expect_rank(false, "rank ", ctx.rank, " got no error");
     } catch (const DisagreementError& e) {
       expect_rank(ctx.rank != 2, "rank 2 should see its own error");
@@ -165,6 +185,7 @@ TEST(RunAhead, ARankRejectingItsArgumentsFailsThoseThatRanAhead) {
     } catch (const InvalidArgument& e) {
       expect_rank(ctx.rank == 2, "rank ", ctx.rank, " got the wrong error: ", e.what());
     }
+    expect_rank(still_marked(out), "rank ", ctx.rank, ": the failed call wrote into out");
     expect_outcome(run_and_check(specs, ctx), Outcome::ran_ahead, 3, ctx.rank);
     return 0;
   });

@@ -79,7 +79,7 @@ std::exception_ptr find_failure(const std::vector<std::string>& blobs,
     if (static_cast<int>(r) == rank) return std::make_exception_ptr(InvalidArgument(local_error));
     return std::make_exception_ptr(DisagreementError(
         cat("mm_all_reduce_base: rank ", r, " rejected its arguments (",
-            blobs[r].substr(sizeof(words[r])), "); no rank ran the call")));
+            blobs[r].substr(sizeof(words[r])), "); the call failed on every rank")));
   }
   for (std::size_t f = 0; f < kFieldCount; ++f) {
     for (std::size_t r = 1; r < words.size(); ++r) {

@@ -160,7 +160,13 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
   const auto ahead = plan_to_run_ahead(call, comm, assumed);
   auto pending = comm.all_gather_start(encode_proposal(
       {call.shape, call.error, call.mine, assumed}, comm.max_gather_bytes()));
-  if (ahead) run_plan(*ahead, call, *prepare(call, x1, x2, options, comm), *out, comm);
+  // A run ahead writes into a tensor of its own (small, by the rule above),
+  // copied into `out` once it counts: a call that fails leaves `out` as it was.
+  Tensor staged;
+  if (ahead) {
+    staged = Tensor(call.shape->out_dtype, {call.shape->m, call.shape->n});
+    run_plan(*ahead, call, *prepare(call, x1, x2, options, comm), staged, comm);
+  }
   const Agreement agreement = judge_proposals(pending->wait(), comm.rank(), call.error);
   if (agreement.ran_ahead && !ahead && !agreement.ran_ahead_rightly) {
     join_round(comm, agreement.ahead_count, agreement.ahead_dtype);
@@ -172,6 +178,7 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
                agreement.ran_ahead_rightly ? "as agreed" : "on stale facts: running again");
   }
   if (ahead && agreement.ran_ahead_rightly) {
+    std::memcpy(out->data(), staged.data(), staged.nbytes());
     test_hooks::after_agreement(test_hooks::Agreement::ran_ahead);
     return;
   }
