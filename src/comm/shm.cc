@@ -277,11 +277,13 @@ std::unique_ptr<PendingGather> ShmCommunicator::all_gather_start(std::string_vie
   const std::uint64_t current = ++group_->gather_sequence;
   const int me = group_->rank;
 
-  // The slot of `current` was last used two rounds ago.
+  // The slot of `current` was last used kSlotsPerRank rounds ago.
   PeerWait wait(*group_);
   wait.start({"all-gather", index, "to finish reading the round before the previous"});
   wait.wait([&](int r) {
-    return channel.flags(r).consumed.load(std::memory_order_acquire) + 2 >= current;
+    return channel.flags(r).consumed.load(std::memory_order_acquire) +
+               shm::Channel::kSlotsPerRank >=
+           current;
   });
   std::byte* slot = channel.slot(me, current);
   const std::uint64_t length = mine.size();

@@ -156,7 +156,7 @@ Agreement judge_proposals(const std::vector<std::string>& blobs, int rank,
     agreement.facts.reduce_has_own_core =
         agreement.facts.reduce_has_own_core && theirs.reduce_has_own_core;
   }
-  agreement.ran_ahead_rightly = agreement.failure == nullptr;
+  bool assumptions_hold = true;
   for (const Words& w : words) {
     if (w[kAssumedAt] != 1) continue;
     if (!agreement.ran_ahead) {
@@ -165,9 +165,10 @@ Agreement judge_proposals(const std::vector<std::string>& blobs, int rank,
           static_cast<std::size_t>(w[kMWord]) * static_cast<std::size_t>(w[kNWord]);
       agreement.ahead_dtype = static_cast<DType>(w[kOutDtypeWord]);
     }
-    if (!(get_facts(w, kAssumedAt + 1) == agreement.facts)) agreement.ran_ahead_rightly = false;
+    assumptions_hold = assumptions_hold && get_facts(w, kAssumedAt + 1) == agreement.facts;
   }
-  agreement.ran_ahead_rightly = agreement.ran_ahead_rightly && agreement.ran_ahead;
+  agreement.ran_ahead_rightly =
+      agreement.ran_ahead && agreement.failure == nullptr && assumptions_hold;
   return agreement;
 }
 

@@ -88,25 +88,27 @@ pipeline::PlanRequest request_for(const CallShape& shape, const RankFacts& agree
   return request;
 }
 
-// The plan this rank may run before hearing its peers: one tile, planned
+// A run before hearing the peers: the combination of facts agreed for the
+// same proposal before, and the one-tile plan it gives.
+struct RunAhead {
+  RankFacts assumed;
+  pipeline::TilePlan plan;
+};
+
+// The run this rank may make before hearing its peers: one tile, planned
 // from the combination agreed for the same proposal before, and small enough
 // that the transport completes its all-reduce even if the peers' differ.
-std::optional<pipeline::TilePlan> plan_to_run_ahead(const LocalCall& call,
-                                                    const comm::Communicator& comm,
-                                                    std::optional<RankFacts>& assumed) {
+std::optional<RunAhead> run_ahead_for(const LocalCall& call, const comm::Communicator& comm) {
   if (!call.shape) return std::nullopt;
   const CallShape& shape = *call.shape;
   const double bytes = static_cast<double>(shape.m) * static_cast<double>(shape.n) *
                        static_cast<double>(dtype_size(shape.out_dtype));
   if (bytes > static_cast<double>(comm.max_mismatch_safe_reduce_bytes())) return std::nullopt;
-  assumed = remembered_agreement(comm, shape, call.mine);
+  const auto assumed = remembered_agreement(comm, shape, call.mine);
   if (!assumed) return std::nullopt;
   auto plan = pipeline::cached_plan(comm, request_for(shape, *assumed));
-  if (!plan || plan->tile_rows.size() != 1) {
-    assumed.reset();
-    return std::nullopt;
-  }
-  return plan;
+  if (!plan || plan->tile_rows.size() != 1) return std::nullopt;
+  return RunAhead{*assumed, std::move(*plan)};
 }
 
 // The call's GEMM, prepared. It is prepared once the peers may be waiting
@@ -156,8 +158,9 @@ void join_round(comm::Communicator& comm, std::size_t count, DType dtype) {
 void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView& x2,
                    const MmAllReduceOptions& options, const TensorView* out,
                    comm::Communicator& comm) {
-  std::optional<RankFacts> assumed;
-  const auto ahead = plan_to_run_ahead(call, comm, assumed);
+  const auto ahead = run_ahead_for(call, comm);
+  const std::optional<RankFacts> assumed =
+      ahead ? std::optional<RankFacts>(ahead->assumed) : std::nullopt;
   auto pending = comm.all_gather_start(encode_proposal(
       {call.shape, call.error, call.mine, assumed}, comm.max_gather_bytes()));
   // A run ahead writes into a tensor of its own (small, by the rule above),
@@ -165,7 +168,7 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
   Tensor staged;
   if (ahead) {
     staged = Tensor(call.shape->out_dtype, {call.shape->m, call.shape->n});
-    run_plan(*ahead, call, *prepare(call, x1, x2, options, comm), staged, comm);
+    run_plan(ahead->plan, call, *prepare(call, x1, x2, options, comm), staged, comm);
   }
   const Agreement agreement = judge_proposals(pending->wait(), comm.rank(), call.error);
   if (agreement.ran_ahead && !ahead && !agreement.ran_ahead_rightly) {

@@ -240,6 +240,12 @@ Value cached_or_measured(std::map<Key, Value>& table, const Key& key, Measure&& 
   return value;
 }
 
+// A forced or one-row plan needs no constants; its predictions are then
+// meaningless and unused.
+bool needs_no_constants(const PlanRequest& request) {
+  return request.comm_turn > 0 || request.m == 1;
+}
+
 bool one_round_is_enough(const PlanRequest& request, const TransportConstants& transport) {
   const double output_bytes = static_cast<double>(request.m) *
                               static_cast<double>(request.n) *
@@ -295,11 +301,7 @@ PlanRequest agree_request(comm::Communicator& comm, PlanRequest request) {
 
 TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
                    const PlanRequest& request, CostConstants* used) {
-  // A forced or one-row plan needs no constants (unless asked for them);
-  // its predictions are then meaningless and unused.
-  if ((request.comm_turn > 0 || request.m == 1) && used == nullptr) {
-    return make_plan(request, {.gemm_flops = 1});
-  }
+  if (needs_no_constants(request) && used == nullptr) return make_plan(request, {.gemm_flops = 1});
   const TransportConstants transport =
       cached_or_measured(cache().transport, TransportKey{comm.name(), request.out_dtype},
                          [&] { return measure_transport(comm, request.out_dtype); });
@@ -339,7 +341,7 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
 }
 
 std::optional<TilePlan> cached_plan(const comm::Communicator& comm, const PlanRequest& request) {
-  if (request.comm_turn > 0 || request.m == 1) return make_plan(request, {.gemm_flops = 1});
+  if (needs_no_constants(request)) return make_plan(request, {.gemm_flops = 1});
   const std::lock_guard lock(cache().mutex);
   const auto transport = cache().transport.find(TransportKey{comm.name(), request.out_dtype});
   if (transport == cache().transport.end()) return std::nullopt;
