@@ -12,9 +12,12 @@
 // of the shorter stage the overlap hid. Everything goes through the public
 // API, so the figures follow the library as its internals change.
 //
-// Every figure is the median over repetitions of the slowest rank's time for
-// one call after a barrier (the median of per-repetition maxima), with ranks
-// pinned one per core. tpfuse's four variants take turns within each
+// Every figure is the median over repetitions of the slowest rank's time per
+// call for a batch of calls after a barrier (the median of per-repetition
+// maxima), with ranks pinned one per core. A batch lasts at least
+// --min-batch-ms: a single call of a decode shape (about a millisecond) is
+// within a scheduler's time slice of noise, and its fused/serial ratio read
+// 0.93 to 1.10 between runs when timed call by call. tpfuse's four variants take turns within each
 // repetition so that a burst of load hits them alike; the MPI peer is its own
 // process group and runs right after them.
 #include <algorithm>
@@ -71,6 +74,7 @@ struct FusedOptions {
   int rounds = 2;
   int reps = 3;
   int warmup = 1;
+  double min_batch_ms = 20;
   std::int64_t comm_turn = 0;
   std::string json;
   std::string plot;
@@ -153,12 +157,19 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
       },
       [&] { mm_all_reduce_base_out(args.x1, args.x2, comm.name(), args.options, out); }};
 
-  for (int w = 0; w < o.warmup; ++w) {
-    for (const auto& variant : variants) timed_batch(comm, variant, 1);
+  // Each variant's batch is sized from its last warm-up call, the slowest
+  // rank's: the same figure, hence the same batch, on every rank.
+  std::vector<int> calls(variants.size(), 1);
+  for (int w = 0; w < std::max(1, o.warmup); ++w) {
+    for (std::size_t v = 0; v < variants.size(); ++v) {
+      calls[v] = calls_per_batch(timed_batch(comm, variants[v], 1), o.min_batch_ms);
+    }
   }
   std::vector<std::vector<double>> seconds(variants.size());
   for (int r = 0; r < o.reps; ++r) {
-    for (std::size_t v = 0; v < variants.size(); ++v) seconds[v].push_back(timed_batch(comm, variants[v], 1));
+    for (std::size_t v = 0; v < variants.size(); ++v) {
+      seconds[v].push_back(timed_batch(comm, variants[v], calls[v]));
+    }
   }
   RankReport report;
   for (const auto& s : seconds) {
@@ -193,7 +204,8 @@ bool measure_peer(FusedCase& c, const FusedOptions& o, const BaselineTools& tool
       tools, c.ranks,
       {"peer", "--m", std::to_string(c.shape.m), "--n", std::to_string(c.shape.n), "--k",
        std::to_string(c.shape.k / c.ranks), "--dtype", std::string(dtype_name(c.dtype)), "--reps",
-       std::to_string(o.reps), "--warmup", std::to_string(o.warmup)});
+       std::to_string(o.reps), "--warmup", std::to_string(o.warmup), "--min-batch-ms",
+       cat(o.min_batch_ms)});
   if (!run.failure.empty()) std::printf("  MPI peer failed for %s, skipped: %s\n", c.label().c_str(), run.failure.c_str());
   for (const JsonRecord& record : run.records) {
     if (record_text(record, "what") != "peer") continue;
@@ -362,6 +374,7 @@ void write_json(const std::string& path, const std::vector<FusedCase>& cases, co
         << ", \"t_comm_mpi\": " << json_number(c.comm_mpi) << ", \"t_comm_gloo\": " << json_number(c.comm_gloo)
         << ", \"t_peer_gemm\": " << json_number(c.peer_gemm) << ", \"engine\": \"" << c.engine
         << "\", \"peer\": \"" << c.peer_detail << "\", \"rounds\": " << o.rounds << ", \"reps\": " << o.reps
+        << ", \"min_batch_ms\": " << o.min_batch_ms
         << ", \"pinned\": " << (o.baselines.no_pin ? "false" : "true") << ", \"comm_turn\": " << o.comm_turn
         << "}" << (i + 1 < cases.size() ? "," : "") << "\n";
   }
@@ -476,11 +489,13 @@ void run_bench(const FusedOptions& o) {
   std::vector<FusedCase> cases = plan_cases(o);
   const BaselineTools tools = find_baseline_tools(o.baselines);
   std::printf("tpfuse bench fused\n  machine: %s\n", machine_facts().c_str());
-  std::printf("  ranks %s, one GEMM thread each; every figure: barrier, one call, slowest rank; median of %d "
-              "repetitions (after %d warm-up),\n  then the median over %d rounds in which tpfuse and the MPI peer take "
+  std::printf("  ranks %s, one GEMM thread each; every figure: barrier, calls filling %g ms or one, slowest "
+              "rank's time per call;\n  median of %d repetitions (after %d warm-up), then the median over %d rounds "
+              "in which tpfuse and the MPI peer take "
               "turns\n  T_gemm = prepare_gemm + compute_rows (all rows); T_comm = tpfuse all_reduce of the output; "
               "T_serial = both; T_fused = mm_all_reduce_base_out (comm_turn %lld)\n",
-              o.baselines.no_pin ? "not pinned" : "pinned one per core (rank % cores)", o.reps, o.warmup, o.rounds,
+              o.baselines.no_pin ? "not pinned" : "pinned one per core (rank % cores)", o.min_batch_ms, o.reps,
+              o.warmup, o.rounds,
               static_cast<long long>(o.comm_turn));
   if (!tools.mpi_unavailable.empty()) std::printf("  T_peer and MPI skipped: %s\n", tools.mpi_unavailable.c_str());
   if (!tools.gloo_unavailable.empty()) std::printf("  gloo skipped: %s\n", tools.gloo_unavailable.c_str());
@@ -524,6 +539,9 @@ void add_bench_fused_command(CLI::App& bench_app) {
   cmd->add_option("--reps", o->reps, "Repetitions per round (their median is the round's figure)")
       ->check(CLI::Range(1, 10000));
   cmd->add_option("--warmup", o->warmup, "Unmeasured repetitions at the start of each round")->check(CLI::Range(0, 1000));
+  cmd->add_option("--min-batch-ms", o->min_batch_ms, "Calls are repeated to fill at least this long a batch")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 100000.0));
   cmd->add_option("--comm-turn", o->comm_turn, "The fused op's comm_turn (0: tpfuse picks)")->check(CLI::Range(0, 1 << 24));
   cmd->add_option("--json", o->json, "Write one record per shape, dtype and rank count to this file");
   cmd->add_option("--plot", o->plot, "Draw time against M (fused, serial, peer) into this PNG (gnuplot)");
