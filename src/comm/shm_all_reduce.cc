@@ -12,10 +12,16 @@ namespace tpfuse::comm::shm {
 
 namespace {
 
-// Rounds up to this size go one-shot when the group lets the transport
-// choose. Below it, the second synchronisation of reduce-scatter costs more
-// than the (p - 2) extra reads per element of one-shot save.
-constexpr std::size_t kOneShotMaxBytes = std::size_t{256} << 10;
+// Rounds up to kOneShotMaxBytesForTwo / (p - 1)^2 go one-shot when the group
+// lets the transport choose. Below it, the second synchronisation of
+// reduce-scatter costs more than what one-shot's extra traffic costs: every
+// rank copies all of its input into its slot, reads all p slots and sums
+// the whole round, where reduce-scatter copies, reads and sums a p-th of it.
+// Measured (tpfuse bench allreduce, f32, in place, one algorithm forced),
+// the two took as long at about 2 MiB for 2 ranks, 128 KiB for 4 and 32 KiB
+// for 8 (on 2 cores); at 1 MiB and 2 ranks one-shot took 159-189 us,
+// reduce-scatter 226-245.
+constexpr std::size_t kOneShotMaxBytesForTwo = std::size_t{1} << 20;
 
 }  // namespace
 
@@ -29,7 +35,8 @@ std::size_t max_one_shot_bytes(const ShmGroup& group) {
     case AlgorithmChoice::automatic:
       break;
   }
-  return kOneShotMaxBytes;
+  const auto others = static_cast<std::size_t>(group.size - 1);
+  return kOneShotMaxBytesForTwo / (others * others);
 }
 
 RoundAlgorithm choose_algorithm(const ShmGroup& group, std::size_t bytes) {
