@@ -659,5 +659,20 @@ TEST(ValidateOut, MayTouchAnInputsEnd) {
   EXPECT_NO_THROW(validate_out(call.validate(), out, call.x1, call.x2, call.options));
 }
 
+// ---- tensors ----
+
+TEST(Tensors, NegativeDimIsRejectedWithTheShape) {
+  expect_invalid([] { Tensor(DType::f16, {4, -2}); }, "tensor", {"negative dim", "[4, -2] f16"});
+}
+
+TEST(Tensors, OnlyA2DViewTransposes) {
+  Tensor t(DType::bf16, {2, 3, 4});
+  expect_invalid([&] { (void)t.view().transposed(); }, "transposed", {"2-D", "[2, 3, 4] bf16"});
+  const Tensor matrix(DType::f32, {2, 3});
+  const TensorView flipped = matrix.view().transposed();
+  EXPECT_EQ(flipped.shape()[0], 3);
+  EXPECT_EQ(flipped.shape()[1], 2);
+}
+
 }  // namespace
 }  // namespace tpfuse

@@ -61,7 +61,7 @@ bool TensorView::is_contiguous() const {
 }
 
 TensorView TensorView::transposed() const {
-  require(ndim_ == 2, "transposed: expected a 2-D view, got ", describe());
+  if (ndim_ != 2) throw InvalidArgument(cat("transposed: expected a 2-D view, got ", describe()));
   const std::int64_t shape[2] = {shape_[1], shape_[0]};
   const std::int64_t strides[2] = {strides_[1], strides_[0]};
   return TensorView(data_, dtype_, shape, strides);
@@ -90,7 +90,11 @@ void Tensor::FreeAligned::operator()(void* p) const { std::free(p); }
 
 Tensor::Tensor(DType dtype, std::span<const std::int64_t> shape) {
   TensorView shaped(nullptr, dtype, shape);
-  for (auto dim : shape) require(dim >= 0, "tensor: negative dim in ", shaped.describe());
+  // The message is built only when a dim is negative: require() would
+  // format it for every tensor made.
+  for (auto dim : shape) {
+    if (dim < 0) throw InvalidArgument(cat("tensor: negative dim in ", shaped.describe()));
+  }
   const std::size_t bytes = static_cast<std::size_t>(shaped.numel()) * dtype_size(dtype);
   const std::size_t rounded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
