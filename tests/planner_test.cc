@@ -87,6 +87,22 @@ TEST(Planner, CommTurnForcesThatManyEqualTiles) {
   }
 }
 
+// The operator plans a forced schedule with placeholder constants (it
+// measures nothing for it): the same tiles, and each in one GEMM call.
+TEST(Planner, ForcedTilesAreComputedInOneCallWhateverTheConstants) {
+  PlanRequest request;
+  request.m = 256;
+  request.n = 4096;
+  request.k = 640;
+  request.comm_turn = 16;
+  const TilePlan placeholder = make_plan(request, {.gemm_flops = 1});
+  const TilePlan measured = make_plan(request, round_constants(request));
+  EXPECT_EQ(placeholder.tile_rows, measured.tile_rows);
+  for (const TilePlan& plan : {placeholder, measured}) {
+    EXPECT_EQ(plan.poll_rows, *std::max_element(plan.tile_rows.begin(), plan.tile_rows.end()));
+  }
+}
+
 TEST(Planner, OneTileWhenTheOutputIsTooSmallToSplit) {
   PlanRequest request;
   request.m = 16;
