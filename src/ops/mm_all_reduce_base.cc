@@ -163,12 +163,16 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
       ahead ? std::optional<RankFacts>(ahead->assumed) : std::nullopt;
   auto pending = comm.all_gather_start(encode_proposal(
       {call.shape, call.error, call.mine, assumed}, comm.max_gather_bytes()));
+  // Prepared while the proposals travel, where the transport sends them in
+  // the background: packing the weight then overlaps the wait for the
+  // slowest rank. One GEMM serves a run ahead and a run again alike.
+  const auto gemm = call.shape ? prepare(call, x1, x2, options, comm) : nullptr;
   // A run ahead writes into a tensor of its own (small, by the rule above),
   // copied into `out` once it counts: a call that fails leaves `out` as it was.
   Tensor staged;
   if (ahead) {
     staged = Tensor(call.shape->out_dtype, {call.shape->m, call.shape->n});
-    run_plan(ahead->plan, call, *prepare(call, x1, x2, options, comm), staged, comm);
+    run_plan(ahead->plan, call, *gemm, staged, comm);
   }
   const Agreement agreement = judge_proposals(pending->wait(), comm.rank(), call.error);
   if (agreement.ran_ahead && !ahead && !agreement.ran_ahead_rightly) {
@@ -186,7 +190,6 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
     return;
   }
   // Planned with the agreed facts (collective), then run.
-  const auto gemm = prepare(call, x1, x2, options, comm);
   run_plan(pipeline::plan_call(comm, *gemm, request_for(*call.shape, agreement.facts)), call,
            *gemm, *out, comm);
   test_hooks::after_agreement(ahead ? test_hooks::Agreement::ran_ahead_then_again
