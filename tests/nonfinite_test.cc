@@ -21,6 +21,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "rank_harness.h"
@@ -224,6 +225,22 @@ std::vector<Case> mode_cases(Mode mode) {
                          if (rank == 1) store(*in.args.options.antiquant_scale, 0, kCol, kInf);
                        },
                        column(Class::non_finite)});
+      // Every term of column kCol on rank 1 is positive times +inf, so the
+      // column is +inf: no NaN may come from the zeros that pad a kernel's
+      // last chunk of k (dequantized, 0 + offset times inf).
+      cases.push_back({"antiquant_scale +inf, every term positive",
+                       [](RankInputs& in, int rank) {
+                         if (rank != 1) return;
+                         const TensorView& x1 = in.args.x1;
+                         for (std::int64_t i = 0; i < x1.shape()[0]; ++i) {
+                           for (std::int64_t l = 0; l < x1.shape()[1]; ++l) {
+                             store(x1, i, l, static_cast<float>(std::fabs(load(x1, i, l)) + 1));
+                           }
+                         }
+                         store(*in.args.options.antiquant_offset, 0, kCol, 200);
+                         store(*in.args.options.antiquant_scale, 0, kCol, kInf);
+                       },
+                       column(Class::pos_inf)});
       cases.push_back({"antiquant_offset NaN",
                        [](RankInputs& in, int rank) {
                          if (rank == 1) store(*in.args.options.antiquant_offset, 0, kCol, kNaN);
@@ -279,8 +296,8 @@ void run_cases(const CaseSpec& spec, comm::RankContext& ctx) {
     const RankInputs& mine = inputs[static_cast<std::size_t>(ctx.rank)];
     const Tensor out =
         mm_all_reduce_base(mine.args.x1, mine.args.x2, ctx.comm->name(), mine.args.options);
-    const std::string where =
-        cat(c.name, ", m=", spec.m, spec.x2_transposed ? " x2 transposed" : "");
+    const std::string where = cat(c.name, ", m=", spec.m, " k=", spec.k,
+                                  spec.x2_transposed ? " x2 transposed" : "");
     for (std::int64_t i = 0; i < spec.m; ++i) {
       for (std::int64_t j = 0; j < spec.n; ++j) {
         const Class want = c.pattern(i, j, inputs);
@@ -299,11 +316,13 @@ void run_cases(const CaseSpec& spec, comm::RankContext& ctx) {
 class NonFinite : public ::testing::TestWithParam<int> {};
 
 // Few rows (the micro-kernels reading x2 in place, or its transposed rows)
-// and many (packed x2, or oneDNN where the CPU has the instructions).
+// and many (packed x2, or oneDNN where the CPU has the instructions); K-slices
+// of whole vectors and not (70: a kernel's last chunk of k is padded at every
+// vector width, 4, 8 and 16 lanes).
 TEST_P(NonFinite, PropagatesAsIeeeArithmeticSays) {
   const ModeParam& mode = kModes[GetParam()];
   const auto result = test::run_ranks(kRanks, [&](comm::RankContext& ctx) {
-    for (const std::int64_t m : {6, 80}) {
+    for (const auto [m, k] : {std::pair{6, 64}, {80, 64}, {6, 70}, {80, 70}}) {
       for (const bool transposed : {false, true}) {
         CaseSpec spec;
         spec.mode = mode.mode;
@@ -312,7 +331,7 @@ TEST_P(NonFinite, PropagatesAsIeeeArithmeticSays) {
         spec.group_size = mode.group_size;
         spec.offset = mode.mode == Mode::weight_quant;
         spec.m = m;
-        spec.k = 64;
+        spec.k = k;
         spec.n = 40;
         spec.bias = true;
         spec.x3 = true;

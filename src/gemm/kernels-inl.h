@@ -470,12 +470,16 @@ void dot_kernel(const DotTile& t) {
   }
   if (l < t.k) {  // the last chunk, through zero-padded copies
     const std::int64_t count = t.k - l;
+    // The padding's weights are zeroed after dequantizing: (0 + offset) *
+    // scale is +-inf or NaN for a non-finite scale, and times x1's zero
+    // padding a NaN in every sum of the column.
+    const auto real = hn::FirstN(d, static_cast<std::size_t>(count));
     FloatVec w_chunk[kDotCols];
 #pragma GCC unroll 4
     for (int c = 0; c < kDotCols; ++c) {
       alignas(64) unsigned char padded[kLanes * 4] = {};
       __builtin_memcpy(padded, w[c] + l * kElem, static_cast<std::size_t>(count * kElem));
-      w_chunk[c] = load_w<kFormat, kOffset>(padded, t, c, l);
+      w_chunk[c] = hn::IfThenElseZero(real, load_w<kFormat, kOffset>(padded, t, c, l));
     }
 #pragma GCC unroll 4
     for (int i = 0; i < kRows; ++i) {
