@@ -17,9 +17,9 @@
 // maxima), with ranks pinned one per core. A batch lasts at least
 // --min-batch-ms: a single call of a decode shape (about a millisecond) is
 // within a scheduler's time slice of noise, and its fused/serial ratio read
-// 0.93 to 1.10 between runs when timed call by call. tpfuse's four variants take turns within each
-// repetition so that a burst of load hits them alike; the MPI peer is its own
-// process group and runs right after them.
+// 0.93 to 1.10 between runs when timed call by call. tpfuse's four variants
+// take turns within each repetition so that a burst of load hits them alike;
+// the MPI peer is its own process group and runs right after them.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
