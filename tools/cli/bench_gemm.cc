@@ -72,18 +72,18 @@ struct OpenBlas {
   std::string config;
 };
 
-// The first call loads the library with OPENBLAS_CORETYPE set to `coretype`,
-// or unset when that is empty.
+// The first call loads the library (by its run-time name, which Debian's
+// libopenblas0 provides: the baseline needs no -dev package) with
+// OPENBLAS_CORETYPE set to `coretype`, or unset when that is empty.
 const OpenBlas* load_openblas(const std::string& coretype = "") {
   static const std::unique_ptr<OpenBlas> blas = [&]() -> std::unique_ptr<OpenBlas> {
-#ifdef TPFUSE_OPENBLAS_LIBRARY
     if (coretype.empty()) {
       unsetenv("OPENBLAS_CORETYPE");
     } else {
       setenv("OPENBLAS_CORETYPE", coretype.c_str(), 1);
     }
     unsetenv("OPENBLAS_L2_SIZE");
-    void* handle = dlopen(TPFUSE_OPENBLAS_LIBRARY, RTLD_NOW | RTLD_LOCAL);
+    void* handle = dlopen("libopenblas.so.0", RTLD_NOW | RTLD_LOCAL);
     if (handle == nullptr) return nullptr;
     auto b = std::make_unique<OpenBlas>();
     b->sgemm = reinterpret_cast<OpenBlas::Sgemm>(dlsym(handle, "cblas_sgemm"));
@@ -94,10 +94,6 @@ const OpenBlas* load_openblas(const std::string& coretype = "") {
     b->config = get_config != nullptr ? get_config() : "?";
     if (get_corename != nullptr) b->config += cat(" (kernel ", get_corename(), ")");
     return b;
-#else
-    (void)coretype;
-    return nullptr;
-#endif
   }();
   return blas.get();
 }
