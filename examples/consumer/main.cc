@@ -1,9 +1,11 @@
 // Two local ranks multiply their K-halves and all-reduce, through the
-// installed library; exits 0 when every rank got the expected sum.
+// installed library; exits 0 when every rank got the expected sum. Built by
+// CMake (CMakeLists.txt: find_package(tpfuse)) or by hand with pkg-config:
+//   g++ -std=c++20 main.cc $(pkg-config --cflags --libs tpfuse)
 #include <tpfuse/tpfuse.h>
 
-#include <cmath>
 #include <cstdio>
+#include <cstring>
 
 int main() {
   tpfuse::comm::LaunchOptions options;
@@ -22,6 +24,12 @@ int main() {
     }
     return 0;
   });
-  std::printf("consumer: %s\n", result.ok() ? "ok" : result.describe_failures().c_str());
+  // The headers it was built with and the library it runs with must be one release.
+  if (std::strcmp(tpfuse::version(), TPFUSE_VERSION) != 0) {
+    std::printf("consumer: built with tpfuse %s, runs with %s\n", TPFUSE_VERSION, tpfuse::version());
+    return 1;
+  }
+  std::printf("consumer (tpfuse %s): %s\n", tpfuse::version(),
+              result.ok() ? "ok" : result.describe_failures().c_str());
   return result.ok() ? 0 : 1;
 }

@@ -15,3 +15,4 @@
 #include "tpfuse/core/tensor.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/ops/quant_param.h"
+#include "tpfuse/version.h"

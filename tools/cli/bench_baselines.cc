@@ -25,10 +25,11 @@ fs::path program_dir() {
 
 bool is_executable(const fs::path& path) { return access(path.c_str(), X_OK) == 0; }
 
-// `name` next to this program (the build tree), or in ../share/tpfuse (an install).
+// `name` next to this program (the build tree), or in the helper directory of
+// an installed tree (TPFUSE_LIBEXEC_FROM_BIN: libexec/tpfuse, relative to bin).
 std::string find_beside_program(const std::string& name) {
   const fs::path dir = program_dir();
-  for (const fs::path& candidate : {dir / name, dir / ".." / "share" / "tpfuse" / name}) {
+  for (const fs::path& candidate : {dir / name, dir / TPFUSE_LIBEXEC_FROM_BIN / name}) {
     if (fs::exists(candidate)) return fs::weakly_canonical(candidate).string();
   }
   return "";
@@ -120,9 +121,9 @@ void add_baseline_options(CLI::App& cmd, BaselineOptions& options) {
   cmd.add_flag("--no-mpi", options.no_mpi, "Skip the MPI baselines");
   cmd.add_flag("--no-gloo", options.no_gloo, "Skip the gloo baseline");
   cmd.add_option("--mpirun", options.mpirun, "mpirun to start the MPI baselines with")->capture_default_str();
-  cmd.add_option("--mpi-bench", options.mpi_bench, "tpfuse_mpi_bench (default: next to this program)");
+  cmd.add_option("--mpi-bench", options.mpi_bench, "tpfuse_mpi_bench (default: beside this program, or its installed helpers)");
   cmd.add_option("--python", options.python, "A Python with torch, for the gloo baseline")->capture_default_str();
-  cmd.add_option("--gloo-script", options.gloo_script, "gloo_allreduce.py (default: next to this program)");
+  cmd.add_option("--gloo-script", options.gloo_script, "gloo_allreduce.py (default: beside this program, or its installed helpers)");
   cmd.add_flag("--no-pin", options.no_pin, "Do not pin ranks to cores (tpfuse's and the baselines')");
 }
 
@@ -149,7 +150,7 @@ BaselineTools find_baseline_tools(const BaselineOptions& options) {
   } else if (!is_executable(tools.python)) {
     tools.gloo_unavailable = cat(tools.python, " not found (apt-get install python3-torch)");
   } else if (tools.gloo_script.empty() || !fs::exists(tools.gloo_script)) {
-    tools.gloo_unavailable = "gloo_allreduce.py not found next to this program (--gloo-script)";
+    tools.gloo_unavailable = "gloo_allreduce.py not found beside this program or its installed helpers (--gloo-script)";
   }
   return tools;
 }

@@ -2,12 +2,15 @@
 // 2 bad command-line flags.
 #include <cstdio>
 #include <exception>
+#include <string>
 
 #include "commands.h"
+#include "tpfuse/version.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"tpfuse: fused matrix multiply + all-reduce for tensor-parallel layers on CPUs"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("tpfuse ") + tpfuse::version());
   tpfuse::cli::add_demo_command(app);
   tpfuse::cli::add_run_command(app);
   tpfuse::cli::add_plan_command(app);
@@ -21,6 +24,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::RuntimeError& e) {
     std::fprintf(stderr, "tpfuse: %s\n", e.what());

@@ -18,6 +18,7 @@ import torch
 
 torch.ops.load_library(str(pathlib.Path(__file__).with_name("_tpfuse_torch.so")))
 
+from tpfuse._version import __version__  # noqa: E402
 from tpfuse.comm import get_comm_name  # noqa: E402  (needs the operators loaded)
 from tpfuse.ops import (  # noqa: E402
     mm_all_reduce_base,
@@ -26,6 +27,7 @@ from tpfuse.ops import (  # noqa: E402
 )
 
 __all__ = [
+    "__version__",
     "get_comm_name",
     "mm_all_reduce_base",
     "npu_mm_all_reduce_base",
