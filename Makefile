@@ -5,6 +5,7 @@ DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev libdnnl-dev 
                 libhwy-dev python3-torch libtorch-dev python3-pytest libopenmpi-dev openmpi-bin \
                 gnuplot-nox iproute2 clang-14 libclang-rt-14-dev libomp-14-dev
 BUILD        ?= build
+DEB_BUILD    ?= build-deb
 ASAN_BUILD   ?= build-asan
 TSAN_BUILD   ?= build-tsan
 FUZZ_BUILD   ?= build-fuzz
@@ -12,7 +13,8 @@ JOBS         ?= $(shell nproc)
 PYTHON       ?= /usr/bin/python3
 CMAKE_FLAGS  ?=
 
-.PHONY: all deps configure build demo test test-release test-asan test-tsan test-fuzz clean bench-cluster
+.PHONY: all deps configure build demo test test-release test-asan test-tsan test-fuzz test-deb clean \
+        bench-cluster deb deb-check
 
 all: build
 
@@ -30,8 +32,8 @@ demo: build
 	PYTHONPATH=$(BUILD)/python $(PYTHON) examples/mm_all_reduce_base.py
 
 # The release suite, then again under ASan + UBSan, the threaded tests under
-# TSan, and the fuzzer for a minute.
-test: test-release test-asan test-tsan test-fuzz
+# TSan, the Debian packages, and the fuzzer for a minute.
+test: test-release test-asan test-tsan test-deb test-fuzz
 
 # ctest runs the Python tests too (python.test_*, pytest under $(PYTHON)).
 test-release: build
@@ -44,7 +46,28 @@ test-asan: deps
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD) $(DEB_BUILD)
+
+# The Debian packages (cmake/packaging.cmake), built in a tree of their own
+# configured for /usr, into $(DEB_BUILD)/*.deb.
+deb: deps
+	@cmake -S . -B $(DEB_BUILD) -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=/usr \
+	  -DTPFUSE_BUILD_TESTS=OFF -DTPFUSE_PYTHON=$(PYTHON) $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(DEB_BUILD) -j $(JOBS)
+	@rm -f $(DEB_BUILD)/*.deb
+	cd $(DEB_BUILD) && cpack -G DEB
+	@ls $(DEB_BUILD)/*.deb
+
+# The packages' contents and Depends (dpkg-deb), and their CLI and Python
+# package run from an extracted scratch root; nothing is installed.
+test-deb: deb
+	./tests/package/check_deb.sh $(DEB_BUILD) $(PYTHON)
+
+# Installs the packages for real (apt-get, as root), runs `tpfuse demo` and
+# the request's Python example from /, then purges them and checks that
+# nothing of theirs is left.
+deb-check: deb
+	./scripts/deb_check.sh $(DEB_BUILD) $(PYTHON)
 
 # tpfuse bench fused across emulated hosts (network namespaces; root): set
 # up, measure, tear down. Writes JSON (and JSON's name with .png, the plot).
