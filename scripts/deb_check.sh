@@ -40,7 +40,7 @@ echo "== apt-get purge ${packages[*]}"
 purge || { cat "$work/purge.log"; exit 1; }
 left=()
 for pkg in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'installed' && left+=("package $pkg")
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep 'installed' >/dev/null && left+=("package $pkg")
 done
 for f in "${files[@]}"; do
   [ -e "$f" ] || [ -L "$f" ] && left+=("$f")

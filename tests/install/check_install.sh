@@ -20,8 +20,11 @@ cache_value() { sed -n "s/^$1:[A-Z]*=//p" "$build/CMakeCache.txt"; }
 echo "== the CLI"
 [ "$("$prefix/bin/tpfuse" --version)" = "tpfuse $version" ] \
   || { echo "tpfuse --version printed '$("$prefix/bin/tpfuse" --version)', expected 'tpfuse $version'"; exit 1; }
-ldd "$prefix/bin/tpfuse" | grep -q "libtpfuse.so.* => $prefix/" \
-  || { echo "the installed CLI does not load the installed library:"; ldd "$prefix/bin/tpfuse"; exit 1; }
+# (ldd's output is read whole: grep -q would stop reading it, and under
+# pipefail the SIGPIPE that ldd then gets would fail the check.)
+libraries=$(ldd "$prefix/bin/tpfuse")
+grep -q "libtpfuse.so.* => $prefix/" <<<"$libraries" \
+  || { echo "the installed CLI does not load the installed library:"; echo "$libraries"; exit 1; }
 "$prefix/bin/tpfuse" run --m 16 --k 64 --n 8 --dtype bf16 --ranks 2
 
 echo "== a CMake consumer"

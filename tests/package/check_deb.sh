@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Checks the Debian packages that `make deb` built, without installing them:
+# Checks the Debian packages that `make deb` built, without installing them
+# (grep reads its input whole, never -q: under pipefail, the SIGPIPE that an
+# early exit gives the command before it would fail the pipe):
 #   - the four packages are there, each with its own files (no file in two,
 #     nothing outside /usr, no RPATH in a binary that lands in a system path);
 #   - their Depends: Debian's run-time packages (never a -dev one), exact
@@ -29,7 +31,7 @@ triplet=$(gcc -print-multiarch)
 echo "== files"
 files_of() { dpkg-deb -c "$1" | awk '$1 !~ /^d/ {print $6}' | sed 's|^\./|/|'; }
 expect_file() {  # package, path pattern (grep -E, anchored)
-  files_of "$1" | grep -Eq "^$2\$" || fail "$(basename "$1") lacks $2"
+  files_of "$1" | grep -E "^$2\$" >/dev/null || fail "$(basename "$1") lacks $2"
 }
 expect_file "$lib" "/usr/lib/$triplet/libtpfuse\.so\.0"
 expect_file "$dev" "/usr/include/tpfuse/tpfuse\.h"
@@ -40,13 +42,13 @@ expect_file "$dev" "/usr/lib/$triplet/pkgconfig/tpfuse\.pc"
 expect_file "$cli" "/usr/bin/tpfuse"
 expect_file "$py" "/usr/lib/python3/dist-packages/tpfuse/__init__\.py"
 expect_file "$py" "/usr/lib/python3/dist-packages/tpfuse/_tpfuse_torch\.so"
-files_of "$lib" | grep -q '^/usr/include/' && fail "libtpfuse0 ships headers"
+files_of "$lib" | grep '^/usr/include/' >/dev/null && fail "libtpfuse0 ships headers"
 all=$(for d in "$lib" "$dev" "$cli" "$py"; do files_of "$d"; done)
 dups=$(echo "$all" | sort | uniq -d)
 [ -z "$dups" ] || fail "files in two packages: $dups"
 outside=$(echo "$all" | grep -v '^/usr/' || true)
 [ -z "$outside" ] || fail "files outside /usr: $outside"
-dpkg-deb -I "$lib" shlibs | grep -q "^libtpfuse 0 libtpfuse0 (>= " || fail "libtpfuse0 has no shlibs file"
+dpkg-deb -I "$lib" shlibs | grep "^libtpfuse 0 libtpfuse0 (>= " >/dev/null || fail "libtpfuse0 has no shlibs file"
 grep -q "^prefix=/usr$" <(dpkg-deb --fsys-tarfile "$dev" | tar -xO "./usr/lib/$triplet/pkgconfig/tpfuse.pc") \
   || fail "tpfuse.pc does not say prefix=/usr"
 
@@ -58,21 +60,21 @@ for d in "$lib" "$dev" "$cli" "$py"; do
   bad=$(depends "$d" | grep -E '^[^ ]+-dev( |$)' || true)
   [ -z "$bad" ] || fail "$name depends on a development package: $bad"
 done
-depends "$lib" | grep -q '^libdnnl2 ' || fail "libtpfuse0 does not depend on libdnnl2"
-depends "$lib" | grep -q '^libtpfuse' && fail "libtpfuse0 depends on itself"
+depends "$lib" | grep '^libdnnl2 ' >/dev/null || fail "libtpfuse0 does not depend on libdnnl2"
+depends "$lib" | grep '^libtpfuse' >/dev/null && fail "libtpfuse0 depends on itself"
 for d in "$dev" "$cli" "$py"; do
-  depends "$d" | grep -qx "libtpfuse0 (= $version)" \
+  depends "$d" | grep -x "libtpfuse0 (= $version)" >/dev/null \
     || fail "$(dpkg-deb -f "$d" Package) does not depend on libtpfuse0 (= $version)"
 done
-depends "$py" | grep -q '^python3-torch (>= ' || fail "python3-tpfuse does not depend on python3-torch"
-depends "$py" | grep -q '^python3-torch (<< ' || fail "python3-tpfuse does not bound python3-torch's release"
+depends "$py" | grep '^python3-torch (>= ' >/dev/null || fail "python3-tpfuse does not depend on python3-torch"
+depends "$py" | grep '^python3-torch (<< ' >/dev/null || fail "python3-tpfuse does not bound python3-torch's release"
 for d in "$lib" "$cli" "$py"; do
   dpkg-deb -x "$d" "$work/root"
 done
 dpkg-deb -x "$dev" "$work/root"
 for binary in "$work/root/usr/bin/tpfuse" "$work/root/usr/lib/$triplet/libtpfuse.so.0" \
               "$work/root/usr/lib/python3/dist-packages/tpfuse/_tpfuse_torch.so"; do
-  if readelf -d "$binary" | grep -Eq 'RPATH|RUNPATH'; then fail "$binary carries an RPATH"; fi
+  if readelf -d "$binary" | grep -E 'RPATH|RUNPATH' >/dev/null; then fail "$binary carries an RPATH"; fi
 done
 
 echo "== run from the extracted root"
