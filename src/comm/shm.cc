@@ -356,13 +356,21 @@ constexpr std::chrono::milliseconds kSetupLivenessInterval{25};
 
 std::string pid_key(int rank) { return cat("shm-pid-", rank); }
 
-// `rank`'s pid, when it is in the store and that process is gone.
-std::optional<long> lost_pid(Store& store, int rank) {
+// A rank whose setup fails records why before its process ends, so that its
+// peers report that it failed, and why, rather than that it died.
+std::string failure_key(int rank) { return cat("shm-failed-", rank); }
+
+// `rank`, when its pid is in the store and that process is gone: "rank 0
+// (pid 12) died", or "rank 0 (pid 12) failed (its error)" if it said why.
+std::optional<std::string> lost_peer(Store& store, int rank) {
   const auto text = store.try_get(pid_key(rank));
   if (!text) return std::nullopt;
   const long pid = std::strtol(text->c_str(), nullptr, 10);
   if (pid <= 0 || !shm::process_is_gone(static_cast<pid_t>(pid))) return std::nullopt;
-  return pid;
+  if (const auto failure = store.try_get(failure_key(rank))) {
+    return cat("rank ", rank, " (pid ", pid, ") failed (", *failure, ")");
+  }
+  return cat("rank ", rank, " (pid ", pid, ") died");
 }
 
 // Rendezvous is not latency-critical: poll gently, 100 us growing to 10 ms.
@@ -375,14 +383,12 @@ std::string wait_for_segment_name(Store& store, std::chrono::milliseconds timeou
     if (auto name = store.try_get(shm::kSegmentKey)) return *std::move(name);
     const Clock::time_point now = Clock::now();
     if (now >= next_liveness_check || now >= deadline) {
-      if (const auto pid = lost_pid(store, 0)) {
+      if (const auto lost = lost_peer(store, 0)) {
         // Rank 0 may have published the name since the look above, then
         // failed (a rank that never attached) and exited: the name is there
         // now, and the segment's absence leads to rank 0's verdict.
         if (auto name = store.try_get(shm::kSegmentKey)) return *std::move(name);
-        throw PeerLostError(
-            cat("shm setup: rank 0 (pid ", *pid, ") died before publishing the segment's name"),
-            {0});
+        throw PeerLostError(cat("shm setup: ", *lost, " before publishing the segment's name"), {0});
       }
       next_liveness_check = now + kSetupLivenessInterval;
     }
@@ -428,8 +434,8 @@ void record_setup_verdict(Store& store, const CommError& error) {
       if ((*verdict)[0] == 'T') throw TimeoutError(message, ranks);
       throw AbortedError(message, ranks);
     }
-    if (const auto pid = lost_pid(store, 0)) {
-      throw PeerLostError(cat("shm setup: rank 0 (pid ", *pid, ") died during setup"), {0});
+    if (const auto lost = lost_peer(store, 0)) {
+      throw PeerLostError(cat("shm setup: ", *lost, " during setup"), {0});
     }
     if (std::chrono::steady_clock::now() >= deadline) {
       throw TimeoutError(cat("shm setup: the segment was removed and rank 0 said nothing why within ",
@@ -468,13 +474,13 @@ void check_unattached_alive(Store& store, const ShmGroup& group) {
   std::string detail;
   for (int r = 1; r < group.size; ++r) {
     if (group.segment.record(r).attached.load(std::memory_order_acquire) != 0) continue;
-    if (const auto pid = lost_pid(store, r)) {
+    if (const auto peer = lost_peer(store, r)) {
       lost.push_back(r);
-      detail += cat(detail.empty() ? "" : ", ", "rank ", r, " (pid ", *pid, ")");
+      detail += cat(detail.empty() ? "" : ", ", *peer);
     }
   }
   if (lost.empty()) return;
-  detail += " died before attaching";
+  detail += " before attaching";
   shm::publish_abort(group.segment, group.rank, shm::AbortKind::peer_lost, lost, detail);
   throw PeerLostError(cat("shm setup: ", detail), lost);
 }
@@ -600,9 +606,19 @@ std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, in
       check_job_secret(store, secret ? &*secret : nullptr, rank, options.timeout, "shm setup"),
       store);
   job_store.set(pid_key(rank), std::to_string(::getpid()));
-  auto group = std::make_shared<ShmGroup>(open_segment(job_store, rank, size, options), rank,
-                                          options.timeout);
-  join_group(job_store, *group);
+  std::shared_ptr<ShmGroup> group;
+  try {
+    group = std::make_shared<ShmGroup>(open_segment(job_store, rank, size, options), rank,
+                                       options.timeout);
+    join_group(job_store, *group);
+  } catch (const std::exception& error) {
+    try {
+      job_store.set(failure_key(rank), error.what());
+    } catch (const std::exception&) {
+      // The store failed too: peers will report this rank as died.
+    }
+    throw;
+  }
   auto comm = std::make_shared<ShmCommunicator>(group);
   log::info("shm communicator ", comm->name(), " ready: ", size, " ranks, segment of ",
             group->segment.total_bytes(), " B, ", shm::kRingDepth, " slots of ",
