@@ -1,6 +1,6 @@
 // What the fault tests share: a page of memory that forked ranks write their
-// outcome to and the test process reads once they have ended, and how an
-// error is described there.
+// outcome to and the test process reads once they have ended, how an error is
+// described there, and what a job left in /dev/shm.
 #pragma once
 
 #include <sys/mman.h>
@@ -10,9 +10,12 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <new>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "tpfuse/core/error.h"
 
@@ -57,6 +60,34 @@ inline bool names_rank(const std::string& what, int rank) {
     if (end == what.size() || !std::isdigit(static_cast<unsigned char>(what[end]))) return true;
   }
   return false;
+}
+
+inline std::set<std::string> tpfuse_segments_in_dev_shm() {
+  std::set<std::string> names;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", error)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("tpfuse-", 0) == 0) names.insert(name);
+  }
+  return names;
+}
+
+// The tpfuse segments in /dev/shm that were not in `before` and stay there
+// (tests running in parallel create segments that live for their setup);
+// unlinks them, so that a failure does not leave them behind either.
+inline std::set<std::string> leftover_segments(const std::set<std::string>& before,
+                                               std::set<std::string> suspects = {}) {
+  for (const std::string& name : tpfuse_segments_in_dev_shm()) {
+    if (!before.contains(name)) suspects.insert(name);
+  }
+  for (int i = 0; i < 50 && !suspects.empty(); ++i) {
+    std::erase_if(suspects, [](const std::string& name) {
+      return !std::filesystem::exists("/dev/shm/" + name);
+    });
+    if (!suspects.empty()) std::this_thread::sleep_for(std::chrono::milliseconds{100});
+  }
+  for (const std::string& name : suspects) ::shm_unlink(("/" + name).c_str());
+  return suspects;
 }
 
 }  // namespace tpfuse::test

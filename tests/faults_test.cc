@@ -57,6 +57,8 @@ namespace {
 using namespace std::chrono_literals;
 using test::comm_error_type;
 using test::copy_text;
+using test::leftover_segments;
+using test::tpfuse_segments_in_dev_shm;
 using test::names_rank;
 using test::shared_page;
 using test::steady_ns;
@@ -444,35 +446,6 @@ std::vector<pid_t> children_of_this_process() {
   }
   return children;
 }
-
-std::set<std::string> tpfuse_segments_in_dev_shm() {
-  std::set<std::string> names;
-  std::error_code error;
-  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", error)) {
-    const std::string name = entry.path().filename().string();
-    if (name.rfind("tpfuse-", 0) == 0) names.insert(name);
-  }
-  return names;
-}
-
-// The tpfuse segments in /dev/shm that were not in `before` and stay there
-// (tests running in parallel create segments that live for their setup);
-// unlinks them, so that a failure does not leave them behind either.
-std::set<std::string> leftover_segments(const std::set<std::string>& before,
-                                        std::set<std::string> suspects = {}) {
-  for (const std::string& name : tpfuse_segments_in_dev_shm()) {
-    if (!before.contains(name)) suspects.insert(name);
-  }
-  for (int i = 0; i < 50 && !suspects.empty(); ++i) {
-    std::erase_if(suspects, [](const std::string& name) {
-      return !std::filesystem::exists("/dev/shm/" + name);
-    });
-    if (!suspects.empty()) std::this_thread::sleep_for(100ms);
-  }
-  for (const std::string& name : suspects) ::shm_unlink(("/" + name).c_str());
-  return suspects;
-}
-
 
 struct TrialVerdict {
   bool struck = false;

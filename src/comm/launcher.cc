@@ -1,8 +1,11 @@
 // The local launcher: forks the ranks, each with a registered shm
 // communicator, reaps them without ever hanging on a stuck one, and cleans up
-// what a crashed job could leave behind (segments, the store directory).
+// what a crashed job could leave behind (segments, the store directory). No
+// rank outlives it: each watches for its death (see LauncherLifeline).
 #include "tpfuse/comm/launcher.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -15,9 +18,11 @@
 #include <filesystem>
 #include <iostream>
 #include <optional>
+#include <sstream>
 #include <thread>
 
 #include "comm/shm_segment.h"
+#include "core/fault_hooks.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/error.h"
@@ -62,6 +67,84 @@ void flush_output() {
   std::fflush(nullptr);
 }
 
+// No rank outlives its launcher, whatever ends the launcher (kill -9, the OOM
+// killer, a container stop). Before forking, the launcher opens a pipe and
+// keeps its write end; each rank closes its copy and watches the read end
+// from a thread of its own. When the launcher dies the kernel closes its end
+// and poll() reports the hang-up at once, even to a rank that only starts
+// watching afterwards: the pipe existed before the rank did, so there is no
+// moment in which the launcher's death can go unseen. getppid() is the
+// backstop for a write end some other fork of the launcher's process still
+// holds. A rank that finds its launcher gone removes the job's segments and
+// store (no one else will) and ends at once.
+class LauncherLifeline {
+ public:
+  LauncherLifeline() : launcher_pid_(::getpid()) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw_system_error("launch_local: pipe2()", errno);
+    read_fd_ = fds[0];
+    write_fd_ = fds[1];
+  }
+  LauncherLifeline(const LauncherLifeline&) = delete;
+  LauncherLifeline& operator=(const LauncherLifeline&) = delete;
+  ~LauncherLifeline() {
+    close_fd(read_fd_);
+    close_fd(write_fd_);
+  }
+
+  // In the launcher, once every rank is forked.
+  void ranks_forked() { close_fd(read_fd_); }
+
+  // In a rank, first thing: from here on its launcher's death ends it.
+  void watch_from_rank(const std::filesystem::path& store_dir, int rank) {
+    test_hooks::fault_point(test_hooks::FaultPoint::rank_start);
+    close_fd(write_fd_);
+    std::thread([fd = read_fd_, launcher = launcher_pid_, store_dir, rank] {
+      constexpr int kBackstopMs = 200;
+      for (;;) {
+        pollfd watched{fd, POLLIN, 0};
+        const int ready = ::poll(&watched, 1, kBackstopMs);
+        if (ready > 0 || (ready < 0 && errno != EINTR) || ::getppid() != launcher) break;
+      }
+      std::fprintf(stderr, "tpfuse[rank %d] error: the launcher (pid %ld) is gone; ending\n", rank,
+                   static_cast<long>(launcher));
+      remove_job_files(store_dir);
+      ::_exit(kLauncherGoneExitCode);
+    }).detach();
+  }
+
+ private:
+  static constexpr int kLauncherGoneExitCode = 129;
+
+  static void close_fd(int& fd) {
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
+
+  static void remove_job_files(const std::filesystem::path& store_dir) noexcept;
+
+  pid_t launcher_pid_;
+  int read_fd_ = -1;
+  int write_fd_ = -1;
+};
+
+// Where a rank that failed leaves, for the launcher, the ranks its error
+// blames (a CommError's ranks(); none for an error of its own) and its message:
+// "<rank>,<rank>,... <message>".
+std::string failure_key(int rank) { return cat("launcher-failed-", rank); }
+
+void record_failure(const std::filesystem::path& store_dir, int rank, const std::exception& error) {
+  std::string blamed;
+  if (const auto* comm_error = dynamic_cast<const CommError*>(&error)) {
+    for (int r : comm_error->ranks()) blamed += cat(blamed.empty() ? "" : ",", r);
+  }
+  try {
+    FileStore(store_dir).set(failure_key(rank), cat(blamed, ' ', error.what()));
+  } catch (const std::exception&) {
+    // The store is gone or full: the launcher then knows only the exit code.
+  }
+}
+
 int run_body(const std::filesystem::path& store_dir, int rank, const LaunchOptions& options,
              const std::function<int(RankContext&)>& body) {
   ::setenv("TPFUSE_RANK", std::to_string(rank).c_str(), 1);
@@ -72,7 +155,14 @@ int run_body(const std::filesystem::path& store_dir, int rank, const LaunchOptio
   RankContext context{rank, options.ranks,
                       create_shm_communicator(store, rank, options.ranks, options.shm)};
   const Registration registration(context.comm);
-  return body(context);
+  try {
+    return body(context);
+  } catch (const std::exception& error) {
+    // Peers waiting for this rank learn at once that it failed, and why,
+    // rather than that its process is gone.
+    context.comm->abort(cat("rank ", rank, " failed: ", error.what()));
+    throw;
+  }
 }
 
 // The child's whole life. It must never return into the parent's code (gtest,
@@ -86,6 +176,7 @@ int run_body(const std::filesystem::path& store_dir, int rank, const LaunchOptio
     if (code < 0 || code > 255) code = 1;
   } catch (const std::exception& error) {
     std::fprintf(stderr, "tpfuse[rank %d] error: %s\n", rank, error.what());
+    record_failure(store_dir, rank, error);
   } catch (...) {
     std::fprintf(stderr, "tpfuse[rank %d] error: unknown exception\n", rank);
   }
@@ -116,60 +207,121 @@ void kill_and_reap(std::vector<RankExit>& ranks, std::vector<bool>& ended) {
 }
 
 // Polls the ranks (waitpid on our own pids only: the caller may have other
-// children). Once one ends badly the others get `grace` to end too, since a
-// rank stuck in a computation would otherwise hold the launcher forever. So
-// do ranks left stopped (SIGSTOP) once every other rank has ended: no peer
+// children) until each has ended, ending those that cannot end by themselves
+// once the job has failed:
+// - the stragglers, at once: once every rank that has not ended is stopped
+//   (SIGSTOP: it cannot end unless someone resumes it, and the job has failed
+//   already), or is one that the failed ranks' errors blame (a rank frozen or
+//   stuck while its peers timed out waiting for it; kLastWords after that);
+// - every rank, `grace` after the first failure: a rank stuck in a
+//   computation would otherwise hold the launcher forever.
+// Ranks left stopped after the others all succeeded get `grace` too: no peer
 // is left to need them, and no one may ever resume them.
-void reap_ranks(std::vector<RankExit>& ranks, std::chrono::milliseconds grace) {
-  std::vector<bool> ended(ranks.size(), false);
-  std::vector<bool> stopped(ranks.size(), false);
-  std::size_t remaining = ranks.size();
-  std::optional<Clock::time_point> kill_at;
-  Clock::time_point abandoned_at = Clock::time_point::max();  // max: some rank is not stopped
-  std::chrono::microseconds pause{50};
-  while (remaining > 0) {
+class Reaper {
+ public:
+  // How long blamed ranks that still run may take to end by themselves: one
+  // that a peer blamed only for being late (it was waiting, in turn, for the
+  // rank that froze) has heard of the failure and is reporting its own error.
+  static constexpr std::chrono::milliseconds kLastWords{250};
+
+  Reaper(std::vector<RankExit>& ranks, std::filesystem::path store_dir,
+         std::chrono::milliseconds grace)
+      : ranks_(ranks),
+        store_dir_(std::move(store_dir)),
+        grace_(grace),
+        ended_(ranks.size(), false),
+        stopped_(ranks.size(), false),
+        blamed_(ranks.size(), false),
+        remaining_(ranks.size()) {}
+
+  void run() {
+    std::chrono::microseconds pause{50};
+    while (remaining_ > 0) {
+      const bool reaped = poll_once();
+      if (remaining_ == 0) return;
+      if (const char* why = reason_to_end_the_rest()) {
+        log::warn("launcher: killing the ranks still running: ", why);
+        kill_and_reap(ranks_, ended_);
+        return;
+      }
+      pause = reaped ? std::chrono::microseconds{50}
+                     : std::min(pause * 2, std::chrono::microseconds{5000});
+      std::this_thread::sleep_for(pause);
+    }
+  }
+
+ private:
+  bool poll_once() {
     bool reaped = false;
-    for (std::size_t i = 0; i < ranks.size(); ++i) {
-      if (ended[i]) continue;
+    for (std::size_t i = 0; i < ranks_.size(); ++i) {
+      if (ended_[i]) continue;
       int status = 0;
-      const pid_t pid = ::waitpid(ranks[i].pid, &status, WNOHANG | WUNTRACED | WCONTINUED);
+      const pid_t pid = ::waitpid(ranks_[i].pid, &status, WNOHANG | WUNTRACED | WCONTINUED);
       if (pid == 0 || (pid < 0 && errno == EINTR)) continue;
       if (pid > 0 && (WIFSTOPPED(status) || WIFCONTINUED(status))) {
-        stopped[i] = WIFSTOPPED(status);
+        stopped_[i] = WIFSTOPPED(status);
         continue;
       }
-      if (pid > 0) record_status(ranks[i], status);  // else ECHILD: someone else reaped it
-      ended[i] = true;
-      --remaining;
+      if (pid > 0) record_status(ranks_[i], status);  // else ECHILD: someone else reaped it
+      ended_[i] = true;
+      --remaining_;
       reaped = true;
-      if (!ranks[i].ok() && !kill_at) kill_at = Clock::now() + grace;
+      if (!ranks_[i].ok()) note_failure(ranks_[i]);
     }
-    if (remaining == 0) return;
-    bool only_stopped_left = remaining < ranks.size();
-    for (std::size_t i = 0; i < ranks.size(); ++i) {
-      if (!ended[i] && !stopped[i]) only_stopped_left = false;
-    }
-    if (!only_stopped_left) {
-      abandoned_at = Clock::time_point::max();
-    } else if (abandoned_at == Clock::time_point::max()) {
-      abandoned_at = Clock::now() + grace;
-    }
-    if (kill_at && Clock::now() >= *kill_at) {
-      log::warn("launcher: killing ranks still running ", grace.count(), " ms after a rank failed");
-      kill_and_reap(ranks, ended);
-      return;
-    }
-    if (Clock::now() >= abandoned_at) {
-      log::warn("launcher: killing ranks left stopped ", grace.count(),
-                " ms after every other rank ended");
-      kill_and_reap(ranks, ended);
-      return;
-    }
-    pause = reaped ? std::chrono::microseconds{50}
-                   : std::min(pause * 2, std::chrono::microseconds{5000});
-    std::this_thread::sleep_for(pause);
+    return reaped;
   }
-}
+
+  void note_failure(RankExit& rank) {
+    if (!kill_at_) kill_at_ = Clock::now() + grace_;
+    const auto record = FileStore(store_dir_).try_get(failure_key(rank.rank));
+    if (!record) return;  // killed, or its error was no exception
+    const std::size_t space = record->find(' ');
+    rank.error = record->substr(space + 1);
+    std::istringstream list(record->substr(0, space));
+    for (std::string text; std::getline(list, text, ',');) {
+      const long blamed = std::strtol(text.c_str(), nullptr, 10);
+      if (blamed >= 0 && blamed < static_cast<long>(ranks_.size())) blamed_[blamed] = true;
+    }
+  }
+
+  const char* reason_to_end_the_rest() {
+    bool all_blamed = true;
+    bool all_stopped = true;
+    for (std::size_t i = 0; i < ranks_.size(); ++i) {
+      if (ended_[i]) continue;
+      all_blamed = all_blamed && blamed_[i];
+      all_stopped = all_stopped && stopped_[i];
+    }
+    if (kill_at_ && all_stopped) return "they are stopped, and a rank has failed";
+    if (kill_at_ && all_blamed) {
+      if (!last_words_until_) last_words_until_ = Clock::now() + std::min(kLastWords, grace_);
+      if (Clock::now() >= *last_words_until_) {
+        return "every other rank has ended, and their errors name these";
+      }
+    } else {
+      last_words_until_.reset();
+    }
+    if (kill_at_ && Clock::now() >= *kill_at_) return "the straggler grace after a failure is over";
+    if (!all_stopped || remaining_ == ranks_.size()) {
+      abandoned_at_ = Clock::time_point::max();
+    } else if (abandoned_at_ == Clock::time_point::max()) {
+      abandoned_at_ = Clock::now() + grace_;
+    }
+    if (Clock::now() >= abandoned_at_) return "they stayed stopped after every other rank ended";
+    return nullptr;
+  }
+
+  std::vector<RankExit>& ranks_;
+  const std::filesystem::path store_dir_;
+  const std::chrono::milliseconds grace_;
+  std::vector<bool> ended_;
+  std::vector<bool> stopped_;
+  std::vector<bool> blamed_;  // named by a failed rank's error
+  std::size_t remaining_;
+  std::optional<Clock::time_point> kill_at_;                 // set by the first failure
+  std::optional<Clock::time_point> last_words_until_;        // for blamed ranks still running
+  Clock::time_point abandoned_at_ = Clock::time_point::max();  // max: some rank is not stopped
+};
 
 // Segment names are in the store under keys ending in kSegmentKey (groups on
 // a PrefixStore add a prefix in front); a group's name is there twice, once
@@ -188,6 +340,17 @@ std::vector<std::string> segment_names(const std::filesystem::path& store_dir) {
     }
   }
   return names;
+}
+
+// Every rank of the job does this at once: what another removed first is
+// simply gone (and a store directory already removed has nothing to name).
+void LauncherLifeline::remove_job_files(const std::filesystem::path& store_dir) noexcept {
+  try {
+    for (const std::string& name : segment_names(store_dir)) ::shm_unlink(name.c_str());
+  } catch (const std::exception&) {
+  }
+  std::error_code ignored;
+  std::filesystem::remove_all(store_dir, ignored);
 }
 
 // Unlinks the job's segments that still exist; a name the job unlinked
@@ -220,6 +383,7 @@ std::string LaunchResult::describe_failures() const {
     if (!text.empty()) text += "; ";
     text += rank.signal != 0 ? cat("rank ", rank.rank, ": killed by signal ", rank.signal)
                              : cat("rank ", rank.rank, ": exit ", rank.exit_code);
+    if (!rank.error.empty()) text += cat(" (", rank.error, ")");
   }
   return text;
 }
@@ -243,10 +407,14 @@ LaunchResult launch_local(const LaunchOptions& options,
 
   LaunchResult result;
   result.ranks.resize(static_cast<std::size_t>(options.ranks));
+  LauncherLifeline lifeline;
   flush_output();  // or the children would print the parent's buffered output again
   for (int r = 0; r < options.ranks; ++r) {
     const pid_t pid = ::fork();
-    if (pid == 0) run_rank(store_dir, r, job, body);
+    if (pid == 0) {
+      lifeline.watch_from_rank(store_dir, r);
+      run_rank(store_dir, r, job, body);
+    }
     if (pid < 0) {
       const int err = errno;
       result.ranks.resize(static_cast<std::size_t>(r));
@@ -258,7 +426,8 @@ LaunchResult launch_local(const LaunchOptions& options,
     result.ranks[r].rank = r;
     result.ranks[r].pid = pid;
   }
-  reap_ranks(result.ranks, grace);
+  lifeline.ranks_forked();
+  Reaper(result.ranks, store_dir, grace).run();
   reclaim_segments(store_dir, result);
   return result;
 }

@@ -16,6 +16,7 @@ enum class FaultPoint {
   gemm_block,  // before each block of a tile's GEMM rows
   wait,        // a wait for peers (or for a rendezvous key) found them not there, before it pauses
   reduce,      // a round's contributions are all in, before this rank sums them
+  rank_start,  // a rank launch_local forked, before it watches for its launcher's death
 };
 
 // Runs on whichever thread reaches a point (a pipeline's helper thread too).

@@ -27,6 +27,7 @@ struct RankExit {
   pid_t pid = 0;
   int exit_code = -1;  // valid when signal == 0
   int signal = 0;      // the signal that ended the rank, or 0
+  std::string error;   // the message of the exception that ended it, if one did
   bool ok() const { return signal == 0 && exit_code == 0; }
 };
 
@@ -39,7 +40,8 @@ struct LaunchResult {
   // attached leaves one). Empty when the job cleaned up after itself.
   std::vector<std::string> reclaimed_segments;
   bool ok() const;
-  // "rank 1: exit 3; rank 2: killed by signal 9" for the ranks that failed.
+  // "rank 1: exit 1 (its error); rank 2: killed by signal 9" for the ranks
+  // that failed.
   std::string describe_failures() const;
 };
 
@@ -50,7 +52,9 @@ struct LaunchOptions {
   // ranks (in ShmOptions and TPFUSE_SECRET).
   ShmOptions shm;
   // The parent kills ranks still running this long after the first rank
-  // ended abnormally; default: shm.timeout plus 10 s.
+  // ended abnormally; default: shm.timeout plus 10 s. Stragglers end sooner:
+  // once every other rank has ended and the failed ranks' errors name the
+  // ranks left (or those are stopped), the parent kills them at once.
   std::chrono::milliseconds straggler_grace{0};
 };
 
@@ -58,6 +62,10 @@ struct LaunchOptions {
 // body's return value (one outside 0..255 becomes 1); an exception escaping
 // the body is printed (with its rank) and gives exit code 1. A rank ends with
 // _exit: it runs neither the parent's atexit handlers nor static destructors.
+// An exception escaping the body also aborts the rank's communicator, so that
+// its peers' waits fail at once with its reason. No rank outlives the parent:
+// if the parent dies (any signal, kill -9 included), each rank removes the
+// job's segments and store and exits within a fraction of a second.
 // The parent returns when every rank has ended. Fork from a single-threaded
 // parent: a child starts with only the forking thread.
 LaunchResult launch_local(const LaunchOptions& options,
