@@ -287,7 +287,7 @@ TEST(KernelConversions, RoundingMatchesHalfH) {
   }
 }
 
-TEST(KernelConversions, WideningMatchesHalfH) {
+TEST(KernelConversions, WideningMatchesHalfHAsOperands) {
   std::vector<std::uint16_t> all(65536);
   for (std::size_t i = 0; i < all.size(); ++i) all[i] = static_cast<std::uint16_t>(i);
   for (IsaLevel level : runnable_levels()) {
@@ -297,7 +297,9 @@ TEST(KernelConversions, WideningMatchesHalfH) {
       std::vector<float> converted(all.size());
       kernels.convert_to_f32(dtype, all.data(), static_cast<std::int64_t>(all.size()), converted.data());
       for (std::size_t i = 0; i < all.size(); ++i) {
-        const float expected = dtype == DType::f16 ? f16_to_f32(Half{all[i]}) : bf16_to_f32(BFloat16{all[i]});
+        // As GEMM operands: bf16 subnormals count as zero.
+        const float expected =
+            dtype == DType::f16 ? f16_to_f32(Half{all[i]}) : bf16_operand_to_f32(BFloat16{all[i]});
         const float got = converted[i];
         if (std::isnan(expected)) {
           // The hardware quiets signalling NaNs; a NaN stays a NaN.
@@ -326,13 +328,16 @@ TEST(EngineSelection, ByModeAndLevel) {
     SCOPED_TRACE(isa_name(level));
     const std::string kernels = std::string(isa_name(kernels_for(level).isa)) + "_";
     const bool dl = level == IsaLevel::avx512_dl;
+    const bool pairs = dl && cpu_features().avx512_bf16;
     spec.mode = Mode::plain;
     spec.dtype = DType::f16;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_in_place");
     spec.dtype = DType::bf16;
-    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "bf16_in_place");
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
+              pairs ? "avx512_bf16_pairs_streamed" : kernels + "bf16_in_place");
     spec.mode = Mode::weight_quant;
-    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "wq_bf16_in_place");
+    EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
+              pairs ? "avx512_bf16_wq_pairs_streamed" : kernels + "wq_bf16_in_place");
     spec.mode = Mode::full_quant;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
               dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_in_place");
@@ -350,7 +355,7 @@ TEST(EngineSelection, ByModeAndLevel) {
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(), kernels + "f16_packed");
     spec.dtype = DType::bf16;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
-              dl && cpu_features().amx_bf16 ? "onednn_bf16" : kernels + "bf16_packed");
+              dl && cpu_features().amx_bf16 ? "onednn_bf16" : pairs ? "avx512_bf16_pairs" : kernels + "bf16_packed");
     spec.mode = Mode::full_quant;
     EXPECT_EQ(prepare_gemm_for_isa(GemmCase(spec).operands, level)->engine(),
               dl && cpu_features().avx512_vnni ? "onednn_s8" : kernels + "i8_packed");

@@ -10,6 +10,16 @@
 
 namespace tpfuse::gemm {
 
+enum class Engine { float_kernels, pairs, onednn };
+
+struct EngineChoice {
+  Engine engine;
+  const char* why;  // the rule that chose it, for benchmarks and logs
+};
+
+// The engine a call gets at this level, and why (prepare_gemm.cc).
+EngineChoice choose_engine(const GemmOperands& operands, IsaLevel level);
+
 std::unique_ptr<PreparedGemm> prepare_gemm_for_isa(const GemmOperands& operands, IsaLevel level);
 
 }  // namespace tpfuse::gemm

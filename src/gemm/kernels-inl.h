@@ -93,6 +93,23 @@ inline FloatVec load_bf16(const void* p) {
   return hn::BitCast(FloatTag(), hn::ShiftLeft<16>(bits));
 }
 
+// A bf16 GEMM operand: as load_bf16, but a subnormal counts as zero (keeping
+// its sign), as AVX512-BF16's dot product treats it, so that every engine
+// multiplies the same values.
+inline FloatVec load_bf16_operand(const void* p) {
+  const hn::RebindToUnsigned<FloatTag> u32_tag;
+  const auto bits = hn::BitCast(u32_tag, load_bf16(p));
+  const auto subnormal = hn::Eq(hn::And(bits, hn::Set(u32_tag, 0x7f800000u)), hn::Zero(u32_tag));
+  return hn::BitCast(FloatTag(), hn::IfThenElse(subnormal, hn::And(bits, hn::Set(u32_tag, 0x80000000u)), bits));
+}
+
+// A dequantized weight below the smallest normal fp32 (2^-126) in magnitude
+// counts as zero: it would be zero in either activation dtype (below f16's
+// smallest subnormal; flushed by bf16's dot product).
+inline FloatVec flush_tiny(FloatVec w) {
+  return hn::IfThenZeroElse(hn::Lt(hn::Abs(w), hn::Set(FloatTag(), 0x1p-126f)), w);
+}
+
 inline FloatVec load_i8(const void* p) {
   const hn::Rebind<std::int8_t, FloatTag> i8_tag;
   const hn::Rebind<std::int32_t, FloatTag> i32_tag;
@@ -156,19 +173,25 @@ inline void store_rounded(DType dtype, FloatVec v, void* p) {
   }
 }
 
-// Converts count elements of dtype at src to fp32 at dst.
+// One vector of a GEMM operand (x1, or x2 before any dequantization) as fp32.
+inline FloatVec load_operand(DType dtype, const void* p) {
+  return dtype == DType::bf16 ? load_bf16_operand(p) : load_as_f32(dtype, p);
+}
+
+// Converts count elements of a GEMM operand of dtype at src to fp32 at dst
+// (load_operand).
 inline void convert_row(DType dtype, const void* src, std::int64_t count, float* dst) {
   const std::size_t size = elem_size(dtype);
   const auto* bytes = static_cast<const unsigned char*>(src);
   std::int64_t j = 0;
   for (; j + kLanes <= count; j += kLanes) {
-    hn::StoreU(load_as_f32(dtype, bytes + j * size), FloatTag(), dst + j);
+    hn::StoreU(load_operand(dtype, bytes + j * size), FloatTag(), dst + j);
   }
   if (j < count) {
     alignas(64) unsigned char tail[kLanes * 4] = {};
     alignas(64) float converted[kLanes];
     __builtin_memcpy(tail, bytes + j * size, static_cast<std::size_t>(count - j) * size);
-    hn::Store(load_as_f32(dtype, tail), FloatTag(), converted);
+    hn::Store(load_operand(dtype, tail), FloatTag(), converted);
     for (std::int64_t t = 0; t < count - j; ++t) dst[j + t] = converted[t];
   }
 }
@@ -286,7 +309,7 @@ inline void pack_b_f32(const BSource& src, float* out) {
       for (int j = 0; j < kNR; j += kLanes) {
         FloatVec w = hn::LoadU(FloatTag(), row + j);
         if (src.offset != nullptr) w = hn::Add(w, hn::LoadU(FloatTag(), src.offset + j));
-        hn::StoreU(hn::Mul(w, hn::LoadU(FloatTag(), src.scale + j)), FloatTag(), row + j);
+        hn::StoreU(flush_tiny(hn::Mul(w, hn::LoadU(FloatTag(), src.scale + j))), FloatTag(), row + j);
       }
       for (int j = src.cols; j < kNR; ++j) row[j] = 0.0f;
     }
@@ -309,7 +332,8 @@ inline void pack_b_f32(const BSource& src, float* out) {
         const float scale = src.scale[j];
         for (std::int64_t l = 0; l < count; ++l) {
           const float q = src.offset != nullptr ? column[l] + offset : column[l];
-          column[l] = q * scale;
+          const float w = q * scale;
+          column[l] = w > -0x1p-126f && w < 0x1p-126f ? 0.0f : w;
         }
       }
       for (std::int64_t l = 0; l < count; ++l) out[(l0 + l) * kNR + j] = column[l];
@@ -331,11 +355,11 @@ HWY_INLINE FloatVec load_b(const unsigned char* p, FloatVec scale, FloatVec offs
   } else if constexpr (kFormat == BFormat::f16) {
     return load_f16(p);
   } else if constexpr (kFormat == BFormat::bf16) {
-    return load_bf16(p);
+    return load_bf16_operand(p);
   } else {
     FloatVec q = load_i8(p);
     if constexpr (kOffset) q = hn::Add(q, offset);
-    return hn::Mul(q, scale);
+    return flush_tiny(hn::Mul(q, scale));
   }
 }
 

@@ -3,6 +3,7 @@
 // single lanes where the compiler is too old for those). This file
 // also picks the table for a level.
 #include "gemm/kernels-inl.h"
+#include "gemm/pair_kernels.h"
 
 #if defined(__x86_64__)
 static_assert(HWY_TARGET == HWY_EMU128 || HWY_TARGET == HWY_SCALAR, "kernels_portable.cc must be compiled for the baseline ISA");
@@ -26,6 +27,11 @@ const KernelTable& kernels_for(IsaLevel level) {
       break;
   }
   return portable_kernels();
+}
+
+const PairKernelTable* pair_kernels_for(IsaLevel level) {
+  if (level < IsaLevel::avx512_dl || !cpu_features().avx512_bf16) return nullptr;
+  return &avx512_bf16_pair_kernels();
 }
 
 }  // namespace tpfuse::gemm

@@ -25,10 +25,12 @@
 //
 // B(l, j) is read at b + l * b_ld + j for j < NR (all NR columns must be
 // readable; columns >= nr are computed and dropped). Its format is the
-// kernel's: f32, f16 and bf16 convert exactly; i8 is dequantized in fp32 as
-// (q + b_offset[j]) * b_scale[j] (b_offset may be null: no offset), the same
-// two roundings the packing code does, so a dequantized weight has the same
-// bits whether it was packed or read in place.
+// kernel's: f32 and f16 convert exactly, bf16 too but for subnormals, which
+// count as zero (as in every engine: docs/SEMANTICS.md, numerics); i8 is
+// dequantized in fp32 as (q + b_offset[j]) * b_scale[j] (b_offset may be
+// null: no offset), the same two roundings the packing code does, and a
+// result below 2^-126 in magnitude counts as zero; so a dequantized weight
+// has the same bits whether it was packed or read in place.
 #pragma once
 
 #include <cstdint>
@@ -149,9 +151,11 @@ struct KernelTable {
   DotKernel dot_i8_with_offset[kMaxDotRows] = {};
   // out[i * kPackedAStride + l] = x1(i, l) as fp32.
   void (*pack_a)(const ASource& src, float* out) = nullptr;
-  // out[l * NR + j] = B(l, j) as fp32 (dequantized), zero for columns >= src.cols.
+  // out[l * NR + j] = B(l, j) as fp32 (as the micro-kernel reads it:
+  // dequantized, bf16 subnormals zero), zero for columns >= src.cols.
   void (*pack_b_f32)(const BSource& src, float* out) = nullptr;
-  // dst[i] = src[i] as fp32 for i < count (f16, bf16, f32 or i8), exactly.
+  // dst[i] = src[i] as fp32 for i < count (f16, bf16, f32 or i8): a GEMM
+  // operand, converted exactly but for bf16 subnormals, which become zero.
   void (*convert_to_f32)(DType dtype, const void* src, std::int64_t count, float* dst) = nullptr;
   // The epilogue on sums held in memory (an fp32 or int32 matrix, e.g. a
   // library's output): rows x cols, acc_ld elements between rows.

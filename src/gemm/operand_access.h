@@ -25,6 +25,20 @@ inline float load_as_f32(const TensorView& view, std::int64_t index) {
   }
 }
 
+// Element `index` of a GEMM operand (x1, or a plain x2) as fp32: bf16
+// subnormals count as zero (docs/SEMANTICS.md, numerics).
+inline float load_operand_f32(const TensorView& view, std::int64_t index) {
+  if (view.dtype() == DType::bf16) return bf16_operand_to_f32(view.data_as<const BFloat16>()[index]);
+  return load_as_f32(view, index);
+}
+
+// A weight-only int8 weight dequantized in fp32, (q + offset) * scale, two
+// roundings; a result below 2^-126 in magnitude counts as zero.
+inline float dequantize_weight(float q, float offset, float scale) {
+  const float w = (q + offset) * scale;
+  return w > -0x1p-126f && w < 0x1p-126f ? 0.0f : w;
+}
+
 // Writes an fp32 value rounded to `dtype` (f16, bf16 or f32) at dst[index].
 inline void store_from_f32(void* dst, DType dtype, std::int64_t index, float value) {
   switch (dtype) {

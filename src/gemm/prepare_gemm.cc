@@ -1,14 +1,16 @@
-// Engine selection: the one place that decides which engine computes a call.
+// Engine selection: the one place that decides which engine computes a call,
+// from the CPU's features and the call's shape only (never from a timing
+// taken at run time), so that a machine and a call always get the same
+// engine, and the same bits. Each rule carries the measurement behind it
+// (tpfuse bench gemm, one thread, ratios from one run); `tpfuse bench gemm`
+// prints the rule each measurement took.
 //
-//   f16 plain, weight-only int8      tpfuse's fp32 micro-kernels (float_gemm)
-//   bf16 plain                       oneDNN where the CPU has AMX-BF16,
-//                                    else the fp32 micro-kernels
-//   int8 full quant                  oneDNN where the CPU has AVX512-VNNI,
-//                                    else the fp32 micro-kernels, exactly
-//   any mode, few rows (decode)      the fp32 micro-kernels where they read
-//                                    x2 in place
-// (The reference engine computes nothing here: it is the tests' yardstick.)
-// The micro-kernels come from the table of the level asked for.
+//   bf16 x1, AVX512-BF16    the pair engine (vdpbf16ps, pair_gemm.cc)
+//   int8 full quant         oneDNN's s8 matmul where the CPU has VNNI
+//   anything else           the fp32 micro-kernels (float_gemm.cc)
+// with the exceptions written at each rule below. (The reference engine
+// computes nothing here: it is the tests' yardstick.) The micro-kernels come
+// from the table of the level asked for.
 #include <sched.h>
 
 #include <algorithm>
@@ -17,6 +19,7 @@
 #include "gemm/float_gemm.h"
 #include "gemm/microkernel.h"
 #include "gemm/onednn_gemm.h"
+#include "gemm/pair_gemm.h"
 #include "tpfuse/core/config.h"
 #include "tpfuse/core/error.h"
 
@@ -28,10 +31,8 @@ const EnvSetting<std::int64_t> kNumThreads{
     "TPFUSE_NUM_THREADS", 0,
     "GEMM threads per rank (default: the cores available divided among the ranks on this host)"};
 
-// Full quant with VNNI: up to this many rows, the micro-kernels reading x2 in
-// place beat oneDNN (measured at n = k = 4096: 33 against 28 GFLOP/s at 4
-// rows, 39 against 52 at 8).
 constexpr std::int64_t kInPlaceInt8Rows = 4;
+constexpr std::int64_t kTransposedInt8DotRows = 2;
 
 int cores_available() {
   cpu_set_t set;
@@ -49,32 +50,65 @@ int default_gemm_threads(int ranks_on_host) {
   return std::max(1, cores_available() / std::max(1, ranks_on_host));
 }
 
+EngineChoice choose_engine(const GemmOperands& operands, IsaLevel level) {
+  const CallShape& s = operands.shape;
+  const bool dl = level >= IsaLevel::avx512_dl;
+  const bool transposed = operands.x2.stride(0) == 1 && operands.x2.stride(1) != 1;
+  switch (s.mode) {
+    case Mode::full_quant:
+      // VNNI's int8 kernel does four times the work per instruction of the
+      // fp32 micro-kernels, and wins back oneDNN's copy of x2 from a few
+      // rows on (n = k = 4096: 33 against 28 GFLOP/s at 4 rows, 39 against
+      // 52 at 8).
+      if (dl && cpu_features().avx512_vnni && (s.m > kInPlaceInt8Rows || !float_gemm_reads_x2_in_place(operands))) {
+        return {Engine::onednn, "int8 with AVX512-VNNI: oneDNN's s8 kernel"};
+      }
+      return {Engine::float_kernels, dl && cpu_features().avx512_vnni
+                                         ? "int8, few rows: the fp32 micro-kernels read x2 in place"
+                                         : "int8 without AVX512-VNNI: exact integer sums in the fp32 micro-kernels"};
+    case Mode::plain:
+    case Mode::weight_quant:
+      if (s.in_dtype != DType::bf16) {
+        return {Engine::float_kernels, "f16: no dot-product instruction here (no AVX512-FP16)"};
+      }
+      // oneDNN's bf16 matmul runs on AMX tiles, where the CPU has them (not
+      // measured here: no machine of this project exposes AMX).
+      if (s.mode == Mode::plain && dl && cpu_features().amx_bf16 && !float_gemm_reads_x2_in_place(operands)) {
+        return {Engine::onednn, "bf16 with AMX: oneDNN's AMX kernel"};
+      }
+      if (pair_kernels_for(level) == nullptr) {
+        return {Engine::float_kernels, "bf16 without AVX512-BF16: the fp32 micro-kernels"};
+      }
+      // An int8 weight stored transposed, one or two rows: the pair
+      // engine's in-register transposes cost more than the fp32 dot kernel
+      // spends (n = k = 4096: 29-30 against 32-34 GFLOP/s at 1 row, 56
+      // against 58-64 at 2; level at 3, and the pair engine ahead from 4).
+      if (s.mode == Mode::weight_quant && transposed && s.m <= kTransposedInt8DotRows) {
+        return {Engine::float_kernels, "bf16 weight-only int8, transposed, 1-2 rows: the fp32 dot kernel"};
+      }
+      // AMD Zen 5 (vdpbf16ps at twice the fp32 FMA's rate): 2048^3 at 0.96x
+      // oneDNN's bf16 kernel and 2.2x the fp32 micro-kernels; decode (n = k
+      // = 4096) 1.25x (1 row) to 1.35x (16 rows) the fp32 micro-kernels,
+      // 1.3-2.0x oneDNN. Intel's AVX512-BF16 (Cooper Lake, Sapphire Rapids)
+      // issues vdpbf16ps at half the FMA's rate, the same flops for half the
+      // bytes of B (not measured: no such machine here).
+      return {Engine::pairs, "bf16 with AVX512-BF16: tpfuse's pair kernels (vdpbf16ps)"};
+  }
+  throw InternalError("choose_engine: unknown mode");
+}
+
 std::unique_ptr<PreparedGemm> prepare_gemm_for_isa(const GemmOperands& operands, IsaLevel level) {
   const int threads = operands.threads > 0 ? operands.threads : default_gemm_threads(1);
   const KernelTable& kernels = kernels_for(level);
-  // oneDNN reorders (bf16) or copies (int8) x2 on every call: for few rows,
-  // reading x2 in place costs less than that copy alone. VNNI's int8 kernel
-  // does four times the work per instruction of the fp32 micro-kernels, and
-  // wins back its copy from a few rows on.
-  const bool read_in_place = float_gemm_reads_x2_in_place(operands) &&
-                             (operands.shape.mode != Mode::full_quant || operands.shape.m <= kInPlaceInt8Rows);
-  const bool onednn_pays = level >= IsaLevel::avx512_dl && !read_in_place;
-  switch (operands.shape.mode) {
-    case Mode::full_quant:
-      if (onednn_pays && cpu_features().avx512_vnni) return prepare_onednn_gemm(operands, kernels, threads);
-      return prepare_float_gemm(operands, kernels, threads);
-    case Mode::plain:
-      // oneDNN's bf16 matmul pays where it runs on AMX tiles. On AVX512-BF16
-      // alone it ran at 0.6x the fp32 micro-kernels fed bf16 (one thread,
-      // 2048^3: 74.5 against 124.6 GFLOP/s; 256x4096x2048: 60.7 against 109.4).
-      if (operands.shape.in_dtype == DType::bf16 && onednn_pays && cpu_features().amx_bf16) {
-        return prepare_onednn_gemm(operands, kernels, threads);
-      }
-      return prepare_float_gemm(operands, kernels, threads);
-    case Mode::weight_quant:
-      return prepare_float_gemm(operands, kernels, threads);
+  switch (choose_engine(operands, level).engine) {
+    case Engine::pairs:
+      return prepare_pair_gemm(operands, *pair_kernels_for(level), threads);
+    case Engine::onednn:
+      return prepare_onednn_gemm(operands, kernels, threads);
+    case Engine::float_kernels:
+      break;
   }
-  throw InternalError("prepare_gemm: unknown mode");
+  return prepare_float_gemm(operands, kernels, threads);
 }
 
 std::unique_ptr<PreparedGemm> prepare_gemm(const GemmOperands& operands) {

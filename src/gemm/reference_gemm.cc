@@ -48,11 +48,11 @@ class ReferenceGemm final : public PreparedGemm {
         float w;
         if (s.mode == Mode::weight_quant) {
           const std::int64_t si = scale_index(s, l, j);
-          float q = static_cast<float>(ops_.x2.data_as<const std::int8_t>()[x2_index(l, j)]);
-          if (ops_.offset) q += load_as_f32(*ops_.offset, si);
-          w = q * load_as_f32(*ops_.scale, si);
+          const float q = static_cast<float>(ops_.x2.data_as<const std::int8_t>()[x2_index(l, j)]);
+          w = dequantize_weight(q, ops_.offset ? load_as_f32(*ops_.offset, si) : 0.0f,
+                                load_as_f32(*ops_.scale, si));
         } else {
-          w = load_as_f32(ops_.x2, x2_index(l, j));
+          w = load_operand_f32(ops_.x2, x2_index(l, j));
         }
         weights_f32_[static_cast<std::size_t>(l * s.n + j)] = w;
       }
@@ -92,7 +92,7 @@ class ReferenceGemm final : public PreparedGemm {
     for (std::int64_t i = m0; i < m1; ++i) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (std::int64_t l = 0; l < s.k; ++l) {
-        const float a = load_as_f32(ops_.x1, i * s.k + l);
+        const float a = load_operand_f32(ops_.x1, i * s.k + l);
         const float* w = &weights_f32_[static_cast<std::size_t>(l * s.n)];
         for (std::int64_t j = 0; j < s.n; ++j) acc[j] += a * w[j];
       }

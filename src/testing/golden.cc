@@ -16,6 +16,14 @@
 //     and adding x3 round three times: gamma(3) * (|acc * scale| + |x3|).
 //   Every fp32 operation can also lose up to half the smallest fp32 subnormal
 //   (2^-150) when its result underflows: (operations) * 2^-150, absolute.
+//   With bf16 x1 the engine may be AVX512-BF16's dot product, which flushes
+//   a subnormal fp32 sum to zero: up to 2^-126 per step, k * 2^-126. And in
+//   weight-only mode it multiplies the weight dequantized into bf16, one more
+//   rounding of each weight: u_bf16 = 2^-8 of |w|, so u_bf16 * S more.
+// The operands are the contract's (docs/SEMANTICS.md, numerics): a bf16
+// subnormal in x1 or a plain x2 counts as zero, and so does a dequantized
+// weight below 2^-126 in magnitude (its fp32 value, as the engines compute
+// it); the model zeroes them before it multiplies.
 // The partial is then rounded to the output dtype (unit roundoff u_out = 2^-11
 // for f16, 2^-8 for bf16): u_out * (|part| + its error) + half the output
 // dtype's smallest subnormal. The p rounded partials, each at most
@@ -41,6 +49,7 @@ namespace tpfuse::testing {
 namespace {
 
 constexpr double kF32UnitRoundoff = 0x1p-24;
+constexpr double kF32MinNormal = 0x1p-126;
 constexpr double kF32HalfMinSubnormal = 0x1p-150;
 constexpr double kF64UnitRoundoff = 0x1p-52;
 
@@ -87,6 +96,13 @@ double load(const TensorView& view, std::int64_t index) {
   throw InternalError("golden: unknown dtype");
 }
 
+// Element `index` of a GEMM operand (x1, or a plain x2), as fp64: a bf16
+// subnormal counts as zero.
+double load_operand(const TensorView& view, std::int64_t index) {
+  if (view.dtype() == DType::bf16) return bf16_operand_to_f32(view.data_as<const BFloat16>()[index]);
+  return load(view, index);
+}
+
 // The fp32 dequant scale of output column j in full quant.
 double dequant_scale_at(const TensorView& scale, ScaleKind kind, std::int64_t j) {
   const std::int64_t index = kind == ScaleKind::per_tensor ? 0 : j;
@@ -104,13 +120,17 @@ std::vector<double> weights(const CallShape& s, const TensorView& x2,
   std::vector<double> w(static_cast<std::size_t>(s.k * s.n));
   for (std::int64_t l = 0; l < s.k; ++l) {
     for (std::int64_t j = 0; j < s.n; ++j) {
-      double value = load(x2, l * x2.stride(0) + j * x2.stride(1));
+      const std::int64_t at = l * x2.stride(0) + j * x2.stride(1);
+      double value = s.mode == Mode::plain ? load_operand(x2, at) : load(x2, at);
       if (s.mode == Mode::weight_quant) {
         std::int64_t index = 0;
         if (s.scale_kind == ScaleKind::per_channel) index = j;
         if (s.scale_kind == ScaleKind::per_group) index = (l / s.group_size) * s.n + j;
-        if (options.antiquant_offset) value += load(*options.antiquant_offset, index);
-        value *= load(*options.antiquant_scale, index);
+        const double offset = options.antiquant_offset ? load(*options.antiquant_offset, index) : 0.0;
+        const double scale = load(*options.antiquant_scale, index);
+        // Flushed as the engines decide it, on the fp32 value they compute.
+        const float in_f32 = (static_cast<float>(value) + static_cast<float>(offset)) * static_cast<float>(scale);
+        value = std::fabs(in_f32) < kF32MinNormal ? 0.0 : (value + offset) * scale;
       }
       w[static_cast<std::size_t>(l * s.n + j)] = value;
     }
@@ -140,7 +160,7 @@ RankPartial rank_partial(const RankArgs& args, const CallShape& s) {
       double magnitude = 0;
       for (std::int64_t l = 0; l < s.k; ++l) {
         const double product =
-            load(args.x1, i * s.k + l) * w[static_cast<std::size_t>(l * s.n + j)];
+            load_operand(args.x1, i * s.k + l) * w[static_cast<std::size_t>(l * s.n + j)];
         acc += product;
         magnitude += std::fabs(product);
       }
@@ -162,6 +182,10 @@ RankPartial rank_partial(const RankArgs& args, const CallShape& s) {
         part.value[e] = acc + b + add;
         part.error[e] = gamma(k + 3) * magnitude + 2 * kF32UnitRoundoff * others +
                         (k + 5) * kF32HalfMinSubnormal;
+        if (s.in_dtype == DType::bf16) {
+          part.error[e] += k * kF32MinNormal;
+          if (s.mode == Mode::weight_quant) part.error[e] += 0x1p-8 * magnitude;
+        }
         part.slack[e] = (k + 3) * kF64UnitRoundoff * others;
       }
     }

@@ -24,6 +24,13 @@ constexpr float bf16_to_f32(BFloat16 h) {
   return std::bit_cast<float>(static_cast<std::uint32_t>(h.bits) << 16);
 }
 
+// A bf16 value as a matrix-multiply operand: a subnormal counts as zero
+// (keeping its sign), as AVX512-BF16's dot product (and AMX's) treats it.
+constexpr float bf16_operand_to_f32(BFloat16 h) {
+  return (h.bits & 0x7f80u) == 0 ? bf16_to_f32(BFloat16{static_cast<std::uint16_t>(h.bits & 0x8000u)})
+                                 : bf16_to_f32(h);
+}
+
 constexpr BFloat16 f32_to_bf16(float f) {
   std::uint32_t u = std::bit_cast<std::uint32_t>(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep sign and payload top, force quiet
