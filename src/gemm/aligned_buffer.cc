@@ -51,15 +51,22 @@ void* acquire_block(std::size_t bytes) {
   register_fork_handlers();
   const std::size_t mapped = mapped_size(bytes);
   {
-    // Reuse a cached block that fits without wasting more than half of it.
+    // Reuse the smallest cached block that fits without wasting more than
+    // half of it: a call that takes several blocks of different sizes then
+    // gets back the same ones on the next call, none of them faulted in anew.
     std::lock_guard lock(cache_mutex);
     std::vector<Block>& blocks = cache();
+    std::size_t best = blocks.size();
     for (std::size_t i = 0; i < blocks.size(); ++i) {
-      if (blocks[i].mapped >= mapped && blocks[i].mapped / 2 <= mapped) {
-        void* p = blocks[i].data;
-        blocks.erase(blocks.begin() + static_cast<std::ptrdiff_t>(i));
-        return p;
+      if (blocks[i].mapped >= mapped && blocks[i].mapped / 2 <= mapped &&
+          (best == blocks.size() || blocks[i].mapped < blocks[best].mapped)) {
+        best = i;
       }
+    }
+    if (best < blocks.size()) {
+      void* p = blocks[best].data;
+      blocks.erase(blocks.begin() + static_cast<std::ptrdiff_t>(best));
+      return p;
     }
   }
   void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -6,18 +6,26 @@
 // around every oneDNN call, since a oneDNN primitive with several threads may
 // split k among them, and then a result would depend on the thread count.
 //
+// x2 is reordered once per call, slice by slice, into the blocked layout
+// oneDNN's brgemm kernel chooses for it, and every chunk runs brgemm on that
+// layout: handed x2 as stored, each chunk's matmul would copy its slice of
+// x2 again (int8 2048^3 on Zen 5: 0.92x a single oneDNN matmul so, 0.97x
+// reordered once).
+//
+// int8 runs as u8 x s8, the form VNNI multiplies: x1 + 128 (its sign bit
+// flipped), and 128 * (column sum of x2) taken back in the int32 bias the
+// epilogue adds anyway. With s8 x1 oneDNN wants a compensation it keeps in
+// the weights' layout, which it cannot reorder a column slice into.
+//
 // Why the results do not depend on the row range:
 //   int8: the int32 sums are exact whatever order oneDNN adds them in (k <=
-//     65535 keeps them in range; VNNI's products and sums do not saturate).
-//     x2 is handed over as the caller stores it, column slice by slice: for
-//     int8, oneDNN's reorder into its blocked layout is slower than the
-//     packing its gemm kernel does inside each call.
-//   bf16: x2 is reordered once per call into the blocked layout oneDNN's
-//     brgemm kernel chooses for it, and every chunk runs brgemm on that same
-//     layout, whose order of additions per element depends on k and that
-//     layout only, not on the chunk's rows (gemm_test checks this; oneDNN's
-//     gemm-based kernel, which it picks for plain strided bf16 weights, uses
-//     a different order for one-row inputs and is therefore never used).
+//     65535 keeps them in range; VNNI's products and sums do not saturate
+//     for u8 x s8), and the compensation is exact in wrapping int32.
+//   bf16: every chunk runs brgemm on the same layout, whose order of
+//     additions per element depends on k and that layout only, not on the
+//     chunk's rows (gemm_test checks this; oneDNN's gemm-based kernel, which
+//     it picks for plain strided bf16 weights, uses a different order for
+//     one-row inputs and is therefore never used).
 #include "gemm/onednn_gemm.h"
 
 #include <omp.h>
@@ -43,7 +51,7 @@ namespace {
 using dnnl_dt = dnnl::memory::data_type;
 
 constexpr std::int64_t kChunkRows = 256;
-constexpr std::int64_t kSliceCols = 512;
+constexpr std::int64_t kSliceCols = 1024;
 
 // Holds OpenMP, and so oneDNN, to one thread in this thread while alive.
 class OneOmpThread {
@@ -79,12 +87,13 @@ class OneDnnGemm final : public PreparedGemm {
       : ops_(operands), kernels_(kernels), pool_(lease_pool(threads)), engine_(cpu_engine()) {
     const CallShape& s = ops_.shape;
     full_quant_ = s.mode == Mode::full_quant;
-    in_type_ = full_quant_ ? dnnl_dt::s8 : dnnl_dt::bf16;
+    in_type_ = full_quant_ ? dnnl_dt::u8 : dnnl_dt::bf16;
+    weight_type_ = full_quant_ ? dnnl_dt::s8 : dnnl_dt::bf16;
     sum_type_ = full_quant_ ? dnnl_dt::s32 : dnnl_dt::f32;
     in_elem_ = dtype_size(ops_.x1.dtype());
     slices_ = (s.n + kSliceCols - 1) / kSliceCols;
     prepare_epilogue();
-    if (!full_quant_) pack_weights();
+    pack_weights();
   }
 
   const char* engine() const override { return full_quant_ ? "onednn_s8" : "onednn_bf16"; }
@@ -92,6 +101,7 @@ class OneDnnGemm final : public PreparedGemm {
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
     if (m1 <= m0) return;
     std::lock_guard lock(compute_mutex_);
+    if (full_quant_) shift_rows(m0, m1);
     std::vector<Chunk> chunks;
     for (std::int64_t slice = 0; slice < slices_; ++slice) {
       for (std::int64_t r = m0; r < m1; r += kChunkRows) {
@@ -121,7 +131,7 @@ class OneDnnGemm final : public PreparedGemm {
 
   // x2's columns of one slice, as stored by the caller.
   dnnl::memory::desc x2_slice_desc(std::int64_t cols) const {
-    return dnnl::memory::desc({ops_.shape.k, cols}, in_type_, {ops_.x2.stride(0), ops_.x2.stride(1)});
+    return dnnl::memory::desc({ops_.shape.k, cols}, weight_type_, {ops_.x2.stride(0), ops_.x2.stride(1)});
   }
   void* x2_slice_data(std::int64_t slice) const {
     return static_cast<unsigned char*>(ops_.x2.data()) +
@@ -139,16 +149,70 @@ class OneDnnGemm final : public PreparedGemm {
                                 ? unpack_quant_scale(ops_.scale->data_as<const std::int64_t>()[index])
                                 : load_as_f32(*ops_.scale, index);
       }
+      prepare_compensation();
     } else if (ops_.bias) {
       bias_.resize(static_cast<std::size_t>(s.n));
       for (std::int64_t j = 0; j < s.n; ++j) bias_.data()[j] = load_as_f32(*ops_.bias, j);
     }
   }
 
+  // The int32 bias the epilogue adds for int8: bias - 128 * (column sum of
+  // x2), wrapping as the int32 sums do (x1 runs shifted up by 128).
+  void prepare_compensation() {
+    const CallShape& s = ops_.shape;
+    compensated_bias_.resize(static_cast<std::size_t>(s.n));
+    std::int32_t* out = compensated_bias_.data();
+    const auto* x2 = static_cast<const std::int8_t*>(ops_.x2.data());
+    const std::int64_t sk = ops_.x2.stride(0), sn = ops_.x2.stride(1);
+    const std::int64_t chunks = std::min<std::int64_t>(s.n, pool_->size() * 4);
+    pool_->run(static_cast<int>(chunks), [&](int chunk, int) {
+      const std::int64_t j0 = s.n * chunk / chunks, j1 = s.n * (chunk + 1) / chunks;
+      std::vector<std::int32_t> column_sums(static_cast<std::size_t>(j1 - j0), 0);
+      // (__restrict: an int8 pointer may alias anything, which would keep
+      // the compiler from vectorising the sums.)
+      std::int32_t* __restrict sums = column_sums.data();
+      if (sn == 1) {
+        for (std::int64_t l = 0; l < s.k; ++l) {
+          const std::int8_t* __restrict row = x2 + l * sk + j0;
+          for (std::int64_t j = 0; j < j1 - j0; ++j) sums[j] += row[j];
+        }
+      } else {
+        for (std::int64_t j = 0; j < j1 - j0; ++j) {
+          const std::int8_t* __restrict column = x2 + (j0 + j) * sn;
+          std::int32_t sum = 0;
+          for (std::int64_t l = 0; l < s.k; ++l) sum += column[l];
+          sums[j] = sum;
+        }
+      }
+      for (std::int64_t j = j0; j < j1; ++j) {
+        const std::uint32_t bias = ops_.bias ? static_cast<std::uint32_t>(ops_.bias->data_as<const std::int32_t>()[j]) : 0u;
+        out[j] = static_cast<std::int32_t>(bias - 128u * static_cast<std::uint32_t>(sums[j - j0]));
+      }
+    });
+  }
+
+  // Rows [m0, m1) of x1 + 128 as u8 (the sign bit flipped), rows dense.
+  void shift_rows(std::int64_t m0, std::int64_t m1) const {
+    const std::int64_t k = ops_.shape.k;
+    shifted_.resize(static_cast<std::size_t>((m1 - m0) * k));
+    const auto* x1 = static_cast<const std::uint8_t*>(ops_.x1.data());
+    std::uint8_t* out = shifted_.data();
+    const std::int64_t ld = ops_.x1.stride(0);
+    const std::int64_t chunks = std::min<std::int64_t>(m1 - m0, pool_->size() * 4);
+    pool_->run(static_cast<int>(chunks), [&](int chunk, int) {
+      for (std::int64_t r = (m1 - m0) * chunk / chunks; r < (m1 - m0) * (chunk + 1) / chunks; ++r) {
+        const std::uint8_t* __restrict row = x1 + (m0 + r) * ld;
+        std::uint8_t* __restrict shifted = out + r * k;
+        for (std::int64_t l = 0; l < k; ++l) shifted[l] = static_cast<std::uint8_t>(row[l] ^ 0x80u);
+      }
+    });
+  }
+
   // The matmul of `rows` x1 rows with one slice; weights in `weights` layout.
   Matmul make_matmul(std::int64_t rows, std::int64_t cols, const dnnl::memory::desc& weights) const {
     OneOmpThread one_thread;
-    const dnnl::memory::desc src({rows, ops_.shape.k}, in_type_, {ops_.x1.stride(0), 1});
+    const std::int64_t src_ld = full_quant_ ? ops_.shape.k : ops_.x1.stride(0);
+    const dnnl::memory::desc src({rows, ops_.shape.k}, in_type_, {src_ld, 1});
     const dnnl::memory::desc sums({rows, cols}, sum_type_, {cols, 1});
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -161,7 +225,7 @@ class OneDnnGemm final : public PreparedGemm {
     const std::int64_t widths[] = {slice_cols(0), slice_cols(slices_ - 1)};
     for (std::int64_t cols : widths) {
       if (packed_desc_.count(cols) != 0) continue;
-      const dnnl::memory::desc any({ops_.shape.k, cols}, in_type_, dnnl::memory::format_tag::any);
+      const dnnl::memory::desc any({ops_.shape.k, cols}, weight_type_, dnnl::memory::format_tag::any);
       const Matmul probe = make_matmul(std::min(ops_.shape.m, kChunkRows), cols, any);
       require_brgemm(probe.pd.impl_info_str());
       packed_desc_.emplace(cols, probe.pd.weights_desc());
@@ -184,7 +248,7 @@ class OneDnnGemm final : public PreparedGemm {
 
   static void require_brgemm(const std::string& impl) {
     if (impl.rfind("brg", 0) != 0) {
-      throw InternalError(cat("onednn bf16: expected oneDNN's brgemm matmul, got ", impl));
+      throw InternalError(cat("onednn: expected oneDNN's brgemm matmul, got ", impl));
     }
   }
 
@@ -193,8 +257,8 @@ class OneDnnGemm final : public PreparedGemm {
     const auto key = std::make_pair(rows, cols);
     auto it = matmuls_.find(key);
     if (it == matmuls_.end()) {
-      Matmul made = make_matmul(rows, cols, full_quant_ ? x2_slice_desc(cols) : packed_desc_.at(cols));
-      if (!full_quant_) require_brgemm(made.pd.impl_info_str());
+      Matmul made = make_matmul(rows, cols, packed_desc_.at(cols));
+      require_brgemm(made.pd.impl_info_str());
       it = matmuls_.emplace(key, std::move(made)).first;
     }
     return it->second;
@@ -209,11 +273,11 @@ class OneDnnGemm final : public PreparedGemm {
     slot.scratchpad.resize(std::max<std::size_t>(1, mm.pd.scratchpad_desc().get_size()));
     {
       OneOmpThread one_thread;
-      auto* x1 = static_cast<unsigned char*>(ops_.x1.data()) +
-                 chunk.r0 * ops_.x1.stride(0) * static_cast<std::int64_t>(in_elem_);
+      auto* x1 = full_quant_ ? shifted_.data() + (chunk.r0 - m0) * s.k
+                             : static_cast<unsigned char*>(ops_.x1.data()) +
+                                   chunk.r0 * ops_.x1.stride(0) * static_cast<std::int64_t>(in_elem_);
       dnnl::memory src(mm.pd.src_desc(), engine_, x1);
-      dnnl::memory weights = full_quant_ ? dnnl::memory(mm.pd.weights_desc(), engine_, x2_slice_data(chunk.slice))
-                                         : packed_[static_cast<std::size_t>(chunk.slice)];
+      dnnl::memory weights = packed_[static_cast<std::size_t>(chunk.slice)];
       dnnl::memory sums(mm.pd.dst_desc(), engine_, slot.sums.data());
       dnnl::memory scratchpad(mm.pd.scratchpad_desc(), engine_, slot.scratchpad.data());
       dnnl::stream& stream = thread_stream();
@@ -235,7 +299,7 @@ class OneDnnGemm final : public PreparedGemm {
       epilogue.x3_ld = ops_.x3->stride(0);
     }
     if (full_quant_) {
-      epilogue.bias_i32 = ops_.bias ? ops_.bias->data_as<const std::int32_t>() + col0 : nullptr;
+      epilogue.bias_i32 = compensated_bias_.data() + col0;
       epilogue.scale = scales_.data() + col0;
       kernels_.finish_i32(chunk.rows, cols, reinterpret_cast<const std::int32_t*>(slot.sums.data()),
                           cols, epilogue);
@@ -251,6 +315,7 @@ class OneDnnGemm final : public PreparedGemm {
   dnnl::engine engine_;
   bool full_quant_ = false;
   dnnl_dt in_type_ = dnnl_dt::bf16;
+  dnnl_dt weight_type_ = dnnl_dt::bf16;
   dnnl_dt sum_type_ = dnnl_dt::f32;
   std::size_t in_elem_ = 0;
   std::int64_t slices_ = 0;
@@ -258,6 +323,8 @@ class OneDnnGemm final : public PreparedGemm {
   std::vector<dnnl::memory> packed_;                        // by slice
   std::vector<AlignedBuffer<unsigned char>> packed_storage_;
   AlignedBuffer<float> bias_, scales_;
+  AlignedBuffer<std::int32_t> compensated_bias_;
+  mutable AlignedBuffer<std::uint8_t> shifted_;
   mutable std::mutex compute_mutex_, cache_mutex_;
   mutable std::map<std::pair<std::int64_t, std::int64_t>, Matmul> matmuls_;
 };
