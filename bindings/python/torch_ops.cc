@@ -3,6 +3,7 @@
 //
 //   mm_all_reduce_base(...)           the fused operator, CPU kernel + Autograd kernel
 //   trans_quant_param(scale, offset)  torch_npu's npu_trans_quant_param
+//   _packed_weight_cache_info()       [entries, bytes, hits, misses] of the weights kept packed
 //   _make_rendezvous_dir()            a private directory for a group's FileStore,
 //                                     sealed with a fresh job secret: [dir, secret]
 //   _create_shm_communicator(dir, rank, size, secret)   collective; registers and returns hcom
@@ -18,9 +19,13 @@
 
 #include <cstring>
 #include <filesystem>
+#include <list>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "tpfuse/core/config.h"
 #include "tpfuse/tpfuse.h"
 #include "tpfuse/ops/validate.h"
 
@@ -128,6 +133,140 @@ at::Tensor adopt(Tensor&& result) {
       at::TensorOptions().dtype(type).device(at::kCPU));
 }
 
+// ---- packed weights, reused while the weight tensor is unchanged ----
+//
+// Inference multiplies the same weight on every call: the first call packs
+// it (a PackedWeight), later ones reuse that while x2 and its scales are the
+// same tensors (same storage, offset, sizes and strides) at the same version
+// (torch bumps a tensor's version at every in-place change, and its views
+// share it). torch_npu's signature stays as it is. Not cached: inference
+// tensors (they keep no version), and packings past TPFUSE_PACK_CACHE_MB
+// (least recently used first; 0 turns the cache off).
+const EnvSetting<std::int64_t> kPackCacheMb{
+    "TPFUSE_PACK_CACHE_MB", 4096, "memory for weights the PyTorch binding keeps packed (0: none)"};
+
+// One tensor as the cache identifies it.
+struct TensorKey {
+  const c10::StorageImpl* storage = nullptr;
+  std::int64_t offset = 0;
+  std::vector<std::int64_t> sizes, strides;
+  at::ScalarType type = at::kFloat;
+  std::int64_t version = 0;
+  bool operator==(const TensorKey&) const = default;
+};
+
+std::optional<TensorKey> key_of(const c10::optional<at::Tensor>& tensor) {
+  if (!tensor.has_value() || !tensor->defined()) return std::nullopt;
+  return TensorKey{tensor->storage().unsafeGetStorageImpl(), tensor->storage_offset(),
+                   tensor->sizes().vec(), tensor->strides().vec(), tensor->scalar_type(),
+                   tensor->_version()};
+}
+
+struct WeightKey {
+  at::ScalarType x1_type;
+  TensorKey x2;
+  std::optional<TensorKey> antiquant_scale, antiquant_offset, dequant_scale;
+  std::int64_t group_size;
+  bool operator==(const WeightKey&) const = default;
+};
+
+class WeightCache {
+ public:
+  struct Stats {
+    std::int64_t entries = 0, bytes = 0, hits = 0, misses = 0;
+  };
+
+  // The packed weight for this call, packed now if it is not cached; null
+  // where the call is not cached (or its arguments break a rule: the call
+  // itself then reports that, collectively).
+  std::shared_ptr<const PackedWeight> find_or_pack(const at::Tensor& x1, const at::Tensor& x2,
+                                                   const TorchOptions& options) {
+    const std::int64_t limit = kPackCacheMb.get() * (std::int64_t{1} << 20);
+    if (limit <= 0 || x2.is_inference() || x2.numel() == 0) return nullptr;
+    for (const auto* t : {&options.antiquant_scale, &options.antiquant_offset, &options.dequant_scale}) {
+      if (t->has_value() && (*t)->defined() && (*t)->is_inference()) return nullptr;
+    }
+    const WeightKey key{x1.scalar_type(), *key_of(x2), key_of(options.antiquant_scale),
+                        key_of(options.antiquant_offset), key_of(options.dequant_scale),
+                        options.antiquant_group_size};
+    std::lock_guard lock(mutex_);
+    drop_dead();
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->key == key) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+        ++stats_.hits;
+        return it->packed;
+      }
+    }
+    std::shared_ptr<const PackedWeight> packed;
+    try {
+      MmAllReduceOptions weight;
+      weight.antiquant_scale = to_view("antiquant_scale", options.antiquant_scale);
+      weight.antiquant_offset = to_view("antiquant_offset", options.antiquant_offset);
+      weight.dequant_scale = to_view("dequant_scale", options.dequant_scale);
+      weight.antiquant_group_size = options.antiquant_group_size;
+      packed = std::make_shared<PackedWeight>(to_dtype("x1", x1.scalar_type()), to_view("x2", x2), weight);
+    } catch (const InvalidArgument&) {
+      return nullptr;
+    }
+    ++stats_.misses;
+    entries_.push_front({key, x2.storage().getWeakStorageImpl(), packed});
+    trim(limit);
+    return packed;
+  }
+
+  Stats stats() {
+    std::lock_guard lock(mutex_);
+    drop_dead();
+    Stats s = stats_;
+    s.entries = static_cast<std::int64_t>(entries_.size());
+    for (const Entry& entry : entries_) s.bytes += static_cast<std::int64_t>(entry.packed->packed_bytes());
+    return s;
+  }
+
+ private:
+  struct Entry {
+    WeightKey key;
+    // Keeps the storage's identity from being reused while the entry lives
+    // (not its memory): an entry whose storage died matches nothing again.
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    std::shared_ptr<const PackedWeight> packed;
+  };
+
+  void drop_dead() {
+    entries_.remove_if([](const Entry& entry) { return entry.storage.expired(); });
+  }
+
+  // Keeps the most recently used entries that fit in `limit` bytes (and the
+  // newest whatever its size).
+  void trim(std::int64_t limit) {
+    std::int64_t kept = 0;
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      const auto bytes = static_cast<std::int64_t>(it->packed->packed_bytes());
+      if (it != entries_.begin() && kept + bytes > limit) {
+        it = entries_.erase(it);
+        continue;
+      }
+      kept += bytes;
+      ++it;
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<Entry> entries_;
+  Stats stats_;
+};
+
+WeightCache& weight_cache() {
+  static auto* cache = new WeightCache();
+  return *cache;
+}
+
+std::vector<std::int64_t> packed_weight_cache_info() {
+  const WeightCache::Stats s = weight_cache().stats();
+  return {s.entries, s.bytes, s.hits, s.misses};
+}
+
 at::Tensor mm_all_reduce_base_cpu(const at::Tensor& x1, const at::Tensor& x2,
                                   c10::string_view hcom, c10::string_view reduce_op,
                                   const c10::optional<at::Tensor>& bias,
@@ -139,9 +278,11 @@ at::Tensor mm_all_reduce_base_cpu(const at::Tensor& x1, const at::Tensor& x2,
   return translate_errors([&] {
     const TorchOptions options{reduce_op, bias,          antiquant_scale, antiquant_offset,
                                x3,        dequant_scale, comm_turn,       antiquant_group_size};
-    return adopt(mm_all_reduce_base(to_view("x1", x1), to_view("x2", x2),
-                                    std::string_view(hcom.data(), hcom.size()),
-                                    options.to_tpfuse()));
+    const std::string_view group(hcom.data(), hcom.size());
+    if (const auto packed = weight_cache().find_or_pack(x1, x2, options)) {
+      return adopt(mm_all_reduce_base(to_view("x1", x1), *packed, group, options.to_tpfuse()));
+    }
+    return adopt(mm_all_reduce_base(to_view("x1", x1), to_view("x2", x2), group, options.to_tpfuse()));
   });
 }
 
@@ -310,6 +451,7 @@ TORCH_LIBRARY(tpfuse, m) {
       "Tensor? x3=None, Tensor? dequant_scale=None, int comm_turn=0, "
       "int antiquant_group_size=0) -> Tensor");
   m.def("trans_quant_param(Tensor scale, Tensor? offset=None) -> Tensor");
+  m.def("_packed_weight_cache_info() -> int[]", &packed_weight_cache_info);
   m.def("_make_rendezvous_dir() -> str[]", &make_rendezvous_dir);
   m.def("_create_shm_communicator(str store_dir, int rank, int size, str secret) -> str",
         &create_shm_communicator);

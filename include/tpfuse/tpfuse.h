@@ -14,5 +14,6 @@
 #include "tpfuse/core/log.h"
 #include "tpfuse/core/tensor.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
+#include "tpfuse/ops/packed_weight.h"
 #include "tpfuse/ops/quant_param.h"
 #include "tpfuse/version.h"

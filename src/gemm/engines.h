@@ -21,5 +21,6 @@ struct EngineChoice {
 EngineChoice choose_engine(const GemmOperands& operands, IsaLevel level);
 
 std::unique_ptr<PreparedGemm> prepare_gemm_for_isa(const GemmOperands& operands, IsaLevel level);
+std::shared_ptr<const PackedX2> pack_x2_for_isa(const GemmOperands& operands, IsaLevel level);
 
 }  // namespace tpfuse::gemm

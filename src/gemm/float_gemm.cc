@@ -88,6 +88,12 @@ BLayout choose_layout(const GemmOperands& ops) {
   return BLayout::packed_source;
 }
 
+// All of x2 as fp32 panels, [panel][k][NR] (the packed_f32 layout).
+struct FloatPanels final : PackedX2 {
+  AlignedBuffer<float> values;
+  std::size_t bytes() const override { return values.size() * sizeof(float); }
+};
+
 // A part of the output one thread computes: rows [r0, r1) (of the call),
 // panels [p0, p1).
 struct Task {
@@ -120,6 +126,7 @@ class FloatGemm final : public PreparedGemm {
   }
 
   const char* engine() const override { return engine_name_.c_str(); }
+  std::shared_ptr<const PackedX2> packing() const override { return owned_; }
 
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
     if (m1 <= m0) return;
@@ -241,7 +248,14 @@ class FloatGemm final : public PreparedGemm {
     const std::int64_t k = ops_.shape.k;
     const auto elem = static_cast<std::int64_t>(x2_elem_);
     if (layout_ == BLayout::packed_f32) {
-      packed_f32_.resize(static_cast<std::size_t>(panels_ * k * nr_));
+      if (const auto* given = dynamic_cast<const FloatPanels*>(ops_.packed)) {
+        panels_f32_ = given->values.data();
+        return;
+      }
+      owned_ = std::make_shared<FloatPanels>();
+      owned_->values.resize(static_cast<std::size_t>(panels_ * k * nr_));
+      packed_f32_ = owned_->values.data();
+      panels_f32_ = packed_f32_;
       if (ops_.x2.stride(1) == 1) {
         // Row-major x2: read it in row order (contiguous), writing all panels.
         const std::int64_t blocks = ceil_div(k, kPackRows);
@@ -289,7 +303,7 @@ class FloatGemm final : public PreparedGemm {
   void pack_rows_f32(std::int64_t l0) const {
     const std::int64_t rows = std::min(kPackRows, ops_.shape.k - l0);
     for (std::int64_t p = 0; p < panels_; ++p) {
-      kernels_.pack_b_f32(panel_source(l0, p, rows), packed_f32_.data() + (p * ops_.shape.k + l0) * nr_);
+      kernels_.pack_b_f32(panel_source(l0, p, rows), packed_f32_ + (p * ops_.shape.k + l0) * nr_);
     }
   }
 
@@ -299,7 +313,7 @@ class FloatGemm final : public PreparedGemm {
     const std::int64_t step = ops_.shape.mode == Mode::weight_quant ? group_rows_ : k;
     for (std::int64_t l0 = 0; l0 < k; l0 += step) {
       kernels_.pack_b_f32(panel_source(l0, p, std::min(step, k - l0)),
-                          packed_f32_.data() + (p * k + l0) * nr_);
+                          packed_f32_ + (p * k + l0) * nr_);
     }
   }
 
@@ -427,7 +441,7 @@ class FloatGemm final : public PreparedGemm {
     const std::int64_t k = ops_.shape.k;
     switch (layout_) {
       case BLayout::packed_f32:
-        return {packed_f32_.data() + (p * k + l) * nr_, nr_};
+        return {panels_f32_ + (p * k + l) * nr_, nr_};
       case BLayout::packed_source:
         return {packed_source_.data() + (p * k + l) * nr_ * static_cast<std::int64_t>(x2_elem_), nr_};
       case BLayout::dot:
@@ -571,7 +585,10 @@ class FloatGemm final : public PreparedGemm {
   Blocking blocking_;
   std::int64_t group_rows_ = 0;
   std::string engine_name_;
-  AlignedBuffer<float> bias_, scales_, offsets_, dequant_scales_, packed_f32_;
+  AlignedBuffer<float> bias_, scales_, offsets_, dequant_scales_;
+  std::shared_ptr<FloatPanels> owned_;  // the fp32 panels this call packed, if any
+  float* packed_f32_ = nullptr;         // where pack_b writes them
+  const float* panels_f32_ = nullptr;   // the panels the kernels read (owned_ or the operands')
   AlignedBuffer<unsigned char> packed_source_;
   PoolLease pool_;
   mutable std::mutex compute_mutex_;

@@ -6,16 +6,19 @@
 // around every oneDNN call, since a oneDNN primitive with several threads may
 // split k among them, and then a result would depend on the thread count.
 //
-// x2 is reordered once per call, slice by slice, into the blocked layout
-// oneDNN's brgemm kernel chooses for it, and every chunk runs brgemm on that
-// layout: handed x2 as stored, each chunk's matmul would copy its slice of
-// x2 again (int8 2048^3 on Zen 5: 0.92x a single oneDNN matmul so, 0.97x
-// reordered once).
+// bf16: x2 is reordered once per call, slice by slice, into the blocked
+// layout oneDNN's brgemm kernel chooses for it, and every chunk runs brgemm
+// on that layout.
 //
-// int8 runs as u8 x s8, the form VNNI multiplies: x1 + 128 (its sign bit
-// flipped), and 128 * (column sum of x2) taken back in the int32 bias the
-// epilogue adds anyway. With s8 x1 oneDNN wants a compensation it keeps in
-// the weights' layout, which it cannot reorder a column slice into.
+// int8: each chunk's matmul takes x2 as stored (s8 x s8): reordering it in
+// every call cost more than it saved (Zen 5, one thread, against a single
+// oneDNN matmul: 0.90-0.97x as stored at 16 to 2048 rows of n = k = 4096 or
+// 2048^3, 0.29-0.90x reordered). A packed weight holds x2 reordered once;
+// calls with it run as u8 x s8, the form VNNI multiplies: x1 + 128 (its
+// sign bit flipped), and 128 * (column sum of x2) taken back in the int32
+// bias the epilogue adds anyway (with s8 x1 oneDNN wants a compensation it
+// keeps in the weights' layout, which it cannot reorder a column slice
+// into). 1.03x the single matmul at 2048^3.
 //
 // Why the results do not depend on the row range:
 //   int8: the int32 sums are exact whatever order oneDNN adds them in (k <=
@@ -77,6 +80,20 @@ dnnl::stream& thread_stream() {
   return stream;
 }
 
+// x2 reordered slice by slice into the layout brgemm chose for it; for int8
+// also the sum of each of its columns (the compensation for x1's shift).
+struct OneDnnSlices final : PackedX2 {
+  std::map<std::int64_t, dnnl::memory::desc> descs;  // by slice width
+  std::vector<AlignedBuffer<unsigned char>> storage;  // by slice
+  std::vector<dnnl::memory> memories;                 // by slice
+  AlignedBuffer<std::int32_t> column_sums;
+  std::size_t bytes() const override {
+    std::size_t total = column_sums.size() * sizeof(std::int32_t);
+    for (const auto& buffer : storage) total += buffer.size();
+    return total;
+  }
+};
+
 struct Chunk {
   std::int64_t r0, rows, slice;
 };
@@ -87,21 +104,31 @@ class OneDnnGemm final : public PreparedGemm {
       : ops_(operands), kernels_(kernels), pool_(lease_pool(threads)), engine_(cpu_engine()) {
     const CallShape& s = ops_.shape;
     full_quant_ = s.mode == Mode::full_quant;
-    in_type_ = full_quant_ ? dnnl_dt::u8 : dnnl_dt::bf16;
+    const auto* given = dynamic_cast<const OneDnnSlices*>(ops_.packed);
+    int8_as_stored_ = full_quant_ && given == nullptr;
+    in_type_ = !full_quant_ ? dnnl_dt::bf16 : int8_as_stored_ ? dnnl_dt::s8 : dnnl_dt::u8;
     weight_type_ = full_quant_ ? dnnl_dt::s8 : dnnl_dt::bf16;
     sum_type_ = full_quant_ ? dnnl_dt::s32 : dnnl_dt::f32;
     in_elem_ = dtype_size(ops_.x1.dtype());
     slices_ = (s.n + kSliceCols - 1) / kSliceCols;
+    if (given != nullptr) {
+      slices_x2_ = given;
+    } else if (!int8_as_stored_) {
+      owned_ = std::make_shared<OneDnnSlices>();
+      pack_weights(*owned_);
+      if (full_quant_) sum_columns(owned_->column_sums);
+      slices_x2_ = owned_.get();
+    }
     prepare_epilogue();
-    pack_weights();
   }
 
   const char* engine() const override { return full_quant_ ? "onednn_s8" : "onednn_bf16"; }
+  std::shared_ptr<const PackedX2> packing() const override { return owned_; }
 
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
     if (m1 <= m0) return;
     std::lock_guard lock(compute_mutex_);
-    if (full_quant_) shift_rows(m0, m1);
+    if (shifted_x1()) shift_rows(m0, m1);
     std::vector<Chunk> chunks;
     for (std::int64_t slice = 0; slice < slices_; ++slice) {
       for (std::int64_t r = m0; r < m1; r += kChunkRows) {
@@ -149,28 +176,26 @@ class OneDnnGemm final : public PreparedGemm {
                                 ? unpack_quant_scale(ops_.scale->data_as<const std::int64_t>()[index])
                                 : load_as_f32(*ops_.scale, index);
       }
-      prepare_compensation();
+      if (!int8_as_stored_) prepare_compensation();
     } else if (ops_.bias) {
       bias_.resize(static_cast<std::size_t>(s.n));
       for (std::int64_t j = 0; j < s.n; ++j) bias_.data()[j] = load_as_f32(*ops_.bias, j);
     }
   }
 
-  // The int32 bias the epilogue adds for int8: bias - 128 * (column sum of
-  // x2), wrapping as the int32 sums do (x1 runs shifted up by 128).
-  void prepare_compensation() {
+  // The sum of each column of an int8 x2.
+  void sum_columns(AlignedBuffer<std::int32_t>& out) const {
     const CallShape& s = ops_.shape;
-    compensated_bias_.resize(static_cast<std::size_t>(s.n));
-    std::int32_t* out = compensated_bias_.data();
+    out.resize(static_cast<std::size_t>(s.n));
     const auto* x2 = static_cast<const std::int8_t*>(ops_.x2.data());
     const std::int64_t sk = ops_.x2.stride(0), sn = ops_.x2.stride(1);
     const std::int64_t chunks = std::min<std::int64_t>(s.n, pool_->size() * 4);
     pool_->run(static_cast<int>(chunks), [&](int chunk, int) {
       const std::int64_t j0 = s.n * chunk / chunks, j1 = s.n * (chunk + 1) / chunks;
-      std::vector<std::int32_t> column_sums(static_cast<std::size_t>(j1 - j0), 0);
       // (__restrict: an int8 pointer may alias anything, which would keep
       // the compiler from vectorising the sums.)
-      std::int32_t* __restrict sums = column_sums.data();
+      std::int32_t* __restrict sums = out.data() + j0;
+      std::fill(sums, sums + (j1 - j0), 0);
       if (sn == 1) {
         for (std::int64_t l = 0; l < s.k; ++l) {
           const std::int8_t* __restrict row = x2 + l * sk + j0;
@@ -184,12 +209,23 @@ class OneDnnGemm final : public PreparedGemm {
           sums[j] = sum;
         }
       }
-      for (std::int64_t j = j0; j < j1; ++j) {
-        const std::uint32_t bias = ops_.bias ? static_cast<std::uint32_t>(ops_.bias->data_as<const std::int32_t>()[j]) : 0u;
-        out[j] = static_cast<std::int32_t>(bias - 128u * static_cast<std::uint32_t>(sums[j - j0]));
-      }
     });
   }
+
+  // The int32 bias the epilogue adds for int8: bias - 128 * (column sum of
+  // x2), wrapping as the int32 sums do (x1 runs shifted up by 128).
+  void prepare_compensation() {
+    const CallShape& s = ops_.shape;
+    compensated_bias_.resize(static_cast<std::size_t>(s.n));
+    const std::int32_t* sums = slices_x2_->column_sums.data();
+    for (std::int64_t j = 0; j < s.n; ++j) {
+      const std::uint32_t bias = ops_.bias ? static_cast<std::uint32_t>(ops_.bias->data_as<const std::int32_t>()[j]) : 0u;
+      compensated_bias_.data()[j] = static_cast<std::int32_t>(bias - 128u * static_cast<std::uint32_t>(sums[j]));
+    }
+  }
+
+  // x1 runs shifted up by 128 (u8 x s8): int8 on a reordered x2.
+  bool shifted_x1() const { return full_quant_ && !int8_as_stored_; }
 
   // Rows [m0, m1) of x1 + 128 as u8 (the sign bit flipped), rows dense.
   void shift_rows(std::int64_t m0, std::int64_t m1) const {
@@ -211,7 +247,7 @@ class OneDnnGemm final : public PreparedGemm {
   // The matmul of `rows` x1 rows with one slice; weights in `weights` layout.
   Matmul make_matmul(std::int64_t rows, std::int64_t cols, const dnnl::memory::desc& weights) const {
     OneOmpThread one_thread;
-    const std::int64_t src_ld = full_quant_ ? ops_.shape.k : ops_.x1.stride(0);
+    const std::int64_t src_ld = shifted_x1() ? ops_.shape.k : ops_.x1.stride(0);
     const dnnl::memory::desc src({rows, ops_.shape.k}, in_type_, {src_ld, 1});
     const dnnl::memory::desc sums({rows, cols}, sum_type_, {cols, 1});
     dnnl::primitive_attr attr;
@@ -220,29 +256,29 @@ class OneDnnGemm final : public PreparedGemm {
     return {pd, dnnl::matmul(pd)};
   }
 
-  // bf16: every slice reordered once into the layout brgemm picks for it.
-  void pack_weights() {
+  // Every slice reordered once into the layout brgemm picks for it.
+  void pack_weights(OneDnnSlices& out) const {
     const std::int64_t widths[] = {slice_cols(0), slice_cols(slices_ - 1)};
     for (std::int64_t cols : widths) {
-      if (packed_desc_.count(cols) != 0) continue;
+      if (out.descs.count(cols) != 0) continue;
       const dnnl::memory::desc any({ops_.shape.k, cols}, weight_type_, dnnl::memory::format_tag::any);
       const Matmul probe = make_matmul(std::min(ops_.shape.m, kChunkRows), cols, any);
       require_brgemm(probe.pd.impl_info_str());
-      packed_desc_.emplace(cols, probe.pd.weights_desc());
+      out.descs.emplace(cols, probe.pd.weights_desc());
     }
-    packed_.resize(static_cast<std::size_t>(slices_));
-    packed_storage_.resize(static_cast<std::size_t>(slices_));
+    out.memories.resize(static_cast<std::size_t>(slices_));
+    out.storage.resize(static_cast<std::size_t>(slices_));
     pool_->run(static_cast<int>(slices_), [&](int slice, int) {
       OneOmpThread one_thread;
       const std::int64_t cols = slice_cols(slice);
-      const dnnl::memory::desc& desc = packed_desc_.at(cols);
-      AlignedBuffer<unsigned char>& storage = packed_storage_[static_cast<std::size_t>(slice)];
+      const dnnl::memory::desc& desc = out.descs.at(cols);
+      AlignedBuffer<unsigned char>& storage = out.storage[static_cast<std::size_t>(slice)];
       storage.resize(desc.get_size());
       dnnl::memory source(x2_slice_desc(cols), engine_, x2_slice_data(slice));
       dnnl::memory packed(desc, engine_, storage.data());
       dnnl::reorder(source, packed).execute(thread_stream(), source, packed);
       thread_stream().wait();
-      packed_[static_cast<std::size_t>(slice)] = packed;
+      out.memories[static_cast<std::size_t>(slice)] = packed;
     });
   }
 
@@ -257,8 +293,8 @@ class OneDnnGemm final : public PreparedGemm {
     const auto key = std::make_pair(rows, cols);
     auto it = matmuls_.find(key);
     if (it == matmuls_.end()) {
-      Matmul made = make_matmul(rows, cols, packed_desc_.at(cols));
-      require_brgemm(made.pd.impl_info_str());
+      Matmul made = make_matmul(rows, cols, int8_as_stored_ ? x2_slice_desc(cols) : slices_x2_->descs.at(cols));
+      if (!int8_as_stored_) require_brgemm(made.pd.impl_info_str());
       it = matmuls_.emplace(key, std::move(made)).first;
     }
     return it->second;
@@ -273,11 +309,13 @@ class OneDnnGemm final : public PreparedGemm {
     slot.scratchpad.resize(std::max<std::size_t>(1, mm.pd.scratchpad_desc().get_size()));
     {
       OneOmpThread one_thread;
-      auto* x1 = full_quant_ ? shifted_.data() + (chunk.r0 - m0) * s.k
+      auto* x1 = shifted_x1() ? shifted_.data() + (chunk.r0 - m0) * s.k
                              : static_cast<unsigned char*>(ops_.x1.data()) +
                                    chunk.r0 * ops_.x1.stride(0) * static_cast<std::int64_t>(in_elem_);
       dnnl::memory src(mm.pd.src_desc(), engine_, x1);
-      dnnl::memory weights = packed_[static_cast<std::size_t>(chunk.slice)];
+      dnnl::memory weights = int8_as_stored_
+                                 ? dnnl::memory(mm.pd.weights_desc(), engine_, x2_slice_data(chunk.slice))
+                                 : slices_x2_->memories[static_cast<std::size_t>(chunk.slice)];
       dnnl::memory sums(mm.pd.dst_desc(), engine_, slot.sums.data());
       dnnl::memory scratchpad(mm.pd.scratchpad_desc(), engine_, slot.scratchpad.data());
       dnnl::stream& stream = thread_stream();
@@ -299,7 +337,8 @@ class OneDnnGemm final : public PreparedGemm {
       epilogue.x3_ld = ops_.x3->stride(0);
     }
     if (full_quant_) {
-      epilogue.bias_i32 = compensated_bias_.data() + col0;
+      epilogue.bias_i32 = int8_as_stored_ ? (ops_.bias ? ops_.bias->data_as<const std::int32_t>() + col0 : nullptr)
+                                          : compensated_bias_.data() + col0;
       epilogue.scale = scales_.data() + col0;
       kernels_.finish_i32(chunk.rows, cols, reinterpret_cast<const std::int32_t*>(slot.sums.data()),
                           cols, epilogue);
@@ -314,14 +353,16 @@ class OneDnnGemm final : public PreparedGemm {
   PoolLease pool_;
   dnnl::engine engine_;
   bool full_quant_ = false;
+  // int8 with x2 handed to each matmul as stored (s8 x s8, oneDNN's own
+  // compensation), where no packed weight is given.
+  bool int8_as_stored_ = false;
   dnnl_dt in_type_ = dnnl_dt::bf16;
   dnnl_dt weight_type_ = dnnl_dt::bf16;
   dnnl_dt sum_type_ = dnnl_dt::f32;
   std::size_t in_elem_ = 0;
   std::int64_t slices_ = 0;
-  std::map<std::int64_t, dnnl::memory::desc> packed_desc_;  // by slice width
-  std::vector<dnnl::memory> packed_;                        // by slice
-  std::vector<AlignedBuffer<unsigned char>> packed_storage_;
+  std::shared_ptr<OneDnnSlices> owned_;      // the reordered x2 this call made, if any
+  const OneDnnSlices* slices_x2_ = nullptr;  // the one it reads (owned_ or the operands')
   AlignedBuffer<float> bias_, scales_;
   AlignedBuffer<std::int32_t> compensated_bias_;
   mutable AlignedBuffer<std::uint8_t> shifted_;

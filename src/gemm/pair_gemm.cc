@@ -42,6 +42,12 @@ constexpr std::int64_t kStreamPairs = 16;
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
+// All of x2 as packed pairs, [panel][pair][NR].
+struct PairPanels final : PackedX2 {
+  AlignedBuffer<std::uint32_t> words;
+  std::size_t bytes() const override { return words.size() * sizeof(std::uint32_t); }
+};
+
 class PairGemm final : public PreparedGemm {
  public:
   PairGemm(const GemmOperands& operands, const PairKernelTable& kernels, int threads)
@@ -50,7 +56,7 @@ class PairGemm final : public PreparedGemm {
         pool_(lease_pool(threads)),
         mr_(kernels.mr),
         nr_(kernels.nr),
-        panels_(ceil_div(operands.shape.n, kernels.nr)),
+        panels_count_(ceil_div(operands.shape.n, kernels.nr)),
         pairs_(ceil_div(operands.shape.k, 2)),
         tables_(operands, ceil_div(operands.shape.n, kernels.nr) * kernels.nr),
         kc_pairs_(kBMicroPanelBytes / (4 * kernels.nr)),
@@ -60,15 +66,23 @@ class PairGemm final : public PreparedGemm {
     streamed_ = s.m <= kSmallM;
     engine_name_ = cat("avx512_bf16_", s.mode == Mode::weight_quant ? "wq_" : "", "pairs",
                        streamed_ ? "_streamed" : "");
-    if (!streamed_) pack_all();
+    if (const auto* given = dynamic_cast<const PairPanels*>(operands.packed)) {
+      panels_ = given;
+      streamed_ = false;
+    } else if (!streamed_) {
+      owned_ = std::make_shared<PairPanels>();
+      pack_all(owned_->words);
+      panels_ = owned_.get();
+    }
   }
 
   const char* engine() const override { return engine_name_.c_str(); }
+  std::shared_ptr<const PackedX2> packing() const override { return owned_; }
 
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
     if (m1 <= m0) return;
     std::lock_guard lock(compute_mutex_);
-    const std::vector<Task> tasks = split_work(m0, m1, panels_, mr_, mc_, pool_->size());
+    const std::vector<Task> tasks = split_work(m0, m1, panels_count_, mr_, mc_, pool_->size());
     pool_->run(static_cast<int>(tasks.size()), [&](int index, int) {
       compute_task(tasks[static_cast<std::size_t>(index)], m0, dst, ld);
     });
@@ -115,21 +129,21 @@ class PairGemm final : public PreparedGemm {
   // of kPackPairs pairs of rows across every panel), a transposed one in
   // column order (one panel at a time): either way each cache line of x2 is
   // read once, while it is in cache.
-  void pack_all() {
-    packed_.resize(static_cast<std::size_t>(panels_ * pairs_ * nr_));
+  void pack_all(AlignedBuffer<std::uint32_t>& packed) const {
+    packed.resize(static_cast<std::size_t>(panels_count_ * pairs_ * nr_));
     const bool row_major = ops_.x2.stride(1) == 1;
-    const std::int64_t units = row_major ? ceil_div(pairs_, kPackPairs) : panels_;
+    const std::int64_t units = row_major ? ceil_div(pairs_, kPackPairs) : panels_count_;
     const std::int64_t chunks = std::min<std::int64_t>(units, pool_->size() * 4);
     pool_->run(static_cast<int>(chunks), [&](int chunk, int) {
       for (std::int64_t u = units * chunk / chunks; u < units * (chunk + 1) / chunks; ++u) {
         if (!row_major) {
-          pack_block(u, 0, pairs_, packed_.data() + u * pairs_ * nr_);
+          pack_block(u, 0, pairs_, packed.data() + u * pairs_ * nr_);
           continue;
         }
         const std::int64_t pair0 = u * kPackPairs;
         const std::int64_t count = std::min(kPackPairs, pairs_ - pair0);
-        for (std::int64_t p = 0; p < panels_; ++p) {
-          pack_block(p, pair0, count, packed_.data() + (p * pairs_ + pair0) * nr_);
+        for (std::int64_t p = 0; p < panels_count_; ++p) {
+          pack_block(p, pair0, count, packed.data() + (p * pairs_ + pair0) * nr_);
         }
       }
     });
@@ -216,7 +230,7 @@ class PairGemm final : public PreparedGemm {
         for (std::int64_t pc = 0; pc < pairs_; pc += kc_pairs_) {
           const std::int64_t kc = std::min(kc_pairs_, pairs_ - pc);
           pack_a_block(ic, iend, pc, kc, scratch.a.data());
-          run_step({ic, iend, jc, jend, pc, kc, scratch.a.data(), packed_.data() + (jc * pairs_ + pc) * nr_,
+          run_step({ic, iend, jc, jend, pc, kc, scratch.a.data(), panels_->words.data() + (jc * pairs_ + pc) * nr_,
                     pairs_ * nr_, scratch.acc.data(), (jend - jc) * nr_},
                    m0, dst, ld);
         }
@@ -356,12 +370,13 @@ class PairGemm final : public PreparedGemm {
   GemmOperands ops_;
   const PairKernelTable& kernels_;
   PoolLease pool_;
-  std::int64_t mr_, nr_, panels_, pairs_;
+  std::int64_t mr_, nr_, panels_count_, pairs_;
   ColumnTables tables_;
   std::int64_t kc_pairs_, mc_, nc_panels_;
   bool streamed_ = false;
   std::string engine_name_;
-  AlignedBuffer<std::uint32_t> packed_;
+  std::shared_ptr<PairPanels> owned_;      // the packing this call made, if any
+  const PairPanels* panels_ = nullptr;     // the one it reads (owned_ or the operands')
   mutable std::mutex compute_mutex_;
 };
 

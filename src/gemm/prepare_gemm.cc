@@ -115,4 +115,18 @@ std::unique_ptr<PreparedGemm> prepare_gemm(const GemmOperands& operands) {
   return prepare_gemm_for_isa(operands, active_isa());
 }
 
+std::shared_ptr<const PackedX2> pack_x2_for_isa(const GemmOperands& operands, IsaLevel level) {
+  // The engine a call with many rows gets packs x2 in its constructor;
+  // prepared for such a call (x1 is not read before compute_rows), it hands
+  // over what it packed.
+  GemmOperands many_rows = operands;
+  many_rows.shape.m = std::int64_t{1} << 30;
+  many_rows.packed = nullptr;
+  return prepare_gemm_for_isa(many_rows, level)->packing();
+}
+
+std::shared_ptr<const PackedX2> pack_x2(const GemmOperands& operands) {
+  return pack_x2_for_isa(operands, active_isa());
+}
+
 }  // namespace tpfuse::gemm

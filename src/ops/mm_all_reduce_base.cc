@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ops/agreement.h"
+#include "ops/gemm_operands.h"
 #include "pipeline/executor.h"
 #include "ops/test_hooks.h"
 #include "tpfuse/comm/registry.h"
@@ -17,6 +18,7 @@
 #include "tpfuse/core/log.h"
 #include "tpfuse/gemm/tile_gemm.h"
 #include "tpfuse/pipeline/plan.h"
+#include "tpfuse/ops/packed_weight.h"
 #include "tpfuse/ops/validate.h"
 
 namespace tpfuse {
@@ -28,30 +30,6 @@ std::vector<std::int64_t> output_shape(const CallShape& s) {
   return {s.m, s.n};
 }
 
-gemm::GemmOperands make_operands(const CallShape& shape, const TensorView& x1,
-                                 const TensorView& x2, const MmAllReduceOptions& options) {
-  gemm::GemmOperands ops;
-  ops.shape = shape;
-  const std::int64_t x1_shape[2] = {shape.m, shape.k};
-  ops.x1 = TensorView(x1.data(), x1.dtype(), x1_shape);
-  // x2 as validated: a row-major [k, n] or a transposed row-major [n, k],
-  // whose size-1 dims may carry any stride (never stepped over). oneDNN reads
-  // such a stride as a layout all the same (a [k, 1] of strides [1, 2] gave
-  // garbage), so the engines get the canonical strides of the same memory.
-  const std::int64_t x2_shape[2] = {shape.k, shape.n};
-  const std::int64_t x2_strides[2] = {shape.x2_transposed ? 1 : shape.n,
-                                      shape.x2_transposed ? shape.k : 1};
-  ops.x2 = TensorView(x2.data(), x2.dtype(), x2_shape, x2_strides);
-  ops.bias = options.bias;
-  if (options.x3) {
-    const std::int64_t x3_shape[2] = {shape.m, shape.n};
-    ops.x3 = TensorView(options.x3->data(), options.x3->dtype(), x3_shape);
-  }
-  ops.scale = shape.mode == Mode::full_quant ? options.dequant_scale : options.antiquant_scale;
-  ops.offset = options.antiquant_offset;
-  return ops;
-}
-
 // This rank's call, validated here, and how this rank would run it.
 struct LocalCall {
   std::optional<CallShape> shape;  // nullopt when validation failed
@@ -61,11 +39,14 @@ struct LocalCall {
   RankFacts mine;
 };
 
-LocalCall validate_locally(const TensorView& x1, const TensorView& x2,
+LocalCall validate_locally(const TensorView& x1, const TensorView& x2, const PackedWeight* packed,
                            const MmAllReduceOptions& options, const TensorView* out,
                            const comm::Communicator& comm) {
   LocalCall call;
   try {
+    // A packed weight names the x1 dtype and scales it was made for first:
+    // clearer than what they break in the call's rules.
+    if (packed != nullptr) packed->check_call(x1, options);
     call.shape = validate_call(x1, x2, options);
     if (out != nullptr) validate_out(*call.shape, *out, x1, x2, options);
   } catch (const InvalidArgument& e) {
@@ -115,11 +96,12 @@ std::optional<RunAhead> run_ahead_for(const LocalCall& call, const comm::Communi
 // for this rank's tiles, so a failure (memory for the packed weight) aborts
 // the communicator: they fail at once rather than at their deadline.
 std::unique_ptr<gemm::PreparedGemm> prepare(const LocalCall& call, const TensorView& x1,
-                                             const TensorView& x2,
+                                             const TensorView& x2, const PackedWeight* packed,
                                              const MmAllReduceOptions& options,
                                              comm::Communicator& comm) {
-  gemm::GemmOperands operands = make_operands(*call.shape, x1, x2, options);
+  gemm::GemmOperands operands = make_gemm_operands(*call.shape, x1, x2, options);
   operands.threads = call.gemm_threads;
+  operands.packed = packed != nullptr ? packed->packing() : nullptr;
   try {
     return gemm::prepare_gemm(operands);
   } catch (const std::exception& error) {
@@ -156,8 +138,8 @@ void join_round(comm::Communicator& comm, std::size_t count, DType dtype) {
 // Agrees with the peers (one all_gather), running ahead where this rank may,
 // and runs the call into `out` (null only when validation failed here).
 void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView& x2,
-                   const MmAllReduceOptions& options, const TensorView* out,
-                   comm::Communicator& comm) {
+                   const PackedWeight* packed, const MmAllReduceOptions& options,
+                   const TensorView* out, comm::Communicator& comm) {
   const auto ahead = run_ahead_for(call, comm);
   const std::optional<RankFacts> assumed =
       ahead ? std::optional<RankFacts>(ahead->assumed) : std::nullopt;
@@ -166,7 +148,7 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
   // Prepared while the proposals travel, where the transport sends them in
   // the background: packing the weight then overlaps the wait for the
   // slowest rank. One GEMM serves a run ahead and a run again alike.
-  const auto gemm = call.shape ? prepare(call, x1, x2, options, comm) : nullptr;
+  const auto gemm = call.shape ? prepare(call, x1, x2, packed, options, comm) : nullptr;
   // A run ahead writes into a tensor of its own (small, by the rule above),
   // copied into `out` once it counts: a call that fails leaves `out` as it was.
   Tensor staged;
@@ -196,25 +178,40 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
                                     : test_hooks::Agreement::before_running);
 }
 
+// Both forms, with x2 or a packed weight: validate, agree, run.
+Tensor run_call(const TensorView& x1, const TensorView& x2, const PackedWeight* packed,
+                std::string_view hcom, const MmAllReduceOptions& options, const TensorView* out,
+                const char* operation) {
+  const auto comm = comm::find_communicator(hcom);
+  const comm::ExclusiveUse use(*comm, operation);
+  const LocalCall call = validate_locally(x1, x2, packed, options, out, *comm);
+  Tensor made;
+  if (call.shape && out == nullptr) made = Tensor(call.shape->out_dtype, output_shape(*call.shape));
+  const TensorView* into = out != nullptr ? out : &made.view();
+  agree_and_run(call, x1, x2, packed, options, call.shape ? into : nullptr, *comm);
+  return made;
+}
+
 }  // namespace
 
 Tensor mm_all_reduce_base(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                           const MmAllReduceOptions& options) {
-  const auto comm = comm::find_communicator(hcom);
-  const comm::ExclusiveUse use(*comm, "mm_all_reduce_base");
-  const LocalCall call = validate_locally(x1, x2, options, nullptr, *comm);
-  Tensor out;
-  if (call.shape) out = Tensor(call.shape->out_dtype, output_shape(*call.shape));
-  agree_and_run(call, x1, x2, options, call.shape ? &out.view() : nullptr, *comm);
-  return out;
+  return run_call(x1, x2, nullptr, hcom, options, nullptr, "mm_all_reduce_base");
 }
 
 void mm_all_reduce_base_out(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                             const MmAllReduceOptions& options, const TensorView& out) {
-  const auto comm = comm::find_communicator(hcom);
-  const comm::ExclusiveUse use(*comm, "mm_all_reduce_base_out");
-  const LocalCall call = validate_locally(x1, x2, options, &out, *comm);
-  agree_and_run(call, x1, x2, options, call.shape ? &out : nullptr, *comm);
+  run_call(x1, x2, nullptr, hcom, options, &out, "mm_all_reduce_base_out");
+}
+
+Tensor mm_all_reduce_base(const TensorView& x1, const PackedWeight& x2, std::string_view hcom,
+                          const MmAllReduceOptions& options) {
+  return run_call(x1, x2.x2(), &x2, hcom, options, nullptr, "mm_all_reduce_base");
+}
+
+void mm_all_reduce_base_out(const TensorView& x1, const PackedWeight& x2, std::string_view hcom,
+                            const MmAllReduceOptions& options, const TensorView& out) {
+  run_call(x1, x2.x2(), &x2, hcom, options, &out, "mm_all_reduce_base_out");
 }
 
 }  // namespace tpfuse

@@ -24,6 +24,12 @@ The error bound (error_bound) follows from how the contract computes:
   and the terms of second order (products of two roundoffs) are below 1% of
   it (u_out <= 2^-8), hence the factor 1.01. The fp64 reference itself errs
   by less than (k + 3) * 2^-53 * S, which is 2^-29 of F.
+
+  With bf16 activations the engine may be AVX512-BF16's dot product: in
+  weight-only mode the weight is dequantized into bf16, one more rounding
+  of each weight (2^-8 * S more in F), and a subnormal fp32 sum flushes to
+  zero (k * 2^-126 more). (Subnormal operands count as zero in every
+  engine; these inputs have none.)
 """
 import dataclasses
 import math
@@ -180,12 +186,16 @@ def reference(case, world_size):
     abs_partials = sum(p.abs() for p in partials)
     k_max = max(case.k_of(rank) for rank in range(world_size))
     return result, error_bound(case.dtype, abs_partials, sum(magnitudes), k_max,
-                               world_size)
+                               world_size, bf16_weights=case.mode == "weight_quant"
+                               and case.dtype == torch.bfloat16)
 
 
-def error_bound(out_dtype, abs_partials, magnitudes, k, p):
+def error_bound(out_dtype, abs_partials, magnitudes, k, p, bf16_weights=False):
     """The module docstring's bound; abs_partials is A, magnitudes S (elementwise)."""
     u_out = UNIT_ROUNDOFF[out_dtype]
     fp32_terms = (k + 3 + p) * U32 * magnitudes
+    if out_dtype == torch.bfloat16:
+        fp32_terms = fp32_terms + (UNIT_ROUNDOFF[torch.bfloat16] * magnitudes if bf16_weights else 0) \
+            + k * 2.0 ** -126
     return (SECOND_ORDER * (2 * u_out * (abs_partials + fp32_terms) + fp32_terms)
             + (p + 1) * HALF_SUBNORMAL_STEP[out_dtype])

@@ -24,6 +24,7 @@ from tpfuse.ops import (  # noqa: E402
     mm_all_reduce_base,
     npu_mm_all_reduce_base,
     npu_trans_quant_param,
+    packed_weight_cache_info,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "mm_all_reduce_base",
     "npu_mm_all_reduce_base",
     "npu_trans_quant_param",
+    "packed_weight_cache_info",
 ]

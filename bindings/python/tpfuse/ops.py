@@ -42,3 +42,14 @@ def npu_trans_quant_param(scale, offset=None):
     37..45. scale and offset broadcast against each other when one has length 1.
     """
     return torch.ops.tpfuse.trans_quant_param(scale, offset)
+
+
+def packed_weight_cache_info():
+    """What the weights kept packed between calls hold: a dict of entries, bytes, hits and misses.
+
+    The first call with a weight packs it (for this CPU's GEMM engine); later
+    calls with the same tensor, unchanged (same storage and version), reuse
+    the packing. TPFUSE_PACK_CACHE_MB bounds the memory (0: no cache).
+    """
+    entries, nbytes, hits, misses = torch.ops.tpfuse._packed_weight_cache_info()
+    return {"entries": entries, "bytes": nbytes, "hits": hits, "misses": misses}

@@ -11,6 +11,7 @@
 // (elements). A row's result never depends on the range it was computed in.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -19,6 +20,18 @@
 #include "tpfuse/ops/mode.h"
 
 namespace tpfuse::gemm {
+
+// x2 prepared once for many calls (tpfuse::PackedWeight): the packing the
+// engine for many rows on this CPU makes in every call, kept (pack_x2()). An
+// engine given the packing it makes uses it instead, for every call whose
+// rows take a path that reads it; the results are the same bits as an
+// unpacked call's.
+class PackedX2 {
+ public:
+  virtual ~PackedX2() = default;
+  // The memory the packing holds.
+  virtual std::size_t bytes() const = 0;
+};
 
 struct GemmOperands {
   CallShape shape;
@@ -31,6 +44,8 @@ struct GemmOperands {
   // Threads this rank's GEMM may use; 0: default_gemm_threads(1). Results do
   // not depend on it.
   int threads = 0;
+  // x2 packed before by pack_x2() for these operands, or null.
+  const PackedX2* packed = nullptr;
 };
 
 // The thread count for one rank: TPFUSE_NUM_THREADS when set, else the cores
@@ -44,9 +59,16 @@ class PreparedGemm {
   virtual void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const = 0;
   // The engine's name, for logs and benchmarks ("reference", "avx512_f16", ...).
   virtual const char* engine() const = 0;
+  // The packing of x2 this GEMM made (for pack_x2), or null.
+  virtual std::shared_ptr<const PackedX2> packing() const { return nullptr; }
 };
 
 // Chooses the engine for the operands on this CPU and prepares it.
 std::unique_ptr<PreparedGemm> prepare_gemm(const GemmOperands& operands);
+
+// Packs x2 (with its scales) as the engine for many rows of these operands
+// reads it; operands.shape.m and x1's data are not used. Null where that
+// engine reads x2 as it is stored.
+std::shared_ptr<const PackedX2> pack_x2(const GemmOperands& operands);
 
 }  // namespace tpfuse::gemm

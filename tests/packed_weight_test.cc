@@ -1,0 +1,235 @@
+// Packed weights (tpfuse::PackedWeight, gemm::pack_x2): a call with x2 packed
+// once gives the bits of the same call with x2 itself, at every
+// instruction-set level this CPU runs, for every mode, layout and number of
+// rows (decode and prefill); through the operator too; and a packed weight
+// used with other scales, or for another x1 dtype, is refused on every rank.
+// Also the numerics the packed engines share with every other: bf16
+// subnormals and dequantized weights below 2^-126 count as zero.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "gemm/cpu_isa.h"
+#include "gemm/engines.h"
+#include "ops/gemm_operands.h"
+#include "rank_harness.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/half.h"
+#include "tpfuse/ops/packed_weight.h"
+#include "tpfuse/ops/validate.h"
+#include "tpfuse/testing/golden.h"
+#include "tpfuse/testing/inputs.h"
+
+namespace tpfuse {
+namespace {
+
+using gemm::IsaLevel;
+using testing::CaseSpec;
+
+std::vector<IsaLevel> runnable_levels() {
+  std::vector<IsaLevel> levels;
+  for (IsaLevel level : {IsaLevel::portable, IsaLevel::avx2, IsaLevel::avx512, IsaLevel::avx512_dl}) {
+    if (level <= gemm::detected_isa()) levels.push_back(level);
+  }
+  return levels;
+}
+
+std::vector<unsigned char> run_gemm(const gemm::GemmOperands& operands, IsaLevel level) {
+  const auto prepared = gemm::prepare_gemm_for_isa(operands, level);
+  std::vector<unsigned char> out(static_cast<std::size_t>(operands.shape.m * operands.shape.n) *
+                                 dtype_size(operands.shape.out_dtype));
+  prepared->compute_rows(0, operands.shape.m, out.data(), operands.shape.n);
+  return out;
+}
+
+struct PackCase {
+  Mode mode;
+  DType dtype;
+  bool transposed;
+  bool offset;
+};
+
+class PackedGemm : public ::testing::TestWithParam<PackCase> {};
+
+TEST_P(PackedGemm, GivesTheUnpackedBitsForEveryRowCount) {
+  const PackCase& c = GetParam();
+  for (std::int64_t m : {1, 2, 3, 6, 16, 65, 200}) {
+    CaseSpec spec;
+    spec.mode = c.mode;
+    spec.dtype = c.dtype;
+    spec.m = m;
+    spec.k = 97;  // odd: a last pair padded
+    spec.n = 150;  // a ragged last panel
+    spec.x2_transposed = c.transposed;
+    spec.bias = true;
+    spec.x3 = true;
+    spec.offset = c.offset;
+    spec.scale_kind = c.mode == Mode::weight_quant ? ScaleKind::per_group : ScaleKind::per_channel;
+    spec.group_size = 32;
+    spec.seed = static_cast<std::uint64_t>(m + 7);
+    const testing::RankInputs inputs = testing::make_rank_inputs(spec, 0);
+    const testing::RankArgs& args = inputs.args;
+    const CallShape shape = validate_call(args.x1, args.x2, args.options);
+    gemm::GemmOperands operands = make_gemm_operands(shape, args.x1, args.x2, args.options);
+    operands.threads = 2;
+    for (IsaLevel level : runnable_levels()) {
+      SCOPED_TRACE(cat("m=", m, " level ", gemm::isa_name(level), " engine ",
+                       gemm::prepare_gemm_for_isa(operands, level)->engine()));
+      const auto packing = gemm::pack_x2_for_isa(operands, level);
+      gemm::GemmOperands packed = operands;
+      packed.packed = packing.get();
+      EXPECT_TRUE(run_gemm(packed, level) == run_gemm(operands, level));
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Modes, PackedGemm,
+    ::testing::Values(PackCase{Mode::plain, DType::bf16, false, false}, PackCase{Mode::plain, DType::bf16, true, false},
+                      PackCase{Mode::plain, DType::f16, false, false}, PackCase{Mode::plain, DType::f16, true, false},
+                      PackCase{Mode::weight_quant, DType::bf16, false, true},
+                      PackCase{Mode::weight_quant, DType::bf16, true, false},
+                      PackCase{Mode::weight_quant, DType::f16, false, false},
+                      PackCase{Mode::weight_quant, DType::f16, true, true},
+                      PackCase{Mode::full_quant, DType::f16, false, false},
+                      PackCase{Mode::full_quant, DType::bf16, true, false}),
+    [](const ::testing::TestParamInfo<PackCase>& info) {
+      const PackCase& c = info.param;
+      return cat(mode_name(c.mode), "_", dtype_name(c.dtype), c.transposed ? "_t" : "", c.offset ? "_offset" : "");
+    });
+
+// ---- through the operator ----
+
+TEST(PackedWeight, OperatorGivesTheUnpackedBits) {
+  for (Mode mode : {Mode::plain, Mode::weight_quant, Mode::full_quant}) {
+    for (std::int64_t m : {1, 16, 300}) {
+      CaseSpec spec;
+      spec.mode = mode;
+      spec.dtype = DType::bf16;
+      spec.m = m;
+      spec.k = 256;
+      spec.n = 192;
+      spec.bias = true;
+      spec.x3 = true;
+      spec.uneven_k = true;
+      spec.x2_transposed = m == 16;
+      spec.seed = static_cast<std::uint64_t>(m);
+      SCOPED_TRACE(cat(mode_name(mode), " m=", m));
+      const auto result = test::run_ranks(2, [&](comm::RankContext& ctx) {
+        const testing::RankInputs inputs = testing::make_rank_inputs(spec, ctx.rank);
+        const testing::RankArgs& args = inputs.args;
+        const PackedWeight packed(args.x1.dtype(), args.x2, args.options);
+        for (std::int64_t turn : {0, 3}) {
+          MmAllReduceOptions options = args.options;
+          options.comm_turn = turn;
+          const Tensor plain = mm_all_reduce_base(args.x1, args.x2, ctx.comm->name(), options);
+          const Tensor from_packed = mm_all_reduce_base(args.x1, packed, ctx.comm->name(), options);
+          test::expect_rank(std::memcmp(plain.data(), from_packed.data(), plain.nbytes()) == 0,
+                            "rank ", ctx.rank, " comm_turn ", turn, ": packed and unpacked differ");
+        }
+        return 0;
+      });
+      EXPECT_TRUE(result.ok()) << result.describe_failures();
+    }
+  }
+}
+
+TEST(PackedWeight, OtherScalesOrX1DtypeAreRefusedOnEveryRank) {
+  CaseSpec spec;
+  spec.mode = Mode::weight_quant;
+  spec.dtype = DType::bf16;
+  spec.m = 8;
+  spec.k = 64;
+  spec.n = 32;
+  const auto result = test::run_ranks(2, [&](comm::RankContext& ctx) {
+    const testing::RankInputs inputs = testing::make_rank_inputs(spec, ctx.rank);
+    const testing::RankArgs& args = inputs.args;
+    const PackedWeight packed(args.x1.dtype(), args.x2, args.options);
+    // Rank 1 passes a copy of the scale: another tensor, not the packed one.
+    Tensor copy(args.options.antiquant_scale->dtype(), {spec.n});
+    std::memcpy(copy.data(), args.options.antiquant_scale->data(), copy.nbytes());
+    MmAllReduceOptions options = args.options;
+    if (ctx.rank == 1) options.antiquant_scale = copy.view();
+    try {
+      mm_all_reduce_base(args.x1, packed, ctx.comm->name(), options);
+      test::expect_rank(false, "rank ", ctx.rank, ": a mismatched scale was accepted");
+    } catch (const Error& error) {
+      const std::string what = error.what();
+      test::expect_rank(what.find("antiquant_scale: expected the tensor x2 was packed with") != std::string::npos,
+                        "rank ", ctx.rank, ": ", what);
+    }
+    Tensor f16_x1(DType::f16, {spec.m, spec.k});
+    std::memset(f16_x1.data(), 0, f16_x1.nbytes());
+    try {
+      mm_all_reduce_base(f16_x1, packed, ctx.comm->name(), args.options);
+      test::expect_rank(false, "rank ", ctx.rank, ": an f16 x1 was accepted for a bf16 packing");
+    } catch (const Error& error) {  // this rank's own InvalidArgument, or its peer's
+      test::expect_rank(std::string(error.what()).find("x1: expected dtype bf16") != std::string::npos,
+                        error.what());
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// ---- the numerics every engine shares ----
+
+// x1 = [s, 1] with s = 2^-127, a bf16 subnormal, and x2 = [2^127; 3]: an
+// engine that kept s would add s * 2^127 = 1 and give 4. Every engine, at
+// every level, must give 3.
+TEST(OperandNumerics, Bf16SubnormalsCountAsZeroInEveryEngine) {
+  for (std::int64_t m : {1, 100}) {
+    Tensor x1(DType::bf16, {m, 2}), x2(DType::bf16, {2, 1});
+    for (std::int64_t i = 0; i < m; ++i) {
+      x1.data_as<BFloat16>()[2 * i] = BFloat16{0x0040};  // 2^-127
+      x1.data_as<BFloat16>()[2 * i + 1] = f32_to_bf16(1.0f);
+    }
+    x2.data_as<BFloat16>()[0] = f32_to_bf16(0x1p127f);
+    x2.data_as<BFloat16>()[1] = f32_to_bf16(3.0f);
+    const CallShape shape = validate_call(x1, x2, {});
+    const gemm::GemmOperands operands = make_gemm_operands(shape, x1, x2, {});
+    for (IsaLevel level : runnable_levels()) {
+      const std::vector<unsigned char> out = run_gemm(operands, level);
+      for (std::int64_t i = 0; i < m; ++i) {
+        BFloat16 value;
+        std::memcpy(&value, out.data() + 2 * i, 2);
+        EXPECT_EQ(bf16_to_f32(value), 3.0f) << "m=" << m << " row " << i << " at " << gemm::isa_name(level);
+      }
+    }
+  }
+}
+
+// A weight dequantized below 2^-126 (1 * 2^-128) counts as zero whatever x1
+// multiplies it by: with x1 = 2^127 an engine that kept it would give 0.5.
+TEST(OperandNumerics, TinyDequantizedWeightsCountAsZeroInEveryEngine) {
+  for (std::int64_t m : {1, 100}) {
+    Tensor x1(DType::bf16, {m, 2}), x2(DType::i8, {2, 1}), scale(DType::bf16, {1});
+    for (std::int64_t i = 0; i < m; ++i) {
+      x1.data_as<BFloat16>()[2 * i] = f32_to_bf16(0x1p127f);
+      x1.data_as<BFloat16>()[2 * i + 1] = f32_to_bf16(1.0f);
+    }
+    x2.data_as<std::int8_t>()[0] = 1;
+    x2.data_as<std::int8_t>()[1] = 0;
+    scale.data_as<BFloat16>()[0] = BFloat16{0x0020};  // 2^-128
+    MmAllReduceOptions options;
+    options.antiquant_scale = scale.view();
+    const CallShape shape = validate_call(x1, x2, options);
+    const gemm::GemmOperands operands = make_gemm_operands(shape, x1, x2, options);
+    const testing::RankArgs args[] = {{x1, x2, options}};
+    EXPECT_EQ(testing::golden_mm_all_reduce(args).value[0], 0.0) << "the golden model must zero the weight";
+    for (IsaLevel level : runnable_levels()) {
+      const std::vector<unsigned char> out = run_gemm(operands, level);
+      for (std::int64_t i = 0; i < m; ++i) {
+        BFloat16 value;
+        std::memcpy(&value, out.data() + 2 * i, 2);
+        EXPECT_EQ(bf16_to_f32(value), 0.0f) << "m=" << m << " row " << i << " at " << gemm::isa_name(level);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tpfuse
