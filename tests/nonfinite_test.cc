@@ -1,7 +1,7 @@
 // NaN and infinity inputs, every mode, through the whole operator on two
 // ranks (GEMM engines, epilogue, rounding and the shared-memory reduce): each
 // output element must be what IEEE arithmetic gives for the contract's
-// formula (SEMANTICS.md). Each case puts non-finite values in one place and
+// formula (docs/SEMANTICS.md). Each case puts non-finite values in one place and
 // states the pattern the formula implies:
 //   NaN in row i of x1 (any rank)          -> row i of out is NaN
 //   NaN in x2, bias, a per-channel scale,
@@ -349,7 +349,7 @@ INSTANTIATE_TEST_SUITE_P(EveryMode, NonFinite,
                          [](const auto& info) { return std::string(kModes[info.param].name); });
 
 // The packed dequant scale keeps the fp32 pattern with its 13 lowest mantissa
-// bits cleared (SEMANTICS.md): infinities and NaNs with a high payload bit
+// bits cleared (docs/SEMANTICS.md): infinities and NaNs with a high payload bit
 // (every quiet NaN) survive, a NaN whose payload lies only in those bits
 // becomes an infinity of its sign, as torch_npu packs it.
 TEST(NonFiniteQuantScale, PackingKeepsTheClassOfTheTopBits) {

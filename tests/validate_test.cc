@@ -1,4 +1,4 @@
-// One test per argument rule of SEMANTICS.md: each builds a valid call,
+// One test per argument rule of docs/SEMANTICS.md: each builds a valid call,
 // breaks one thing, and checks the InvalidArgument names the argument first
 // and quotes the value given. Accepted calls check every CallShape field.
 #include "tpfuse/ops/validate.h"

@@ -1,4 +1,4 @@
-// Every argument rule of SEMANTICS.md, checked in one place, in a fixed order:
+// Every argument rule of docs/SEMANTICS.md, checked in one place, in a fixed order:
 // scalars, then each tensor's own sanity (pointer, dims, strides, sizes that
 // fit int64), x1/x2 layout, the dtype pair that picks the mode, the mode's
 // scale tensors, then bias and x3. Each failure names the argument first,

@@ -1,5 +1,5 @@
 // The golden model: every rank's partial in fp64 straight from the
-// definitions in SEMANTICS.md, their exact sum, and per element the largest
+// definitions in docs/SEMANTICS.md, their exact sum, and per element the largest
 // error the contract's numerics allow.
 //
 // Derivation of the bound (Higham, "Accuracy and Stability of Numerical

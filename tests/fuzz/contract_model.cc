@@ -1,4 +1,4 @@
-// The contract, rule by rule, as SEMANTICS.md states it. Sizes are exact
+// The contract, rule by rule, as docs/SEMANTICS.md states it. Sizes are exact
 // 128-bit integers (capped far above int64), so "fits int64" is a plain
 // comparison here where validation needs overflow-checked arithmetic.
 #include "contract_model.h"

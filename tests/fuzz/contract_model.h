@@ -1,4 +1,4 @@
-// An independent model of the operator's argument contract (SEMANTICS.md and
+// An independent model of the operator's argument contract (docs/SEMANTICS.md and
 // the size rules of validate.h), written from the contract rather than from
 // validate.cc and computing sizes exactly in 128-bit arithmetic: the fuzzer's
 // oracle. For a call it says whether the contract accepts it, which arguments

@@ -1,5 +1,5 @@
 // mm_all_reduce_base: the fused "matrix multiply + all-reduce" of a
-// row-parallel linear layer (see SEMANTICS in the docs for the full contract).
+// row-parallel linear layer (docs/SEMANTICS.md has the full contract).
 //
 // Every rank of the group named `hcom` calls it collectively, in the same
 // order, with its K-slice of the activations (x1) and of the weight (x2). The
