@@ -109,7 +109,7 @@ class LauncherLifeline {
       std::fprintf(stderr, "tpfuse[rank %d] error: the launcher (pid %ld) is gone; ending\n", rank,
                    static_cast<long>(launcher));
       remove_job_files(store_dir);
-      ::_exit(kLauncherGoneExitCode);
+      shm::unlink_created_segments_and_end(kLauncherGoneExitCode);
     }).detach();
   }
 

@@ -14,8 +14,10 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <utility>
+#include <vector>
 
 #include "comm/unique_fd.h"
 #include "tpfuse/core/error.h"
@@ -27,6 +29,35 @@ namespace {
 constexpr std::uint64_t kMagic = 0x4d53657375667074;  // "tpfuseSM" in little-endian bytes
 constexpr std::uint32_t kVersion = 4;
 constexpr mode_t kSegmentMode = 0600;
+
+// The names this process created and has not unlinked. A process that must
+// end abruptly unlinks them under the lock and ends holding it, so a segment
+// is either named here or never created.
+struct CreatedNames {
+  std::mutex mutex;
+  std::vector<std::string> names;
+};
+
+CreatedNames& created_names() {
+  static auto* names = new CreatedNames;  // never destroyed: used until _exit
+  return *names;
+}
+
+int create_and_record(const std::string& name) {
+  CreatedNames& created = created_names();
+  const std::lock_guard lock(created.mutex);
+  const int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, kSegmentMode);
+  if (fd >= 0) created.names.push_back(name);
+  return fd;
+}
+
+// shm_unlink, and the name is no longer this process's to remove.
+int unlink_created(const std::string& name) {
+  CreatedNames& created = created_names();
+  const std::lock_guard lock(created.mutex);
+  std::erase(created.names, name);
+  return ::shm_unlink(name.c_str());
+}
 
 void fill_random(unsigned char* bytes, std::size_t count) {
   std::size_t filled = 0;
@@ -93,7 +124,7 @@ class UnlinkUnlessDismissed {
   UnlinkUnlessDismissed(const UnlinkUnlessDismissed&) = delete;
   UnlinkUnlessDismissed& operator=(const UnlinkUnlessDismissed&) = delete;
   ~UnlinkUnlessDismissed() {
-    if (armed_) ::shm_unlink(name_.c_str());
+    if (armed_) unlink_created(name_);
   }
   void dismiss() { armed_ = false; }
 
@@ -193,8 +224,15 @@ Segment::Segment(Segment&& other) noexcept
       gather_(other.gather_) {}
 
 Segment::~Segment() {
-  if (owns_name_) ::shm_unlink(name_.c_str());
+  if (owns_name_) unlink_created(name_);
   if (base_ != nullptr) ::munmap(base_, bytes_);
+}
+
+void unlink_created_segments_and_end(int exit_code) noexcept {
+  CreatedNames& created = created_names();
+  created.mutex.lock();
+  for (const std::string& name : created.names) ::shm_unlink(name.c_str());
+  ::_exit(exit_code);
 }
 
 std::string Segment::random_name() { return "/tpfuse-" + random_hex(16); }
@@ -202,7 +240,7 @@ std::string Segment::random_name() { return "/tpfuse-" + random_hex(16); }
 Segment Segment::create(const std::string& name, int world_size, std::size_t slot_bytes,
                         AlgorithmChoice algorithm) {
   const SegmentLayout layout = SegmentLayout::compute(world_size, slot_bytes);
-  UniqueFd fd(::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, kSegmentMode));
+  UniqueFd fd(create_and_record(name));
   if (!fd.valid())
     throw_system_error(cat("shm setup: shm_open(", name, ", O_CREAT | O_EXCL)"), errno);
   UnlinkUnlessDismissed unlink_on_failure(name);
@@ -288,7 +326,7 @@ void Segment::attach_rank(int rank) {
 void Segment::unlink() {
   if (!owns_name_) return;
   owns_name_ = false;
-  if (::shm_unlink(name_.c_str()) != 0 && errno != ENOENT) {
+  if (unlink_created(name_) != 0 && errno != ENOENT) {
     throw_system_error(cat("shm setup: shm_unlink(", name_, ")"), errno);
   }
 }

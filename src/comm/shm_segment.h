@@ -188,6 +188,11 @@ struct AbortNotice {
   std::string reason;
 };
 
+// For a process that must end at once (its launcher died): unlinks every
+// segment it created and still names, then _exit(exit_code). A create() racing
+// with it either finishes first, and its segment is unlinked, or never runs.
+[[noreturn]] void unlink_created_segments_and_end(int exit_code) noexcept;
+
 // A mapped segment. Rank 0 creates it and owns its name until unlink(): if
 // the owner is destroyed before that (setup failed), it unlinks the name.
 class Segment {
