@@ -597,56 +597,79 @@ TEST(AllGather, ReturnsEveryBlobInRankOrder) {
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
-// Starting a gather sends this rank's blob and returns without waiting for
-// the peers', so a rank can work meanwhile: the last rank starts 300 ms
-// late, and the others' starts still return at once. A gather dropped
-// unwaited is completed by its destructor, and the next gather pairs up.
-TEST(AllGather, StartsWithoutWaitingForThePeers) {
-  const auto result = launch(3, [](RankContext& ctx) {
-    const bool late = ctx.rank == 2;
-    for (int round = 0; round < 3; ++round) {
-      if (late) std::this_thread::sleep_for(300ms);
-      const auto started = std::chrono::steady_clock::now();
-      auto pending = ctx.comm->all_gather_start(cat("rank ", ctx.rank, " round ", round));
-      const auto start_took = std::chrono::steady_clock::now() - started;
-      expect_rank(late || start_took < 150ms, "round ", round, ": starting took ",
-                  std::chrono::duration_cast<std::chrono::milliseconds>(start_took).count(),
-                  " ms, as if it waited for the late rank");
-      if (round == 1) continue;  // dropped unwaited
-      const auto blobs = pending->wait();
-      for (int r = 0; r < 3; ++r) {
-        expect_rank(blobs[r] == cat("rank ", r, " round ", round), "round ", round,
-                    ": blob of rank ", r, " is \"", blobs[r], "\"");
-      }
-    }
-    return 0;
-  });
-  EXPECT_TRUE(result.ok()) << result.describe_failures();
+// A checked all-reduce whose digests match sums like any other; whose
+// digests differ reads no contribution (rank 0's count is large, rank 2's is
+// 0), sums nothing, and tells every rank every header; the next round works.
+// On shm (the headers beside the slots) and through the Communicator's
+// default (the headers in an all_gather first), which a communicator that
+// only forwards the other collectives gets.
+class Forwarding final : public Communicator {
+ public:
+  explicit Forwarding(std::shared_ptr<Communicator> inner) : inner_(std::move(inner)) {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  const std::string& name() const override { return inner_->name(); }
+  std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
+  std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
+                                         DType dtype) override {
+    return inner_->all_reduce_start(input, output, count, dtype);
+  }
+  std::vector<std::string> all_gather(std::string_view mine) override {
+    return inner_->all_gather(mine);
+  }
+  std::size_t max_gather_bytes() const override { return inner_->max_gather_bytes(); }
+  void abort(std::string_view reason) override { inner_->abort(reason); }
+
+ private:
+  std::shared_ptr<Communicator> inner_;
+};
+
+comm::CallHeader header_with(std::uint64_t digest, const std::string& text) {
+  comm::CallHeader header;
+  header.digest = digest;
+  header.set_payload(text);
+  return header;
 }
 
-// Each rank has two gather slots, taken in turn: a rank done with a gather
-// starts the next while a slower peer has yet to read the last; only the one
-// after that waits for it.
-TEST(AllGather, NextStartsWhileAPeerStillReadsTheLast) {
-  const auto result = launch(2, [](RankContext& ctx) {
-    auto first = ctx.comm->all_gather_start(cat("first ", ctx.rank));
-    if (ctx.rank == 1) {
-      std::this_thread::sleep_for(300ms);
-      expect_rank(first->wait()[0] == "first 0", "rank 1 read the wrong first blob");
-      ctx.comm->all_gather_start("second 1")->wait();
-      ctx.comm->all_gather_start("third 1")->wait();
-      return 0;
-    }
-    expect_rank(first->wait()[1] == "first 1", "rank 0 read the wrong first blob");
-    const auto started = Clock::now();
-    auto second = ctx.comm->all_gather_start("second 0");
-    const auto second_took = Clock::now() - started;
-    expect_rank(second_took < 150ms, "starting the second gather took ",
-                std::chrono::duration_cast<std::chrono::milliseconds>(second_took).count(),
-                " ms, as if it waited for rank 1 to read the first");
-    expect_rank(second->wait()[1] == "second 1", "rank 0 read the wrong second blob");
-    expect_rank(ctx.comm->all_gather_start("third 0")->wait()[1] == "third 1",
-                "rank 0 read the wrong third blob");
+void checked_rounds(Communicator& comm, const RankContext& ctx) {
+  const std::size_t count = 1000;
+  std::vector<float> out(count, -1.0f);
+  // Matching digests: the sum.
+  comm::ReduceBuffer buffer = comm.acquire_reduce_buffer(count, DType::f32);
+  for (std::size_t i = 0; i < count; ++i)
+    reinterpret_cast<float*>(buffer.data)[i] = float(ctx.rank + i);
+  auto work = comm.checked_all_reduce_start(std::move(buffer), out.data(), header_with(7, "same"));
+  work->wait();
+  expect_rank(work->mismatch() == nullptr, "matching digests reported a mismatch");
+  for (std::size_t i = 0; i < count; ++i)
+    expect_rank(out[i] == float(3 + 3 * i), "element ", i, " is ", out[i]);
+  // Rank 2's digest differs, and its count: nothing is read or summed.
+  std::fill(out.begin(), out.end(), -1.0f);
+  const std::size_t mine = ctx.rank == 2 ? 0 : count;
+  buffer = comm.acquire_reduce_buffer(mine, DType::f32);
+  if (mine > 0) std::memset(buffer.data, 0, mine * sizeof(float));
+  work = comm.checked_all_reduce_start(std::move(buffer), out.data(),
+                                       header_with(ctx.rank == 2 ? 9 : 7, cat("rank ", ctx.rank)));
+  work->wait();
+  const std::vector<comm::CallHeader>* headers = work->mismatch();
+  expect_rank(headers != nullptr && headers->size() == 3u, "no mismatch reported");
+  for (int r = 0; r < 3; ++r) {
+    expect_rank((*headers)[r].payload_view() == cat("rank ", r), "header of rank ", r, ": ",
+                (*headers)[r].payload_view());
+  }
+  expect_rank(std::all_of(out.begin(), out.end(), [](float v) { return v == -1.0f; }),
+              "a mismatched round wrote the output");
+  // And the communicator goes on.
+  std::vector<float> one(4, float(ctx.rank)), sum(4);
+  comm.all_reduce(one.data(), sum.data(), 4, DType::f32);
+  expect_rank(sum[0] == 3.0f, "the next all-reduce gave ", sum[0]);
+}
+
+TEST(CheckedAllReduce, SumsWhenDigestsMatchAndReadsNothingWhenNot) {
+  const auto result = launch(3, [](RankContext& ctx) {
+    checked_rounds(*ctx.comm, ctx);
+    Forwarding by_default(ctx.comm);
+    checked_rounds(by_default, ctx);
     return 0;
   });
   EXPECT_TRUE(result.ok()) << result.describe_failures();

@@ -3,6 +3,9 @@
 // all-reduce then copies as it would any input.
 #include "tpfuse/comm/communicator.h"
 
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
 #include <limits>
 #include <new>
 #include <string>
@@ -30,20 +33,55 @@ class ScratchWork final : public Work {
   std::unique_ptr<Work> inner_;
 };
 
-// A gather that was complete when it started.
-class GatheredAlready final : public PendingGather {
+// A checked all-reduce decided before it started: an all-reduce that summed,
+// or the headers that differed.
+class DecidedCheckedWork final : public CheckedWork {
  public:
-  explicit GatheredAlready(std::vector<std::string> gathered) : gathered_(std::move(gathered)) {}
-  std::vector<std::string> wait() override { return std::move(gathered_); }
+  DecidedCheckedWork(std::unique_ptr<Work> inner, std::vector<CallHeader> mismatch)
+      : inner_(std::move(inner)), mismatch_(std::move(mismatch)) {}
+  bool test() override { return inner_->test(); }
+  void wait() override { inner_->wait(); }
+  const std::vector<CallHeader>* mismatch() const override {
+    return mismatch_.empty() ? nullptr : &mismatch_;
+  }
 
  private:
-  std::vector<std::string> gathered_;
+  std::unique_ptr<Work> inner_;
+  std::vector<CallHeader> mismatch_;
 };
 
 }  // namespace
 
-std::unique_ptr<PendingGather> Communicator::all_gather_start(std::string_view mine) {
-  return std::make_unique<GatheredAlready>(all_gather(mine));
+void CallHeader::set_payload(std::string_view bytes) {
+  length = static_cast<std::uint32_t>(std::min(bytes.size(), kPayloadBytes));
+  std::memcpy(payload.data(), bytes.data(), length);
+}
+
+std::string_view CallHeader::payload_view() const {
+  return {reinterpret_cast<const char*>(payload.data()),
+          std::min<std::size_t>(length, kPayloadBytes)};
+}
+
+std::unique_ptr<CheckedWork> Communicator::checked_all_reduce_start(ReduceBuffer buffer,
+                                                                    void* output,
+                                                                    const CallHeader& mine) {
+  const ExclusiveUse use(*this, "checked_all_reduce_start");
+  const std::size_t used =
+      offsetof(CallHeader, payload) + std::min<std::size_t>(mine.length, CallHeader::kPayloadBytes);
+  const std::vector<std::string> gathered = all_gather(
+      std::string_view(reinterpret_cast<const char*>(&mine), std::min(used, max_gather_bytes())));
+  std::vector<CallHeader> headers(gathered.size());
+  bool same = true;
+  for (std::size_t r = 0; r < gathered.size(); ++r) {
+    std::memcpy(&headers[r], gathered[r].data(), std::min(gathered[r].size(), sizeof(CallHeader)));
+    same = same && headers[r].digest == mine.digest;
+  }
+  // On a mismatch every rank still starts its buffer, empty: whatever a
+  // transport counts per buffer then stays the same on every rank.
+  if (!same) buffer.count = 0;
+  auto inner = all_reduce_start(std::move(buffer), output);
+  return std::make_unique<DecidedCheckedWork>(
+      std::move(inner), same ? std::vector<CallHeader>{} : std::move(headers));
 }
 
 ReduceBuffer Communicator::acquire_reduce_buffer(std::size_t count, DType dtype) {

@@ -90,25 +90,25 @@ class ShmWork final : public Work {
   std::uint64_t last_round_;
 };
 
-class ShmCommunicator;
-
-// The second half of an shm all-gather: wait for every rank's contribution,
-// copy them out, and mark this rank's slot read.
-class ShmPendingGather final : public PendingGather {
+// A checked round: completes as its round does; the round fills `mismatch`
+// when the ranks' digests differ.
+class ShmCheckedWork final : public CheckedWork {
  public:
-  ShmPendingGather(ShmCommunicator& comm, std::uint64_t index, std::uint64_t sequence)
-      : comm_(comm), index_(index), sequence_(sequence) {}
-  ShmPendingGather(const ShmPendingGather&) = delete;
-  ShmPendingGather& operator=(const ShmPendingGather&) = delete;
-  ~ShmPendingGather() override;
-  std::vector<std::string> wait() override;
+  ShmCheckedWork(std::shared_ptr<RoundQueue> queue, std::uint64_t round,
+                 std::shared_ptr<std::vector<CallHeader>> mismatch)
+      : work_(std::move(queue), round), mismatch_(std::move(mismatch)) {}
+  bool test() override { return work_.test(); }
+  void wait() override { work_.wait(); }
+  const std::vector<CallHeader>* mismatch() const override {
+    return mismatch_->empty() ? nullptr : mismatch_.get();
+  }
 
  private:
-  ShmCommunicator& comm_;
-  std::uint64_t index_;
-  std::uint64_t sequence_;
-  bool waited_ = false;
+  ShmWork work_;
+  std::shared_ptr<std::vector<CallHeader>> mismatch_;
 };
+
+class ShmCommunicator;
 
 class ShmCommunicator final : public Communicator {
  public:
@@ -127,24 +127,18 @@ class ShmCommunicator final : public Communicator {
                                          DType dtype) override;
   ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override;
   std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output) override;
+  std::unique_ptr<CheckedWork> checked_all_reduce_start(ReduceBuffer buffer, void* output,
+                                                        const CallHeader& mine) override;
   std::size_t max_reduce_buffer_bytes() const override {
     return group_->segment.ring().slot_bytes();
   }
   int max_reduces_in_flight() const override {
     return static_cast<int>(group_->segment.ring().depth());
   }
-  // A round up to this size is one chunk and one-shot, whatever its count
-  // on each rank: every rank waits for the same flags, and reads its own
-  // count from each slot, which holds that many.
-  std::size_t max_mismatch_safe_reduce_bytes() const override {
-    return std::min(max_reduce_buffer_bytes(), shm::max_one_shot_bytes(*group_));
-  }
   std::vector<std::string> all_gather(std::string_view mine) override;
-  std::unique_ptr<PendingGather> all_gather_start(std::string_view mine) override;
   void abort(std::string_view reason) override;
 
  private:
-  friend class ShmPendingGather;
   // Numbers the next collective and refuses to start it on an aborted group.
   std::uint64_t begin_collective(std::string_view operation);
   // Copies into this rank's slot the part of a chunk that peers will read.
@@ -154,6 +148,10 @@ class ShmCommunicator final : public Communicator {
   std::shared_ptr<RoundQueue> queue_;
   std::shared_ptr<ShmGroup> group_;
   std::string name_;
+  // Starts the oldest acquired buffer's round; `mismatch` makes it checked.
+  void start_buffer(const ReduceBuffer& buffer, void* output,
+                    std::shared_ptr<std::vector<CallHeader>> mismatch);
+
   // Collective numbers of the buffers acquired and not yet started, oldest first.
   std::deque<std::uint64_t> acquired_indices_;
 };
@@ -243,8 +241,8 @@ ReduceBuffer ShmCommunicator::acquire_reduce_buffer(std::size_t count, DType dty
   return buffer;
 }
 
-std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, void* output) {
-  const ExclusiveUse use(*this, "all_reduce_start");
+void ShmCommunicator::start_buffer(const ReduceBuffer& buffer, void* output,
+                                   std::shared_ptr<std::vector<CallHeader>> mismatch) {
   require(!acquired_indices_.empty() && buffer.round != 0 &&
               buffer.data == group_->segment.ring().slot(group_->rank, buffer.round),
           "all_reduce_start: the buffer was not acquired from this communicator");
@@ -258,16 +256,31 @@ std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, voi
   spec.dtype = buffer.dtype;
   spec.output = static_cast<std::byte*>(output);
   spec.output_store = output_store_for(buffer.count * dtype_size(buffer.dtype), false);
+  spec.mismatch = std::move(mismatch);
   queue_->start(spec);
   acquired_indices_.pop_front();
+}
+
+std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, void* output) {
+  const ExclusiveUse use(*this, "all_reduce_start");
+  start_buffer(buffer, output, nullptr);
   return std::make_unique<ShmWork>(queue_, buffer.round);
 }
 
-std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
-  return all_gather_start(mine)->wait();
+std::unique_ptr<CheckedWork> ShmCommunicator::checked_all_reduce_start(ReduceBuffer buffer,
+                                                                       void* output,
+                                                                       const CallHeader& mine) {
+  const ExclusiveUse use(*this, "checked_all_reduce_start");
+  static_assert(sizeof(CallHeader) == shm::kRoundHeaderBytes);
+  // In the ring beside the slot before the round is announced: a peer reads
+  // it once it sees this rank's contribution.
+  std::memcpy(group_->segment.ring().header(group_->rank, buffer.round), &mine, sizeof mine);
+  auto mismatch = std::make_shared<std::vector<CallHeader>>();
+  start_buffer(buffer, output, mismatch);
+  return std::make_unique<ShmCheckedWork>(queue_, buffer.round, std::move(mismatch));
 }
 
-std::unique_ptr<PendingGather> ShmCommunicator::all_gather_start(std::string_view mine) {
+std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
   const ExclusiveUse use(*this, "all_gather");
   require(mine.size() <= shm::kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
           " bytes exceeds max_gather_bytes() = ", shm::kMaxGatherBytes);
@@ -291,44 +304,25 @@ std::unique_ptr<PendingGather> ShmCommunicator::all_gather_start(std::string_vie
   if (!mine.empty()) std::memcpy(slot + shm::kCacheLine, mine.data(), mine.size());
   channel.flags(me).published.store(current, std::memory_order_release);
   shm::ring_doorbell(group_->segment.doorbell());
-  return std::make_unique<ShmPendingGather>(*this, index, current);
-}
 
-std::vector<std::string> ShmPendingGather::wait() {
-  const ExclusiveUse use(comm_, "all_gather");
-  ShmGroup& group = *comm_.group_;
-  const shm::Channel& channel = group.segment.gather();
-  waited_ = true;
-  PeerWait wait(group);
-  wait.start({"all-gather", index_, "to contribute"});
-  wait.wait([&](int r) {
-    return channel.flags(r).published.load(std::memory_order_acquire) >= sequence_;
-  });
-  std::vector<std::string> gathered(static_cast<std::size_t>(group.size));
-  for (int r = 0; r < group.size; ++r) {
-    const std::byte* slot = channel.slot(r, sequence_);
+  wait.start({"all-gather", index, "to contribute"});
+  wait.wait(
+      [&](int r) { return channel.flags(r).published.load(std::memory_order_acquire) >= current; });
+  std::vector<std::string> gathered(static_cast<std::size_t>(group_->size));
+  for (int r = 0; r < group_->size; ++r) {
+    const std::byte* their_slot = channel.slot(r, current);
     std::uint64_t their_length = 0;
-    std::memcpy(&their_length, slot, sizeof their_length);
+    std::memcpy(&their_length, their_slot, sizeof their_length);
     if (their_length > shm::kMaxGatherBytes) {
-      throw InternalError(cat("all-gather #", index_, ": rank ", r, " wrote a length of ",
+      throw InternalError(cat("all-gather #", index, ": rank ", r, " wrote a length of ",
                               their_length, " bytes into its slot"));
     }
-    gathered[r].assign(reinterpret_cast<const char*>(slot + shm::kCacheLine),
+    gathered[r].assign(reinterpret_cast<const char*>(their_slot + shm::kCacheLine),
                        static_cast<std::size_t>(their_length));
   }
-  channel.flags(group.rank).consumed.store(sequence_, std::memory_order_release);
-  shm::ring_doorbell(group.segment.doorbell());
+  channel.flags(me).consumed.store(current, std::memory_order_release);
+  shm::ring_doorbell(group_->segment.doorbell());
   return gathered;
-}
-
-ShmPendingGather::~ShmPendingGather() {
-  if (waited_) return;
-  try {
-    wait();
-  } catch (const std::exception& error) {
-    // As for an unfinished Work: the failed wait reported itself to the group.
-    log::debug("unfinished all-gather dropped: ", error.what());
-  }
 }
 
 void ShmCommunicator::abort(std::string_view reason) {

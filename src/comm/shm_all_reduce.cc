@@ -2,6 +2,7 @@
 #include "comm/shm_all_reduce.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <limits>
 
@@ -86,6 +87,7 @@ bool RoundAllReduce::advance() {
     case Step::await_contributions:
       if (algorithm_ == RoundAlgorithm::one_shot) return try_sum_all();
       if (!try_reduce_my_share()) return false;
+      if (step_ == Step::done) return true;  // a checked round the headers stopped
       [[fallthrough]];
     case Step::await_shares:
       return try_gather_shares();
@@ -95,6 +97,27 @@ bool RoundAllReduce::advance() {
   return false;
 }
 
+// A checked round whose ranks' digests differ: every header copied out, and
+// the round done without reading a contribution (their counts may differ).
+bool RoundAllReduce::headers_differ() {
+  if (!spec_.mismatch) return false;
+  const Ring& ring = group_.segment.ring();
+  std::vector<std::uint64_t> digests(static_cast<std::size_t>(group_.size));
+  for (int r = 0; r < group_.size; ++r) {
+    std::memcpy(&digests[static_cast<std::size_t>(r)],
+                ring.header(r, spec_.round) + offsetof(CallHeader, digest), sizeof(std::uint64_t));
+  }
+  if (std::all_of(digests.begin(), digests.end(), [&](std::uint64_t d) { return d == digests[0]; }))
+    return false;
+  spec_.mismatch->resize(static_cast<std::size_t>(group_.size));
+  for (int r = 0; r < group_.size; ++r) {
+    std::memcpy(&(*spec_.mismatch)[static_cast<std::size_t>(r)], ring.header(r, spec_.round),
+                sizeof(CallHeader));
+  }
+  finish_round();
+  return true;
+}
+
 bool RoundAllReduce::try_sum_all() {
   const Ring& ring = group_.segment.ring();
   const std::uint64_t round = spec_.round;
@@ -102,6 +125,7 @@ bool RoundAllReduce::try_sum_all() {
     return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
   });
   if (!all_in) return false;
+  if (headers_differ()) return true;
   test_hooks::fault_point(test_hooks::FaultPoint::reduce);
   sum_in_rank_order(spec_.dtype, sources_, spec_.count, spec_.output, nullptr, spec_.output_store);
   finish_round();
@@ -115,6 +139,7 @@ bool RoundAllReduce::try_reduce_my_share() {
     return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
   });
   if (!all_in) return false;
+  if (headers_differ()) return true;
   test_hooks::fault_point(test_hooks::FaultPoint::reduce);
   const std::size_t element = dtype_size(spec_.dtype);
   const std::size_t begin = share_begin(spec_.count, spec_.dtype, group_.size, group_.rank);

@@ -12,6 +12,8 @@
 //   shares from their owners' slots. Two synchronisations, about 2 reads and
 //   2 writes per element whatever p: the cheaper for large rounds.
 // Both sum through sum_in_rank_order, so their results are the same bytes.
+// A checked round compares every rank's header first, once every rank has
+// contributed, and on a mismatch reads no contribution and sums nothing.
 #pragma once
 
 #include <cstddef>
@@ -22,6 +24,7 @@
 #include "comm/shm_group.h"
 #include "comm/shm_reduce_kernels.h"
 #include "comm/shm_wait.h"
+#include "tpfuse/comm/communicator.h"
 #include "tpfuse/core/dtype.h"
 
 namespace tpfuse::comm::shm {
@@ -52,6 +55,9 @@ struct RoundSpec {
   // caller's input was not copied into the slot entirely) the input itself.
   const std::byte* mine = nullptr;
   OutputStore output_store = OutputStore::cached;
+  // A checked round (its header is in the ring beside the slot): set, it
+  // receives every rank's header when the digests differ, and nothing is summed.
+  std::shared_ptr<std::vector<CallHeader>> mismatch;
 };
 
 // One round in flight: a state machine that goes as far as the peers allow.
@@ -73,6 +79,7 @@ class RoundAllReduce {
   enum class Step { await_contributions, await_shares, done };
 
   void start_step(Step step);
+  bool headers_differ();
   bool try_sum_all();
   bool try_reduce_my_share();
   bool try_gather_shares();

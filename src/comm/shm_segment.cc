@@ -27,7 +27,7 @@ namespace tpfuse::comm::shm {
 namespace {
 
 constexpr std::uint64_t kMagic = 0x4d53657375667074;  // "tpfuseSM" in little-endian bytes
-constexpr std::uint32_t kVersion = 4;
+constexpr std::uint32_t kVersion = 5;
 constexpr mode_t kSegmentMode = 0600;
 
 // The names this process created and has not unlinked. A process that must
@@ -180,6 +180,8 @@ SegmentLayout SegmentLayout::compute(int world_size, std::size_t slot_bytes) {
   offset += ranks * kRingDepth * sizeof(RoundFlags);
   layout.gather_flags = offset;
   offset += ranks * sizeof(SlotFlags);
+  layout.round_headers = offset;
+  offset += ranks * kRingDepth * kRoundHeaderBytes;
   layout.ring_slots = offset;
   offset += ranks * kRingDepth * slot_bytes;
   layout.gather_slots = offset;
@@ -197,7 +199,7 @@ Segment::Segment(std::string name, void* base, std::size_t bytes, bool owns_name
       state_(nullptr),
       doorbell_(nullptr),
       records_(nullptr),
-      ring_(nullptr, nullptr, 1, 0),
+      ring_(nullptr, nullptr, nullptr, 1, 0),
       gather_(nullptr, nullptr, 0) {
   auto* bytes_at = static_cast<std::byte*>(base);
   const SegmentLayout layout =
@@ -206,7 +208,8 @@ Segment::Segment(std::string name, void* base, std::size_t bytes, bool owns_name
   doorbell_ = std::launder(reinterpret_cast<Doorbell*>(bytes_at + layout.doorbell));
   records_ = std::launder(reinterpret_cast<RankRecord*>(bytes_at + layout.records));
   ring_ = Ring(std::launder(reinterpret_cast<RoundFlags*>(bytes_at + layout.ring_flags)),
-               bytes_at + layout.ring_slots, kRingDepth, header_->slot_bytes);
+               bytes_at + layout.round_headers, bytes_at + layout.ring_slots, kRingDepth,
+               header_->slot_bytes);
   gather_ = Channel(std::launder(reinterpret_cast<SlotFlags*>(bytes_at + layout.gather_flags)),
                     bytes_at + layout.gather_slots, kGatherSlotBytes);
 }

@@ -7,6 +7,7 @@
 // Layout (every part starts on a cache line):
 //   SegmentHeader | SegmentState | Doorbell | RankRecord x p
 //   | RoundFlags x p x ring_depth | SlotFlags x p (gather)
+//   | round headers: p x ring_depth x kRoundHeaderBytes
 //   | ring slots: p x ring_depth x slot_bytes | gather slots: p x 2 x gather_slot_bytes
 //
 // Every field another rank reads while the owner writes it is a std::atomic,
@@ -41,6 +42,9 @@ inline constexpr std::size_t kGatherSlotBytes = kMaxGatherBytes + kCacheLine;
 // Two let a producer fill one while the other is reduced; the third absorbs
 // a peer that runs a round behind without stalling the producer.
 inline constexpr std::size_t kRingDepth = 3;
+// Bytes of the header a checked round carries beside each contribution (a
+// Communicator's CallHeader).
+inline constexpr std::size_t kRoundHeaderBytes = 1024;
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free,
               "the segment's flags must be lock-free to work across processes");
@@ -116,13 +120,18 @@ static_assert(sizeof(RoundFlags) == kCacheLine);
 // The all-reduce ring: ring_depth slots per rank, each with its flags.
 class Ring {
  public:
-  Ring(RoundFlags* flags, std::byte* slots, std::size_t depth, std::size_t slot_bytes)
-      : flags_(flags), slots_(slots), depth_(depth), slot_bytes_(slot_bytes) {}
+  Ring(RoundFlags* flags, std::byte* headers, std::byte* slots, std::size_t depth,
+       std::size_t slot_bytes)
+      : flags_(flags), headers_(headers), slots_(slots), depth_(depth), slot_bytes_(slot_bytes) {}
   std::size_t depth() const { return depth_; }
   std::size_t slot_bytes() const { return slot_bytes_; }
   RoundFlags& flags(int rank, std::uint64_t round) const { return flags_[index(rank, round)]; }
   std::byte* slot(int rank, std::uint64_t round) const {
     return slots_ + index(rank, round) * slot_bytes_;
+  }
+  // The header of a checked round, beside the slot.
+  std::byte* header(int rank, std::uint64_t round) const {
+    return headers_ + index(rank, round) * kRoundHeaderBytes;
   }
 
  private:
@@ -131,6 +140,7 @@ class Ring {
   }
 
   RoundFlags* flags_;
+  std::byte* headers_;
   std::byte* slots_;
   std::size_t depth_;
   std::size_t slot_bytes_;
@@ -173,6 +183,7 @@ struct SegmentLayout {
   std::size_t records = 0;
   std::size_t ring_flags = 0;
   std::size_t gather_flags = 0;
+  std::size_t round_headers = 0;
   std::size_t ring_slots = 0;
   std::size_t gather_slots = 0;
   std::size_t total_bytes = 0;

@@ -3,10 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <string_view>
-#include <tuple>
 #include <vector>
 
 #include "tpfuse/core/error.h"
@@ -32,33 +29,34 @@ constexpr AgreedField kAgreedFields[] = {
     {"comm_turn", [](const CallShape& s) { return s.comm_turn; }},
 };
 constexpr std::size_t kFieldCount = std::size(kAgreedFields);
+static_assert(kFieldCount == AgreementCache::kFields);
 
-// Wire form: a flag (1 = validated), the fields, the rank's facts, a flag
-// (1 = ran ahead) and the facts it assumed, then the error text if any.
+// Payload: a flag (1 = validated), the fields, the rank's facts; then the
+// error text, if any.
 constexpr std::size_t kFactsAt = kFieldCount + 1;
-constexpr std::size_t kAssumedAt = kFactsAt + 3;
-using Words = std::array<std::int64_t, kAssumedAt + 4>;
+using Words = std::array<std::int64_t, kFactsAt + 3>;
 
-// Where a field is in the wire form (past the fields: no such field).
-constexpr std::size_t word_of(std::string_view name) {
-  std::size_t f = 0;
-  while (f < kFieldCount && std::string_view(kAgreedFields[f].name) != name) ++f;
-  return f + 1;
-}
-constexpr std::size_t kOutDtypeWord = word_of("output dtype");
-constexpr std::size_t kMWord = word_of("m");
-constexpr std::size_t kNWord = word_of("n");
-static_assert(kOutDtypeWord <= kFieldCount && kMWord <= kFieldCount && kNWord <= kFieldCount);
-
-void put_facts(Words& words, std::size_t at, const RankFacts& facts) {
-  words[at] = facts.k;
-  words[at + 1] = facts.threads;
-  words[at + 2] = facts.reduce_has_own_core ? 1 : 0;
+std::array<std::int64_t, kFieldCount> fields_of(const CallShape& shape) {
+  std::array<std::int64_t, kFieldCount> fields{};
+  for (std::size_t f = 0; f < kFieldCount; ++f) fields[f] = kAgreedFields[f].get(shape);
+  return fields;
 }
 
-RankFacts get_facts(const Words& words, std::size_t at) {
-  return {words[at], static_cast<int>(words[at + 1]), words[at + 2] == 1};
+RankFacts facts_at(const Words& words) {
+  return {words[kFactsAt], static_cast<int>(words[kFactsAt + 1]), words[kFactsAt + 2] == 1};
 }
+
+// 64-bit FNV-1a over words.
+struct Digest {
+  std::uint64_t value = 1469598103934665603ull;
+  void add(std::int64_t word) {
+    for (int b = 0; b < 8; ++b) {
+      value = (value ^ ((static_cast<std::uint64_t>(word) >> (8 * b)) & 0xffu)) * 1099511628211ull;
+    }
+  }
+};
+
+enum DigestKind : std::int64_t { kPlanned = 1, kUnplanned = 2 };
 
 std::string field_value(std::size_t field, std::int64_t value) {
   const std::string name = kAgreedFields[field].name;
@@ -71,15 +69,15 @@ std::string field_value(std::size_t field, std::int64_t value) {
 
 // The failure the proposals show, if any: a rank's rejected arguments first,
 // then the first field on which a rank differs from rank 0.
-std::exception_ptr find_failure(const std::vector<std::string>& blobs,
+std::exception_ptr find_failure(const std::vector<comm::CallHeader>& headers,
                                 const std::vector<Words>& words, int rank,
                                 const std::string& local_error) {
-  for (std::size_t r = 0; r < blobs.size(); ++r) {
+  for (std::size_t r = 0; r < words.size(); ++r) {
     if (words[r][0] == 1) continue;
     if (static_cast<int>(r) == rank) return std::make_exception_ptr(InvalidArgument(local_error));
     return std::make_exception_ptr(DisagreementError(
         cat("mm_all_reduce_base: rank ", r, " rejected its arguments (",
-            blobs[r].substr(sizeof(words[r])), "); the call failed on every rank")));
+            headers[r].payload_view().substr(sizeof(Words)), "); the call failed on every rank")));
   }
   for (std::size_t f = 0; f < kFieldCount; ++f) {
     for (std::size_t r = 1; r < words.size(); ++r) {
@@ -95,96 +93,80 @@ std::exception_ptr find_failure(const std::vector<std::string>& blobs,
   return nullptr;
 }
 
-using MemoryKey = std::tuple<std::string, std::array<std::int64_t, kFieldCount>, std::int64_t,
-                             int, bool>;
-
-// Agreements remembered, dropped all at once past kMaxRemembered so that calls
-// of ever new shapes do not grow the table forever.
+// Agreements remembered per communicator, emptied past kMaxRemembered so
+// that calls of ever new shapes do not grow the table forever (on every rank
+// at the same call, since every rank makes the same calls).
 constexpr std::size_t kMaxRemembered = 1024;
-
-struct Memory {
-  std::mutex mutex;
-  std::map<MemoryKey, RankFacts> agreed;
-};
-
-Memory& memory() {
-  static Memory instance;
-  return instance;
-}
-
-MemoryKey memory_key(const comm::Communicator& comm, const CallShape& shape,
-                     const RankFacts& mine) {
-  std::array<std::int64_t, kFieldCount> fields{};
-  for (std::size_t f = 0; f < kFieldCount; ++f) fields[f] = kAgreedFields[f].get(shape);
-  return {comm.name(), fields, mine.k, mine.threads, mine.reduce_has_own_core};
-}
 
 }  // namespace
 
-std::string encode_proposal(const Proposal& proposal, std::size_t max_bytes) {
+comm::CallHeader make_header(const Proposal& proposal, const std::optional<PlannedRun>& planned,
+                             int rank) {
   Words words{};
   words[0] = proposal.shape ? 1 : 0;
   if (proposal.shape) {
-    for (std::size_t f = 0; f < kFieldCount; ++f) {
-      words[f + 1] = kAgreedFields[f].get(*proposal.shape);
-    }
+    const auto fields = fields_of(*proposal.shape);
+    std::copy(fields.begin(), fields.end(), words.begin() + 1);
   }
-  put_facts(words, kFactsAt, proposal.mine);
-  words[kAssumedAt] = proposal.assumed ? 1 : 0;
-  if (proposal.assumed) put_facts(words, kAssumedAt + 1, *proposal.assumed);
-  std::string blob(reinterpret_cast<const char*>(words.data()), sizeof(words));
-  if (!proposal.shape) blob += proposal.error.substr(0, max_bytes - blob.size());
-  return blob;
+  words[kFactsAt] = proposal.mine.k;
+  words[kFactsAt + 1] = proposal.mine.threads;
+  words[kFactsAt + 2] = proposal.mine.reduce_has_own_core ? 1 : 0;
+  std::string payload(reinterpret_cast<const char*>(words.data()), sizeof(words));
+  if (!proposal.shape) payload += proposal.error;
+
+  Digest digest;
+  if (proposal.shape && planned) {
+    digest.add(kPlanned);
+    for (std::size_t f = 1; f <= kFieldCount; ++f) digest.add(words[f]);
+    digest.add(planned->facts.k);
+    digest.add(planned->facts.threads);
+    digest.add(planned->facts.reduce_has_own_core ? 1 : 0);
+    for (std::int64_t rows : planned->tile_rows) digest.add(rows);
+  } else {
+    digest.add(kUnplanned);  // no other rank has this digest
+    digest.add(rank);
+  }
+  comm::CallHeader header;
+  header.digest = digest.value;
+  header.set_payload(payload);
+  return header;
 }
 
-Agreement judge_proposals(const std::vector<std::string>& blobs, int rank,
-                          const std::string& local_error) {
-  std::vector<Words> words(blobs.size());
-  for (std::size_t r = 0; r < blobs.size(); ++r) {
-    if (blobs[r].size() < sizeof(words[r])) {
-      throw InternalError(cat("agreement: rank ", r, " sent ", blobs[r].size(), " bytes"));
+Agreement judge_headers(const std::vector<comm::CallHeader>& headers, int rank,
+                        const std::string& local_error) {
+  std::vector<Words> words(headers.size());
+  for (std::size_t r = 0; r < headers.size(); ++r) {
+    if (headers[r].length < sizeof(Words)) {
+      throw InternalError(
+          cat("agreement: rank ", r, " sent a header of ", headers[r].length, " bytes"));
     }
-    std::memcpy(words[r].data(), blobs[r].data(), sizeof(words[r]));
+    std::memcpy(words[r].data(), headers[r].payload.data(), sizeof(Words));
   }
   Agreement agreement;
-  agreement.failure = find_failure(blobs, words, rank, local_error);
-  agreement.facts = get_facts(words[0], kFactsAt);
+  agreement.failure = find_failure(headers, words, rank, local_error);
+  agreement.facts = facts_at(words[0]);
   for (const Words& w : words) {
-    const RankFacts theirs = get_facts(w, kFactsAt);
+    const RankFacts theirs = facts_at(w);
     agreement.facts.k = std::max(agreement.facts.k, theirs.k);
     agreement.facts.threads = std::min(agreement.facts.threads, theirs.threads);
     agreement.facts.reduce_has_own_core =
         agreement.facts.reduce_has_own_core && theirs.reduce_has_own_core;
   }
-  bool assumptions_hold = true;
-  for (const Words& w : words) {
-    if (w[kAssumedAt] != 1) continue;
-    if (!agreement.ran_ahead) {
-      agreement.ran_ahead = true;
-      agreement.ahead_count =
-          static_cast<std::size_t>(w[kMWord]) * static_cast<std::size_t>(w[kNWord]);
-      agreement.ahead_dtype = static_cast<DType>(w[kOutDtypeWord]);
-    }
-    assumptions_hold = assumptions_hold && get_facts(w, kAssumedAt + 1) == agreement.facts;
-  }
-  agreement.ran_ahead_rightly =
-      agreement.ran_ahead && agreement.failure == nullptr && assumptions_hold;
   return agreement;
 }
 
-std::optional<RankFacts> remembered_agreement(const comm::Communicator& comm,
-                                              const CallShape& shape, const RankFacts& mine) {
-  const std::lock_guard lock(memory().mutex);
-  const auto it = memory().agreed.find(memory_key(comm, shape, mine));
-  if (it == memory().agreed.end()) return std::nullopt;
+std::optional<RankFacts> AgreementCache::find(const CallShape& shape, const RankFacts& mine) {
+  const std::lock_guard lock(mutex_);
+  const auto it = agreed_.find({fields_of(shape), mine.k, mine.threads, mine.reduce_has_own_core});
+  if (it == agreed_.end()) return std::nullopt;
   return it->second;
 }
 
-void remember_agreement(const comm::Communicator& comm, const CallShape& shape,
-                        const RankFacts& mine, const RankFacts& agreed) {
-  const std::lock_guard lock(memory().mutex);
-  if (memory().agreed.size() >= kMaxRemembered) memory().agreed.clear();
-  memory().agreed[memory_key(comm, shape, mine)] = agreed;
+void AgreementCache::remember(const CallShape& shape, const RankFacts& mine,
+                              const RankFacts& agreed) {
+  const std::lock_guard lock(mutex_);
+  if (agreed_.size() >= kMaxRemembered) agreed_.clear();
+  agreed_[{fields_of(shape), mine.k, mine.threads, mine.reduce_has_own_core}] = agreed;
 }
 
 }  // namespace tpfuse

@@ -1,20 +1,35 @@
-// The cross-rank agreement on a call: every rank shares what it was asked to
-// do (or that its own validation failed) and all ranks reach the same verdict,
-// so a disagreement is an error everywhere and never a hang or a wrong
-// answer.
+// The cross-rank agreement on a call, carried by the call's first collective
+// round rather than by a round of its own.
 //
-// A rank that proposed the same call on the same communicator before, with
-// the same facts of its own, may run it before hearing its peers (assuming the
-// combination agreed then), if the run is one all-reduce that the transport
-// completes even when the ranks' counts differ. Each proposal says whether its
-// rank ran ahead, so every rank judges alike: afterwards, whether the run
-// counts, or must be done again with the combination agreed now.
+// Every rank's first round of a call is a checked all-reduce
+// (Communicator::checked_all_reduce_start) whose header holds a digest of
+// what the rank is about to run: the fields every rank must pass alike, the
+// facts combined across ranks that it plans with, and the plan. A rank can
+// fill that in alone where the communicator remembers the combination
+// agreed for the same call before (AgreementCache); where the call fits one
+// tile, the round also carries the tile's data. When every digest matches,
+// that round is the call (one round: a decode step's small calls pay no
+// agreement of their own). Otherwise no rank sums anything, and every rank
+// gets every rank's header, whose payload is its proposal (its validated
+// call or its error, and its own facts): all of them judge the same
+// proposals alike, so a rank's error or a disagreement fails the call on
+// every rank, never a hang or a wrong answer, and stale or missing facts
+// are combined there and then, and the call runs with them.
+//
+// A rank that has nothing to plan with (the call's first time, an error of
+// its own) makes a digest no other rank can match (it names the rank), so
+// the round always ends in the judging.
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "tpfuse/comm/communicator.h"
@@ -24,8 +39,7 @@ namespace tpfuse {
 
 // What may differ between ranks' calls, combined rather than compared: a
 // K-slice each, threads from each rank's own settings. The planner needs the
-// combination (the slowest rank paces the pipeline), and carrying it here
-// spares the call a second exchange.
+// combination (the slowest rank paces the pipeline).
 struct RankFacts {
   std::int64_t k = 0;
   int threads = 1;
@@ -34,18 +48,25 @@ struct RankFacts {
 };
 
 // One rank's part: its validated call, or nullopt with `error` set when its
-// own validation failed; its facts; and the combination it assumed when it
-// runs the call before hearing its peers.
+// own validation failed; and its facts.
 struct Proposal {
   std::optional<CallShape> shape;
   std::string error;
   RankFacts mine;
-  std::optional<RankFacts> assumed;
 };
 
-std::string encode_proposal(const Proposal& proposal, std::size_t max_bytes);
+// The header of the call's first round. `planned`: the combined facts and
+// the tiles this rank runs with (an agreement remembered); nullopt where it
+// has none, or its validation failed.
+struct PlannedRun {
+  RankFacts facts;
+  std::vector<std::int64_t> tile_rows;
+  std::int64_t poll_rows = 0;
+};
+comm::CallHeader make_header(const Proposal& proposal, const std::optional<PlannedRun>& planned,
+                             int rank);
 
-// Every rank's proposals judged; the same on every rank.
+// The proposals in the headers judged; the same on every rank.
 struct Agreement {
   // Every rank's facts combined: the largest k, the fewest threads, and an
   // own core for the reduce only where every rank has one.
@@ -55,24 +76,25 @@ struct Agreement {
   // b, s, n, mode, dtypes or comm_turn (DisagreementError naming the field,
   // the ranks and their values).
   std::exception_ptr failure;
-  // Whether some rank ran ahead, and then the all-reduce it entered (the
-  // lowest such rank's whole output), which every other rank must enter too.
-  bool ran_ahead = false;
-  std::size_t ahead_count = 0;
-  DType ahead_dtype = DType::f16;
-  // No failure, and every rank that ran ahead assumed `facts`: their run is
-  // the call's (the others, planning with `facts`, run the same one tile).
-  bool ran_ahead_rightly = false;
 };
 
-Agreement judge_proposals(const std::vector<std::string>& blobs, int rank,
-                          const std::string& local_error);
+Agreement judge_headers(const std::vector<comm::CallHeader>& headers, int rank,
+                        const std::string& local_error);
 
-// The combination agreed when this rank last proposed `shape` with `mine` on
-// `comm`, if it did (a bounded memory, per process).
-std::optional<RankFacts> remembered_agreement(const comm::Communicator& comm,
-                                              const CallShape& shape, const RankFacts& mine);
-void remember_agreement(const comm::Communicator& comm, const CallShape& shape,
-                        const RankFacts& mine, const RankFacts& agreed);
+// The combinations agreed on a communicator (its attachment: the same on
+// every rank, since every rank makes the same calls), by the call's agreed
+// fields and this rank's own facts.
+class AgreementCache {
+ public:
+  static constexpr std::size_t kFields = 8;  // the agreed fields (agreement.cc)
+
+  std::optional<RankFacts> find(const CallShape& shape, const RankFacts& mine);
+  void remember(const CallShape& shape, const RankFacts& mine, const RankFacts& agreed);
+
+ private:
+  using Key = std::tuple<std::array<std::int64_t, kFields>, std::int64_t, int, bool>;
+  std::mutex mutex_;
+  std::map<Key, RankFacts> agreed_;
+};
 
 }  // namespace tpfuse

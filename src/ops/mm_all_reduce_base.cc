@@ -1,7 +1,8 @@
-// The operator: validate -> agree across ranks -> plan the tiles along M ->
-// run them (a call seen before may run first and be checked after; see
-// ops/agreement.h), each tile's all-reduce overlapping the next tiles' GEMM (the
-// pipeline folder has the planner and the executor).
+// The operator: validate -> agree across ranks in the call's first round ->
+// plan the tiles along M -> run them (a call seen before runs in that first
+// round when it is one tile; see ops/agreement.h), each tile's all-reduce
+// overlapping the next tiles' GEMM (the pipeline folder has the planner and
+// the executor).
 #include "tpfuse/ops/mm_all_reduce_base.h"
 
 #include <algorithm>
@@ -11,15 +12,15 @@
 
 #include "ops/agreement.h"
 #include "ops/gemm_operands.h"
-#include "pipeline/executor.h"
 #include "ops/test_hooks.h"
+#include "pipeline/executor.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/log.h"
 #include "tpfuse/gemm/tile_gemm.h"
-#include "tpfuse/pipeline/plan.h"
 #include "tpfuse/ops/packed_weight.h"
 #include "tpfuse/ops/validate.h"
+#include "tpfuse/pipeline/plan.h"
 
 namespace tpfuse {
 
@@ -69,29 +70,6 @@ pipeline::PlanRequest request_for(const CallShape& shape, const RankFacts& agree
   return request;
 }
 
-// A run before hearing the peers: the combination of facts agreed for the
-// same proposal before, and the one-tile plan it gives.
-struct RunAhead {
-  RankFacts assumed;
-  pipeline::TilePlan plan;
-};
-
-// The run this rank may make before hearing its peers: one tile, planned
-// from the combination agreed for the same proposal before, and small enough
-// that the transport completes its all-reduce even if the peers' differ.
-std::optional<RunAhead> run_ahead_for(const LocalCall& call, const comm::Communicator& comm) {
-  if (!call.shape) return std::nullopt;
-  const CallShape& shape = *call.shape;
-  const double bytes = static_cast<double>(shape.m) * static_cast<double>(shape.n) *
-                       static_cast<double>(dtype_size(shape.out_dtype));
-  if (bytes > static_cast<double>(comm.max_mismatch_safe_reduce_bytes())) return std::nullopt;
-  const auto assumed = remembered_agreement(comm, shape, call.mine);
-  if (!assumed) return std::nullopt;
-  auto plan = pipeline::cached_plan(comm, request_for(shape, *assumed));
-  if (!plan || plan->tile_rows.size() != 1) return std::nullopt;
-  return RunAhead{*assumed, std::move(*plan)};
-}
-
 // The call's GEMM, prepared. It is prepared once the peers may be waiting
 // for this rank's tiles, so a failure (memory for the packed weight) aborts
 // the communicator: they fail at once rather than at their deadline.
@@ -110,72 +88,77 @@ std::unique_ptr<gemm::PreparedGemm> prepare(const LocalCall& call, const TensorV
   }
 }
 
-void run_plan(const pipeline::TilePlan& plan, const LocalCall& call,
-              const gemm::PreparedGemm& gemm, const TensorView& out, comm::Communicator& comm) {
-  const CallShape& shape = *call.shape;
+pipeline::TileJob job_for(const LocalCall& call, const gemm::PreparedGemm& gemm,
+                          const TensorView& out, comm::Communicator& comm) {
   pipeline::TileJob job;
   job.gemm = &gemm;
   job.comm = &comm;
-  job.n = shape.n;
-  job.dtype = shape.out_dtype;
+  job.n = call.shape->n;
+  job.dtype = call.shape->out_dtype;
   job.out = out.data();
   job.progress = call.progress;
   job.after_tile_computed = test_hooks::after_tile_computed;
+  return job;
+}
+
+void run_plan(const pipeline::TilePlan& plan, const LocalCall& call, const gemm::PreparedGemm& gemm,
+              const TensorView& out, comm::Communicator& comm) {
+  const CallShape& shape = *call.shape;
   log::debug("mm_all_reduce_base: m=", shape.m, " k=", shape.k, " n=", shape.n, " mode=",
              mode_name(shape.mode), " tiles=", plan.tile_rows.size(), " engine=", gemm.engine());
-  pipeline::execute_plan(plan, job);
+  pipeline::execute_plan(plan, job_for(call, gemm, out, comm));
 }
 
-// Enters the all-reduce that a peer which ran ahead entered, with zeros: the
-// round completes on every rank, and its result is discarded.
-void join_round(comm::Communicator& comm, std::size_t count, DType dtype) {
-  comm::ReduceBuffer buffer = comm.acquire_reduce_buffer(count, dtype);
-  std::memset(buffer.data, 0, count * dtype_size(dtype));
-  std::vector<std::byte> discarded(count * dtype_size(dtype));
-  comm.all_reduce_start(std::move(buffer), discarded.data())->wait();
+// What this rank runs without hearing its peers: the combination agreed for
+// the same call on this communicator before, and the plan it gives, if that
+// needs nothing measured (collective).
+std::optional<PlannedRun> planned_run(const LocalCall& call, const comm::Communicator& comm) {
+  if (!call.shape) return std::nullopt;
+  const auto facts = comm.attachment<AgreementCache>().find(*call.shape, call.mine);
+  if (!facts) return std::nullopt;
+  const auto plan = pipeline::cached_plan(comm, request_for(*call.shape, *facts));
+  if (!plan) return std::nullopt;
+  return PlannedRun{*facts, plan->tile_rows, plan->poll_rows};
 }
 
-// Agrees with the peers (one all_gather), running ahead where this rank may,
-// and runs the call into `out` (null only when validation failed here).
+// Agrees with the peers in the call's first round and runs the call into
+// `out` (null only when validation failed here). See ops/agreement.h.
 void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView& x2,
                    const PackedWeight* packed, const MmAllReduceOptions& options,
                    const TensorView* out, comm::Communicator& comm) {
-  const auto ahead = run_ahead_for(call, comm);
-  const std::optional<RankFacts> assumed =
-      ahead ? std::optional<RankFacts>(ahead->assumed) : std::nullopt;
-  auto pending = comm.all_gather_start(encode_proposal(
-      {call.shape, call.error, call.mine, assumed}, comm.max_gather_bytes()));
-  // Prepared while the proposals travel, where the transport sends them in
-  // the background: packing the weight then overlaps the wait for the
-  // slowest rank. One GEMM serves a run ahead and a run again alike.
+  const std::optional<PlannedRun> planned = planned_run(call, comm);
+  const Proposal proposal{call.shape, call.error, call.mine};
+  const comm::CallHeader header = make_header(proposal, planned, comm.rank());
   const auto gemm = call.shape ? prepare(call, x1, x2, packed, options, comm) : nullptr;
-  // A run ahead writes into a tensor of its own (small, by the rule above),
-  // copied into `out` once it counts: a call that fails leaves `out` as it was.
-  Tensor staged;
-  if (ahead) {
-    staged = Tensor(call.shape->out_dtype, {call.shape->m, call.shape->n});
-    run_plan(ahead->plan, call, *gemm, staged, comm);
-  }
-  const Agreement agreement = judge_proposals(pending->wait(), comm.rank(), call.error);
-  if (agreement.ran_ahead && !ahead && !agreement.ran_ahead_rightly) {
-    join_round(comm, agreement.ahead_count, agreement.ahead_dtype);
-  }
-  if (agreement.failure) std::rethrow_exception(agreement.failure);
-  remember_agreement(comm, *call.shape, call.mine, agreement.facts);
-  if (ahead) {
-    log::debug("mm_all_reduce_base: ran ahead, ",
-               agreement.ran_ahead_rightly ? "as agreed" : "on stale facts: running again");
-  }
-  if (ahead && agreement.ran_ahead_rightly) {
-    std::memcpy(out->data(), staged.data(), staged.nbytes());
-    test_hooks::after_agreement(test_hooks::Agreement::ran_ahead);
+  // One tile that fits a reduce buffer travels in the first round itself.
+  const bool one_round = planned && planned->tile_rows.size() == 1 &&
+                         static_cast<double>(call.shape->m) * static_cast<double>(call.shape->n) *
+                                 static_cast<double>(dtype_size(call.shape->out_dtype)) <=
+                             static_cast<double>(comm.max_reduce_buffer_bytes());
+  const pipeline::Mismatch mismatch =
+      one_round
+          ? pipeline::execute_checked_tile(job_for(call, *gemm, *out, comm), call.shape->m, header)
+          : pipeline::checked_round(comm, header);
+  if (!mismatch && planned) {
+    if (!one_round) {
+      pipeline::TilePlan plan;
+      plan.tile_rows = planned->tile_rows;
+      plan.poll_rows = planned->poll_rows;
+      run_plan(plan, call, *gemm, *out, comm);
+    }
+    test_hooks::after_agreement(test_hooks::Agreement::in_first_round);
     return;
   }
+  // The digests differed (or this rank, alone in its group, planned
+  // nothing): every rank judges the same proposals.
+  const Agreement agreement = judge_headers(
+      mismatch ? *mismatch : std::vector<comm::CallHeader>{header}, comm.rank(), call.error);
+  if (agreement.failure) std::rethrow_exception(agreement.failure);
+  comm.attachment<AgreementCache>().remember(*call.shape, call.mine, agreement.facts);
   // Planned with the agreed facts (collective), then run.
-  run_plan(pipeline::plan_call(comm, *gemm, request_for(*call.shape, agreement.facts)), call,
-           *gemm, *out, comm);
-  test_hooks::after_agreement(ahead ? test_hooks::Agreement::ran_ahead_then_again
-                                    : test_hooks::Agreement::before_running);
+  run_plan(pipeline::plan_call(comm, *gemm, request_for(*call.shape, agreement.facts)), call, *gemm,
+           *out, comm);
+  test_hooks::after_agreement(test_hooks::Agreement::judged);
 }
 
 // Both forms, with x2 or a packed weight: validate, agree, run.

@@ -11,10 +11,10 @@ namespace tpfuse::test_hooks {
 void set_after_tile_computed(std::function<void(std::int64_t tile)> hook);
 void after_tile_computed(std::int64_t tile);
 
-// How a call's agreement went on this rank: agreed before running, or run
-// ahead of it on facts remembered from before, the run then counting or
-// (the facts were stale) done again.
-enum class Agreement { before_running, ran_ahead, ran_ahead_then_again };
+// How a call's agreement went on this rank: in its first round (every rank
+// planned alike from facts agreed before), or judged from every rank's
+// proposal after that round (a first time, stale facts, an error).
+enum class Agreement { in_first_round, judged };
 
 // Called by the operator once its ranks agreed and this rank's run is settled.
 void set_after_agreement(std::function<void(Agreement outcome)> hook);

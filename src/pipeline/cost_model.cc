@@ -41,10 +41,10 @@ struct GemmConstants {
   double call_seconds = 0;
 };
 
-using TransportKey = std::tuple<std::string, DType>;
-using GemmKey = std::tuple<std::string, Mode, DType, DType, std::int64_t, std::int64_t, int>;
-using PlanKey = std::tuple<std::string, std::int64_t, Mode, DType, DType, std::int64_t, std::int64_t,
-                           int, bool, std::int64_t>;
+using TransportKey = DType;
+using GemmKey = std::tuple<Mode, DType, DType, std::int64_t, std::int64_t, int>;
+using PlanKey = std::tuple<std::int64_t, Mode, DType, DType, std::int64_t, std::int64_t, int, bool,
+                           std::int64_t>;
 
 // Plans made, so that a call of a shape seen before (every layer of a model,
 // every step) skips the search: about a millisecond of CPU for m = 128, paid
@@ -54,6 +54,8 @@ using PlanKey = std::tuple<std::string, std::int64_t, Mode, DType, DType, std::i
 // kMaxPlans, so that calls of ever new shapes do not grow it forever.
 constexpr std::size_t kMaxPlans = 1024;
 
+// A communicator's measured constants and plans (Communicator::attachment:
+// their life is the group's, and every rank fills them alike).
 struct Cache {
   std::mutex mutex;
   std::map<TransportKey, TransportConstants> transport;
@@ -61,10 +63,7 @@ struct Cache {
   std::map<PlanKey, TilePlan> plans;
 };
 
-Cache& cache() {
-  static Cache instance;
-  return instance;
-}
+Cache& cache(const comm::Communicator& comm) { return comm.attachment<Cache>(); }
 
 // Every rank's values, element by element, the largest.
 std::vector<double> agreed_max(comm::Communicator& comm, const std::vector<double>& mine) {
@@ -220,22 +219,18 @@ GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& g
 
 // The cached value for `key`, or (collectively: every rank misses alike)
 // the one `measure` returns, cached. The lock is not held while measuring.
-// A communicator keeps at most kMaxPlans entries of a table: past that its
-// own are dropped, which happens on all its ranks at the same call, since
-// they make the same calls on it; another communicator's entries are never
-// touched (its ranks would then miss apart, and one would measure alone).
+// A table is emptied past kMaxPlans entries, which happens on all the
+// communicator's ranks at the same call, since they make the same calls.
 template <class Key, class Value, class Measure>
-Value cached_or_measured(std::map<Key, Value>& table, const Key& key, Measure&& measure) {
+Value cached_or_measured(Cache& cache, std::map<Key, Value>& table, const Key& key,
+                         Measure&& measure) {
   {
-    const std::lock_guard lock(cache().mutex);
+    const std::lock_guard lock(cache.mutex);
     if (auto it = table.find(key); it != table.end()) return it->second;
   }
   const Value value = measure();
-  const std::lock_guard lock(cache().mutex);
-  const auto same_group = [&](const auto& entry) { return std::get<0>(entry.first) == std::get<0>(key); };
-  if (static_cast<std::size_t>(std::count_if(table.begin(), table.end(), same_group)) >= kMaxPlans) {
-    std::erase_if(table, same_group);
-  }
+  const std::lock_guard lock(cache.mutex);
+  if (table.size() >= kMaxPlans) table.clear();
   table[key] = value;
   return value;
 }
@@ -261,15 +256,13 @@ TilePlan one_tile_plan(const PlanRequest& request) {
   return plan;
 }
 
-GemmKey gemm_key(const comm::Communicator& comm, const PlanRequest& request) {
-  return {comm.name(), request.mode,    request.in_dtype, request.out_dtype,
-          request.n,   request.k,       request.threads};
+GemmKey gemm_key(const PlanRequest& request) {
+  return {request.mode, request.in_dtype, request.out_dtype, request.n, request.k, request.threads};
 }
 
-PlanKey plan_key(const comm::Communicator& comm, const PlanRequest& request) {
-  return {comm.name(),      request.n,         request.mode,
-          request.in_dtype, request.out_dtype, request.m,
-          request.k,        request.threads,   request.reduce_has_own_core,
+PlanKey plan_key(const PlanRequest& request) {
+  return {request.n,        request.mode, request.in_dtype, request.out_dtype,
+          request.m,        request.k,    request.threads,  request.reduce_has_own_core,
           request.comm_turn};
 }
 
@@ -302,16 +295,16 @@ PlanRequest agree_request(comm::Communicator& comm, PlanRequest request) {
 TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
                    const PlanRequest& request, CostConstants* used) {
   if (needs_no_constants(request) && used == nullptr) return make_plan(request, {.gemm_flops = 1});
+  Cache& tables = cache(comm);
   const TransportConstants transport =
-      cached_or_measured(cache().transport, TransportKey{comm.name(), request.out_dtype},
+      cached_or_measured(tables, tables.transport, request.out_dtype,
                          [&] { return measure_transport(comm, request.out_dtype); });
   // No split can pay when reducing the whole output costs less than one
   // more round: decided from agreed values alone, so the call is spared the
   // gather below (a small output's call is mostly synchronisation).
   if (one_round_is_enough(request, transport) && used == nullptr) return one_tile_plan(request);
-  const GemmConstants gemm_constants =
-      cached_or_measured(cache().gemm, gemm_key(comm, request),
-                         [&] { return measure_gemm(comm, gemm, request); });
+  const GemmConstants gemm_constants = cached_or_measured(
+      tables, tables.gemm, gemm_key(request), [&] { return measure_gemm(comm, gemm, request); });
 
   CostConstants constants;
   constants.gemm_flops = gemm_constants.flops;
@@ -326,33 +319,32 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
       std::min<std::size_t>(comm.max_reduce_buffer_bytes(), std::size_t{1} << 62));
   constants.max_in_flight = comm.max_reduces_in_flight();
   if (used != nullptr) *used = constants;
-  const PlanKey key = plan_key(comm, request);
+  const PlanKey key = plan_key(request);
   {
-    const std::lock_guard lock(cache().mutex);
-    if (auto it = cache().plans.find(key); it != cache().plans.end()) return it->second;
+    const std::lock_guard lock(tables.mutex);
+    if (auto it = tables.plans.find(key); it != tables.plans.end()) return it->second;
   }
   TilePlan plan = make_plan(request, constants);
   log::debug("plan for m=", request.m, " n=", request.n, " k=", request.k, ": ",
              plan.tile_rows.size(), " tiles (", plan.reason, ")");
-  const std::lock_guard lock(cache().mutex);
-  if (cache().plans.size() >= kMaxPlans) cache().plans.clear();
-  cache().plans.emplace(key, plan);
+  const std::lock_guard lock(tables.mutex);
+  if (tables.plans.size() >= kMaxPlans) tables.plans.clear();
+  tables.plans.emplace(key, plan);
   return plan;
 }
 
 std::optional<TilePlan> cached_plan(const comm::Communicator& comm, const PlanRequest& request) {
   if (needs_no_constants(request)) return make_plan(request, {.gemm_flops = 1});
-  const std::lock_guard lock(cache().mutex);
-  const auto transport = cache().transport.find(TransportKey{comm.name(), request.out_dtype});
-  if (transport == cache().transport.end()) return std::nullopt;
+  Cache& tables = cache(comm);
+  const std::lock_guard lock(tables.mutex);
+  const auto transport = tables.transport.find(request.out_dtype);
+  if (transport == tables.transport.end()) return std::nullopt;
   if (one_round_is_enough(request, transport->second)) return one_tile_plan(request);
   // The GEMM's constants too: plan_call on a peer that has no plan cached
   // then computes the same plan without measuring (the tables of constants
   // change only when every rank measures together; the plans' do not).
-  const auto plan = cache().plans.find(plan_key(comm, request));
-  if (plan == cache().plans.end() || !cache().gemm.contains(gemm_key(comm, request))) {
-    return std::nullopt;
-  }
+  const auto plan = tables.plans.find(plan_key(request));
+  if (plan == tables.plans.end() || !tables.gemm.contains(gemm_key(request))) return std::nullopt;
   return plan->second;
 }
 

@@ -240,4 +240,34 @@ void execute_plan(const TilePlan& plan, const TileJob& job) {
   }
 }
 
+namespace {
+
+Mismatch finish_checked(comm::CheckedWork& work) {
+  work.wait();
+  if (const std::vector<comm::CallHeader>* headers = work.mismatch()) return *headers;
+  return std::nullopt;
+}
+
+}  // namespace
+
+Mismatch execute_checked_tile(const TileJob& job, std::int64_t m, const comm::CallHeader& header) {
+  comm::Communicator& comm = *job.comm;
+  try {
+    const std::size_t count = static_cast<std::size_t>(m) * static_cast<std::size_t>(job.n);
+    comm::ReduceBuffer buffer = comm.acquire_reduce_buffer(count, job.dtype);
+    PolledInFlight nothing_in_flight;
+    compute_tile(job, 0, m, m, buffer.data, nothing_in_flight);
+    if (job.after_tile_computed) job.after_tile_computed(0);
+    return finish_checked(*comm.checked_all_reduce_start(std::move(buffer), job.out, header));
+  } catch (const std::exception& error) {
+    comm.abort(cat("rank ", comm.rank(), " stopped its tile pipeline: ", error.what()));
+    throw;
+  }
+}
+
+Mismatch checked_round(comm::Communicator& comm, const comm::CallHeader& header) {
+  return finish_checked(
+      *comm.checked_all_reduce_start(comm.acquire_reduce_buffer(0, DType::f16), nullptr, header));
+}
+
 }  // namespace tpfuse::pipeline

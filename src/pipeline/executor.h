@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
+#include <vector>
 
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/gemm/tile_gemm.h"
@@ -49,5 +51,14 @@ struct TileJob {
 // communicator is aborted, so the peers fail at once rather than at their
 // deadline, and the error is rethrown.
 void execute_plan(const TilePlan& plan, const TileJob& job);
+
+// The call's first round carrying its header (Communicator::checked_all_reduce_start):
+// a plan of one tile that fits a reduce buffer, computed and reduced in
+// that round; or, with a null job, a round without data. Null when every
+// rank's digest matched (the tile's result is in job.out); else every rank's
+// header, and nothing was summed: job.out is untouched.
+using Mismatch = std::optional<std::vector<comm::CallHeader>>;
+Mismatch execute_checked_tile(const TileJob& job, std::int64_t m, const comm::CallHeader& header);
+Mismatch checked_round(comm::Communicator& comm, const comm::CallHeader& header);
 
 }  // namespace tpfuse::pipeline

@@ -26,15 +26,20 @@
 // its own PrefixStore); those run independently.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <typeindex>
+#include <typeinfo>
 #include <vector>
 
 #include "tpfuse/core/dtype.h"
@@ -56,12 +61,28 @@ class Work {
   virtual void wait() = 0;
 };
 
-// An all-gather whose contributions are on their way: see all_gather_start().
-class PendingGather {
+// What a rank says about the call a checked all-reduce belongs to: a digest
+// that must be the same on every rank for the round to count, and what the
+// rank wants every peer to know when it is not (its call's facts, its error).
+struct CallHeader {
+  static constexpr std::size_t kPayloadBytes = 1008;
+  std::uint64_t digest = 0;
+  std::uint32_t length = 0;  // bytes of payload in use
+  std::uint32_t reserved = 0;
+  std::array<std::byte, kPayloadBytes> payload{};
+
+  // The payload set from / read as text (cut at kPayloadBytes).
+  void set_payload(std::string_view bytes);
+  std::string_view payload_view() const;
+};
+static_assert(sizeof(CallHeader) == 1024);
+
+// A checked all-reduce in flight (see checked_all_reduce_start). Once it has
+// completed: null when every rank's digest was this rank's (the sum is in
+// the output), else every rank's header, in rank order (no rank summed).
+class CheckedWork : public Work {
  public:
-  virtual ~PendingGather() = default;
-  // Every rank's contribution, in rank order; blocking and bounded. Once.
-  virtual std::vector<std::string> wait() = 0;
+  virtual const std::vector<CallHeader>* mismatch() const = 0;
 };
 
 // Where a rank writes its contribution to one all-reduce, so that producing
@@ -122,24 +143,19 @@ class Communicator {
   virtual std::size_t max_reduce_buffer_bytes() const;
   virtual int max_reduces_in_flight() const { return 1; }
 
+  // The pipelined all-reduce with a header: every rank's header travels with
+  // its contribution, and the round sums only if every rank's digest is the
+  // same; else no rank reads any contribution (their counts may then differ,
+  // 0 included), and every rank learns every header. So a call's agreement
+  // costs no round of its own where the transport carries headers (shm); the
+  // default sends them in an all_gather first.
+  virtual std::unique_ptr<CheckedWork> checked_all_reduce_start(ReduceBuffer buffer, void* output,
+                                                                const CallHeader& mine);
+
   // Every rank contributes up to max_gather_bytes() bytes; returns each
   // rank's contribution, in rank order. Blocking and bounded.
   virtual std::vector<std::string> all_gather(std::string_view mine) = 0;
   virtual std::size_t max_gather_bytes() const = 0;
-  // all_gather in two halves, so that a rank can work while the
-  // contributions travel: this sends this rank's, and wait() on the result
-  // returns every rank's. All-reduces may run in between; another all-gather
-  // may not start before that wait(). The PendingGather must not outlive the
-  // communicator; destroyed unwaited, it waits in its destructor (the
-  // transport's buffers are in use until then). The default gathers at
-  // once, here.
-  virtual std::unique_ptr<PendingGather> all_gather_start(std::string_view mine);
-  // The largest all-reduce (in bytes) that ranks may enter with different
-  // counts and still all complete, each reading only inside the transport's
-  // buffers (its result is then garbage): what lets a rank start a call
-  // before it has heard that its peers agree, and check afterwards. 0 (the
-  // default): no such all-reduce.
-  virtual std::size_t max_mismatch_safe_reduce_bytes() const { return 0; }
 
   // Marks the communicator failed on every rank: their waits wake at once and
   // throw AbortedError naming this rank and the reason. Safe from any thread.
@@ -151,7 +167,23 @@ class Communicator {
   }
   void barrier() { all_gather({}); }
 
+  // State that belongs to the group rather than to the process: the caches
+  // whose hits must be the same on every rank (agreed calls, measured
+  // constants, plans). One T per communicator, made on first use, destroyed
+  // with it; every rank fills its own through the same sequence of calls, so
+  // the ranks' copies stay alike, eviction included.
+  template <class T>
+  T& attachment() const {
+    const std::lock_guard lock(attachments_mutex_);
+    std::shared_ptr<void>& slot = attachments_[std::type_index(typeid(T))];
+    if (!slot) slot = std::make_shared<T>();
+    return *static_cast<T*>(slot.get());
+  }
+
  private:
+  mutable std::mutex attachments_mutex_;
+  mutable std::map<std::type_index, std::shared_ptr<void>> attachments_;
+
   friend class ExclusiveUse;
   // The thread inside a collective or an operator call, or none.
   std::atomic<std::thread::id> user_{};

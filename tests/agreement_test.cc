@@ -1,8 +1,9 @@
-// A call that a rank proposed before on the same communicator runs ahead of
-// the agreement and is checked afterwards (ops/agreement.h): it counts when
-// the facts it assumed hold, runs again when they went stale, and fails on
-// every rank, leaving the outputs as they were and the communicator usable,
-// when the ranks disagree.
+// The agreement carried by a call's first round (ops/agreement.h): a call
+// the ranks agreed before runs in that one round; stale facts, a first time
+// and a rank's own error are judged from every rank's proposal and run (or
+// fail) alike on every rank, leaving the outputs as they were and the
+// communicator usable when the ranks disagree. And in steady state a call is
+// one collective round.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 
 #include "ops/test_hooks.h"
 #include "rank_harness.h"
+#include "tpfuse/comm/registry.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/testing/golden.h"
 #include "tpfuse/testing/inputs.h"
@@ -26,12 +28,10 @@ using Outcome = test_hooks::Agreement;
 
 const char* outcome_name(Outcome outcome) {
   switch (outcome) {
-    case Outcome::before_running:
-      return "agreed before running";
-    case Outcome::ran_ahead:
-      return "ran ahead";
-    case Outcome::ran_ahead_then_again:
-      return "ran ahead, then again";
+    case Outcome::in_first_round:
+      return "agreed in its first round";
+    case Outcome::judged:
+      return "judged from every rank's proposal";
   }
   return "?";
 }
@@ -95,16 +95,16 @@ CaseSpec small_case() {
   return spec;
 }
 
-TEST(RunAhead, ACallSeenBeforeRunsAheadAndMatchesTheGolden) {
+TEST(Agreement, ACallSeenBeforeRunsInItsFirstRoundAndMatchesTheGolden) {
   const auto result = run_ranks(3, [](comm::RankContext& ctx) {
     for (const DType dtype : {DType::f16, DType::bf16}) {
       CaseSpec spec = small_case();
       spec.dtype = dtype;
       spec.bias = true;
       const std::vector<CaseSpec> specs(3, spec);
-      expect_outcome(run_and_check(specs, ctx), Outcome::before_running, 1, ctx.rank);
-      expect_outcome(run_and_check(specs, ctx), Outcome::ran_ahead, 2, ctx.rank);
-      expect_outcome(run_and_check(specs, ctx), Outcome::ran_ahead, 3, ctx.rank);
+      expect_outcome(run_and_check(specs, ctx), Outcome::judged, 1, ctx.rank);
+      expect_outcome(run_and_check(specs, ctx), Outcome::in_first_round, 2, ctx.rank);
+      expect_outcome(run_and_check(specs, ctx), Outcome::in_first_round, 3, ctx.rank);
     }
     return 0;
   });
@@ -112,30 +112,30 @@ TEST(RunAhead, ACallSeenBeforeRunsAheadAndMatchesTheGolden) {
 }
 
 // Uneven K-slices that change between calls: a rank's memory of the largest
-// K goes stale, and the call runs again with the one agreed now.
-TEST(RunAhead, StaleFactsRunAgainWithTheAgreedOnes) {
+// K goes stale, and the call is judged and runs with the one agreed now.
+TEST(Agreement, StaleFactsAreJudgedAndRunWithTheAgreedOnes) {
   const auto result = run_ranks(2, [](comm::RankContext& ctx) {
     const CaseSpec base = small_case();
     const auto call = [&](int number, const std::vector<std::int64_t>& ks,
                           const std::vector<Outcome>& want) {
       expect_outcome(run_and_check(with_k(base, ks), ctx), want[ctx.rank], number, ctx.rank);
     };
-    call(1, {32, 32}, {Outcome::before_running, Outcome::before_running});
-    // Rank 0 assumes the largest K is 32; rank 1 never proposed K=64.
-    call(2, {32, 64}, {Outcome::ran_ahead_then_again, Outcome::before_running});
+    call(1, {32, 32}, {Outcome::judged, Outcome::judged});
+    // Rank 0 plans with a largest K of 32; rank 1 never proposed K=64.
+    call(2, {32, 64}, {Outcome::judged, Outcome::judged});
     // Rank 0 now remembers 64 for its proposal, rank 1 remembers 32.
-    call(3, {32, 32}, {Outcome::ran_ahead_then_again, Outcome::ran_ahead_then_again});
-    call(4, {32, 32}, {Outcome::ran_ahead, Outcome::ran_ahead});
-    // Rank 1's new proposal leaves the largest K rank 0 assumed: its run counts.
-    call(5, {32, 16}, {Outcome::ran_ahead, Outcome::before_running});
+    call(3, {32, 32}, {Outcome::judged, Outcome::judged});
+    call(4, {32, 32}, {Outcome::in_first_round, Outcome::in_first_round});
+    // Rank 1 proposes what it never did: the round ends in the judging.
+    call(5, {32, 16}, {Outcome::judged, Outcome::judged});
     return 0;
   });
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
-// Both ranks remember their own proposal, and run ahead with different m:
-// both fail naming m, and the next call works.
-TEST(RunAhead, RanksThatRanAheadAndDisagreeAllFail) {
+// Both ranks remember their own proposal, and plan with different m: both
+// fail naming m in the first round, and the next call works.
+TEST(Agreement, RanksThatPlannedApartAndDisagreeAllFail) {
   const auto result = run_ranks(2, [](comm::RankContext& ctx) {
     CaseSpec eight = small_case();
     eight.m = 8;
@@ -157,16 +157,16 @@ TEST(RunAhead, RanksThatRanAheadAndDisagreeAllFail) {
                   "unexpected message: ", what);
     }
     expect_rank(still_marked(out), "rank ", ctx.rank, ": the failed call wrote into out");
-    expect_outcome(run_and_check({eight, eight}, ctx), Outcome::ran_ahead, 4, ctx.rank);
+    expect_outcome(run_and_check({eight, eight}, ctx), Outcome::in_first_round, 4, ctx.rank);
     return 0;
   });
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
-// The others run ahead while rank 2 rejects its arguments: rank 2 still
-// takes part in their all-reduce, then every rank fails, and the next call
-// works.
-TEST(RunAhead, ARankRejectingItsArgumentsFailsThoseThatRanAhead) {
+// The others plan while rank 2 rejects its arguments: rank 2 still takes
+// part in their first round, every rank fails with rank 2's message, and the
+// next call works.
+TEST(Agreement, ARankRejectingItsArgumentsFailsThePlannedRound) {
   const auto result = run_ranks(3, [](comm::RankContext& ctx) {
     const CaseSpec spec = small_case();
     const std::vector<CaseSpec> specs(3, spec);
@@ -186,7 +186,73 @@ TEST(RunAhead, ARankRejectingItsArgumentsFailsThoseThatRanAhead) {
       expect_rank(ctx.rank == 2, "rank ", ctx.rank, " got the wrong error: ", e.what());
     }
     expect_rank(still_marked(out), "rank ", ctx.rank, ": the failed call wrote into out");
-    expect_outcome(run_and_check(specs, ctx), Outcome::ran_ahead, 3, ctx.rank);
+    expect_outcome(run_and_check(specs, ctx), Outcome::in_first_round, 3, ctx.rank);
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// The transport of `inner`, counting the collective rounds this rank enters.
+class CountingCommunicator final : public comm::Communicator {
+ public:
+  explicit CountingCommunicator(std::shared_ptr<comm::Communicator> inner)
+      : inner_(std::move(inner)), name_(inner_->name() + "-counted") {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  const std::string& name() const override { return name_; }
+  std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
+  std::unique_ptr<comm::Work> all_reduce_start(const void* input, void* output, std::size_t count,
+                                               DType dtype) override {
+    ++rounds;
+    return inner_->all_reduce_start(input, output, count, dtype);
+  }
+  comm::ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override {
+    return inner_->acquire_reduce_buffer(count, dtype);
+  }
+  std::unique_ptr<comm::Work> all_reduce_start(comm::ReduceBuffer buffer, void* output) override {
+    ++rounds;
+    return inner_->all_reduce_start(std::move(buffer), output);
+  }
+  std::unique_ptr<comm::CheckedWork> checked_all_reduce_start(
+      comm::ReduceBuffer buffer, void* output, const comm::CallHeader& mine) override {
+    ++rounds;
+    return inner_->checked_all_reduce_start(std::move(buffer), output, mine);
+  }
+  std::size_t max_reduce_buffer_bytes() const override { return inner_->max_reduce_buffer_bytes(); }
+  int max_reduces_in_flight() const override { return inner_->max_reduces_in_flight(); }
+  std::vector<std::string> all_gather(std::string_view mine) override {
+    ++rounds;
+    return inner_->all_gather(mine);
+  }
+  std::size_t max_gather_bytes() const override { return inner_->max_gather_bytes(); }
+  void abort(std::string_view reason) override { inner_->abort(reason); }
+
+  int rounds = 0;
+
+ private:
+  std::shared_ptr<comm::Communicator> inner_;
+  std::string name_;
+};
+
+// A decode step's small call, made again: after the first time, one round.
+TEST(Agreement, ASmallCallMadeAgainIsOneCollectiveRound) {
+  const auto result = run_ranks(3, [](comm::RankContext& ctx) {
+    auto counted = std::make_shared<CountingCommunicator>(ctx.comm);
+    const std::string hcom = comm::register_communicator(counted);
+    CaseSpec spec = small_case();
+    spec.dtype = DType::bf16;
+    const auto inputs = testing::make_rank_inputs(spec, ctx.rank);
+    std::vector<int> rounds;
+    for (int call = 0; call < 4; ++call) {
+      const int before = counted->rounds;
+      mm_all_reduce_base(inputs.args.x1, inputs.args.x2, hcom, inputs.args.options);
+      rounds.push_back(counted->rounds - before);
+    }
+    comm::unregister_communicator(hcom);
+    for (int call = 1; call < 4; ++call) {
+      expect_rank(rounds[static_cast<std::size_t>(call)] == 1, "rank ", ctx.rank, ": call ",
+                  call + 1, " took ", rounds[static_cast<std::size_t>(call)], " collective rounds");
+    }
     return 0;
   });
   EXPECT_TRUE(result.ok()) << result.describe_failures();
