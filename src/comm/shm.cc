@@ -272,9 +272,13 @@ std::unique_ptr<CheckedWork> ShmCommunicator::checked_all_reduce_start(ReduceBuf
                                                                        const CallHeader& mine) {
   const ExclusiveUse use(*this, "checked_all_reduce_start");
   static_assert(sizeof(CallHeader) == shm::kRoundHeaderBytes);
-  // In the ring beside the slot before the round is announced: a peer reads
-  // it once it sees this rank's contribution.
-  std::memcpy(group_->segment.ring().header(group_->rank, buffer.round), &mine, sizeof mine);
+  // In the ring before the round is announced: a peer reads them once it
+  // sees this rank's contribution (the header's unused payload stays out).
+  const shm::Ring& ring = group_->segment.ring();
+  std::memcpy(ring.header(group_->rank, buffer.round), &mine,
+              offsetof(CallHeader, payload) +
+                  std::min<std::size_t>(mine.length, CallHeader::kPayloadBytes));
+  ring.flags(group_->rank, buffer.round).digest.store(mine.digest, std::memory_order_relaxed);
   auto mismatch = std::make_shared<std::vector<CallHeader>>();
   start_buffer(buffer, output, mismatch);
   return std::make_unique<ShmCheckedWork>(queue_, buffer.round, std::move(mismatch));

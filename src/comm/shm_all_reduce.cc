@@ -102,13 +102,13 @@ bool RoundAllReduce::advance() {
 bool RoundAllReduce::headers_differ() {
   if (!spec_.mismatch) return false;
   const Ring& ring = group_.segment.ring();
-  std::vector<std::uint64_t> digests(static_cast<std::size_t>(group_.size));
+  const std::uint64_t mine =
+      ring.flags(group_.rank, spec_.round).digest.load(std::memory_order_relaxed);
+  bool same = true;
   for (int r = 0; r < group_.size; ++r) {
-    std::memcpy(&digests[static_cast<std::size_t>(r)],
-                ring.header(r, spec_.round) + offsetof(CallHeader, digest), sizeof(std::uint64_t));
+    same = same && ring.flags(r, spec_.round).digest.load(std::memory_order_relaxed) == mine;
   }
-  if (std::all_of(digests.begin(), digests.end(), [&](std::uint64_t d) { return d == digests[0]; }))
-    return false;
+  if (same) return false;
   spec_.mismatch->resize(static_cast<std::size_t>(group_.size));
   for (int r = 0; r < group_.size; ++r) {
     std::memcpy(&(*spec_.mismatch)[static_cast<std::size_t>(r)], ring.header(r, spec_.round),

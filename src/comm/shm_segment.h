@@ -114,6 +114,9 @@ struct alignas(kCacheLine) RoundFlags {
   std::atomic<std::uint64_t> contributed;  // my contribution to this round is in my slot
   std::atomic<std::uint64_t> reduced;      // my share of the round, summed, is in my slot
   std::atomic<std::uint64_t> consumed;     // I have read this round from every rank's slot
+  // A checked round's digest (CallHeader::digest), stored before
+  // `contributed`: on the line a peer reads anyway to see the contribution.
+  std::atomic<std::uint64_t> digest;
 };
 static_assert(sizeof(RoundFlags) == kCacheLine);
 

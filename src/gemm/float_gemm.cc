@@ -113,9 +113,6 @@ class FloatGemm final : public PreparedGemm {
     layout_ = choose_layout(ops_);
     group_rows_ = s.scale_kind == ScaleKind::per_group ? s.group_size : s.k;
     blocking_ = choose_blocking();
-    engine_name_ = cat(isa_name(kernels_.isa), "_",
-                       s.mode == Mode::weight_quant ? "wq_" : "", dtype_name(s.in_dtype), "_",
-                       layout_name());
     if (s.mode == Mode::full_quant) {
       prepare_full_quant();
     } else {
@@ -125,7 +122,15 @@ class FloatGemm final : public PreparedGemm {
     pack_b();
   }
 
-  const char* engine() const override { return engine_name_.c_str(); }
+  // Named on first use: a call that never asks pays nothing for the text.
+  const char* engine() const override {
+    std::call_once(engine_named_, [this] {
+      engine_name_ =
+          cat(isa_name(kernels_.isa), "_", ops_.shape.mode == Mode::weight_quant ? "wq_" : "",
+              dtype_name(ops_.shape.in_dtype), "_", layout_name());
+    });
+    return engine_name_.c_str();
+  }
   std::shared_ptr<const PackedX2> packing() const override { return owned_; }
 
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
@@ -584,7 +589,8 @@ class FloatGemm final : public PreparedGemm {
   BLayout layout_ = BLayout::packed_f32;
   Blocking blocking_;
   std::int64_t group_rows_ = 0;
-  std::string engine_name_;
+  mutable std::once_flag engine_named_;
+  mutable std::string engine_name_;
   AlignedBuffer<float> bias_, scales_, offsets_, dequant_scales_;
   std::shared_ptr<FloatPanels> owned_;  // the fp32 panels this call packed, if any
   float* packed_f32_ = nullptr;         // where pack_b writes them

@@ -64,8 +64,6 @@ class PairGemm final : public PreparedGemm {
         nc_panels_(std::max<std::int64_t>(1, kNcColumns / kernels.nr)) {
     const CallShape& s = ops_.shape;
     streamed_ = s.m <= kSmallM;
-    engine_name_ = cat("avx512_bf16_", s.mode == Mode::weight_quant ? "wq_" : "", "pairs",
-                       streamed_ ? "_streamed" : "");
     if (const auto* given = dynamic_cast<const PairPanels*>(operands.packed)) {
       panels_ = given;
       streamed_ = false;
@@ -76,7 +74,12 @@ class PairGemm final : public PreparedGemm {
     }
   }
 
-  const char* engine() const override { return engine_name_.c_str(); }
+  const char* engine() const override {
+    if (ops_.shape.mode == Mode::weight_quant) {
+      return streamed_ ? "avx512_bf16_wq_pairs_streamed" : "avx512_bf16_wq_pairs";
+    }
+    return streamed_ ? "avx512_bf16_pairs_streamed" : "avx512_bf16_pairs";
+  }
   std::shared_ptr<const PackedX2> packing() const override { return owned_; }
 
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
@@ -374,7 +377,6 @@ class PairGemm final : public PreparedGemm {
   ColumnTables tables_;
   std::int64_t kc_pairs_, mc_, nc_panels_;
   bool streamed_ = false;
-  std::string engine_name_;
   std::shared_ptr<PairPanels> owned_;      // the packing this call made, if any
   const PairPanels* panels_ = nullptr;     // the one it reads (owned_ or the operands')
   mutable std::mutex compute_mutex_;

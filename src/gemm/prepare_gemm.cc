@@ -11,9 +11,13 @@
 // with the exceptions written at each rule below. (The reference engine
 // computes nothing here: it is the tests' yardstick.) The micro-kernels come
 // from the table of the level asked for.
+#include <pthread.h>
 #include <sched.h>
+#include <time.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 
 #include "gemm/engines.h"
 #include "gemm/float_gemm.h"
@@ -34,11 +38,34 @@ const EnvSetting<std::int64_t> kNumThreads{
 constexpr std::int64_t kInPlaceInt8Rows = 4;
 constexpr std::int64_t kTransposedInt8DotRows = 2;
 
+// Bumped in a child after fork(): a forked rank is usually pinned anew.
+std::atomic<std::uint64_t> g_forks{0};
+
+// The cores this thread may run on. Read again at most every 100 ms and
+// after a fork, not on every call: sched_getaffinity is a system call, which
+// took 3 of a small call's 5 us of CPU in a VM. A new affinity shows within
+// that time.
 int cores_available() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
-  return std::max(1, CPU_COUNT(&set));
+  static const bool watching_forks = [] {
+    return pthread_atfork(nullptr, nullptr,
+                          [] { g_forks.fetch_add(1, std::memory_order_relaxed); }) == 0;
+  }();
+  constexpr std::int64_t kRecheckNs = 100'000'000;
+  thread_local int cores = 0;
+  thread_local std::int64_t checked_ns = 0;
+  thread_local std::uint64_t forks_seen = 0;
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+  const std::int64_t now_ns = now.tv_sec * 1'000'000'000LL + now.tv_nsec;
+  const std::uint64_t forks = g_forks.load(std::memory_order_relaxed);
+  if (cores == 0 || !watching_forks || forks != forks_seen || now_ns - checked_ns >= kRecheckNs) {
+    forks_seen = forks;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+    checked_ns = now_ns;
+  }
+  return cores;
 }
 
 }  // namespace

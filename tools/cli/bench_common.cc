@@ -1,6 +1,7 @@
 #include "bench_common.h"
 
 #include <sched.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -79,11 +80,23 @@ std::string machine_facts() {
              load_average());
 }
 
-double timed_batch(comm::Communicator& comm, const std::function<void()>& call, int calls) {
+namespace {
+
+double thread_cpu_seconds() {
+  timespec now{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
+  return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec);
+}
+
+}  // namespace
+
+double timed_batch(comm::Communicator& comm, const std::function<void()>& call, int calls, double* cpu_per_call) {
   comm.barrier();
+  const double cpu_start = thread_cpu_seconds();
   const auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < calls; ++i) call();
   const double mine = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / calls;
+  if (cpu_per_call != nullptr) *cpu_per_call = (thread_cpu_seconds() - cpu_start) / calls;
   const auto everyone = comm.all_gather(std::string_view(reinterpret_cast<const char*>(&mine), sizeof(mine)));
   double slowest = 0;
   for (const std::string& bytes : everyone) {

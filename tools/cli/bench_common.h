@@ -36,8 +36,10 @@ std::string machine_facts();
 // The timing protocol every all-reduce and operator figure follows, on
 // tpfuse's ranks as in the MPI and gloo baselines: a barrier, a batch of
 // `calls` calls, and the slowest rank's time per call (the same value on every
-// rank).
-double timed_batch(comm::Communicator& comm, const std::function<void()>& call, int calls);
+// rank). `cpu_per_call`, when given, receives this rank's calling thread's
+// CPU time per call (CLOCK_THREAD_CPUTIME_ID) over the batch.
+double timed_batch(comm::Communicator& comm, const std::function<void()>& call, int calls,
+                   double* cpu_per_call = nullptr);
 
 // Calls per batch so that a batch lasts at least min_batch_ms, given one
 // call's time (at least 1, at most 100000).

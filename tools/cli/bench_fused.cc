@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -93,6 +94,9 @@ struct FusedCase {
   int ranks = 0;
   Spread gemm, comm, serial, fused;  // tpfuse
   std::string engine;                // tpfuse's GEMM engine
+  // The operator's own CPU per call (thread CPU of the fused call minus that
+  // of its GEMM then its all-reduce): the median and the largest over ranks.
+  double op_cpu = kNotMeasured, op_cpu_max = kNotMeasured;
   double peer = kNotMeasured, peer_gemm = kNotMeasured, comm_mpi = kNotMeasured, comm_gloo = kNotMeasured;
   std::string peer_detail;
 
@@ -165,10 +169,16 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
       calls[v] = calls_per_batch(timed_batch(comm, variants[v], 1), o.min_batch_ms);
     }
   }
-  std::vector<std::vector<double>> seconds(variants.size());
+  std::vector<std::vector<double>> seconds(variants.size()), cpu(variants.size());
+  // The order rotates from one repetition to the next: with ranks sharing
+  // cores, a batch ran up to 1.5x slower right after the all-reduce batch
+  // than after another (the seed's 8 ranks on 2 cores), whichever variant it was.
   for (int r = 0; r < o.reps; ++r) {
-    for (std::size_t v = 0; v < variants.size(); ++v) {
-      seconds[v].push_back(timed_batch(comm, variants[v], calls[v]));
+    for (std::size_t turn = 0; turn < variants.size(); ++turn) {
+      const std::size_t v = (turn + static_cast<std::size_t>(r)) % variants.size();
+      double cpu_per_call = 0;
+      seconds[v].push_back(timed_batch(comm, variants[v], calls[v], &cpu_per_call));
+      cpu[v].push_back(cpu_per_call);
     }
   }
   RankReport report;
@@ -176,6 +186,20 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
     const Spread spread = spread_of(s);
     report.values.insert(report.values.end(), {spread.median, spread.min, spread.max});
   }
+  // The operator's own CPU time per call on this rank: what the fused call
+  // costs its thread beyond its GEMM and its all-reduce run alone, one after
+  // the other (serial). Not beyond each run in a batch of its own: a rank
+  // that finishes its GEMM first spins in the reduce until the slowest
+  // arrives, in the fused call as in serial, but not in the all-reduce batch.
+  const double op_cpu = median(cpu[3]) - median(cpu[2]);
+  std::vector<double> op_cpus;
+  for (const std::string& bytes :
+       comm.all_gather(std::string_view(reinterpret_cast<const char*>(&op_cpu), sizeof op_cpu))) {
+    op_cpus.push_back(0);
+    std::memcpy(&op_cpus.back(), bytes.data(), sizeof(double));
+  }
+  report.values.push_back(median(op_cpus));
+  report.values.push_back(*std::max_element(op_cpus.begin(), op_cpus.end()));
   report.text = gemm::prepare_gemm(operands)->engine();
   return report;
 }
@@ -195,6 +219,8 @@ void measure_tpfuse(FusedCase& c, const FusedOptions& o) {
                             [&](comm::RankContext& ctx) { return measure_tpfuse_rank(ctx, c, o); });
   Spread* targets[] = {&c.gemm, &c.comm, &c.serial, &c.fused};
   for (std::size_t v = 0; v < 4; ++v) *targets[v] = {report.values[3 * v], report.values[3 * v + 1], report.values[3 * v + 2]};
+  c.op_cpu = report.values[12];
+  c.op_cpu_max = report.values[13];
   c.engine = report.text;
 }
 
@@ -250,7 +276,8 @@ void measure_case(FusedCase& c, const FusedOptions& o, const BaselineTools& tool
     }
     combined.median = median(medians);
   }
-  for (double FusedCase::*field : {&FusedCase::peer, &FusedCase::peer_gemm, &FusedCase::comm_mpi}) {
+  for (double FusedCase::*field :
+       {&FusedCase::peer, &FusedCase::peer_gemm, &FusedCase::comm_mpi, &FusedCase::op_cpu, &FusedCase::op_cpu_max}) {
     std::vector<double> figures;
     for (const FusedCase& r : rounds) figures.push_back(r.*field);
     c.*field = median_of_measured(figures);
@@ -307,11 +334,17 @@ void print_ratio(double value) {
 }
 
 void print_ratios(const std::vector<FusedCase>& cases) {
-  std::printf("\nRatios (same run): bound = max(T_gemm, T_comm); hidden = (T_serial - T_fused) / min(T_gemm, T_comm);"
-              "\nspread = fused (max - min) / median over the repetitions\n");
-  std::printf("  %-13s %-4s %5s %9s %9s %9s %9s %9s %9s  %s\n", "case", "mode", "ranks", "serial/", "peer/",
-              "fused/", "fused/", "hidden", "spread", "tpfuse engine");
-  std::printf("  %-13s %-4s %5s %9s %9s %9s %9s %9s %9s\n", "", "", "", "fused", "fused", "serial", "bound", "", "");
+  std::printf(
+      "\nRatios (same run): bound = max(T_gemm, T_comm); hidden = (T_serial - T_fused) / "
+      "min(T_gemm, T_comm);"
+      "\nspread = fused (max - min) / median over the repetitions; op CPU = thread CPU per call of "
+      "the fused call"
+      "\nminus that of its GEMM then its all-reduce (serial), us (median and largest over "
+      "ranks)\n");
+  std::printf("  %-13s %-4s %5s %9s %9s %9s %9s %9s %9s %9s %9s  %s\n", "case", "mode", "ranks", "serial/", "peer/",
+              "fused/", "fused/", "hidden", "spread", "op CPU", "op CPU", "tpfuse engine");
+  std::printf("  %-13s %-4s %5s %9s %9s %9s %9s %9s %9s %9s %9s\n", "", "", "", "fused", "fused", "serial", "bound", "",
+              "", "median", "max");
   for (const FusedCase& c : cases) {
     std::printf("  %-13s %-4s %5d", c.label().c_str(), std::string(dtype_name(c.dtype)).c_str(), c.ranks);
     print_ratio(c.serial.median / c.fused.median);
@@ -320,6 +353,8 @@ void print_ratios(const std::vector<FusedCase>& cases) {
     print_ratio(c.fused.median / c.bound());
     print_ratio(c.hidden_fraction());
     print_ratio((c.fused.max - c.fused.min) / c.fused.median);
+    print_ratio(c.op_cpu * 1e6);
+    print_ratio(c.op_cpu_max * 1e6);
     std::printf("  %s\n", c.engine.c_str());
   }
 }
@@ -346,7 +381,12 @@ void print_targets(const std::vector<FusedCase>& cases) {
                   c.peer / c.gemm.median, c.gemm.median * 1e3, c.peer_gemm * 1e3, c.comm_mpi * 1e3);
     }
     if (is_shape(c, 4096, 8192, 256, 2)) print_target(cat("hidden fraction, ", name), c.hidden_fraction(), ">=", 0.5);
-    print_target(cat("T_fused / T_serial, ", name), c.fused.median / c.serial.median, "<=", 1.03);
+    print_target(cat("T_fused / T_serial, ", name), c.fused.median / c.serial.median, "<=", 1.00);
+    // The request's example and the decode rows run as one tile: the
+    // operator's own work is all that separates it from its pieces.
+    if (is_shape(c, 128, 64, 4096, 8) || is_shape(c, 1, 4096, 4096, 2) || is_shape(c, 16, 4096, 4096, 2)) {
+      print_target(cat("op CPU per call and rank (us), ", name), c.op_cpu * 1e6, "<=", 3.0);
+    }
     if (is_shape(c, 128, 64, 4096, 8)) {
       std::printf("  %-52s %7.1f us per call (report)\n", cat("seed example, ", name).c_str(), c.fused.median * 1e6);
     }
@@ -372,11 +412,11 @@ void write_json(const std::string& path, const std::vector<FusedCase>& cases, co
         << ", \"t_fused_min\": " << json_number(c.fused.min) << ", \"t_fused_max\": " << json_number(c.fused.max)
         << ", \"t_serial_min\": " << json_number(c.serial.min) << ", \"t_serial_max\": " << json_number(c.serial.max)
         << ", \"t_comm_mpi\": " << json_number(c.comm_mpi) << ", \"t_comm_gloo\": " << json_number(c.comm_gloo)
-        << ", \"t_peer_gemm\": " << json_number(c.peer_gemm) << ", \"engine\": \"" << c.engine
+        << ", \"t_peer_gemm\": " << json_number(c.peer_gemm) << ", \"op_cpu_us\": " << json_number(c.op_cpu * 1e6)
+        << ", \"op_cpu_us_max_rank\": " << json_number(c.op_cpu_max * 1e6) << ", \"engine\": \"" << c.engine
         << "\", \"peer\": \"" << c.peer_detail << "\", \"rounds\": " << o.rounds << ", \"reps\": " << o.reps
-        << ", \"min_batch_ms\": " << o.min_batch_ms
-        << ", \"pinned\": " << (o.baselines.no_pin ? "false" : "true") << ", \"comm_turn\": " << o.comm_turn
-        << "}" << (i + 1 < cases.size() ? "," : "") << "\n";
+        << ", \"min_batch_ms\": " << o.min_batch_ms << ", \"pinned\": " << (o.baselines.no_pin ? "false" : "true")
+        << ", \"comm_turn\": " << o.comm_turn << "}" << (i + 1 < cases.size() ? "," : "") << "\n";
   }
   out << "]\n";
 }
