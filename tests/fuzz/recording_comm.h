@@ -1,10 +1,12 @@
 // A Communicator that forwards to a real one and records, in order, every
-// collective the operator asks for, with what the first all_gather carried.
-// The fuzzer registers it under its own name and checks a rejected call
-// against the log: one all_gather (the agreement step, carrying the error so
-// that peers fail too instead of waiting), then nothing.
+// collective the operator asks for, with the payload of the first checked
+// all-reduce's header and the largest reduce buffer acquired. The fuzzer
+// registers it under its own name and checks a rejected call against the
+// log: one empty checked round (the call's agreement, its header carrying
+// the error so that peers fail too instead of waiting), then nothing.
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -15,7 +17,7 @@
 
 namespace tpfuse::fuzz {
 
-enum class CommEvent { all_gather, acquire_reduce_buffer, all_reduce, abort };
+enum class CommEvent { all_gather, acquire_reduce_buffer, all_reduce, checked_all_reduce, abort };
 
 class RecordingCommunicator final : public comm::Communicator {
  public:
@@ -33,22 +35,32 @@ class RecordingCommunicator final : public comm::Communicator {
     return inner_->all_reduce_start(input, output, count, dtype);
   }
   comm::ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override {
-    record(CommEvent::acquire_reduce_buffer);
+    {
+      const std::lock_guard lock(mutex_);
+      events_.push_back(CommEvent::acquire_reduce_buffer);
+      largest_buffer_ = std::max(largest_buffer_, count);
+    }
     return inner_->acquire_reduce_buffer(count, dtype);
   }
   std::unique_ptr<comm::Work> all_reduce_start(comm::ReduceBuffer buffer, void* output) override {
     record(CommEvent::all_reduce);
     return inner_->all_reduce_start(std::move(buffer), output);
   }
+  std::unique_ptr<comm::CheckedWork> checked_all_reduce_start(
+      comm::ReduceBuffer buffer, void* output, const comm::CallHeader& mine) override {
+    {
+      const std::lock_guard lock(mutex_);
+      if (!header_seen_) first_header_ = std::string(mine.payload_view());
+      header_seen_ = true;
+      events_.push_back(CommEvent::checked_all_reduce);
+    }
+    return inner_->checked_all_reduce_start(std::move(buffer), output, mine);
+  }
   std::size_t max_reduce_buffer_bytes() const override { return inner_->max_reduce_buffer_bytes(); }
   int max_reduces_in_flight() const override { return inner_->max_reduces_in_flight(); }
 
   std::vector<std::string> all_gather(std::string_view mine) override {
-    {
-      const std::lock_guard lock(mutex_);
-      if (events_.empty()) first_gather_ = std::string(mine);
-      events_.push_back(CommEvent::all_gather);
-    }
+    record(CommEvent::all_gather);
     return inner_->all_gather(mine);
   }
   std::size_t max_gather_bytes() const override { return inner_->max_gather_bytes(); }
@@ -62,16 +74,23 @@ class RecordingCommunicator final : public comm::Communicator {
   void clear() {
     const std::lock_guard lock(mutex_);
     events_.clear();
-    first_gather_.clear();
+    first_header_.clear();
+    header_seen_ = false;
+    largest_buffer_ = 0;
   }
   std::vector<CommEvent> events() const {
     const std::lock_guard lock(mutex_);
     return events_;
   }
-  // What the first collective sent, when it was an all_gather.
-  std::string first_gather() const {
+  // The payload of the first checked all-reduce's header ("" when none).
+  std::string first_header() const {
     const std::lock_guard lock(mutex_);
-    return first_gather_;
+    return first_header_;
+  }
+  // The most elements any acquired reduce buffer held.
+  std::size_t largest_buffer() const {
+    const std::lock_guard lock(mutex_);
+    return largest_buffer_;
   }
 
  private:
@@ -84,7 +103,9 @@ class RecordingCommunicator final : public comm::Communicator {
   std::string name_;
   mutable std::mutex mutex_;
   std::vector<CommEvent> events_;
-  std::string first_gather_;
+  std::string first_header_;
+  bool header_seen_ = false;
+  std::size_t largest_buffer_ = 0;
 };
 
 }  // namespace tpfuse::fuzz

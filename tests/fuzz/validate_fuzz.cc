@@ -5,15 +5,19 @@
 //     same facts (CallShape), and reject what it rejects with an
 //     InvalidArgument "<argument>: ... got ..." naming an argument at fault;
 //   - a rejected call, through the operator on a one-rank communicator, must
-//     fail with that same error after exactly one collective, the agreement's
-//     all_gather carrying the error (so that peers fail rather than wait): no
-//     reduce buffer, no all-reduce, no allocation of 64 KiB or more (an
-//     output's), and a caller's output left as it was;
+//     fail with that same error after exactly one collective round, the
+//     call's checked round with an empty contribution, its header carrying
+//     the error (so that peers fail rather than wait): no data reduced, no
+//     allocation of 64 KiB or more (an output's), and a caller's output left
+//     as it was;
+//   - an accepted call's first round is a checked one whose header says it
+//     validated;
 //   - an accepted call small enough to back with memory runs, and its output
 //     matches the fp64 golden model (NaN and infinities exactly).
 // Anything else (a crash, a sanitizer report, another exception) aborts.
 #include <sanitizer/allocator_interface.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -22,6 +26,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "contract_model.h"
 #include "fuzz_call.h"
@@ -136,13 +141,14 @@ void check_rejected(const CallSpec& spec, const MaterializedCall& call, bool wit
                       error, "\""));
   }
   const auto events = g_comm->events();
-  if (events.size() != 1 || events[0] != CommEvent::all_gather) {
-    finding(spec, cat("a rejected call made ", events.size(),
-                      " collectives; expected only the agreement's all_gather"));
+  if (events != std::vector{CommEvent::acquire_reduce_buffer, CommEvent::checked_all_reduce} ||
+      g_comm->largest_buffer() != 0) {
+    finding(spec,
+            cat("a rejected call made ", events.size(), " communicator calls, reducing up to ",
+                g_comm->largest_buffer(), " elements; expected only an empty checked round"));
   }
-  const std::string sent = g_comm->first_gather();
-  if (sent.find(error.substr(0, 48)) == std::string::npos) {
-    finding(spec, "the agreement's all_gather did not carry the error to the peers");
+  if (g_comm->first_header().find(error.substr(0, 48)) == std::string::npos) {
+    finding(spec, "the checked round's header did not carry the error to the peers");
   }
   if (g_largest.load() >= kLargeAllocation) {
     finding(spec, cat("a rejected call allocated ", g_largest.load(), " bytes at once"));
@@ -172,11 +178,14 @@ void check_accepted_run(const CallSpec& spec, const MaterializedCall& call, bool
     finding(spec, cat("an accepted call failed: ", e.what()));
   }
   const auto events = g_comm->events();
-  const std::string sent = g_comm->first_gather();
+  const auto first_round = std::find_if(events.begin(), events.end(), [](CommEvent e) {
+    return e != CommEvent::acquire_reduce_buffer;
+  });
+  const std::string sent = g_comm->first_header();
   std::int64_t flag = 0;
   if (sent.size() >= sizeof(flag)) std::memcpy(&flag, sent.data(), sizeof(flag));
-  if (events.empty() || events[0] != CommEvent::all_gather || flag != 1) {
-    finding(spec, "an accepted call did not start with the agreement's all_gather");
+  if (first_round == events.end() || *first_round != CommEvent::checked_all_reduce || flag != 1) {
+    finding(spec, "an accepted call did not start with a checked round saying it validated");
   }
   const TensorView out = with_out ? *call.views[static_cast<int>(Arg::out)] : result.view();
   const std::int64_t flat[2] = {verdict.shape.m, verdict.shape.n};
