@@ -1,7 +1,7 @@
 # tpfuse's entry points. `make demo` and `make test` each install what is
 # missing (as root), configure, build, and then run the demo or the tests.
 
-DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev libdnnl-dev ocl-icd-opencl-dev libopenblas0 \
+DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev nlohmann-json3-dev libdnnl-dev ocl-icd-opencl-dev libopenblas0 \
                 libhwy-dev python3-torch libtorch-dev python3-pytest libopenmpi-dev openmpi-bin \
                 gnuplot-nox iproute2 clang-14 libclang-rt-14-dev libomp-14-dev
 BUILD        ?= build

@@ -23,6 +23,7 @@
 
 #include "comm/shm_segment.h"
 #include "core/fault_hooks.h"
+#include "core/trace.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/error.h"
@@ -166,7 +167,7 @@ int run_body(const std::filesystem::path& store_dir, int rank, const LaunchOptio
 }
 
 // The child's whole life. It must never return into the parent's code (gtest,
-// main), so it ends with _exit, after flushing what it printed.
+// main), so it ends with _exit, after flushing what it printed and traced.
 [[noreturn]] void run_rank(const std::filesystem::path& store_dir, int rank,
                            const LaunchOptions& options,
                            const std::function<int(RankContext&)>& body) {
@@ -180,6 +181,7 @@ int run_body(const std::filesystem::path& store_dir, int rank, const LaunchOptio
   } catch (...) {
     std::fprintf(stderr, "tpfuse[rank %d] error: unknown exception\n", rank);
   }
+  trace::finish();
   flush_output();
   ::_exit(code);
 }

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "core/fault_hooks.h"
+#include "core/trace.h"
 #include "tpfuse/core/error.h"
 
 namespace tpfuse::comm::shm {
@@ -61,6 +62,7 @@ RoundAllReduce::RoundAllReduce(const ShmGroup& group, const RoundSpec& spec)
       algorithm_(choose_algorithm(group, spec.count * dtype_size(spec.dtype))),
       wait_(group),
       sources_(static_cast<std::size_t>(group.size)) {
+  if (trace::enabled()) started_ns_ = trace::now_ns();
   for (int r = 0; r < group_.size; ++r) sources_[static_cast<std::size_t>(r)] = source(r);
   group_.segment.ring()
       .flags(group_.rank, spec_.round)
@@ -74,12 +76,14 @@ const std::byte* RoundAllReduce::source(int rank) const {
   return group_.segment.ring().slot(rank, spec_.round);
 }
 
+std::string_view RoundAllReduce::step_name() const {
+  return step_ == Step::await_shares ? "to reduce their share" : "to contribute";
+}
+
 void RoundAllReduce::start_step(Step step) {
   step_ = step;
   if (step == Step::done) return;
-  const std::string_view what =
-      step == Step::await_contributions ? "to contribute" : "to reduce their share";
-  wait_.start({"all-reduce", spec_.index, what, spec_.part, spec_.parts});
+  wait_.start({"all-reduce", spec_.index, step_name(), spec_.part, spec_.parts});
 }
 
 bool RoundAllReduce::advance() {
@@ -179,6 +183,21 @@ void RoundAllReduce::finish_round() {
       .consumed.store(spec_.round, std::memory_order_release);
   ring_doorbell(group_.segment.doorbell());
   start_step(Step::done);
+  if (started_ns_ >= 0) trace_round();
+}
+
+void RoundAllReduce::trace_round() const {
+  trace::Args args;
+  args.add("collective", spec_.index).add("round", spec_.round);
+  if (spec_.parts > 1) args.add("part", spec_.part).add("parts", spec_.parts);
+  args.add("algorithm",
+           algorithm_ == RoundAlgorithm::one_shot ? "one-shot" : "reduce-scatter + all-gather")
+      .add("bytes", spec_.count * dtype_size(spec_.dtype))
+      .add("dtype", dtype_name(spec_.dtype));
+  if (spec_.mismatch)
+    args.add("checked", spec_.mismatch->empty() ? "digests matched" : "digests differed");
+  trace::complete(spec_.mismatch ? "all-reduce (checked)" : "all-reduce", "comm",
+                  trace::Track::comm, started_ns_, trace::now_ns(), args);
 }
 
 }  // namespace tpfuse::comm::shm

@@ -74,16 +74,21 @@ class RoundAllReduce {
   bool done() const { return step_ == Step::done; }
   std::uint64_t round() const { return spec_.round; }
   RoundAlgorithm algorithm() const { return algorithm_; }
+  // The peers this round waits for now, and for what ("to contribute").
+  const std::vector<int>& waiting_for() const { return wait_.pending(); }
+  const WaitLabel& wait_label() const { return wait_.label(); }
 
  private:
   enum class Step { await_contributions, await_shares, done };
 
   void start_step(Step step);
+  std::string_view step_name() const;
   bool headers_differ();
   bool try_sum_all();
   bool try_reduce_my_share();
   bool try_gather_shares();
   void finish_round();
+  void trace_round() const;
   const std::byte* source(int rank) const;
 
   const ShmGroup& group_;
@@ -92,6 +97,7 @@ class RoundAllReduce {
   Step step_ = Step::await_contributions;
   PeerWait wait_;
   std::vector<const std::byte*> sources_;
+  std::int64_t started_ns_ = -1;  // when traced (core/trace.h)
 };
 
 }  // namespace tpfuse::comm::shm

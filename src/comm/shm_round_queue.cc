@@ -22,6 +22,7 @@ std::uint64_t RoundQueue::acquire(const WaitLabel& label) {
   wait.start({label.operation, label.index, "to finish reading the slot's last round", label.part,
               label.parts});
   Backoff backoff(*group_);
+  TracedWait traced;
   while (true) {
     backoff.arm();
     bool free = false;
@@ -33,6 +34,7 @@ std::uint64_t RoundQueue::acquire(const WaitLabel& label) {
       });
     }
     if (free) return round;
+    traced.pausing(wait.label(), wait.pending());
     backoff.pause();
   }
 }
@@ -70,12 +72,15 @@ bool RoundQueue::complete_through_locked(std::uint64_t round) const {
 
 void RoundQueue::finish_through(std::uint64_t round) {
   Backoff backoff(*group_);
+  TracedWait traced;
   while (true) {
     backoff.arm();
     {
       const std::lock_guard lock(mutex_);
       if (advance_locked() > 0) backoff.reset();
       if (complete_through_locked(round)) return;
+      const RoundAllReduce& oldest = *in_flight_.front();
+      traced.pausing(oldest.wait_label(), oldest.waiting_for());
     }
     backoff.pause();
   }

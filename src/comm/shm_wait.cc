@@ -11,6 +11,7 @@
 
 #include "comm/unique_fd.h"
 #include "core/fault_hooks.h"
+#include "core/trace.h"
 #include "tpfuse/core/error.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -88,6 +89,42 @@ bool process_is_gone(pid_t pid) {
   if (close_paren == nullptr || close_paren[1] != ' ') return false;
   const char state = close_paren[2];
   return state == 'Z' || state == 'X';
+}
+
+namespace {
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::string json = "[";
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    if (i > 0) json += ',';
+    json += std::to_string(ranks[i]);
+  }
+  return json + "]";
+}
+
+}  // namespace
+
+void TracedWait::pausing(const WaitLabel& label, const std::vector<int>& pending) {
+  if (!trace::enabled()) return;
+  if (start_ns_ < 0) {
+    start_ns_ = trace::now_ns();
+    label_ = label;
+    first_ = pending;
+  }
+  last_ = pending;
+}
+
+TracedWait::~TracedWait() {
+  if (start_ns_ < 0) return;
+  std::string what(label_.operation);
+  if (label_.index != 0) what += " #" + std::to_string(label_.index);
+  what += ": ";
+  what += label_.step;
+  trace::Args args;
+  args.add("for", what)
+      .add_raw("waiting_for", rank_list(first_))
+      .add_raw("held_up_by", rank_list(last_));
+  trace::complete("wait", "wait", trace::Track::compute, start_ns_, trace::now_ns(), args);
 }
 
 std::string describe_context(const WaitLabel& label) {

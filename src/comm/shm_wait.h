@@ -76,6 +76,25 @@ struct WaitLabel {
 // "all-reduce #12", or just the operation when it has no number.
 std::string describe_context(const WaitLabel& label);
 
+// A wait as the timeline shows it (core/trace.h): from its first pause to
+// its end, what it was for, the peers it waited for then, and those it was
+// still waiting for at its last pause (the ones that held it up). Nothing
+// when tracing is off, or when the wait never paused.
+class TracedWait {
+ public:
+  TracedWait() = default;
+  TracedWait(const TracedWait&) = delete;
+  TracedWait& operator=(const TracedWait&) = delete;
+  ~TracedWait();
+  // Before a pause: what is awaited now.
+  void pausing(const WaitLabel& label, const std::vector<int>& pending);
+
+ private:
+  std::int64_t start_ns_ = -1;
+  WaitLabel label_;  // its views name literals, which outlive the wait
+  std::vector<int> first_, last_;
+};
+
 // One wait for a set of peers, polled until each has arrived. Reusable: start()
 // begins the next wait.
 class PeerWait {
@@ -89,6 +108,9 @@ class PeerWait {
   void extend_deadline(std::chrono::steady_clock::time_point deadline) {
     deadline_ = std::max(deadline_, deadline);
   }
+  // The peers that have not arrived, as of the last poll.
+  const std::vector<int>& pending() const { return pending_; }
+  const WaitLabel& label() const { return label_; }
 
   // Drops the peers for which arrived(rank) holds; true once none is left.
   // Otherwise throws AbortedError (or the error a peer reported) once the
@@ -119,9 +141,11 @@ class PeerWait {
   template <class Arrived>
   void wait(Arrived&& arrived) {
     Backoff backoff(group_);
+    TracedWait traced;
     while (true) {
       backoff.arm();
       if (poll(arrived)) return;
+      traced.pausing(label_, pending_);
       backoff.pause();
     }
   }

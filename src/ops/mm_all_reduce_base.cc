@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "core/trace.h"
 #include "ops/agreement.h"
 #include "ops/gemm_operands.h"
 #include "ops/test_hooks.h"
@@ -121,11 +122,26 @@ std::optional<PlannedRun> planned_run(const LocalCall& call, const comm::Communi
   return PlannedRun{*facts, plan->tile_rows, plan->poll_rows};
 }
 
+// The call's plan, and how its ranks agreed on it, in its timeline event.
+void trace_run(trace::Span& span, const std::vector<std::int64_t>& tile_rows,
+               const char* agreement) {
+  if (!span.active()) return;
+  std::string rows = "[";
+  for (std::size_t t = 0; t < tile_rows.size(); ++t) {
+    if (t > 0) rows += ',';
+    rows += std::to_string(tile_rows[t]);
+  }
+  span.args()
+      .add("tiles", tile_rows.size())
+      .add_raw("tile_rows", rows + "]")
+      .add("agreement", agreement);
+}
+
 // Agrees with the peers in the call's first round and runs the call into
 // `out` (null only when validation failed here). See ops/agreement.h.
 void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView& x2,
                    const PackedWeight* packed, const MmAllReduceOptions& options,
-                   const TensorView* out, comm::Communicator& comm) {
+                   const TensorView* out, comm::Communicator& comm, trace::Span& span) {
   const std::optional<PlannedRun> planned = planned_run(call, comm);
   const Proposal proposal{call.shape, call.error, call.mine};
   const comm::CallHeader header = make_header(proposal, planned, comm.rank());
@@ -135,30 +151,43 @@ void agree_and_run(const LocalCall& call, const TensorView& x1, const TensorView
                          static_cast<double>(call.shape->m) * static_cast<double>(call.shape->n) *
                                  static_cast<double>(dtype_size(call.shape->out_dtype)) <=
                              static_cast<double>(comm.max_reduce_buffer_bytes());
-  const pipeline::Mismatch mismatch =
-      one_round
-          ? pipeline::execute_checked_tile(job_for(call, *gemm, *out, comm), call.shape->m, header)
-          : pipeline::checked_round(comm, header);
-  if (!mismatch && planned) {
-    if (!one_round) {
-      pipeline::TilePlan plan;
-      plan.tile_rows = planned->tile_rows;
-      plan.poll_rows = planned->poll_rows;
-      run_plan(plan, call, *gemm, *out, comm);
+  pipeline::Mismatch mismatch;
+  if (one_round) {
+    mismatch =
+        pipeline::execute_checked_tile(job_for(call, *gemm, *out, comm), call.shape->m, header);
+    if (!mismatch) {
+      trace_run(span, planned->tile_rows, "in the call's one round");
+      test_hooks::after_agreement(test_hooks::Agreement::in_first_round);
+      return;
     }
-    test_hooks::after_agreement(test_hooks::Agreement::in_first_round);
-    return;
   }
-  // The digests differed (or this rank, alone in its group, planned
-  // nothing): every rank judges the same proposals.
-  const Agreement agreement = judge_headers(
-      mismatch ? *mismatch : std::vector<comm::CallHeader>{header}, comm.rank(), call.error);
-  if (agreement.failure) std::rethrow_exception(agreement.failure);
-  comm.attachment<AgreementCache>().remember(*call.shape, call.mine, agreement.facts);
-  // Planned with the agreed facts (collective), then run.
-  run_plan(pipeline::plan_call(comm, *gemm, request_for(*call.shape, agreement.facts)), call, *gemm,
-           *out, comm);
-  test_hooks::after_agreement(test_hooks::Agreement::judged);
+  std::optional<pipeline::TilePlan> plan;
+  {
+    trace::Span agreeing("agreement", "agreement");
+    if (!one_round) mismatch = pipeline::checked_round(comm, header);
+    if (!mismatch && planned) {
+      plan.emplace();
+      plan->tile_rows = planned->tile_rows;
+      plan->poll_rows = planned->poll_rows;
+      if (agreeing.active()) agreeing.args().add("outcome", "every rank planned alike");
+    } else {
+      // The digests differed (or this rank, alone in its group, planned
+      // nothing): every rank judges the same proposals.
+      const Agreement agreement = judge_headers(
+          mismatch ? *mismatch : std::vector<comm::CallHeader>{header}, comm.rank(), call.error);
+      if (agreement.failure) std::rethrow_exception(agreement.failure);
+      comm.attachment<AgreementCache>().remember(*call.shape, call.mine, agreement.facts);
+      // Planned with the agreed facts (collective).
+      plan = pipeline::plan_call(comm, *gemm, request_for(*call.shape, agreement.facts));
+      if (agreeing.active()) agreeing.args().add("outcome", "judged from every rank's proposal");
+    }
+  }
+  run_plan(*plan, call, *gemm, *out, comm);
+  const bool judged = mismatch || !planned;
+  trace_run(span, plan->tile_rows,
+            judged ? "judged from every rank's proposal" : "in the call's first round");
+  test_hooks::after_agreement(judged ? test_hooks::Agreement::judged
+                                     : test_hooks::Agreement::in_first_round);
 }
 
 // Both forms, with x2 or a packed weight: validate, agree, run.
@@ -167,11 +196,24 @@ Tensor run_call(const TensorView& x1, const TensorView& x2, const PackedWeight* 
                 const char* operation) {
   const auto comm = comm::find_communicator(hcom);
   const comm::ExclusiveUse use(*comm, operation);
+  trace::Span span(operation, "op");
   const LocalCall call = validate_locally(x1, x2, packed, options, out, *comm);
+  if (span.active() && call.shape) {
+    const CallShape& s = *call.shape;
+    span.args()
+        .add("m", s.m)
+        .add("n", s.n)
+        .add("k", s.k)
+        .add("mode", mode_name(s.mode))
+        .add("x1", dtype_name(s.in_dtype))
+        .add("out", dtype_name(s.out_dtype))
+        .add("packed_weight", packed != nullptr ? "yes" : "no")
+        .add("hcom", hcom);
+  }
   Tensor made;
   if (call.shape && out == nullptr) made = Tensor(call.shape->out_dtype, output_shape(*call.shape));
   const TensorView* into = out != nullptr ? out : &made.view();
-  agree_and_run(call, x1, x2, packed, options, call.shape ? into : nullptr, *comm);
+  agree_and_run(call, x1, x2, packed, options, call.shape ? into : nullptr, *comm, span);
   return made;
 }
 

@@ -40,6 +40,7 @@
 #include <thread>
 
 #include "core/fault_hooks.h"
+#include "core/trace.h"
 #include "tpfuse/core/config.h"
 #include "tpfuse/core/error.h"
 
@@ -168,8 +169,13 @@ void compute_tile(const TileJob& job, std::int64_t m0, std::int64_t m1, std::int
     const std::int64_t begin = m0 + rows * b / blocks;
     const std::int64_t end = m0 + rows * (b + 1) / blocks;
     test_hooks::fault_point(test_hooks::FaultPoint::gemm_block);
-    job.gemm->compute_rows(begin, end, dst + static_cast<std::size_t>(begin - m0) * row_bytes,
-                           job.n);
+    {
+      trace::Span span("gemm", "gemm");
+      if (span.active())
+        span.args().add("row_begin", begin).add("row_end", end).add("engine", job.gemm->engine());
+      job.gemm->compute_rows(begin, end, dst + static_cast<std::size_t>(begin - m0) * row_bytes,
+                             job.n);
+    }
     in_flight.poll();
   }
 }

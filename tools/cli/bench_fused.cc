@@ -20,10 +20,14 @@
 // 0.93 to 1.10 between runs when timed call by call. tpfuse's four variants
 // take turns within each repetition so that a burst of load hits them alike;
 // the MPI peer is its own process group and runs right after them.
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -36,6 +40,7 @@
 #include "bench_baselines.h"
 #include "bench_common.h"
 #include "commands.h"
+#include "core/trace.h"
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/comm/mpi.h"
 #include "tpfuse/core/error.h"
@@ -47,6 +52,8 @@
 namespace tpfuse::cli {
 
 namespace {
+
+namespace fs = std::filesystem;
 
 struct FusedShape {
   std::string name;
@@ -79,6 +86,7 @@ struct FusedOptions {
   std::int64_t comm_turn = 0;
   std::string json;
   std::string plot;
+  bool trace_overhead = false;
   BaselineOptions baselines;
 };
 
@@ -97,6 +105,10 @@ struct FusedCase {
   // The operator's own CPU per call (thread CPU of the fused call minus that
   // of its GEMM then its all-reduce): the median and the largest over ranks.
   double op_cpu = kNotMeasured, op_cpu_max = kNotMeasured;
+  // With --trace-overhead: the fused call traced (TPFUSE_TRACE), and the
+  // events it records per call.
+  Spread traced;
+  double events_per_call = kNotMeasured;
   double peer = kNotMeasured, peer_gemm = kNotMeasured, comm_mpi = kNotMeasured, comm_gloo = kNotMeasured;
   std::string peer_detail;
 
@@ -152,24 +164,37 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
   Tensor reduced(c.dtype, {m, n});  // zeros: reducing them in place never overflows
   comm::Communicator& comm = *ctx.comm;
   const auto compute = [&] { gemm::prepare_gemm(operands)->compute_rows(0, m, out.data(), n); };
-  const std::vector<std::function<void()>> variants = {
-      compute,
-      [&] { comm.all_reduce(reduced.data(), reduced.data(), count, c.dtype); },
+  const auto fused = [&] { mm_all_reduce_base_out(args.x1, args.x2, comm.name(), args.options, out); };
+  std::vector<std::function<void()>> variants = {
+      compute, [&] { comm.all_reduce(reduced.data(), reduced.data(), count, c.dtype); },
       [&] {
         compute();
         comm.all_reduce(out.data(), out.data(), count, c.dtype);
       },
-      [&] { mm_all_reduce_base_out(args.x1, args.x2, comm.name(), args.options, out); }};
+      fused};
+  // The fused call traced: tracing is on for its batches only, into a
+  // directory of this rank's, removed at the end.
+  constexpr std::size_t kTraced = 4;
+  const std::string trace_dir = cat(fs::temp_directory_path().string(), "/tpfuse-bench-trace-", ::getpid());
+  if (o.trace_overhead) variants.push_back(fused);
+  const auto timed = [&](std::size_t v, int n, double* cpu_per_call) {
+    if (v != kTraced) return timed_batch(comm, variants[v], n, cpu_per_call);
+    trace::start(trace_dir);
+    const double seconds = timed_batch(comm, variants[v], n, cpu_per_call);
+    trace::stop();
+    return seconds;
+  };
 
   // Each variant's batch is sized from its last warm-up call, the slowest
   // rank's: the same figure, hence the same batch, on every rank.
   std::vector<int> calls(variants.size(), 1);
   for (int w = 0; w < std::max(1, o.warmup); ++w) {
     for (std::size_t v = 0; v < variants.size(); ++v) {
-      calls[v] = calls_per_batch(timed_batch(comm, variants[v], 1), o.min_batch_ms);
+      calls[v] = calls_per_batch(timed(v, 1, nullptr), o.min_batch_ms);
     }
   }
   std::vector<std::vector<double>> seconds(variants.size()), cpu(variants.size());
+  double events_per_call = kNotMeasured;
   // The order rotates from one repetition to the next: with ranks sharing
   // cores, a batch ran up to 1.5x slower right after the all-reduce batch
   // than after another (the seed's 8 ranks on 2 cores), whichever variant it was.
@@ -177,13 +202,15 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
     for (std::size_t turn = 0; turn < variants.size(); ++turn) {
       const std::size_t v = (turn + static_cast<std::size_t>(r)) % variants.size();
       double cpu_per_call = 0;
-      seconds[v].push_back(timed_batch(comm, variants[v], calls[v], &cpu_per_call));
+      const std::uint64_t events_before = trace::events_recorded();
+      seconds[v].push_back(timed(v, calls[v], &cpu_per_call));
       cpu[v].push_back(cpu_per_call);
+      if (v == kTraced) events_per_call = static_cast<double>(trace::events_recorded() - events_before) / calls[v];
     }
   }
   RankReport report;
-  for (const auto& s : seconds) {
-    const Spread spread = spread_of(s);
+  for (std::size_t v = 0; v < kTraced; ++v) {
+    const Spread spread = spread_of(seconds[v]);
     report.values.insert(report.values.end(), {spread.median, spread.min, spread.max});
   }
   // The operator's own CPU time per call on this rank: what the fused call
@@ -191,7 +218,10 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
   // the other (serial). Not beyond each run in a batch of its own: a rank
   // that finishes its GEMM first spins in the reduce until the slowest
   // arrives, in the fused call as in serial, but not in the all-reduce batch.
-  const double op_cpu = median(cpu[3]) - median(cpu[2]);
+  // The least over the repetitions: what else runs only adds CPU time (a
+  // decode call's varied by 5% from batch to batch in a VM).
+  const double op_cpu =
+      *std::min_element(cpu[3].begin(), cpu[3].end()) - *std::min_element(cpu[2].begin(), cpu[2].end());
   std::vector<double> op_cpus;
   for (const std::string& bytes :
        comm.all_gather(std::string_view(reinterpret_cast<const char*>(&op_cpu), sizeof op_cpu))) {
@@ -200,6 +230,12 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
   }
   report.values.push_back(median(op_cpus));
   report.values.push_back(*std::max_element(op_cpus.begin(), op_cpus.end()));
+  if (o.trace_overhead) {
+    const Spread traced = spread_of(seconds[kTraced]);
+    report.values.insert(report.values.end(), {traced.median, traced.min, traced.max, events_per_call});
+    std::error_code ignored;
+    fs::remove_all(trace_dir, ignored);
+  }
   report.text = gemm::prepare_gemm(operands)->engine();
   return report;
 }
@@ -221,6 +257,10 @@ void measure_tpfuse(FusedCase& c, const FusedOptions& o) {
   for (std::size_t v = 0; v < 4; ++v) *targets[v] = {report.values[3 * v], report.values[3 * v + 1], report.values[3 * v + 2]};
   c.op_cpu = report.values[12];
   c.op_cpu_max = report.values[13];
+  if (o.trace_overhead) {
+    c.traced = {report.values[14], report.values[15], report.values[16]};
+    c.events_per_call = report.values[17];
+  }
   c.engine = report.text;
 }
 
@@ -264,7 +304,10 @@ void measure_case(FusedCase& c, const FusedOptions& o, const BaselineTools& tool
     if (peer_runs) peer_runs = measure_peer(figures, o, tools);
     rounds.push_back(figures);
   }
-  for (Spread FusedCase::*field : {&FusedCase::gemm, &FusedCase::comm, &FusedCase::serial, &FusedCase::fused}) {
+  std::vector<Spread FusedCase::*> spreads = {&FusedCase::gemm, &FusedCase::comm, &FusedCase::serial,
+                                              &FusedCase::fused};
+  if (o.trace_overhead) spreads.push_back(&FusedCase::traced);
+  for (Spread FusedCase::*field : spreads) {
     std::vector<double> medians;
     Spread& combined = c.*field;
     combined.min = std::numeric_limits<double>::infinity();
@@ -276,8 +319,8 @@ void measure_case(FusedCase& c, const FusedOptions& o, const BaselineTools& tool
     }
     combined.median = median(medians);
   }
-  for (double FusedCase::*field :
-       {&FusedCase::peer, &FusedCase::peer_gemm, &FusedCase::comm_mpi, &FusedCase::op_cpu, &FusedCase::op_cpu_max}) {
+  for (double FusedCase::*field : {&FusedCase::peer, &FusedCase::peer_gemm, &FusedCase::comm_mpi, &FusedCase::op_cpu,
+                                   &FusedCase::op_cpu_max, &FusedCase::events_per_call}) {
     std::vector<double> figures;
     for (const FusedCase& r : rounds) figures.push_back(r.*field);
     c.*field = median_of_measured(figures);
@@ -382,6 +425,9 @@ void print_targets(const std::vector<FusedCase>& cases) {
     }
     if (is_shape(c, 4096, 8192, 256, 2)) print_target(cat("hidden fraction, ", name), c.hidden_fraction(), ">=", 0.5);
     print_target(cat("T_fused / T_serial, ", name), c.fused.median / c.serial.median, "<=", 1.00);
+    if (!std::isnan(c.traced.median)) {
+      print_target(cat("traced / untraced, ", name), c.traced.median / c.fused.median, "<=", 1.03);
+    }
     // The request's example and the decode rows run as one tile: the
     // operator's own work is all that separates it from its pieces.
     if (is_shape(c, 128, 64, 4096, 8) || is_shape(c, 1, 4096, 4096, 2) || is_shape(c, 16, 4096, 4096, 2)) {
@@ -393,6 +439,35 @@ void print_targets(const std::vector<FusedCase>& cases) {
     any = true;
   }
   if (!any) std::printf("  nothing measured\n");
+}
+
+// What a span costs with tracing off: the flag's load, in a loop of spans
+// that record nothing.
+double disabled_span_seconds() {
+  constexpr int kSpans = 10'000'000;
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < kSpans; ++i) {
+    trace::Span span("off", "bench");
+    if (span.active()) span.args().add("i", i);
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / kSpans;
+}
+
+void print_tracing(const std::vector<FusedCase>& cases) {
+  const double off_span = disabled_span_seconds();
+  std::printf(
+      "\nTracing (TPFUSE_TRACE), same run: the fused call traced against untraced; off, a span costs %.2f ns "
+      "(a loop of 10^7)\n",
+      off_span * 1e9);
+  std::printf("  %-13s %-4s %5s %12s %12s %14s %14s\n", "case", "mode", "ranks", "traced/", "events", "off: spans x",
+              "off: share");
+  std::printf("  %-13s %-4s %5s %12s %12s %14s %14s\n", "", "", "", "untraced", "per call", "cost (ns)", "of a call");
+  for (const FusedCase& c : cases) {
+    const double off_ns = c.events_per_call * off_span * 1e9;
+    std::printf("  %-13s %-4s %5d %12.3f %12.1f %14.1f %13.5f%%\n", c.label().c_str(),
+                std::string(dtype_name(c.dtype)).c_str(), c.ranks, c.traced.median / c.fused.median, c.events_per_call,
+                off_ns, 100.0 * off_ns * 1e-9 / c.fused.median);
+  }
 }
 
 std::string json_number(double value) { return std::isnan(value) ? "null" : cat(value); }
@@ -412,7 +487,9 @@ void write_json(const std::string& path, const std::vector<FusedCase>& cases, co
         << ", \"t_fused_min\": " << json_number(c.fused.min) << ", \"t_fused_max\": " << json_number(c.fused.max)
         << ", \"t_serial_min\": " << json_number(c.serial.min) << ", \"t_serial_max\": " << json_number(c.serial.max)
         << ", \"t_comm_mpi\": " << json_number(c.comm_mpi) << ", \"t_comm_gloo\": " << json_number(c.comm_gloo)
-        << ", \"t_peer_gemm\": " << json_number(c.peer_gemm) << ", \"op_cpu_us\": " << json_number(c.op_cpu * 1e6)
+        << ", \"t_peer_gemm\": " << json_number(c.peer_gemm) << ", \"t_fused_traced\": " << json_number(c.traced.median)
+        << ", \"trace_events_per_call\": " << json_number(c.events_per_call)
+        << ", \"op_cpu_us\": " << json_number(c.op_cpu * 1e6)
         << ", \"op_cpu_us_max_rank\": " << json_number(c.op_cpu_max * 1e6) << ", \"engine\": \"" << c.engine
         << "\", \"peer\": \"" << c.peer_detail << "\", \"rounds\": " << o.rounds << ", \"reps\": " << o.reps
         << ", \"min_batch_ms\": " << o.min_batch_ms << ", \"pinned\": " << (o.baselines.no_pin ? "false" : "true")
@@ -551,6 +628,7 @@ void run_bench(const FusedOptions& o) {
   for (const std::string& peer : peers) std::printf("  T_peer %s\n", peer.c_str());
   print_times(cases);
   print_ratios(cases);
+  if (o.trace_overhead) print_tracing(cases);
   print_targets(cases);
   if (!o.json.empty()) {
     write_json(o.json, cases, o);
@@ -585,6 +663,8 @@ void add_bench_fused_command(CLI::App& bench_app) {
   cmd->add_option("--comm-turn", o->comm_turn, "The fused op's comm_turn (0: tpfuse picks)")->check(CLI::Range(0, 1 << 24));
   cmd->add_option("--json", o->json, "Write one record per shape, dtype and rank count to this file");
   cmd->add_option("--plot", o->plot, "Draw time against M (fused, serial, peer) into this PNG (gnuplot)");
+  cmd->add_flag("--trace-overhead", o->trace_overhead,
+                "Also time the fused call traced (as under TPFUSE_TRACE) and what a span costs with tracing off");
   add_baseline_options(*cmd, o->baselines);
   cmd->callback([o] {
     if (comm::launched_by_mpi()) {

@@ -15,5 +15,7 @@ void add_bench_fused_command(CLI::App& bench_app);
 void add_bench_allreduce_command(CLI::App& bench_app);
 // `soak`: many random calls, checked, watching for leaks.
 void add_soak_command(CLI::App& app);
+// `trace`: merge, summarise and draw the timelines of TPFUSE_TRACE.
+void add_trace_command(CLI::App& app);
 
 }  // namespace tpfuse::cli

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   tpfuse::cli::add_bench_fused_command(bench);
   tpfuse::cli::add_bench_allreduce_command(bench);
   tpfuse::cli::add_soak_command(app);
+  tpfuse::cli::add_trace_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,0 +1,68 @@
+# `tpfuse trace` end to end: a job run with TPFUSE_TRACE=DIR writes one file
+# per rank; `tpfuse trace DIR` merges them into one JSON timeline (both ranks'
+# calls in it), summarises them and draws a PNG; a file cut in the middle of
+# an event (a rank killed while tracing) is read all the same, its cut line
+# dropped and counted; a DIR that is not a directory exits 2 naming it.
+set(dir "${WORK}/trace")
+file(REMOVE_RECURSE "${WORK}")
+file(MAKE_DIRECTORY "${WORK}")
+
+function(run expect_rc)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  message(STATUS "${ARGN} -> ${rc}\n${out}${err}")
+  if(NOT rc EQUAL expect_rc)
+    message(FATAL_ERROR "expected exit code ${expect_rc}, got ${rc}")
+  endif()
+  set(output "${out}${err}" PARENT_SCOPE)
+endfunction()
+
+run(0 ${CMAKE_COMMAND} -E env TPFUSE_TRACE=${dir} ${CMD} run --m 64 --k 32 --n 32 --ranks 2 --iterations 3
+    --comm-turn 2 --dtype bf16)
+file(GLOB files "${dir}/rank-*.json")
+list(LENGTH files count)
+if(NOT count EQUAL 2)
+  message(FATAL_ERROR "expected 2 rank files in ${dir}, found ${count}: ${files}")
+endif()
+
+run(0 ${CMD} trace ${dir} --out ${WORK}/merged.json --plot ${WORK}/trace.png)
+if(NOT output MATCHES "hidden")
+  message(FATAL_ERROR "no summary in the output")
+endif()
+file(READ "${WORK}/merged.json" merged)
+string(JSON events LENGTH "${merged}" traceEvents)
+set(ops_of_rank_0 0)
+set(ops_of_rank_1 0)
+math(EXPR last "${events} - 1")
+foreach(i RANGE ${last})
+  string(JSON cat ERROR_VARIABLE none GET "${merged}" traceEvents ${i} cat)
+  if(cat STREQUAL "op")
+    string(JSON pid GET "${merged}" traceEvents ${i} pid)
+    math(EXPR ops_of_rank_${pid} "${ops_of_rank_${pid}} + 1")
+  endif()
+endforeach()
+if(ops_of_rank_0 LESS 3 OR ops_of_rank_1 LESS 3)
+  message(FATAL_ERROR "expected at least 3 calls per rank in the merged timeline, got ${ops_of_rank_0} and ${ops_of_rank_1}")
+endif()
+file(SIZE "${WORK}/trace.png" png_bytes)
+if(png_bytes LESS 1000)
+  message(FATAL_ERROR "${WORK}/trace.png has only ${png_bytes} bytes")
+endif()
+
+# A rank's file cut in the middle of an event, without its closing bracket.
+list(GET files 0 first)
+file(READ "${first}" text)
+string(LENGTH "${text}" length)
+math(EXPR cut "${length} - 40")
+string(SUBSTRING "${text}" 0 ${cut} text)
+file(MAKE_DIRECTORY "${WORK}/cut")
+file(WRITE "${WORK}/cut/rank-0-pid-1.json" "${text}")
+run(0 ${CMD} trace ${WORK}/cut)
+if(NOT output MATCHES "1 cut lines dropped")
+  message(FATAL_ERROR "the cut line was not reported as dropped")
+endif()
+
+run(2 ${CMD} trace ${WORK}/no-such-dir)
+if(NOT output MATCHES "no-such-dir")
+  message(FATAL_ERROR "the error does not name the directory")
+endif()
+file(REMOVE_RECURSE "${WORK}")
