@@ -401,5 +401,19 @@ TEST(Threads, DefaultDividesTheCoresAmongRanks) {
   EXPECT_LE(default_gemm_threads(2), default_gemm_threads(1));
 }
 
+// A rank's share of its cores, on a 16-core host.
+TEST(Threads, ShareDividesARanksCoresAmongTheRanksBoundToThem) {
+  EXPECT_EQ(share_of_cores(16, 16, 2), 8);  // unbound: the host divided
+  EXPECT_EQ(share_of_cores(16, 16, 4), 4);
+  EXPECT_EQ(share_of_cores(8, 16, 2), 8);   // a socket or block each
+  EXPECT_EQ(share_of_cores(8, 16, 4), 4);   // two ranks per socket
+  EXPECT_EQ(share_of_cores(1, 16, 16), 1);  // one core each
+  EXPECT_EQ(share_of_cores(1, 16, 2), 1);
+  EXPECT_EQ(share_of_cores(2, 2, 8), 1);  // more ranks than cores
+  EXPECT_EQ(share_of_cores(4, 4, 2), 2);  // a container of 4 cores
+  EXPECT_EQ(share_of_cores(6, 4, 1), 6);  // a host count below the rank's own
+  EXPECT_EQ(share_of_cores(0, 0, 0), 1);
+}
+
 }  // namespace
 }  // namespace tpfuse::gemm

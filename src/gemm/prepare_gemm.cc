@@ -14,10 +14,14 @@
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <fstream>
+#include <sstream>
+#include <string>
 
 #include "gemm/engines.h"
 #include "gemm/float_gemm.h"
@@ -33,7 +37,8 @@ namespace {
 
 const EnvSetting<std::int64_t> kNumThreads{
     "TPFUSE_NUM_THREADS", 0,
-    "GEMM threads per rank (default: the cores available divided among the ranks on this host)"};
+    "GEMM threads per rank (default: the rank's cores divided among the ranks of this host "
+    "that share them)"};
 
 constexpr std::int64_t kInPlaceInt8Rows = 4;
 constexpr std::int64_t kTransposedInt8DotRows = 2;
@@ -68,13 +73,51 @@ int cores_available() {
   return cores;
 }
 
+// Cores in a cpuset list such as "0-3,8,10-11" (0 when it does not parse).
+int cores_in_list(const std::string& list) {
+  int count = 0;
+  std::istringstream ranges(list);
+  for (std::string range; std::getline(ranges, range, ',');) {
+    int first = 0, last = 0;
+    char dash = 0;
+    std::istringstream in(range);
+    if (!(in >> first)) return 0;
+    last = first;
+    if (in >> dash && !(dash == '-' && in >> last)) return 0;
+    if (last < first) return 0;
+    count += last - first + 1;
+  }
+  return count;
+}
+
+// The cores of this host the job may use: its cgroup's cpuset (what a
+// container is given) where the system shows one, else the cores online.
+int host_cores() {
+  static const int cores = [] {
+    std::ifstream file("/sys/fs/cgroup/cpuset.cpus.effective");
+    std::string list;
+    if (file >> list && cores_in_list(list) > 0) return cores_in_list(list);
+    return static_cast<int>(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
+  }();
+  return cores;
+}
+
 }  // namespace
+
+int share_of_cores(int mine, int host, int ranks_on_host) {
+  mine = std::max(1, mine);
+  ranks_on_host = std::max(1, ranks_on_host);
+  host = std::max(host, mine);
+  const std::int64_t sharing = std::clamp<std::int64_t>(
+      (static_cast<std::int64_t>(ranks_on_host) * mine + host - 1) / host, 1, ranks_on_host);
+  return std::max(1, mine / static_cast<int>(sharing));
+}
 
 int default_gemm_threads(int ranks_on_host) {
   const std::int64_t forced = kNumThreads.get();
   require(forced >= 0, "TPFUSE_NUM_THREADS must be >= 0, got ", forced);
   if (forced > 0) return static_cast<int>(std::min<std::int64_t>(forced, 1024));
-  return std::max(1, cores_available() / std::max(1, ranks_on_host));
+  return share_of_cores(cores_available(), host_cores(), ranks_on_host);
 }
 
 EngineChoice choose_engine(const GemmOperands& operands, IsaLevel level) {

@@ -48,9 +48,18 @@ struct GemmOperands {
   const PackedX2* packed = nullptr;
 };
 
-// The thread count for one rank: TPFUSE_NUM_THREADS when set, else the cores
-// this process may run on divided among the ranks on this host (at least 1).
+// The thread count for one rank: TPFUSE_NUM_THREADS when set, else
+// share_of_cores() of the cores this process may run on, the host's (its
+// cgroup's cpuset, else the cores online) and the ranks on this host.
 int default_gemm_threads(int ranks_on_host);
+
+// A rank's share of its `mine` cores: divided among the ranks of the host
+// that share them, assuming the host's ranks are spread evenly over its
+// `host` cores. Every rank may run anywhere (mine == host): each gets
+// host / ranks. Ranks bound to parts of the host (mpirun --bind-to socket,
+// blocks of cores): each gets its part divided among the ranks bound to it,
+// ranks * mine / host of them. Bound one per core: 1. At least 1.
+int share_of_cores(int mine, int host, int ranks_on_host);
 
 class PreparedGemm {
  public:
