@@ -270,12 +270,15 @@ class Pipeline {
   // Keeps the failure for every later call, and aborts the other groups with
   // its reason: the ranks of this host waiting on this one (say for its
   // slice, while its rail to a cut host timed out) fail at once, naming the
-  // unreachable ranks rather than this one.
+  // unreachable ranks rather than this one. The host's group first: its
+  // abort is a store to shared memory, where the others post messages to
+  // ranks that may be cut off, and the host's ranks' deadlines are the
+  // nearest.
   [[noreturn]] void fail_locked(const std::exception& error) {
     failure_ = std::current_exception();
-    parts_.flat->abort(error.what());
     parts_.local->abort(error.what());
     if (parts_.rail) parts_.rail->abort(error.what());
+    parts_.flat->abort(error.what());
     std::rethrow_exception(failure_);
   }
 
@@ -333,9 +336,9 @@ class HierarchicalCommunicator final : public Communicator {
     }
   }
   void abort(std::string_view reason) override {
-    parts_.flat->abort(reason);
     parts_.local->abort(reason);
     if (parts_.rail) parts_.rail->abort(reason);
+    parts_.flat->abort(reason);
   }
 
   std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
