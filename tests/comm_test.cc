@@ -729,5 +729,29 @@ TEST(ShmCommunicator, RejectsBadArguments) {
   std::filesystem::remove_all(dir);
 }
 
+// The bytes a rank moves follow the algorithm each round runs: one-shot
+// reads all p contributions, reduce-scatter about 3 per element whatever p.
+TEST(MemoryTraffic, FollowsTheAlgorithmOfEachRound) {
+  constexpr std::uint64_t KiB = 1 << 10, MiB = 1 << 20;
+  ShmOptions options;
+  options.slot_bytes = 4 * MiB;
+  options.algorithm = ShmAlgorithm::automatic;
+  const auto expect = [&](int size, std::uint64_t bytes, std::uint64_t read,
+                          std::uint64_t written) {
+    const MemoryTraffic traffic = shm_all_reduce_traffic(size, bytes, options);
+    EXPECT_EQ(traffic.read, read) << size << " ranks, " << bytes << " bytes";
+    EXPECT_EQ(traffic.written, written) << size << " ranks, " << bytes << " bytes";
+  };
+  expect(1, MiB, MiB, MiB);
+  expect(2, 64 * KiB, 3 * 64 * KiB, 2 * 64 * KiB);                     // one-shot
+  expect(2, 16 * MiB, 4 * (2 + 4 + 2) * MiB, 2 * 16 * MiB);            // 4 reduce-scatter rounds
+  expect(2, 5 * MiB, (2 + 4 + 2) * MiB + 3 * MiB, 8 * MiB + 2 * MiB);  // the last round one-shot
+  options.algorithm = ShmAlgorithm::reduce_scatter;
+  expect(8, 64 * KiB, (56 + 64 + 56) * KiB, 2 * 64 * KiB);
+  options.algorithm = ShmAlgorithm::one_shot;
+  expect(8, 4 * MiB, 9 * 4 * MiB, 2 * 4 * MiB);
+  EXPECT_THROW(shm_all_reduce_traffic(0, MiB, options), InvalidArgument);
+}
+
 }  // namespace
 }  // namespace tpfuse::comm

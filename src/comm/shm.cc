@@ -635,4 +635,28 @@ std::shared_ptr<Communicator> create_shm_communicator_from_env(const ShmOptions&
   return create_shm_communicator(store, rank, size, options);
 }
 
+MemoryTraffic shm_all_reduce_traffic(int size, std::size_t bytes, const ShmOptions& options) {
+  require(size >= 1, "shm_all_reduce_traffic: size must be at least 1, got ", size);
+  require(options.slot_bytes > 0, "shm_all_reduce_traffic: slot_bytes must be positive");
+  const auto p = static_cast<std::uint64_t>(size);
+  const std::size_t one_shot_max = shm::max_one_shot_bytes(size, algorithm_choice(options));
+  MemoryTraffic traffic;
+  for (std::size_t done = 0; done < bytes;) {
+    const std::uint64_t c = std::min(options.slot_bytes, bytes - done);
+    done += c;
+    if (size == 1) {
+      traffic.read += c;
+      traffic.written += c;
+    } else if (c <= one_shot_max) {
+      traffic.read += (p + 1) * c;
+      traffic.written += 2 * c;
+    } else {
+      const std::uint64_t others = c - c / p;
+      traffic.read += others + c + others;
+      traffic.written += 2 * c;
+    }
+  }
+  return traffic;
+}
+
 }  // namespace tpfuse::comm

@@ -27,9 +27,9 @@ constexpr std::size_t kOneShotMaxBytesForTwo = std::size_t{1} << 20;
 
 }  // namespace
 
-std::size_t max_one_shot_bytes(const ShmGroup& group) {
-  if (group.size == 1) return std::numeric_limits<std::size_t>::max();
-  switch (group.segment.algorithm()) {
+std::size_t max_one_shot_bytes(int size, AlgorithmChoice choice) {
+  if (size == 1) return std::numeric_limits<std::size_t>::max();
+  switch (choice) {
     case AlgorithmChoice::one_shot:
       return std::numeric_limits<std::size_t>::max();
     case AlgorithmChoice::reduce_scatter:
@@ -37,13 +37,14 @@ std::size_t max_one_shot_bytes(const ShmGroup& group) {
     case AlgorithmChoice::automatic:
       break;
   }
-  const auto others = static_cast<std::size_t>(group.size - 1);
+  const auto others = static_cast<std::size_t>(size - 1);
   return kOneShotMaxBytesForTwo / (others * others);
 }
 
 RoundAlgorithm choose_algorithm(const ShmGroup& group, std::size_t bytes) {
-  return bytes <= max_one_shot_bytes(group) ? RoundAlgorithm::one_shot
-                                            : RoundAlgorithm::reduce_scatter;
+  return bytes <= max_one_shot_bytes(group.size, group.segment.algorithm())
+             ? RoundAlgorithm::one_shot
+             : RoundAlgorithm::reduce_scatter;
 }
 
 std::size_t share_begin(std::size_t count, DType dtype, int world_size, int share) {

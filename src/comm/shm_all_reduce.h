@@ -35,9 +35,10 @@ enum class RoundAlgorithm { one_shot, reduce_scatter };
 // since it depends only on the group's header and the round's size.
 RoundAlgorithm choose_algorithm(const ShmGroup& group, std::size_t bytes);
 
-// The largest round the group runs one-shot: every size when it has one rank
-// or was made one-shot, none when made reduce-scatter.
-std::size_t max_one_shot_bytes(const ShmGroup& group);
+// The largest round a group of `size` ranks made with `choice` runs one-shot:
+// every size when it has one rank or was made one-shot, none when made
+// reduce-scatter.
+std::size_t max_one_shot_bytes(int size, AlgorithmChoice choice);
 
 // Share j of a round of `count` elements: [share_begin(j), share_begin(j + 1)).
 // Shares start on cache lines, so that vector loads stay aligned with the slots.

@@ -3,9 +3,16 @@
 // 4 KiB to 64 MiB: latency (time per call) and algorithm bandwidth
 // (bytes / time), with the ratios the all-reduce targets are stated in.
 //
+// Beside each tpfuse figure, the bound its memory traffic sets: the bytes one
+// rank of the shm all-reduce reads and writes (comm::shm_all_reduce_traffic
+// derives them per algorithm) at the rate a memcpy of the same size moves
+// bytes, measured in the same ranks, taking turns with the all-reduce, every
+// rank copying at once (so that they share the memory system as they do in
+// the all-reduce).
+//
 // The three run the same protocol (bench_common.h: barrier, a batch of calls
 // sized to --min-batch-ms, slowest rank, median over repetitions, sizes taking
-// turns) with ranks pinned one per core. Each is its own process group, so
+// turns) with ranks pinned (pin_rank). Each is its own process group, so
 // they cannot take turns call by call; they take turns round by round
 // instead, and each figure is the median over the rounds.
 #include <algorithm>
@@ -19,6 +26,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -28,6 +36,7 @@
 #include "bench_common.h"
 #include "commands.h"
 #include "tpfuse/comm/communicator.h"
+#include "tpfuse/comm/shm.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/tensor.h"
 
@@ -68,35 +77,64 @@ std::string format_bytes(std::int64_t bytes) {
   return cat(bytes, " B");
 }
 
-// Seconds per all-reduce at each size, tpfuse's shm communicator on local ranks.
-std::vector<double> measure_tpfuse(int ranks, const std::vector<std::int64_t>& sizes, DType dtype,
-                                   const AllReduceOptions& o) {
-  return run_local_ranks(ranks, o.baselines.no_pin, [&](comm::RankContext& ctx) {
-           std::vector<Tensor> buffers;  // zeros: summing them in place never overflows
-           std::vector<std::function<void()>> calls;
-           for (std::int64_t bytes : sizes) {
-             const auto count = static_cast<std::int64_t>(bytes / static_cast<std::int64_t>(dtype_size(dtype)));
-             buffers.emplace_back(dtype, std::initializer_list<std::int64_t>{std::max<std::int64_t>(count, 1)});
-             void* data = buffers.back().data();
-             comm::Communicator* comm = ctx.comm.get();
-             calls.push_back([comm, data, count, dtype] {
-               comm->all_reduce(data, data, static_cast<std::size_t>(count), dtype);
-             });
-           }
-           std::vector<int> batch(sizes.size());
-           for (std::size_t i = 0; i < calls.size(); ++i) {
-             double once = 0;
-             for (int w = 0; w < std::max(1, o.warmup); ++w) once = timed_batch(*ctx.comm, calls[i], 1);
-             batch[i] = calls_per_batch(once, o.min_batch_ms);
-           }
-           std::vector<std::vector<double>> seconds(sizes.size());
-           for (int r = 0; r < o.reps; ++r) {
-             for (std::size_t i = 0; i < calls.size(); ++i) seconds[i].push_back(timed_batch(*ctx.comm, calls[i], batch[i]));
-           }
-           RankReport report;
-           for (const auto& s : seconds) report.values.push_back(median(s));
-           return report;
-         }).values;
+// Seconds per call at each size on local ranks (tpfuse's shm communicator):
+// the all-reduce (in place), and, taking turns with it, a memcpy of the same
+// bytes between two buffers of each rank's own, every rank copying at once:
+// the copy rate the ranks' memory traffic is bounded by.
+struct TpfuseSeconds {
+  std::vector<double> all_reduce, copy;
+};
+
+TpfuseSeconds measure_tpfuse(int ranks, const std::vector<std::int64_t>& sizes, DType dtype,
+                             const AllReduceOptions& o) {
+  const std::vector<double> values =
+      run_local_ranks(ranks, o.baselines.no_pin, [&](comm::RankContext& ctx) {
+        std::vector<Tensor> buffers;               // zeros: summing them in place never overflows
+        std::vector<std::function<void()>> calls;  // all-reduce, copy, by size
+        for (std::int64_t bytes : sizes) {
+          const auto count = static_cast<std::int64_t>(bytes / static_cast<std::int64_t>(dtype_size(dtype)));
+          const std::initializer_list<std::int64_t> shape = {std::max<std::int64_t>(count, 1)};
+          buffers.emplace_back(dtype, shape);
+          void* data = buffers.back().data();
+          comm::Communicator* comm = ctx.comm.get();
+          calls.push_back(
+              [comm, data, count, dtype] { comm->all_reduce(data, data, static_cast<std::size_t>(count), dtype); });
+          buffers.emplace_back(dtype, shape);
+          buffers.emplace_back(dtype, shape);
+          void* to = buffers.back().data();
+          const void* from = buffers[buffers.size() - 2].data();
+          calls.push_back([to, from, bytes] { std::memcpy(to, from, static_cast<std::size_t>(bytes)); });
+        }
+        std::vector<int> batch(calls.size());
+        for (std::size_t i = 0; i < calls.size(); ++i) {
+          double once = 0;
+          for (int w = 0; w < std::max(1, o.warmup); ++w) once = timed_batch(*ctx.comm, calls[i], 1);
+          batch[i] = calls_per_batch(once, o.min_batch_ms);
+        }
+        std::vector<std::vector<double>> seconds(calls.size());
+        for (int r = 0; r < o.reps; ++r) {
+          for (std::size_t i = 0; i < calls.size(); ++i)
+            seconds[i].push_back(timed_batch(*ctx.comm, calls[i], batch[i]));
+        }
+        RankReport report;
+        for (const auto& s : seconds) report.values.push_back(median(s));
+        return report;
+      }).values;
+  TpfuseSeconds out;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    out.all_reduce.push_back(values[2 * i]);
+    out.copy.push_back(values[2 * i + 1]);
+  }
+  return out;
+}
+
+// The seconds a rank's memory traffic takes at the copy rate measured: the
+// bytes the shm all-reduce reads and writes (comm::shm_all_reduce_traffic),
+// over the bytes a memcpy of the same size reads and writes per second.
+double bound_seconds(int ranks, std::int64_t bytes, double copy_seconds) {
+  const comm::MemoryTraffic traffic = comm::shm_all_reduce_traffic(ranks, static_cast<std::size_t>(bytes));
+  const double copy_rate = 2.0 * static_cast<double>(bytes) / copy_seconds;
+  return static_cast<double>(traffic.read + traffic.written) / copy_rate;
 }
 
 // Seconds per size from a baseline's records (NaN where it has none).
@@ -113,6 +151,7 @@ std::vector<double> seconds_by_size(const ToolRun& run, const std::vector<std::i
 struct Results {
   int ranks = 0;
   std::vector<double> tpfuse, mpi, gloo;  // seconds per call, by size
+  std::vector<double> bound;              // tpfuse's memory-traffic bound, seconds
 };
 
 void print_cell(double seconds, std::int64_t bytes) {
@@ -132,13 +171,16 @@ void print_ratio(double num, double den) {
 }
 
 void print_table(const Results& r, const std::vector<std::int64_t>& sizes, const std::string& dtype) {
-  std::printf("\n%d ranks; tpfuse %s, MPI and gloo f32 (the same bytes); us per call and GB/s (bytes / time)\n",
-              r.ranks, dtype.c_str());
-  std::printf("  %9s %10s %7s %10s %7s %10s %7s %11s %11s\n", "size", "tpfuse us", "GB/s", "MPI us", "GB/s",
-              "gloo us", "GB/s", "MPI/tpfuse", "gloo/tpfuse");
+  std::printf(
+      "\n%d ranks; tpfuse %s, MPI and gloo f32 (the same bytes); us per call and GB/s (bytes / time);\n"
+      "  bound: what tpfuse's memory traffic takes at the copy rate measured alongside\n",
+      r.ranks, dtype.c_str());
+  std::printf("  %9s %10s %7s %9s %6s %10s %7s %10s %7s %11s %11s\n", "size", "tpfuse us", "GB/s", "bound us", "of it",
+              "MPI us", "GB/s", "gloo us", "GB/s", "MPI/tpfuse", "gloo/tpfuse");
   for (std::size_t i = 0; i < sizes.size(); ++i) {
     std::printf("  %9s", format_bytes(sizes[i]).c_str());
     print_cell(r.tpfuse[i], sizes[i]);
+    std::printf(" %9.1f %6.2f", r.bound[i] * 1e6, r.bound[i] / r.tpfuse[i]);
     print_cell(r.mpi[i], sizes[i]);
     print_cell(r.gloo[i], sizes[i]);
     print_ratio(r.mpi[i], r.tpfuse[i]);
@@ -200,7 +242,7 @@ double fastest_exchange_seconds(std::int64_t bytes) {
   std::atomic<bool> gave_up{false};
   double fastest = INFINITY;  // written by the thread of rank 0 only
   const auto exchange = [&](int me) {
-    pin_rank_to_core(me, cores);
+    pin_rank(me, 2, cores);
     const int peer = 1 - me;
     std::vector<float> input(count, static_cast<float>(me + 1)), output(count);
     auto batch_start = std::chrono::steady_clock::now();
@@ -248,8 +290,39 @@ void print_exchange(std::int64_t bytes) {
               format_bytes(bytes).c_str(), exchange * 1e6);
 }
 
+// The lowest fraction of the memory-traffic bound reached at 4-64 MiB, for
+// each rank count (target >= 0.7). The bound's copy stays on one core; for 2
+// ranks, the bare exchange of that size between two cores (fastest_exchange_
+// seconds) is printed beside it: what moving the bytes across cores takes.
+void print_bound_target(const std::vector<Results>& results, const std::vector<std::int64_t>& sizes) {
+  for (const Results& r : results) {
+    double lowest = INFINITY;
+    std::size_t at = 0;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      if (sizes[i] < (4 << 20) || sizes[i] > (64 << 20) || r.bound[i] / r.tpfuse[i] >= lowest) continue;
+      lowest = r.bound[i] / r.tpfuse[i];
+      at = i;
+    }
+    const std::string what = cat("fraction of the memory bound, 4-64 MiB, ", r.ranks, " ranks");
+    if (std::isinf(lowest)) {
+      std::printf("  %-46s  not measured in this run\n", what.c_str());
+      continue;
+    }
+    std::printf("  %-46s  %6.2f   (target >= 0.7)  %s\n", what.c_str(), lowest, lowest >= 0.7 ? "met" : "MISSED");
+    if (r.ranks != 2 || lowest >= 0.7) continue;
+    const double exchange = fastest_exchange_seconds(sizes[at]);
+    if (std::isnan(exchange)) continue;
+    std::printf(
+        "    at %s: tpfuse %.1f us, its bound %.1f us; the bare one-shot exchange between two cores %.1f us "
+        "(tpfuse %.2fx its time)\n",
+        format_bytes(sizes[at]).c_str(), r.tpfuse[at] * 1e6, r.bound[at] * 1e6, exchange * 1e6,
+        r.tpfuse[at] / exchange);
+  }
+}
+
 void print_targets(const std::vector<Results>& results, const std::vector<std::int64_t>& sizes) {
-  std::printf("\nTargets (2 ranks; ratios of medians measured in this run):\n");
+  std::printf("\nTargets (ratios of medians measured in this run):\n");
+  print_bound_target(results, sizes);
   const auto at = [&](const std::vector<double>& seconds, std::int64_t bytes) {
     for (std::size_t i = 0; i < sizes.size(); ++i) {
       if (sizes[i] == bytes) return seconds[i];
@@ -282,23 +355,26 @@ void print_targets(const std::vector<Results>& results, const std::vector<std::i
 
 void write_json(const std::string& path, const std::vector<Results>& results, const std::vector<std::int64_t>& sizes,
                 const std::string& dtype) {
-  std::ofstream out(path);
-  if (!out) throw CLI::RuntimeError(cat("bench allreduce: cannot write ", path), 1);
-  std::vector<std::string> lines;
+  nlohmann::ordered_json records = nlohmann::ordered_json::array();
   for (const Results& r : results) {
     for (const auto& [impl, seconds, impl_dtype] :
          {std::tuple{"tpfuse", &r.tpfuse, dtype}, std::tuple{"mpi", &r.mpi, std::string("f32")},
           std::tuple{"gloo", &r.gloo, std::string("f32")}}) {
       for (std::size_t i = 0; i < sizes.size(); ++i) {
         if (std::isnan((*seconds)[i])) continue;
-        lines.push_back(cat("  {\"impl\": \"", impl, "\", \"ranks\": ", r.ranks, ", \"bytes\": ", sizes[i],
-                            ", \"dtype\": \"", impl_dtype, "\", \"seconds\": ", (*seconds)[i], "}"));
+        nlohmann::ordered_json record = {
+            {"impl", impl}, {"ranks", r.ranks}, {"bytes", sizes[i]}, {"dtype", impl_dtype}, {"seconds", (*seconds)[i]}};
+        if (seconds == &r.tpfuse) {
+          record["bound_seconds"] = r.bound[i];
+          record["fraction_of_bound"] = r.bound[i] / r.tpfuse[i];
+        }
+        records.push_back(std::move(record));
       }
     }
   }
-  out << "[\n";
-  for (std::size_t i = 0; i < lines.size(); ++i) out << lines[i] << (i + 1 < lines.size() ? ",\n" : "\n");
-  out << "]\n";
+  std::ofstream out(path);
+  out << records.dump(2) << "\n";
+  if (!out) throw CLI::RuntimeError(cat("bench allreduce: cannot write ", path), 1);
 }
 
 // Each size's median over the rounds of that round's figure, leaving out the
@@ -325,9 +401,13 @@ Results measure_rounds(int ranks, const std::vector<std::int64_t>& sizes, DType 
   std::vector<std::string> mpi_args = {"allreduce"};
   mpi_args.insert(mpi_args.end(), args.begin(), args.end());
   std::string mpi_failure = tools.mpi_unavailable, gloo_failure = tools.gloo_unavailable;
-  std::vector<std::vector<double>> tpfuse, mpi, gloo;
+  std::vector<std::vector<double>> tpfuse, bound, mpi, gloo;
   for (int round = 0; round < o.rounds; ++round) {
-    tpfuse.push_back(measure_tpfuse(ranks, sizes, dtype, o));
+    const TpfuseSeconds measured = measure_tpfuse(ranks, sizes, dtype, o);
+    tpfuse.push_back(measured.all_reduce);
+    bound.emplace_back();
+    for (std::size_t i = 0; i < sizes.size(); ++i)
+      bound.back().push_back(bound_seconds(ranks, sizes[i], measured.copy[i]));
     if (mpi_failure.empty()) {
       const ToolRun run = run_mpi_bench(tools, ranks, mpi_args);
       mpi_failure = run.failure;
@@ -342,7 +422,7 @@ Results measure_rounds(int ranks, const std::vector<std::int64_t>& sizes, DType 
     }
   }
   return {ranks, median_over_rounds(tpfuse, sizes.size()), median_over_rounds(mpi, sizes.size()),
-          median_over_rounds(gloo, sizes.size())};
+          median_over_rounds(gloo, sizes.size()), median_over_rounds(bound, sizes.size())};
 }
 
 void run_bench(const AllReduceOptions& o) {
@@ -351,10 +431,11 @@ void run_bench(const AllReduceOptions& o) {
   const DType dtype = parse_dtype(o.dtype);
   const BaselineTools tools = find_baseline_tools(o.baselines);
   std::printf("tpfuse bench allreduce\n  machine: %s\n", machine_facts().c_str());
-  std::printf("  ranks %s; each figure: barrier, a batch of >= %.0f ms of calls, slowest rank; median of %d "
-              "repetitions,\n  then the median over %d rounds in which tpfuse, MPI and gloo take turns\n",
-              o.baselines.no_pin ? "not pinned" : "pinned one per core (rank % cores)", o.min_batch_ms, o.reps,
-              o.rounds);
+  std::printf(
+      "  ranks %s; each figure: barrier, a batch of >= %.0f ms of calls, slowest rank; median of %d "
+      "repetitions,\n  then the median over %d rounds in which tpfuse, MPI and gloo take turns\n",
+      pinning_text(o.ranks.empty() ? 1 : o.ranks.front(), o.baselines.no_pin).c_str(), o.min_batch_ms, o.reps,
+      o.rounds);
   if (!tools.mpi_unavailable.empty()) std::printf("  MPI_Allreduce skipped: %s\n", tools.mpi_unavailable.c_str());
   if (!tools.gloo_unavailable.empty()) std::printf("  gloo skipped: %s\n", tools.gloo_unavailable.c_str());
   std::vector<Results> results;
@@ -387,7 +468,9 @@ void add_bench_allreduce_command(CLI::App& bench_app) {
   cmd->add_option("--warmup", o->warmup, "Unmeasured calls per size first")->check(CLI::Range(0, 1000));
   cmd->add_option("--min-batch-ms", o->min_batch_ms, "Calls are repeated to fill at least this long a batch")
       ->check(CLI::Range(0.0, 100000.0));
-  cmd->add_option("--json", o->json, "Write records {impl, ranks, bytes, dtype, seconds} to this file");
+  cmd->add_option(
+      "--json", o->json,
+      "Write records {impl, ranks, bytes, dtype, seconds; bound_seconds, fraction_of_bound for tpfuse} to this file");
   add_baseline_options(*cmd, o->baselines);
   cmd->callback([o] { run_bench(*o); });
 }

@@ -40,13 +40,24 @@ std::vector<int> allowed_cores() {
   return cores;
 }
 
-int pin_rank_to_core(int rank, const std::vector<int>& cores) {
-  const int core = cores[static_cast<std::size_t>(rank) % cores.size()];
+int pin_rank(int rank, int ranks, const std::vector<int>& cores) {
+  const std::size_t count = cores.size();
+  const auto r = static_cast<std::size_t>(rank);
+  const std::size_t block = static_cast<std::size_t>(ranks) <= count ? count / static_cast<std::size_t>(ranks) : 1;
+  const std::size_t first = block > 1 || static_cast<std::size_t>(ranks) <= count ? r * block : r % count;
   cpu_set_t set;
   CPU_ZERO(&set);
-  CPU_SET(core, &set);
+  for (std::size_t c = first; c < first + block; ++c) CPU_SET(cores[c], &set);
   if (sched_setaffinity(0, sizeof(set), &set) != 0) throw_system_error("sched_setaffinity", errno);
-  return core;
+  return static_cast<int>(block);
+}
+
+std::string pinning_text(int ranks, bool no_pin) {
+  if (no_pin) return "not pinned";
+  const auto cores = static_cast<int>(allowed_cores().size());
+  if (ranks > cores) return cat("pinned one per core (rank % ", cores, " cores)");
+  if (ranks * 2 > cores) return "pinned one per core";
+  return cat("pinned to blocks of ", cores / ranks, " cores");
 }
 
 namespace {
@@ -129,7 +140,7 @@ RankReport run_local_ranks(int ranks, bool no_pin, const std::function<RankRepor
   std::fflush(stdout);
   const auto launch = comm::launch_local(options, [&](comm::RankContext& ctx) {
     close(fds[0]);
-    if (!no_pin) pin_rank_to_core(ctx.rank, cores);
+    if (!no_pin) pin_rank(ctx.rank, ranks, cores);
     const RankReport report = body(ctx);
     if (ctx.rank != 0) return 0;
     const std::uint64_t sizes[2] = {report.values.size(), report.text.size()};

@@ -25,10 +25,16 @@ double median(std::vector<double> values);
 // The cores this process may run on now, in increasing order.
 std::vector<int> allowed_cores();
 
-// Pins the calling process to one core, cores[rank % cores.size()], so that
-// ranks spread one per core (and wrap around when there are more ranks than
-// cores). Returns the core.
-int pin_rank_to_core(int rank, const std::vector<int>& cores);
+// Pins the calling process, rank `rank` of `ranks` on this host, to its part
+// of `cores`: a block of cores.size() / ranks cores of its own when there are
+// at least as many cores as ranks (one core each when as many), else the one
+// core cores[rank % cores.size()]. Returns how many cores it got: the
+// operator's default thread count then gives its GEMM that many
+// (tpfuse::gemm::share_of_cores), and the baselines use as many.
+int pin_rank(int rank, int ranks, const std::vector<int>& cores);
+
+// How the ranks are pinned, for the benchmarks' headers.
+std::string pinning_text(int ranks, bool no_pin);
 
 // "Intel(R) Xeon(R) ..., 2 cores online (0,1 allowed), tpfuse ISA avx512_dl, load 1.20 1.05 0.98".
 std::string machine_facts();

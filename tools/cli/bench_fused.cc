@@ -14,7 +14,9 @@
 //
 // Every figure is the median over repetitions of the slowest rank's time per
 // call for a batch of calls after a barrier (the median of per-repetition
-// maxima), with ranks pinned one per core. A batch lasts at least
+// maxima), with ranks pinned to blocks of cores of their own (one core each
+// when there are as many ranks as cores; pin_rank) and the GEMMs, tpfuse's
+// and the peer's, using the cores of their block. A batch lasts at least
 // --min-batch-ms: a single call of a decode shape (about a millisecond) is
 // within a scheduler's time slice of noise, and its fused/serial ratio read
 // 0.93 to 1.10 between runs when timed call by call. tpfuse's four variants
@@ -102,6 +104,7 @@ struct FusedCase {
   int ranks = 0;
   Spread gemm, comm, serial, fused;  // tpfuse
   std::string engine;                // tpfuse's GEMM engine
+  int threads = 0;                   // the GEMM threads of a rank (the peer's alike)
   // The operator's own CPU per call (thread CPU of the fused call minus that
   // of its GEMM then its all-reduce): the median and the largest over ranks.
   double op_cpu = kNotMeasured, op_cpu_max = kNotMeasured;
@@ -230,6 +233,7 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
   }
   report.values.push_back(median(op_cpus));
   report.values.push_back(*std::max_element(op_cpus.begin(), op_cpus.end()));
+  report.values.push_back(gemm::default_gemm_threads(comm.ranks_on_host()));
   if (o.trace_overhead) {
     const Spread traced = spread_of(seconds[kTraced]);
     report.values.insert(report.values.end(), {traced.median, traced.min, traced.max, events_per_call});
@@ -257,9 +261,10 @@ void measure_tpfuse(FusedCase& c, const FusedOptions& o) {
   for (std::size_t v = 0; v < 4; ++v) *targets[v] = {report.values[3 * v], report.values[3 * v + 1], report.values[3 * v + 2]};
   c.op_cpu = report.values[12];
   c.op_cpu_max = report.values[13];
+  c.threads = static_cast<int>(report.values[14]);
   if (o.trace_overhead) {
-    c.traced = {report.values[14], report.values[15], report.values[16]};
-    c.events_per_call = report.values[17];
+    c.traced = {report.values[15], report.values[16], report.values[17]};
+    c.events_per_call = report.values[18];
   }
   c.engine = report.text;
 }
@@ -326,6 +331,7 @@ void measure_case(FusedCase& c, const FusedOptions& o, const BaselineTools& tool
     c.*field = median_of_measured(figures);
   }
   c.engine = rounds.front().engine;
+  c.threads = rounds.front().threads;
   c.peer_detail = rounds.front().peer_detail;
 }
 
@@ -351,12 +357,13 @@ void measure_gloo(std::vector<FusedCase>& cases, const FusedOptions& o, const Ba
 
 void print_times(const std::vector<FusedCase>& cases) {
   std::printf("\nTime per call, ms (median of the slowest rank; MPI and gloo all-reduce the output as f32)\n");
-  std::printf("  %-13s %5s %5s %5s %-4s %5s %9s %9s %9s %9s %9s %9s %9s\n", "case", "M", "N", "K", "mode", "ranks",
-              "T_gemm", "T_comm", "T_serial", "T_fused", "T_peer", "comm MPI", "comm gloo");
+  std::printf("  %-13s %5s %5s %5s %-4s %5s %7s %9s %9s %9s %9s %9s %9s %9s\n", "case", "M", "N", "K", "mode", "ranks",
+              "threads", "T_gemm", "T_comm", "T_serial", "T_fused", "T_peer", "comm MPI", "comm gloo");
   for (const FusedCase& c : cases) {
     std::printf("  %-13s %5lld %5lld %5lld %-4s %5d", c.label().c_str(), static_cast<long long>(c.shape.m),
                 static_cast<long long>(c.shape.n), static_cast<long long>(c.shape.k),
                 std::string(dtype_name(c.dtype)).c_str(), c.ranks);
+    std::printf(" %7d", c.threads);
     for (double t : {c.gemm.median, c.comm.median, c.serial.median, c.fused.median, c.peer, c.comm_mpi, c.comm_gloo}) {
       if (std::isnan(t)) {
         std::printf(" %9s", "-");
@@ -480,9 +487,10 @@ void write_json(const std::string& path, const std::vector<FusedCase>& cases, co
     const FusedCase& c = cases[i];
     out << "  {\"mode\": \"" << dtype_name(c.dtype) << "\", \"shape\": \"" << c.label() << "\", \"m\": " << c.shape.m
         << ", \"n\": " << c.shape.n << ", \"k\": " << c.shape.k << ", \"k_per_rank\": " << c.shape.k / c.ranks
-        << ", \"ranks\": " << c.ranks << ", \"t_gemm\": " << json_number(c.gemm.median)
-        << ", \"t_comm\": " << json_number(c.comm.median) << ", \"t_serial\": " << json_number(c.serial.median)
-        << ", \"t_peer\": " << json_number(c.peer) << ", \"t_fused\": " << json_number(c.fused.median)
+        << ", \"ranks\": " << c.ranks << ", \"threads\": " << c.threads
+        << ", \"t_gemm\": " << json_number(c.gemm.median) << ", \"t_comm\": " << json_number(c.comm.median)
+        << ", \"t_serial\": " << json_number(c.serial.median) << ", \"t_peer\": " << json_number(c.peer)
+        << ", \"t_fused\": " << json_number(c.fused.median)
         << ", \"hidden_fraction\": " << json_number(c.hidden_fraction())
         << ", \"t_fused_min\": " << json_number(c.fused.min) << ", \"t_fused_max\": " << json_number(c.fused.max)
         << ", \"t_serial_min\": " << json_number(c.serial.min) << ", \"t_serial_max\": " << json_number(c.serial.max)
@@ -547,10 +555,10 @@ void write_plot(const std::string& path, const std::vector<FusedCase>& cases) {
   const std::string script = cat(
       "set terminal pngcairo size 1400,800 noenhanced font 'sans,11'\nset output '", path, "'\n",
       "set title \"mm_all_reduce_base: time per call against M\\n(median over repetitions of the slowest rank; ranks "
-      "pinned one per core)\"\n",
+      "pinned to cores of their own)\"\n",
       "set xlabel 'M (rows of x1 and of the output)'\nset ylabel 'time per call (ms)'\n",
-      "set logscale xy\nset grid\nset key outside right top vertical box\nset datafile missing '?'\n",
-      "set xrange [", static_cast<double>(min_m) / 1.5, ":", static_cast<double>(max_m) * 1.5, "]\n", data, plot, "\n");
+      "set logscale xy\nset grid\nset key outside right top vertical box\nset datafile missing '?'\n", "set xrange [",
+      static_cast<double>(min_m) / 1.5, ":", static_cast<double>(max_m) * 1.5, "]\n", data, plot, "\n");
   std::fflush(stdout);
   FILE* pipe = popen(gnuplot.c_str(), "w");
   if (pipe == nullptr) throw CLI::RuntimeError("bench fused: cannot start gnuplot", 1);
@@ -590,7 +598,7 @@ std::vector<FusedCase> plan_cases(const FusedOptions& o) {
 // mpirun itself.
 void run_bench_under_mpi(FusedOptions o) {
   comm::RankContext& ctx = mpi_rank_context();
-  if (!o.baselines.no_pin) pin_rank_to_core(ctx.rank, allowed_cores());
+  if (!o.baselines.no_pin) pin_rank(ctx.rank, ctx.size, allowed_cores());
   o.ranks = {ctx.size};
   o.baselines.no_mpi = true;
   o.baselines.no_gloo = true;
@@ -606,14 +614,15 @@ void run_bench(const FusedOptions& o) {
   std::vector<FusedCase> cases = plan_cases(o);
   const BaselineTools tools = find_baseline_tools(o.baselines);
   std::printf("tpfuse bench fused\n  machine: %s\n", machine_facts().c_str());
-  std::printf("  ranks %s, one GEMM thread each; every figure: barrier, calls filling %g ms or one, slowest "
-              "rank's time per call;\n  median of %d repetitions (after %d warm-up), then the median over %d rounds "
-              "in which tpfuse and the MPI peer take "
-              "turns\n  T_gemm = prepare_gemm + compute_rows (all rows); T_comm = tpfuse all_reduce of the output; "
-              "T_serial = both; T_fused = mm_all_reduce_base_out (comm_turn %lld)\n",
-              o.baselines.no_pin ? "not pinned" : "pinned one per core (rank % cores)", o.min_batch_ms, o.reps,
-              o.warmup, o.rounds,
-              static_cast<long long>(o.comm_turn));
+  std::printf(
+      "  ranks %s, GEMM threads: the cores of each rank's block; every figure: barrier, calls filling %g ms or one, "
+      "slowest "
+      "rank's time per call;\n  median of %d repetitions (after %d warm-up), then the median over %d rounds "
+      "in which tpfuse and the MPI peer take "
+      "turns\n  T_gemm = prepare_gemm + compute_rows (all rows); T_comm = tpfuse all_reduce of the output; "
+      "T_serial = both; T_fused = mm_all_reduce_base_out (comm_turn %lld)\n",
+      pinning_text(cases.empty() ? 1 : cases.front().ranks, o.baselines.no_pin).c_str(), o.min_batch_ms, o.reps,
+      o.warmup, o.rounds, static_cast<long long>(o.comm_turn));
   if (!tools.mpi_unavailable.empty()) std::printf("  T_peer and MPI skipped: %s\n", tools.mpi_unavailable.c_str());
   if (!tools.gloo_unavailable.empty()) std::printf("  gloo skipped: %s\n", tools.gloo_unavailable.c_str());
   for (FusedCase& c : cases) {

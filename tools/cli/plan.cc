@@ -74,7 +74,7 @@ double time_operator(comm::RankContext& ctx, const testing::RankArgs& args, cons
 // One rank's part: plan as the operator would (same threads, same request),
 // rank 0 writes the account to `report_fd`.
 int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
-  if (!flags.no_pin) pin_rank_to_core(ctx.rank, allowed_cores());
+  if (!flags.no_pin) pin_rank(ctx.rank, ctx.size, allowed_cores());
   const testing::RankInputs inputs = testing::make_rank_inputs(flags.spec, ctx.rank);
   const testing::RankArgs& args = inputs.args;
   const CallShape shape = validate_call(args.x1, args.x2, args.options);

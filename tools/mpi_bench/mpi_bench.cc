@@ -14,8 +14,9 @@
 // Every figure follows the protocol tpfuse's side uses: a barrier, `calls`
 // calls, the slowest rank's time per call; the median over repetitions,
 // variants interleaved repetition by repetition. Rank 0 prints one JSON
-// object per line. Ranks pin themselves one per core (rank % cores), so
-// mpirun should not bind (--bind-to none).
+// object per line. Ranks pin themselves as tpfuse's do (pin_rank in
+// bench_common.h: blocks of cores, or one core each), so mpirun should not
+// bind (--bind-to none).
 #include <immintrin.h>
 #include <mpi.h>
 #include <omp.h>
@@ -225,14 +226,12 @@ void run_peer(const Options& o, int threads) {
               median(variants[2].seconds), o.reps, gemm_description.c_str(), o.dtype.c_str());
 }
 
-// Pins this rank and returns the threads its GEMM gets: one on its own core,
-// else the cores divided among the ranks (tpfuse's rule).
+// Pins this rank as tpfuse's ranks are pinned and returns the threads its
+// GEMM gets: the cores it was pinned to, else the cores divided among the
+// ranks.
 int place_rank(bool no_pin) {
   const std::vector<int> cores = allowed_cores();
-  if (!no_pin) {
-    pin_rank_to_core(world_rank(), cores);
-    return 1;
-  }
+  if (!no_pin) return pin_rank(world_rank(), world_size(), cores);
   return std::max(1, static_cast<int>(cores.size()) / world_size());
 }
 

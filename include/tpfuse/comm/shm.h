@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -72,5 +73,23 @@ std::shared_ptr<Communicator> create_shm_communicator(Store& store, int rank, in
 // seal the store first and so lock the job out. Where that can happen, seal
 // the store (seal_store) before starting the ranks.
 std::shared_ptr<Communicator> create_shm_communicator_from_env(const ShmOptions& options = {});
+
+// The bytes one rank reads and writes in memory for an all-reduce of `bytes`
+// from its input to a separate output, in a group of `size` ranks made with
+// `options` (slot size and algorithm): what bounds the all-reduce when memory
+// bandwidth does. Per round of c bytes (a slot's worth at most):
+//   one rank:       reads c, writes c (the sum is a copy);
+//   one-shot:       copy in (c, c), read all p slots and write the output
+//                   (p c, c): reads (p + 1) c, writes 2 c;
+//   reduce-scatter: copy in all but the own share ((p-1)/p c each way), sum
+//                   the own share of p contributions (c) and write it to the
+//                   output and the slot (2 c/p), copy the other shares from
+//                   their owners (p-1)/p c each way: reads (3 - 2/p) c,
+//                   writes 2 c.
+struct MemoryTraffic {
+  std::uint64_t read = 0;
+  std::uint64_t written = 0;
+};
+MemoryTraffic shm_all_reduce_traffic(int size, std::size_t bytes, const ShmOptions& options = {});
 
 }  // namespace tpfuse::comm

@@ -1,0 +1,37 @@
+# Runs scripts/bench-server.sh (SCRIPT) with TPFUSE=CMD into JSON, then checks
+# that it exited 0 and wrote one object whose gemm, fused and allreduce lists
+# hold records with their benchmark's keys, and the plot beside it. Proves the
+# script runs end to end on this machine's cores; asserts no timing.
+file(REMOVE "${JSON}")
+string(REGEX REPLACE "\\.json$" ".png" PNG "${JSON}")
+file(REMOVE "${PNG}")
+execute_process(COMMAND ${CMAKE_COMMAND} -E env TPFUSE=${CMD} ${SCRIPT} ${JSON}
+  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message(STATUS "bench-server.sh -> ${rc}\n${out}${err}")
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "expected exit code 0, got ${rc}")
+endif()
+file(READ "${JSON}" result)
+foreach(part_keys IN ITEMS "gemm:mode,threads,gflops,engine" "fused:ranks,threads,m,t_fused,t_serial,hidden_fraction"
+                           "allreduce:impl,ranks,bytes,seconds")
+  string(REPLACE ":" ";" part_keys "${part_keys}")
+  list(GET part_keys 0 part)
+  list(GET part_keys 1 keys)
+  string(REPLACE "," ";" keys "${keys}")
+  string(JSON count LENGTH "${result}" ${part})
+  if(count LESS 1)
+    message(FATAL_ERROR "${JSON}: \"${part}\" holds no records")
+  endif()
+  math(EXPR last "${count} - 1")
+  foreach(i RANGE ${last})
+    foreach(key IN LISTS keys)
+      string(JSON value ERROR_VARIABLE missing GET "${result}" ${part} ${i} ${key})
+      if(missing)
+        message(FATAL_ERROR "${part} record ${i} of ${JSON} has no \"${key}\": ${missing}")
+      endif()
+    endforeach()
+  endforeach()
+endforeach()
+if(NOT EXISTS "${PNG}")
+  message(FATAL_ERROR "no plot ${PNG}")
+endif()
