@@ -12,11 +12,13 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "comm/shm_reduce_kernels.h"
 #include "comm/shm_segment.h"
+#include "core/cpu_isa.h"
 #include "rank_harness.h"
 #include "tpfuse/comm/launcher.h"
 #include "tpfuse/comm/registry.h"
@@ -329,6 +331,22 @@ TEST(SumKernel, NanSumsFollowTheRankOrderRule) {
 }
 
 // Streamed copies at every alignment of source and destination and odd sizes.
+// TPFUSE_ISA caps the all-reduce's kernels as it caps the GEMM's (read once
+// per process: the capped check runs in a fresh one).
+TEST(SumKernelDeathTest, TpfuseIsaCapsTheKernel) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  if (detected_isa() >= IsaLevel::avx2) {
+    EXPECT_EXIT(
+        {
+          setenv("TPFUSE_ISA", "avx2", 1);
+          std::exit(std::string(shm::sum_kernel_name()) == "portable" ? 0 : 1);
+        },
+        ::testing::ExitedWithCode(0), "");
+  }
+  // Here, uncapped (after the death test: a re-run child reads TPFUSE_ISA first).
+  EXPECT_STREQ(shm::sum_kernel_name(), active_isa() >= IsaLevel::avx512 ? "avx512" : "portable");
+}
+
 TEST(SumKernel, StreamingCopyIsACopy) {
   std::vector<std::byte> source(5000);
   for (std::size_t i = 0; i < source.size(); ++i) source[i] = static_cast<std::byte>(i * 131 + 7);

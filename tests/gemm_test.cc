@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "gemm/cpu_isa.h"
+#include "core/cpu_isa.h"
 #include "gemm/engines.h"
 #include "gemm/microkernel.h"
 #include "gemm/onednn_gemm.h"

@@ -5,6 +5,8 @@
 // used with other scales, or for another x1 dtype, is refused on every rank.
 // Also the numerics the packed engines share with every other: bf16
 // subnormals and dequantized weights below 2^-126 count as zero.
+#include "tpfuse/ops/packed_weight.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -12,13 +14,12 @@
 #include <string>
 #include <vector>
 
-#include "gemm/cpu_isa.h"
+#include "core/cpu_isa.h"
 #include "gemm/engines.h"
 #include "ops/gemm_operands.h"
 #include "rank_harness.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
-#include "tpfuse/ops/packed_weight.h"
 #include "tpfuse/ops/validate.h"
 #include "tpfuse/testing/golden.h"
 #include "tpfuse/testing/inputs.h"
@@ -26,13 +27,12 @@
 namespace tpfuse {
 namespace {
 
-using gemm::IsaLevel;
 using testing::CaseSpec;
 
 std::vector<IsaLevel> runnable_levels() {
   std::vector<IsaLevel> levels;
   for (IsaLevel level : {IsaLevel::portable, IsaLevel::avx2, IsaLevel::avx512, IsaLevel::avx512_dl}) {
-    if (level <= gemm::detected_isa()) levels.push_back(level);
+    if (level <= detected_isa()) levels.push_back(level);
   }
   return levels;
 }
@@ -76,7 +76,7 @@ TEST_P(PackedGemm, GivesTheUnpackedBitsForEveryRowCount) {
     gemm::GemmOperands operands = make_gemm_operands(shape, args.x1, args.x2, args.options);
     operands.threads = 2;
     for (IsaLevel level : runnable_levels()) {
-      SCOPED_TRACE(cat("m=", m, " level ", gemm::isa_name(level), " engine ",
+      SCOPED_TRACE(cat("m=", m, " level ", isa_name(level), " engine ",
                        gemm::prepare_gemm_for_isa(operands, level)->engine()));
       const auto packing = gemm::pack_x2_for_isa(operands, level);
       gemm::GemmOperands packed = operands;
@@ -196,7 +196,8 @@ TEST(OperandNumerics, Bf16SubnormalsCountAsZeroInEveryEngine) {
       for (std::int64_t i = 0; i < m; ++i) {
         BFloat16 value;
         std::memcpy(&value, out.data() + 2 * i, 2);
-        EXPECT_EQ(bf16_to_f32(value), 3.0f) << "m=" << m << " row " << i << " at " << gemm::isa_name(level);
+        EXPECT_EQ(bf16_to_f32(value), 3.0f)
+            << "m=" << m << " row " << i << " at " << isa_name(level);
       }
     }
   }
@@ -225,7 +226,8 @@ TEST(OperandNumerics, TinyDequantizedWeightsCountAsZeroInEveryEngine) {
       for (std::int64_t i = 0; i < m; ++i) {
         BFloat16 value;
         std::memcpy(&value, out.data() + 2 * i, 2);
-        EXPECT_EQ(bf16_to_f32(value), 0.0f) << "m=" << m << " row " << i << " at " << gemm::isa_name(level);
+        EXPECT_EQ(bf16_to_f32(value), 0.0f)
+            << "m=" << m << " row " << i << " at " << isa_name(level);
       }
     }
   }

@@ -22,11 +22,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "core/cpu_isa.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
 
 #if defined(__x86_64__)
-#include <cpuid.h>
 #include <immintrin.h>
 #define TPFUSE_SHM_HAVE_AVX512_KERNEL 1
 #endif
@@ -257,18 +257,9 @@ TPFUSE_AVX512_TARGET void stream_copy(std::byte* out, const std::byte* in, std::
   _mm_sfence();
 }
 
-// F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know it.
-bool cpu_has_f16c() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
-}
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq") && cpu_has_f16c();
-  return has;
-}
+// The AVX-512 kernels run where the level every kernel of tpfuse runs at
+// (active_isa: the CPU's, capped by TPFUSE_ISA) has AVX-512 (with F16C).
+bool use_avx512() { return active_isa() >= IsaLevel::avx512; }
 
 #pragma GCC diagnostic pop
 
@@ -298,7 +289,7 @@ void sum_in_rank_order(DType dtype, std::span<const std::byte* const> sources, s
                        std::byte* out, std::byte* second_out, OutputStore out_store) {
   require_float(dtype);
 #if defined(TPFUSE_SHM_HAVE_AVX512_KERNEL)
-  if (cpu_has_avx512()) {
+  if (use_avx512()) {
     switch (dtype) {
       case DType::f16:
         return sum_avx512<DType::f16>(sources, count, out, second_out, out_store);
@@ -315,14 +306,14 @@ void sum_in_rank_order(DType dtype, std::span<const std::byte* const> sources, s
 void copy_to_output(std::byte* out, const std::byte* in, std::size_t bytes, OutputStore out_store) {
   if (bytes == 0) return;
 #if defined(TPFUSE_SHM_HAVE_AVX512_KERNEL)
-  if (out_store == OutputStore::streaming && cpu_has_avx512()) return stream_copy(out, in, bytes);
+  if (out_store == OutputStore::streaming && use_avx512()) return stream_copy(out, in, bytes);
 #endif
   std::memcpy(out, in, bytes);
 }
 
 const char* sum_kernel_name() {
 #if defined(TPFUSE_SHM_HAVE_AVX512_KERNEL)
-  if (cpu_has_avx512()) return "avx512";
+  if (use_avx512()) return "avx512";
 #endif
   return "portable";
 }

@@ -34,7 +34,8 @@ void copy_to_output(std::byte* out, const std::byte* in, std::size_t bytes, Outp
 void sum_in_rank_order_portable(DType dtype, std::span<const std::byte* const> sources,
                                 std::size_t count, std::byte* out, std::byte* second_out = nullptr);
 
-// Which kernel sum_in_rank_order runs on this CPU: "avx512" or "portable".
+// Which kernel sum_in_rank_order runs: "avx512" where active_isa() (the
+// CPU's level, capped by TPFUSE_ISA) has AVX-512, else "portable".
 const char* sum_kernel_name();
 
 }  // namespace tpfuse::comm::shm

@@ -5,7 +5,7 @@
 
 #include <memory>
 
-#include "gemm/cpu_isa.h"
+#include "core/cpu_isa.h"
 #include "tpfuse/gemm/tile_gemm.h"
 
 namespace tpfuse::gemm {

@@ -35,7 +35,7 @@
 
 #include <cstdint>
 
-#include "gemm/cpu_isa.h"
+#include "core/cpu_isa.h"
 #include "tpfuse/core/dtype.h"
 
 namespace tpfuse::gemm {

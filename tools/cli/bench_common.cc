@@ -13,7 +13,7 @@
 #include <string>
 #include <string_view>
 
-#include "gemm/cpu_isa.h"
+#include "core/cpu_isa.h"
 #include "gemm/microkernel.h"
 #include "tpfuse/comm/mpi.h"
 #include "tpfuse/comm/registry.h"
@@ -86,9 +86,8 @@ std::string load_average() {
 std::string machine_facts() {
   std::string allowed;
   for (int core : allowed_cores()) allowed += cat(allowed.empty() ? "" : ",", core);
-  return cat(cpu_model(), ", ", sysconf(_SC_NPROCESSORS_ONLN), " cores online (", allowed,
-             " allowed), tpfuse ISA ", gemm::isa_name(gemm::active_isa()), ", load average ",
-             load_average());
+  return cat(cpu_model(), ", ", sysconf(_SC_NPROCESSORS_ONLN), " cores online (", allowed, " allowed), tpfuse ISA ",
+             isa_name(active_isa()), ", load average ", load_average());
 }
 
 namespace {
@@ -186,7 +185,7 @@ std::shared_ptr<OneDnnMatmul> make_onednn_matmul(std::int64_t m, std::int64_t n,
 }
 
 void convert_to_f32(DType dtype, const void* src, std::int64_t count, float* dst, int threads) {
-  const gemm::KernelTable& kernels = gemm::kernels_for(gemm::active_isa());
+  const gemm::KernelTable& kernels = gemm::kernels_for(active_isa());
   constexpr std::int64_t kChunk = 1 << 16;
   const std::int64_t chunks = (count + kChunk - 1) / kChunk;
 #pragma omp parallel for num_threads(threads) schedule(static)

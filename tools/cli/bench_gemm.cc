@@ -20,9 +20,9 @@
 #include <sched.h>
 
 #include <algorithm>
-#include <ctime>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <dnnl.hpp>
 #include <fstream>
 #include <functional>
@@ -33,7 +33,7 @@
 
 #include "bench_common.h"
 #include "commands.h"
-#include "gemm/cpu_isa.h"
+#include "core/cpu_isa.h"
 #include "gemm/engines.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
@@ -273,7 +273,7 @@ Measurement tpfuse_measurement(ShapeData& d, const std::string& mode, bool epilo
   std::shared_ptr<const gemm::PackedX2> packing = packed ? gemm::pack_x2(ops) : nullptr;
   ops.packed = packing.get();
   m.detail = gemm::prepare_gemm(ops)->engine();
-  m.why = gemm::choose_engine(ops, gemm::active_isa()).why;
+  m.why = gemm::choose_engine(ops, active_isa()).why;
   void* out = d.out.data();
   const std::int64_t rows = d.shape.m, ld = d.shape.n;
   m.call = [ops, packing, out, rows, ld] { gemm::prepare_gemm(ops)->compute_rows(0, rows, out, ld); };
@@ -529,7 +529,7 @@ void run_bench(const BenchOptions& o) {
     std::printf("OpenBLAS: %s\n", blas != nullptr ? blas->config.c_str() : "not available");
   }
   std::printf("tpfuse ISA level: %s; x2 %s; %d repetitions, median GFLOP/s (min-max), %s time\n",
-              std::string(gemm::isa_name(gemm::active_isa())).c_str(),
+              std::string(isa_name(active_isa())).c_str(),
               o.transposed ? "transposed ([n, k] storage)" : "row-major [k, n]", o.reps,
               use_cpu_clock ? "process CPU" : "wall-clock");
   std::vector<Record> records;

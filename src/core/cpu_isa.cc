@@ -1,7 +1,7 @@
-// CPU feature detection for the GEMM engines. A feature counts only when the
+// CPU feature detection for tpfuse's kernels. A feature counts only when the
 // CPU has it and the OS saves its registers (XCR0), so a kernel never runs
 // where its instructions would fault.
-#include "gemm/cpu_isa.h"
+#include "core/cpu_isa.h"
 
 #include <cstdint>
 
@@ -13,12 +13,13 @@
 #include "tpfuse/core/config.h"
 #include "tpfuse/core/error.h"
 
-namespace tpfuse::gemm {
+namespace tpfuse {
 
 namespace {
 
-const EnvSetting<std::string> kIsaSetting{
-    "TPFUSE_ISA", "", "cap on the GEMM instruction set: portable, avx2, avx512 or avx512_dl"};
+const EnvSetting<std::string> kIsaSetting{"TPFUSE_ISA", "",
+                                          "cap on the instruction set of every kernel (GEMM, "
+                                          "all-reduce): portable, avx2, avx512 or avx512_dl"};
 
 #ifdef TPFUSE_X86
 struct CpuidRegs {
@@ -117,4 +118,4 @@ std::optional<IsaLevel> parse_isa(std::string_view name) {
   return std::nullopt;
 }
 
-}  // namespace tpfuse::gemm
+}  // namespace tpfuse

@@ -1,12 +1,13 @@
-// Which instruction sets the GEMM engines may use on this CPU: detected once
-// (cpuid, and xgetbv for the registers the OS saves), optionally capped by
-// TPFUSE_ISA to test lower levels on a better machine.
+// Which instruction sets tpfuse's kernels may use on this CPU, the GEMM's and
+// the all-reduce's alike: detected once (cpuid, and xgetbv for the registers
+// the OS saves), optionally capped by TPFUSE_ISA to test lower levels on a
+// better machine.
 #pragma once
 
 #include <optional>
 #include <string_view>
 
-namespace tpfuse::gemm {
+namespace tpfuse {
 
 // Ordered: each level includes everything below it.
 enum class IsaLevel : int {
@@ -37,4 +38,4 @@ IsaLevel active_isa();
 std::string_view isa_name(IsaLevel level);
 std::optional<IsaLevel> parse_isa(std::string_view name);
 
-}  // namespace tpfuse::gemm
+}  // namespace tpfuse
