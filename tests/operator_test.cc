@@ -176,7 +176,9 @@ TEST(Operator, BitwiseSameAcrossRuns) {
   EXPECT_EQ(hashes[0], hashes[1]);
 }
 
-TEST(Operator, DisagreeingRanksAllFailWithinASecond) {
+// Detected, not timed out: every rank fails well before the deadline (a
+// property that holds under the sanitizers on a loaded machine).
+TEST(Operator, DisagreeingRanksAllFailBeforeTheDeadline) {
   const auto result = run_ranks(3, [](comm::RankContext& ctx) {
     CaseSpec spec;
     spec.n = ctx.rank == 1 ? 17 : 16;  // rank 1 passes another n
@@ -186,7 +188,9 @@ TEST(Operator, DisagreeingRanksAllFailWithinASecond) {
       mm_all_reduce_base(inputs.args.x1, inputs.args.x2, ctx.comm->name(), inputs.args.options);
     } catch (const DisagreementError& e) {
       const auto elapsed = std::chrono::steady_clock::now() - start;
-      expect_rank(elapsed < std::chrono::seconds(1), "took too long to fail");
+      expect_rank(elapsed < ctx.comm->timeout() / 3, "failed after ",
+                  std::chrono::duration<double>(elapsed).count(), " s, near the deadline of ",
+                  ctx.comm->timeout().count(), " ms: not detected");
       const std::string what = e.what();
       expect_rank(what.find("disagree on n") != std::string::npos &&
                       what.find("rank 1 has 17") != std::string::npos,
