@@ -12,6 +12,7 @@
 
 #include "core/trace.h"
 #include "ops/agreement.h"
+#include "ops/explain.h"
 #include "ops/gemm_operands.h"
 #include "ops/test_hooks.h"
 #include "pipeline/executor.h"
@@ -218,6 +219,22 @@ Tensor run_call(const TensorView& x1, const TensorView& x2, const PackedWeight* 
 }
 
 }  // namespace
+
+CallExplanation explain_mm_all_reduce_base(const TensorView& x1, const TensorView& x2,
+                                           comm::Communicator& comm,
+                                           const MmAllReduceOptions& options) {
+  const LocalCall call = validate_locally(x1, x2, nullptr, options, nullptr, comm);
+  if (!call.shape) throw InvalidArgument(call.error);
+  CallExplanation explained;
+  explained.shape = *call.shape;
+  explained.progress = call.progress;
+  const auto gemm = prepare(call, x1, x2, nullptr, options, comm);
+  explained.engine = gemm->engine();
+  // The facts combined as the agreement combines them (agreement.h).
+  explained.request = pipeline::agree_request(comm, request_for(*call.shape, call.mine));
+  explained.plan = pipeline::plan_call(comm, *gemm, explained.request, &explained.constants);
+  return explained;
+}
 
 Tensor mm_all_reduce_base(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                           const MmAllReduceOptions& options) {

@@ -43,6 +43,8 @@
 #include "bench_common.h"
 #include "commands.h"
 #include "core/trace.h"
+#include "ops/gemm_operands.h"
+#include "pipeline/executor.h"
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/comm/mpi.h"
 #include "tpfuse/core/error.h"
@@ -156,16 +158,16 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
   spec.comm_turn = o.comm_turn;
   const testing::RankInputs inputs = testing::make_rank_inputs(spec, ctx.rank);
   const testing::RankArgs& args = inputs.args;
-  gemm::GemmOperands operands;
-  operands.shape = validate_call(args.x1, args.x2, args.options);
-  operands.x1 = args.x1;
-  operands.x2 = args.x2;
+  // The GEMM the operator runs: its operands, with its threads.
+  comm::Communicator& comm = *ctx.comm;
+  gemm::GemmOperands operands =
+      make_gemm_operands(validate_call(args.x1, args.x2, args.options), args.x1, args.x2, args.options);
+  operands.threads = pipeline::thread_budget(pipeline::progress_mode_for(comm), comm.ranks_on_host()).gemm_threads;
 
   const std::int64_t m = spec.m, n = spec.n;
   const auto count = static_cast<std::size_t>(m * n);
   Tensor out(c.dtype, {m, n});
   Tensor reduced(c.dtype, {m, n});  // zeros: reducing them in place never overflows
-  comm::Communicator& comm = *ctx.comm;
   const auto compute = [&] { gemm::prepare_gemm(operands)->compute_rows(0, m, out.data(), n); };
   const auto fused = [&] { mm_all_reduce_base_out(args.x1, args.x2, comm.name(), args.options, out); };
   std::vector<std::function<void()>> variants = {
@@ -233,7 +235,7 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
   }
   report.values.push_back(median(op_cpus));
   report.values.push_back(*std::max_element(op_cpus.begin(), op_cpus.end()));
-  report.values.push_back(gemm::default_gemm_threads(comm.ranks_on_host()));
+  report.values.push_back(operands.threads);
   if (o.trace_overhead) {
     const Spread traced = spread_of(seconds[kTraced]);
     report.values.insert(report.values.end(), {traced.median, traced.min, traced.max, events_per_call});

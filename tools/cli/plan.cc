@@ -18,13 +18,13 @@
 
 #include "bench_common.h"
 #include "commands.h"
+#include "ops/explain.h"
 #include "pipeline/executor.h"
 #include "tpfuse/comm/launcher.h"
 #include "tpfuse/comm/mpi.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
-#include "tpfuse/ops/validate.h"
 #include "tpfuse/testing/inputs.h"
 
 namespace tpfuse::cli {
@@ -71,37 +71,21 @@ double time_operator(comm::RankContext& ctx, const testing::RankArgs& args, cons
   return seconds[seconds.size() / 2];
 }
 
-// One rank's part: plan as the operator would (same threads, same request),
+// One rank's part: the plan the operator runs (explain_mm_all_reduce_base),
 // rank 0 writes the account to `report_fd`.
 int plan_rank(comm::RankContext& ctx, const PlanFlags& flags, int report_fd) {
+  const std::string pinning = pinning_text(ctx.size, flags.no_pin);
   if (!flags.no_pin) pin_rank(ctx.rank, ctx.size, allowed_cores());
   const testing::RankInputs inputs = testing::make_rank_inputs(flags.spec, ctx.rank);
   const testing::RankArgs& args = inputs.args;
-  const CallShape shape = validate_call(args.x1, args.x2, args.options);
-  const pipeline::ProgressMode progress = pipeline::progress_mode_for(*ctx.comm);
-  const pipeline::ThreadBudget budget = pipeline::thread_budget(progress, ctx.size);
+  const CallExplanation explained = explain_mm_all_reduce_base(args.x1, args.x2, *ctx.comm, args.options);
+  const CallShape& shape = explained.shape;
+  const pipeline::TilePlan& plan = explained.plan;
 
-  gemm::GemmOperands operands;
-  operands.shape = shape;
-  operands.x1 = args.x1;
-  operands.x2 = args.x2;
-  operands.scale =
-      shape.mode == Mode::full_quant ? args.options.dequant_scale : args.options.antiquant_scale;
-  operands.offset = args.options.antiquant_offset;
-  operands.threads = budget.gemm_threads;
-  const auto gemm = gemm::prepare_gemm(operands);
-
-  const pipeline::PlanRequest request = pipeline::agree_request(
-      *ctx.comm,
-      pipeline::make_request(shape, budget.gemm_threads, budget.reduce_has_own_core));
-  pipeline::CostConstants constants;
-  const pipeline::TilePlan plan = pipeline::plan_call(*ctx.comm, *gemm, request, &constants);
-
-  std::string report = pipeline::describe_plan(request, constants, plan);
-  report += cat("ranks     ", ctx.size,
-                flags.no_pin ? " (not pinned)" : " (pinned to core rank % cores)", ", progress ",
-                progress == pipeline::ProgressMode::interleaved ? "interleaved" : "helper_thread",
-                ", GEMM engine ", gemm->engine(), "\n");
+  std::string report = pipeline::describe_plan(explained.request, explained.constants, plan);
+  report += cat("ranks     ", ctx.size, " (", pinning, "), progress ",
+                explained.progress == pipeline::ProgressMode::interleaved ? "interleaved" : "helper_thread",
+                ", GEMM engine ", explained.engine, "\n");
   if (flags.run > 0) {
     const double seconds = time_operator(ctx, args, shape, flags.run);
     char line[160];
