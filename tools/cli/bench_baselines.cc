@@ -41,33 +41,9 @@ std::string shell_quote(const std::string& word) {
   return quoted + "'";
 }
 
-JsonRecord parse_flat_json(const std::string& line) {
-  JsonRecord record;
-  std::size_t i = line.find('{');
-  while (i != std::string::npos && i < line.size()) {
-    const std::size_t key_begin = line.find('"', i);
-    if (key_begin == std::string::npos) break;
-    const std::size_t key_end = line.find('"', key_begin + 1);
-    const std::size_t colon = line.find(':', key_end);
-    if (key_end == std::string::npos || colon == std::string::npos) break;
-    const std::string key = line.substr(key_begin + 1, key_end - key_begin - 1);
-    std::size_t v = line.find_first_not_of(' ', colon + 1);
-    if (v == std::string::npos) break;
-    if (line[v] == '"') {
-      const std::size_t end = line.find('"', v + 1);
-      record[key] = line.substr(v + 1, end - v - 1);
-      i = end == std::string::npos ? end : line.find(',', end);
-    } else {
-      const std::size_t end = line.find_first_of(",}", v);
-      record[key] = line.substr(v, end - v);
-      i = end == std::string::npos || line[end] == '}' ? std::string::npos : end;
-    }
-  }
-  return record;
-}
-
-// Runs `argv` through the shell, stderr folded into stdout; JSON lines become
-// records, and on failure the output's last lines are the reason.
+// Runs `argv` through the shell, stderr folded into stdout; lines that parse
+// as JSON objects become records, and on failure the output's last lines are
+// the reason.
 ToolRun run_tool(const std::vector<std::string>& argv) {
   std::string command;
   for (const std::string& word : argv) command += shell_quote(word) + " ";
@@ -86,8 +62,9 @@ ToolRun run_tool(const std::vector<std::string>& argv) {
     line += buffer;
     if (line.back() != '\n') continue;
     line.pop_back();
-    if (line.rfind('{', 0) == 0) {
-      run.records.push_back(parse_flat_json(line));
+    JsonRecord record = line.rfind('{', 0) == 0 ? JsonRecord::parse(line, nullptr, false) : JsonRecord();
+    if (record.is_object()) {
+      run.records.push_back(std::move(record));
     } else if (!line.empty()) {
       other_lines.push_back(line);
     }
@@ -173,15 +150,12 @@ ToolRun run_gloo_bench(const BaselineTools& tools, int ranks, const std::vector<
 
 double record_number(const JsonRecord& record, const std::string& key) {
   const auto it = record.find(key);
-  if (it == record.end()) return std::nan("");
-  char* end = nullptr;
-  const double value = std::strtod(it->second.c_str(), &end);
-  return end == it->second.c_str() ? std::nan("") : value;
+  return it != record.end() && it->is_number() ? it->get<double>() : std::nan("");
 }
 
 std::string record_text(const JsonRecord& record, const std::string& key) {
   const auto it = record.find(key);
-  return it == record.end() ? "" : it->second;
+  return it != record.end() && it->is_string() ? it->get<std::string>() : "";
 }
 
 }  // namespace tpfuse::cli

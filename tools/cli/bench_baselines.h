@@ -8,6 +8,7 @@
 
 #include <CLI/CLI.hpp>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -39,8 +40,8 @@ struct BaselineTools {
 
 BaselineTools find_baseline_tools(const BaselineOptions& options);
 
-// One output line: keys to values, strings unquoted, numbers as written.
-using JsonRecord = std::map<std::string, std::string>;
+// One output line that parsed as a JSON object.
+using JsonRecord = nlohmann::json;
 
 struct ToolRun {
   std::vector<JsonRecord> records;

@@ -479,33 +479,50 @@ void print_tracing(const std::vector<FusedCase>& cases) {
   }
 }
 
-std::string json_number(double value) { return std::isnan(value) ? "null" : cat(value); }
+// A figure, or null where it was not measured.
+nlohmann::ordered_json json_number(double value) {
+  return std::isnan(value) ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(value);
+}
 
 void write_json(const std::string& path, const std::vector<FusedCase>& cases, const FusedOptions& o) {
-  std::ofstream out(path);
-  if (!out) throw CLI::RuntimeError(cat("bench fused: cannot write ", path), 1);
-  out << "[\n";
-  for (std::size_t i = 0; i < cases.size(); ++i) {
-    const FusedCase& c = cases[i];
-    out << "  {\"mode\": \"" << dtype_name(c.dtype) << "\", \"shape\": \"" << c.label() << "\", \"m\": " << c.shape.m
-        << ", \"n\": " << c.shape.n << ", \"k\": " << c.shape.k << ", \"k_per_rank\": " << c.shape.k / c.ranks
-        << ", \"ranks\": " << c.ranks << ", \"threads\": " << c.threads
-        << ", \"t_gemm\": " << json_number(c.gemm.median) << ", \"t_comm\": " << json_number(c.comm.median)
-        << ", \"t_serial\": " << json_number(c.serial.median) << ", \"t_peer\": " << json_number(c.peer)
-        << ", \"t_fused\": " << json_number(c.fused.median)
-        << ", \"hidden_fraction\": " << json_number(c.hidden_fraction())
-        << ", \"t_fused_min\": " << json_number(c.fused.min) << ", \"t_fused_max\": " << json_number(c.fused.max)
-        << ", \"t_serial_min\": " << json_number(c.serial.min) << ", \"t_serial_max\": " << json_number(c.serial.max)
-        << ", \"t_comm_mpi\": " << json_number(c.comm_mpi) << ", \"t_comm_gloo\": " << json_number(c.comm_gloo)
-        << ", \"t_peer_gemm\": " << json_number(c.peer_gemm) << ", \"t_fused_traced\": " << json_number(c.traced.median)
-        << ", \"trace_events_per_call\": " << json_number(c.events_per_call)
-        << ", \"op_cpu_us\": " << json_number(c.op_cpu * 1e6)
-        << ", \"op_cpu_us_max_rank\": " << json_number(c.op_cpu_max * 1e6) << ", \"engine\": \"" << c.engine
-        << "\", \"peer\": \"" << c.peer_detail << "\", \"rounds\": " << o.rounds << ", \"reps\": " << o.reps
-        << ", \"min_batch_ms\": " << o.min_batch_ms << ", \"pinned\": " << (o.baselines.no_pin ? "false" : "true")
-        << ", \"comm_turn\": " << o.comm_turn << "}" << (i + 1 < cases.size() ? "," : "") << "\n";
+  nlohmann::ordered_json records = nlohmann::ordered_json::array();
+  for (const FusedCase& c : cases) {
+    records.push_back({{"mode", dtype_name(c.dtype)},
+                       {"shape", c.label()},
+                       {"m", c.shape.m},
+                       {"n", c.shape.n},
+                       {"k", c.shape.k},
+                       {"k_per_rank", c.shape.k / c.ranks},
+                       {"ranks", c.ranks},
+                       {"threads", c.threads},
+                       {"t_gemm", json_number(c.gemm.median)},
+                       {"t_comm", json_number(c.comm.median)},
+                       {"t_serial", json_number(c.serial.median)},
+                       {"t_peer", json_number(c.peer)},
+                       {"t_fused", json_number(c.fused.median)},
+                       {"hidden_fraction", json_number(c.hidden_fraction())},
+                       {"t_fused_min", json_number(c.fused.min)},
+                       {"t_fused_max", json_number(c.fused.max)},
+                       {"t_serial_min", json_number(c.serial.min)},
+                       {"t_serial_max", json_number(c.serial.max)},
+                       {"t_comm_mpi", json_number(c.comm_mpi)},
+                       {"t_comm_gloo", json_number(c.comm_gloo)},
+                       {"t_peer_gemm", json_number(c.peer_gemm)},
+                       {"t_fused_traced", json_number(c.traced.median)},
+                       {"trace_events_per_call", json_number(c.events_per_call)},
+                       {"op_cpu_us", json_number(c.op_cpu * 1e6)},
+                       {"op_cpu_us_max_rank", json_number(c.op_cpu_max * 1e6)},
+                       {"engine", c.engine},
+                       {"peer", c.peer_detail},
+                       {"rounds", o.rounds},
+                       {"reps", o.reps},
+                       {"min_batch_ms", o.min_batch_ms},
+                       {"pinned", !o.baselines.no_pin},
+                       {"comm_turn", o.comm_turn}});
   }
-  out << "]\n";
+  std::ofstream out(path);
+  out << records.dump(1) << "\n";
+  if (!out) throw CLI::RuntimeError(cat("bench fused: cannot write ", path), 1);
 }
 
 // gnuplot's data block and plot clauses for one series, in `colour`:
