@@ -13,6 +13,7 @@
 
 #include "ops/test_hooks.h"
 #include "rank_harness.h"
+#include "recording_communicator.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/testing/golden.h"
@@ -192,61 +193,20 @@ TEST(Agreement, ARankRejectingItsArgumentsFailsThePlannedRound) {
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
-// The transport of `inner`, counting the collective rounds this rank enters.
-class CountingCommunicator final : public comm::Communicator {
- public:
-  explicit CountingCommunicator(std::shared_ptr<comm::Communicator> inner)
-      : inner_(std::move(inner)), name_(inner_->name() + "-counted") {}
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
-  const std::string& name() const override { return name_; }
-  std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
-  std::unique_ptr<comm::Work> all_reduce_start(const void* input, void* output, std::size_t count,
-                                               DType dtype) override {
-    ++rounds;
-    return inner_->all_reduce_start(input, output, count, dtype);
-  }
-  comm::ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override {
-    return inner_->acquire_reduce_buffer(count, dtype);
-  }
-  std::unique_ptr<comm::Work> all_reduce_start(comm::ReduceBuffer buffer, void* output) override {
-    ++rounds;
-    return inner_->all_reduce_start(std::move(buffer), output);
-  }
-  std::unique_ptr<comm::CheckedWork> checked_all_reduce_start(
-      comm::ReduceBuffer buffer, void* output, const comm::CallHeader& mine) override {
-    ++rounds;
-    return inner_->checked_all_reduce_start(std::move(buffer), output, mine);
-  }
-  std::size_t max_reduce_buffer_bytes() const override { return inner_->max_reduce_buffer_bytes(); }
-  int max_reduces_in_flight() const override { return inner_->max_reduces_in_flight(); }
-  std::vector<std::string> all_gather(std::string_view mine) override {
-    ++rounds;
-    return inner_->all_gather(mine);
-  }
-  std::size_t max_gather_bytes() const override { return inner_->max_gather_bytes(); }
-  void abort(std::string_view reason) override { inner_->abort(reason); }
-
-  int rounds = 0;
-
- private:
-  std::shared_ptr<comm::Communicator> inner_;
-  std::string name_;
-};
-
 // A decode step's small call, made again: after the first time, one round.
 TEST(Agreement, ASmallCallMadeAgainIsOneCollectiveRound) {
   const auto result = run_ranks(3, [](comm::RankContext& ctx) {
-    auto counted = std::make_shared<CountingCommunicator>(ctx.comm);
+    auto counted =
+        std::make_shared<test::RecordingCommunicator>(ctx.comm, ctx.comm->name() + "-counted");
     const std::string hcom = comm::register_communicator(counted);
     CaseSpec spec = small_case();
     spec.dtype = DType::bf16;
     const auto inputs = testing::make_rank_inputs(spec, ctx.rank);
     std::vector<int> rounds;
     for (int call = 0; call < 4; ++call) {
-      const int before = counted->rounds;
+      const int before = counted->rounds();
       mm_all_reduce_base(inputs.args.x1, inputs.args.x2, hcom, inputs.args.options);
-      rounds.push_back(counted->rounds - before);
+      rounds.push_back(counted->rounds() - before);
     }
     comm::unregister_communicator(hcom);
     for (int call = 1; call < 4; ++call) {

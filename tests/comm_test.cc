@@ -500,17 +500,19 @@ class LoopbackCommunicator final : public Communicator {
   int size() const override { return 1; }
   const std::string& name() const override { return name_; }
   std::chrono::milliseconds timeout() const override { return 1s; }
-  std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
-                                         DType dtype) override {
+  std::size_t max_gather_bytes() const override { return 0; }
+  void abort(std::string_view) override {}
+
+ protected:
+  std::unique_ptr<Work> do_all_reduce_start(const void* input, void* output, std::size_t count,
+                                            DType dtype) override {
     std::memmove(output, input, count * dtype_size(dtype));
     return std::make_unique<DoneWork>();
   }
-  using Communicator::all_reduce_start;
-  std::vector<std::string> all_gather(std::string_view mine) override {
+  using Communicator::do_all_reduce_start;
+  std::vector<std::string> do_all_gather(std::string_view mine) override {
     return {std::string(mine)};
   }
-  std::size_t max_gather_bytes() const override { return 0; }
-  void abort(std::string_view) override {}
 
  private:
   struct DoneWork final : Work {
@@ -637,15 +639,18 @@ class Forwarding final : public Communicator {
   int size() const override { return inner_->size(); }
   const std::string& name() const override { return inner_->name(); }
   std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
-  std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
-                                         DType dtype) override {
-    return inner_->all_reduce_start(input, output, count, dtype);
-  }
-  std::vector<std::string> all_gather(std::string_view mine) override {
-    return inner_->all_gather(mine);
-  }
   std::size_t max_gather_bytes() const override { return inner_->max_gather_bytes(); }
   void abort(std::string_view reason) override { inner_->abort(reason); }
+
+ protected:
+  std::unique_ptr<Work> do_all_reduce_start(const void* input, void* output, std::size_t count,
+                                            DType dtype) override {
+    return inner_->all_reduce_start(input, output, count, dtype);
+  }
+  using Communicator::do_all_reduce_start;
+  std::vector<std::string> do_all_gather(std::string_view mine) override {
+    return inner_->all_gather(mine);
+  }
 
  private:
   std::shared_ptr<Communicator> inner_;

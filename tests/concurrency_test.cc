@@ -227,16 +227,18 @@ class RecordingCommunicator final : public comm::Communicator {
   int size() const override { return 1; }
   const std::string& name() const override { return name_; }
   std::chrono::milliseconds timeout() const override { return 1s; }
-  std::unique_ptr<comm::Work> all_reduce_start(const void*, void*, std::size_t, DType) override {
-    return nullptr;
-  }
-  std::vector<std::string> all_gather(std::string_view mine) override {
-    return {std::string(mine)};
-  }
   std::size_t max_gather_bytes() const override { return 0; }
   void abort(std::string_view reason) override { aborts.emplace_back(reason); }
 
   std::vector<std::string> aborts;
+
+ protected:
+  std::unique_ptr<comm::Work> do_all_reduce_start(const void*, void*, std::size_t, DType) override {
+    return nullptr;
+  }
+  std::vector<std::string> do_all_gather(std::string_view mine) override {
+    return {std::string(mine)};
+  }
 
  private:
   std::string name_ = "recording";

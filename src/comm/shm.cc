@@ -1,7 +1,7 @@
 // The shared-memory Communicator: setup (rendezvous, attach, unlink), the
-// collectives' entry points, all_gather and abort. The segment's layout lives
-// in shm_segment, waiting in shm_wait, the all-reduce algorithms in
-// shm_all_reduce (arithmetic in shm_reduce_kernels), the ring's rounds in
+// collectives' hooks, the byte all_gather and abort. The segment's layout
+// lives in shm_segment, waiting in shm_wait, the collectives' rounds in
+// shm_rounds (arithmetic in shm_reduce_kernels), the ring of rounds in
 // shm_round_queue.
 #include "tpfuse/comm/shm.h"
 
@@ -18,10 +18,10 @@
 #include <sstream>
 #include <thread>
 
-#include "comm/shm_all_reduce.h"
 #include "comm/shm_group.h"
 #include "comm/shm_reduce_kernels.h"
 #include "comm/shm_round_queue.h"
+#include "comm/shm_rounds.h"
 #include "comm/shm_segment.h"
 #include "comm/shm_wait.h"
 #include "core/fault_hooks.h"
@@ -108,7 +108,30 @@ class ShmCheckedWork final : public CheckedWork {
   std::shared_ptr<std::vector<CallHeader>> mismatch_;
 };
 
-class ShmCommunicator;
+// An all-gather: rank r's block is in place once its last round's piece is.
+class ShmGatherWork final : public GatherWork {
+ public:
+  ShmGatherWork(std::shared_ptr<RoundQueue> queue, std::vector<std::uint64_t> last_rounds)
+      : work_(queue,
+              last_rounds.empty() ? 0 : *std::max_element(last_rounds.begin(), last_rounds.end())),
+        queue_(std::move(queue)),
+        last_rounds_(std::move(last_rounds)) {}
+  bool test() override { return work_.test(); }
+  void wait() override { work_.wait(); }
+  bool test(int rank) override {
+    const std::uint64_t round = last_rounds_.at(static_cast<std::size_t>(rank));
+    return round == 0 || queue_->advance_piece(round, rank);
+  }
+  void wait(int rank) override {
+    const std::uint64_t round = last_rounds_.at(static_cast<std::size_t>(rank));
+    if (round != 0) queue_->finish_piece(round, rank);
+  }
+
+ private:
+  ShmWork work_;
+  std::shared_ptr<RoundQueue> queue_;
+  std::vector<std::uint64_t> last_rounds_;  // by rank; 0: an empty block
+};
 
 class ShmCommunicator final : public Communicator {
  public:
@@ -123,20 +146,28 @@ class ShmCommunicator final : public Communicator {
   std::chrono::milliseconds timeout() const override { return group_->timeout; }
   std::size_t max_gather_bytes() const override { return shm::kMaxGatherBytes; }
 
-  std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
-                                         DType dtype) override;
-  ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override;
-  std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output) override;
-  std::unique_ptr<CheckedWork> checked_all_reduce_start(ReduceBuffer buffer, void* output,
-                                                        const CallHeader& mine) override;
   std::size_t max_reduce_buffer_bytes() const override {
     return group_->segment.ring().slot_bytes();
   }
   int max_reduces_in_flight() const override {
     return static_cast<int>(group_->segment.ring().depth());
   }
-  std::vector<std::string> all_gather(std::string_view mine) override;
   void abort(std::string_view reason) override;
+
+ protected:
+  std::unique_ptr<Work> do_all_reduce_start(const void* input, void* output, std::size_t count,
+                                            DType dtype) override;
+  ReduceBuffer do_acquire_reduce_buffer(std::size_t count, DType dtype) override;
+  std::unique_ptr<Work> do_all_reduce_start(ReduceBuffer buffer, void* output) override;
+  std::unique_ptr<CheckedWork> do_checked_all_reduce_start(ReduceBuffer buffer, void* output,
+                                                           const CallHeader& mine) override;
+  std::unique_ptr<Work> do_reduce_scatter_start(const void* input, void* output,
+                                                std::span<const std::size_t> counts,
+                                                DType dtype) override;
+  std::unique_ptr<GatherWork> do_all_gather_start(const void* input, void* output,
+                                                  std::span<const std::size_t> counts,
+                                                  DType dtype) override;
+  std::vector<std::string> do_all_gather(std::string_view mine) override;
 
  private:
   // Numbers the next collective and refuses to start it on an aborted group.
@@ -180,27 +211,10 @@ void ShmCommunicator::copy_contribution(std::uint64_t round, const std::byte* ch
   std::memcpy(slot + end * element, chunk + end * element, (count - end) * element);
 }
 
-std::unique_ptr<Work> ShmCommunicator::all_reduce_start(const void* input, void* output,
-                                                        std::size_t count, DType dtype) {
-  const ExclusiveUse use(*this, "all_reduce");
-  require(is_floating(dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
-          dtype_name(dtype));
-  require(count == 0 || (input != nullptr && output != nullptr),
-          "all_reduce: input and output must not be null when count (", count, ") is positive");
+std::unique_ptr<Work> ShmCommunicator::do_all_reduce_start(const void* input, void* output,
+                                                           std::size_t count, DType dtype) {
   const std::size_t element = dtype_size(dtype);
-  require(count <= std::numeric_limits<std::size_t>::max() / element, "all_reduce: count ", count,
-          " of ", dtype_name(dtype), " overflows the address space");
-  // Chunk i of the output is written after chunk i of the input was read, so
-  // the same buffer is fine; a partial overlap would overwrite input that
-  // later chunks still need.
-  const auto in = reinterpret_cast<std::uintptr_t>(input);
-  const auto out = reinterpret_cast<std::uintptr_t>(output);
   const std::size_t bytes = count * element;
-  require(in == out || in + bytes <= out || out + bytes <= in,
-          "all_reduce: input and output must be the same buffer or not overlap");
-  require(acquired_indices_.empty(),
-          "all_reduce: a reduce buffer is acquired and not started; start it first");
-
   queue_->finish_all();
   const std::uint64_t index = begin_collective("all-reduce");
   const std::size_t chunk_elements = group_->segment.ring().slot_bytes() / element;
@@ -224,13 +238,7 @@ std::unique_ptr<Work> ShmCommunicator::all_reduce_start(const void* input, void*
   return std::make_unique<ShmWork>(queue_, last_round);
 }
 
-ReduceBuffer ShmCommunicator::acquire_reduce_buffer(std::size_t count, DType dtype) {
-  const ExclusiveUse use(*this, "acquire_reduce_buffer");
-  require(is_floating(dtype), "acquire_reduce_buffer: dtype must be f16, bf16 or f32, got ",
-          dtype_name(dtype));
-  require(count <= max_reduce_buffer_bytes() / dtype_size(dtype), "acquire_reduce_buffer: ",
-          count, " elements of ", dtype_name(dtype), " exceed max_reduce_buffer_bytes() = ",
-          max_reduce_buffer_bytes());
+ReduceBuffer ShmCommunicator::do_acquire_reduce_buffer(std::size_t count, DType dtype) {
   const std::uint64_t index = begin_collective("all-reduce");
   ReduceBuffer buffer;
   buffer.round = queue_->acquire({"all-reduce", index, {}});
@@ -246,9 +254,6 @@ void ShmCommunicator::start_buffer(const ReduceBuffer& buffer, void* output,
   require(!acquired_indices_.empty() && buffer.round != 0 &&
               buffer.data == group_->segment.ring().slot(group_->rank, buffer.round),
           "all_reduce_start: the buffer was not acquired from this communicator");
-  require(buffer.count == 0 || output != nullptr,
-          "all_reduce_start: output must not be null when count (", buffer.count,
-          ") is positive");
   RoundSpec spec;
   spec.index = acquired_indices_.front();
   spec.round = buffer.round;
@@ -261,16 +266,14 @@ void ShmCommunicator::start_buffer(const ReduceBuffer& buffer, void* output,
   acquired_indices_.pop_front();
 }
 
-std::unique_ptr<Work> ShmCommunicator::all_reduce_start(ReduceBuffer buffer, void* output) {
-  const ExclusiveUse use(*this, "all_reduce_start");
+std::unique_ptr<Work> ShmCommunicator::do_all_reduce_start(ReduceBuffer buffer, void* output) {
   start_buffer(buffer, output, nullptr);
   return std::make_unique<ShmWork>(queue_, buffer.round);
 }
 
-std::unique_ptr<CheckedWork> ShmCommunicator::checked_all_reduce_start(ReduceBuffer buffer,
-                                                                       void* output,
-                                                                       const CallHeader& mine) {
-  const ExclusiveUse use(*this, "checked_all_reduce_start");
+std::unique_ptr<CheckedWork> ShmCommunicator::do_checked_all_reduce_start(ReduceBuffer buffer,
+                                                                          void* output,
+                                                                          const CallHeader& mine) {
   static_assert(sizeof(CallHeader) == shm::kRoundHeaderBytes);
   // In the ring before the round is announced: a peer reads them once it
   // sees this rank's contribution (the header's unused payload stays out).
@@ -284,10 +287,7 @@ std::unique_ptr<CheckedWork> ShmCommunicator::checked_all_reduce_start(ReduceBuf
   return std::make_unique<ShmCheckedWork>(queue_, buffer.round, std::move(mismatch));
 }
 
-std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
-  const ExclusiveUse use(*this, "all_gather");
-  require(mine.size() <= shm::kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
-          " bytes exceeds max_gather_bytes() = ", shm::kMaxGatherBytes);
+std::vector<std::string> ShmCommunicator::do_all_gather(std::string_view mine) {
   queue_->finish_all();
   const std::uint64_t index = begin_collective("all-gather");
   const shm::Channel& channel = group_->segment.gather();
@@ -327,6 +327,96 @@ std::vector<std::string> ShmCommunicator::all_gather(std::string_view mine) {
   channel.flags(me).consumed.store(current, std::memory_order_release);
   shm::ring_doorbell(group_->segment.doorbell());
   return gathered;
+}
+
+std::unique_ptr<Work> ShmCommunicator::do_reduce_scatter_start(const void* input, void* output,
+                                                               std::span<const std::size_t> counts,
+                                                               DType dtype) {
+  queue_->finish_all();
+  const std::uint64_t index = begin_collective("reduce-scatter");
+  const std::size_t element = dtype_size(dtype);
+  std::size_t total = 0, shard_begin = 0;
+  for (std::size_t r = 0; r < counts.size(); ++r) {
+    if (static_cast<int>(r) == group_->rank) shard_begin = total;
+    total += counts[r];
+  }
+  const std::size_t shard_end = shard_begin + counts[static_cast<std::size_t>(group_->rank)];
+  const std::size_t chunk_elements = group_->segment.ring().slot_bytes() / element;
+  const std::size_t chunks = (total + chunk_elements - 1) / chunk_elements;
+  std::uint64_t last_round = 0;
+  for (std::size_t chunk = 0; chunk < chunks; ++chunk) {
+    RoundSpec spec;
+    spec.kind = shm::RoundKind::reduce_scatter;
+    spec.index = index;
+    spec.part = chunk + 1;
+    spec.parts = chunks;
+    spec.round = queue_->acquire({"reduce-scatter", index, {}, spec.part, spec.parts});
+    const std::size_t first = chunk * chunk_elements;
+    spec.count = std::min(chunk_elements, total - first);
+    spec.dtype = dtype;
+    spec.mine = static_cast<const std::byte*>(input) + first * element;
+    // My shard's part of this chunk, which only I read (from the input).
+    const std::size_t from = std::clamp(shard_begin, first, first + spec.count);
+    spec.shard_begin = from - first;
+    spec.shard_end = std::clamp(shard_end, first, first + spec.count) - first;
+    if (spec.shard_end > spec.shard_begin) {
+      spec.output = static_cast<std::byte*>(output) + (from - shard_begin) * element;
+    }
+    if (group_->size > 1) {
+      std::byte* slot = group_->segment.ring().slot(group_->rank, spec.round);
+      std::memcpy(slot, spec.mine, spec.shard_begin * element);
+      std::memcpy(slot + spec.shard_end * element, spec.mine + spec.shard_end * element,
+                  (spec.count - spec.shard_end) * element);
+    }
+    queue_->start(spec);
+    last_round = spec.round;
+  }
+  return std::make_unique<ShmWork>(queue_, last_round);
+}
+
+std::unique_ptr<GatherWork> ShmCommunicator::do_all_gather_start(
+    const void* input, void* output, std::span<const std::size_t> counts, DType dtype) {
+  queue_->finish_all();
+  const std::uint64_t index = begin_collective("all-gather");
+  const std::size_t element = dtype_size(dtype);
+  const auto p = counts.size();
+  const auto me = static_cast<std::size_t>(group_->rank);
+  const std::size_t slot_bytes = group_->segment.ring().slot_bytes();
+  std::vector<std::size_t> offsets(p + 1, 0);
+  std::size_t most = 0;
+  for (std::size_t r = 0; r < p; ++r) {
+    offsets[r + 1] = offsets[r] + counts[r] * element;
+    most = std::max(most, counts[r] * element);
+  }
+  // Round i carries bytes [i * slot, (i + 1) * slot) of every rank's block.
+  const std::size_t rounds = (most + slot_bytes - 1) / slot_bytes;
+  std::vector<std::uint64_t> last_rounds(p, 0);
+  auto* out = static_cast<std::byte*>(output);
+  const auto* in = static_cast<const std::byte*>(input);
+  for (std::size_t i = 0; i < rounds; ++i) {
+    RoundSpec spec;
+    spec.kind = shm::RoundKind::all_gather;
+    spec.index = index;
+    spec.part = i + 1;
+    spec.parts = rounds;
+    spec.round = queue_->acquire({"all-gather", index, {}, spec.part, spec.parts});
+    spec.pieces.resize(p);
+    spec.targets.resize(p);
+    const std::size_t at = i * slot_bytes;
+    for (std::size_t r = 0; r < p; ++r) {
+      const std::size_t bytes = offsets[r + 1] - offsets[r];
+      spec.pieces[r] = std::min(slot_bytes, bytes - std::min(at, bytes));
+      spec.targets[r] = out + offsets[r] + std::min(at, bytes);
+      if (spec.pieces[r] > 0) last_rounds[r] = spec.round;
+    }
+    spec.mine = in + std::min(at, offsets[me + 1] - offsets[me]);
+    if (group_->size > 1 && spec.pieces[me] > 0) {
+      std::memcpy(group_->segment.ring().slot(group_->rank, spec.round), spec.mine,
+                  spec.pieces[me]);
+    }
+    queue_->start(spec);
+  }
+  return std::make_unique<ShmGatherWork>(queue_, std::move(last_rounds));
 }
 
 void ShmCommunicator::abort(std::string_view reason) {

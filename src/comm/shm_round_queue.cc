@@ -39,12 +39,12 @@ std::uint64_t RoundQueue::acquire(const WaitLabel& label) {
   }
 }
 
-std::shared_ptr<RoundAllReduce> RoundQueue::start(const RoundSpec& spec) {
+std::shared_ptr<Round> RoundQueue::start(const RoundSpec& spec) {
   const std::lock_guard lock(mutex_);
   require(spec.round == started_ + 1 && spec.round <= reserved_, "all-reduce: round ", spec.round,
           " started out of order (next to start: ", started_ + 1, ", last acquired: ", reserved_,
           ")");
-  auto op = std::make_shared<RoundAllReduce>(*group_, spec);
+  auto op = std::make_shared<Round>(*group_, spec);
   started_ = spec.round;
   in_flight_.push_back(op);
   advance_locked();  // a peer may be waiting for this round only
@@ -70,7 +70,8 @@ bool RoundQueue::complete_through_locked(std::uint64_t round) const {
   return in_flight_.empty() || in_flight_.front()->round() > round;
 }
 
-void RoundQueue::finish_through(std::uint64_t round) {
+template <class Complete>
+void RoundQueue::finish_when(Complete&& complete) {
   Backoff backoff(*group_);
   TracedWait traced;
   while (true) {
@@ -78,12 +79,33 @@ void RoundQueue::finish_through(std::uint64_t round) {
     {
       const std::lock_guard lock(mutex_);
       if (advance_locked() > 0) backoff.reset();
-      if (complete_through_locked(round)) return;
-      const RoundAllReduce& oldest = *in_flight_.front();
+      if (complete()) return;
+      const Round& oldest = *in_flight_.front();
       traced.pausing(oldest.wait_label(), oldest.waiting_for());
     }
     backoff.pause();
   }
+}
+
+void RoundQueue::finish_through(std::uint64_t round) {
+  finish_when([&] { return complete_through_locked(round); });
+}
+
+bool RoundQueue::piece_in_place_locked(std::uint64_t round, int rank) const {
+  if (complete_through_locked(round)) return true;
+  // Rounds complete in order: the oldest in flight is `round` or earlier.
+  const Round& oldest = *in_flight_.front();
+  return oldest.round() == round && oldest.has_piece(rank);
+}
+
+bool RoundQueue::advance_piece(std::uint64_t round, int rank) {
+  const std::lock_guard lock(mutex_);
+  advance_locked();
+  return piece_in_place_locked(round, rank);
+}
+
+void RoundQueue::finish_piece(std::uint64_t round, int rank) {
+  finish_when([&] { return piece_in_place_locked(round, rank); });
 }
 
 void RoundQueue::finish_all() {

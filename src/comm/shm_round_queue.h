@@ -16,8 +16,8 @@
 #include <memory>
 #include <mutex>
 
-#include "comm/shm_all_reduce.h"
 #include "comm/shm_group.h"
+#include "comm/shm_rounds.h"
 
 namespace tpfuse::comm::shm {
 
@@ -34,7 +34,7 @@ class RoundQueue {
 
   // Starts round spec.round (the oldest reserved one): the slot holds this
   // rank's contribution.
-  std::shared_ptr<RoundAllReduce> start(const RoundSpec& spec);
+  std::shared_ptr<Round> start(const RoundSpec& spec);
 
   // Advances the rounds in flight, in order, without waiting; true once
   // `round` and every round before it are complete.
@@ -42,15 +42,24 @@ class RoundQueue {
   // Waits until `round` and every round before it are complete.
   void finish_through(std::uint64_t round);
   void finish_all();
+  // The same for the rounds before `round` and, of all-gather round
+  // `round`, `rank`'s piece.
+  bool advance_piece(std::uint64_t round, int rank);
+  void finish_piece(std::uint64_t round, int rank);
 
  private:
+  // Advances until complete(), with mutex_ held, is true; bounded by the
+  // rounds' deadlines.
+  template <class Complete>
+  void finish_when(Complete&& complete);
+  bool piece_in_place_locked(std::uint64_t round, int rank) const;
   // Both with mutex_ held. advance_locked() returns how many rounds it completed.
   std::size_t advance_locked();
   bool complete_through_locked(std::uint64_t round) const;
 
   std::shared_ptr<ShmGroup> group_;
   std::mutex mutex_;
-  std::deque<std::shared_ptr<RoundAllReduce>> in_flight_;
+  std::deque<std::shared_ptr<Round>> in_flight_;
   std::uint64_t reserved_ = 0;  // last round handed out
   std::uint64_t started_ = 0;   // last round started
 };

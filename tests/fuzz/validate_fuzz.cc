@@ -30,7 +30,7 @@
 
 #include "contract_model.h"
 #include "fuzz_call.h"
-#include "recording_comm.h"
+#include "recording_communicator.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/comm/shm.h"
 #include "tpfuse/comm/store.h"
@@ -40,6 +40,9 @@
 
 namespace tpfuse::fuzz {
 namespace {
+
+using test::CommEvent;
+using test::RecordingCommunicator;
 
 // Calls this large or larger are only validated: the golden model's fp64
 // loops would dominate the run.
@@ -250,7 +253,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
     inner = comm::create_shm_communicator(store, 0, 1, options);
   }
   std::filesystem::remove_all(dir);
-  auto recording = std::make_shared<fuzz::RecordingCommunicator>(inner, "validate_fuzz");
+  auto recording = std::make_shared<test::RecordingCommunicator>(inner, "validate_fuzz");
   fuzz::g_comm = recording.get();
   comm::register_communicator(recording);
   return 0;

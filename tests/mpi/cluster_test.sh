@@ -4,9 +4,11 @@
 # model and for the same bytes on every rank; then a host whose link is cut
 # mid-call (one rank per host, and two with several all-reduces in flight):
 # every surviving rank fails within the deadline naming a rank of the cut
-# host; then the namespaces are gone.
+# host; then the namespaces are gone. With TRANSPORT_TEST (the MPI
+# transport's test binary), its reduce-scatter and all-gather tests run on
+# the hierarchical transport too (2 hosts x 2 ranks).
 #
-#   cluster_test.sh TPFUSE_BINARY CLUSTER_SCRIPT
+#   cluster_test.sh TPFUSE_BINARY CLUSTER_SCRIPT [TRANSPORT_TEST]
 #
 # Exits 77 (ctest's skip) with the reason where namespaces or mpirun cannot
 # be used (not root, no CAP_NET_ADMIN, no mpirun).
@@ -14,6 +16,7 @@ set -uo pipefail
 
 TPFUSE=$1
 CLUSTER=$2
+TRANSPORT_TEST=${3:-}
 export TPFUSE_CLUSTER="tpft$$"          # names of its own: a benchmark's cluster may be up
 export TPFUSE_CLUSTER_SUBNET="10.231.9"
 SKIP=77
@@ -65,6 +68,17 @@ done
 # (one rail; the second rank of the first host only receives).
 run_case 2 3 --m 40 --k 96 --n 72 --dtype bf16 --x3 --comm-turn 4
 RANKS=3 run_case 2 2 --m 48 --k 128 --n 96 --dtype f16 --bias --comm-turn 4
+
+# The hierarchical transport's reduce-scatter (its all-reduce's rows) and
+# tensor all-gather (over the flat group), checked by the transport's tests.
+if [ -n "$TRANSPORT_TEST" ]; then
+  out=$(SLOTS=2 timeout 120 "$CLUSTER" mpirun -np 4 --bind-to none "$TRANSPORT_TEST" \
+          --gtest_filter='MpiTransport.ReduceScatterShards*:MpiTransport.AllGatherPuts*' 2>&1)
+  rc=$?
+  echo "transport tests, 2 hosts x 2: $(echo "$out" | grep -c '\[       OK \]') passed on the ranks"
+  [ $rc -eq 0 ] || fail "the transport's collectives across 2 hosts x 2: exit $rc
+$out"
+fi
 
 # The flat MPI all-reduce where hosts hold several ranks (hierarchical above).
 HIERARCHICAL=off run_case 2 2 --m 48 --k 128 --n 96 --dtype f16 --bias

@@ -1,7 +1,8 @@
 // The MPI transport, run under `mpirun -np 2` and `-np 3` on one host: its
 // all-reduce gives the shm transport's bytes (both run on the same inputs in
-// the same job), pipelined buffers and a helper thread, all_gather, and its
-// failures (a rank that never arrives, abort) within the deadline.
+// the same job), pipelined buffers and a helper thread, all_gather, the
+// reduce-scatter and the tensor all-gather, and its failures (a rank that
+// never arrives, abort) within the deadline.
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <stdlib.h>
@@ -11,6 +12,7 @@
 #include <deque>
 #include <filesystem>
 #include <mutex>
+#include <numeric>
 #include <random>
 #include <thread>
 #include <vector>
@@ -182,40 +184,50 @@ TEST(MpiTransport, AllGatherReturnsEveryContributionInRankOrder) {
   EXPECT_EQ(comm.ranks_on_host(), comm.size());
 }
 
-// The last rank never joins an all-reduce: the others fail at the deadline
-// naming it, and their report makes the last rank fail too, before its own
-// deadline.
+// The last rank never joins an all-reduce (or a tensor all-gather): the
+// others fail at the deadline naming it, and their report makes the last
+// rank fail too, before its own deadline.
 TEST(MpiTransport, ARankThatNeverArrivesIsNamedAtTheDeadline) {
-  const int last = world()->size() - 1;
-  auto comm = create_mpi_communicator({.timeout = 2000ms});
-  world()->barrier();  // every rank has finished setting up the communicator
-  const auto start = Clock::now();
-  if (comm->rank() != last) {
-    float value = 1, out = 0;
-    try {
-      comm->all_reduce(&value, &out, 1, DType::f32);
-      ADD_FAILURE() << "the all-reduce completed without rank " << last;
-    } catch (const TimeoutError& error) {
-      EXPECT_EQ(error.ranks(), std::vector<int>{last}) << error.what();
-      EXPECT_NE(std::string(error.what()).find(cat("ranks ", last)), std::string::npos)
-          << error.what();
+  for (const bool gather : {false, true}) {
+    SCOPED_TRACE(gather ? "all-gather" : "all-reduce");
+    const int last = world()->size() - 1;
+    auto comm = create_mpi_communicator({.timeout = 2000ms});
+    world()->barrier();  // every rank has finished setting up the communicator
+    const auto start = Clock::now();
+    if (comm->rank() != last) {
+      std::vector<float> values(static_cast<std::size_t>(comm->size()), 1.0f);
+      const std::vector<std::size_t> counts(values.size(), 1);
+      try {
+        if (gather) {
+          comm->all_gather_start(&values[comm->rank()], values.data(), counts, DType::f32)
+              ->wait(last);
+        } else {
+          comm->all_reduce(values.data(), values.data(), 1, DType::f32);
+        }
+        ADD_FAILURE() << "the collective completed without rank " << last;
+      } catch (const TimeoutError& error) {
+        EXPECT_EQ(error.ranks(), std::vector<int>{last}) << error.what();
+        EXPECT_NE(std::string(error.what()).find(cat("ranks ", last)), std::string::npos)
+            << error.what();
+      }
+      // Not before the deadline; the error may come from a peer whose own
+      // deadline came a moment earlier (it left the barrier first): allow that skew.
+      EXPECT_GE(Clock::now() - start, 1800ms);
+      EXPECT_LT(Clock::now() - start, 6000ms);
+      EXPECT_THROW(comm->all_gather("after"), TimeoutError);
+    } else {
+      std::this_thread::sleep_for(1000ms);
+      try {
+        comm->all_gather("late");
+        ADD_FAILURE() << "the all-gather completed while the others were in another collective";
+      } catch (const TimeoutError& error) {
+        EXPECT_EQ(error.ranks(), std::vector<int>{last}) << error.what();
+        EXPECT_LT(Clock::now() - start, 2900ms)
+            << "it waited for its own deadline: " << error.what();
+      }
     }
-    // Not before the deadline; the error may come from a peer whose own
-    // deadline came a moment earlier (it left the barrier first): allow that skew.
-    EXPECT_GE(Clock::now() - start, 1800ms);
-    EXPECT_LT(Clock::now() - start, 6000ms);
-    EXPECT_THROW(comm->all_gather("after"), TimeoutError);
-  } else {
-    std::this_thread::sleep_for(1000ms);
-    try {
-      comm->all_gather("late");
-      ADD_FAILURE() << "the all-gather completed while the others were in an all-reduce";
-    } catch (const TimeoutError& error) {
-      EXPECT_EQ(error.ranks(), std::vector<int>{last}) << error.what();
-      EXPECT_LT(Clock::now() - start, 2900ms) << "it waited for its own deadline: " << error.what();
-    }
+    world()->barrier();
   }
-  world()->barrier();
 }
 
 TEST(MpiTransport, AbortReachesEveryRank) {
@@ -239,12 +251,87 @@ TEST(MpiTransport, AbortReachesEveryRank) {
   world()->barrier();
 }
 
+// Uneven shards (rank 1's empty), as the family's operators cut rows.
+std::vector<std::size_t> uneven_counts(int ranks, std::size_t unit) {
+  std::vector<std::size_t> counts;
+  for (int r = 0; r < ranks; ++r) counts.push_back(r == 1 ? 0 : unit * (r + 1) + 3 * r + 1);
+  return counts;
+}
+
+// Each shard is the matching rows of this transport's all-reduce, bitwise,
+// and (flat, one host) of the rank-order sum computed here. Run across
+// emulated hosts too (tests/mpi/cluster_test.sh), where the transport is
+// hierarchical and sums each host's ranks first.
+TEST(MpiTransport, ReduceScatterShardsAreTheAllReducesRows) {
+  Communicator& comm = *world();
+  std::uint64_t seed = 100;
+  for (DType dtype : {DType::f16, DType::bf16, DType::f32}) {
+    for (std::size_t unit : {std::size_t{1}, std::size_t{30}, std::size_t{70000}}) {
+      SCOPED_TRACE(cat(dtype_name(dtype), " unit ", unit));
+      const auto counts = uneven_counts(comm.size(), unit);
+      const std::size_t total = std::accumulate(counts.begin(), counts.end(), std::size_t{0});
+      const std::size_t before =
+          std::accumulate(counts.begin(), counts.begin() + comm.rank(), std::size_t{0});
+      const std::size_t element = dtype_size(dtype), mine = counts[comm.rank()];
+      ++seed;
+      const auto input = contribution(dtype, total, comm.rank(), seed);
+      std::vector<std::byte> all(input.size()), shard(mine * element);
+      comm.all_reduce(input.data(), all.data(), total, dtype);
+      comm.reduce_scatter_start(input.data(), shard.data(), counts, dtype)->wait();
+      EXPECT_TRUE(std::equal(shard.begin(), shard.end(), all.begin() + before * element));
+      if (comm.ranks_on_host() == comm.size()) {  // flat: every rank in rank order
+        const auto expected = expected_sum(dtype, total, comm.size(), seed);
+        EXPECT_TRUE(std::equal(shard.begin(), shard.end(), expected.begin() + before * element));
+      }
+    }
+  }
+}
+
+TEST(MpiTransport, AllGatherPutsEveryBlockInRankOrder) {
+  Communicator& comm = *world();
+  for (DType dtype : {DType::i8, DType::bf16}) {
+    for (std::size_t unit : {std::size_t{1}, std::size_t{50000}}) {
+      for (bool in_place : {false, true}) {
+        SCOPED_TRACE(cat(dtype_name(dtype), " unit ", unit, in_place ? " in place" : ""));
+        const auto counts = uneven_counts(comm.size(), unit);
+        const std::size_t element = dtype_size(dtype);
+        std::vector<std::size_t> offsets{0};
+        for (std::size_t count : counts) offsets.push_back(offsets.back() + count * element);
+        // Any bytes: rank r's block is its f16 contribution's bytes, cut.
+        const auto block = [&](int r) {
+          auto bytes = contribution(DType::f16, counts[r] * element, r, 7);
+          bytes.resize(counts[r] * element);
+          return bytes;
+        };
+        const auto mine = block(comm.rank());
+        std::vector<std::byte> out(offsets.back(), std::byte{0x5a});
+        std::byte* place = out.data() + offsets[comm.rank()];
+        if (in_place) std::copy(mine.begin(), mine.end(), place);
+        auto work =
+            comm.all_gather_start(in_place ? place : mine.data(), out.data(), counts, dtype);
+        for (int step = 1; step <= comm.size(); ++step)
+          work->wait((comm.rank() + step) % comm.size());
+        work->wait();  // this rank's own sends too: then `mine` may go
+        for (int r = 0; r < comm.size(); ++r) {
+          const auto theirs = block(r);
+          EXPECT_TRUE(std::equal(theirs.begin(), theirs.end(), out.begin() + offsets[r]))
+              << "rank " << r << "'s block";
+        }
+      }
+    }
+  }
+}
+
 TEST(MpiTransport, BadArgumentsAreRejectedBeforeAnyMessage) {
   Communicator& comm = *world();
   float value = 0;
   EXPECT_THROW(comm.all_reduce(&value, &value, 1, DType::i8), InvalidArgument);
   EXPECT_THROW(comm.all_reduce(nullptr, &value, 1, DType::f32), InvalidArgument);
   EXPECT_THROW(create_mpi_communicator({.timeout = 0ms}), InvalidArgument);
+  const std::vector<std::size_t> short_counts{1};
+  EXPECT_THROW(comm.reduce_scatter_start(&value, &value, short_counts, DType::f32),
+               InvalidArgument);
+  EXPECT_THROW(comm.all_gather_start(&value, nullptr, short_counts, DType::f32), InvalidArgument);
   comm.barrier();
 }
 

@@ -99,6 +99,23 @@ struct ReduceBuffer {
   std::shared_ptr<std::byte[]> scratch;
 };
 
+// An all-gather of tensors in flight (see all_gather_start): each rank's
+// block lands in the output as soon as it arrives, so that a consumer may
+// start on the blocks it has while the others are still on their way.
+class GatherWork : public Work {
+ public:
+  // Advances without blocking; true once `rank`'s block is in the output.
+  virtual bool test(int rank) = 0;
+  // Blocks until `rank`'s block is in the output (or throws at the deadline).
+  virtual void wait(int rank) = 0;
+  using Work::test;
+  using Work::wait;
+};
+
+// The collectives are non-virtual entry points that claim the communicator
+// (ExclusiveUse) and check their arguments, over protected virtual hooks
+// (do_*) that a transport implements: so every transport keeps the contract
+// above by construction, and a hook sees only arguments that passed.
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -122,10 +139,10 @@ class Communicator {
   // ranks; the result lands in `output` on every rank. `input` and `output`
   // may be the same buffer; both must stay valid until the Work completes.
   // Collectives are issued in the same order on every rank. This call, and
-  // all_gather, first complete every all-reduce in flight; so with this form
-  // one all-reduce is in flight at a time.
-  virtual std::unique_ptr<Work> all_reduce_start(const void* input, void* output,
-                                                 std::size_t count, DType dtype) = 0;
+  // the all-gathers, first complete every all-reduce in flight; so with this
+  // form one all-reduce is in flight at a time.
+  std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
+                                         DType dtype);
 
   // The pipelined form, for producers that can write their contribution where
   // the transport wants it. acquire_reduce_buffer() is collective (every rank
@@ -136,10 +153,10 @@ class Communicator {
   // result lands in `output`. Buffers are started in the order they were
   // acquired, and up to max_reduces_in_flight() of them may be acquired or
   // in flight at once: a caller may fill one while earlier ones are reduced.
-  // A buffer holds at most max_reduce_buffer_bytes(). The default versions
-  // hand out private memory and copy it in all_reduce_start (one in flight).
-  virtual ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype);
-  virtual std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output);
+  // A buffer holds at most max_reduce_buffer_bytes(). The default hooks hand
+  // out private memory and copy it in all_reduce_start (one in flight).
+  ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype);
+  std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output);
   virtual std::size_t max_reduce_buffer_bytes() const;
   virtual int max_reduces_in_flight() const { return 1; }
 
@@ -149,16 +166,34 @@ class Communicator {
   // 0 included), and every rank learns every header. So a call's agreement
   // costs no round of its own where the transport carries headers (shm); the
   // default sends them in an all_gather first.
-  virtual std::unique_ptr<CheckedWork> checked_all_reduce_start(ReduceBuffer buffer, void* output,
-                                                                const CallHeader& mine);
+  std::unique_ptr<CheckedWork> checked_all_reduce_start(ReduceBuffer buffer, void* output,
+                                                        const CallHeader& mine);
+
+  // Sums `input` (counts[0] + ... + counts[p-1] elements of `dtype`, f16,
+  // bf16 or f32) across all ranks and leaves on rank r only its shard: the
+  // counts[r] elements that follow shard r-1's, in `output`. The shards are
+  // the caller's (rows of a matrix, any of them empty) and the same on every
+  // rank. Each element is the sum the all-reduce of the same inputs gives,
+  // bitwise: the same fp32 sum, in the same order, rounded once.
+  std::unique_ptr<Work> reduce_scatter_start(const void* input, void* output,
+                                             std::span<const std::size_t> counts, DType dtype);
+
+  // Every rank r contributes counts[r] elements of `dtype` (any dtype: the
+  // bytes are copied, not summed); `output` receives them all, in rank order.
+  // The counts are the same on every rank. `input` may be this rank's place
+  // in `output` (in place), else must not overlap it. The returned Work says
+  // which ranks' blocks have landed (GatherWork::test(rank)).
+  std::unique_ptr<GatherWork> all_gather_start(const void* input, void* output,
+                                               std::span<const std::size_t> counts, DType dtype);
 
   // Every rank contributes up to max_gather_bytes() bytes; returns each
   // rank's contribution, in rank order. Blocking and bounded.
-  virtual std::vector<std::string> all_gather(std::string_view mine) = 0;
+  std::vector<std::string> all_gather(std::string_view mine);
   virtual std::size_t max_gather_bytes() const = 0;
 
   // Marks the communicator failed on every rank: their waits wake at once and
-  // throw AbortedError naming this rank and the reason. Safe from any thread.
+  // throw AbortedError naming this rank and the reason. Safe from any thread,
+  // and so not claimed: it is how a claim that overlapped another fails.
   virtual void abort(std::string_view reason) = 0;
 
   // Blocking all-reduce: start, then wait.
@@ -180,6 +215,30 @@ class Communicator {
     return *static_cast<T*>(slot.get());
   }
 
+ protected:
+  // The transport's side of each entry point above, called with the
+  // communicator claimed and the arguments checked. A buffer handed to
+  // do_all_reduce_start(buffer) came from this communicator's
+  // do_acquire_reduce_buffer, oldest first (the transport checks that it is
+  // its own); one handed to do_checked_all_reduce_start likewise.
+  virtual std::unique_ptr<Work> do_all_reduce_start(const void* input, void* output,
+                                                    std::size_t count, DType dtype) = 0;
+  virtual ReduceBuffer do_acquire_reduce_buffer(std::size_t count, DType dtype);
+  virtual std::unique_ptr<Work> do_all_reduce_start(ReduceBuffer buffer, void* output);
+  virtual std::unique_ptr<CheckedWork> do_checked_all_reduce_start(ReduceBuffer buffer,
+                                                                   void* output,
+                                                                   const CallHeader& mine);
+  // The defaults: the all-reduce into private memory, then the shard copied
+  // out; and the blocks carried by all_gather, max_gather_bytes() at a time.
+  // Both keep every guarantee of the hooks they use, at more traffic.
+  virtual std::unique_ptr<Work> do_reduce_scatter_start(const void* input, void* output,
+                                                        std::span<const std::size_t> counts,
+                                                        DType dtype);
+  virtual std::unique_ptr<GatherWork> do_all_gather_start(const void* input, void* output,
+                                                          std::span<const std::size_t> counts,
+                                                          DType dtype);
+  virtual std::vector<std::string> do_all_gather(std::string_view mine) = 0;
+
  private:
   mutable std::mutex attachments_mutex_;
   mutable std::map<std::type_index, std::shared_ptr<void>> attachments_;
@@ -187,6 +246,8 @@ class Communicator {
   friend class ExclusiveUse;
   // The thread inside a collective or an operator call, or none.
   std::atomic<std::thread::id> user_{};
+  // Reduce buffers acquired and not yet started (entry points only).
+  int acquired_ = 0;
 };
 
 // Claims `comm` for the calling thread while it lives: operators hold one for

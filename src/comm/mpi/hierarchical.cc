@@ -327,7 +327,17 @@ class HierarchicalCommunicator final : public Communicator {
   bool progresses_only_when_called() const override { return true; }
   std::size_t max_gather_bytes() const override { return parts_.flat->max_gather_bytes(); }
   int max_reduces_in_flight() const override { return kMaxInFlight; }
-  std::vector<std::string> all_gather(std::string_view mine) override {
+  void abort(std::string_view reason) override {
+    parts_.local->abort(reason);
+    if (parts_.rail) parts_.rail->abort(reason);
+    parts_.flat->abort(reason);
+  }
+
+ protected:
+  // The gathers go over the flat group (bytes copied: no order to keep);
+  // the reduce-scatter is the Communicator's default, this all-reduce into
+  // private memory, so that its sums are this all-reduce's, bitwise.
+  std::vector<std::string> do_all_gather(std::string_view mine) override {
     finish(0);
     try {
       return parts_.flat->all_gather(mine);
@@ -335,42 +345,35 @@ class HierarchicalCommunicator final : public Communicator {
       pipeline_->fail(error);
     }
   }
-  void abort(std::string_view reason) override {
-    parts_.local->abort(reason);
-    if (parts_.rail) parts_.rail->abort(reason);
-    parts_.flat->abort(reason);
+  std::unique_ptr<GatherWork> do_all_gather_start(const void* input, void* output,
+                                                  std::span<const std::size_t> counts,
+                                                  DType dtype) override {
+    finish(0);
+    try {
+      return parts_.flat->all_gather_start(input, output, counts, dtype);
+    } catch (const std::exception& error) {
+      pipeline_->fail(error);
+    }
   }
-
-  std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
-                                         DType dtype) override {
-    check_all_reduce(input, output, count, dtype);
+  std::unique_ptr<Work> do_all_reduce_start(const void* input, void* output, std::size_t count,
+                                            DType dtype) override {
     finish(0);
     return std::make_unique<HierarchicalWork>(pipeline_,
                                               pipeline_->start(input, output, count, dtype));
   }
-  ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override {
+  ReduceBuffer do_acquire_reduce_buffer(std::size_t count, DType dtype) override {
     finish(kMaxInFlight - 1);
-    return Communicator::acquire_reduce_buffer(count, dtype);
+    return Communicator::do_acquire_reduce_buffer(count, dtype);
   }
-  std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output) override {
+  std::unique_ptr<Work> do_all_reduce_start(ReduceBuffer buffer, void* output) override {
     require(buffer.scratch != nullptr && buffer.data == buffer.scratch.get(),
             "all_reduce_start: the buffer was not acquired from this communicator");
-    check_all_reduce(buffer.data, output, buffer.count, buffer.dtype);
     auto op = pipeline_->start(buffer.data, output, buffer.count, buffer.dtype);
     return std::make_unique<HierarchicalWork>(pipeline_, std::move(op), std::move(buffer.scratch));
   }
 
  private:
   static constexpr int kMaxInFlight = 3;
-
-  static void check_all_reduce(const void* input, const void* output, std::size_t count,
-                               DType dtype) {
-    require(is_floating(dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
-            dtype_name(dtype));
-    require(count == 0 || (input != nullptr && output != nullptr),
-            "all_reduce: input and output must not be null when count (", count,
-            ") is positive");
-  }
 
   // Waits until at most `left` all-reduces are in flight, oldest first.
   void finish(std::size_t left) {

@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "comm/mpi/mpi_group.h"
+#include "comm/mpi/mpi_notices.h"
 #include "comm/mpi/mpi_requests.h"
 #include "comm/shm_reduce_kernels.h"
 #include "tpfuse/comm/mpi.h"
@@ -32,6 +33,10 @@ namespace tpfuse::comm {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using mpi::decode_notice;
+using mpi::encode_notice;
+using mpi::Failure;
+using mpi::kStillWaiting;
 
 // Tags: one for abort notices, one for all-gathers, and two per all-reduce
 // (contributions, results), numbered by the collective so that all-reduces
@@ -45,98 +50,14 @@ constexpr std::size_t kMaxGatherBytes = 4096;
 constexpr std::size_t kMaxAbortBytes = 1024;
 constexpr int kMaxInFlight = 4;
 
-// Whether finalizing at exit is safe: a failure may leave messages that
-// never complete, and MPI_Finalize would wait for them (or for peers that
-// are gone) forever.
-std::atomic<bool> g_finalize_at_exit{false};
+// One collective in flight. The all-reduce: phase 1 exchanges contributions
+// to each share, phase 2 the summed shares. The reduce-scatter is phase 1
+// with the caller's shares; the all-gather, phase 2 with each rank's block
+// as its share.
+enum class Collective { all_reduce, reduce_scatter, all_gather };
 
-void finalize_at_exit() {
-  int finalized = 0;
-  MPI_Finalized(&finalized);
-  if (!finalized && g_finalize_at_exit.load()) MPI_Finalize();
-}
-
-void init_mpi() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    int initialized = 0;
-    MPI_Initialized(&initialized);
-    int provided = MPI_THREAD_SINGLE;
-    if (!initialized) {
-      mpi::check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided),
-                     "MPI_Init_thread");
-      g_finalize_at_exit = true;
-      std::atexit(finalize_at_exit);
-    } else {
-      MPI_Query_thread(&provided);
-    }
-    if (provided < MPI_THREAD_SERIALIZED) {
-      throw InvalidArgument(cat("mpi: MPI was initialized with thread level ", provided,
-                                "; tpfuse needs MPI_THREAD_SERIALIZED (", MPI_THREAD_SERIALIZED,
-                                ") or more (a helper thread may advance all-reduces)"));
-    }
-  });
-}
-
-// How a communicator failed, kept so that every later call throws the same.
-struct Failure {
-  enum class Kind { timeout, aborted, lost } kind = Kind::aborted;
-  std::string message;
-  std::vector<int> ranks;
-  [[noreturn]] void raise() const {
-    switch (kind) {
-      case Kind::timeout:
-        throw TimeoutError(message, ranks);
-      case Kind::lost:
-        throw PeerLostError(message, ranks);
-      case Kind::aborted:
-        break;
-    }
-    throw AbortedError(message, ranks);
-  }
-};
-
-// The kind of notice a rank sends, three quarters into a long wait, to say
-// that it is alive and which ranks it is waiting for (see suspects()).
-constexpr int kStillWaiting = 3;
-
-// A failure as it travels to the peers: "KIND RANK,RANK,...\nMESSAGE". The
-// peers fail with the same kind and ranks (a rank that timed out waiting for
-// rank 2 makes the others fail naming rank 2, not itself).
-std::string encode_notice(const Failure& failure, int sender) {
-  std::string ranks;
-  for (int r : failure.ranks) ranks += cat(ranks.empty() ? "" : ",", r);
-  const std::string message =
-      failure.kind == Failure::Kind::aborted ? failure.message
-                                             : cat("rank ", sender, " failed: ", failure.message);
-  return cat(static_cast<int>(failure.kind), " ", ranks, "\n", message);
-}
-
-Failure decode_notice(const std::string& notice, int sender) {
-  Failure failure{Failure::Kind::aborted, cat("aborted by rank ", sender), {sender}};
-  const auto newline = notice.find('\n');
-  int kind = -1;
-  std::istringstream header(notice.substr(0, newline));
-  if (newline == std::string::npos || !(header >> kind) || kind < 0 || kind > kStillWaiting) {
-    return failure;
-  }
-  failure.kind = static_cast<Failure::Kind>(kind);
-  failure.message = notice.substr(newline + 1);
-  failure.ranks.clear();
-  std::string ranks;
-  header >> ranks;
-  std::istringstream list(ranks);
-  for (std::string rank; std::getline(list, rank, ',');) {
-    std::istringstream number(rank);
-    int value = 0;
-    if (number >> value) failure.ranks.push_back(value);
-  }
-  return failure;
-}
-
-// One all-reduce in flight: phase 1 exchanges contributions to each share,
-// phase 2 the summed shares.
 struct Reduce {
+  Collective kind = Collective::all_reduce;
   std::uint64_t index = 0;
   int tag = 0;
   const std::byte* input = nullptr;
@@ -146,13 +67,15 @@ struct Reduce {
   DType out_dtype = DType::f32;  // of the result (f32 contributions may be rounded once to it)
   std::shared_ptr<std::byte[]> owned_input;  // a pipelined buffer's memory
   std::unique_ptr<std::byte[]> staging;      // the others' contributions to my share
+  // Rank r's share is elements [shares[r], shares[r + 1]).
+  std::vector<std::size_t> shares;
   mpi::Requests requests;
   int phase = 0;  // 1, 2; 3 once the result is in place
 };
 
 class MpiCommunicator;
 
-class MpiWork final : public Work {
+class MpiWork final : public GatherWork {
  public:
   MpiWork(std::shared_ptr<MpiCommunicator> comm, std::shared_ptr<Reduce> reduce)
       : comm_(std::move(comm)), reduce_(std::move(reduce)) {}
@@ -161,6 +84,9 @@ class MpiWork final : public Work {
   ~MpiWork() override;
   bool test() override;
   void wait() override;
+  // An all-gather's: whether `rank`'s block has landed.
+  bool test(int rank) override;
+  void wait(int rank) override;
 
  private:
   std::shared_ptr<MpiCommunicator> comm_;
@@ -183,13 +109,8 @@ class MpiCommunicator final : public Communicator,
   int ranks_on_host() const override { return ranks_on_host_; }
   bool progresses_only_when_called() const override { return true; }
 
-  std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
-                                         DType dtype) override;
-  ReduceBuffer acquire_reduce_buffer(std::size_t count, DType dtype) override;
-  std::unique_ptr<Work> all_reduce_start(ReduceBuffer buffer, void* output) override;
   std::size_t max_reduce_buffer_bytes() const override { return std::size_t{1} << 30; }
   int max_reduces_in_flight() const override { return kMaxInFlight; }
-  std::vector<std::string> all_gather(std::string_view mine) override;
   void abort(std::string_view reason) override;
 
   std::unique_ptr<Work> gather_slices_start(std::byte* data, const std::vector<std::size_t>& offsets,
@@ -201,12 +122,33 @@ class MpiCommunicator final : public Communicator,
   // Learns the group's name and host layout (collective, at setup).
   void introduce();
 
-  // Advances every all-reduce in flight; true once `reduce` has completed.
-  bool test(const std::shared_ptr<Reduce>& reduce);
-  // Polls test(reduce) until it completes or the deadline passes.
-  void wait(const std::shared_ptr<Reduce>& reduce);
+  // Advances every collective in flight; true once `reduce` has completed,
+  // or (rank >= 0) once rank's share of it has arrived.
+  bool test(const std::shared_ptr<Reduce>& reduce, int rank = -1);
+  // Polls test(reduce, rank) until it holds or the deadline passes.
+  void wait(const std::shared_ptr<Reduce>& reduce, int rank = -1);
+
+ protected:
+  std::unique_ptr<Work> do_all_reduce_start(const void* input, void* output, std::size_t count,
+                                            DType dtype) override;
+  ReduceBuffer do_acquire_reduce_buffer(std::size_t count, DType dtype) override;
+  std::unique_ptr<Work> do_all_reduce_start(ReduceBuffer buffer, void* output) override;
+  std::unique_ptr<Work> do_reduce_scatter_start(const void* input, void* output,
+                                                std::span<const std::size_t> counts,
+                                                DType dtype) override;
+  std::unique_ptr<GatherWork> do_all_gather_start(const void* input, void* output,
+                                                  std::span<const std::size_t> counts,
+                                                  DType dtype) override;
+  std::vector<std::string> do_all_gather(std::string_view mine) override;
 
  private:
+  // Whether `reduce` is complete, or rank's share of it has arrived.
+  bool reached_locked(const Reduce& reduce, int rank) const;
+  // Posts phase 2: rank r's share to output at shares[r], mine from `mine`.
+  void exchange_shares_locked(Reduce& reduce, const std::byte* mine);
+  // Starts a reduce-scatter or an all-gather of `counts`.
+  std::unique_ptr<MpiWork> start_sharded(Collective kind, const void* input, void* output,
+                                         std::span<const std::size_t> counts, DType dtype);
   void check_failed_locked();
   void fail_locked(Failure failure);
   void poll_abort_locked();
@@ -274,6 +216,8 @@ MpiWork::~MpiWork() {
 
 bool MpiWork::test() { return comm_->test(reduce_); }
 void MpiWork::wait() { comm_->wait(reduce_); }
+bool MpiWork::test(int rank) { return comm_->test(reduce_, rank); }
+void MpiWork::wait(int rank) { comm_->wait(reduce_, rank); }
 
 MpiCommunicator::MpiCommunicator(MPI_Comm comm, const MpiOptions& options,
                                  std::vector<int> members)
@@ -312,7 +256,7 @@ MpiCommunicator::~MpiCommunicator() {
   };
   test(abort_sends_);
   for (auto& reduce : in_flight_) test(reduce->requests);
-  if (!settled) g_finalize_at_exit = false;
+  if (!settled) mpi::skip_finalize_at_exit();
   if (!failure_) MPI_Comm_free(&comm_);
 }
 
@@ -412,10 +356,6 @@ void MpiCommunicator::check_deadline_locked(WaitClock& clock, const mpi::Request
 
 void MpiCommunicator::advance_locked(Reduce& reduce) {
   if (reduce.phase == 3 || !reduce.requests.test_all()) return;
-  const std::size_t element = dtype_size(reduce.dtype);
-  const std::size_t out_element = dtype_size(reduce.out_dtype);
-  const std::size_t begin = mpi::share_begin(reduce.count, size_, rank_);
-  const std::size_t mine = mpi::share_begin(reduce.count, size_, rank_ + 1) - begin;
   ++advances_;
   if (reduce.phase == 2) {
     reduce.phase = 3;
@@ -423,34 +363,50 @@ void MpiCommunicator::advance_locked(Reduce& reduce) {
     reduce.owned_input.reset();
     return;
   }
+  const std::size_t element = dtype_size(reduce.dtype);
+  const std::size_t out_element = dtype_size(reduce.out_dtype);
+  const std::size_t begin = reduce.shares[rank_];
+  const std::size_t mine = reduce.shares[rank_ + 1] - begin;
   // Phase 1 is complete: every contribution to my share is here.
   std::vector<const std::byte*> sources(static_cast<std::size_t>(size_));
   for (int r = 0, slot = 0; r < size_; ++r) {
     sources[r] = r == rank_ ? reduce.input + begin * element
                             : reduce.staging.get() + (slot++) * mine * element;
   }
+  // A reduce-scatter's output is the share alone.
+  std::byte* out = reduce.kind == Collective::reduce_scatter ? reduce.output
+                                                             : reduce.output + begin * out_element;
   if (reduce.out_dtype == reduce.dtype) {
-    shm::sum_in_rank_order(reduce.dtype, sources, mine, reduce.output + begin * element);
+    if (mine > 0) shm::sum_in_rank_order(reduce.dtype, sources, mine, out);
   } else {  // fp32 sums, then the one rounding
     std::vector<float> sums(mine);
     shm::sum_in_rank_order(DType::f32, sources, mine, reinterpret_cast<std::byte*>(sums.data()));
-    mpi::narrow(reduce.out_dtype, sums.data(), mine, reduce.output + begin * out_element);
+    mpi::narrow(reduce.out_dtype, sums.data(), mine, out);
+  }
+  if (reduce.kind == Collective::reduce_scatter) {
+    reduce.phase = 3;
+    reduce.staging.reset();
+    return;
   }
   reduce.phase = 2;
-  for (int r = 0; r < size_; ++r) {
-    if (r == rank_) continue;
-    const std::size_t their_begin = mpi::share_begin(reduce.count, size_, r);
-    const std::size_t theirs = mpi::share_begin(reduce.count, size_, r + 1) - their_begin;
-    reduce.requests.irecv_pieces(reduce.output + their_begin * out_element,
-                                 theirs * out_element, to(r), reduce.tag + 1, comm_);
-  }
-  for (int r = 0; r < size_; ++r) {
-    if (r != rank_) {
-      reduce.requests.isend_pieces(reduce.output + begin * out_element, mine * out_element, to(r),
-                                   reduce.tag + 1, comm_);
-    }
-  }
+  exchange_shares_locked(reduce, out);
   if (reduce.requests.test_all()) advance_locked(reduce);
+}
+
+void MpiCommunicator::exchange_shares_locked(Reduce& reduce, const std::byte* mine) {
+  const std::size_t element = dtype_size(reduce.out_dtype);
+  const auto bytes = [&](int r) { return (reduce.shares[r + 1] - reduce.shares[r]) * element; };
+  // Received in the order an all-gather's consumer takes the blocks: the
+  // next rank's first.
+  for (int step = 1; step < size_; ++step) {
+    const int peer = (rank_ + step) % size_;
+    reduce.requests.irecv_pieces(reduce.output + reduce.shares[peer] * element, bytes(peer),
+                                 to(peer), reduce.tag + 1, comm_);
+  }
+  for (int step = 1; step < size_; ++step) {
+    const int peer = (rank_ + step) % size_;
+    reduce.requests.isend_pieces(mine, bytes(rank_), to(peer), reduce.tag + 1, comm_);
+  }
 }
 
 void MpiCommunicator::advance_locked() {
@@ -467,10 +423,25 @@ void MpiCommunicator::advance_locked() {
 std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> reduce) {
   Reduce& r = *reduce;
   r.tag = kFirstReduceTag + static_cast<int>((r.index % kReduceTagCycle) * 2);
+  if (r.shares.empty()) {
+    for (int share = 0; share <= size_; ++share) {
+      r.shares.push_back(mpi::share_begin(r.count, size_, share));
+    }
+  }
+  if (r.kind == Collective::all_gather) {
+    r.phase = 2;
+    const std::size_t element = dtype_size(r.dtype);
+    std::byte* place = r.output + r.shares[rank_] * element;
+    const std::size_t bytes = (r.shares[rank_ + 1] - r.shares[rank_]) * element;
+    if (place != r.input && bytes > 0) std::memcpy(place, r.input, bytes);
+    exchange_shares_locked(r, place);
+    in_flight_.push_back(reduce);
+    advance_locked();
+    return reduce;
+  }
   r.phase = 1;
   const std::size_t element = dtype_size(r.dtype);
-  const std::size_t begin = mpi::share_begin(r.count, size_, rank_);
-  const std::size_t mine = mpi::share_begin(r.count, size_, rank_ + 1) - begin;
+  const std::size_t mine = r.shares[rank_ + 1] - r.shares[rank_];
   if (size_ > 1) r.staging = std::make_unique<std::byte[]>((size_ - 1) * mine * element);
   for (int peer = 0, slot = 0; peer < size_; ++peer) {
     if (peer == rank_) continue;
@@ -481,9 +452,8 @@ std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> re
   // not every rank sends to rank 0 first.
   for (int step = 1; step < size_; ++step) {
     const int peer = (rank_ + step) % size_;
-    const std::size_t their_begin = mpi::share_begin(r.count, size_, peer);
-    const std::size_t theirs = mpi::share_begin(r.count, size_, peer + 1) - their_begin;
-    r.requests.isend_pieces(r.input + their_begin * element, theirs * element, to(peer), r.tag,
+    const std::size_t theirs = r.shares[peer + 1] - r.shares[peer];
+    r.requests.isend_pieces(r.input + r.shares[peer] * element, theirs * element, to(peer), r.tag,
                             comm_);
   }
   in_flight_.push_back(reduce);
@@ -491,26 +461,34 @@ std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> re
   return reduce;
 }
 
-bool MpiCommunicator::test(const std::shared_ptr<Reduce>& reduce) {
-  std::lock_guard lock(mutex_);
-  if (reduce->phase == 3) return true;
-  advance_locked();
-  return reduce->phase == 3;
+bool MpiCommunicator::reached_locked(const Reduce& reduce, int rank) const {
+  return reduce.phase == 3 ||
+         (rank >= 0 && reduce.phase == 2 && !reduce.requests.receiving_from(to(rank)));
 }
 
-void MpiCommunicator::wait(const std::shared_ptr<Reduce>& reduce) {
+bool MpiCommunicator::test(const std::shared_ptr<Reduce>& reduce, int rank) {
+  std::lock_guard lock(mutex_);
+  if (reached_locked(*reduce, rank)) return true;
+  advance_locked();
+  return reached_locked(*reduce, rank);
+}
+
+void MpiCommunicator::wait(const std::shared_ptr<Reduce>& reduce, int rank) {
   std::unique_lock lock(mutex_);
-  if (reduce->phase == 3) return;
+  if (reached_locked(*reduce, rank)) return;
   WaitClock clock;
   mpi::PollPacer pacer;
   for (;;) {
     const std::uint64_t advances = advances_;
     advance_locked();
-    if (reduce->phase == 3) return;
+    if (reached_locked(*reduce, rank)) return;
     check_deadline_locked(clock, reduce->requests, [&] {
-      return reduce->index == 0 ? std::string("sharing the result inside the host")
-                                : cat("all-reduce #", reduce->index, " (",
-                                      reduce->phase == 1 ? "contributions" : "results", ")");
+      if (reduce->index == 0) return std::string("sharing the result inside the host");
+      const char* name = reduce->kind == Collective::all_gather       ? "all-gather"
+                         : reduce->kind == Collective::reduce_scatter ? "reduce-scatter"
+                                                                      : "all-reduce";
+      return cat(name, " #", reduce->index, " (", reduce->phase == 1 ? "contributions" : "results",
+                 ")");
     });
     if (const auto pause = pacer.next(advances_ != advances); pause.count() > 0) {
       lock.unlock();
@@ -529,29 +507,21 @@ void MpiCommunicator::wait_all_locked(std::unique_lock<std::mutex>& lock) {
   }
 }
 
-std::unique_ptr<Work> MpiCommunicator::all_reduce_start(const void* input, void* output,
-                                                        std::size_t count, DType dtype) {
-  require(is_floating(dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
-          dtype_name(dtype));
+std::unique_ptr<Work> MpiCommunicator::do_all_reduce_start(const void* input, void* output,
+                                                           std::size_t count, DType dtype) {
   return start(input, output, count, dtype, dtype);
 }
 
+// The arguments passed the entry point's checks (or, for the hierarchical
+// transport's rounding all-reduce, are its own buffers); only MPI's own
+// limit is left.
 std::unique_ptr<Work> MpiCommunicator::start(const void* input, void* output, std::size_t count,
                                              DType dtype, DType out_dtype) {
-  require(count == 0 || (input != nullptr && output != nullptr),
-          "all_reduce: input and output must not be null when count (", count, ") is positive");
   const std::size_t element = dtype_size(dtype);
   const std::size_t max_share = static_cast<std::size_t>(std::numeric_limits<int>::max());
   require(count / size_ + 1 <= max_share / element, "all_reduce: count ", count, " of ",
           dtype_name(dtype), " gives shares over ", max_share, " bytes (MPI's message limit)");
-  const auto in = reinterpret_cast<std::uintptr_t>(input);
-  const auto out = reinterpret_cast<std::uintptr_t>(output);
-  const std::size_t in_bytes = count * element, out_bytes = count * dtype_size(out_dtype);
-  require((in == out && dtype == out_dtype) || in + in_bytes <= out || out + out_bytes <= in,
-          "all_reduce: input and output must be the same buffer or not overlap");
   std::unique_lock lock(mutex_);
-  require(acquired_.empty(),
-          "all_reduce: a reduce buffer is acquired and not started; start it first");
   wait_all_locked(lock);
   check_failed_locked();
   auto reduce = std::make_shared<Reduce>();
@@ -564,8 +534,8 @@ std::unique_ptr<Work> MpiCommunicator::start(const void* input, void* output, st
   return std::make_unique<MpiWork>(shared_from_this(), start_locked(std::move(reduce)));
 }
 
-ReduceBuffer MpiCommunicator::acquire_reduce_buffer(std::size_t count, DType dtype) {
-  ReduceBuffer buffer = Communicator::acquire_reduce_buffer(count, dtype);
+ReduceBuffer MpiCommunicator::do_acquire_reduce_buffer(std::size_t count, DType dtype) {
+  ReduceBuffer buffer = Communicator::do_acquire_reduce_buffer(count, dtype);
   std::unique_lock lock(mutex_);
   // At most kMaxInFlight acquired or in flight: wait for the oldest.
   while (in_flight_.size() + acquired_.size() >= static_cast<std::size_t>(kMaxInFlight) &&
@@ -576,8 +546,6 @@ ReduceBuffer MpiCommunicator::acquire_reduce_buffer(std::size_t count, DType dty
     lock.lock();
   }
   check_failed_locked();
-  require(acquired_.size() < static_cast<std::size_t>(kMaxInFlight),
-          "acquire_reduce_buffer: ", kMaxInFlight, " buffers are acquired and not started");
   auto reduce = std::make_shared<Reduce>();
   reduce->index = ++collectives_;
   reduce->owned_input = buffer.scratch;
@@ -590,15 +558,12 @@ ReduceBuffer MpiCommunicator::acquire_reduce_buffer(std::size_t count, DType dty
   return buffer;
 }
 
-std::unique_ptr<Work> MpiCommunicator::all_reduce_start(ReduceBuffer buffer, void* output) {
+std::unique_ptr<Work> MpiCommunicator::do_all_reduce_start(ReduceBuffer buffer, void* output) {
   std::unique_lock lock(mutex_);
   require(!acquired_.empty() && buffer.round == acquired_.front()->index &&
               buffer.data == acquired_.front()->input,
           "all_reduce_start: the buffer was not acquired from this communicator, or not the "
           "oldest one acquired");
-  require(buffer.count == 0 || output != nullptr,
-          "all_reduce_start: output must not be null when count (", buffer.count,
-          ") is positive");
   check_failed_locked();
   auto reduce = std::move(acquired_.front());
   acquired_.pop_front();
@@ -639,9 +604,46 @@ void MpiCommunicator::wait_requests_locked(std::unique_lock<std::mutex>& lock,
   }
 }
 
-std::vector<std::string> MpiCommunicator::all_gather(std::string_view mine) {
-  require(mine.size() <= kMaxGatherBytes, "all_gather: contribution of ", mine.size(),
-          " bytes exceeds max_gather_bytes() = ", kMaxGatherBytes);
+std::unique_ptr<MpiWork> MpiCommunicator::start_sharded(Collective kind, const void* input,
+                                                        void* output,
+                                                        std::span<const std::size_t> counts,
+                                                        DType dtype) {
+  const std::size_t element = dtype_size(dtype);
+  const auto max_message = static_cast<std::size_t>(std::numeric_limits<int>::max());
+  auto reduce = std::make_shared<Reduce>();
+  reduce->kind = kind;
+  reduce->shares.assign(1, 0);
+  for (std::size_t r = 0; r < counts.size(); ++r) {
+    require(counts[r] <= max_message / element,
+            kind == Collective::all_gather ? "all_gather_start" : "reduce_scatter", ": rank ", r,
+            "'s count ", counts[r], " of ", dtype_name(dtype), " is over ", max_message,
+            " bytes (MPI's message limit)");
+    reduce->shares.push_back(reduce->shares.back() + counts[r]);
+  }
+  reduce->input = static_cast<const std::byte*>(input);
+  reduce->output = static_cast<std::byte*>(output);
+  reduce->count = reduce->shares.back();
+  reduce->dtype = dtype;
+  reduce->out_dtype = dtype;
+  std::unique_lock lock(mutex_);
+  wait_all_locked(lock);
+  check_failed_locked();
+  reduce->index = ++collectives_;
+  return std::make_unique<MpiWork>(shared_from_this(), start_locked(std::move(reduce)));
+}
+
+std::unique_ptr<Work> MpiCommunicator::do_reduce_scatter_start(const void* input, void* output,
+                                                               std::span<const std::size_t> counts,
+                                                               DType dtype) {
+  return start_sharded(Collective::reduce_scatter, input, output, counts, dtype);
+}
+
+std::unique_ptr<GatherWork> MpiCommunicator::do_all_gather_start(
+    const void* input, void* output, std::span<const std::size_t> counts, DType dtype) {
+  return start_sharded(Collective::all_gather, input, output, counts, dtype);
+}
+
+std::vector<std::string> MpiCommunicator::do_all_gather(std::string_view mine) {
   std::unique_lock lock(mutex_);
   wait_all_locked(lock);
   check_failed_locked();
@@ -765,7 +767,7 @@ std::unique_ptr<Work> all_reduce_rounding_start(Communicator& comm, const float*
 std::shared_ptr<Communicator> create_mpi_communicator(const MpiOptions& options) {
   require(options.timeout.count() > 0, "mpi: timeout must be positive, got ",
           options.timeout.count(), " ms");
-  init_mpi();
+  mpi::init_mpi();
   int size = 0, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);

@@ -3,7 +3,10 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <cstdlib>
+#include <mutex>
 #include <thread>
 
 namespace tpfuse::comm::mpi {
@@ -33,6 +36,17 @@ void for_each_piece(std::size_t bytes, Post&& post) {
   } while (offset < bytes);
 }
 
+// Whether finalizing at exit is safe: a failure may leave messages that
+// never complete, and MPI_Finalize would wait for them (or for peers that
+// are gone) forever.
+std::atomic<bool> g_finalize_at_exit{false};
+
+void finalize_at_exit() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized && g_finalize_at_exit.load()) MPI_Finalize();
+}
+
 }  // namespace
 
 void check_mpi(int code, std::string_view call) {
@@ -53,6 +67,30 @@ void wait_collective(MPI_Request& request, std::chrono::milliseconds timeout,
     std::this_thread::sleep_for(std::chrono::microseconds{100});
   }
 }
+
+void init_mpi() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    int provided = MPI_THREAD_SINGLE;
+    if (!initialized) {
+      check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided),
+                "MPI_Init_thread");
+      g_finalize_at_exit = true;
+      std::atexit(finalize_at_exit);
+    } else {
+      MPI_Query_thread(&provided);
+    }
+    if (provided < MPI_THREAD_SERIALIZED) {
+      throw InvalidArgument(cat("mpi: MPI was initialized with thread level ", provided,
+                                "; tpfuse needs MPI_THREAD_SERIALIZED (", MPI_THREAD_SERIALIZED,
+                                ") or more (a helper thread may advance all-reduces)"));
+    }
+  });
+}
+
+void skip_finalize_at_exit() { g_finalize_at_exit = false; }
 
 std::chrono::microseconds PollPacer::next(bool progressed) {
   using std::chrono::microseconds;
@@ -149,6 +187,11 @@ std::vector<int> Requests::pending_peers() const {
   std::sort(peers.begin(), peers.end());
   peers.erase(std::unique(peers.begin(), peers.end()), peers.end());
   return peers;
+}
+
+bool Requests::receiving_from(int peer) const {
+  return std::any_of(pending_.begin(), pending_.end(),
+                     [&](const Pending& p) { return p.receive && p.peer == peer; });
 }
 
 std::size_t Requests::received_bytes(int peer) const {

@@ -26,6 +26,15 @@ class RequestError : public CommError {
   int peer_;
 };
 
+// Initialises MPI, once per process, unless the application did: at
+// MPI_THREAD_MULTIPLE where it can, and refuses less than SERIALIZED (a
+// helper thread may advance collectives). MPI initialised here is finalized
+// at exit, unless skip_finalize_at_exit() was called.
+void init_mpi();
+// For a failure that left messages which never complete: MPI_Finalize would
+// wait for them (or for peers that are gone) forever.
+void skip_finalize_at_exit();
+
 // Throws CommError with MPI's text for `code` unless it is MPI_SUCCESS.
 void check_mpi(int code, std::string_view call);
 
@@ -85,6 +94,8 @@ class Requests {
   // The peers of the pending receives, or of the pending sends when no
   // receive is pending; sorted.
   std::vector<int> pending_peers() const;
+  // Whether a receive from `peer` is pending.
+  bool receiving_from(int peer) const;
   // Bytes the completed receive from `peer` brought.
   std::size_t received_bytes(int peer) const;
 

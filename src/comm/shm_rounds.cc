@@ -1,5 +1,6 @@
-// The per-round state machines of one-shot and reduce-scatter + all-gather.
-#include "comm/shm_all_reduce.h"
+// The per-round state machines: the all-reduce's one-shot and reduce-scatter
+// + all-gather, the reduce-scatter's and the all-gather's.
+#include "comm/shm_rounds.h"
 
 #include <algorithm>
 #include <cstddef>
@@ -57,7 +58,19 @@ std::size_t share_begin(std::size_t count, DType dtype, int world_size, int shar
   return even / per_line * per_line;
 }
 
-RoundAllReduce::RoundAllReduce(const ShmGroup& group, const RoundSpec& spec)
+std::string_view kind_name(RoundKind kind) {
+  switch (kind) {
+    case RoundKind::reduce_scatter:
+      return "reduce-scatter";
+    case RoundKind::all_gather:
+      return "all-gather";
+    case RoundKind::all_reduce:
+      break;
+  }
+  return "all-reduce";
+}
+
+Round::Round(const ShmGroup& group, const RoundSpec& spec)
     : group_(group),
       spec_(spec),
       algorithm_(choose_algorithm(group, spec.count * dtype_size(spec.dtype))),
@@ -65,6 +78,12 @@ RoundAllReduce::RoundAllReduce(const ShmGroup& group, const RoundSpec& spec)
       sources_(static_cast<std::size_t>(group.size)) {
   if (trace::enabled()) started_ns_ = trace::now_ns();
   for (int r = 0; r < group_.size; ++r) sources_[static_cast<std::size_t>(r)] = source(r);
+  if (spec_.kind == RoundKind::all_gather) {  // my own piece needs no peer
+    const auto me = static_cast<std::size_t>(group_.rank);
+    if (spec_.targets[me] != spec_.mine && spec_.pieces[me] > 0) {
+      std::memcpy(spec_.targets[me], spec_.mine, spec_.pieces[me]);
+    }
+  }
   group_.segment.ring()
       .flags(group_.rank, spec_.round)
       .contributed.store(spec_.round, std::memory_order_release);
@@ -72,24 +91,32 @@ RoundAllReduce::RoundAllReduce(const ShmGroup& group, const RoundSpec& spec)
   start_step(Step::await_contributions);
 }
 
-const std::byte* RoundAllReduce::source(int rank) const {
+const std::byte* Round::source(int rank) const {
   if (rank == group_.rank && spec_.mine != nullptr) return spec_.mine;
   return group_.segment.ring().slot(rank, spec_.round);
 }
 
-std::string_view RoundAllReduce::step_name() const {
+std::string_view Round::step_name() const {
   return step_ == Step::await_shares ? "to reduce their share" : "to contribute";
 }
 
-void RoundAllReduce::start_step(Step step) {
-  step_ = step;
-  if (step == Step::done) return;
-  wait_.start({"all-reduce", spec_.index, step_name(), spec_.part, spec_.parts});
+bool Round::has_piece(int rank) const {
+  if (done() || rank == group_.rank) return true;
+  const auto& pending = wait_.pending();
+  return std::find(pending.begin(), pending.end(), rank) == pending.end();
 }
 
-bool RoundAllReduce::advance() {
+void Round::start_step(Step step) {
+  step_ = step;
+  if (step == Step::done) return;
+  wait_.start({kind_name(spec_.kind), spec_.index, step_name(), spec_.part, spec_.parts});
+}
+
+bool Round::advance() {
   switch (step_) {
     case Step::await_contributions:
+      if (spec_.kind == RoundKind::reduce_scatter) return try_reduce_shard();
+      if (spec_.kind == RoundKind::all_gather) return try_gather_pieces();
       if (algorithm_ == RoundAlgorithm::one_shot) return try_sum_all();
       if (!try_reduce_my_share()) return false;
       if (step_ == Step::done) return true;  // a checked round the headers stopped
@@ -104,7 +131,7 @@ bool RoundAllReduce::advance() {
 
 // A checked round whose ranks' digests differ: every header copied out, and
 // the round done without reading a contribution (their counts may differ).
-bool RoundAllReduce::headers_differ() {
+bool Round::headers_differ() {
   if (!spec_.mismatch) return false;
   const Ring& ring = group_.segment.ring();
   const std::uint64_t mine =
@@ -123,7 +150,7 @@ bool RoundAllReduce::headers_differ() {
   return true;
 }
 
-bool RoundAllReduce::try_sum_all() {
+bool Round::try_sum_all() {
   const Ring& ring = group_.segment.ring();
   const std::uint64_t round = spec_.round;
   const bool all_in = wait_.poll([&](int r) {
@@ -137,7 +164,7 @@ bool RoundAllReduce::try_sum_all() {
   return true;
 }
 
-bool RoundAllReduce::try_reduce_my_share() {
+bool Round::try_reduce_my_share() {
   const Ring& ring = group_.segment.ring();
   const std::uint64_t round = spec_.round;
   const bool all_in = wait_.poll([&](int r) {
@@ -161,7 +188,7 @@ bool RoundAllReduce::try_reduce_my_share() {
 }
 
 // Copies each peer's share as soon as that peer announces it.
-bool RoundAllReduce::try_gather_shares() {
+bool Round::try_gather_shares() {
   const Ring& ring = group_.segment.ring();
   const std::uint64_t round = spec_.round;
   const std::size_t element = dtype_size(spec_.dtype);
@@ -178,7 +205,44 @@ bool RoundAllReduce::try_gather_shares() {
   return true;
 }
 
-void RoundAllReduce::finish_round() {
+bool Round::try_reduce_shard() {
+  const Ring& ring = group_.segment.ring();
+  const std::uint64_t round = spec_.round;
+  const bool all_in = wait_.poll([&](int r) {
+    return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
+  });
+  if (!all_in) return false;
+  test_hooks::fault_point(test_hooks::FaultPoint::reduce);
+  const std::size_t element = dtype_size(spec_.dtype);
+  std::vector<const std::byte*> shard(sources_.size());
+  for (std::size_t r = 0; r < shard.size(); ++r) {
+    shard[r] = sources_[r] + spec_.shard_begin * element;
+  }
+  if (spec_.shard_end > spec_.shard_begin) {
+    sum_in_rank_order(spec_.dtype, shard, spec_.shard_end - spec_.shard_begin, spec_.output,
+                      nullptr, spec_.output_store);
+  }
+  finish_round();
+  return true;
+}
+
+// Copies each peer's piece as soon as that peer has put it in its slot.
+bool Round::try_gather_pieces() {
+  const Ring& ring = group_.segment.ring();
+  const std::uint64_t round = spec_.round;
+  const bool all_in = wait_.poll([&](int r) {
+    if (ring.flags(r, round).contributed.load(std::memory_order_acquire) < round) return false;
+    const auto peer = static_cast<std::size_t>(r);
+    copy_to_output(spec_.targets[peer], ring.slot(r, round), spec_.pieces[peer],
+                   spec_.output_store);
+    return true;
+  });
+  if (!all_in) return false;
+  finish_round();
+  return true;
+}
+
+void Round::finish_round() {
   group_.segment.ring()
       .flags(group_.rank, spec_.round)
       .consumed.store(spec_.round, std::memory_order_release);
@@ -187,17 +251,24 @@ void RoundAllReduce::finish_round() {
   if (started_ns_ >= 0) trace_round();
 }
 
-void RoundAllReduce::trace_round() const {
+void Round::trace_round() const {
   trace::Args args;
   args.add("collective", spec_.index).add("round", spec_.round);
   if (spec_.parts > 1) args.add("part", spec_.part).add("parts", spec_.parts);
-  args.add("algorithm",
-           algorithm_ == RoundAlgorithm::one_shot ? "one-shot" : "reduce-scatter + all-gather")
-      .add("bytes", spec_.count * dtype_size(spec_.dtype))
-      .add("dtype", dtype_name(spec_.dtype));
+  if (spec_.kind == RoundKind::all_reduce) {
+    args.add("algorithm",
+             algorithm_ == RoundAlgorithm::one_shot ? "one-shot" : "reduce-scatter + all-gather");
+  }
+  if (spec_.kind == RoundKind::all_gather) {
+    std::size_t bytes = 0;
+    for (std::size_t piece : spec_.pieces) bytes += piece;
+    args.add("bytes", bytes);
+  } else {
+    args.add("bytes", spec_.count * dtype_size(spec_.dtype)).add("dtype", dtype_name(spec_.dtype));
+  }
   if (spec_.mismatch)
     args.add("checked", spec_.mismatch->empty() ? "digests matched" : "digests differed");
-  trace::complete(spec_.mismatch ? "all-reduce (checked)" : "all-reduce", "comm",
+  trace::complete(spec_.mismatch ? "all-reduce (checked)" : kind_name(spec_.kind), "comm",
                   trace::Track::comm, started_ns_, trace::now_ns(), args);
 }
 
