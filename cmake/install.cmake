@@ -32,7 +32,9 @@ endfunction()
 install(TARGETS tpfuse EXPORT tpfuseTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT lib NAMELINK_COMPONENT dev
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT dev)
-install(DIRECTORY include/tpfuse DESTINATION ${CMAKE_INSTALL_INCLUDEDIR} COMPONENT dev)
+# The testing support's headers stay out: its library is the tests' and the CLI's.
+install(DIRECTORY include/tpfuse DESTINATION ${CMAKE_INSTALL_INCLUDEDIR} COMPONENT dev
+  PATTERN testing EXCLUDE)
 install(FILES ${PROJECT_BINARY_DIR}/include/tpfuse/version.h
   DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/tpfuse COMPONENT dev)
 install(EXPORT tpfuseTargets NAMESPACE tpfuse:: DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/tpfuse

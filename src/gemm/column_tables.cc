@@ -3,7 +3,6 @@
 #include <algorithm>
 
 #include "gemm/operand_access.h"
-#include "tpfuse/ops/quant_param.h"
 
 namespace tpfuse::gemm {
 
@@ -17,7 +16,7 @@ void zeroed(AlignedBuffer<float>& buffer, std::int64_t count) {
 }  // namespace
 
 ColumnTables::ColumnTables(const GemmOperands& ops, std::int64_t n_padded) : n_padded_(n_padded) {
-  const CallShape& s = ops.shape;
+  const GemmProblem& s = ops.shape;
   group_rows_ = s.scale_kind == ScaleKind::per_group ? s.group_size : s.k;
   if (s.mode == Mode::full_quant) {
     zeroed(dequant_, n_padded);

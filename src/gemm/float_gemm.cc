@@ -41,7 +41,6 @@
 #include "gemm/operand_access.h"
 #include "gemm/thread_pool.h"
 #include "tpfuse/core/error.h"
-#include "tpfuse/ops/quant_param.h"
 
 namespace tpfuse::gemm {
 
@@ -104,7 +103,7 @@ class FloatGemm final : public PreparedGemm {
  public:
   FloatGemm(const GemmOperands& operands, const KernelTable& kernels, int threads)
       : ops_(operands), kernels_(kernels), pool_(lease_pool(threads)) {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     mr_ = kernels_.mr;
     nr_ = kernels_.nr;
     panels_ = ceil_div(s.n, nr_);
@@ -205,7 +204,7 @@ class FloatGemm final : public PreparedGemm {
   // Full quant: the epilogue's fp32 dequant scale per column; and for a
   // kernel reading int8 B itself, "dequant" scales of one.
   void prepare_full_quant() {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     dequant_scales_.resize(static_cast<std::size_t>(n_padded_));
     for (std::int64_t j = 0; j < s.n; ++j) {
       const std::int64_t index = s.scale_kind == ScaleKind::per_tensor ? 0 : j;
@@ -219,7 +218,7 @@ class FloatGemm final : public PreparedGemm {
 
   // fp32 scales and offsets, [group][n_padded].
   void prepare_dequant() {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     const std::int64_t groups = ceil_div(s.k, group_rows_);
     const auto count = static_cast<std::size_t>(groups * n_padded_);
     scales_.resize(count);
@@ -324,7 +323,7 @@ class FloatGemm final : public PreparedGemm {
 
   // Panel p in x2's dtype, [k][NR], columns past n zero.
   void pack_panel_source(std::int64_t p, unsigned char* out) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     const std::int64_t cols = std::min<std::int64_t>(nr_, s.n - p * nr_);
     const auto elem = static_cast<std::int64_t>(x2_elem_);
     std::memset(out, 0, static_cast<std::size_t>(s.k * nr_ * elem));
@@ -391,7 +390,7 @@ class FloatGemm final : public PreparedGemm {
 
   // The dot layout: rows [r0, r1) x column blocks [p0, p1) of kDotCols.
   void compute_dot_task(const Task& task, std::int64_t m0, void* dst, std::int64_t ld) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     const std::int64_t rows = task.r1 - task.r0;
     thread_local AlignedBuffer<float> a_rows;
     a_rows.resize(static_cast<std::size_t>(rows * s.k));
@@ -507,7 +506,7 @@ class FloatGemm final : public PreparedGemm {
   }
 
   void compute_task(const Task& task, std::int64_t m0, void* dst, std::int64_t ld) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     const MicroKernel* run_tile = kernels_by_rows();
     const std::int64_t out_elem = static_cast<std::int64_t>(dtype_size(s.out_dtype));
     const std::int64_t a_len_max = blocking_.pack_a_whole_k ? s.k : std::min(s.k, blocking_.kc);

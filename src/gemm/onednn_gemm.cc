@@ -45,7 +45,6 @@
 #include "gemm/operand_access.h"
 #include "gemm/thread_pool.h"
 #include "tpfuse/core/error.h"
-#include "tpfuse/ops/quant_param.h"
 
 namespace tpfuse::gemm {
 
@@ -102,7 +101,7 @@ class OneDnnGemm final : public PreparedGemm {
  public:
   OneDnnGemm(const GemmOperands& operands, const KernelTable& kernels, int threads)
       : ops_(operands), kernels_(kernels), pool_(lease_pool(threads)), engine_(cpu_engine()) {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     full_quant_ = s.mode == Mode::full_quant;
     const auto* given = dynamic_cast<const OneDnnSlices*>(ops_.packed);
     int8_as_stored_ = full_quant_ && given == nullptr;
@@ -166,7 +165,7 @@ class OneDnnGemm final : public PreparedGemm {
   }
 
   void prepare_epilogue() {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     if (full_quant_) {
       scales_.resize(static_cast<std::size_t>(s.n));
       const bool per_tensor = s.scale_kind == ScaleKind::per_tensor;
@@ -185,7 +184,7 @@ class OneDnnGemm final : public PreparedGemm {
 
   // The sum of each column of an int8 x2.
   void sum_columns(AlignedBuffer<std::int32_t>& out) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     out.resize(static_cast<std::size_t>(s.n));
     const auto* x2 = static_cast<const std::int8_t*>(ops_.x2.data());
     const std::int64_t sk = ops_.x2.stride(0), sn = ops_.x2.stride(1);
@@ -215,7 +214,7 @@ class OneDnnGemm final : public PreparedGemm {
   // The int32 bias the epilogue adds for int8: bias - 128 * (column sum of
   // x2), wrapping as the int32 sums do (x1 runs shifted up by 128).
   void prepare_compensation() {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     compensated_bias_.resize(static_cast<std::size_t>(s.n));
     const std::int32_t* sums = slices_x2_->column_sums.data();
     for (std::int64_t j = 0; j < s.n; ++j) {
@@ -301,7 +300,7 @@ class OneDnnGemm final : public PreparedGemm {
   }
 
   void compute_chunk(const Chunk& chunk, std::int64_t m0, void* dst, std::int64_t ld) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     const std::int64_t cols = slice_cols(chunk.slice);
     const Matmul& mm = matmul_for(chunk.rows, cols);
     thread_local Scratch slot;

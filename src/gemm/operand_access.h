@@ -7,7 +7,7 @@
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
 #include "tpfuse/core/tensor.h"
-#include "tpfuse/ops/mode.h"
+#include "tpfuse/gemm/problem.h"
 
 namespace tpfuse::gemm {
 
@@ -57,7 +57,7 @@ inline void store_from_f32(void* dst, DType dtype, std::int64_t index, float val
 }
 
 // Index of the scale (and offset) that applies to weight element (row l, column j).
-inline std::int64_t scale_index(const CallShape& shape, std::int64_t l, std::int64_t j) {
+inline std::int64_t scale_index(const GemmProblem& shape, std::int64_t l, std::int64_t j) {
   switch (shape.scale_kind) {
     case ScaleKind::per_tensor:
       return 0;

@@ -62,7 +62,7 @@ class PairGemm final : public PreparedGemm {
         kc_pairs_(kBMicroPanelBytes / (4 * kernels.nr)),
         mc_(std::max<std::int64_t>(1, kMcRows / kernels.mr) * kernels.mr),
         nc_panels_(std::max<std::int64_t>(1, kNcColumns / kernels.nr)) {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     streamed_ = s.m <= kSmallM;
     if (const auto* given = dynamic_cast<const PairPanels*>(operands.packed)) {
       panels_ = given;
@@ -107,7 +107,7 @@ class PairGemm final : public PreparedGemm {
   // (a multiple of 32 rows) never starts inside a pair, but may inside the
   // block, so the block is packed one group's rows at a time.
   void pack_block(std::int64_t p, std::int64_t pair0, std::int64_t count, std::uint32_t* out) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     const std::int64_t end = std::min(s.k, 2 * (pair0 + count));
     for (std::int64_t l = 2 * pair0; l < end;) {
       PairBSource src;
@@ -166,7 +166,7 @@ class PairGemm final : public PreparedGemm {
   };
 
   void run_step(const Step& step, std::int64_t m0, void* dst, std::int64_t ld) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     const std::int64_t out_elem = static_cast<std::int64_t>(dtype_size(s.out_dtype));
     const auto* x3 = ops_.x3 ? static_cast<const unsigned char*>(ops_.x3->data()) : nullptr;
     const std::int64_t x3_ld = ops_.x3 ? ops_.x3->stride(0) : 0;
@@ -288,7 +288,7 @@ class PairGemm final : public PreparedGemm {
   // One row panel of a row-major x2: B read in place, kc-steps across the
   // task's panels as compute_streamed_rows takes them.
   void compute_rows_in_place(const Task& task, std::int64_t m0, void* dst, std::int64_t ld, Scratch& scratch) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     const std::int64_t panels = task.p1 - task.p0;
     const std::int64_t kc_max = std::min(kStreamPairs, pairs_);
     scratch.a.resize(static_cast<std::size_t>(mr_ * kc_max));
@@ -336,7 +336,7 @@ class PairGemm final : public PreparedGemm {
   // One row panel: x2's columns read in place, 16 at a time.
   void compute_columns_in_place(const Task& task, std::int64_t m0, void* dst, std::int64_t ld,
                                 Scratch& scratch) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     scratch.a.resize(static_cast<std::size_t>(mr_ * pairs_));
     pack_a_block(task.r0, task.r1, 0, pairs_, scratch.a.data());
     const std::int64_t out_elem = static_cast<std::int64_t>(dtype_size(s.out_dtype));

@@ -121,7 +121,7 @@ int default_gemm_threads(int ranks_on_host) {
 }
 
 EngineChoice choose_engine(const GemmOperands& operands, IsaLevel level) {
-  const CallShape& s = operands.shape;
+  const GemmProblem& s = operands.shape;
   const bool dl = level >= IsaLevel::avx512_dl;
   const bool transposed = operands.x2.stride(0) == 1 && operands.x2.stride(1) != 1;
   switch (s.mode) {

@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "gemm/operand_access.h"
-#include "tpfuse/ops/quant_param.h"
 
 namespace tpfuse::gemm {
 
@@ -17,7 +16,7 @@ namespace {
 class ReferenceGemm final : public PreparedGemm {
  public:
   explicit ReferenceGemm(const GemmOperands& operands) : ops_(operands) {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     if (s.mode == Mode::full_quant) {
       prepare_full_quant();
     } else {
@@ -41,7 +40,7 @@ class ReferenceGemm final : public PreparedGemm {
   }
 
   void prepare_float() {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     weights_f32_.resize(static_cast<std::size_t>(s.k * s.n));
     for (std::int64_t l = 0; l < s.k; ++l) {
       for (std::int64_t j = 0; j < s.n; ++j) {
@@ -64,7 +63,7 @@ class ReferenceGemm final : public PreparedGemm {
   }
 
   void prepare_full_quant() {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     weights_i32_.resize(static_cast<std::size_t>(s.k * s.n));
     for (std::int64_t l = 0; l < s.k; ++l) {
       for (std::int64_t j = 0; j < s.n; ++j) {
@@ -87,7 +86,7 @@ class ReferenceGemm final : public PreparedGemm {
   }
 
   void compute_float(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     std::vector<float> acc(static_cast<std::size_t>(s.n));
     for (std::int64_t i = m0; i < m1; ++i) {
       std::fill(acc.begin(), acc.end(), 0.0f);
@@ -106,7 +105,7 @@ class ReferenceGemm final : public PreparedGemm {
   }
 
   void compute_full_quant(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const {
-    const CallShape& s = ops_.shape;
+    const GemmProblem& s = ops_.shape;
     const auto* x1 = ops_.x1.data_as<const std::int8_t>();
     // int32 arithmetic that wraps on overflow, as the device's int32 sum does.
     std::vector<std::uint32_t> acc(static_cast<std::size_t>(s.n));

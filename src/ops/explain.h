@@ -8,6 +8,7 @@
 #include "pipeline/executor.h"
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
+#include "tpfuse/ops/mode.h"
 #include "tpfuse/pipeline/plan.h"
 
 namespace tpfuse {

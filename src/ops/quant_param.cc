@@ -60,8 +60,4 @@ std::vector<std::int64_t> trans_quant_param(std::span<const float> scales,
   return packed;
 }
 
-float unpack_quant_scale(std::int64_t packed) {
-  return std::bit_cast<float>(static_cast<std::uint32_t>(static_cast<std::uint64_t>(packed)));
-}
-
 }  // namespace tpfuse

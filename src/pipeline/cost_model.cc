@@ -268,7 +268,8 @@ PlanKey plan_key(const PlanRequest& request) {
 
 }  // namespace
 
-PlanRequest make_request(const CallShape& shape, int threads, bool reduce_has_own_core) {
+PlanRequest make_request(const GemmProblem& shape, std::int64_t comm_turn, int threads,
+                         bool reduce_has_own_core) {
   PlanRequest request;
   request.m = shape.m;
   request.n = shape.n;
@@ -277,7 +278,7 @@ PlanRequest make_request(const CallShape& shape, int threads, bool reduce_has_ow
   request.in_dtype = shape.in_dtype;
   request.out_dtype = shape.out_dtype;
   request.threads = threads;
-  request.comm_turn = shape.comm_turn;
+  request.comm_turn = comm_turn;
   request.reduce_has_own_core = reduce_has_own_core;
   return request;
 }

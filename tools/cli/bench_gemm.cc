@@ -218,7 +218,7 @@ double now_seconds() {
 gemm::GemmOperands tpfuse_operands(ShapeData& d, const std::string& mode, bool epilogue, int threads) {
   const Shape& s = d.shape;
   gemm::GemmOperands ops;
-  CallShape& c = ops.shape;
+  GemmProblem& c = ops.shape;
   c.m = s.m;
   c.n = s.n;
   c.k = s.k;

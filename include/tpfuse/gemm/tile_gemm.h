@@ -17,7 +17,7 @@
 #include <optional>
 
 #include "tpfuse/core/tensor.h"
-#include "tpfuse/ops/mode.h"
+#include "tpfuse/gemm/problem.h"
 
 namespace tpfuse::gemm {
 
@@ -34,7 +34,7 @@ class PackedX2 {
 };
 
 struct GemmOperands {
-  CallShape shape;
+  GemmProblem shape;
   TensorView x1;  // [m, k] (a 3-D x1 viewed as 2-D), row-major
   TensorView x2;  // [k, n], row-major or transposed
   std::optional<TensorView> bias;    // [n]

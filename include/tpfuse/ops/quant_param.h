@@ -13,6 +13,8 @@
 #include <span>
 #include <vector>
 
+#include "tpfuse/gemm/problem.h"  // unpack_quant_scale, its inverse
+
 namespace tpfuse {
 
 // Packs one scale (and optional offset) bit-exactly as torch_npu does. A NaN
@@ -25,8 +27,5 @@ std::int64_t trans_quant_param(float scale, std::optional<float> offset = std::n
 // least one scale is required.
 std::vector<std::int64_t> trans_quant_param(std::span<const float> scales,
                                             std::span<const float> offsets = {});
-
-// The fp32 scale the operator reads from a packed value (its low 32 bits).
-float unpack_quant_scale(std::int64_t packed);
 
 }  // namespace tpfuse

@@ -11,8 +11,8 @@
 
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/core/dtype.h"
+#include "tpfuse/gemm/problem.h"
 #include "tpfuse/gemm/tile_gemm.h"
-#include "tpfuse/ops/mode.h"
 
 namespace tpfuse::pipeline {
 
@@ -80,8 +80,10 @@ struct TilePlan {
   std::string reason;                   // why this shape of plan, in words
 };
 
-// The request for one rank's validated call, with its own k and GEMM threads.
-PlanRequest make_request(const CallShape& shape, int threads, bool reduce_has_own_core);
+// The request for one rank's validated call (its GEMM and comm_turn), with
+// its own k and GEMM threads.
+PlanRequest make_request(const GemmProblem& shape, std::int64_t comm_turn, int threads,
+                         bool reduce_has_own_core);
 
 // The request with the facts that may differ between ranks agreed (one
 // all_gather; collective): the largest k, the fewest threads, and a core of

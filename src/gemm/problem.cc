@@ -1,6 +1,8 @@
-// Printable names of the operator's modes and scale layouts, for messages,
-// logs and the CLI.
-#include "tpfuse/ops/mode.h"
+// Printable names of the modes and scale layouts, for messages, logs and
+// the CLI; the packed scale's unpacking.
+#include "tpfuse/gemm/problem.h"
+
+#include <bit>
 
 namespace tpfuse {
 
@@ -28,6 +30,10 @@ std::string_view scale_kind_name(ScaleKind kind) {
       return "per_group";
   }
   return "?";
+}
+
+float unpack_quant_scale(std::int64_t packed) {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(static_cast<std::uint64_t>(packed)));
 }
 
 }  // namespace tpfuse
