@@ -4,6 +4,8 @@
 // fail) alike on every rank, leaving the outputs as they were and the
 // communicator usable when the ranks disagree. And in steady state a call is
 // one collective round.
+#include "ops/agreement.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -94,6 +96,39 @@ CaseSpec small_case() {
   spec.n = 24;
   spec.k = 40;
   return spec;
+}
+
+// Two ranks that ask for different operators of the family in the same
+// call disagree on the operator, by name, before any other field.
+TEST(Agreement, RanksCallingDifferentOperatorsDisagreeOnTheOperator) {
+  CallShape shape;
+  shape.m = 8;
+  shape.k = 16;
+  shape.n = 4;
+  std::vector<comm::CallHeader> headers;
+  for (int rank = 0; rank < 2; ++rank) {
+    Proposal proposal;
+    proposal.shape = shape;
+    proposal.shape->op =
+        rank == 0 ? pipeline::Operator::mm_all_reduce : pipeline::Operator::mm_reduce_scatter;
+    proposal.shape->n = rank == 0 ? 4 : 5;  // a later field differs too
+    proposal.mine = {16, 1, false};
+    headers.push_back(make_header(proposal, std::nullopt, rank));
+  }
+  EXPECT_NE(headers[0].digest, headers[1].digest);
+  for (int rank = 0; rank < 2; ++rank) {
+    const Agreement agreement = judge_headers(headers, rank, "");
+    ASSERT_TRUE(agreement.failure);
+    try {
+      std::rethrow_exception(agreement.failure);
+    } catch (const DisagreementError& error) {
+      EXPECT_NE(std::string(error.what())
+                    .find("ranks disagree on operator: rank 0 has mm_all_reduce, rank 1 has "
+                          "mm_reduce_scatter"),
+                std::string::npos)
+          << error.what();
+    }
+  }
 }
 
 TEST(Agreement, ACallSeenBeforeRunsInItsFirstRoundAndMatchesTheGolden) {

@@ -6,12 +6,16 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "ops/gemm_operands.h"
 #include "ops/test_hooks.h"
 #include "pipeline/executor.h"
 #include "rank_harness.h"
@@ -47,20 +51,8 @@ comm::LaunchResult launch(int ranks, std::size_t slot_bytes,
 struct RankGemm {
   RankGemm(const CaseSpec& spec, int rank) : inputs(testing::make_rank_inputs(spec, rank)) {
     const CallShape shape = validate_call(inputs.args.x1, inputs.args.x2, inputs.args.options);
-    gemm::GemmOperands operands;
-    operands.shape = shape;
-    const std::int64_t x1_shape[2] = {shape.m, shape.k};
-    operands.x1 = TensorView(inputs.args.x1.data(), inputs.args.x1.dtype(), x1_shape);
-    operands.x2 = inputs.args.x2;
-    operands.bias = inputs.args.options.bias;
-    if (inputs.args.options.x3) {
-      const std::int64_t x3_shape[2] = {shape.m, shape.n};
-      operands.x3 =
-          TensorView(inputs.args.options.x3->data(), inputs.args.options.x3->dtype(), x3_shape);
-    }
-    operands.scale = shape.mode == Mode::full_quant ? inputs.args.options.dequant_scale
-                                                    : inputs.args.options.antiquant_scale;
-    operands.offset = inputs.args.options.antiquant_offset;
+    gemm::GemmOperands operands =
+        make_gemm_operands(shape, inputs.args.x1, inputs.args.x2, inputs.args.options);
     operands.threads = 1;
     gemm = gemm::prepare_gemm(operands);
     m = shape.m;
@@ -68,9 +60,8 @@ struct RankGemm {
     dtype = shape.out_dtype;
   }
 
-  std::vector<std::byte> run(const TilePlan& plan, comm::Communicator& comm, ProgressMode mode,
-                             std::function<void(std::int64_t)> hook = {}) const {
-    std::vector<std::byte> out(static_cast<std::size_t>(m * n) * dtype_size(dtype));
+  pipeline::TileJob job(comm::Communicator& comm, std::vector<std::byte>& out,
+                        ProgressMode mode) const {
     pipeline::TileJob job;
     job.gemm = gemm.get();
     job.comm = &comm;
@@ -78,8 +69,15 @@ struct RankGemm {
     job.dtype = dtype;
     job.out = out.data();
     job.progress = mode;
-    job.after_tile_computed = std::move(hook);
-    pipeline::execute_plan(plan, job);
+    return job;
+  }
+
+  std::vector<std::byte> run(const TilePlan& plan, comm::Communicator& comm, ProgressMode mode,
+                             std::function<void(std::int64_t)> hook = {}) const {
+    std::vector<std::byte> out(static_cast<std::size_t>(m * n) * dtype_size(dtype));
+    pipeline::TileJob tiles = job(comm, out, mode);
+    tiles.after_tile_computed = std::move(hook);
+    pipeline::execute_plan(plan, tiles);
     return out;
   }
 
@@ -184,6 +182,158 @@ INSTANTIATE_TEST_SUITE_P(RanksAndModes, EverySchedule,
                          [](const auto& info) {
                            return cat("p", info.param.ranks, "_", mode_label(info.param.mode));
                          });
+
+// ---- the executor's stages, each alone ----------------------------------
+
+// A collective that completes after a number of test() calls, or at wait().
+class CountdownWork final : public comm::Work {
+ public:
+  CountdownWork(int tests, std::function<void()> on_complete)
+      : left_(tests), on_complete_(std::move(on_complete)) {}
+  bool test() override {
+    if (left_ > 0 && --left_ == 0) on_complete_();
+    return left_ == 0;
+  }
+  void wait() override {
+    if (left_ > 0) {
+      left_ = 0;
+      on_complete_();
+    }
+  }
+
+ private:
+  int left_;
+  std::function<void()> on_complete_;
+};
+
+// Stages that record what ran, in order (the helper thread's finish
+// included: the log is locked).
+class RecordingStages final : public pipeline::TileStages {
+ public:
+  void begin() override { log("begin"); }
+  void await_input(const pipeline::Tile& tile) override { log(cat("await ", tile.index)); }
+  void produce(const pipeline::Tile& tile, const std::function<void()>& poll) override {
+    log(cat("produce ", tile.index, " rows ", tile.m0, "-", tile.m1));
+    for (int block = 0; block < 3; ++block) poll();
+  }
+  std::unique_ptr<comm::Work> communicate(const pipeline::Tile& tile) override {
+    log(cat("communicate ", tile.index));
+    if (tile.index == 2) return nullptr;  // a tile without a collective
+    return std::make_unique<CountdownWork>(static_cast<int>(tile.index % 3) + 1,
+                                           [this, t = tile.index] { log(cat("completed ", t)); });
+  }
+  void finish(const pipeline::Tile& tile) override { log(cat("finish ", tile.index)); }
+
+  std::vector<std::string> events() {
+    const std::lock_guard lock(mutex_);
+    return events_;
+  }
+
+ private:
+  void log(std::string event) {
+    const std::lock_guard lock(mutex_);
+    events_.push_back(std::move(event));
+  }
+  std::mutex mutex_;
+  std::vector<std::string> events_;
+};
+
+std::size_t position(const std::vector<std::string>& events, const std::string& event) {
+  return static_cast<std::size_t>(std::find(events.begin(), events.end(), event) - events.begin());
+}
+
+// Every tile: awaited, produced, then communicated; finished only once its
+// collective completed, and in tile order; begin before all of it.
+TEST(Executor, RunsEachTilesStagesInOrder) {
+  for (ProgressMode mode : {ProgressMode::interleaved, ProgressMode::helper_thread}) {
+    const auto result = launch(1, 4096, [mode](comm::RankContext& ctx) {
+      RecordingStages stages;
+      pipeline::execute(plan_of({4, 3, 5, 2, 6}, 0), stages, *ctx.comm, mode);
+      const auto events = stages.events();
+      expect_rank(!events.empty() && events[0] == "begin", "begin did not come first");
+      std::size_t last_finish = 0;
+      for (int t = 0; t < 5; ++t) {
+        const std::size_t await = position(events, cat("await ", t));
+        const std::size_t communicate = position(events, cat("communicate ", t));
+        const std::size_t finish = position(events, cat("finish ", t));
+        const auto produce = std::find_if(events.begin(), events.end(), [&](const auto& e) {
+          return e.starts_with(cat("produce ", t, " "));
+        });
+        const std::size_t produced = static_cast<std::size_t>(produce - events.begin());
+        expect_rank(await < produced && produced < communicate && communicate < finish &&
+                        finish < events.size(),
+                    mode_label(mode), ": tile ", t, "'s stages out of order");
+        if (t != 2) {
+          expect_rank(position(events, cat("completed ", t)) < finish, mode_label(mode), ": tile ",
+                      t, " finished before its collective completed");
+        }
+        expect_rank(finish > last_finish, mode_label(mode), ": tile ", t, " finished out of order");
+        last_finish = finish;
+      }
+      expect_rank(position(events, "produce 1 rows 4-7") < events.size(), "tile 1's rows");
+      return 0;
+    });
+    EXPECT_TRUE(result.ok()) << result.describe_failures();
+  }
+}
+
+// A stage that throws stops the pipeline, aborts the communicator (the peers
+// would fail at once) and rethrows.
+TEST(Executor, AFailingStageAbortsTheCommunicator) {
+  const auto result = launch(1, 4096, [](comm::RankContext& ctx) {
+    class Failing final : public pipeline::TileStages {
+     public:
+      void produce(const pipeline::Tile& tile, const std::function<void()>&) override {
+        if (tile.index == 1) throw std::runtime_error("tile 1 cannot be produced");
+      }
+    } stages;
+    try {
+      pipeline::execute(plan_of({2, 2, 2}, 0), stages, *ctx.comm, ProgressMode::interleaved);
+      expect_rank(false, "the failure was not rethrown");
+    } catch (const std::runtime_error& error) {
+      expect_rank(std::string(error.what()) == "tile 1 cannot be produced", error.what());
+    }
+    try {
+      ctx.comm->barrier();
+      expect_rank(false, "the communicator was not aborted");
+    } catch (const AbortedError& error) {
+      expect_rank(std::string(error.what()).find("tile 1 cannot be produced") != std::string::npos,
+                  "the abort does not say why: ", error.what());
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// mm_all_reduce_base's stages on one tile alone (rows 11-20 of 37): those
+// rows of the one-tile run, and no other row touched.
+TEST(Executor, GemmAllReduceStagesRunAloneOnOneTile) {
+  const auto result = launch(3, 4096, [](comm::RankContext& ctx) {
+    CaseSpec spec;
+    spec.m = 37;
+    spec.k = 40;
+    spec.n = 24;
+    spec.bias = true;
+    const RankGemm rank(spec, ctx.rank);
+    const auto reference = rank.run(plan_of({37}, 37), *ctx.comm, ProgressMode::interleaved);
+    std::vector<std::byte> out(reference.size(), std::byte{0x5a});
+    const auto stages =
+        pipeline::gemm_all_reduce_stages(rank.job(*ctx.comm, out, ProgressMode::interleaved), 4);
+    const pipeline::Tile tile{0, 11, 21};
+    int polls = 0;
+    stages->produce(tile, [&polls] { ++polls; });
+    expect_rank(polls == 3, "10 rows in blocks of at most 4 polled ", polls, " times, not 3");
+    stages->communicate(tile)->wait();
+    const std::size_t row = static_cast<std::size_t>(spec.n) * dtype_size(rank.dtype);
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const bool in_tile = i >= 11 * row && i < 21 * row;
+      expect_rank(in_tile ? out[i] == reference[i] : out[i] == std::byte{0x5a}, "byte ", i,
+                  in_tile ? " differs from the one-tile run" : " outside the tile was written");
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
 
 // The planner's schedules have the shapes the tests above rely on.
 TEST(PlannerSchedules, CoverOneTileEqualTilesAndTwoLengths) {

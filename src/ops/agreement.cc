@@ -19,6 +19,7 @@ struct AgreedField {
 };
 
 constexpr AgreedField kAgreedFields[] = {
+    {"operator", [](const CallShape& s) { return static_cast<std::int64_t>(s.op); }},
     {"mode", [](const CallShape& s) { return static_cast<std::int64_t>(s.mode); }},
     {"x1 dtype", [](const CallShape& s) { return static_cast<std::int64_t>(s.in_dtype); }},
     {"output dtype", [](const CallShape& s) { return static_cast<std::int64_t>(s.out_dtype); }},
@@ -61,6 +62,9 @@ enum DigestKind : std::int64_t { kPlanned = 1, kUnplanned = 2 };
 std::string field_value(std::size_t field, std::int64_t value) {
   const std::string name = kAgreedFields[field].name;
   if (name == "mode") return std::string(mode_name(static_cast<Mode>(value)));
+  if (name == "operator") {
+    return std::string(pipeline::operator_name(static_cast<pipeline::Operator>(value)));
+  }
   if (name.find("dtype") != std::string::npos) {
     return std::string(dtype_name(static_cast<DType>(value)));
   }

@@ -72,9 +72,9 @@ struct Agreement {
   // own core for the reduce only where every rank has one.
   RankFacts facts;
   // Set when a rank failed validation (that rank gets its InvalidArgument,
-  // the others DisagreementError naming it) or when the ranks disagree on m,
-  // b, s, n, mode, dtypes or comm_turn (DisagreementError naming the field,
-  // the ranks and their values).
+  // the others DisagreementError naming it) or when the ranks disagree on the
+  // operator, m, b, s, n, mode, dtypes or comm_turn (DisagreementError naming
+  // the field, the ranks and their values).
   std::exception_ptr failure;
 };
 
@@ -86,7 +86,7 @@ Agreement judge_headers(const std::vector<comm::CallHeader>& headers, int rank,
 // fields and this rank's own facts.
 class AgreementCache {
  public:
-  static constexpr std::size_t kFields = 8;  // the agreed fields (agreement.cc)
+  static constexpr std::size_t kFields = 9;  // the agreed fields (agreement.cc)
 
   std::optional<RankFacts> find(const CallShape& shape, const RankFacts& mine);
   void remember(const CallShape& shape, const RankFacts& mine, const RankFacts& agreed);

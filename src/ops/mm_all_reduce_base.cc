@@ -66,8 +66,8 @@ LocalCall validate_locally(const TensorView& x1, const TensorView& x2, const Pac
 }
 
 pipeline::PlanRequest request_for(const CallShape& shape, const RankFacts& agreed) {
-  pipeline::PlanRequest request =
-      pipeline::make_request(shape, shape.comm_turn, agreed.threads, agreed.reduce_has_own_core);
+  pipeline::PlanRequest request = pipeline::make_request(
+      shape.op, shape, shape.comm_turn, agreed.threads, agreed.reduce_has_own_core);
   request.k = agreed.k;
   return request;
 }

@@ -43,8 +43,8 @@ struct GemmConstants {
 
 using TransportKey = DType;
 using GemmKey = std::tuple<Mode, DType, DType, std::int64_t, std::int64_t, int>;
-using PlanKey = std::tuple<std::int64_t, Mode, DType, DType, std::int64_t, std::int64_t, int, bool,
-                           std::int64_t>;
+using PlanKey = std::tuple<Operator, std::int64_t, Mode, DType, DType, std::int64_t, std::int64_t,
+                           int, bool, std::int64_t>;
 
 // Plans made, so that a call of a shape seen before (every layer of a model,
 // every step) skips the search: about a millisecond of CPU for m = 128, paid
@@ -261,16 +261,32 @@ GemmKey gemm_key(const PlanRequest& request) {
 }
 
 PlanKey plan_key(const PlanRequest& request) {
-  return {request.n,        request.mode, request.in_dtype, request.out_dtype,
-          request.m,        request.k,    request.threads,  request.reduce_has_own_core,
+  return {request.op,       request.n,         request.mode,
+          request.in_dtype, request.out_dtype, request.m,
+          request.k,        request.threads,   request.reduce_has_own_core,
           request.comm_turn};
 }
 
 }  // namespace
 
-PlanRequest make_request(const GemmProblem& shape, std::int64_t comm_turn, int threads,
+std::string_view operator_name(Operator op) {
+  switch (op) {
+    case Operator::mm_all_reduce:
+      return "mm_all_reduce";
+    case Operator::all_gather_mm:
+      return "all_gather_mm";
+    case Operator::mm_reduce_scatter:
+      return "mm_reduce_scatter";
+    case Operator::mm_all_reduce_add_rms_norm:
+      return "mm_all_reduce_add_rms_norm";
+  }
+  return "?";
+}
+
+PlanRequest make_request(Operator op, const GemmProblem& shape, std::int64_t comm_turn, int threads,
                          bool reduce_has_own_core) {
   PlanRequest request;
+  request.op = op;
   request.m = shape.m;
   request.n = shape.n;
   request.k = shape.k;

@@ -37,6 +37,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "core/fault_hooks.h"
@@ -54,48 +55,64 @@ const EnvSetting<std::string> kProgressMode{
     "blocks of rows), helper_thread, or auto (helper_thread for transports that move data only "
     "while called, such as MPI; else interleaved)"};
 
-// The all-reduces in flight, oldest first, and whoever advances them.
+// The tiles whose collectives are in flight, oldest first, and whoever
+// advances them; each tile's finish stage runs once its collective has
+// completed, in tile order.
+struct Pending {
+  std::unique_ptr<comm::Work> work;  // null: no collective
+  std::function<void()> finish;
+  bool done() const { return work == nullptr || work->test(); }
+};
+
 class InFlight {
  public:
   virtual ~InFlight() = default;
-  virtual void add(std::unique_ptr<comm::Work> work) = 0;
-  // Called between blocks of GEMM rows.
+  virtual void add(Pending pending) = 0;
+  // Called between blocks of rows.
   virtual void poll() = 0;
-  // Waits until every all-reduce added has completed.
+  // Waits until every tile added has finished.
   virtual void finish() = 0;
 };
 
-// The GEMM's thread advances the all-reduces itself, between blocks.
+// The producing thread advances the collectives itself, between blocks.
 class PolledInFlight final : public InFlight {
  public:
-  void add(std::unique_ptr<comm::Work> work) override {
-    works_.push_back(std::move(work));
+  void add(Pending pending) override {
+    pending_.push_back(std::move(pending));
     poll();
   }
   void poll() override {
-    // Completion is in order, and the transport advances every all-reduce
+    // Completion is in order, and the transport advances every collective
     // in flight when asked about the oldest.
-    while (!works_.empty() && works_.front()->test()) works_.pop_front();
+    while (!pending_.empty() && pending_.front().done()) pop();
   }
   void finish() override {
-    for (auto& work : works_) work->wait();
-    works_.clear();
+    while (!pending_.empty()) {
+      if (pending_.front().work) pending_.front().work->wait();
+      pop();
+    }
   }
 
  private:
-  std::deque<std::unique_ptr<comm::Work>> works_;
+  void pop() {
+    Pending oldest = std::move(pending_.front());
+    pending_.pop_front();
+    if (oldest.finish) oldest.finish();
+  }
+
+  std::deque<Pending> pending_;
 };
 
-// A thread of its own advances the all-reduces while the GEMM computes.
+// A thread of its own advances the collectives while the tiles are produced.
 class HelperThreadInFlight final : public InFlight {
  public:
   HelperThreadInFlight() : thread_([this] { run(); }) {}
   ~HelperThreadInFlight() override { close(); }
 
-  void add(std::unique_ptr<comm::Work> work) override {
+  void add(Pending pending) override {
     {
       const std::lock_guard lock(mutex_);
-      works_.push_back(std::move(work));
+      pending_.push_back(std::move(pending));
     }
     wake_.notify_one();
     poll();
@@ -119,22 +136,24 @@ class HelperThreadInFlight final : public InFlight {
     if (thread_.joinable()) thread_.join();
   }
 
-  // Waits on each all-reduce in turn: the transport's bounded wait sleeps
-  // until a peer moves, so an idle helper costs the GEMM nothing (polling
-  // every few tens of microseconds instead would take its core that often).
+  // Waits on each collective in turn: the transport's bounded wait sleeps
+  // until a peer moves, so an idle helper costs the producer nothing
+  // (polling every few tens of microseconds instead would take its core
+  // that often).
   void run() {
     try {
       while (true) {
         std::unique_lock lock(mutex_);
-        wake_.wait(lock, [&] { return !works_.empty() || closing_; });
-        if (works_.empty()) return;
-        // Only this thread removes works; the GEMM's thread only appends, which
+        wake_.wait(lock, [&] { return !pending_.empty() || closing_; });
+        if (pending_.empty()) return;
+        // Only this thread removes entries; the producer only appends, which
         // leaves the front element where it is.
-        comm::Work& oldest = *works_.front();
+        Pending& oldest = pending_.front();
         lock.unlock();
-        oldest.wait();
+        if (oldest.work) oldest.work->wait();
+        if (oldest.finish) oldest.finish();
         lock.lock();
-        works_.pop_front();
+        pending_.pop_front();
       }
     } catch (...) {
       const std::lock_guard lock(mutex_);
@@ -144,7 +163,7 @@ class HelperThreadInFlight final : public InFlight {
 
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::deque<std::unique_ptr<comm::Work>> works_;
+  std::deque<Pending> pending_;
   bool closing_ = false;
   std::exception_ptr error_;
   std::thread thread_;  // last: it starts once the members above exist
@@ -155,58 +174,106 @@ std::unique_ptr<InFlight> make_in_flight(ProgressMode mode) {
   return std::make_unique<PolledInFlight>();
 }
 
-// Rows [m0, m1) into `dst` (row stride n), polling between blocks of at
-// most poll_rows rows, all of about the same size (a short last block would
-// still pay a whole pass over the weight).
-void compute_tile(const TileJob& job, std::int64_t m0, std::int64_t m1, std::int64_t poll_rows,
-                  std::byte* dst, InFlight& in_flight) {
-  const std::size_t row_bytes = static_cast<std::size_t>(job.n) * dtype_size(job.dtype);
-  const std::int64_t rows = m1 - m0;
-  const std::int64_t blocks = job.progress == ProgressMode::interleaved && poll_rows > 0
-                                  ? (rows + poll_rows - 1) / poll_rows
-                                  : 1;
-  for (std::int64_t b = 0; b < blocks; ++b) {
-    const std::int64_t begin = m0 + rows * b / blocks;
-    const std::int64_t end = m0 + rows * (b + 1) / blocks;
-    test_hooks::fault_point(test_hooks::FaultPoint::gemm_block);
-    {
-      trace::Span span("gemm", "gemm");
-      if (span.active())
-        span.args().add("row_begin", begin).add("row_end", end).add("engine", job.gemm->engine());
-      job.gemm->compute_rows(begin, end, dst + static_cast<std::size_t>(begin - m0) * row_bytes,
-                             job.n);
-    }
-    in_flight.poll();
-  }
-}
-
-void run_tiles(const TilePlan& plan, const TileJob& job, InFlight& in_flight) {
-  comm::Communicator& comm = *job.comm;
-  const std::size_t element = dtype_size(job.dtype);
-  const std::size_t row_bytes = static_cast<std::size_t>(job.n) * element;
-  auto* out = static_cast<std::byte*>(job.out);
-  // With one tile, nothing is in flight to poll for between blocks.
-  const std::int64_t poll_rows = plan.tile_rows.size() == 1 ? plan.tile_rows[0] : plan.poll_rows;
+void run_tiles(const TilePlan& plan, TileStages& stages, InFlight& in_flight) {
+  stages.begin();
+  const std::function<void()> poll = [&in_flight] { in_flight.poll(); };
   std::int64_t m0 = 0;
   for (std::size_t t = 0; t < plan.tile_rows.size(); ++t) {
-    const std::int64_t m1 = m0 + plan.tile_rows[t];
-    std::byte* out_rows = out + static_cast<std::size_t>(m0) * row_bytes;
-    const std::size_t count = static_cast<std::size_t>(m1 - m0) * static_cast<std::size_t>(job.n);
-    if (count * element <= comm.max_reduce_buffer_bytes()) {
-      comm::ReduceBuffer buffer = comm.acquire_reduce_buffer(count, job.dtype);
-      compute_tile(job, m0, m1, poll_rows, buffer.data, in_flight);
-      if (job.after_tile_computed) job.after_tile_computed(static_cast<std::int64_t>(t));
-      in_flight.add(comm.all_reduce_start(std::move(buffer), out_rows));
-    } else {
-      // A tile larger than the transport's buffers: computed in place, copied in.
-      compute_tile(job, m0, m1, poll_rows, out_rows, in_flight);
-      if (job.after_tile_computed) job.after_tile_computed(static_cast<std::int64_t>(t));
-      in_flight.add(comm.all_reduce_start(out_rows, out_rows, count, job.dtype));
-    }
-    m0 = m1;
+    const Tile tile{t, m0, m0 + plan.tile_rows[t]};
+    stages.await_input(tile);
+    stages.produce(tile, poll);
+    in_flight.add({stages.communicate(tile), [&stages, tile] { stages.finish(tile); }});
+    m0 = tile.m1;
   }
   in_flight.finish();
 }
+
+// GEMM then all-reduce: tile t's rows go into the reduce buffer of round t
+// (or, for a tile larger than the transport's buffers, into the output,
+// copied in by a plain all-reduce).
+class GemmAllReduceStages final : public TileStages {
+ public:
+  GemmAllReduceStages(const TileJob& job, std::int64_t poll_rows)
+      : job_(job),
+        poll_rows_(poll_rows),
+        row_bytes_(static_cast<std::size_t>(job.n) * dtype_size(job.dtype)) {}
+
+  void produce(const Tile& tile, const std::function<void()>& poll) override {
+    comm::Communicator& comm = *job_.comm;
+    const std::size_t count = elements(tile);
+    std::byte* dst = out_rows(tile);
+    buffer_.reset();
+    if (count * dtype_size(job_.dtype) <= comm.max_reduce_buffer_bytes()) {
+      buffer_ = comm.acquire_reduce_buffer(count, job_.dtype);
+      dst = buffer_->data;
+    }
+    compute(tile, dst, poll);
+    if (job_.after_tile_computed) job_.after_tile_computed(static_cast<std::int64_t>(tile.index));
+  }
+
+  std::unique_ptr<comm::Work> communicate(const Tile& tile) override {
+    comm::Communicator& comm = *job_.comm;
+    if (buffer_) {
+      auto work = comm.all_reduce_start(std::move(*buffer_), out_rows(tile));
+      buffer_.reset();
+      return work;
+    }
+    return comm.all_reduce_start(out_rows(tile), out_rows(tile), elements(tile), job_.dtype);
+  }
+
+  // The tile's all-reduce as the call's checked round (see execute_checked_tile).
+  std::unique_ptr<comm::CheckedWork> communicate_checked(const Tile& tile,
+                                                         const comm::CallHeader& header) {
+    if (!buffer_) {
+      throw InternalError(cat("the call's one round needs its ", elements(tile),
+                              " elements in a reduce buffer, which holds at most ",
+                              job_.comm->max_reduce_buffer_bytes(), " bytes"));
+    }
+    auto work = job_.comm->checked_all_reduce_start(std::move(*buffer_), out_rows(tile), header);
+    buffer_.reset();
+    return work;
+  }
+
+ private:
+  std::size_t elements(const Tile& tile) const {
+    return static_cast<std::size_t>(tile.m1 - tile.m0) * static_cast<std::size_t>(job_.n);
+  }
+  std::byte* out_rows(const Tile& tile) const {
+    return static_cast<std::byte*>(job_.out) + static_cast<std::size_t>(tile.m0) * row_bytes_;
+  }
+
+  // The tile's rows into `dst`, polling between blocks of at most poll_rows
+  // rows, all of about the same size (a short last block would still pay a
+  // whole pass over the weight).
+  void compute(const Tile& tile, std::byte* dst, const std::function<void()>& poll) const {
+    const std::int64_t rows = tile.m1 - tile.m0;
+    const std::int64_t blocks = job_.progress == ProgressMode::interleaved && poll_rows_ > 0
+                                    ? (rows + poll_rows_ - 1) / poll_rows_
+                                    : 1;
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      const std::int64_t begin = tile.m0 + rows * b / blocks;
+      const std::int64_t end = tile.m0 + rows * (b + 1) / blocks;
+      test_hooks::fault_point(test_hooks::FaultPoint::gemm_block);
+      {
+        trace::Span span("gemm", "gemm");
+        if (span.active()) {
+          span.args()
+              .add("row_begin", begin)
+              .add("row_end", end)
+              .add("engine", job_.gemm->engine());
+        }
+        job_.gemm->compute_rows(
+            begin, end, dst + static_cast<std::size_t>(begin - tile.m0) * row_bytes_, job_.n);
+      }
+      poll();
+    }
+  }
+
+  TileJob job_;
+  std::int64_t poll_rows_;
+  std::size_t row_bytes_;
+  std::optional<comm::ReduceBuffer> buffer_;  // the tile's, between produce and communicate
+};
 
 }  // namespace
 
@@ -228,22 +295,34 @@ ThreadBudget thread_budget(ProgressMode mode, int ranks_on_host) {
   return {cores, false};
 }
 
+void execute(const TilePlan& plan, TileStages& stages, comm::Communicator& comm,
+             ProgressMode progress) {
+  // Destroyed after the abort below: its collectives then fail at once
+  // instead of waiting for peers that wait for us.
+  const auto in_flight = make_in_flight(progress);
+  try {
+    run_tiles(plan, stages, *in_flight);
+  } catch (const std::exception& error) {
+    comm.abort(cat("rank ", comm.rank(), " stopped its tile pipeline: ", error.what()));
+    throw;
+  }
+}
+
+std::unique_ptr<TileStages> gemm_all_reduce_stages(const TileJob& job, std::int64_t poll_rows) {
+  return std::make_unique<GemmAllReduceStages>(job, poll_rows);
+}
+
 void execute_plan(const TilePlan& plan, const TileJob& job) {
   // One tile leaves nothing to overlap: this thread computes it in one go
   // and waits for its reduce itself, as a plain all-reduce would. A helper
   // thread would only add a thread that, on a busy core, waits its turn
   // before the reduce moves: 2-4 ms a call across 4 emulated hosts on 2 cores.
   TileJob run = job;
-  if (plan.tile_rows.size() == 1) run.progress = ProgressMode::interleaved;
-  // Destroyed after the abort below: its all-reduces then fail at once
-  // instead of waiting for peers that wait for us.
-  const auto in_flight = make_in_flight(run.progress);
-  try {
-    run_tiles(plan, run, *in_flight);
-  } catch (const std::exception& error) {
-    job.comm->abort(cat("rank ", job.comm->rank(), " stopped its tile pipeline: ", error.what()));
-    throw;
-  }
+  const bool one_tile = plan.tile_rows.size() == 1;
+  if (one_tile) run.progress = ProgressMode::interleaved;
+  // With one tile, nothing is in flight to poll for between blocks.
+  GemmAllReduceStages stages(run, one_tile ? 0 : plan.poll_rows);
+  execute(plan, stages, *job.comm, run.progress);
 }
 
 namespace {
@@ -259,12 +338,12 @@ Mismatch finish_checked(comm::CheckedWork& work) {
 Mismatch execute_checked_tile(const TileJob& job, std::int64_t m, const comm::CallHeader& header) {
   comm::Communicator& comm = *job.comm;
   try {
-    const std::size_t count = static_cast<std::size_t>(m) * static_cast<std::size_t>(job.n);
-    comm::ReduceBuffer buffer = comm.acquire_reduce_buffer(count, job.dtype);
-    PolledInFlight nothing_in_flight;
-    compute_tile(job, 0, m, m, buffer.data, nothing_in_flight);
-    if (job.after_tile_computed) job.after_tile_computed(0);
-    return finish_checked(*comm.checked_all_reduce_start(std::move(buffer), job.out, header));
+    TileJob run = job;
+    run.progress = ProgressMode::interleaved;
+    GemmAllReduceStages stages(run, 0);
+    const Tile tile{0, 0, m};
+    stages.produce(tile, [] {});
+    return finish_checked(*stages.communicate_checked(tile, header));
   } catch (const std::exception& error) {
     comm.abort(cat("rank ", comm.rank(), " stopped its tile pipeline: ", error.what()));
     throw;

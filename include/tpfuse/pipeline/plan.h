@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "tpfuse/comm/communicator.h"
@@ -16,9 +17,21 @@
 
 namespace tpfuse::pipeline {
 
+// Which operator a plan is for: each pipelines its collective differently,
+// so plans (and the agreement on a call) never mix them.
+enum class Operator : std::uint8_t {
+  mm_all_reduce,
+  all_gather_mm,
+  mm_reduce_scatter,
+  mm_all_reduce_add_rms_norm,
+};
+
+std::string_view operator_name(Operator op);
+
 // What the plan depends on in a call: the same on every rank (k is the
 // largest K-slice of any rank, since the slowest rank paces the pipeline).
 struct PlanRequest {
+  Operator op = Operator::mm_all_reduce;
   std::int64_t m = 0, n = 0, k = 0;
   Mode mode = Mode::plain;
   DType in_dtype = DType::f16;
@@ -80,9 +93,9 @@ struct TilePlan {
   std::string reason;                   // why this shape of plan, in words
 };
 
-// The request for one rank's validated call (its GEMM and comm_turn), with
-// its own k and GEMM threads.
-PlanRequest make_request(const GemmProblem& shape, std::int64_t comm_turn, int threads,
+// The request for one rank's validated call (its operator, GEMM and
+// comm_turn), with its own k and GEMM threads.
+PlanRequest make_request(Operator op, const GemmProblem& shape, std::int64_t comm_turn, int threads,
                          bool reduce_has_own_core);
 
 // The request with the facts that may differ between ranks agreed (one
