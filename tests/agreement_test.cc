@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "recording_communicator.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
+#include "tpfuse/pipeline/plan.h"
 #include "tpfuse/testing/golden.h"
 #include "tpfuse/testing/inputs.h"
 
@@ -129,6 +131,33 @@ TEST(Agreement, RanksCallingDifferentOperatorsDisagreeOnTheOperator) {
           << error.what();
     }
   }
+}
+
+// TPFUSE_CHECK_CACHES: calls whose ranks hold the same measured constants
+// pass; once rank 1 alone has forgotten them, the next call that looks them
+// up fails on both ranks, naming rank 1 and what it lacks, instead of rank
+// 1 measuring (collectively) alone.
+TEST(Agreement, CheckedCachesNameARankWhoseEntriesDiffer) {
+  const auto result = run_ranks(2, [](comm::RankContext& ctx) {
+    ::setenv("TPFUSE_CHECK_CACHES", "1", 1);
+    const auto inputs = testing::make_rank_inputs(small_case(), ctx.rank);
+    const std::string hcom = ctx.comm->name();
+    for (int call = 0; call < 2; ++call) {
+      mm_all_reduce_base(inputs.args.x1, inputs.args.x2, hcom, inputs.args.options);
+    }
+    if (ctx.rank == 1) pipeline::forget_measurements(*ctx.comm);
+    try {
+      mm_all_reduce_base(inputs.args.x1, inputs.args.x2, hcom, inputs.args.options);
+      expect_rank(false, "the call ran with rank 1's constants forgotten");
+    } catch (const InternalError& error) {
+      const std::string what = error.what();
+      expect_rank(what.find("rank 0 holds transport key") != std::string::npos &&
+                      what.find("rank 1 lacks transport key") != std::string::npos,
+                  "the error does not name the ranks and the entry: ", what);
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
 TEST(Agreement, ACallSeenBeforeRunsInItsFirstRoundAndMatchesTheGolden) {

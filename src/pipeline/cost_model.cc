@@ -14,9 +14,12 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "tpfuse/core/config.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/log.h"
 #include "tpfuse/pipeline/plan.h"
@@ -221,12 +224,50 @@ GemmConstants measure_gemm(comm::Communicator& comm, const gemm::PreparedGemm& g
 // the one `measure` returns, cached. The lock is not held while measuring.
 // A table is emptied past kMaxPlans entries, which happens on all the
 // communicator's ranks at the same call, since they make the same calls.
+const EnvSetting<std::int64_t> kCheckCaches{
+    "TPFUSE_CHECK_CACHES", 0,
+    "1: before each lookup of measured constants in a communicator's cache, its ranks compare the "
+    "key and whether they hold it (one all_gather), and fail naming the ranks that differ"};
+
+template <class T>
+requires std::is_enum_v<T> || std::is_arithmetic_v<T> std::string key_text(const T& value) {
+  return std::to_string(static_cast<long long>(value));
+}
+
+template <class... T>
+std::string key_text(const std::tuple<T...>& key) {
+  std::string text;
+  std::apply(
+      [&](const auto&... field) { ((text += (text.empty() ? "" : ",") + key_text(field)), ...); },
+      key);
+  return text;
+}
+
+// The debugging check of TPFUSE_CHECK_CACHES: a lookup that hits on one rank
+// and misses on another would have only some ranks measure, collectively.
+void check_same_lookup(comm::Communicator& comm, std::string_view table, const std::string& key,
+                       bool held) {
+  const auto lookups = comm.all_gather(cat(held ? "holds " : "lacks ", table, " key (", key, ")"));
+  for (std::size_t r = 1; r < lookups.size(); ++r) {
+    if (lookups[r] == lookups[0]) continue;
+    throw InternalError(cat("cost-model cache: rank 0 ", lookups[0], ", rank ", r, " ", lookups[r],
+                            "; every rank of a communicator must hold the same entries"));
+  }
+}
+
 template <class Key, class Value, class Measure>
-Value cached_or_measured(Cache& cache, std::map<Key, Value>& table, const Key& key,
-                         Measure&& measure) {
+Value cached_or_measured(comm::Communicator& comm, Cache& cache, std::string_view name,
+                         std::map<Key, Value>& table, const Key& key, Measure&& measure) {
   {
-    const std::lock_guard lock(cache.mutex);
-    if (auto it = table.find(key); it != table.end()) return it->second;
+    std::unique_lock lock(cache.mutex);
+    const auto it = table.find(key);
+    if (kCheckCaches.get() != 0) {
+      const bool held = it != table.end();
+      lock.unlock();
+      check_same_lookup(comm, name, key_text(key), held);
+      lock.lock();
+    }
+    if (auto found = table.find(key); found != table.end()) return found->second;
   }
   const Value value = measure();
   const std::lock_guard lock(cache.mutex);
@@ -314,14 +355,15 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   if (needs_no_constants(request) && used == nullptr) return make_plan(request, {.gemm_flops = 1});
   Cache& tables = cache(comm);
   const TransportConstants transport =
-      cached_or_measured(tables, tables.transport, request.out_dtype,
+      cached_or_measured(comm, tables, "transport", tables.transport, request.out_dtype,
                          [&] { return measure_transport(comm, request.out_dtype); });
   // No split can pay when reducing the whole output costs less than one
   // more round: decided from agreed values alone, so the call is spared the
   // gather below (a small output's call is mostly synchronisation).
   if (one_round_is_enough(request, transport) && used == nullptr) return one_tile_plan(request);
-  const GemmConstants gemm_constants = cached_or_measured(
-      tables, tables.gemm, gemm_key(request), [&] { return measure_gemm(comm, gemm, request); });
+  const GemmConstants gemm_constants =
+      cached_or_measured(comm, tables, "gemm", tables.gemm, gemm_key(request),
+                         [&] { return measure_gemm(comm, gemm, request); });
 
   CostConstants constants;
   constants.gemm_flops = gemm_constants.flops;
@@ -348,6 +390,14 @@ TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
   if (tables.plans.size() >= kMaxPlans) tables.plans.clear();
   tables.plans.emplace(key, plan);
   return plan;
+}
+
+void forget_measurements(const comm::Communicator& comm) {
+  Cache& tables = cache(comm);
+  const std::lock_guard lock(tables.mutex);
+  tables.transport.clear();
+  tables.gemm.clear();
+  tables.plans.clear();
 }
 
 std::optional<TilePlan> cached_plan(const comm::Communicator& comm, const PlanRequest& request) {

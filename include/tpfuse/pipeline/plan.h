@@ -117,6 +117,12 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants);
 TilePlan plan_call(comm::Communicator& comm, const gemm::PreparedGemm& gemm,
                    const PlanRequest& request, CostConstants* constants = nullptr);
 
+// Forgets this rank's constants measured on `comm`, and its plans: the next
+// plan_call measures them again, collectively, so every rank forgets them
+// at the same point of its calls. (Run with TPFUSE_CHECK_CACHES=1, ranks that
+// do not are named at their next lookup.)
+void forget_measurements(const comm::Communicator& comm);
+
 // The plan plan_call would return, where that needs nothing measured or
 // agreed (it is in this rank's cache, or needs no constants); nullopt
 // otherwise. Not collective: a rank may call it alone.
