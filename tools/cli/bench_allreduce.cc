@@ -1,7 +1,7 @@
 // `tpfuse bench allreduce`: tpfuse's shared-memory all-reduce against
 // MPI_Allreduce (OpenMPI) and torch.distributed's gloo on this host, from
 // 4 KiB to 64 MiB: latency (time per call) and algorithm bandwidth
-// (bytes / time), with the ratios the all-reduce targets are stated in.
+// (bytes / time), with ratios to MPI's and to the machine's memory bound.
 //
 // Beside each tpfuse figure, the bound its memory traffic sets: the bytes one
 // rank of the shm all-reduce reads and writes (comm::shm_all_reduce_traffic
@@ -69,12 +69,6 @@ std::int64_t parse_bytes(const std::string& text) {
     throw CLI::ValidationError("--sizes", cat("expected a size such as 4096, 64K or 16M, got \"", text, "\""));
   }
   return value * unit_it->second;
-}
-
-std::string format_bytes(std::int64_t bytes) {
-  if (bytes % (1 << 20) == 0) return cat(bytes >> 20, " MiB");
-  if (bytes % (1 << 10) == 0) return cat(bytes >> 10, " KiB");
-  return cat(bytes, " B");
 }
 
 // Seconds per call at each size on local ranks (tpfuse's shm communicator):
@@ -270,16 +264,14 @@ double fastest_exchange_seconds(std::int64_t bytes) {
   second.join();
   return gave_up ? std::nan("") : fastest;
 }
-// The targets are stated for 2 ranks: bandwidth at 16 MiB >= 6x MPI's,
-// latency at 64 KiB <= 0.3x MPI's. Each is printed with the time the target
-// allows and a floor measured here: one memcpy of the message on one core.
-void print_floor(double target_seconds, std::int64_t bytes) {
+// What bounds the times above on this machine: one memcpy of the message on
+// one core, and how fast freshly written lines cross between two cores.
+void print_floor(std::int64_t bytes) {
   const double copy = fastest_memcpy_seconds(bytes);
-  std::printf("    the target allows %.1f us; one memcpy of %s on one core takes %.1f us here (%.1f GB/s)\n",
-              target_seconds * 1e6, format_bytes(bytes).c_str(), copy * 1e6, static_cast<double>(bytes) / copy / 1e9);
+  std::printf("    one memcpy of %s on one core takes %.1f us here (%.1f GB/s)\n", format_bytes(bytes).c_str(),
+              copy * 1e6, static_cast<double>(bytes) / copy / 1e9);
 }
 
-// Latency also depends on how fast freshly written lines cross between cores.
 void print_exchange(std::int64_t bytes) {
   const double exchange = fastest_exchange_seconds(bytes);
   if (std::isnan(exchange)) {
@@ -291,10 +283,10 @@ void print_exchange(std::int64_t bytes) {
 }
 
 // The lowest fraction of the memory-traffic bound reached at 4-64 MiB, for
-// each rank count (target >= 0.7). The bound's copy stays on one core; for 2
-// ranks, the bare exchange of that size between two cores (fastest_exchange_
-// seconds) is printed beside it: what moving the bytes across cores takes.
-void print_bound_target(const std::vector<Results>& results, const std::vector<std::int64_t>& sizes) {
+// each rank count. The bound's copy stays on one core; for 2 ranks, the bare
+// exchange of that size between two cores (fastest_exchange_seconds) is
+// printed beside it: what moving the bytes across cores takes.
+void print_bound_fraction(const std::vector<Results>& results, const std::vector<std::int64_t>& sizes) {
   for (const Results& r : results) {
     double lowest = INFINITY;
     std::size_t at = 0;
@@ -303,13 +295,13 @@ void print_bound_target(const std::vector<Results>& results, const std::vector<s
       lowest = r.bound[i] / r.tpfuse[i];
       at = i;
     }
-    const std::string what = cat("fraction of the memory bound, 4-64 MiB, ", r.ranks, " ranks");
+    const std::string what = cat("fraction of the memory bound, 4-64 MiB, ", r.ranks, " ranks (lowest)");
     if (std::isinf(lowest)) {
-      std::printf("  %-46s  not measured in this run\n", what.c_str());
+      std::printf("  %-54s  not measured in this run\n", what.c_str());
       continue;
     }
-    std::printf("  %-46s  %6.2f   (target >= 0.7)  %s\n", what.c_str(), lowest, lowest >= 0.7 ? "met" : "MISSED");
-    if (r.ranks != 2 || lowest >= 0.7) continue;
+    std::printf("  %-54s  %6.2f  at %s\n", what.c_str(), lowest, format_bytes(sizes[at]).c_str());
+    if (r.ranks != 2) continue;
     const double exchange = fastest_exchange_seconds(sizes[at]);
     if (std::isnan(exchange)) continue;
     std::printf(
@@ -320,9 +312,10 @@ void print_bound_target(const std::vector<Results>& results, const std::vector<s
   }
 }
 
-void print_targets(const std::vector<Results>& results, const std::vector<std::int64_t>& sizes) {
-  std::printf("\nTargets (ratios of medians measured in this run):\n");
-  print_bound_target(results, sizes);
+// Ratios of medians measured in this run, with the machine's own floors.
+void print_summary(const std::vector<Results>& results, const std::vector<std::int64_t>& sizes) {
+  std::printf("\nSummary (ratios of medians measured in this run):\n");
+  print_bound_fraction(results, sizes);
   const auto at = [&](const std::vector<double>& seconds, std::int64_t bytes) {
     for (std::size_t i = 0; i < sizes.size(); ++i) {
       if (sizes[i] == bytes) return seconds[i];
@@ -333,24 +326,16 @@ void print_targets(const std::vector<Results>& results, const std::vector<std::i
     if (r.ranks != 2) continue;
     const double bandwidth = at(r.mpi, 16 << 20) / at(r.tpfuse, 16 << 20);
     const double latency = at(r.tpfuse, 64 << 10) / at(r.mpi, 64 << 10);
-    if (std::isnan(bandwidth)) {
-      std::printf("  %-46s  not measured in this run\n", "bandwidth at 16 MiB vs MPI_Allreduce");
-    } else {
-      std::printf("  %-46s  %6.2fx  (target >= 6x)   %s\n", "bandwidth at 16 MiB vs MPI_Allreduce", bandwidth,
-                  bandwidth >= 6 ? "met" : "MISSED");
-      print_floor(at(r.mpi, 16 << 20) / 6, 16 << 20);
+    if (!std::isnan(bandwidth)) {
+      std::printf("  %-54s  %6.2fx\n", "bandwidth at 16 MiB, tpfuse / MPI_Allreduce, 2 ranks", bandwidth);
+      print_floor(16 << 20);
     }
-    if (std::isnan(latency)) {
-      std::printf("  %-46s  not measured in this run\n", "latency at 64 KiB vs MPI_Allreduce");
-    } else {
-      std::printf("  %-46s  %6.3fx  (target <= 0.3x) %s\n", "latency at 64 KiB vs MPI_Allreduce", latency,
-                  latency <= 0.3 ? "met" : "MISSED");
-      print_floor(at(r.mpi, 64 << 10) * 0.3, 64 << 10);
+    if (!std::isnan(latency)) {
+      std::printf("  %-54s  %6.3fx\n", "latency at 64 KiB, tpfuse / MPI_Allreduce, 2 ranks", latency);
+      print_floor(64 << 10);
       print_exchange(64 << 10);
     }
-    return;
   }
-  std::printf("  not measured in this run (no 2-rank run)\n");
 }
 
 void write_json(const std::string& path, const std::vector<Results>& results, const std::vector<std::int64_t>& sizes,
@@ -443,7 +428,7 @@ void run_bench(const AllReduceOptions& o) {
     results.push_back(measure_rounds(ranks, sizes, dtype, tools, o));
     print_table(results.back(), sizes, o.dtype);
   }
-  print_targets(results, sizes);
+  print_summary(results, sizes);
   if (!o.json.empty()) {
     write_json(o.json, results, sizes, o.dtype);
     std::printf("\nwrote %s\n", o.json.c_str());

@@ -1,5 +1,6 @@
 #include "bench_common.h"
 
+#include <dirent.h>
 #include <sched.h>
 #include <time.h>
 #include <unistd.h>
@@ -8,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <string>
@@ -21,6 +23,24 @@
 #include "tpfuse/core/error.h"
 
 namespace tpfuse::cli {
+
+std::optional<GemmShape> parse_mnk(const std::string& text) {
+  long long m = 0, n = 0, k = 0;
+  char x1 = 0, x2 = 0, rest = 0;
+  if (std::sscanf(text.c_str(), "%lld%c%lld%c%lld%c", &m, &x1, &n, &x2, &k, &rest) != 5 || x1 != 'x' || x2 != 'x' ||
+      m < 1 || n < 1 || k < 1) {
+    return std::nullopt;
+  }
+  return GemmShape{m, n, k};
+}
+
+std::string format_bytes(std::int64_t bytes, bool sign) {
+  const char* prefix = sign ? (bytes < 0 ? "-" : "+") : (bytes < 0 ? "-" : "");
+  const double size = static_cast<double>(bytes < 0 ? -bytes : bytes);
+  if (size < 1024) return cat(prefix, bytes < 0 ? -bytes : bytes, " B");
+  if (size < 1024.0 * 1024) return cat(prefix, std::round(size / 1024 * 10) / 10, " KiB");
+  return cat(prefix, std::round(size / (1024.0 * 1024) * 10) / 10, " MiB");
+}
 
 double median(std::vector<double> values) {
   if (values.empty()) return std::nan("");
@@ -40,15 +60,29 @@ std::vector<int> allowed_cores() {
   return cores;
 }
 
+void pin_process(const std::vector<int>& cores) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (int core : cores) CPU_SET(core, &set);
+  DIR* tasks = opendir("/proc/self/task");
+  if (tasks == nullptr) {
+    if (sched_setaffinity(0, sizeof(set), &set) != 0) throw_system_error("sched_setaffinity", errno);
+    return;
+  }
+  while (const dirent* entry = readdir(tasks)) {
+    if (entry->d_name[0] == '.') continue;
+    sched_setaffinity(static_cast<pid_t>(std::atoi(entry->d_name)), sizeof(set), &set);
+  }
+  closedir(tasks);
+}
+
 int pin_rank(int rank, int ranks, const std::vector<int>& cores) {
   const std::size_t count = cores.size();
   const auto r = static_cast<std::size_t>(rank);
   const std::size_t block = static_cast<std::size_t>(ranks) <= count ? count / static_cast<std::size_t>(ranks) : 1;
   const std::size_t first = block > 1 || static_cast<std::size_t>(ranks) <= count ? r * block : r % count;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  for (std::size_t c = first; c < first + block; ++c) CPU_SET(cores[c], &set);
-  if (sched_setaffinity(0, sizeof(set), &set) != 0) throw_system_error("sched_setaffinity", errno);
+  pin_process(std::vector<int>(cores.begin() + static_cast<std::ptrdiff_t>(first),
+                               cores.begin() + static_cast<std::ptrdiff_t>(first + block)));
   return static_cast<int>(block);
 }
 

@@ -10,6 +10,7 @@
 #include <dnnl.hpp>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -19,11 +20,28 @@
 
 namespace tpfuse::cli {
 
+// The sizes of one GEMM, [m, k] x [k, n].
+struct GemmShape {
+  std::int64_t m = 0, n = 0, k = 0;
+};
+
+// "MxNxK" with positive sizes; nullopt for anything else.
+std::optional<GemmShape> parse_mnk(const std::string& text);
+
+// "4 MiB", "1.5 KiB", "12 B" (one decimal at most); `sign` writes "+" before
+// a positive size.
+std::string format_bytes(std::int64_t bytes, bool sign = false);
+
 // The median (the mean of the two middle values for an even count); NaN when empty.
 double median(std::vector<double> values);
 
 // The cores this process may run on now, in increasing order.
 std::vector<int> allowed_cores();
+
+// Sets the affinity of every thread of this process to `cores` (the calling
+// thread's alone would leave tpfuse's pooled workers and OpenMP's threads
+// where they were created, possibly all on one core).
+void pin_process(const std::vector<int>& cores);
 
 // Pins the calling process, rank `rank` of `ranks` on this host, to its part
 // of `cores`: a block of cores.size() / ranks cores of its own when there are

@@ -129,16 +129,11 @@ FusedShape parse_shape(const std::string& text) {
   for (const FusedShape& preset : preset_shapes()) {
     if (preset.name == text) return preset;
   }
-  long long m = 0, n = 0, k = 0;
-  char x1 = 0, x2 = 0;
-  if (std::sscanf(text.c_str(), "%lld%c%lld%c%lld", &m, &x1, &n, &x2, &k) != 5 || x1 != 'x' || x2 != 'x' ||
-      m < 1 || n < 1 || k < 1) {
-    std::string names;
-    for (const FusedShape& preset : preset_shapes()) names += cat(names.empty() ? "" : ", ", preset.name);
-    throw CLI::ValidationError("--shape", cat("expected one of ", names, " or MxNxK (K of the whole layer), got \"",
-                                              text, "\""));
-  }
-  return {"", m, n, k, 2};
+  if (const auto shape = parse_mnk(text)) return {"", shape->m, shape->n, shape->k, 2};
+  std::string names;
+  for (const FusedShape& preset : preset_shapes()) names += cat(names.empty() ? "" : ", ", preset.name);
+  throw CLI::ValidationError("--shape",
+                             cat("expected one of ", names, " or MxNxK (K of the whole layer), got \"", text, "\""));
 }
 
 Spread spread_of(const std::vector<double>& seconds) {
@@ -411,45 +406,6 @@ void print_ratios(const std::vector<FusedCase>& cases) {
   }
 }
 
-bool is_shape(const FusedCase& c, std::int64_t m, std::int64_t n, std::int64_t k, int ranks) {
-  return c.shape.m == m && c.shape.n == n && c.shape.k == k && c.ranks == ranks;
-}
-
-void print_target(const std::string& what, double value, const std::string& op, double target) {
-  const bool met = op == ">=" ? value >= target : value <= target;
-  std::printf("  %-52s %7.3f  (target %s %.2f)  %s\n", what.c_str(), value, op.c_str(), target,
-              std::isnan(value) ? "not measured" : met ? "met" : "MISSED");
-}
-
-void print_targets(const std::vector<FusedCase>& cases) {
-  std::printf("\nTargets (ratios of medians measured in this run):\n");
-  bool any = false;
-  for (const FusedCase& c : cases) {
-    const std::string name = cat(c.label(), " ", dtype_name(c.dtype), " ", c.ranks, " ranks");
-    if (is_shape(c, 4096, 8192, 4096, 2)) {
-      print_target(cat("T_peer / T_fused, ", name), c.peer / c.fused.median, ">=", 1.3);
-      // The fused call cannot take less than its own GEMM.
-      std::printf("    ceiling T_peer / T_gemm %.3f: T_gemm %.1f ms (peer's GEMM %.1f ms), MPI_Allreduce %.1f ms\n",
-                  c.peer / c.gemm.median, c.gemm.median * 1e3, c.peer_gemm * 1e3, c.comm_mpi * 1e3);
-    }
-    if (is_shape(c, 4096, 8192, 256, 2)) print_target(cat("hidden fraction, ", name), c.hidden_fraction(), ">=", 0.5);
-    print_target(cat("T_fused / T_serial, ", name), c.fused.median / c.serial.median, "<=", 1.00);
-    if (!std::isnan(c.traced.median)) {
-      print_target(cat("traced / untraced, ", name), c.traced.median / c.fused.median, "<=", 1.03);
-    }
-    // The request's example and the decode rows run as one tile: the
-    // operator's own work is all that separates it from its pieces.
-    if (is_shape(c, 128, 64, 4096, 8) || is_shape(c, 1, 4096, 4096, 2) || is_shape(c, 16, 4096, 4096, 2)) {
-      print_target(cat("op CPU per call and rank (us), ", name), c.op_cpu * 1e6, "<=", 3.0);
-    }
-    if (is_shape(c, 128, 64, 4096, 8)) {
-      std::printf("  %-52s %7.1f us per call (report)\n", cat("seed example, ", name).c_str(), c.fused.median * 1e6);
-    }
-    any = true;
-  }
-  if (!any) std::printf("  nothing measured\n");
-}
-
 // What a span costs with tracing off: the flag's load, in a loop of spans
 // that record nothing.
 double disabled_span_seconds() {
@@ -657,7 +613,6 @@ void run_bench(const FusedOptions& o) {
   print_times(cases);
   print_ratios(cases);
   if (o.trace_overhead) print_tracing(cases);
-  print_targets(cases);
   if (!o.json.empty()) {
     write_json(o.json, cases, o);
     std::printf("\nwrote %zu records to %s\n", cases.size(), o.json.c_str());

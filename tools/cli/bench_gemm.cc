@@ -2,7 +2,7 @@
 // would otherwise call, on the same shapes, in one process and one run:
 // oneDNN f32 / bf16 / s8s8s32 matmul, OpenBLAS sgemm, and "convert f16 to
 // f32, then oneDNN f32". Prints GFLOP/s (median over repetitions, with the
-// spread), the ratios the GEMM targets are stated in, and optionally JSON.
+// spread), the ratios to the baselines, and optionally JSON.
 //
 // Measurements of one shape are interleaved repetition by repetition, across
 // engines and thread counts, so a burst of load from other processes hits all
@@ -14,7 +14,6 @@
 // OpenBLAS is loaded at run time, after OPENBLAS_CORETYPE and
 // OPENBLAS_L2_SIZE are cleared in this process: set, they make OpenBLAS pick
 // slower kernels than the CPU supports.
-#include <dirent.h>
 #include <dlfcn.h>
 #include <omp.h>
 #include <sched.h>
@@ -44,9 +43,7 @@ namespace tpfuse::cli {
 
 namespace {
 
-struct Shape {
-  std::int64_t m = 0, n = 0, k = 0;
-};
+using Shape = GemmShape;
 
 struct BenchOptions {
   std::vector<std::string> shapes;
@@ -347,41 +344,17 @@ std::vector<Measurement> baselines(ShapeData& d, int threads, const std::vector<
   return out;
 }
 
-// Sets the affinity of every thread of this process (the calling thread's
-// alone would leave tpfuse's pooled workers and OpenMP's threads where they
-// were created, possibly all on one core).
-void set_process_affinity(const cpu_set_t& set) {
-  DIR* tasks = opendir("/proc/self/task");
-  if (tasks == nullptr) {
-    sched_setaffinity(0, sizeof(set), &set);
-    return;
-  }
-  while (const dirent* entry = readdir(tasks)) {
-    if (entry->d_name[0] == '.') continue;
-    sched_setaffinity(static_cast<pid_t>(std::atoi(entry->d_name)), sizeof(set), &set);
-  }
-  closedir(tasks);
-}
-
 // Pins this process to `threads` cores of those it was started with (the
 // last ones: core 0 tends to take the interrupts). Returns a description.
-std::string pin_to_cores(const cpu_set_t& allowed, int threads) {
-  std::vector<int> cores;
-  for (int c = 0; c < CPU_SETSIZE; ++c) {
-    if (CPU_ISSET(c, &allowed)) cores.push_back(c);
+std::string pin_to_cores(const std::vector<int>& allowed, int threads) {
+  if (static_cast<int>(allowed.size()) < threads) {
+    pin_process(allowed);
+    return cat("not pinned: only ", allowed.size(), " cores for ", threads, " threads");
   }
-  if (static_cast<int>(cores.size()) < threads) {
-    set_process_affinity(allowed);
-    return cat("not pinned: only ", cores.size(), " cores for ", threads, " threads");
-  }
-  cpu_set_t set;
-  CPU_ZERO(&set);
+  const std::vector<int> cores(allowed.end() - threads, allowed.end());
+  pin_process(cores);
   std::string names;
-  for (std::size_t i = cores.size() - static_cast<std::size_t>(threads); i < cores.size(); ++i) {
-    CPU_SET(cores[i], &set);
-    names += cat(names.empty() ? "" : ",", cores[i]);
-  }
-  set_process_affinity(set);
+  for (int core : cores) names += cat(names.empty() ? "" : ",", core);
   return cat("pinned to core", threads > 1 ? "s " : " ", names);
 }
 
@@ -395,7 +368,7 @@ struct ThreadGroup {
 // Repetitions are interleaved across thread counts as well as engines: the
 // scaling ratio (2 threads against 1) then compares repetitions taken side
 // by side, not two stretches of the run that other load may treat unevenly.
-void measure(std::vector<ThreadGroup>& groups, const cpu_set_t& allowed, bool pin, int reps, double min_rep_ms) {
+void measure(std::vector<ThreadGroup>& groups, const std::vector<int>& allowed, bool pin, int reps, double min_rep_ms) {
   const auto enter = [&](ThreadGroup& g) {
     const std::string pinning = pin ? pin_to_cores(allowed, g.threads) : "not pinned";
     if (g.pinning.empty()) g.pinning = pinning;
@@ -438,17 +411,8 @@ std::string record_key(const std::string& mode, const Shape& s, int threads, con
 }
 
 Shape parse_shape(const std::string& text) {
-  Shape s;
-  char x1 = 0, x2 = 0;
-  long long m = 0, n = 0, k = 0;
-  if (std::sscanf(text.c_str(), "%lld%c%lld%c%lld", &m, &x1, &n, &x2, &k) != 5 || x1 != 'x' || x2 != 'x' ||
-      m < 1 || n < 1 || k < 1) {
-    throw CLI::ValidationError("--shape", cat("expected MxNxK with positive sizes, got \"", text, "\""));
-  }
-  s.m = m;
-  s.n = n;
-  s.k = k;
-  return s;
+  if (const auto shape = parse_mnk(text)) return *shape;
+  throw CLI::ValidationError("--shape", cat("expected MxNxK with positive sizes, got \"", text, "\""));
 }
 
 // Ratios of medians, each against what it is compared with in this run: a
@@ -521,9 +485,7 @@ void run_bench(const BenchOptions& o) {
       o.epilogue == "both" ? std::vector<bool>{false, true} : std::vector<bool>{o.epilogue == "on"};
   const std::vector<bool> packings =
       o.packed == "both" ? std::vector<bool>{false, true} : std::vector<bool>{o.packed == "on"};
-  cpu_set_t allowed;
-  CPU_ZERO(&allowed);
-  sched_getaffinity(0, sizeof(allowed), &allowed);
+  const std::vector<int> allowed = allowed_cores();
   if (!o.no_baselines) {
     const OpenBlas* blas = load_openblas(o.openblas_coretype);
     std::printf("OpenBLAS: %s\n", blas != nullptr ? blas->config.c_str() : "not available");
@@ -571,7 +533,7 @@ void run_bench(const BenchOptions& o) {
       }
     }
   }
-  set_process_affinity(allowed);
+  pin_process(allowed);
   print_engines(records);
   print_ratios(records, by_key);
   if (!o.json.empty()) {

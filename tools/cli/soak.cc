@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "case_runner.h"
 #include "commands.h"
 #include "tpfuse/comm/launcher.h"
@@ -346,14 +347,6 @@ int soak_rank(comm::RankContext& ctx, const SoakOptions& o, RankRecord& record) 
   record.shm_end = testing::sample_shm_usage();
   record.finished = true;
   return 0;
-}
-
-std::string format_bytes(std::int64_t bytes, bool sign = false) {
-  const char* prefix = sign ? (bytes < 0 ? "-" : "+") : (bytes < 0 ? "-" : "");
-  const double size = static_cast<double>(bytes < 0 ? -bytes : bytes);
-  if (size < 1024) return cat(prefix, bytes < 0 ? -bytes : bytes, " B");
-  if (size < 1024.0 * 1024) return cat(prefix, std::round(size / 1024 * 10) / 10, " KiB");
-  return cat(prefix, std::round(size / (1024.0 * 1024) * 10) / 10, " MiB");
 }
 
 // Everything the soak found wrong, one sentence each.
