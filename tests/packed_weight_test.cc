@@ -16,10 +16,10 @@
 
 #include "core/cpu_isa.h"
 #include "gemm/engines.h"
-#include "ops/gemm_operands.h"
 #include "rank_harness.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
+#include "tpfuse/ops/gemm_operands.h"
 #include "tpfuse/ops/validate.h"
 #include "tpfuse/testing/golden.h"
 #include "tpfuse/testing/inputs.h"

@@ -15,10 +15,10 @@
 #include <thread>
 #include <vector>
 
-#include "ops/gemm_operands.h"
 #include "ops/test_hooks.h"
 #include "pipeline/executor.h"
 #include "rank_harness.h"
+#include "tpfuse/ops/gemm_operands.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/ops/validate.h"
 #include "tpfuse/pipeline/plan.h"

@@ -1,4 +1,4 @@
-#include "ops/gemm_operands.h"
+#include "tpfuse/ops/gemm_operands.h"
 
 namespace tpfuse {
 

@@ -2,9 +2,9 @@
 
 #include <algorithm>
 
-#include "ops/gemm_operands.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/gemm/tile_gemm.h"
+#include "tpfuse/ops/gemm_operands.h"
 #include "tpfuse/ops/validate.h"
 
 namespace tpfuse {

@@ -16,26 +16,6 @@
 
 namespace tpfuse::pipeline {
 
-// Who advances the all-reduces in flight.
-enum class ProgressMode {
-  interleaved,    // the GEMM's thread, between blocks of at most poll_rows rows
-  helper_thread,  // a thread of its own, while the GEMM's threads compute
-};
-
-// TPFUSE_PIPELINE_PROGRESS (auto, interleaved or helper_thread), read once;
-// auto: a helper thread where `comm` moves data only while it is called,
-// else interleaved.
-ProgressMode progress_mode_for(const comm::Communicator& comm);
-
-// How one rank's cores are shared: GEMM threads, and whether the reduce
-// gets a core of its own (a helper thread, when the rank has two cores or
-// more; the GEMM then leaves it one).
-struct ThreadBudget {
-  int gemm_threads = 1;
-  bool reduce_has_own_core = false;
-};
-ThreadBudget thread_budget(ProgressMode mode, int ranks_on_host);
-
 // One tile of a schedule: rows [m0, m1) of the call's output, the index-th.
 struct Tile {
   std::size_t index = 0;

@@ -18,8 +18,7 @@
 
 #include "bench_common.h"
 #include "commands.h"
-#include "ops/explain.h"
-#include "pipeline/executor.h"
+#include "tpfuse/ops/explain.h"
 #include "tpfuse/comm/launcher.h"
 #include "tpfuse/comm/mpi.h"
 #include "tpfuse/comm/registry.h"

@@ -5,7 +5,6 @@
 
 #include <string>
 
-#include "pipeline/executor.h"
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/ops/mode.h"
