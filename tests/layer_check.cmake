@@ -3,9 +3,11 @@
 # accepts it exactly when EXPECT is "builds" (a header of its own or a lower
 # layer) and refuses it, not finding the header, when EXPECT is "fails" (a
 # higher layer's).
-file(WRITE ${WORK}/include_${LAYER}.cc "#include \"${HEADER}\"\n")
+# A file of each check's own: checks run in parallel.
+string(MAKE_C_IDENTIFIER "${LAYER}_${HEADER}_${EXPECT}" name)
+file(WRITE ${WORK}/layer_check_${name}.cc "#include \"${HEADER}\"\n")
 execute_process(COMMAND ${CXX} -std=c++20 -fsyntax-only -I${VIEW}/include -I${VIEW}/src
-                        -I${BINARY}/include ${WORK}/include_${LAYER}.cc
+                        -I${BINARY}/include ${WORK}/layer_check_${name}.cc
                 RESULT_VARIABLE rc ERROR_VARIABLE err)
 message(STATUS "layer ${LAYER}, #include \"${HEADER}\": exit ${rc}\n${err}")
 if(EXPECT STREQUAL "builds" AND NOT rc EQUAL 0)
