@@ -150,13 +150,16 @@ bool Round::headers_differ() {
   return true;
 }
 
-bool Round::try_sum_all() {
+bool Round::all_contributed() {
   const Ring& ring = group_.segment.ring();
   const std::uint64_t round = spec_.round;
-  const bool all_in = wait_.poll([&](int r) {
+  return wait_.poll([&](int r) {
     return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
   });
-  if (!all_in) return false;
+}
+
+bool Round::try_sum_all() {
+  if (!all_contributed()) return false;
   if (headers_differ()) return true;
   test_hooks::fault_point(test_hooks::FaultPoint::reduce);
   sum_in_rank_order(spec_.dtype, sources_, spec_.count, spec_.output, nullptr, spec_.output_store);
@@ -165,12 +168,7 @@ bool Round::try_sum_all() {
 }
 
 bool Round::try_reduce_my_share() {
-  const Ring& ring = group_.segment.ring();
-  const std::uint64_t round = spec_.round;
-  const bool all_in = wait_.poll([&](int r) {
-    return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
-  });
-  if (!all_in) return false;
+  if (!all_contributed()) return false;
   if (headers_differ()) return true;
   test_hooks::fault_point(test_hooks::FaultPoint::reduce);
   const std::size_t element = dtype_size(spec_.dtype);
@@ -179,6 +177,8 @@ bool Round::try_reduce_my_share() {
   std::vector<const std::byte*> share(sources_.size());
   for (std::size_t r = 0; r < share.size(); ++r) share[r] = sources_[r] + begin * element;
   // My share of my slot is read by no one else: the sum may overwrite it.
+  const Ring& ring = group_.segment.ring();
+  const std::uint64_t round = spec_.round;
   sum_in_rank_order(spec_.dtype, share, end - begin, spec_.output + begin * element,
                     ring.slot(group_.rank, round) + begin * element, spec_.output_store);
   ring.flags(group_.rank, round).reduced.store(round, std::memory_order_release);
@@ -206,12 +206,7 @@ bool Round::try_gather_shares() {
 }
 
 bool Round::try_reduce_shard() {
-  const Ring& ring = group_.segment.ring();
-  const std::uint64_t round = spec_.round;
-  const bool all_in = wait_.poll([&](int r) {
-    return ring.flags(r, round).contributed.load(std::memory_order_acquire) >= round;
-  });
-  if (!all_in) return false;
+  if (!all_contributed()) return false;
   test_hooks::fault_point(test_hooks::FaultPoint::reduce);
   const std::size_t element = dtype_size(spec_.dtype);
   std::vector<const std::byte*> shard(sources_.size());

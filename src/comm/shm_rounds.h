@@ -109,6 +109,8 @@ class Round {
   void start_step(Step step);
   std::string_view step_name() const;
   bool headers_differ();
+  // Whether every rank has put its contribution in its slot (polls the peers).
+  bool all_contributed();
   bool try_sum_all();
   bool try_reduce_my_share();
   bool try_gather_shares();
