@@ -13,6 +13,7 @@
 #include "tpfuse/core/half.h"
 #include "tpfuse/core/log.h"
 #include "tpfuse/core/tensor.h"
+#include "tpfuse/ops/family.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/ops/packed_weight.h"
 #include "tpfuse/ops/quant_param.h"
