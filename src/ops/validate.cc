@@ -16,18 +16,14 @@
 #include <string>
 #include <utility>
 
+#include "ops/validate_rules.h"
 #include "tpfuse/core/error.h"
 
 namespace tpfuse {
 
-namespace {
+namespace rules {
 
 constexpr std::int64_t kGroupAlignment = 32;
-
-template <class... Parts>
-[[noreturn]] void fail(Parts&&... parts) {
-  throw InvalidArgument(cat(std::forward<Parts>(parts)...));
-}
 
 std::string shape_text(std::span<const std::int64_t> dims) {
   std::string out = "[";
@@ -47,7 +43,7 @@ std::string dtype_text(DType dtype) {
 // Shape and dtype, and the strides when given. Unlike TensorView::describe()
 // it multiplies nothing, so it can quote views whose sizes overflow int64 (or
 // whose dtype is unknown).
-std::string raw_text(const TensorView& view, bool with_strides = true) {
+std::string raw_text(const TensorView& view, bool with_strides) {
   std::string text = cat(shape_text(view.shape()), " ", dtype_text(view.dtype()));
   if (with_strides) text += " strides " + shape_text(view.strides());
   return text;
@@ -358,7 +354,22 @@ std::string range_text(const ByteRange& range) {
   return out.str();
 }
 
-}  // namespace
+void check_disjoint(const char* name, const TensorView& out, std::span<const NamedView> inputs) {
+  const ByteRange out_bytes = byte_range(out);
+  for (const auto& [input_name, input] : inputs) {
+    if (input == nullptr) continue;
+    const ByteRange in_bytes = byte_range(*input);
+    if (out_bytes.begin < in_bytes.end && in_bytes.begin < out_bytes.end) {
+      fail(name, ": expected memory disjoint from every input, got an overlap with ", input_name,
+           " (", name, " bytes ", range_text(out_bytes), ", ", input_name, " bytes ",
+           range_text(in_bytes), ")");
+    }
+  }
+}
+
+}  // namespace rules
+
+using namespace rules;
 
 CallShape validate_call(const TensorView& x1, const TensorView& x2,
                         const MmAllReduceOptions& options) {
@@ -422,7 +433,7 @@ void validate_out(const CallShape& shape, const TensorView& out, const TensorVie
   }
   check_contiguous("out", out);
 
-  const std::pair<const char*, const TensorView*> inputs[] = {
+  const NamedView inputs[] = {
       {"x1", &x1},
       {"x2", &x2},
       {"bias", options.bias ? &*options.bias : nullptr},
@@ -431,15 +442,7 @@ void validate_out(const CallShape& shape, const TensorView& out, const TensorVie
       {"x3", options.x3 ? &*options.x3 : nullptr},
       {"dequant_scale", options.dequant_scale ? &*options.dequant_scale : nullptr},
   };
-  const ByteRange out_bytes = byte_range(out);
-  for (const auto& [name, input] : inputs) {
-    if (input == nullptr) continue;
-    const ByteRange in_bytes = byte_range(*input);
-    if (out_bytes.begin < in_bytes.end && in_bytes.begin < out_bytes.end) {
-      fail("out: expected memory disjoint from every input, got an overlap with ", name,
-           " (out bytes ", range_text(out_bytes), ", ", name, " bytes ", range_text(in_bytes), ")");
-    }
-  }
+  check_disjoint("out", out, inputs);
 }
 
 }  // namespace tpfuse

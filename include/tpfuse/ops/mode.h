@@ -16,6 +16,19 @@ struct CallShape : GemmProblem {
   std::int64_t batch = 0;  // b for a 3-D x1, 0 for 2-D
   std::int64_t seq = 0;    // s for a 3-D x1, 0 for 2-D
   std::int64_t comm_turn = 0;
+  // all_gather_base_mm and mm_reduce_scatter_base: the group's size, which
+  // world_size must name. all_gather_base_mm: the GEMM's rows are
+  // world_size * m, gathered; n may differ between ranks.
+  std::int64_t world_size = 0;
+  bool gather_output = true;
+  // mm_all_reduce_add_rms_norm: the norm's epsilon, as the fp32 it runs with.
+  float epsilon = 0;
 };
+
+// The rows of the call's GEMM: the gathered rows for all_gather_base_mm,
+// else m.
+inline std::int64_t gemm_rows(const CallShape& shape) {
+  return shape.op == pipeline::Operator::all_gather_mm ? shape.world_size * shape.m : shape.m;
+}
 
 }  // namespace tpfuse
