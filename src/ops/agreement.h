@@ -29,6 +29,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -38,10 +39,12 @@
 namespace tpfuse {
 
 // What may differ between ranks' calls, combined rather than compared: a
-// K-slice each, threads from each rank's own settings. The planner needs the
+// K-slice each (or, gathering, a column shard each), threads from each
+// rank's own settings. The planner needs the
 // combination (the slowest rank paces the pipeline).
 struct RankFacts {
   std::int64_t k = 0;
+  std::int64_t n = 0;  // differs between ranks for all_gather_base_mm only
   int threads = 1;
   bool reduce_has_own_core = false;
   bool operator==(const RankFacts&) const = default;
@@ -68,31 +71,33 @@ comm::CallHeader make_header(const Proposal& proposal, const std::optional<Plann
 
 // The proposals in the headers judged; the same on every rank.
 struct Agreement {
-  // Every rank's facts combined: the largest k, the fewest threads, and an
+  // Every rank's facts combined: the largest k and n, the fewest threads, and an
   // own core for the reduce only where every rank has one.
   RankFacts facts;
   // Set when a rank failed validation (that rank gets its InvalidArgument,
   // the others DisagreementError naming it) or when the ranks disagree on the
-  // operator, m, b, s, n, mode, dtypes or comm_turn (DisagreementError naming
-  // the field, the ranks and their values).
+  // operator, m, b, s, n (k when gathering), mode, dtypes, comm_turn or epsilon (DisagreementError
+  // naming the field, the ranks and their values).
   std::exception_ptr failure;
 };
 
+// `operation` names the call in the failures ("mm_all_reduce_base").
 Agreement judge_headers(const std::vector<comm::CallHeader>& headers, int rank,
-                        const std::string& local_error);
+                        const std::string& local_error,
+                        std::string_view operation = "mm_all_reduce_base");
 
 // The combinations agreed on a communicator (its attachment: the same on
 // every rank, since every rank makes the same calls), by the call's agreed
 // fields and this rank's own facts.
 class AgreementCache {
  public:
-  static constexpr std::size_t kFields = 9;  // the agreed fields (agreement.cc)
+  static constexpr std::size_t kFields = 11;  // the agreed fields (agreement.cc)
 
   std::optional<RankFacts> find(const CallShape& shape, const RankFacts& mine);
   void remember(const CallShape& shape, const RankFacts& mine, const RankFacts& agreed);
 
  private:
-  using Key = std::tuple<std::array<std::int64_t, kFields>, std::int64_t, int, bool>;
+  using Key = std::tuple<std::array<std::int64_t, kFields>, std::int64_t, std::int64_t, int, bool>;
   std::mutex mutex_;
   std::map<Key, RankFacts> agreed_;
 };

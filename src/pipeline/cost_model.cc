@@ -47,7 +47,7 @@ struct GemmConstants {
 using TransportKey = DType;
 using GemmKey = std::tuple<Mode, DType, DType, std::int64_t, std::int64_t, int>;
 using PlanKey = std::tuple<Operator, std::int64_t, Mode, DType, DType, std::int64_t, std::int64_t,
-                           int, bool, std::int64_t>;
+                           int, bool, std::int64_t, int>;
 
 // Plans made, so that a call of a shape seen before (every layer of a model,
 // every step) skips the search: about a millisecond of CPU for m = 128, paid
@@ -276,10 +276,11 @@ Value cached_or_measured(comm::Communicator& comm, Cache& cache, std::string_vie
   return value;
 }
 
-// A forced or one-row plan needs no constants; its predictions are then
+// A forced or one-row plan, or the all-gather's (a tile per rank's block),
+// needs no constants; its predictions are then
 // meaningless and unused.
 bool needs_no_constants(const PlanRequest& request) {
-  return request.comm_turn > 0 || request.m == 1;
+  return request.comm_turn > 0 || request.m == 1 || request.op == Operator::all_gather_mm;
 }
 
 bool one_round_is_enough(const PlanRequest& request, const TransportConstants& transport) {
@@ -302,10 +303,10 @@ GemmKey gemm_key(const PlanRequest& request) {
 }
 
 PlanKey plan_key(const PlanRequest& request) {
-  return {request.op,       request.n,         request.mode,
-          request.in_dtype, request.out_dtype, request.m,
-          request.k,        request.threads,   request.reduce_has_own_core,
-          request.comm_turn};
+  return {request.op,        request.n,         request.mode,
+          request.in_dtype,  request.out_dtype, request.m,
+          request.k,         request.threads,   request.reduce_has_own_core,
+          request.comm_turn, request.ranks};
 }
 
 }  // namespace
@@ -343,10 +344,11 @@ PlanRequest make_request(Operator op, const GemmProblem& shape, std::int64_t com
 PlanRequest agree_request(comm::Communicator& comm, PlanRequest request) {
   const auto agreed =
       agreed_max(comm, {static_cast<double>(request.k), -static_cast<double>(request.threads),
-                        request.reduce_has_own_core ? 0.0 : 1.0});
+                        request.reduce_has_own_core ? 0.0 : 1.0, static_cast<double>(request.n)});
   request.k = static_cast<std::int64_t>(agreed[0]);
   request.threads = static_cast<int>(-agreed[1]);
   request.reduce_has_own_core = agreed[2] == 0.0;
+  request.n = static_cast<std::int64_t>(agreed[3]);
   return request;
 }
 

@@ -32,6 +32,7 @@
 // against 37 ms with the helper thread, serial about 80 ms.
 #include "pipeline/executor.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -39,6 +40,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <vector>
 
 #include "core/fault_hooks.h"
 #include "core/trace.h"
@@ -188,6 +190,36 @@ void run_tiles(const TilePlan& plan, TileStages& stages, InFlight& in_flight) {
   in_flight.finish();
 }
 
+// Rows [m0, m1) of `gemm` into `dst` (row m0 first, rows of row_bytes), in
+// `blocks` calls of about the same size (a short last block would still
+// pay a whole pass over the weight), polling after each.
+void compute_rows_polled(const gemm::PreparedGemm& gemm, std::int64_t m0, std::int64_t m1,
+                         std::byte* dst, std::int64_t n, std::size_t row_bytes, std::int64_t blocks,
+                         const std::function<void()>& poll) {
+  const std::int64_t rows = m1 - m0;
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    const std::int64_t begin = m0 + rows * b / blocks;
+    const std::int64_t end = m0 + rows * (b + 1) / blocks;
+    test_hooks::fault_point(test_hooks::FaultPoint::gemm_block);
+    {
+      trace::Span span("gemm", "gemm");
+      if (span.active()) {
+        span.args().add("row_begin", begin).add("row_end", end).add("engine", gemm.engine());
+      }
+      gemm.compute_rows(begin, end, dst + static_cast<std::size_t>(begin - m0) * row_bytes, n);
+    }
+    poll();
+  }
+}
+
+// The blocks a tile is computed in: of at most poll_rows rows where the
+// GEMM's thread advances the collectives, else one.
+std::int64_t blocks_of(const Tile& tile, ProgressMode progress, std::int64_t poll_rows) {
+  const std::int64_t rows = tile.m1 - tile.m0;
+  if (progress != ProgressMode::interleaved || poll_rows <= 0) return 1;
+  return (rows + poll_rows - 1) / poll_rows;
+}
+
 // GEMM then all-reduce: tile t's rows go into the reduce buffer of round t
 // (or, for a tile larger than the transport's buffers, into the output,
 // copied in by a plain all-reduce).
@@ -207,7 +239,8 @@ class GemmAllReduceStages final : public TileStages {
       buffer_ = comm.acquire_reduce_buffer(count, job_.dtype);
       dst = buffer_->data;
     }
-    compute(tile, dst, poll);
+    compute_rows_polled(*job_.gemm, tile.m0, tile.m1, dst, job_.n, row_bytes_,
+                        blocks_of(tile, job_.progress, poll_rows_), poll);
     if (job_.after_tile_computed) job_.after_tile_computed(static_cast<std::int64_t>(tile.index));
   }
 
@@ -219,6 +252,10 @@ class GemmAllReduceStages final : public TileStages {
       return work;
     }
     return comm.all_reduce_start(out_rows(tile), out_rows(tile), elements(tile), job_.dtype);
+  }
+
+  void finish(const Tile& tile) override {
+    if (job_.finish_rows) job_.finish_rows(tile.m0, tile.m1);
   }
 
   // The tile's all-reduce as the call's checked round (see execute_checked_tile).
@@ -242,37 +279,126 @@ class GemmAllReduceStages final : public TileStages {
     return static_cast<std::byte*>(job_.out) + static_cast<std::size_t>(tile.m0) * row_bytes_;
   }
 
-  // The tile's rows into `dst`, polling between blocks of at most poll_rows
-  // rows, all of about the same size (a short last block would still pay a
-  // whole pass over the weight).
-  void compute(const Tile& tile, std::byte* dst, const std::function<void()>& poll) const {
-    const std::int64_t rows = tile.m1 - tile.m0;
-    const std::int64_t blocks = job_.progress == ProgressMode::interleaved && poll_rows_ > 0
-                                    ? (rows + poll_rows_ - 1) / poll_rows_
-                                    : 1;
-    for (std::int64_t b = 0; b < blocks; ++b) {
-      const std::int64_t begin = tile.m0 + rows * b / blocks;
-      const std::int64_t end = tile.m0 + rows * (b + 1) / blocks;
-      test_hooks::fault_point(test_hooks::FaultPoint::gemm_block);
-      {
-        trace::Span span("gemm", "gemm");
-        if (span.active()) {
-          span.args()
-              .add("row_begin", begin)
-              .add("row_end", end)
-              .add("engine", job_.gemm->engine());
-        }
-        job_.gemm->compute_rows(
-            begin, end, dst + static_cast<std::size_t>(begin - tile.m0) * row_bytes_, job_.n);
-      }
-      poll();
-    }
-  }
-
   TileJob job_;
   std::int64_t poll_rows_;
   std::size_t row_bytes_;
   std::optional<comm::ReduceBuffer> buffer_;  // the tile's, between produce and communicate
+};
+
+// Gather then GEMM (GatherJob).
+class GatherGemmStages final : public TileStages {
+ public:
+  explicit GatherGemmStages(const GatherJob& job)
+      : job_(job),
+        ranks_(job.comm->size()),
+        rank_(job.comm->rank()),
+        total_(job.rows * ranks_),
+        row_bytes_(static_cast<std::size_t>(job.n) * dtype_size(job.out_dtype)) {}
+
+  void begin() override {
+    comm::Communicator& comm = *job_.comm;
+    const auto ranks = static_cast<std::size_t>(ranks_);
+    if (job_.x1_scale != nullptr) {
+      // A few bytes a rank; the gather of x1 below would complete it first
+      // anyway (one gather in flight at a time).
+      const std::vector<std::size_t> counts(ranks, static_cast<std::size_t>(job_.rows));
+      comm.all_gather_start(job_.x1_scale, job_.gathered_scale, counts, DType::f32)->wait();
+    }
+    const std::vector<std::size_t> counts(ranks, static_cast<std::size_t>(job_.rows * job_.k));
+    gather_ = comm.all_gather_start(job_.x1, job_.gathered, counts, job_.x1_dtype);
+  }
+
+  void await_input(const Tile& tile) override {
+    for_each_part(tile, [&](std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t block = r0 / job_.rows; block * job_.rows < r1; ++block) {
+        gather_->wait(static_cast<int>(block));
+      }
+    });
+  }
+
+  void produce(const Tile& tile, const std::function<void()>& poll) override {
+    const std::function<void()> advance = [&] {
+      poll();
+      gather_->test();
+    };
+    for_each_part(tile, [&](std::int64_t r0, std::int64_t r1) {
+      compute_rows_polled(*job_.gemm, r0, r1, out_rows(r0), job_.n, row_bytes_, 1, advance);
+    });
+    if (job_.after_tile_computed) job_.after_tile_computed(static_cast<std::int64_t>(tile.index));
+  }
+
+  // The last tile hands the gather to the executor, which waits for all of
+  // it (every block has landed by then; the transport may still be
+  // finishing its rounds).
+  std::unique_ptr<comm::Work> communicate(const Tile& tile) override {
+    if (tile.m1 == total_) return std::move(gather_);
+    return nullptr;
+  }
+
+ private:
+  // The tile's rows, counted from this rank's block on, as at most two
+  // ranges of the gathered rows.
+  template <class Body>
+  void for_each_part(const Tile& tile, Body&& body) const {
+    const std::int64_t start = (tile.m0 + rank_ * job_.rows) % total_;
+    const std::int64_t rows = tile.m1 - tile.m0;
+    const std::int64_t first = std::min(rows, total_ - start);
+    body(start, start + first);
+    if (first < rows) body(0, rows - first);
+  }
+  std::byte* out_rows(std::int64_t row) const {
+    return static_cast<std::byte*>(job_.out) + static_cast<std::size_t>(row) * row_bytes_;
+  }
+
+  GatherJob job_;
+  int ranks_, rank_;
+  std::int64_t total_;
+  std::size_t row_bytes_;
+  std::unique_ptr<comm::GatherWork> gather_;
+};
+
+// GEMM then reduce-scatter (ReduceScatterJob).
+class GemmReduceScatterStages final : public TileStages {
+ public:
+  GemmReduceScatterStages(const ReduceScatterJob& job, std::int64_t poll_rows)
+      : job_(job),
+        poll_rows_(poll_rows),
+        ranks_(job.comm->size()),
+        shard_rows_(job.m / ranks_),
+        row_bytes_(static_cast<std::size_t>(job.n) * dtype_size(job.dtype)) {}
+
+  void produce(const Tile& tile, const std::function<void()>& poll) override {
+    compute_rows_polled(*job_.gemm, tile.m0, tile.m1, partial_rows(tile.m0), job_.n, row_bytes_,
+                        blocks_of(tile, job_.progress, poll_rows_), poll);
+    if (job_.after_tile_computed) job_.after_tile_computed(static_cast<std::int64_t>(tile.index));
+  }
+
+  std::unique_ptr<comm::Work> communicate(const Tile& tile) override {
+    // Rank r's shard of the tile: its rows of [r * m / p, (r + 1) * m / p).
+    std::vector<std::size_t> counts(static_cast<std::size_t>(ranks_));
+    for (int r = 0; r < ranks_; ++r) {
+      const std::int64_t from = std::max(tile.m0, r * shard_rows_);
+      const std::int64_t to = std::min(tile.m1, (r + 1) * shard_rows_);
+      counts[static_cast<std::size_t>(r)] =
+          static_cast<std::size_t>(std::max<std::int64_t>(0, to - from) * job_.n);
+    }
+    const std::int64_t mine = job_.comm->rank() * shard_rows_;
+    const std::int64_t first = std::clamp(tile.m0, mine, mine + shard_rows_) - mine;
+    std::byte* out =
+        static_cast<std::byte*>(job_.out) + static_cast<std::size_t>(first) * row_bytes_;
+    return job_.comm->reduce_scatter_start(partial_rows(tile.m0), out, counts, job_.dtype);
+  }
+
+ private:
+  std::byte* partial_rows(std::int64_t row) const {
+    return static_cast<std::byte*>(job_.partials) + static_cast<std::size_t>(row) * row_bytes_;
+  }
+
+  ReduceScatterJob job_;
+  std::int64_t poll_rows_;
+  int ranks_;
+  std::int64_t shard_rows_;
+  std::size_t row_bytes_;
 };
 
 }  // namespace
@@ -312,6 +438,15 @@ std::unique_ptr<TileStages> gemm_all_reduce_stages(const TileJob& job, std::int6
   return std::make_unique<GemmAllReduceStages>(job, poll_rows);
 }
 
+std::unique_ptr<TileStages> all_gather_gemm_stages(const GatherJob& job) {
+  return std::make_unique<GatherGemmStages>(job);
+}
+
+std::unique_ptr<TileStages> gemm_reduce_scatter_stages(const ReduceScatterJob& job,
+                                                       std::int64_t poll_rows) {
+  return std::make_unique<GemmReduceScatterStages>(job, poll_rows);
+}
+
 void execute_plan(const TilePlan& plan, const TileJob& job) {
   // One tile leaves nothing to overlap: this thread computes it in one go
   // and waits for its reduce itself, as a plain all-reduce would. A helper
@@ -343,7 +478,9 @@ Mismatch execute_checked_tile(const TileJob& job, std::int64_t m, const comm::Ca
     GemmAllReduceStages stages(run, 0);
     const Tile tile{0, 0, m};
     stages.produce(tile, [] {});
-    return finish_checked(*stages.communicate_checked(tile, header));
+    Mismatch mismatch = finish_checked(*stages.communicate_checked(tile, header));
+    if (!mismatch) stages.finish(tile);
+    return mismatch;
   } catch (const std::exception& error) {
     comm.abort(cat("rank ", comm.rank(), " stopped its tile pipeline: ", error.what()));
     throw;

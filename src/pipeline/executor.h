@@ -66,6 +66,10 @@ struct TileJob {
   // Called after a tile's GEMM, before its all-reduce starts (tests stall or
   // kill a rank there).
   std::function<void(std::int64_t tile)> after_tile_computed;
+  // Once a tile's all-reduce has completed: work on its reduced rows
+  // [m0, m1) of `out` (the add and normalise of mm_all_reduce_add_rms_norm),
+  // or none.
+  std::function<void(std::int64_t m0, std::int64_t m1)> finish_rows;
 };
 
 // The stages of that schedule; the GEMM polls between blocks of at most
@@ -74,6 +78,44 @@ std::unique_ptr<TileStages> gemm_all_reduce_stages(const TileJob& job, std::int6
 
 // Runs `plan` with those stages (execute()).
 void execute_plan(const TilePlan& plan, const TileJob& job);
+
+// all_gather_base_mm's schedule: begin starts gathering every rank's x1
+// block into `gathered`; tile t is rows [m0, m1) counted from this rank's
+// own block on (wrapping around the end), so the GEMM starts on the block
+// that is here, and each tile waits only for the blocks it reads.
+struct GatherJob {
+  const gemm::PreparedGemm* gemm = nullptr;  // over `gathered`, every row
+  comm::Communicator* comm = nullptr;
+  const void* x1 = nullptr;  // this rank's [rows, k]
+  std::int64_t rows = 0, k = 0;
+  DType x1_dtype = DType::f16;
+  void* gathered = nullptr;  // [ranks * rows, k]
+  // The quant path's per-row scales, gathered alongside: [rows] f32 into
+  // [ranks * rows], or null.
+  const float* x1_scale = nullptr;
+  float* gathered_scale = nullptr;
+  std::int64_t n = 0;
+  DType out_dtype = DType::f16;
+  void* out = nullptr;  // [ranks * rows, n]
+  std::function<void(std::int64_t tile)> after_tile_computed;
+};
+std::unique_ptr<TileStages> all_gather_gemm_stages(const GatherJob& job);
+
+// mm_reduce_scatter_base's schedule: each tile's GEMM rows into `partials`,
+// then their reduce-scatter: rank r keeps the rows of [r * m / p,
+// (r + 1) * m / p) that the tile holds, in its `out`.
+struct ReduceScatterJob {
+  const gemm::PreparedGemm* gemm = nullptr;
+  comm::Communicator* comm = nullptr;
+  std::int64_t m = 0, n = 0;
+  DType dtype = DType::f16;
+  void* partials = nullptr;  // [m, n]: this rank's GEMM rows
+  void* out = nullptr;       // [m / p, n]
+  ProgressMode progress = ProgressMode::interleaved;
+  std::function<void(std::int64_t tile)> after_tile_computed;
+};
+std::unique_ptr<TileStages> gemm_reduce_scatter_stages(const ReduceScatterJob& job,
+                                                       std::int64_t poll_rows);
 
 // The call's first round carrying its header (Communicator::checked_all_reduce_start):
 // a plan of one tile that fits a reduce buffer, computed and reduced in

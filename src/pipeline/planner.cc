@@ -210,7 +210,15 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
           constants.gemm_call_seconds);
   const CostModel model{request, constants};
   TilePlan plan;
-  if (request.comm_turn > 0) {
+  if (request.op == Operator::all_gather_mm && request.comm_turn == 0) {
+    // A tile per rank's block, this rank's own first: its GEMM starts at
+    // once, and each block's GEMM runs while the next blocks arrive. The
+    // gather is not the GEMM's input until it lands, so nothing is gained
+    // by measuring: the blocks are the tiles.
+    const auto ranks = static_cast<std::size_t>(std::max(1, request.ranks));
+    plan.tile_rows = split_rows(request.m, std::vector<double>(ranks, 1.0), 1);
+    plan.reason = cat(ranks, " tiles: one per rank's block of gathered rows, its own first");
+  } else if (request.comm_turn > 0) {
     const std::int64_t tiles = std::min(request.comm_turn, request.m);
     plan.tile_rows =
         split_rows(request.m, std::vector<double>(static_cast<std::size_t>(tiles), 1.0), 1);
@@ -235,7 +243,8 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
   // tile cut into blocks by them ran each 16-row tile as four calls of 4 rows,
   // each reading the whole weight (256x4096x640 bf16 in 16 tiles: 29 ms
   // against 14 ms in one tile; in 16 one-call tiles, 16 ms).
-  plan.poll_rows = request.comm_turn > 0
+  const bool one_call_per_tile = request.comm_turn > 0 || request.op == Operator::all_gather_mm;
+  plan.poll_rows = one_call_per_tile
                        ? *std::max_element(plan.tile_rows.begin(), plan.tile_rows.end())
                        : poll_rows_for(plan.tile_rows, model);
   plan.predicted_seconds = model.predict(plan.tile_rows, plan.poll_rows);

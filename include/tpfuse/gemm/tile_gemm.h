@@ -41,6 +41,9 @@ struct GemmOperands {
   std::optional<TensorView> x3;      // [m, n]
   std::optional<TensorView> scale;   // antiquant_scale or dequant_scale
   std::optional<TensorView> offset;  // antiquant_offset
+  // Full quant only: [m] f32, one per row of x1 (a per-token activation
+  // scale), contiguous; or none.
+  std::optional<TensorView> row_scale;
   // Threads this rank's GEMM may use; 0: default_gemm_threads(1). Results do
   // not depend on it.
   int threads = 0;

@@ -58,6 +58,8 @@ struct PlanRequest {
   DType out_dtype = DType::f16;
   int threads = 1;             // GEMM threads per rank
   std::int64_t comm_turn = 0;  // > 0: exactly that many tiles (capped at m)
+  // The group's size: all_gather_mm's m is that many ranks' blocks of rows.
+  int ranks = 1;
   // Whether the reduce runs on a core of its own, alongside the GEMM (else
   // it takes turns with the GEMM on the GEMM's cores, and only its time off
   // the CPU, reduce_cpu_share's complement, overlaps the GEMM).
@@ -119,7 +121,7 @@ PlanRequest make_request(Operator op, const GemmProblem& shape, std::int64_t com
                          bool reduce_has_own_core);
 
 // The request with the facts that may differ between ranks agreed (one
-// all_gather; collective): the largest k, the fewest threads, and a core of
+// all_gather; collective): the largest k and n, the fewest threads, and a core of
 // its own for the reduce only where every rank has one. The operator gets the
 // same from its agreement step instead.
 PlanRequest agree_request(comm::Communicator& comm, PlanRequest request);
