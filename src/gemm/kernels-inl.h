@@ -263,18 +263,21 @@ inline void finish_f32(std::int64_t rows, std::int64_t cols, const float* acc, s
   }
 }
 
-// Full quant: (int32 sum + int32 bias, wrapping) -> fp32, times the scale,
-// then x3 and the rounding as in finish_f32.
-inline void finish_i32(std::int64_t rows, std::int64_t cols, const std::int32_t* acc,
-                       std::int64_t acc_ld, const TileEpilogue& e) {
+// finish_i32 without (kRowScale false) or with row scales.
+template <bool kRowScale>
+HWY_INLINE void finish_i32_rows(std::int64_t rows, std::int64_t cols, const std::int32_t* acc,
+                                std::int64_t acc_ld, const TileEpilogue& e) {
   const std::size_t size = elem_size(e.out_dtype);
   const auto* x3 = static_cast<const unsigned char*>(e.x3);
   auto* dst = static_cast<unsigned char*>(e.dst);
   for (std::int64_t i = 0; i < rows; ++i) {
+    [[maybe_unused]] const float row_scale = kRowScale ? e.row_scale[i] : 1.0f;
     for_each_vector(cols, [&](std::int64_t j, std::int64_t count) {
       auto sum = load_lanes(acc + i * acc_ld + j, count);
       if (e.bias_i32 != nullptr) sum = hn::Add(sum, load_lanes(e.bias_i32 + j, count));
-      const FloatVec scaled = hn::Mul(hn::ConvertTo(FloatTag(), sum), load_lanes(e.scale + j, count));
+      FloatVec scale = load_lanes(e.scale + j, count);
+      if constexpr (kRowScale) scale = hn::Mul(hn::Set(FloatTag(), row_scale), scale);
+      const FloatVec scaled = hn::Mul(hn::ConvertTo(FloatTag(), sum), scale);
       const void* x3_at = x3 != nullptr ? x3 + (i * e.x3_ld + j) * size : nullptr;
       void* dst_at = dst + (i * e.dst_ld + j) * size;
       if (count == kLanes) {
@@ -284,6 +287,25 @@ inline void finish_i32(std::int64_t rows, std::int64_t cols, const std::int32_t*
       }
     });
   }
+}
+
+// With row scales, out of line: the path without them compiles as it would alone.
+HWY_NOINLINE inline void finish_i32_row_scaled(std::int64_t rows, std::int64_t cols,
+                                               const std::int32_t* acc, std::int64_t acc_ld,
+                                               const TileEpilogue& e) {
+  finish_i32_rows<true>(rows, cols, acc, acc_ld, e);
+}
+
+// Full quant: (int32 sum + int32 bias, wrapping) -> fp32, times the scale
+// (with row scales: times row_scale[i] * scale[j], that product rounded
+// first), then x3 and the rounding as in finish_f32.
+inline void finish_i32(std::int64_t rows, std::int64_t cols, const std::int32_t* acc,
+                       std::int64_t acc_ld, const TileEpilogue& e) {
+  if (e.row_scale != nullptr) {
+    finish_i32_row_scaled(rows, cols, acc, acc_ld, e);
+    return;
+  }
+  finish_i32_rows<false>(rows, cols, acc, acc_ld, e);
 }
 
 // ---- packing ----

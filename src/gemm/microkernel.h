@@ -20,8 +20,9 @@
 // values, so with kc <= 1024 every partial sum is an integer below 2^24 in
 // magnitude, exact in fp32. Each kc-step then starts from zero, and its sums
 // are added to acc as int32 (wrapping) instead; the epilogue is the full
-// quant one on the int32 totals. The int32 result is exact, as a library's
-// int8 kernel's is.
+// quant one on the int32 totals: fp32(total) * scale[j], or with row scales
+// fp32(total) * (row_scale[i] * scale[j]). The int32 result is exact, as a
+// library's int8 kernel's is.
 //
 // B(l, j) is read at b + l * b_ld + j for j < NR (all NR columns must be
 // readable; columns >= nr are computed and dropped). Its format is the
@@ -58,6 +59,8 @@ struct TileEpilogue {
   const float* bias = nullptr;             // float modes: fp32 bias, or null
   const std::int32_t* bias_i32 = nullptr;  // full quant: int32 bias, or null
   const float* scale = nullptr;            // full quant: fp32 dequant scale per column
+  // full quant: per-row scale of the tile's first row on, or null
+  const float* row_scale = nullptr;
   const void* x3 = nullptr;                // or null
   std::int64_t x3_ld = 0;
   void* dst = nullptr;
