@@ -102,7 +102,10 @@ struct Task {
 class FloatGemm final : public PreparedGemm {
  public:
   FloatGemm(const GemmOperands& operands, const KernelTable& kernels, int threads)
-      : ops_(operands), kernels_(kernels), pool_(lease_pool(threads)) {
+      : ops_(operands),
+        kernels_(kernels),
+        row_scales_(row_scales(operands)),
+        pool_(lease_pool(threads)) {
     const GemmProblem& s = ops_.shape;
     mr_ = kernels_.mr;
     nr_ = kernels_.nr;
@@ -562,6 +565,7 @@ class FloatGemm final : public PreparedGemm {
                 if (s.mode == Mode::full_quant) {
                   epilogue.bias_i32 = ops_.bias ? ops_.bias->data_as<const std::int32_t>() + p * nr_ : nullptr;
                   epilogue.scale = dequant_scales_.data() + p * nr_;
+                  epilogue.row_scale = row_scales_ != nullptr ? row_scales_ + ir : nullptr;
                 } else {
                   epilogue.bias = ops_.bias ? bias_.data() + p * nr_ : nullptr;
                 }
@@ -583,6 +587,7 @@ class FloatGemm final : public PreparedGemm {
 
   GemmOperands ops_;
   const KernelTable& kernels_;
+  const float* row_scales_ = nullptr;  // full quant: per row of x1, or null
   std::int64_t mr_ = 0, nr_ = 0, panels_ = 0, n_padded_ = 0;
   std::size_t x2_elem_ = 0;
   BLayout layout_ = BLayout::packed_f32;

@@ -18,7 +18,8 @@
 // sign bit flipped), and 128 * (column sum of x2) taken back in the int32
 // bias the epilogue adds anyway (with s8 x1 oneDNN wants a compensation it
 // keeps in the weights' layout, which it cannot reorder a column slice
-// into). 1.03x the single matmul at 2048^3.
+// into). 1.03x the single matmul at 2048^3. The bias is int32, added before
+// any scale, so per-row scales multiply the same int32 sums either way.
 //
 // Why the results do not depend on the row range:
 //   int8: the int32 sums are exact whatever order oneDNN adds them in (k <=
@@ -100,7 +101,11 @@ struct Chunk {
 class OneDnnGemm final : public PreparedGemm {
  public:
   OneDnnGemm(const GemmOperands& operands, const KernelTable& kernels, int threads)
-      : ops_(operands), kernels_(kernels), pool_(lease_pool(threads)), engine_(cpu_engine()) {
+      : ops_(operands),
+        kernels_(kernels),
+        row_scales_(row_scales(operands)),
+        pool_(lease_pool(threads)),
+        engine_(cpu_engine()) {
     const GemmProblem& s = ops_.shape;
     full_quant_ = s.mode == Mode::full_quant;
     const auto* given = dynamic_cast<const OneDnnSlices*>(ops_.packed);
@@ -339,6 +344,7 @@ class OneDnnGemm final : public PreparedGemm {
       epilogue.bias_i32 = int8_as_stored_ ? (ops_.bias ? ops_.bias->data_as<const std::int32_t>() + col0 : nullptr)
                                           : compensated_bias_.data() + col0;
       epilogue.scale = scales_.data() + col0;
+      epilogue.row_scale = row_scales_ != nullptr ? row_scales_ + chunk.r0 : nullptr;
       kernels_.finish_i32(chunk.rows, cols, reinterpret_cast<const std::int32_t*>(slot.sums.data()),
                           cols, epilogue);
     } else {
@@ -349,6 +355,7 @@ class OneDnnGemm final : public PreparedGemm {
 
   GemmOperands ops_;
   const KernelTable& kernels_;
+  const float* row_scales_ = nullptr;  // full quant: per row of x1, or null
   PoolLease pool_;
   dnnl::engine engine_;
   bool full_quant_ = false;

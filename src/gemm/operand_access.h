@@ -1,5 +1,5 @@
 // Element access shared by the engines' packing code: reading any supported
-// dtype as fp32, and the weight-only dequantization rule.
+// dtype as fp32, the weight-only dequantization rule, full quant's row scales.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,7 @@
 #include "tpfuse/core/half.h"
 #include "tpfuse/core/tensor.h"
 #include "tpfuse/gemm/problem.h"
+#include "tpfuse/gemm/tile_gemm.h"
 
 namespace tpfuse::gemm {
 
@@ -69,6 +70,19 @@ inline std::int64_t scale_index(const GemmProblem& shape, std::int64_t l, std::i
       break;
   }
   throw InternalError("scale_index: no scale in this mode");
+}
+
+// Full quant's per-row scales (operands.row_scale), one fp32 value per row
+// of x1 from row 0 on; null without them.
+inline const float* row_scales(const GemmOperands& operands) {
+  if (!operands.row_scale) return nullptr;
+  const TensorView& view = *operands.row_scale;
+  if (operands.shape.mode != Mode::full_quant || view.dtype() != DType::f32 || view.ndim() != 1 ||
+      (view.size(0) > 1 && view.stride(0) != 1)) {
+    throw InternalError(cat("row_scale: expected a contiguous [m] f32 view in full quant, got ",
+                            view.describe(), " in ", mode_name(operands.shape.mode)));
+  }
+  return view.data_as<const float>();
 }
 
 }  // namespace tpfuse::gemm

@@ -15,7 +15,8 @@ namespace {
 
 class ReferenceGemm final : public PreparedGemm {
  public:
-  explicit ReferenceGemm(const GemmOperands& operands) : ops_(operands) {
+  explicit ReferenceGemm(const GemmOperands& operands)
+      : ops_(operands), row_scales_(row_scales(operands)) {
     const GemmProblem& s = ops_.shape;
     if (s.mode == Mode::full_quant) {
       prepare_full_quant();
@@ -117,7 +118,8 @@ class ReferenceGemm final : public PreparedGemm {
         for (std::int64_t j = 0; j < s.n; ++j) acc[j] += static_cast<std::uint32_t>(a * w[j]);
       }
       for (std::int64_t j = 0; j < s.n; ++j) {
-        float v = static_cast<float>(static_cast<std::int32_t>(acc[j])) * scales_[j];
+        const float scale = row_scales_ != nullptr ? row_scales_[i] * scales_[j] : scales_[j];
+        float v = static_cast<float>(static_cast<std::int32_t>(acc[j])) * scale;
         if (ops_.x3) v += load_as_f32(*ops_.x3, i * s.n + j);
         store_from_f32(dst, s.out_dtype, (i - m0) * ld + j, v);
       }
@@ -127,6 +129,7 @@ class ReferenceGemm final : public PreparedGemm {
   GemmOperands ops_;
   std::vector<float> weights_f32_, bias_f32_, scales_;
   std::vector<std::int32_t> weights_i32_, bias_i32_;
+  const float* row_scales_ = nullptr;  // full quant: per row of x1, or null
 };
 
 }  // namespace

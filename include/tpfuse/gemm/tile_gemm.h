@@ -8,7 +8,9 @@
 //   full quant:   scale * (x1 @ x2 + bias) + x3       (int32 product and bias)
 // accumulated in fp32 (int32), with the epilogue applied in fp32 in that order
 // and rounded once to the output dtype, written to dst with row stride ld
-// (elements). A row's result never depends on the range it was computed in.
+// (elements). With a row scale, full quant's scale of element (i, j) is
+// row_scale[i] * scale[j], one fp32 product taken before it multiplies the
+// sum. A row's result never depends on the range it was computed in.
 #pragma once
 
 #include <cstddef>
@@ -39,7 +41,9 @@ struct GemmOperands {
   TensorView x2;  // [k, n], row-major or transposed
   std::optional<TensorView> bias;    // [n]
   std::optional<TensorView> x3;      // [m, n]
-  std::optional<TensorView> scale;   // antiquant_scale or dequant_scale
+  // antiquant_scale, or dequant_scale (full quant: i64 packed by
+  // trans_quant_param, bf16 or f32; [1] or [n] / [1, n])
+  std::optional<TensorView> scale;
   std::optional<TensorView> offset;  // antiquant_offset
   // Full quant only: [m] f32, one per row of x1 (a per-token activation
   // scale), contiguous; or none.
