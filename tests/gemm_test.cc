@@ -3,6 +3,7 @@
 // {1, 7, 33, 129, 1000}, transposed x2, per-group scales with a ragged last
 // group); and the bitwise invariances the operator relies on: a row's result
 // does not depend on the row range it was computed in, nor on the threads.
+// Full quant with per-row scales, every engine bit for bit against the formula.
 #include <gtest/gtest.h>
 
 #include <bit>
@@ -18,6 +19,7 @@
 
 #include "core/cpu_isa.h"
 #include "gemm/engines.h"
+#include "gemm/float_gemm.h"
 #include "gemm/microkernel.h"
 #include "gemm/onednn_gemm.h"
 #include "gemm/reference_gemm.h"
@@ -242,6 +244,258 @@ TEST_P(EngineTest, RowsDoNotDependOnRangeOrThreads) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, EngineTest, ::testing::ValuesIn(engine_cases()),
                          [](const ::testing::TestParamInfo<NamedCase>& info) { return info.param.name; });
+
+// ---- full quant with a per-row scale ----
+//
+// scale(i, j) = row_scale[i] * scale[j], one fp32 product, then times the
+// int32 sum (int8 products and int32 bias, wrapping) and plus x3, each step
+// rounded once in fp32, then once to the output dtype. Checked bit for bit
+// against that formula computed here, element by element.
+
+struct RowScaleSpec {
+  std::int64_t m = 0, k = 0, n = 0;
+  DType scale_dtype = DType::f32;  // f32, or i64 packed as trans_quant_param packs it
+  ScaleKind kind = ScaleKind::per_tensor;
+  bool bias = false, x3 = false, transposed = false, row_scale = true;
+  DType out_dtype = DType::f32;
+};
+
+std::string row_scale_name(const RowScaleSpec& s) {
+  return cat("m", s.m, "_k", s.k, "_n", s.n, "_", dtype_name(s.scale_dtype), "_",
+             scale_kind_name(s.kind), s.bias ? "_bias" : "", s.x3 ? "_x3" : "",
+             s.transposed ? "_t" : "", s.row_scale ? "_rows" : "_norows", "_",
+             dtype_name(s.out_dtype));
+}
+
+void PrintTo(const RowScaleSpec& spec, std::ostream* os) { *os << row_scale_name(spec); }
+
+// The operands of one spec and the data they view, with random values.
+struct RowScaleData {
+  explicit RowScaleData(const RowScaleSpec& spec) : s(spec) {
+    std::mt19937 random(static_cast<std::uint32_t>(spec.m * 7919 + spec.k * 31 + spec.n));
+    const auto uniform = [&](float lo, float hi) {
+      return std::uniform_real_distribution<float>(lo, hi)(random);
+    };
+    x1.resize(static_cast<std::size_t>(s.m * s.k));
+    x2.resize(static_cast<std::size_t>(s.k * s.n));
+    for (auto& v : x1) v = static_cast<std::int8_t>(random());
+    for (auto& v : x2) v = static_cast<std::int8_t>(random());
+    // Every seventh bias close below the int32 limit, so that sums wrap.
+    for (std::int64_t j = 0; j < s.n; ++j) {
+      const auto small = static_cast<std::int32_t>(random() % 2000001) - 1000000;
+      bias.push_back(j % 7 == 0 ? std::numeric_limits<std::int32_t>::max() - 1000000 + small
+                                : small);
+    }
+    for (std::int64_t j = 0; j < (s.kind == ScaleKind::per_tensor ? 1 : s.n); ++j) {
+      col.push_back(uniform(0.5e-3f, 1.5e-3f));
+      packed.push_back(static_cast<std::int64_t>(std::bit_cast<std::uint32_t>(col.back())));
+    }
+    for (std::int64_t i = 0; i < s.m; ++i) row.push_back(uniform(0.25f, 4.0f));
+    x3.resize(static_cast<std::size_t>(s.m * s.n));
+    for (float& v : x3) v = round_to(s.out_dtype, uniform(-8.0f, 8.0f));
+    x3_bytes.resize(x3.size() * dtype_size(s.out_dtype));
+    for (std::size_t e = 0; e < x3.size(); ++e) store(x3_bytes.data(), e, x3[e]);
+
+    operands.shape.mode = Mode::full_quant;
+    operands.shape.in_dtype = DType::i8;
+    operands.shape.out_dtype = s.out_dtype;
+    operands.shape.m = s.m;
+    operands.shape.k = s.k;
+    operands.shape.n = s.n;
+    operands.shape.x2_transposed = s.transposed;
+    operands.shape.has_bias = s.bias;
+    operands.shape.has_x3 = s.x3;
+    operands.shape.scale_kind = s.kind;
+    operands.x1 = TensorView(x1.data(), DType::i8, {s.m, s.k});
+    if (s.transposed) {
+      // x2[l][j] stored at j * k + l: the transposed view of an [n, k] weight.
+      std::vector<std::int8_t> stored(x2.size());
+      for (std::int64_t l = 0; l < s.k; ++l) {
+        for (std::int64_t j = 0; j < s.n; ++j) stored[j * s.k + l] = x2[l * s.n + j];
+      }
+      x2_stored = std::move(stored);
+      operands.x2 = TensorView(x2_stored.data(), DType::i8, {s.n, s.k}).transposed();
+    } else {
+      operands.x2 = TensorView(x2.data(), DType::i8, {s.k, s.n});
+    }
+    if (s.bias) operands.bias = TensorView(bias.data(), DType::i32, {s.n});
+    if (s.x3) operands.x3 = TensorView(x3_bytes.data(), s.out_dtype, {s.m, s.n});
+    const std::int64_t scale_count = static_cast<std::int64_t>(col.size());
+    operands.scale = s.scale_dtype == DType::i64
+                         ? TensorView(packed.data(), DType::i64, {scale_count})
+                         : TensorView(col.data(), DType::f32, {1, scale_count});
+    if (s.row_scale) operands.row_scale = TensorView(row.data(), DType::f32, {s.m});
+    operands.threads = 1;
+  }
+
+  static float round_to(DType dtype, float v) {
+    if (dtype == DType::f16) return f16_to_f32(f32_to_f16(v));
+    if (dtype == DType::bf16) return bf16_to_f32(f32_to_bf16(v));
+    return v;
+  }
+
+  void store(unsigned char* out, std::size_t index, float v) const {
+    if (s.out_dtype == DType::f16) {
+      const std::uint16_t bits = f32_to_f16(v).bits;
+      std::memcpy(out + index * 2, &bits, 2);
+    } else if (s.out_dtype == DType::bf16) {
+      const std::uint16_t bits = f32_to_bf16(v).bits;
+      std::memcpy(out + index * 2, &bits, 2);
+    } else {
+      std::memcpy(out + index * 4, &v, 4);
+    }
+  }
+
+  // The formula, element by element, in the output's bytes.
+  std::vector<unsigned char> expected() const {
+    std::vector<unsigned char> out(static_cast<std::size_t>(s.m * s.n) * dtype_size(s.out_dtype));
+    for (std::int64_t i = 0; i < s.m; ++i) {
+      for (std::int64_t j = 0; j < s.n; ++j) {
+        std::uint32_t sum = s.bias ? static_cast<std::uint32_t>(bias[j]) : 0u;
+        for (std::int64_t l = 0; l < s.k; ++l) {
+          sum += static_cast<std::uint32_t>(std::int32_t{x1[i * s.k + l]} *
+                                            std::int32_t{x2[l * s.n + j]});
+        }
+        const float col_scale = col[s.kind == ScaleKind::per_tensor ? 0 : j];
+        const float scale = s.row_scale ? row[i] * col_scale : col_scale;
+        float v = static_cast<float>(static_cast<std::int32_t>(sum)) * scale;
+        if (s.x3) v += x3[i * s.n + j];
+        store(out.data(), static_cast<std::size_t>(i * s.n + j), v);
+      }
+    }
+    return out;
+  }
+
+  RowScaleSpec s;
+  std::vector<std::int8_t> x1, x2, x2_stored;
+  std::vector<std::int32_t> bias;
+  std::vector<float> col, row, x3;
+  std::vector<std::int64_t> packed;
+  std::vector<unsigned char> x3_bytes;
+  GemmOperands operands;
+};
+
+// Every engine that runs full quant, at every level this CPU runs, whether
+// chosen for these operands or not: the chosen one, the fp32 micro-kernels,
+// and oneDNN's s8 matmul (with x2 as stored, and packed: x1 shifted to u8).
+struct FullQuantEngines {
+  std::vector<std::shared_ptr<const PackedX2>> packings;  // outlive the engines reading them
+  std::vector<std::unique_ptr<PreparedGemm>> gemms;
+};
+
+FullQuantEngines full_quant_engines(const GemmOperands& operands) {
+  FullQuantEngines engines;
+  for (IsaLevel level : runnable_levels()) {
+    engines.gemms.push_back(prepare_gemm_for_isa(operands, level));
+    engines.gemms.push_back(prepare_float_gemm(operands, kernels_for(level), operands.threads));
+  }
+  if (detected_isa() >= IsaLevel::avx512_dl && cpu_features().avx512_vnni) {
+    const KernelTable& kernels = kernels_for(IsaLevel::avx512_dl);
+    engines.gemms.push_back(prepare_onednn_gemm(operands, kernels, operands.threads));
+    // The packing of the engine for many rows: oneDNN's reordered x2.
+    engines.packings.push_back(pack_x2_for_isa(operands, IsaLevel::avx512_dl));
+    GemmOperands packed = operands;
+    packed.packed = engines.packings.back().get();
+    engines.gemms.push_back(prepare_onednn_gemm(packed, kernels, operands.threads));
+  }
+  return engines;
+}
+
+std::vector<RowScaleSpec> row_scale_specs() {
+  struct Dims {
+    std::int64_t m, k, n;
+  };
+  // n never a multiple of 8; m = 100 packs fp32 panels, m = 300 spans two
+  // of oneDNN's chunks of rows, n = 1030 two of its column slices; k = 300
+  // takes several kc-steps of integer sums.
+  const Dims dims[] = {{1, 300, 37}, {3, 64, 70},    {17, 300, 37},
+                       {64, 5, 70},  {100, 300, 37}, {300, 64, 1030}};
+  std::vector<RowScaleSpec> specs;
+  int index = 0;
+  for (const Dims& d : dims) {
+    for (DType scale_dtype : {DType::f32, DType::i64}) {
+      for (ScaleKind kind : {ScaleKind::per_tensor, ScaleKind::per_channel}) {
+        for (bool bias : {false, true}) {
+          ++index;
+          RowScaleSpec spec{
+              .m = d.m, .k = d.k, .n = d.n, .scale_dtype = scale_dtype, .kind = kind, .bias = bias};
+          spec.x3 = index % 3 != 0;
+          spec.transposed = index % 2 == 0;
+          spec.row_scale = index % 4 != 1;
+          // The operators' output dtypes (f16 for an i64 scale, f16 or bf16
+          // for an f32 one), and f32, where a wrong order of the products shows.
+          if (index % 5 != 0) {
+            spec.out_dtype = scale_dtype == DType::i64 || index % 2 == 1 ? DType::f16 : DType::bf16;
+          }
+          specs.push_back(spec);
+        }
+      }
+    }
+  }
+  return specs;
+}
+
+class RowScaleTest : public ::testing::TestWithParam<RowScaleSpec> {};
+
+TEST_P(RowScaleTest, EveryEngineComputesTheFormula) {
+  RowScaleData data(GetParam());
+  const CallShape shape{data.operands.shape};
+  const std::vector<unsigned char> expected = data.expected();
+  const auto reference = prepare_reference_gemm(data.operands);
+  EXPECT_TRUE(compute(*reference, shape, whole(shape.m)) == expected) << "reference engine";
+  for (int threads : {1, 3}) {
+    GemmOperands operands = data.operands;
+    operands.threads = threads;
+    for (const auto& gemm : full_quant_engines(operands).gemms) {
+      SCOPED_TRACE(cat("engine ", gemm->engine(), ", ", threads, " threads"));
+      EXPECT_TRUE(compute(*gemm, shape, whole(shape.m)) == expected) << "all rows at once";
+      EXPECT_TRUE(compute(*gemm, shape, random_cuts(shape.m, 5)) == expected)
+          << "random row ranges";
+      if (shape.m > 2) {
+        EXPECT_TRUE(compute(*gemm, shape, {0, 1, shape.m / 2, shape.m}) == expected)
+            << "uneven halves";
+      }
+    }
+  }
+}
+
+// Row scales of one multiply nothing: the bits of a call without them.
+TEST_P(RowScaleTest, RowScalesOfOneChangeNothing) {
+  RowScaleData data(GetParam());
+  const CallShape shape{data.operands.shape};
+  GemmOperands without = data.operands;
+  without.row_scale.reset();
+  GemmOperands ones = data.operands;
+  std::vector<float> one(static_cast<std::size_t>(shape.m), 1.0f);
+  ones.row_scale = TensorView(one.data(), DType::f32, {shape.m});
+  const FullQuantEngines plain = full_quant_engines(without);
+  const FullQuantEngines scaled = full_quant_engines(ones);
+  ASSERT_EQ(plain.gemms.size(), scaled.gemms.size());
+  for (std::size_t e = 0; e < plain.gemms.size(); ++e) {
+    SCOPED_TRACE(cat("engine ", plain.gemms[e]->engine()));
+    EXPECT_TRUE(compute(*plain.gemms[e], shape, whole(shape.m)) ==
+                compute(*scaled.gemms[e], shape, random_cuts(shape.m, 3)));
+  }
+  EXPECT_TRUE(compute(*prepare_reference_gemm(without), shape, whole(shape.m)) ==
+              compute(*prepare_reference_gemm(ones), shape, whole(shape.m)));
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, RowScaleTest, ::testing::ValuesIn(row_scale_specs()),
+                         [](const ::testing::TestParamInfo<RowScaleSpec>& info) {
+                           return row_scale_name(info.param);
+                         });
+
+TEST(RowScale, RejectedOutsideFullQuantOrNotF32) {
+  RowScaleData data({.m = 3, .k = 8, .n = 5});
+  std::vector<std::int64_t> wide(3, 1);
+  GemmOperands wrong = data.operands;
+  wrong.row_scale = TensorView(wide.data(), DType::i64, {3});
+  EXPECT_THROW(prepare_reference_gemm(wrong), InternalError);
+  EXPECT_THROW(prepare_gemm(wrong), InternalError);
+  wrong = data.operands;
+  wrong.shape.mode = Mode::plain;
+  EXPECT_THROW(prepare_reference_gemm(wrong), InternalError);
+}
 
 // ---- the kernels' conversions match tpfuse/core/half.h bit for bit ----
 
