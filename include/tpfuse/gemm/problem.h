@@ -34,7 +34,6 @@ struct GemmProblem {
   ScaleKind scale_kind = ScaleKind::none;  // antiquant_scale or dequant_scale
   bool has_offset = false;
   std::int64_t group_size = 0;
-  bool has_row_scale = false;  // full quant: a per-row (per-token) scale
 };
 
 // The fp32 scale a full-quant GEMM reads from a dequant_scale packed by

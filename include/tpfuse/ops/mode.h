@@ -21,6 +21,8 @@ struct CallShape : GemmProblem {
   // world_size * m, gathered; n may differ between ranks.
   std::int64_t world_size = 0;
   bool gather_output = true;
+  // Their quant path: x1_scale, a per-row (per-token) scale, was given.
+  bool has_row_scale = false;
   // mm_all_reduce_add_rms_norm: the norm's epsilon, as the fp32 it runs with.
   float epsilon = 0;
 };
