@@ -8,6 +8,8 @@
 //                                     sealed with a fresh job secret: [dir, secret]
 //   _create_shm_communicator(dir, rank, size, secret)   collective; registers and returns hcom
 //
+// torch_convert.h has the conversions between torch and tpfuse.
+//
 // Everything here converts between at::Tensor and tpfuse's types and calls the
 // C++ API; the rules live in the library. tpfuse errors cross as c10 errors so
 // that Python sees ValueError (InvalidArgument) or RuntimeError (the rest)
@@ -25,87 +27,37 @@
 #include <string>
 #include <vector>
 
+#include "torch_convert.h"
 #include "tpfuse/core/config.h"
-#include "tpfuse/tpfuse.h"
 #include "tpfuse/ops/validate.h"
+#include "tpfuse/tpfuse.h"
 
 namespace tpfuse::torch_binding {
 
 namespace {
 
-// Runs `body`, turning tpfuse's errors into the c10 errors torch maps to
-// Python exceptions. The empty backtrace keeps the message exactly the
-// library's.
-template <class Body>
-auto translate_errors(Body&& body) -> decltype(body()) {
-  try {
-    return body();
-  } catch (const InvalidArgument& error) {
-    throw c10::ValueError(error.what(), "");
-  } catch (const Error& error) {
-    throw c10::Error(error.what(), "");
-  }
-}
-
-// tpfuse's dtypes and torch's, both ways.
-struct DTypePair {
-  DType dtype;
-  at::ScalarType scalar_type;
-};
-constexpr DTypePair kDTypes[] = {
-    {DType::f16, at::kHalf}, {DType::bf16, at::kBFloat16}, {DType::f32, at::kFloat},
-    {DType::i8, at::kChar},  {DType::i32, at::kInt},       {DType::i64, at::kLong},
-};
-
-DType to_dtype(const char* name, at::ScalarType type) {
-  for (const DTypePair& pair : kDTypes) {
-    if (pair.scalar_type == type) return pair.dtype;
-  }
-  throw InvalidArgument(cat(name, ": dtype ", c10::toString(type),
-                            " has no tpfuse equivalent (tpfuse takes Half, BFloat16, "
-                            "Float, Char, Int or Long)"));
-}
-
-// Torch leaves the pointer of an empty tensor null; any non-null address lets
-// the library report the emptiness itself, with its own message.
-void* data_of(const at::Tensor& tensor) {
-  static std::byte empty_tensor_anchor;
-  void* data = tensor.data_ptr();
-  return data == nullptr && tensor.numel() == 0 ? &empty_tensor_anchor : data;
-}
-
-TensorView to_view(const char* name, const at::Tensor& tensor) {
-  require(tensor.dim() <= kMaxDims, name, ": expected at most ", kMaxDims, " dims, got ",
-          tensor.dim());
-  const DType dtype = to_dtype(name, tensor.scalar_type());
-  return TensorView(data_of(tensor), dtype,
-                    std::span<const std::int64_t>(tensor.sizes().data(), tensor.sizes().size()),
-                    std::span<const std::int64_t>(tensor.strides().data(),
-                                                  tensor.strides().size()));
-}
-
-std::optional<TensorView> to_view(const char* name, const c10::optional<at::Tensor>& tensor) {
-  if (!tensor.has_value() || !tensor->defined()) return std::nullopt;
-  return to_view(name, *tensor);
-}
-
-at::ScalarType to_scalar_type(DType dtype) {
-  for (const DTypePair& pair : kDTypes) {
-    if (pair.dtype == dtype) return pair.scalar_type;
-  }
-  throw InternalError(cat("no torch dtype for ", dtype_name(dtype)));
-}
-
 // The operator's optional arguments, as torch passes them to a kernel.
 struct TorchOptions {
   c10::string_view reduce_op;
-  const c10::optional<at::Tensor>& bias;
-  const c10::optional<at::Tensor>& antiquant_scale;
-  const c10::optional<at::Tensor>& antiquant_offset;
-  const c10::optional<at::Tensor>& x3;
-  const c10::optional<at::Tensor>& dequant_scale;
+  c10::optional<at::Tensor> bias;
+  c10::optional<at::Tensor> antiquant_scale;
+  c10::optional<at::Tensor> antiquant_offset;
+  c10::optional<at::Tensor> x3;
+  c10::optional<at::Tensor> dequant_scale;
   std::int64_t comm_turn;
   std::int64_t antiquant_group_size;
+
+  // The same arguments in the layouts the library reads.
+  TorchOptions as_read() const {
+    return {reduce_op,
+            torch_binding::as_read(bias),
+            torch_binding::as_read(antiquant_scale),
+            torch_binding::as_read(antiquant_offset),
+            torch_binding::as_read(x3),
+            torch_binding::as_read(dequant_scale),
+            comm_turn,
+            antiquant_group_size};
+  }
 
   MmAllReduceOptions to_tpfuse() const {
     MmAllReduceOptions options;
@@ -121,18 +73,6 @@ struct TorchOptions {
   }
 };
 
-// The library allocates the output (it learns the output's shape and dtype
-// only once every rank has validated and agreed); torch adopts that buffer.
-at::Tensor adopt(Tensor&& result) {
-  auto owner = std::make_unique<Tensor>(std::move(result));
-  const std::vector<std::int64_t> sizes(owner->shape().begin(), owner->shape().end());
-  const auto type = to_scalar_type(owner->dtype());
-  void* data = owner->data();
-  return at::from_blob(
-      data, sizes, [owner = owner.release()](void*) { delete owner; },
-      at::TensorOptions().dtype(type).device(at::kCPU));
-}
-
 // ---- packed weights, reused while the weight tensor is unchanged ----
 //
 // Inference multiplies the same weight on every call: the first call packs
@@ -140,8 +80,10 @@ at::Tensor adopt(Tensor&& result) {
 // same tensors (same storage, offset, sizes and strides) at the same version
 // (torch bumps a tensor's version at every in-place change, and its views
 // share it). torch_npu's signature stays as it is. Not cached: inference
-// tensors (they keep no version), and packings past TPFUSE_PACK_CACHE_MB
-// (least recently used first; 0 turns the cache off).
+// tensors (they keep no version), weights and scales the library cannot read
+// where they lie (a packing refers to them, and their copies live for one
+// call), and packings past TPFUSE_PACK_CACHE_MB (least recently used first;
+// 0 turns the cache off).
 const EnvSetting<std::int64_t> kPackCacheMb{
     "TPFUSE_PACK_CACHE_MB", 4096, "memory for weights the PyTorch binding keeps packed (0: none)"};
 
@@ -278,16 +220,22 @@ at::Tensor mm_all_reduce_base_cpu(const at::Tensor& x1, const at::Tensor& x2,
   return translate_errors([&] {
     const TorchOptions options{reduce_op, bias,          antiquant_scale, antiquant_offset,
                                x3,        dequant_scale, comm_turn,       antiquant_group_size};
-    const std::string_view group(hcom.data(), hcom.size());
-    if (const auto packed = weight_cache().find_or_pack(x1, x2, options)) {
-      return adopt(mm_all_reduce_base(to_view("x1", x1), *packed, group, options.to_tpfuse()));
+    const TorchOptions read = options.as_read();
+    const at::Tensor x1_read = as_read(x1);
+    const at::Tensor x2_read = weight_as_read(x2);
+    const std::string_view group = group_of(hcom);
+    const bool weight_read_in_place = x2_read.is_same(x2) &&
+                                      same(read.antiquant_scale, options.antiquant_scale) &&
+                                      same(read.antiquant_offset, options.antiquant_offset) &&
+                                      same(read.dequant_scale, options.dequant_scale);
+    const auto packed =
+        weight_read_in_place ? weight_cache().find_or_pack(x1, x2, options) : nullptr;
+    if (packed) {
+      return adopt(mm_all_reduce_base(to_view("x1", x1_read), *packed, group, read.to_tpfuse()));
     }
-    return adopt(mm_all_reduce_base(to_view("x1", x1), to_view("x2", x2), group, options.to_tpfuse()));
+    return adopt(mm_all_reduce_base(to_view("x1", x1_read), to_view("x2", x2_read), group,
+                                    read.to_tpfuse()));
   });
-}
-
-bool requires_grad(const c10::optional<at::Tensor>& tensor) {
-  return tensor.has_value() && tensor->defined() && tensor->requires_grad();
 }
 
 // Plain mode's backward. The output is the same on every rank, so each rank's
@@ -312,10 +260,14 @@ class MmAllReduceBaseFunction : public torch::autograd::Function<MmAllReduceBase
     at::Tensor out = op.call(x1, x2, hcom, reduce_op, bias, antiquant_scale, antiquant_offset, x3,
                              dequant_scale, comm_turn, antiquant_group_size);
     // The call validated these arguments already; this only names the mode.
-    const TorchOptions options{reduce_op, bias,          antiquant_scale, antiquant_offset,
-                               x3,        dequant_scale, comm_turn,       antiquant_group_size};
+    const TorchOptions read =
+        TorchOptions{reduce_op, bias,          antiquant_scale, antiquant_offset,
+                     x3,        dequant_scale, comm_turn,       antiquant_group_size}
+            .as_read();
     const Mode mode = translate_errors([&] {
-      return validate_call(to_view("x1", x1), to_view("x2", x2), options.to_tpfuse()).mode;
+      return validate_call(to_view("x1", as_read(x1)), to_view("x2", weight_as_read(x2)),
+                           read.to_tpfuse())
+          .mode;
     });
     ctx->saved_data["mode"] = std::string(mode_name(mode));
     ctx->saved_data["x1_grad"] = x1.requires_grad();
