@@ -8,7 +8,7 @@
 //                                     sealed with a fresh job secret: [dir, secret]
 //   _create_shm_communicator(dir, rank, size, secret)   collective; registers and returns hcom
 //
-// torch_convert.h has the conversions between torch and tpfuse.
+// family_ops.cc adds the rest of the family; torch_convert.h has what both share.
 //
 // Everything here converts between at::Tensor and tpfuse's types and calls the
 // C++ API; the rules live in the library. tpfuse errors cross as c10 errors so
