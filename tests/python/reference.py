@@ -137,7 +137,7 @@ def make_inputs(case, rank):
     return x1, x2, kwargs
 
 
-def _dequant_scale_fp64(scale):
+def dequant_scale_fp64(scale):
     """The fp32 scale the operator reads: the low 32 bits of a packed int64, or a bf16 value."""
     if scale.dtype == torch.int64:
         low = (scale & 0xFFFFFFFF).to(torch.int64)
@@ -168,7 +168,7 @@ def partial_fp64(case, x1, x2, kwargs):
         partial = partial + bias.double()
         magnitude = magnitude + bias.double().abs()
     if case.mode == "full_quant":
-        scale = _dequant_scale_fp64(kwargs["dequant_scale"]).reshape(-1)
+        scale = dequant_scale_fp64(kwargs["dequant_scale"]).reshape(-1)
         partial = partial * scale
         magnitude = magnitude * scale.abs()
     x3 = kwargs.get("x3")
@@ -199,3 +199,15 @@ def error_bound(out_dtype, abs_partials, magnitudes, k, p, bf16_weights=False):
             + k * 2.0 ** -126
     return (SECOND_ORDER * (2 * u_out * (abs_partials + fp32_terms) + fp32_terms)
             + (p + 1) * HALF_SUBNORMAL_STEP[out_dtype])
+
+
+def gradient_bound(dtype, reference, magnitudes, terms):
+    """How far a gradient computed as an fp32 sum of `terms` products, rounded
+    once to `dtype`, may be from torch's fp32 autograd of it (`reference`),
+    elementwise; magnitudes is S, the sum of the terms' magnitudes. With E
+    the exact value, g = terms * u32 and u the dtype's unit roundoff:
+        |ours - E| <= u * (|E| + g * S) + g * S + eta,   |torch_fp32 - E| <= g * S,
+    and |E| <= |torch_fp32| + g * S; second-order terms are within 1.01."""
+    fp32 = 2 * terms * U32 * magnitudes
+    return (SECOND_ORDER * (UNIT_ROUNDOFF[dtype] * (reference.abs() + fp32) + fp32)
+            + HALF_SUBNORMAL_STEP[dtype])

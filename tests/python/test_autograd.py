@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tpfuse
-from reference import HALF_SUBNORMAL_STEP, SECOND_ORDER, U32, UNIT_ROUNDOFF, Case, make_inputs
+from reference import Case, gradient_bound, make_inputs
 
 F16, BF16 = torch.float16, torch.bfloat16
 ARGUMENTS = ("x1", "x2", "bias", "x3")
@@ -81,13 +81,6 @@ def torch_fp32_gradients(case, world_size):
         per_rank.append(tensors)
     out.backward(upstream_gradient(case).float())
     return [grads_of(tensors, case.x2_transposed) for tensors in per_rank]
-
-
-def gradient_bound(dtype, reference, magnitudes, terms):
-    """The module docstring's bound, elementwise."""
-    fp32 = 2 * terms * U32 * magnitudes
-    return (SECOND_ORDER * (UNIT_ROUNDOFF[dtype] * (reference.abs() + fp32) + fp32)
-            + HALF_SUBNORMAL_STEP[dtype])
 
 
 def magnitudes_and_terms(case, rank, name):
