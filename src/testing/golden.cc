@@ -14,6 +14,9 @@
 //   full quant: the int32 sum (wrapped two's complement, as the device's int32
 //     sum is) is exact; converting it to fp32, multiplying by the fp32 scale
 //     and adding x3 round three times: gamma(3) * (|acc * scale| + |x3|).
+//     The sequence-parallel operators (golden_family.h) have no x3 but a
+//     per-token x1_scale: the product of the two scales is rounded instead,
+//     still three roundings, and its underflow costs 2^-150 * |acc| more.
 //   Every fp32 operation can also lose up to half the smallest fp32 subnormal
 //   (2^-150) when its result underflows: (operations) * 2^-150, absolute.
 //   With bf16 x1 the engine may be AVX512-BF16's dot product, which flushes
@@ -39,6 +42,7 @@
 #include <cmath>
 #include <limits>
 
+#include "golden_parts.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
 #include "tpfuse/ops/quant_param.h"
@@ -46,12 +50,7 @@
 
 namespace tpfuse::testing {
 
-namespace {
-
-constexpr double kF32UnitRoundoff = 0x1p-24;
-constexpr double kF32MinNormal = 0x1p-126;
-constexpr double kF32HalfMinSubnormal = 0x1p-150;
-constexpr double kF64UnitRoundoff = 0x1p-52;
+namespace golden_parts {
 
 double gamma(double n) { return n * kF32UnitRoundoff / (1 - n * kF32UnitRoundoff); }
 
@@ -77,7 +76,6 @@ double half_min_subnormal(DType out) {
   }
 }
 
-// Element `index` (in elements from data()) of any dtype, as fp64.
 double load(const TensorView& view, std::int64_t index) {
   switch (view.dtype()) {
     case DType::f16:
@@ -95,6 +93,10 @@ double load(const TensorView& view, std::int64_t index) {
   }
   throw InternalError("golden: unknown dtype");
 }
+
+namespace {
+
+constexpr double kF32MinNormal = 0x1p-126;
 
 // Element `index` of a GEMM operand (x1, or a plain x2), as fp64: a bf16
 // subnormal counts as zero.
@@ -138,13 +140,10 @@ std::vector<double> weights(const CallShape& s, const TensorView& x2,
   return w;
 }
 
-// One rank's exact partial and its error before the rounding to the output
-// dtype, per element; `slack` is the golden model's own fp64 error.
-struct RankPartial {
-  std::vector<double> value, error, slack;
-};
+}  // namespace
 
-RankPartial rank_partial(const RankArgs& args, const CallShape& s) {
+RankPartial rank_partial(const RankArgs& args, const CallShape& s,
+                         const std::optional<TensorView>& row_scale) {
   const std::vector<double> w = weights(s, args.x2, args.options);
   const auto& bias = args.options.bias;
   const auto& x3 = args.options.x3;
@@ -172,10 +171,14 @@ RankPartial rank_partial(const RankArgs& args, const CallShape& s) {
         const auto sum = static_cast<std::uint64_t>(static_cast<std::int64_t>(acc) +
                                                     static_cast<std::int64_t>(b));
         const auto wrapped = static_cast<std::int32_t>(static_cast<std::uint32_t>(sum));
+        const double row = row_scale ? load(*row_scale, i) : 1.0;
         const double scaled =
-            wrapped * dequant_scale_at(*args.options.dequant_scale, s.scale_kind, j);
+            wrapped * (row * dequant_scale_at(*args.options.dequant_scale, s.scale_kind, j));
         part.value[e] = scaled + add;
         part.error[e] = gamma(3) * (std::fabs(scaled) + std::fabs(add)) + 3 * kF32HalfMinSubnormal;
+        // The product of the two scales may underflow in fp32 before it meets the sum.
+        if (row_scale)
+          part.error[e] += kF32HalfMinSubnormal * std::fabs(static_cast<double>(wrapped));
         part.slack[e] = 2 * kF64UnitRoundoff * (std::fabs(scaled) + std::fabs(add));
       } else {
         const double others = magnitude + std::fabs(b) + std::fabs(add);
@@ -192,6 +195,54 @@ RankPartial rank_partial(const RankArgs& args, const CallShape& s) {
   }
   return part;
 }
+
+void reduce_partials(std::size_t ranks, DType out,
+                     const std::function<RankPartial(std::size_t)>& partial, GoldenResult& result) {
+  const double u_out = unit_roundoff(out);
+  const double tiny_out = half_min_subnormal(out);
+  std::vector<double> error, magnitude, slack;
+  for (std::size_t r = 0; r < ranks; ++r) {
+    const RankPartial part = partial(r);
+    const std::size_t count = part.value.size();
+    if (r == 0) {
+      result.value.assign(count, 0.0);
+      error.assign(count, 0.0);
+      magnitude.assign(count, 0.0);
+      slack.assign(count, 0.0);
+    }
+    for (std::size_t e = 0; e < count; ++e) {
+      const double rounding = u_out * (std::fabs(part.value[e]) + part.error[e]) + tiny_out;
+      const double rank_error = part.error[e] + rounding;
+      result.value[e] += part.value[e];
+      error[e] += rank_error;
+      magnitude[e] += std::fabs(part.value[e]) + rank_error;
+      slack[e] += part.slack[e] + kF64UnitRoundoff * std::fabs(result.value[e]);
+    }
+  }
+  const auto p = static_cast<double>(ranks);
+  result.bound.resize(result.value.size());
+  for (std::size_t e = 0; e < result.value.size(); ++e) {
+    const double reduced = error[e] + gamma(p - 1) * magnitude[e] + (p - 1) * kF32HalfMinSubnormal;
+    const double final_rounding = u_out * (std::fabs(result.value[e]) + reduced) + tiny_out;
+    result.bound[e] = reduced + final_rounding + slack[e];
+  }
+}
+
+void append_rounded(const RankPartial& part, DType out, GoldenResult& result) {
+  const double u_out = unit_roundoff(out);
+  const double tiny_out = half_min_subnormal(out);
+  for (std::size_t e = 0; e < part.value.size(); ++e) {
+    const double rounding = u_out * (std::fabs(part.value[e]) + part.error[e]) + tiny_out;
+    result.value.push_back(part.value[e]);
+    result.bound.push_back(part.error[e] + rounding + part.slack[e]);
+  }
+}
+
+}  // namespace golden_parts
+
+namespace {
+
+using golden_parts::load;
 
 // The fields every rank must agree on for the sum to be defined.
 void check_agreement(const CallShape& first, const CallShape& other, std::size_t rank) {
@@ -222,30 +273,9 @@ GoldenResult golden_mm_all_reduce(std::span<const RankArgs> ranks) {
 
   GoldenResult result;
   result.shape = shapes[0];
-  const DType out = result.shape.out_dtype;
-  const double u_out = unit_roundoff(out);
-  const double tiny_out = half_min_subnormal(out);
-  const auto count = static_cast<std::size_t>(result.shape.m * result.shape.n);
-  std::vector<double> error(count, 0.0), magnitude(count, 0.0), slack(count, 0.0);
-  result.value.assign(count, 0.0);
-  for (std::size_t r = 0; r < ranks.size(); ++r) {
-    const RankPartial part = rank_partial(ranks[r], shapes[r]);
-    for (std::size_t e = 0; e < count; ++e) {
-      const double rounding = u_out * (std::fabs(part.value[e]) + part.error[e]) + tiny_out;
-      const double rank_error = part.error[e] + rounding;
-      result.value[e] += part.value[e];
-      error[e] += rank_error;
-      magnitude[e] += std::fabs(part.value[e]) + rank_error;
-      slack[e] += part.slack[e] + kF64UnitRoundoff * std::fabs(result.value[e]);
-    }
-  }
-  const auto p = static_cast<double>(ranks.size());
-  result.bound.resize(count);
-  for (std::size_t e = 0; e < count; ++e) {
-    const double reduced = error[e] + gamma(p - 1) * magnitude[e] + (p - 1) * kF32HalfMinSubnormal;
-    const double final_rounding = u_out * (std::fabs(result.value[e]) + reduced) + tiny_out;
-    result.bound[e] = reduced + final_rounding + slack[e];
-  }
+  golden_parts::reduce_partials(
+      ranks.size(), result.shape.out_dtype,
+      [&](std::size_t r) { return golden_parts::rank_partial(ranks[r], shapes[r]); }, result);
   return result;
 }
 
