@@ -168,6 +168,14 @@ void make_dequant_scale(const CaseSpec& spec, int rank, RankInputs& in) {
 
 DType output_dtype(const CaseSpec& spec) { return spec.dtype; }
 
+Tensor uniform_tensor(DType dtype, std::span<const std::int64_t> shape, double lo, double hi,
+                      std::uint64_t seed, int rank, std::uint64_t stream) {
+  Tensor tensor(dtype, shape);
+  Random random(seed, rank, static_cast<Stream>(stream));
+  fill_uniform(tensor, random, lo, hi);
+  return tensor;
+}
+
 RankInputs make_rank_inputs(const CaseSpec& spec, int rank) {
   check_spec(spec, rank);
   const std::int64_t k = spec.k_for_rank(rank);

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <vector>
 
 #include "tpfuse/core/tensor.h"
@@ -54,5 +55,11 @@ RankInputs make_rank_inputs(const CaseSpec& spec, int rank);
 
 // Output dtype for a spec (spec.dtype in every mode).
 DType output_dtype(const CaseSpec& spec);
+
+// A tensor of `dtype` (f16, bf16 or f32), uniform in [lo, hi) rounded to the
+// dtype, drawn from the stream (seed, rank, stream) as the tensors above are.
+// Streams 1 to 7 are make_rank_inputs' own; builders of other inputs use others.
+Tensor uniform_tensor(DType dtype, std::span<const std::int64_t> shape, double lo, double hi,
+                      std::uint64_t seed, int rank, std::uint64_t stream);
 
 }  // namespace tpfuse::testing
