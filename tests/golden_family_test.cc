@@ -190,12 +190,16 @@ TEST(GoldenFamily, ReduceScatterQuantSumsScaledPartials) {
   for (int r = 0; r < 2; ++r) {
     ranks[r].x1 = o.tensor(DType::i8, {2, 1}, {1, 2});
     ranks[r].x2 = o.tensor(DType::i8, {1, 1}, {4.0 * (r + 1)});
-    ranks[r].options.x1_scale = o.tensor(DType::f32, {2, 1}, {1, 0.5 * (r + 1)});
+    ranks[r].options.x1_scale = o.tensor(DType::f32, {2, 1}, {1.0 + r, 0.5 * (r + 1)});
     ranks[r].options.x2_scale = o.tensor(DType::f32, {1}, {0.25});
   }
+  // Row 0: rank 0 gives 1 * 0.25 * 4 = 1, rank 1 gives 2 * 0.25 * 8 = 4.
+  expect_values(golden_mm_reduce_scatter(ranks, 0), {5});
   // Row 1: rank 0 gives 0.5 * 0.25 * 8 = 1, rank 1 gives 1 * 0.25 * 16 = 4.
   expect_values(golden_mm_reduce_scatter(ranks, 1), {5});
-  expect_values(golden_mm_reduce_scatter(ranks, 0), {3});
+  // Each rank's x1_scale is its own: without one, rank 1's partial is unscaled by it.
+  ranks[1].options.x1_scale.reset();
+  expect_values(golden_mm_reduce_scatter(ranks, 0), {1 + 0.25 * 8});
 }
 
 // mm = [[3, -4]] (x1 [1, 2] 3-D), y = mm + residual, norm = y * rstd * gamma.

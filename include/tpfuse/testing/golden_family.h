@@ -37,13 +37,15 @@ struct AddRmsNormArgs {
 // Rank `rank`'s `output` ([p*m, n], its own n): every rank's x1 in rank
 // order times this rank's x2, plus its bias, each row block rounded once.
 // Checks what the computation needs of each rank's arguments (dtypes, shapes
-// of x1, x2, bias and the scales) and that m, k and the dtypes agree.
+// of x1, x2, bias and the scales), that m, k and the dtypes agree, and that
+// x1_scale (gathered with x1) is given on every rank or on none.
 GoldenResult golden_all_gather_mm(std::span<const AllGatherMmArgs> ranks, int rank);
 
 // Rank `rank`'s `output`: rows [rank*m/p, (rank+1)*m/p) of the partials'
 // reduce, which is the reduce of golden_mm_all_reduce (each partial rounded,
 // summed in fp32 in rank order, rounded once more). m, n and the dtypes must
-// agree, and m be a multiple of p.
+// agree, and m be a multiple of p. Each rank's x1_scale scales its own
+// partial, so some ranks may give one and others not.
 GoldenResult golden_mm_reduce_scatter(std::span<const MmReduceScatterArgs> ranks, int rank);
 
 // y and norm_out, the same on every rank. Besides mm_all_reduce_base's rules
