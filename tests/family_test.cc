@@ -288,6 +288,65 @@ TEST(AutomaticTiling, MatchesGoldenOnEightRanks) {
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 
+// One row, column or element of k where the shapes allow it, and a norm row
+// of 17 (past a multiple of the sum's 16 lanes), in 2 tiles (more than add-RMSNorm's 1 row).
+TEST(Family, EdgeShapes) {
+  const auto result = run_ranks(3, [](comm::RankContext& ctx) {
+    for (const bool quant : {false, true}) {
+      SequenceParallelSpec spec;
+      spec.quant = quant;
+      spec.m = 1;
+      spec.n = 1;
+      spec.k = 1;
+      spec.bias = true;
+      spec.comm_turn = 2;
+      spec.uneven_n = true;
+      check_all_gather(spec, ctx);
+      spec.m = ctx.size;
+      spec.uneven_n = false;
+      spec.uneven_k = true;
+      check_reduce_scatter(spec, ctx);
+    }
+    for (const std::int64_t n : {1, 17}) {
+      AddRmsNormSpec norm;
+      norm.product.m = 1;
+      norm.product.n = n;
+      norm.product.k = 1;
+      norm.product.bias = true;
+      norm.product.comm_turn = 2;
+      check_add_rms_norm(norm, ctx);
+    }
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// Each rank's x1_scale scales its own partial: ranks may give one or not.
+TEST(ReduceScatter, X1ScaleOnSomeRanksOnly) {
+  const auto result = run_ranks(3, [](comm::RankContext& ctx) {
+    std::vector<SequenceParallelInputs> all;
+    std::vector<MmReduceScatterArgs> args;
+    for (int r = 0; r < ctx.size; ++r) {
+      SequenceParallelSpec spec;
+      spec.quant = true;
+      spec.x1_scale = r != 1;
+      spec.m = 6;
+      spec.n = 8;
+      spec.k = 16 + r;
+      spec.bias = true;
+      spec.comm_turn = 2;
+      all.push_back(testing::make_sequence_parallel_inputs(spec, r));
+      args.push_back(all.back().reduce_scatter);
+    }
+    const MmReduceScatterArgs& mine = args[static_cast<std::size_t>(ctx.rank)];
+    const Tensor out =
+        mm_reduce_scatter_base(mine.x1, mine.x2, ctx.comm->name(), ctx.size, mine.options);
+    expect_golden(out, testing::golden_mm_reduce_scatter(args, ctx.rank), ctx, "output");
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
 // ---- exact properties ----
 
 // The contract's own check: rank r's rows are, bitwise, rows [r*m/p,
