@@ -201,6 +201,12 @@ void quant_i64(SequenceParallelSpec& s, AddRmsNormSpec&) {
   s.x2_scale_dtype = DType::i64;
 }
 
+// Rank `odd`, valid alone, passes another `field` (edited in its spec).
+ErrorCase differs(const std::string& name, Op op, int odd, const std::string& field,
+                  SpecEdit every_rank, SpecEdit edit) {
+  return {name, op, odd, true, field, {}, std::move(every_rank), std::move(edit), nullptr};
+}
+
 // The rules both sequence-parallel operators share, for `op`.
 void add_sequence_rules(std::vector<ErrorCase>& cases, Op op, const std::string& prefix) {
   const auto add = [&](const std::string& name, int bad, const std::string& argument,
@@ -257,13 +263,17 @@ void add_sequence_rules(std::vector<ErrorCase>& cases, Op op, const std::string&
   add("BiasShape", 1, "bias", {"[9]"}, nullptr, [](RankCall& c) {
     c.gather.options.bias = c.scatter.options.bias = c.keep(DType::f16, {9});
   });
+  add("KBeyond65535OnTheQuantPath", 2, "x1", {"65535"}, quant, [](RankCall& c) {
+    c.gather.x1 = c.scatter.x1 = c.keep(DType::i8, {6, 65536});
+    c.gather.x2 = c.scatter.x2 = c.keep(DType::i8, {65536, 8});
+  });
   add("OutputShape", 2, "output", {}, nullptr, [](RankCall& c) {
     c.out = marked(c.out.dtype(), {c.out.size(0), c.out.size(1) + 1});
   });
 
   const auto differ = [&](const std::string& name, int odd, const std::string& field,
                           SpecEdit edit) {
-    cases.push_back({prefix + name, op, odd, true, field, {}, nullptr, std::move(edit), nullptr});
+    cases.push_back(differs(prefix + name, op, odd, field, nullptr, std::move(edit)));
   };
   differ("DtypesDiffer", 1, "dtype",
          [](SequenceParallelSpec& s, AddRmsNormSpec&) { s.dtype = DType::bf16; });
@@ -299,15 +309,11 @@ std::vector<ErrorCase> error_cases() {
          [](RankCall& c) { c.gather.options.gather_output = false; });
   gather("NoGatherOutWithGatherOutput", 1, "gather_out", {},
          [](RankCall& c) { c.pass_gather_out = false; });
-  cases.push_back({"AllGatherKDiffers",
-                   Op::all_gather,
-                   2,
-                   true,
-                   "k",
-                   {},
-                   nullptr,
-                   [](SequenceParallelSpec& s, AddRmsNormSpec&) { s.k = 24; },
-                   nullptr});
+  cases.push_back(differs("AllGatherKDiffers", Op::all_gather, 2, "k", nullptr,
+                          [](SequenceParallelSpec& s, AddRmsNormSpec&) { s.k = 24; }));
+  // x1_scale travels with x1: without it on one rank, its rows would be scaled nowhere.
+  cases.push_back(differs("AllGatherX1ScaleOnSomeRanksOnly", Op::all_gather, 1, "x1_scale", quant,
+                          [](SequenceParallelSpec& s, AddRmsNormSpec&) { s.x1_scale = false; }));
 
   const auto scatter = [&](const std::string& name, int bad, const std::string& argument,
                            std::vector<std::string> fragments, SpecEdit spec_edit, CallEdit edit) {
@@ -319,15 +325,8 @@ std::vector<ErrorCase> error_cases() {
   scatter(
       "MNotAMultipleOfTheWorldSize", 2, "m % world_size", {"7"},
       [](SequenceParallelSpec& s, AddRmsNormSpec&) { s.m = 7; }, nullptr);
-  cases.push_back({"ReduceScatterNDiffers",
-                   Op::reduce_scatter,
-                   1,
-                   true,
-                   "n",
-                   {},
-                   nullptr,
-                   [](SequenceParallelSpec& s, AddRmsNormSpec&) { s.n = 12; },
-                   nullptr});
+  cases.push_back(differs("ReduceScatterNDiffers", Op::reduce_scatter, 1, "n", nullptr,
+                          [](SequenceParallelSpec& s, AddRmsNormSpec&) { s.n = 12; }));
 
   const auto norm = [&](const std::string& name, int bad, const std::string& argument,
                         std::vector<std::string> fragments, SpecEdit every_rank, CallEdit edit) {
@@ -353,6 +352,12 @@ std::vector<ErrorCase> error_cases() {
        [](RankCall& c) {
          c.norm.residual = c.keep(DType::f16, {1, 6, 8});
        });
+  norm(
+      "ResidualBatchNotX1s", 2, "residual", {"[3, 2, 8]"},
+      [](SequenceParallelSpec&, AddRmsNormSpec& s) { s.product.batch = 2; },
+      [](RankCall& c) {
+        c.norm.residual = c.keep(DType::f16, {3, 2, 8});
+      });
   norm("GammaShape", 2, "gamma", {"[9]"}, nullptr,
        [](RankCall& c) { c.norm.gamma = c.keep(DType::f16, {9}); });
   norm("GammaDtype", 1, "gamma", {"bf16"}, nullptr,
@@ -375,15 +380,8 @@ std::vector<ErrorCase> error_cases() {
 
   const auto differ = [&](const std::string& name, int odd, const std::string& field,
                           SpecEdit edit) {
-    cases.push_back({"AddRmsNorm" + name,
-                     Op::add_rms_norm,
-                     odd,
-                     true,
-                     field,
-                     {},
-                     nullptr,
-                     std::move(edit),
-                     nullptr});
+    cases.push_back(
+        differs("AddRmsNorm" + name, Op::add_rms_norm, odd, field, nullptr, std::move(edit)));
   };
   differ("NDiffers", 1, "n", [](SequenceParallelSpec&, AddRmsNormSpec& s) { s.product.n = 12; });
   differ("MDiffers", 2, "m", [](SequenceParallelSpec&, AddRmsNormSpec& s) { s.product.m = 9; });
@@ -391,6 +389,8 @@ std::vector<ErrorCase> error_cases() {
          [](SequenceParallelSpec&, AddRmsNormSpec& s) { s.product.dtype = DType::bf16; });
   differ("CommTurnDiffers", 2, "comm_turn",
          [](SequenceParallelSpec&, AddRmsNormSpec& s) { s.product.comm_turn = 3; });
+  differ("EpsilonDiffers", 1, "epsilon",
+         [](SequenceParallelSpec&, AddRmsNormSpec& s) { s.epsilon = 1e-5; });
   return cases;
 }
 
