@@ -37,6 +37,12 @@ constexpr AgreedField kAgreedFields[] = {
     {"n", [](const CallShape& s) { return s.op == pipeline::Operator::all_gather_mm ? 0 : s.n; }},
     {"k", [](const CallShape& s) { return s.op == pipeline::Operator::all_gather_mm ? s.k : 0; }},
     {"comm_turn", [](const CallShape& s) { return s.comm_turn; }},
+    // Gathered along with x1: every rank gives it, or none.
+    {"x1_scale",
+     [](const CallShape& s) {
+       return static_cast<std::int64_t>(s.op == pipeline::Operator::all_gather_mm &&
+                                        s.has_row_scale);
+     }},
     {"epsilon", [](const CallShape& s) { return static_cast<std::int64_t>(epsilon_bits(s)); }},
 };
 constexpr std::size_t kFieldCount = std::size(kAgreedFields);
@@ -73,6 +79,7 @@ enum DigestKind : std::int64_t { kPlanned = 1, kUnplanned = 2 };
 std::string field_value(std::size_t field, std::int64_t value) {
   const std::string name = kAgreedFields[field].name;
   if (name == "mode") return std::string(mode_name(static_cast<Mode>(value)));
+  if (name == "x1_scale") return value != 0 ? "one" : "none";
   if (name == "epsilon") {
     const auto bits = static_cast<std::uint32_t>(value);
     float epsilon = 0;

@@ -76,8 +76,8 @@ struct Agreement {
   RankFacts facts;
   // Set when a rank failed validation (that rank gets its InvalidArgument,
   // the others DisagreementError naming it) or when the ranks disagree on the
-  // operator, m, b, s, n (k when gathering), mode, dtypes, comm_turn or epsilon (DisagreementError
-  // naming the field, the ranks and their values).
+  // operator, m, b, s, n (k when gathering), mode, dtypes, comm_turn, epsilon or, gathering,
+  // whether x1_scale is given (DisagreementError naming the field, the ranks and their values).
   std::exception_ptr failure;
 };
 
@@ -91,7 +91,7 @@ Agreement judge_headers(const std::vector<comm::CallHeader>& headers, int rank,
 // fields and this rank's own facts.
 class AgreementCache {
  public:
-  static constexpr std::size_t kFields = 11;  // the agreed fields (agreement.cc)
+  static constexpr std::size_t kFields = 12;  // the agreed fields (agreement.cc)
 
   std::optional<RankFacts> find(const CallShape& shape, const RankFacts& mine);
   void remember(const CallShape& shape, const RankFacts& mine, const RankFacts& agreed);
