@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/fault_hooks.h"
 #include "ops/test_hooks.h"
 #include "pipeline/executor.h"
 #include "rank_harness.h"
@@ -462,6 +463,56 @@ TEST_P(FailingRank, LocalErrorAbortsThePeersAtOnce) {
         return 1;
       },
       timeout);
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// Rank 1 fails inside the call's first round, where the others may complete
+// it and go on to the call's tiles, and stays alive a while: they must not
+// wait for it there. They used to, until its process ended or the deadline
+// came (the round did not abort the group); they now fail at once, with its
+// reason, and rank 1 gets its own error.
+int g_round_rank = -1;
+
+void fail_rank_1_in_its_first_reduce(test_hooks::FaultPoint point) {
+  static bool failed = false;
+  if (point == test_hooks::FaultPoint::reduce && g_round_rank == 1 && !failed) {
+    failed = true;
+    throw std::runtime_error("checksum unit on fire");
+  }
+}
+
+TEST(FailingRank, ErrorInTheCallsFirstRoundAbortsThePeersAtOnce) {
+  const auto timeout = 20000ms;
+  test_hooks::set_fault_hook(fail_rank_1_in_its_first_reduce);
+  const auto result = launch(
+      3, 1024,
+      [&](comm::RankContext& ctx) {
+        g_round_rank = ctx.rank;
+        comm::CallHeader header;
+        header.digest = 42;
+        float value = 1.0f;
+        const auto start = std::chrono::steady_clock::now();
+        try {
+          expect_rank(!pipeline::checked_round(*ctx.comm, header), "the digests differ");
+          ctx.comm->all_reduce(&value, &value, 1, DType::f32);
+        } catch (const std::runtime_error& e) {
+          const std::string what = e.what();
+          expect_rank(std::chrono::steady_clock::now() - start < 5000ms, "failed too late: ", what);
+          expect_rank(what.find("checksum unit on fire") != std::string::npos,
+                      "unexpected error: ", what);
+          if (ctx.rank != 1) {
+            expect_rank(dynamic_cast<const AbortedError*>(&e) != nullptr, "not an abort: ", what);
+            expect_rank(what.find("rank 1") != std::string::npos, "does not name rank 1: ", what);
+          } else {
+            std::this_thread::sleep_for(500ms);
+          }
+          return 0;
+        }
+        expect_rank(false, "rank ", ctx.rank, " got no error");
+        return 1;
+      },
+      timeout);
+  test_hooks::set_fault_hook(nullptr);
   EXPECT_TRUE(result.ok()) << result.describe_failures();
 }
 

@@ -488,8 +488,15 @@ Mismatch execute_checked_tile(const TileJob& job, std::int64_t m, const comm::Ca
 }
 
 Mismatch checked_round(comm::Communicator& comm, const comm::CallHeader& header) {
-  return finish_checked(
-      *comm.checked_all_reduce_start(comm.acquire_reduce_buffer(0, DType::f16), nullptr, header));
+  try {
+    return finish_checked(
+        *comm.checked_all_reduce_start(comm.acquire_reduce_buffer(0, DType::f16), nullptr, header));
+  } catch (const std::exception& error) {
+    // The peers that got through the round go on to the call's tiles and
+    // would wait for this rank there until their deadline.
+    comm.abort(cat("rank ", comm.rank(), " stopped in the call's first round: ", error.what()));
+    throw;
+  }
 }
 
 }  // namespace tpfuse::pipeline

@@ -121,7 +121,8 @@ std::unique_ptr<TileStages> gemm_reduce_scatter_stages(const ReduceScatterJob& j
 // a plan of one tile that fits a reduce buffer, computed and reduced in
 // that round; or, with a null job, a round without data. Null when every
 // rank's digest matched (the tile's result is in job.out); else every rank's
-// header, and nothing was summed: job.out is untouched.
+// header, and nothing was summed: job.out is untouched. On an error `comm`
+// is aborted, as execute() does, and the error rethrown.
 using Mismatch = std::optional<std::vector<comm::CallHeader>>;
 Mismatch execute_checked_tile(const TileJob& job, std::int64_t m, const comm::CallHeader& header);
 Mismatch checked_round(comm::Communicator& comm, const comm::CallHeader& header);
