@@ -410,6 +410,7 @@ std::unique_ptr<GatherWork> ShmCommunicator::do_all_gather_start(
       if (spec.pieces[r] > 0) last_rounds[r] = spec.round;
     }
     spec.mine = in + std::min(at, offsets[me + 1] - offsets[me]);
+    test_hooks::fault_point(test_hooks::FaultPoint::gather);
     if (group_->size > 1 && spec.pieces[me] > 0) {
       std::memcpy(group_->segment.ring().slot(group_->rank, spec.round), spec.mine,
                   spec.pieces[me]);

@@ -1,9 +1,9 @@
-// Points inside a call where the fault-injection tests (tests/faults_test.cc)
-// kill or freeze a rank, to prove that its peers fail cleanly wherever it
-// stops. Unset in normal use, when a point costs one relaxed load and a
-// branch; the points sit where a rank changes what it is doing (a GEMM
-// block, a pause in a wait, a round's sum, a setup step), never in an inner
-// loop.
+// Points inside a call where the fault-injection tests (tests/faults_test.cc,
+// tests/faults_family_test.cc) kill, freeze or fail a rank, to prove that its
+// peers fail cleanly wherever it stops. Unset in normal use, when a point
+// costs one relaxed load and a branch; the points sit where a rank changes
+// what it is doing (a GEMM block, a pause in a wait, a round's sum or piece,
+// a setup step), never in an inner loop.
 #pragma once
 
 #include <atomic>
@@ -16,6 +16,7 @@ enum class FaultPoint {
   gemm_block,  // before each block of a tile's GEMM rows
   wait,        // a wait for peers (or for a rendezvous key) found them not there, before it pauses
   reduce,      // a round's contributions are all in, before this rank sums them
+  gather,      // a tensor all-gather's round, before this rank publishes its piece
   rank_start,  // a rank launch_local forked, before it watches for its launcher's death
 };
 
