@@ -2,7 +2,9 @@
 // all-reduce gives the shm transport's bytes (both run on the same inputs in
 // the same job), pipelined buffers and a helper thread, all_gather, the
 // reduce-scatter and the tensor all-gather, and its failures (a rank that
-// never arrives, abort) within the deadline.
+// never arrives, abort) within the deadline. Then the four operators on it:
+// the shm transport's bytes, and the relations between them that the
+// contract pins (on the hierarchical transport too, tests/mpi/cluster_test.sh).
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <stdlib.h>
@@ -11,18 +13,23 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <numeric>
 #include <random>
+#include <string_view>
 #include <thread>
 #include <vector>
 
+#include "../family_cases.h"
 #include "comm/shm_reduce_kernels.h"
 #include "tpfuse/comm/mpi.h"
+#include "tpfuse/comm/registry.h"
 #include "tpfuse/comm/shm.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
+#include "tpfuse/testing/golden.h"
 
 namespace tpfuse::comm {
 namespace {
@@ -333,6 +340,128 @@ TEST(MpiTransport, BadArgumentsAreRejectedBeforeAnyMessage) {
                InvalidArgument);
   EXPECT_THROW(comm.all_gather_start(&value, nullptr, short_counts, DType::f32), InvalidArgument);
   comm.barrier();
+}
+
+// ---- the operators over MPI ----
+
+// Each operator on small shapes of several tiles (across the all-gather's
+// blocks and the reduce-scatter's shards; m a multiple of 2, 3 and 4),
+// and add-RMSNorm of one tile (one round).
+std::vector<test::FamilyCase> family_cases() {
+  using test::FamilyOp;
+  return {
+      {.op = FamilyOp::mm_all_reduce_base, .m = 36, .k = 64, .n = 40, .bias = true, .comm_turn = 3},
+      {.op = FamilyOp::all_gather_base_mm,
+       .dtype = DType::f16,
+       .m = 10,
+       .k = 48,
+       .n = 24,
+       .bias = true,
+       .comm_turn = 4,
+       .seed = 2},
+      {.op = FamilyOp::mm_reduce_scatter_base,
+       .m = 36,
+       .k = 64,
+       .n = 24,
+       .bias = true,
+       .comm_turn = 5,
+       .seed = 3},
+      {.op = FamilyOp::add_rms_norm,
+       .m = 36,
+       .k = 64,
+       .n = 40,
+       .batch = 3,
+       .bias = true,
+       .comm_turn = 3,
+       .seed = 4},
+      {.op = FamilyOp::add_rms_norm,
+       .dtype = DType::f16,
+       .m = 2,
+       .k = 64,
+       .n = 256,
+       .batch = 2,
+       .comm_turn = 1,
+       .seed = 5},
+  };
+}
+
+std::string case_label(const test::FamilyCase& c) {
+  return cat(test::family_op_name(c.op), " m=", c.m, " comm_turn=", c.comm_turn);
+}
+
+// `comm` registered under its name for as long as this lives.
+class Registered {
+ public:
+  explicit Registered(std::shared_ptr<Communicator> comm)
+      : name_(register_communicator(std::move(comm))) {}
+  ~Registered() { unregister_communicator(name_); }
+  const std::string& name() const { return name_; }
+
+ private:
+  std::string name_;
+};
+
+// The same calls over MPI and over shm, on the same inputs: the same bytes
+// (twice each, the second a call the ranks agreed on before). Where hosts
+// hold several ranks the MPI transport is hierarchical, whose sums are in
+// another order (hierarchical.cc): not compared.
+TEST(MpiFamily, EveryOperatorGivesTheShmTransportsBytes) {
+  Communicator& comm = *world();
+  if (comm.ranks_on_host() != comm.size()) GTEST_SKIP() << "hierarchical: sums in another order";
+  const Registered over_mpi(world()), over_shm(shm_group());
+  for (const test::FamilyCase& c : family_cases()) {
+    SCOPED_TRACE(case_label(c));
+    const test::FamilyInputs in = test::family_inputs(c, comm.rank());
+    for (int call = 0; call < 2; ++call) {
+      const auto mpi = test::bytes_of(test::run_family_case(c, in, over_mpi.name(), comm.size()));
+      const auto shm = test::bytes_of(test::run_family_case(c, in, over_shm.name(), comm.size()));
+      EXPECT_FALSE(mpi.empty());
+      EXPECT_TRUE(mpi == shm) << "call " << call << ": the bytes differ";
+    }
+  }
+}
+
+// On any layout (across emulated hosts too): the all-gather's gathered rows
+// are every rank's x1 and its product the golden model's; the
+// reduce-scatter's rows and add-RMSNorm's outputs are what mm_all_reduce_base
+// on this communicator pins, bitwise; and every rank got the same add-RMSNorm bytes.
+TEST(MpiFamily, OperatorsGiveWhatMmAllReduceBasePinsOnThisTransport) {
+  Communicator& comm = *world();
+  const Registered over_mpi(world());
+  for (const test::FamilyCase& c : family_cases()) {
+    SCOPED_TRACE(case_label(c));
+    const test::FamilyInputs in = test::family_inputs(c, comm.rank());
+    const auto out = test::run_family_case(c, in, over_mpi.name(), comm.size());
+    test::FamilyCase base = c;
+    base.op = test::FamilyOp::mm_all_reduce_base;
+    switch (c.op) {
+      case test::FamilyOp::all_gather_base_mm: {
+        EXPECT_TRUE(test::bytes_of(out[1]) == test::gathered_x1(c, comm.size()));
+        testing::RankArgs args{out[1].view(), in.x2.view(), {}};
+        args.options.bias = in.bias.view();
+        const auto cmp = testing::compare(out[0], testing::golden_mm_all_reduce({&args, 1}));
+        EXPECT_TRUE(cmp.ok()) << cmp.mismatches << " elements beyond the golden bound";
+        break;
+      }
+      case test::FamilyOp::mm_reduce_scatter_base: {
+        const auto reduced = test::run_family_case(base, in, over_mpi.name(), comm.size());
+        EXPECT_TRUE(test::bytes_of(out) ==
+                    test::reduce_scatter_rows(reduced[0], comm.rank(), comm.size()));
+        break;
+      }
+      case test::FamilyOp::add_rms_norm: {
+        const auto reduced = test::run_family_case(base, in, over_mpi.name(), comm.size());
+        const auto bytes = test::bytes_of(out);
+        EXPECT_TRUE(bytes == test::add_rms_norm_of(c, in, reduced[0]));
+        const std::string_view mine(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+        const auto hashes = comm.all_gather(cat(std::hash<std::string_view>()(mine)));
+        for (int r = 0; r < comm.size(); ++r) EXPECT_EQ(hashes[r], hashes[0]) << "rank " << r;
+        break;
+      }
+      case test::FamilyOp::mm_all_reduce_base:
+        break;
+    }
+  }
 }
 
 }  // namespace
