@@ -2,13 +2,17 @@
 // produce gives bitwise the single-tile result, in both progress modes and
 // through the transport's buffers or its copy path; a rank that stalls
 // between tiles delays the others without corrupting them; a rank that dies
-// or fails mid-pipeline makes the others fail within the deadline.
+// or fails mid-pipeline makes the others fail within the deadline; and the
+// other operators' schedules give, in both modes, the bytes their contract
+// pins.
 #include <gtest/gtest.h>
 #include <signal.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -16,6 +20,8 @@
 #include <vector>
 
 #include "core/fault_hooks.h"
+#include "family_cases.h"
+#include "fault_report.h"
 #include "ops/test_hooks.h"
 #include "pipeline/executor.h"
 #include "rank_harness.h"
@@ -23,6 +29,7 @@
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/ops/validate.h"
 #include "tpfuse/pipeline/plan.h"
+#include "tpfuse/testing/golden.h"
 #include "tpfuse/testing/inputs.h"
 
 namespace tpfuse {
@@ -544,6 +551,117 @@ TEST(OperatorPlan, PlannedAndForcedTilingsAgree) {
     return 0;
   });
   EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
+// ---- the family's schedules, in both progress modes ----------------------
+
+// Small calls of the three other operators, of several tiles (across the
+// all-gather's blocks and the reduce-scatter's shards) and of one.
+const test::FamilyCase kFamily[] = {
+    {.op = test::FamilyOp::all_gather_base_mm,
+     .dtype = DType::f16,
+     .m = 16,
+     .k = 32,
+     .n = 24,
+     .bias = true,
+     .comm_turn = 4,
+     .seed = 21},
+    {.op = test::FamilyOp::mm_reduce_scatter_base,
+     .m = 48,
+     .k = 32,
+     .n = 24,
+     .bias = true,
+     .comm_turn = 4,
+     .seed = 22},
+    {.op = test::FamilyOp::add_rms_norm,
+     .m = 48,
+     .k = 32,
+     .n = 32,
+     .batch = 2,
+     .bias = true,
+     .comm_turn = 3,
+     .seed = 23},
+    {.op = test::FamilyOp::add_rms_norm,
+     .dtype = DType::f16,
+     .m = 4,
+     .k = 32,
+     .n = 64,
+     .batch = 4,
+     .comm_turn = 1,
+     .seed = 24},
+};
+constexpr int kFamilyRanks = 3;
+constexpr int kFamilyCases = static_cast<int>(std::size(kFamily));
+
+// Checks one rank's outputs of `c` against what the contract pins exactly:
+// the gathered rows, and the reduce-scatter's and add-RMSNorm's outputs
+// from mm_all_reduce_base's on the same inputs; the all-gather's product
+// against the golden model.
+void check_family_outputs(const test::FamilyCase& c, const test::FamilyInputs& in,
+                          const std::vector<Tensor>& out, comm::RankContext& ctx) {
+  const std::string name = ctx.comm->name();
+  if (c.op == test::FamilyOp::all_gather_base_mm) {
+    expect_rank(test::bytes_of(out[1]) == test::gathered_x1(c, ctx.size),
+                "gather_out is not every rank's x1 in rank order");
+    testing::RankArgs args{out[1].view(), in.x2.view(), {}};
+    args.options.bias = in.bias.view();
+    const auto cmp = testing::compare(out[0], testing::golden_mm_all_reduce({&args, 1}));
+    expect_rank(cmp.ok(), "all-gather output: ", cmp.mismatches, " elements beyond the bound");
+    return;
+  }
+  test::FamilyCase base = c;
+  base.op = test::FamilyOp::mm_all_reduce_base;
+  const Tensor reduced = std::move(test::run_family_case(base, in, name, ctx.size)[0]);
+  if (c.op == test::FamilyOp::mm_reduce_scatter_base) {
+    expect_rank(test::bytes_of(out) == test::reduce_scatter_rows(reduced, ctx.rank, ctx.size),
+                "the reduce-scatter's rows differ from mm_all_reduce_base's");
+  } else {
+    expect_rank(test::bytes_of(out) == test::add_rms_norm_of(c, in, reduced),
+                "add-RMSNorm differs from the step on mm_all_reduce_base's output");
+  }
+}
+
+struct FamilyHashes {
+  std::uint64_t hashes[kFamilyRanks][kFamilyCases];
+};
+
+// The tiles' collectives advanced by the GEMM's thread, then by a helper
+// thread (which then runs add-RMSNorm's step too): each output is the one
+// the contract pins, and both modes give the same bytes. Built under
+// ThreadSanitizer too, for the helper thread's sake. A one-tile call runs in
+// one round once its ranks have agreed on it.
+TEST(FamilyOperators, BothProgressModesGiveThePinnedBytes) {
+  std::vector<std::vector<std::uint64_t>> by_mode;
+  for (ProgressMode mode : {ProgressMode::interleaved, ProgressMode::helper_thread}) {
+    SCOPED_TRACE(mode_label(mode));
+    FamilyHashes& page = test::shared_page<FamilyHashes>();
+    const auto result = launch(kFamilyRanks, 4096, [&](comm::RankContext& ctx) {
+      ::setenv("TPFUSE_PIPELINE_PROGRESS", mode_label(mode), 1);
+      std::vector<test_hooks::Agreement> agreements;
+      test_hooks::set_after_agreement(
+          [&](test_hooks::Agreement outcome) { agreements.push_back(outcome); });
+      for (int i = 0; i < kFamilyCases; ++i) {
+        const test::FamilyCase& c = kFamily[i];
+        const test::FamilyInputs in = test::family_inputs(c, ctx.rank);
+        const auto out = test::run_family_case(c, in, ctx.comm->name(), ctx.size);
+        check_family_outputs(c, in, out, ctx);
+        const auto bytes = test::bytes_of(out);
+        page.hashes[ctx.rank][i] = test::fnv1a(bytes.data(), bytes.size());
+        if (c.comm_turn == 1) {
+          agreements.clear();
+          const auto again = test::run_family_case(c, in, ctx.comm->name(), ctx.size);
+          expect_rank(test::bytes_of(again) == bytes, "the one-round call gave other bytes");
+          expect_rank(agreements == std::vector{test_hooks::Agreement::in_first_round},
+                      "the one-tile call did not run in its first round");
+        }
+      }
+      test_hooks::set_after_agreement({});
+      return 0;
+    });
+    ASSERT_TRUE(result.ok()) << result.describe_failures();
+    by_mode.emplace_back(&page.hashes[0][0], &page.hashes[0][0] + kFamilyRanks * kFamilyCases);
+  }
+  EXPECT_EQ(by_mode[0], by_mode[1]) << "the progress modes gave different bytes";
 }
 
 }  // namespace
