@@ -76,15 +76,16 @@ bench-cluster: build
 	./scripts/bench_cluster.sh $(JSON) $(BUILD)
 
 # The tests of tpfuse's threads (the communicator, the launcher and its life
-# cycle, the pipeline and its helper thread, the operator, concurrency and
-# isolation) again under ThreadSanitizer. Only those binaries are built; ctest skips the others
+# cycle, the pipeline and its helper thread with every operator, faults in
+# each operator's call, the operator, concurrency and isolation) again under
+# ThreadSanitizer. Only those binaries are built; ctest skips the others
 # (their placeholders end in _NOT_BUILT). Three GEMM threads per rank, so
 # that the thread pool's workers run too. Nothing is suppressed: oneDNN's
 # OpenMP (uninstrumented, so a source of false reports) is held to the
 # calling thread by the oneDNN engine and never starts a team. A report ends
 # its process at once (halt_on_error) with exit code 66, which fails the
 # test, from inside a rank too.
-TSAN_TESTS   := comm comm_lifecycle launcher faults_lifecycle pipeline planner operator agreement concurrency isolation shm_wait
+TSAN_TESTS   := comm comm_lifecycle launcher faults_lifecycle faults_family pipeline planner operator agreement concurrency isolation shm_wait
 # Skipped as well: a memory-bandwidth test, the 8-rank operator cases (the
 # threads are those of the 3- and 4-rank cases; they took a fifth of the run
 # under TSan), and the MPI tests (Open MPI's library is not instrumented).

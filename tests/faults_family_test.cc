@@ -63,6 +63,14 @@ constexpr auto kDeadline = 1000ms;
 // loaded 2-core machine (and the sanitizers' slower code).
 constexpr auto kMargin = 1500ms;
 constexpr int kMaxRanks = 3;
+// ThreadSanitizer holds a process that ends for a second (atexit_sleep_ms),
+// as long as the deadline: the peers of a victim whose process ends (a throw
+// before the call) may time out on it before they find it gone.
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kEndingTakesTheDeadline = true;
+#else
+constexpr bool kEndingTakesTheDeadline = false;
+#endif
 
 enum class Point { before_call, agreement, gemm_block, after_tile, collective };
 enum class Action { kill, freeze, raise };
@@ -410,7 +418,11 @@ TEST_P(FamilyFaults, SurvivorsNameTheVictimWithinTheDeadline) {
     EXPECT_TRUE(exit.ok()) << result.describe_failures()
                            << (exit.signal == SIGALRM ? ": it hung" : "");
     EXPECT_EQ(report.outcome, Outcome::comm_error) << "it completed as if nothing happened";
-    EXPECT_EQ(std::string(report.error_type), expected) << report.message;
+    const bool ending_slowly = kEndingTakesTheDeadline && trial.action == Action::raise &&
+                               trial.point == Point::before_call;
+    if (!ending_slowly || std::string(report.error_type) != "TimeoutError") {
+      EXPECT_EQ(std::string(report.error_type), expected) << report.message;
+    }
     EXPECT_EQ(report.error_ranks, std::uint64_t{1} << trial.victim)
         << "its error does not name rank " << trial.victim << " alone: " << report.message;
     EXPECT_TRUE(test::names_rank(report.message, trial.victim)) << report.message;
