@@ -11,7 +11,6 @@
 
 #include "tpfuse/comm/launcher.h"
 #include "tpfuse/core/error.h"
-#include "tpfuse/ops/mm_all_reduce_base.h"
 
 namespace tpfuse::cli {
 
@@ -30,37 +29,58 @@ double median(std::vector<double> values) {
   return values[values.size() / 2];
 }
 
-// Runs the case on this rank; on rank 0, returns what it found.
-std::optional<WireResult> run_rank(comm::RankContext& ctx, const testing::CaseSpec& spec,
-                                   int iterations, bool check) {
-  auto inputs = testing::make_rank_inputs(spec, ctx.rank);
-  const auto& args = inputs.args;
-  Tensor out = mm_all_reduce_base(args.x1, args.x2, ctx.comm->name(), args.options);
+// What one rank's check found, as all_gather carries it.
+struct WireCheck {
+  std::uint8_t checked = 0;
+  testing::Comparison comparison;
+};
 
+// The ranks' comparisons as one.
+testing::Comparison merge(const std::vector<std::string>& checks, bool& any_checked) {
+  testing::Comparison merged;
+  any_checked = false;
+  for (const std::string& bytes : checks) {
+    WireCheck check;
+    std::memcpy(&check, bytes.data(), sizeof(check));
+    if (check.checked == 0) continue;
+    any_checked = true;
+    add_comparison(merged, check.comparison);
+  }
+  return merged;
+}
+
+// Runs the case on this rank; on rank 0, returns what it found.
+std::optional<WireResult> run_rank(comm::RankContext& ctx, const OpCase& c, int iterations, bool check) {
+  const RankCall rank_call = make_rank_call(ctx, c);
   std::vector<double> seconds;
   for (int i = 0; i < iterations; ++i) {
     ctx.comm->barrier();
     const auto start = std::chrono::steady_clock::now();
-    mm_all_reduce_base_out(args.x1, args.x2, ctx.comm->name(), args.options, out);
+    rank_call.call();
     seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
 
-  const std::uint64_t hash = fnv1a(out.data(), out.nbytes());
-  const auto hashes = ctx.comm->all_gather(
-      std::string_view(reinterpret_cast<const char*>(&hash), sizeof(hash)));
+  std::uint64_t hash = fnv1a(nullptr, 0);
+  for (const TensorView& out : rank_call.replicated) {
+    const std::uint64_t h = fnv1a(out.data(), static_cast<std::size_t>(out.numel()) * dtype_size(out.dtype()));
+    hash = (hash ^ h) * 1099511628211ull;
+  }
+  const auto hashes = ctx.comm->all_gather(std::string_view(reinterpret_cast<const char*>(&hash), sizeof(hash)));
+  WireCheck mine;
+  if (check) {
+    if (const auto comparison = rank_call.check()) {
+      mine.checked = 1;
+      mine.comparison = *comparison;
+    }
+  }
+  const auto checks = ctx.comm->all_gather(std::string_view(reinterpret_cast<const char*>(&mine), sizeof(mine)));
   if (ctx.rank != 0) return std::nullopt;
 
   WireResult result;
-  result.identical = std::all_of(hashes.begin(), hashes.end(),
-                                 [&](const std::string& h) { return h == hashes[0]; });
-  if (check) {
-    std::vector<testing::RankInputs> all;
-    std::vector<testing::RankArgs> all_args;
-    for (int r = 0; r < ctx.size; ++r) all.push_back(testing::make_rank_inputs(spec, r));
-    for (const auto& in : all) all_args.push_back(in.args);
-    result.comparison = testing::compare(out, testing::golden_mm_all_reduce(all_args));
-    result.checked = 1;
-  }
+  result.identical = std::all_of(hashes.begin(), hashes.end(), [&](const std::string& h) { return h == hashes[0]; });
+  bool any_checked = false;
+  result.comparison = merge(checks, any_checked);
+  result.checked = any_checked ? 1 : 0;
   result.seconds_per_call = seconds.empty() ? 0 : median(seconds);
   return result;
 }
@@ -84,14 +104,14 @@ std::uint64_t fnv1a(const void* data, std::size_t bytes) {
   return h;
 }
 
-CaseResult run_case(const testing::CaseSpec& spec, int ranks, int iterations, bool check) {
+CaseResult run_case(const OpCase& c, int ranks, int iterations, bool check) {
   int fds[2];
   if (pipe(fds) != 0) throw_system_error("pipe", errno);
   comm::LaunchOptions options;
   options.ranks = ranks;
   const auto launch = comm::launch_local(options, [&](comm::RankContext& ctx) {
     close(fds[0]);
-    const auto result = run_rank(ctx, spec, iterations, check);
+    const auto result = run_rank(ctx, c, iterations, check);
     if (!result) return 0;
     const auto wrote = write(fds[1], &*result, sizeof(*result));
     return wrote == static_cast<ssize_t>(sizeof(*result)) ? 0 : 3;
@@ -109,9 +129,8 @@ CaseResult run_case(const testing::CaseSpec& spec, int ranks, int iterations, bo
   return to_case_result(wire);
 }
 
-std::optional<CaseResult> run_case_on(comm::RankContext& ctx, const testing::CaseSpec& spec,
-                                      int iterations, bool check) {
-  const auto wire = run_rank(ctx, spec, iterations, check);
+std::optional<CaseResult> run_case_on(comm::RankContext& ctx, const OpCase& c, int iterations, bool check) {
+  const auto wire = run_rank(ctx, c, iterations, check);
   if (!wire) return std::nullopt;
   return to_case_result(*wire);
 }
@@ -133,11 +152,11 @@ std::string describe_shape(const testing::CaseSpec& spec) {
 }
 
 void print_table_header() {
-  std::printf("%-46s %-24s %5s %11s %11s %12s %s\n", "mode", "shape (per rank)", "ranks",
-              "max error", "tolerance", "us per call", "result");
+  std::printf("%-26s %-42s %-24s %5s %11s %11s %12s %s\n", "operator", "mode", "shape (per rank)", "ranks", "max error",
+              "tolerance", "us per call", "result");
 }
 
-void print_table_row(const testing::CaseSpec& spec, int ranks, const CaseResult& r) {
+void print_table_row(const OpCase& c, int ranks, const CaseResult& r) {
   std::string verdict;
   if (!r.ran) {
     verdict = "FAILED: " + r.error;
@@ -146,10 +165,11 @@ void print_table_row(const testing::CaseSpec& spec, int ranks, const CaseResult&
   } else if (r.checked && !r.comparison.ok()) {
     verdict = cat("FAILED: ", r.comparison.mismatches, " elements off");
   } else {
-    verdict = r.checked ? "ok, identical on all ranks" : "identical on all ranks (unchecked)";
+    const std::string_view same = replicated_outputs(c.op);
+    verdict = cat(r.checked ? "ok" : "unchecked", same.empty() ? "" : cat(", ", same, " on all ranks"));
   }
-  std::printf("%-46s %-24s %5d %11.3g %11.3g %12.1f %s\n", describe_mode(spec).c_str(),
-              describe_shape(spec).c_str(), ranks, r.comparison.max_abs_error,
+  std::printf("%-26s %-42s %-24s %5d %11.3g %11.3g %12.1f %s\n", std::string(op_name(c.op)).c_str(),
+              describe_mode(c.spec).c_str(), describe_shape(c.spec).c_str(), ranks, r.comparison.max_abs_error,
               r.comparison.max_bound, r.seconds_per_call * 1e6, verdict.c_str());
   std::fflush(stdout);
 }

@@ -1,6 +1,7 @@
 // `tpfuse demo`: the request's example (8 ranks, x1 [128, 512], x2 [512, 64],
-// f16) and one weight-only-quant and one full-quant case, each checked against
-// the golden model, printed as a table.
+// f16), one weight-only-quant and one full-quant case, and one small case of
+// each of the family's other operators, each checked against its reference,
+// printed as a table.
 #include <cstdio>
 #include <vector>
 
@@ -12,7 +13,7 @@ namespace tpfuse::cli {
 namespace {
 
 struct DemoCase {
-  testing::CaseSpec spec;
+  OpCase op_case;
   int ranks;
 };
 
@@ -37,29 +38,50 @@ std::vector<DemoCase> demo_cases() {
   full_quant.bias = true;
   full_quant.x3 = true;
 
-  return {{seed, 8}, {weight_quant, 4}, {full_quant, 4}};
+  // The sequence-parallel pair of an MLP, and the row-parallel layer with the
+  // residual add and the next layer's RMSNorm.
+  testing::CaseSpec gather = seed;
+  gather.dtype = DType::bf16;
+  gather.m = 32;
+  gather.k = 256;
+  gather.bias = true;
+
+  testing::CaseSpec scatter = seed;
+  scatter.bias = true;
+
+  testing::CaseSpec norm = seed;
+  norm.dtype = DType::bf16;
+  norm.batch = 4;
+  norm.m = 64;
+  norm.n = 256;
+
+  return {{{FusedOp::mm_all_reduce, seed}, 8},        {{FusedOp::mm_all_reduce, weight_quant}, 4},
+          {{FusedOp::mm_all_reduce, full_quant}, 4},  {{FusedOp::all_gather_mm, gather}, 4},
+          {{FusedOp::mm_reduce_scatter, scatter}, 4}, {{FusedOp::mm_all_reduce_add_rms_norm, norm}, 2}};
 }
 
 }  // namespace
 
 void add_demo_command(CLI::App& app) {
-  auto* demo = app.add_subcommand(
-      "demo", "Run the request's example (8 ranks, [128, 512] x [512, 64] f16) and one case of "
-              "each quantized mode, checked against the golden model");
+  auto* demo =
+      app.add_subcommand("demo",
+                         "Run the request's example (8 ranks, [128, 512] x [512, 64] f16), one case of each quantized "
+                         "mode, and one of each other operator of the family, each checked against its reference");
   auto iterations = std::make_shared<int>(20);
   demo->add_option("--iterations", *iterations, "Timed calls per case")
       ->check(CLI::Range(1, 100000));
   demo->callback([iterations] {
-    std::printf("tpfuse demo: mm_all_reduce_base across local ranks (processes on this host)\n\n");
+    std::printf("tpfuse demo: the operators across local ranks (processes on this host)\n\n");
     print_table_header();
     bool all_ok = true;
     for (const auto& c : demo_cases()) {
-      const CaseResult result = run_case(c.spec, c.ranks, *iterations, /*check=*/true);
-      print_table_row(c.spec, c.ranks, result);
+      const CaseResult result = run_case(c.op_case, c.ranks, *iterations, /*check=*/true);
+      print_table_row(c.op_case, c.ranks, result);
       all_ok = all_ok && result.ran && result.identical_across_ranks && result.comparison.ok();
     }
-    std::printf("\nmax error: largest |out - fp64 golden|; tolerance: the bound the contract's "
-                "numerics allow at that element.\n");
+    std::printf(
+        "\nmax error: largest |out - reference| (fp64 golden model, or exact where the contract says "
+        "bitwise); tolerance: the bound the contract's numerics allow at that element.\n");
     if (!all_ok) throw CLI::RuntimeError("demo: a case failed", 1);
   });
 }

@@ -16,6 +16,8 @@ namespace {
 
 struct RunFlags {
   testing::CaseSpec spec;
+  std::string op = "mm_all_reduce";
+  double epsilon = 1e-6;
   std::string dtype = "f16";
   std::string mode = "plain";
   std::string scale = "per_channel";
@@ -26,25 +28,50 @@ struct RunFlags {
 
 // Under mpirun every process is one rank (--ranks is mpirun's -np); rank 0
 // prints the row. A rank's error reaches main, which prints it and exits 1.
-void run_under_mpi(const testing::CaseSpec& spec, int iterations, bool check) {
+void run_under_mpi(const OpCase& c, int iterations, bool check) {
   comm::RankContext ctx = rank_context_from_env();
-  const auto result = run_case_on(ctx, spec, iterations, check);
+  const auto result = run_case_on(ctx, c, iterations, check);
   comm::unregister_communicator(ctx.comm->name());
   if (!result) return;
   print_table_header();
-  print_table_row(spec, ctx.size, *result);
+  print_table_row(c, ctx.size, *result);
   const bool ok = result->ran && result->identical_across_ranks && result->comparison.ok();
   if (!ok) throw CLI::RuntimeError("run: the case failed", 1);
+}
+
+// The flags an operator does not take, as errors naming them (exit 2).
+void check_flags_for_op(const OpCase& c, int ranks) {
+  const testing::CaseSpec& s = c.spec;
+  const std::string op(op_name(c.op));
+  const auto refuse = [&](bool given, const char* flag, const char* why) {
+    if (given) throw CLI::ValidationError(flag, cat("not taken by ", op, ": ", why));
+  };
+  if (c.op == FusedOp::mm_all_reduce) return;
+  refuse(s.x3, "--x3", "there is no x3");
+  if (c.op == FusedOp::mm_all_reduce_add_rms_norm) return;
+  refuse(s.mode != Mode::plain, "--mode", "this command runs its plain mode");
+  refuse(s.batch > 0, "--batch", "x1 is 2-D");
+  refuse(c.op == FusedOp::all_gather_mm && s.uneven_k, "--uneven-k", "k must agree across ranks");
+  if (c.op == FusedOp::mm_reduce_scatter && s.m % ranks != 0) {
+    throw CLI::ValidationError("--m", cat("must be a multiple of --ranks (", ranks, ") for ", op, ", got ", s.m));
+  }
 }
 
 }  // namespace
 
 void add_run_command(CLI::App& app) {
   auto flags = std::make_shared<RunFlags>();
-  auto* run = app.add_subcommand("run", "Run mm_all_reduce_base once per rank with the given "
-                                        "shape and mode, check it, and time it");
+  auto* run = app.add_subcommand("run",
+                                 "Run an operator (mm_all_reduce_base by default) on each rank with the "
+                                 "given shape and mode, check it, and time it");
   auto& s = flags->spec;
-  run->add_option("--m", s.m, "Rows of x1 (m = b * s for a 3-D x1)")->check(CLI::Range(1, 1 << 24));
+  run->add_option("--op", flags->op, "mm_all_reduce | all_gather_mm | mm_reduce_scatter | mm_all_reduce_add_rms_norm")
+      ->check(CLI::IsMember(op_names()))
+      ->capture_default_str();
+  run->add_option("--m", s.m,
+                  "Rows of x1 on each rank (m = b * s for a 3-D x1; all_gather_mm: the rows each rank "
+                  "contributes; mm_reduce_scatter: m / ranks rows of the output per rank)")
+      ->check(CLI::Range(1, 1 << 24));
   run->add_option("--k", s.k, "Columns of x1 per rank (the K-slice)")->check(CLI::Range(1, 1 << 24));
   run->add_option("--n", s.n, "Columns of x2")->check(CLI::Range(1, 1 << 24));
   run->add_option("--batch", s.batch, "Make x1 3-D [batch, m / batch, k]")
@@ -68,7 +95,9 @@ void add_run_command(CLI::App& app) {
   run->add_option("--ranks", flags->ranks, "Local ranks (processes)")->check(CLI::Range(1, 256));
   run->add_option("--iterations", flags->iterations, "Timed calls")->check(CLI::Range(1, 1000000));
   run->add_option("--seed", s.seed, "Seed of the random inputs");
-  run->add_flag("--no-check", flags->no_check, "Skip the golden-model check (large shapes)");
+  run->add_option("--epsilon", flags->epsilon, "The RMSNorm's epsilon (mm_all_reduce_add_rms_norm)")
+      ->check(CLI::Range(1e-12, 0.999));
+  run->add_flag("--no-check", flags->no_check, "Skip the check against the reference (large shapes)");
 
   run->callback([flags] {
     static const std::map<std::string, Mode> kModes = {
@@ -83,13 +112,16 @@ void add_run_command(CLI::App& app) {
     if (spec.batch > 0 && spec.m % spec.batch != 0) {
       throw CLI::ValidationError("--batch", tpfuse::cat("must divide --m (", spec.m, "), got ", spec.batch));
     }
+    const OpCase c{*parse_op(flags->op), spec, flags->epsilon};
     if (comm::launched_by_mpi()) {
-      run_under_mpi(spec, flags->iterations, !flags->no_check);
+      check_flags_for_op(c, 1);
+      run_under_mpi(c, flags->iterations, !flags->no_check);
       return;
     }
+    check_flags_for_op(c, flags->ranks);
     print_table_header();
-    const CaseResult result = run_case(spec, flags->ranks, flags->iterations, !flags->no_check);
-    print_table_row(spec, flags->ranks, result);
+    const CaseResult result = run_case(c, flags->ranks, flags->iterations, !flags->no_check);
+    print_table_row(c, flags->ranks, result);
     const bool ok = result.ran && result.identical_across_ranks && result.comparison.ok();
     if (!ok) throw CLI::RuntimeError("run: the case failed", 1);
   });
