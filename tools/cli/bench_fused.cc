@@ -1,16 +1,20 @@
-// `tpfuse bench fused`: the fused operator against its own pieces and against
-// what a user would write without tpfuse, per shape, dtype and rank count:
+// `tpfuse bench fused`: a fused operator (--op, mm_all_reduce_base by
+// default) against its own pieces and against what a user would write without
+// tpfuse, per shape, dtype and rank count:
 //
 //   T_gemm    tpfuse's GEMM alone (prepare_gemm + compute_rows over all rows)
-//   T_comm    tpfuse's all-reduce of the [m, n] output alone, in its dtype
-//             (and, for reference, MPI_Allreduce's and gloo's, of it in f32)
-//   T_serial  tpfuse's GEMM, then tpfuse's all-reduce
-//   T_peer    oneDNN GEMM, then MPI_Allreduce (tpfuse_mpi_bench peer)
-//   T_fused   mm_all_reduce_base_out
+//   T_comm    tpfuse's collective alone, in the output's dtype (and, for
+//             reference, MPI's and, for an all-reduce, gloo's, in f32)
+//   T_serial  tpfuse's GEMM and collective one after the other (and, for
+//             add-RMSNorm, its add-and-RMSNorm step)
+//   T_peer    oneDNN GEMM and MPI's collective (tpfuse_mpi_bench peer)
+//   T_fused   the operator's _out call
+//   T_base+norm  add-RMSNorm only: mm_all_reduce_base_out, then the step
 //
 // and the hidden fraction (T_serial - T_fused) / min(T_gemm, T_comm): the part
-// of the shorter stage the overlap hid. Everything goes through the public
-// API, so the figures follow the library as its internals change.
+// of the shorter stage the overlap hid. Everything but the add-and-RMSNorm
+// step (src/ops/add_rms_norm.h) goes through the public API, so the figures
+// follow the library as its internals change.
 //
 // Every figure is the median over repetitions of the slowest rank's time per
 // call for a batch of calls after a barrier (the median of per-repetition
@@ -19,7 +23,7 @@
 // and the peer's, using the cores of their block. A batch lasts at least
 // --min-batch-ms: a single call of a decode shape (about a millisecond) is
 // within a scheduler's time slice of noise, and its fused/serial ratio read
-// 0.93 to 1.10 between runs when timed call by call. tpfuse's four variants
+// 0.93 to 1.10 between runs when timed call by call. tpfuse's variants
 // take turns within each repetition so that a burst of load hits them alike;
 // the MPI peer is its own process group and runs right after them.
 #include <unistd.h>
@@ -41,16 +45,12 @@
 
 #include "bench_baselines.h"
 #include "bench_common.h"
+#include "bench_family.h"
 #include "commands.h"
 #include "core/trace.h"
-#include "tpfuse/ops/gemm_operands.h"
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/comm/mpi.h"
 #include "tpfuse/core/error.h"
-#include "tpfuse/gemm/tile_gemm.h"
-#include "tpfuse/ops/mm_all_reduce_base.h"
-#include "tpfuse/ops/validate.h"
-#include "tpfuse/testing/inputs.h"
 
 namespace tpfuse::cli {
 
@@ -58,27 +58,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct FusedShape {
-  std::string name;
-  std::int64_t m = 0, n = 0, k = 0;  // k of the whole layer, split over the ranks
-  int ranks = 2;                     // when --ranks is not given
-};
-
-// The issue's shapes: the seed's example (k = 512 per rank over 8 ranks),
-// Ascend's published case and its communication-heavy K=256 variant, and
-// decode/prefill rows against a 4096 x 4096 weight.
-const std::vector<FusedShape>& preset_shapes() {
-  static const std::vector<FusedShape> presets = {
-      {"seed", 128, 64, 512 * 8, 8},          {"ascend", 4096, 8192, 4096, 2},
-      {"ascend_k256", 4096, 8192, 256, 2},    {"decode_m1", 1, 4096, 4096, 2},
-      {"decode_m16", 16, 4096, 4096, 2},      {"prefill_m256", 256, 4096, 4096, 2}};
-  return presets;
-}
-
 struct FusedOptions;
 void run_bench(const FusedOptions& o);
 
 struct FusedOptions {
+  FusedOp op = FusedOp::mm_all_reduce;
   std::vector<std::string> shapes;
   std::vector<int> ranks;  // empty: each shape's own
   std::vector<std::string> dtypes = {"f16", "bf16"};
@@ -100,14 +84,16 @@ struct Spread {
 };
 
 struct FusedCase {
+  FusedOp op = FusedOp::mm_all_reduce;
   FusedShape shape;
   DType dtype = DType::f16;
   int ranks = 0;
   Spread gemm, comm, serial, fused;  // tpfuse
+  Spread base_then_norm;             // add-RMSNorm: mm_all_reduce_base, then add_rms_norm_rows
   std::string engine;                // tpfuse's GEMM engine
   int threads = 0;                   // the GEMM threads of a rank (the peer's alike)
   // The operator's own CPU per call (thread CPU of the fused call minus that
-  // of its GEMM then its all-reduce): the median and the largest over ranks.
+  // of its GEMM then its collective): the median and the largest over ranks.
   double op_cpu = kNotMeasured, op_cpu_max = kNotMeasured;
   // With --trace-overhead: the fused call traced (TPFUSE_TRACE), and the
   // events it records per call.
@@ -117,6 +103,7 @@ struct FusedCase {
   std::string peer_detail;
 
   std::int64_t output_elements() const { return shape.m * shape.n; }
+  std::int64_t k_per_rank() const { return cli::k_per_rank(op, shape, ranks); }
   double bound() const { return std::max(gemm.median, comm.median); }
   double hidden_fraction() const {
     return (serial.median - fused.median) / std::min(gemm.median, comm.median);
@@ -124,15 +111,15 @@ struct FusedCase {
   std::string label() const { return shape.name.empty() ? cat(shape.m, "x", shape.n, "x", shape.k) : shape.name; }
 };
 
-FusedShape parse_shape(const std::string& text) {
-  for (const FusedShape& preset : preset_shapes()) {
+FusedShape parse_shape(FusedOp op, const std::string& text) {
+  for (const FusedShape& preset : preset_shapes(op)) {
     if (preset.name == text) return preset;
   }
   if (const auto shape = parse_mnk(text)) return {"", shape->m, shape->n, shape->k, 2};
   std::string names;
-  for (const FusedShape& preset : preset_shapes()) names += cat(names.empty() ? "" : ", ", preset.name);
-  throw CLI::ValidationError("--shape",
-                             cat("expected one of ", names, " or MxNxK (K of the whole layer), got \"", text, "\""));
+  for (const FusedShape& preset : preset_shapes(op)) names += cat(names.empty() ? "" : ", ", preset.name);
+  throw CLI::ValidationError("--shape", cat("expected one of ", names, " (", op_name(op),
+                                            ") or MxNxK (M rows of the whole product), got \"", text, "\""));
 }
 
 Spread spread_of(const std::vector<double>& seconds) {
@@ -140,42 +127,17 @@ Spread spread_of(const std::vector<double>& seconds) {
           *std::max_element(seconds.begin(), seconds.end())};
 }
 
-// One rank's part of tpfuse's measurements: the four variants in turn, each
-// repetition. Rank 0 reports (median, min, max) per variant and the engine.
+// One rank's part of tpfuse's measurements: the variants (bench_family.h,
+// each operator's calls and shapes) in turn, each repetition. Rank 0 reports (median, min, max) per variant and the engine.
 RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const FusedOptions& o) {
-  testing::CaseSpec spec;
-  spec.mode = Mode::plain;
-  spec.dtype = c.dtype;
-  spec.m = c.shape.m;
-  spec.n = c.shape.n;
-  spec.k = c.shape.k / c.ranks;
-  spec.comm_turn = o.comm_turn;
-  const testing::RankInputs inputs = testing::make_rank_inputs(spec, ctx.rank);
-  const testing::RankArgs& args = inputs.args;
-  // The GEMM the operator runs: its operands, with its threads.
+  RankVariants rank = make_rank_variants(c.op, ctx, c.shape, c.dtype, o.comm_turn);
   comm::Communicator& comm = *ctx.comm;
-  gemm::GemmOperands operands =
-      make_gemm_operands(validate_call(args.x1, args.x2, args.options), args.x1, args.x2, args.options);
-  operands.threads = pipeline::thread_budget(pipeline::progress_mode_for(comm), comm.ranks_on_host()).gemm_threads;
-
-  const std::int64_t m = spec.m, n = spec.n;
-  const auto count = static_cast<std::size_t>(m * n);
-  Tensor out(c.dtype, {m, n});
-  Tensor reduced(c.dtype, {m, n});  // zeros: reducing them in place never overflows
-  const auto compute = [&] { gemm::prepare_gemm(operands)->compute_rows(0, m, out.data(), n); };
-  const auto fused = [&] { mm_all_reduce_base_out(args.x1, args.x2, comm.name(), args.options, out); };
-  std::vector<std::function<void()>> variants = {
-      compute, [&] { comm.all_reduce(reduced.data(), reduced.data(), count, c.dtype); },
-      [&] {
-        compute();
-        comm.all_reduce(out.data(), out.data(), count, c.dtype);
-      },
-      fused};
+  std::vector<std::function<void()>>& variants = rank.calls;
   // The fused call traced: tracing is on for its batches only, into a
   // directory of this rank's, removed at the end.
-  constexpr std::size_t kTraced = 4;
+  const std::size_t kTraced = variants.size();
   const std::string trace_dir = cat(fs::temp_directory_path().string(), "/tpfuse-bench-trace-", ::getpid());
-  if (o.trace_overhead) variants.push_back(fused);
+  if (o.trace_overhead) variants.push_back(variants[kFused]);
   const auto timed = [&](std::size_t v, int n, double* cpu_per_call) {
     if (v != kTraced) return timed_batch(comm, variants[v], n, cpu_per_call);
     trace::start(trace_dir);
@@ -213,14 +175,14 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
     report.values.insert(report.values.end(), {spread.median, spread.min, spread.max});
   }
   // The operator's own CPU time per call on this rank: what the fused call
-  // costs its thread beyond its GEMM and its all-reduce run alone, one after
+  // costs its thread beyond its GEMM and its collective run alone, one after
   // the other (serial). Not beyond each run in a batch of its own: a rank
   // that finishes its GEMM first spins in the reduce until the slowest
-  // arrives, in the fused call as in serial, but not in the all-reduce batch.
+  // arrives, in the fused call as in serial, but not in the collective's batch.
   // The least over the repetitions: what else runs only adds CPU time (a
   // decode call's varied by 5% from batch to batch in a VM).
-  const double op_cpu =
-      *std::min_element(cpu[3].begin(), cpu[3].end()) - *std::min_element(cpu[2].begin(), cpu[2].end());
+  const double op_cpu = *std::min_element(cpu[kFused].begin(), cpu[kFused].end()) -
+                        *std::min_element(cpu[kSerial].begin(), cpu[kSerial].end());
   std::vector<double> op_cpus;
   for (const std::string& bytes :
        comm.all_gather(std::string_view(reinterpret_cast<const char*>(&op_cpu), sizeof op_cpu))) {
@@ -229,14 +191,14 @@ RankReport measure_tpfuse_rank(comm::RankContext& ctx, const FusedCase& c, const
   }
   report.values.push_back(median(op_cpus));
   report.values.push_back(*std::max_element(op_cpus.begin(), op_cpus.end()));
-  report.values.push_back(operands.threads);
+  report.values.push_back(rank.threads);
   if (o.trace_overhead) {
     const Spread traced = spread_of(seconds[kTraced]);
     report.values.insert(report.values.end(), {traced.median, traced.min, traced.max, events_per_call});
     std::error_code ignored;
     fs::remove_all(trace_dir, ignored);
   }
-  report.text = gemm::prepare_gemm(operands)->engine();
+  report.text = rank.engine;
   return report;
 }
 
@@ -253,14 +215,21 @@ void measure_tpfuse(FusedCase& c, const FusedOptions& o) {
           ? measure_tpfuse_rank(mpi_rank_context(), c, o)
           : run_local_ranks(c.ranks, o.baselines.no_pin,
                             [&](comm::RankContext& ctx) { return measure_tpfuse_rank(ctx, c, o); });
-  Spread* targets[] = {&c.gemm, &c.comm, &c.serial, &c.fused};
-  for (std::size_t v = 0; v < 4; ++v) *targets[v] = {report.values[3 * v], report.values[3 * v + 1], report.values[3 * v + 2]};
-  c.op_cpu = report.values[12];
-  c.op_cpu_max = report.values[13];
-  c.threads = static_cast<int>(report.values[14]);
+  // The variants' spreads, in RankVariants order, then the CPU figures,
+  // the threads and the traced call's.
+  Spread* targets[] = {&c.gemm, &c.comm, &c.serial, &c.fused, &c.base_then_norm};
+  const std::size_t variants = c.op == FusedOp::mm_all_reduce_add_rms_norm ? 5 : 4;
+  const auto spread_at = [&](std::size_t i) -> Spread {
+    return {report.values[i], report.values[i + 1], report.values[i + 2]};
+  };
+  for (std::size_t v = 0; v < variants; ++v) *targets[v] = spread_at(3 * v);
+  const std::size_t rest = 3 * variants;
+  c.op_cpu = report.values[rest];
+  c.op_cpu_max = report.values[rest + 1];
+  c.threads = static_cast<int>(report.values[rest + 2]);
   if (o.trace_overhead) {
-    c.traced = {report.values[15], report.values[16], report.values[17]};
-    c.events_per_call = report.values[18];
+    c.traced = spread_at(rest + 3);
+    c.events_per_call = report.values[rest + 6];
   }
   c.engine = report.text;
 }
@@ -269,10 +238,9 @@ void measure_tpfuse(FusedCase& c, const FusedOptions& o) {
 bool measure_peer(FusedCase& c, const FusedOptions& o, const BaselineTools& tools) {
   const ToolRun run = run_mpi_bench(
       tools, c.ranks,
-      {"peer", "--m", std::to_string(c.shape.m), "--n", std::to_string(c.shape.n), "--k",
-       std::to_string(c.shape.k / c.ranks), "--dtype", std::string(dtype_name(c.dtype)), "--reps",
-       std::to_string(o.reps), "--warmup", std::to_string(o.warmup), "--min-batch-ms",
-       cat(o.min_batch_ms)});
+      {"peer", "--op", std::string(op_name(c.op)), "--m", std::to_string(c.shape.m), "--n", std::to_string(c.shape.n),
+       "--k", std::to_string(c.k_per_rank()), "--dtype", std::string(dtype_name(c.dtype)), "--reps",
+       std::to_string(o.reps), "--warmup", std::to_string(o.warmup), "--min-batch-ms", cat(o.min_batch_ms)});
   if (!run.failure.empty()) std::printf("  MPI peer failed for %s, skipped: %s\n", c.label().c_str(), run.failure.c_str());
   for (const JsonRecord& record : run.records) {
     if (record_text(record, "what") != "peer") continue;
@@ -307,6 +275,7 @@ void measure_case(FusedCase& c, const FusedOptions& o, const BaselineTools& tool
   }
   std::vector<Spread FusedCase::*> spreads = {&FusedCase::gemm, &FusedCase::comm, &FusedCase::serial,
                                               &FusedCase::fused};
+  if (c.op == FusedOp::mm_all_reduce_add_rms_norm) spreads.push_back(&FusedCase::base_then_norm);
   if (o.trace_overhead) spreads.push_back(&FusedCase::traced);
   for (Spread FusedCase::*field : spreads) {
     std::vector<double> medians;
@@ -336,6 +305,7 @@ void measure_case(FusedCase& c, const FusedOptions& o, const BaselineTools& tool
 void measure_gloo(std::vector<FusedCase>& cases, const FusedOptions& o, const BaselineTools& tools) {
   std::map<int, std::set<std::int64_t>> bytes_by_ranks;
   for (const FusedCase& c : cases) bytes_by_ranks[c.ranks].insert(c.output_elements() * 4);
+  if (!reduces_whole_output(o.op)) return;
   for (const auto& [ranks, sizes] : bytes_by_ranks) {
     std::vector<std::string> args = {"--reps", std::to_string(o.reps), "--warmup", std::to_string(o.warmup), "--sizes"};
     for (std::int64_t bytes : sizes) args.push_back(std::to_string(bytes));
@@ -351,16 +321,25 @@ void measure_gloo(std::vector<FusedCase>& cases, const FusedOptions& o, const Ba
   }
 }
 
-void print_times(const std::vector<FusedCase>& cases) {
-  std::printf("\nTime per call, ms (median of the slowest rank; MPI and gloo all-reduce the output as f32)\n");
-  std::printf("  %-13s %5s %5s %5s %-4s %5s %7s %9s %9s %9s %9s %9s %9s %9s\n", "case", "M", "N", "K", "mode", "ranks",
-              "threads", "T_gemm", "T_comm", "T_serial", "T_fused", "T_peer", "comm MPI", "comm gloo");
+void print_times(const std::vector<FusedCase>& cases, FusedOp op) {
+  const bool norm = op == FusedOp::mm_all_reduce_add_rms_norm;
+  const char* baselines = op == FusedOp::all_gather_mm       ? "MPI all-gathers x1's 16-bit elements"
+                          : op == FusedOp::mm_reduce_scatter ? "MPI reduce-scatters the output as f32"
+                                                             : "MPI and gloo all-reduce the output as f32";
+  std::printf("\nTime per call, ms (median of the slowest rank; %s)%s\n", baselines,
+              norm ? "; T_base+norm = mm_all_reduce_base_out, then add_rms_norm_rows" : "");
+  std::printf("  %-13s %5s %5s %5s %-4s %5s %7s %9s %9s %9s %9s %9s %9s %9s%s\n", "case", "M", "N", "K", "mode",
+              "ranks", "threads", "T_gemm", "T_comm", "T_serial", "T_fused", "T_peer", "comm MPI", "comm gloo",
+              norm ? " T_base+norm" : "");
   for (const FusedCase& c : cases) {
     std::printf("  %-13s %5lld %5lld %5lld %-4s %5d", c.label().c_str(), static_cast<long long>(c.shape.m),
                 static_cast<long long>(c.shape.n), static_cast<long long>(c.shape.k),
                 std::string(dtype_name(c.dtype)).c_str(), c.ranks);
     std::printf(" %7d", c.threads);
-    for (double t : {c.gemm.median, c.comm.median, c.serial.median, c.fused.median, c.peer, c.comm_mpi, c.comm_gloo}) {
+    std::vector<double> times = {c.gemm.median, c.comm.median, c.serial.median, c.fused.median,
+                                 c.peer,        c.comm_mpi,    c.comm_gloo};
+    if (norm) times.push_back(c.base_then_norm.median);
+    for (double t : times) {
       if (std::isnan(t)) {
         std::printf(" %9s", "-");
       } else {
@@ -379,18 +358,19 @@ void print_ratio(double value) {
   }
 }
 
-void print_ratios(const std::vector<FusedCase>& cases) {
+void print_ratios(const std::vector<FusedCase>& cases, FusedOp op) {
+  const bool norm = op == FusedOp::mm_all_reduce_add_rms_norm;
   std::printf(
       "\nRatios (same run): bound = max(T_gemm, T_comm); hidden = (T_serial - T_fused) / "
       "min(T_gemm, T_comm);"
       "\nspread = fused (max - min) / median over the repetitions; op CPU = thread CPU per call of "
       "the fused call"
-      "\nminus that of its GEMM then its all-reduce (serial), us (median and largest over "
+      "\nminus that of its GEMM then its collective (serial), us (median and largest over "
       "ranks)\n");
-  std::printf("  %-13s %-4s %5s %9s %9s %9s %9s %9s %9s %9s %9s  %s\n", "case", "mode", "ranks", "serial/", "peer/",
-              "fused/", "fused/", "hidden", "spread", "op CPU", "op CPU", "tpfuse engine");
-  std::printf("  %-13s %-4s %5s %9s %9s %9s %9s %9s %9s %9s %9s\n", "", "", "", "fused", "fused", "serial", "bound", "",
-              "", "median", "max");
+  std::printf("  %-13s %-4s %5s %9s %9s %9s %9s %9s %9s %9s %9s%s  %s\n", "case", "mode", "ranks", "serial/", "peer/",
+              "fused/", "fused/", "hidden", "spread", "op CPU", "op CPU", norm ? "    fused/" : "", "tpfuse engine");
+  std::printf("  %-13s %-4s %5s %9s %9s %9s %9s %9s %9s %9s %9s%s\n", "", "", "", "fused", "fused", "serial", "bound",
+              "", "", "median", "max", norm ? " base+norm" : "");
   for (const FusedCase& c : cases) {
     std::printf("  %-13s %-4s %5d", c.label().c_str(), std::string(dtype_name(c.dtype)).c_str(), c.ranks);
     print_ratio(c.serial.median / c.fused.median);
@@ -401,6 +381,7 @@ void print_ratios(const std::vector<FusedCase>& cases) {
     print_ratio((c.fused.max - c.fused.min) / c.fused.median);
     print_ratio(c.op_cpu * 1e6);
     print_ratio(c.op_cpu_max * 1e6);
+    if (norm) print_ratio(c.fused.median / c.base_then_norm.median);
     std::printf("  %s\n", c.engine.c_str());
   }
 }
@@ -442,12 +423,13 @@ nlohmann::ordered_json json_number(double value) {
 void write_json(const std::string& path, const std::vector<FusedCase>& cases, const FusedOptions& o) {
   nlohmann::ordered_json records = nlohmann::ordered_json::array();
   for (const FusedCase& c : cases) {
-    records.push_back({{"mode", dtype_name(c.dtype)},
+    records.push_back({{"op", op_name(c.op)},
+                       {"mode", dtype_name(c.dtype)},
                        {"shape", c.label()},
                        {"m", c.shape.m},
                        {"n", c.shape.n},
                        {"k", c.shape.k},
-                       {"k_per_rank", c.shape.k / c.ranks},
+                       {"k_per_rank", c.k_per_rank()},
                        {"ranks", c.ranks},
                        {"threads", c.threads},
                        {"t_gemm", json_number(c.gemm.median)},
@@ -456,6 +438,7 @@ void write_json(const std::string& path, const std::vector<FusedCase>& cases, co
                        {"t_peer", json_number(c.peer)},
                        {"t_fused", json_number(c.fused.median)},
                        {"hidden_fraction", json_number(c.hidden_fraction())},
+                       {"t_base_then_norm", json_number(c.base_then_norm.median)},
                        {"t_fused_min", json_number(c.fused.min)},
                        {"t_fused_max", json_number(c.fused.max)},
                        {"t_serial_min", json_number(c.serial.min)},
@@ -482,7 +465,7 @@ void write_json(const std::string& path, const std::vector<FusedCase>& cases, co
 
 // gnuplot's data block and plot clauses for one series, in `colour`:
 // fused solid, serial dashed, peer dotted (when measured).
-std::string plot_series(const std::string& block, const std::string& title, int colour,
+std::string plot_series(const std::string& block, const std::string& title, int colour, const OpTexts& texts,
                         const std::vector<const FusedCase*>& points, std::string& data) {
   data += cat(block, " << EOD\n");
   bool has_peer = false;
@@ -492,19 +475,19 @@ std::string plot_series(const std::string& block, const std::string& title, int 
     has_peer = has_peer || !std::isnan(c->peer);
   }
   data += "EOD\n";
-  std::string clauses = cat(block, " using 1:2 with linespoints lw 2 pt 7 lc ", colour, " dt 1 title 'fused, ", title,
-                            "', ", block, " using 1:3 with linespoints lw 2 pt 6 lc ", colour,
-                            " dt 2 title 'serial: tpfuse GEMM, then all-reduce'");
+  std::string clauses =
+      cat(block, " using 1:2 with linespoints lw 2 pt 7 lc ", colour, " dt 1 title 'fused, ", title, "', ", block,
+          " using 1:3 with linespoints lw 2 pt 6 lc ", colour, " dt 2 title 'serial: ", texts.serial, "'");
   if (has_peer) {
-    clauses += cat(", ", block, " using 1:4 with linespoints lw 1 pt 4 lc ", colour,
-                   " dt 3 title 'peer: oneDNN GEMM, then MPI_Allreduce'");
+    clauses +=
+        cat(", ", block, " using 1:4 with linespoints lw 1 pt 4 lc ", colour, " dt 3 title 'peer: ", texts.peer, "'");
   }
   return clauses;
 }
 
 // Draws time against M with gnuplot, one colour per (dtype, ranks, N, K)
 // series; only the series with several M when there are any.
-void write_plot(const std::string& path, const std::vector<FusedCase>& cases) {
+void write_plot(const std::string& path, const std::vector<FusedCase>& cases, FusedOp op) {
   const std::string gnuplot = find_program("gnuplot");
   if (gnuplot.empty()) {
     std::printf("\nplot skipped: gnuplot not found (apt-get install gnuplot-nox)\n");
@@ -523,14 +506,16 @@ void write_plot(const std::string& path, const std::vector<FusedCase>& cases) {
     std::sort(points.begin(), points.end(), [](const FusedCase* a, const FusedCase* b) { return a->shape.m < b->shape.m; });
     min_m = std::min(min_m, points.front()->shape.m);
     max_m = std::max(max_m, points.back()->shape.m);
-    plot += cat(plot.empty() ? "plot " : ", \\\n     ", plot_series(cat("$series", drawn), title, drawn + 1, points, data));
+    plot += cat(plot.empty() ? "plot " : ", \\\n     ",
+                plot_series(cat("$series", drawn), title, drawn + 1, op_texts(op), points, data));
     ++drawn;
   }
   const std::string script = cat(
-      "set terminal pngcairo size 1400,800 noenhanced font 'sans,11'\nset output '", path, "'\n",
-      "set title \"mm_all_reduce_base: time per call against M\\n(median over repetitions of the slowest rank; ranks "
+      "set terminal pngcairo size 1400,800 noenhanced font 'sans,11'\nset output '", path, "'\n", "set title \"",
+      op_function(op),
+      ": time per call against M\\n(median over repetitions of the slowest rank; ranks "
       "pinned to cores of their own)\"\n",
-      "set xlabel 'M (rows of x1 and of the output)'\nset ylabel 'time per call (ms)'\n",
+      "set xlabel 'M (rows of the whole product)'\nset ylabel 'time per call (ms)'\n",
       "set logscale xy\nset grid\nset key outside right top vertical box\nset datafile missing '?'\n", "set xrange [",
       static_cast<double>(min_m) / 1.5, ":", static_cast<double>(max_m) * 1.5, "]\n", data, plot, "\n");
   std::fflush(stdout);
@@ -543,19 +528,20 @@ void write_plot(const std::string& path, const std::vector<FusedCase>& cases) {
 
 std::vector<FusedCase> plan_cases(const FusedOptions& o) {
   std::vector<FusedCase> cases;
-  const std::vector<std::string> names = o.shapes.empty() ? [] {
+  const std::vector<std::string> names = o.shapes.empty() ? [&] {
     std::vector<std::string> all;
-    for (const FusedShape& preset : preset_shapes()) all.push_back(preset.name);
+    for (const FusedShape& preset : preset_shapes(o.op)) all.push_back(preset.name);
     return all;
   }() : o.shapes;
   for (const std::string& name : names) {
-    const FusedShape shape = parse_shape(name);
+    const FusedShape shape = parse_shape(o.op, name);
     for (int ranks : o.ranks.empty() ? std::vector<int>{shape.ranks} : o.ranks) {
-      if (shape.k % ranks != 0) {
-        throw CLI::ValidationError("--ranks", cat(ranks, " ranks do not divide K=", shape.k, " of ", name));
+      if (const std::string problem = shape_problem(o.op, shape, ranks); !problem.empty()) {
+        throw CLI::ValidationError("--ranks", cat(problem, " of ", name, " (", op_name(o.op), ")"));
       }
       for (const std::string& dtype : o.dtypes) {
         FusedCase c;
+        c.op = o.op;
         c.shape = shape;
         c.dtype = parse_dtype(dtype);
         c.ranks = ranks;
@@ -587,16 +573,18 @@ void run_bench_under_mpi(FusedOptions o) {
 void run_bench(const FusedOptions& o) {
   std::vector<FusedCase> cases = plan_cases(o);
   const BaselineTools tools = find_baseline_tools(o.baselines);
-  std::printf("tpfuse bench fused\n  machine: %s\n", machine_facts().c_str());
+  const OpTexts texts = op_texts(o.op);
+  std::printf("tpfuse bench fused --op %s\n  machine: %s\n", std::string(op_name(o.op)).c_str(),
+              machine_facts().c_str());
   std::printf(
       "  ranks %s, GEMM threads: the cores of each rank's block; every figure: barrier, calls filling %g ms or one, "
       "slowest "
       "rank's time per call;\n  median of %d repetitions (after %d warm-up), then the median over %d rounds "
       "in which tpfuse and the MPI peer take "
-      "turns\n  T_gemm = prepare_gemm + compute_rows (all rows); T_comm = tpfuse all_reduce of the output; "
-      "T_serial = both; T_fused = mm_all_reduce_base_out (comm_turn %lld)\n",
+      "turns\n  T_gemm = prepare_gemm + compute_rows (all rows); T_comm = %s; "
+      "T_serial = %s; T_fused = %s (comm_turn %lld)\n  T_peer = %s\n",
       pinning_text(cases.empty() ? 1 : cases.front().ranks, o.baselines.no_pin).c_str(), o.min_batch_ms, o.reps,
-      o.warmup, o.rounds, static_cast<long long>(o.comm_turn));
+      o.warmup, o.rounds, texts.comm, texts.serial, texts.fused, static_cast<long long>(o.comm_turn), texts.peer);
   if (!tools.mpi_unavailable.empty()) std::printf("  T_peer and MPI skipped: %s\n", tools.mpi_unavailable.c_str());
   if (!tools.gloo_unavailable.empty()) std::printf("  gloo skipped: %s\n", tools.gloo_unavailable.c_str());
   for (FusedCase& c : cases) {
@@ -609,14 +597,14 @@ void run_bench(const FusedOptions& o) {
     if (!c.peer_detail.empty()) peers.insert(cat(dtype_name(c.dtype), ": ", c.peer_detail));
   }
   for (const std::string& peer : peers) std::printf("  T_peer %s\n", peer.c_str());
-  print_times(cases);
-  print_ratios(cases);
+  print_times(cases, o.op);
+  print_ratios(cases, o.op);
   if (o.trace_overhead) print_tracing(cases);
   if (!o.json.empty()) {
     write_json(o.json, cases, o);
     std::printf("\nwrote %zu records to %s\n", cases.size(), o.json.c_str());
   }
-  if (!o.plot.empty()) write_plot(o.plot, cases);
+  if (!o.plot.empty()) write_plot(o.plot, cases, o.op);
 }
 
 }  // namespace
@@ -624,12 +612,26 @@ void run_bench(const FusedOptions& o) {
 void add_bench_fused_command(CLI::App& bench_app) {
   auto o = std::make_shared<FusedOptions>();
   auto* cmd = bench_app.add_subcommand(
-      "fused", "mm_all_reduce_base against its GEMM and all-reduce alone, serial, and oneDNN + MPI_Allreduce");
+      "fused",
+      "A fused operator (mm_all_reduce_base by default) against its GEMM and collective alone, one after the other, "
+      "and oneDNN + MPI");
+  auto op = std::make_shared<std::string>("mm_all_reduce");
+  cmd->add_option("--op", *op, "mm_all_reduce | all_gather_mm | mm_reduce_scatter | mm_all_reduce_add_rms_norm")
+      ->check(CLI::IsMember(op_names()))
+      ->capture_default_str();
   std::string presets;
-  for (const FusedShape& preset : preset_shapes()) {
-    presets += cat("\n    ", preset.name, ": M=", preset.m, " N=", preset.n, " K=", preset.k, ", ", preset.ranks, " ranks");
+  for (FusedOp each : kFusedOps) {
+    presets += cat("\n    ", op_name(each), ":");
+    for (const FusedShape& preset : preset_shapes(each)) {
+      presets += cat("\n      ", preset.name, ": M=", preset.m, " N=", preset.n, " K=", preset.k, ", ", preset.ranks,
+                     " ranks");
+    }
   }
-  cmd->add_option("--shape", o->shapes, cat("Shapes: a preset or MxNxK, K of the whole layer (default: every preset)", presets));
+  cmd->add_option("--shape", o->shapes,
+                  cat("Shapes: a preset of the operator or MxNxK (default: its every preset). M: rows of the whole "
+                      "product; K: of the whole layer, split over the ranks, except for all_gather_mm, whose ranks "
+                      "each hold all of K and a column shard of N columns",
+                      presets));
   cmd->add_option("--ranks", o->ranks, "Rank counts (default: each shape's own)")->check(CLI::Range(1, 256));
   cmd->add_option("--dtype", o->dtypes, "Activation and output dtypes (plain mode)")
       ->check(CLI::IsMember({"f16", "bf16"}))
@@ -648,7 +650,8 @@ void add_bench_fused_command(CLI::App& bench_app) {
   cmd->add_flag("--trace-overhead", o->trace_overhead,
                 "Also time the fused call traced (as under TPFUSE_TRACE) and what a span costs with tracing off");
   add_baseline_options(*cmd, o->baselines);
-  cmd->callback([o] {
+  cmd->callback([o, op] {
+    o->op = *parse_op(*op);
     if (comm::launched_by_mpi()) {
       run_bench_under_mpi(*o);
     } else {

@@ -1,9 +1,16 @@
 // tpfuse_mpi_bench: the MPI baselines of `tpfuse bench`, run under mpirun.
 //
 //   allreduce: MPI_Allreduce (fp32 sum, in place) over a list of sizes.
-//   peer:      what a user writes without tpfuse for a row-parallel layer:
-//              each rank's GEMM of its K-slice with oneDNN, MPI_Allreduce of
-//              the fp32 output, then one rounding to the layer's dtype.
+//   peer:      what a user writes without tpfuse for the layer of --op:
+//     mm_all_reduce               each rank's GEMM of its K-slice with oneDNN,
+//                                 MPI_Allreduce of the fp32 output, then one
+//                                 rounding to the layer's dtype
+//     all_gather_mm               MPI_Allgather of each rank's m / p rows of x1,
+//                                 then oneDNN's GEMM of all m rows
+//     mm_reduce_scatter           the GEMM, MPI_Reduce_scatter_block of the fp32
+//                                 output, then rounding this rank's rows
+//     mm_all_reduce_add_rms_norm  as mm_all_reduce, then the residual add and
+//                                 RMSNorm in plain loops over each row
 //
 // MPI has no 16-bit float sum, so the peer reduces fp32 (twice the bytes
 // tpfuse moves); that is also the contract's numerics (fp32 sum, one
@@ -31,6 +38,7 @@
 #include <vector>
 
 #include "bench_common.h"
+#include "operators.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
 
@@ -40,7 +48,9 @@ namespace {
 
 struct Options {
   std::vector<std::int64_t> sizes;  // allreduce: bytes
-  std::int64_t m = 0, n = 0, k = 0; // peer: k per rank
+  std::string op = "mm_all_reduce";  // peer: the layer
+  std::int64_t m = 0, n = 0, k = 0;  // peer: rows of the whole product, k per rank
+  double epsilon = 1e-6;             // peer: the RMSNorm's
   std::string dtype = "f16";
   int reps = 5;
   int warmup = 1;
@@ -113,12 +123,15 @@ void run_allreduce(const Options& o) {
   }
 }
 
-// One rank's operands and buffers for the peer GEMM + all-reduce.
+// One rank's operands and buffers for the peer.
 struct PeerData {
   std::vector<std::uint16_t> x1, x2;   // f16 or bf16 bits
+  std::vector<std::uint16_t> gathered;  // all_gather_mm: [m, k], every rank's x1
   std::vector<float> x1_f32, x2_f32;   // f16 converted for oneDNN's f32 matmul
   std::vector<float> sums;             // [m, n] fp32: the GEMM's output, reduced in place
-  std::vector<std::uint16_t> out;      // [m, n] in the layer's dtype
+  std::vector<float> shard;            // mm_reduce_scatter: this rank's [m / p, n] rows, fp32
+  std::vector<std::uint16_t> out;      // [m, n] (or this rank's rows) in the layer's dtype
+  std::vector<std::uint16_t> residual, gamma, y, norm;  // add-RMSNorm: [m, n], [n], [m, n], [m, n]
 };
 
 std::vector<std::uint16_t> random_halves(std::int64_t count, std::uint64_t seed, bool bf16) {
@@ -134,31 +147,39 @@ std::vector<std::uint16_t> random_halves(std::int64_t count, std::uint64_t seed,
   return v;
 }
 
-// The GEMM a user would pick on this CPU; the returned call runs it (with any
-// conversion it needs) into data.sums. oneDNN's reference implementation
-// ("ref:any") is scalar code no user would choose over converting.
-std::function<void()> make_peer_gemm(const Options& o, PeerData& data, int threads, std::string& description) {
+// The GEMM [rows, k] x [k, n] of `x1` and data.x2 a user would pick on this
+// CPU; the returned call runs it (with any conversion it needs) into
+// data.sums, or, given `native_out` and a native matmul, straight into
+// native_out in the layer's dtype (and sets *rounded). oneDNN's reference
+// implementation ("ref:any") is scalar code no user would choose over
+// converting.
+std::function<void()> make_peer_gemm(const Options& o, std::int64_t rows, std::vector<std::uint16_t>& x1,
+                                     PeerData& data, int threads, std::string& description, void* native_out = nullptr,
+                                     bool* rounded = nullptr) {
   using dt = dnnl::memory::data_type;
   const bool bf16 = o.dtype == "bf16";
+  const dt layer = bf16 ? dt::bf16 : dt::f16;
   try {
-    auto mm = make_onednn_matmul(o.m, o.n, o.k, bf16 ? dt::bf16 : dt::f16, dt::f32, data.x1.data(),
-                                 data.x2.data(), data.sums.data(), false);
+    auto mm = make_onednn_matmul(rows, o.n, o.k, layer, native_out != nullptr ? layer : dt::f32, x1.data(),
+                                 data.x2.data(), native_out != nullptr ? native_out : data.sums.data(), false);
     if (mm->impl.rfind("ref", 0) != 0) {
       description = cat("oneDNN ", o.dtype, " matmul (", mm->impl, ")");
+      if (rounded != nullptr) *rounded = native_out != nullptr;
       return [mm] { mm->execute(); };
     }
   } catch (const dnnl::error&) {
     // No native matmul for this dtype here: convert, as below.
   }
-  data.x1_f32.resize(data.x1.size());
+  data.x1_f32.resize(x1.size());
   data.x2_f32.resize(data.x2.size());
-  auto mm = make_onednn_matmul(o.m, o.n, o.k, dt::f32, dt::f32, data.x1_f32.data(), data.x2_f32.data(),
+  auto mm = make_onednn_matmul(rows, o.n, o.k, dt::f32, dt::f32, data.x1_f32.data(), data.x2_f32.data(),
                                data.sums.data(), false);
   description = cat(o.dtype, " -> f32, oneDNN f32 matmul (", mm->impl, ")");
   const DType dtype = bf16 ? DType::bf16 : DType::f16;
   PeerData* d = &data;
-  return [mm, d, dtype, threads] {
-    convert_to_f32(dtype, d->x1.data(), static_cast<std::int64_t>(d->x1.size()), d->x1_f32.data(), threads);
+  std::vector<std::uint16_t>* a = &x1;
+  return [mm, d, a, dtype, threads] {
+    convert_to_f32(dtype, a->data(), static_cast<std::int64_t>(a->size()), d->x1_f32.data(), threads);
     convert_to_f32(dtype, d->x2.data(), static_cast<std::int64_t>(d->x2.size()), d->x2_f32.data(), threads);
     mm->execute();
   };
@@ -176,11 +197,8 @@ __attribute__((target("avx,f16c"))) void round_to_f16_f16c(const float* src, std
   for (std::int64_t i = vectorized; i < count; ++i) dst[i] = f32_to_f16(src[i]).bits;
 }
 
-// Rounds the reduced fp32 sums to the layer's dtype, once.
-std::function<void()> make_rounding(const Options& o, PeerData& data) {
-  const auto count = static_cast<std::int64_t>(data.sums.size());
-  const float* sums = data.sums.data();
-  std::uint16_t* out = data.out.data();
+// Rounds `count` fp32 sums to the layer's dtype, once.
+std::function<void()> make_rounding(const Options& o, const float* sums, std::int64_t count, std::uint16_t* out) {
   if (o.dtype == "bf16") {
     return [sums, count, out] {
       for (std::int64_t i = 0; i < count; ++i) out[i] = f32_to_bf16(sums[i]).bits;
@@ -192,38 +210,161 @@ std::function<void()> make_rounding(const Options& o, PeerData& data) {
   };
 }
 
-void run_peer(const Options& o, int threads) {
-  const int rank = world_rank();
+template <bool kBf16>
+float widen(std::uint16_t bits) {
+  return kBf16 ? bf16_to_f32(BFloat16{bits}) : f16_to_f32(Half{bits});
+}
+
+template <bool kBf16>
+std::uint16_t narrow(float value) {
+  return kBf16 ? f32_to_bf16(value).bits : f32_to_f16(value).bits;
+}
+
+// y = x + residual, then norm = y / sqrt(mean(y^2) + epsilon) * gamma, as a
+// user writes them without tpfuse: plain loops over each row, rounding as the
+// contract does.
+template <bool kBf16>
+void add_rms_norm(const Options& o, PeerData& d) {
+  const std::int64_t n = o.n;
+  for (std::int64_t row = 0; row < o.m; ++row) {
+    const std::size_t first = static_cast<std::size_t>(row * n);
+    float squares = 0;
+    for (std::int64_t j = 0; j < n; ++j) {
+      const std::size_t i = first + static_cast<std::size_t>(j);
+      d.y[i] = narrow<kBf16>(widen<kBf16>(d.out[i]) + widen<kBf16>(d.residual[i]));
+      const float y = widen<kBf16>(d.y[i]);
+      squares += y * y;
+    }
+    const float rstd = 1.0f / std::sqrt(squares / static_cast<float>(n) + static_cast<float>(o.epsilon));
+    for (std::int64_t j = 0; j < n; ++j) {
+      const std::size_t i = first + static_cast<std::size_t>(j);
+      const float t = widen<kBf16>(narrow<kBf16>(widen<kBf16>(d.y[i]) * rstd));
+      d.norm[i] = narrow<kBf16>(t * widen<kBf16>(d.gamma[static_cast<std::size_t>(j)]));
+    }
+  }
+}
+
+// The peer's three figures: its GEMM, its collective, and the whole layer.
+struct PeerCalls {
+  std::function<void()> gemm, comm, layer;
+  std::string gemm_description, comm_description;
+};
+
+PeerCalls make_peer_calls(FusedOp op, const Options& o, PeerData& data, int threads) {
   const bool bf16 = o.dtype == "bf16";
-  PeerData data;
-  data.x1 = random_halves(o.m * o.k, 2 * static_cast<std::uint64_t>(rank) + 1, bf16);
-  data.x2 = random_halves(o.k * o.n, 2 * static_cast<std::uint64_t>(rank) + 2, bf16);
-  data.sums.resize(static_cast<std::size_t>(o.m * o.n));
-  data.out.resize(static_cast<std::size_t>(o.m * o.n));
-  std::string gemm_description;
-  const auto gemm = make_peer_gemm(o, data, threads, gemm_description);
-  const auto round = make_rounding(o, data);
+  const std::int64_t p = world_size();
+  PeerCalls calls;
   float* sums = data.sums.data();
   const int count = static_cast<int>(o.m * o.n);
   const auto all_reduce = [sums, count] {
     MPI_Allreduce(MPI_IN_PLACE, sums, count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
   };
-  std::vector<Variant> variants = {
-      {"gemm", gemm},
-      {"comm", all_reduce},
-      {"peer", [&] {
-         gemm();
-         all_reduce();
-         round();
-       }}};
+  switch (op) {
+    case FusedOp::mm_all_reduce: {
+      const auto gemm = make_peer_gemm(o, o.m, data.x1, data, threads, calls.gemm_description);
+      const auto round = make_rounding(o, sums, o.m * o.n, data.out.data());
+      calls = {gemm, all_reduce,
+               [gemm, all_reduce, round] {
+                 gemm();
+                 all_reduce();
+                 round();
+               },
+               calls.gemm_description, cat("MPI_Allreduce fp32 in place, then rounded to ", o.dtype)};
+      break;
+    }
+    case FusedOp::all_gather_mm: {
+      data.gathered.resize(static_cast<std::size_t>(o.m * o.k));
+      bool rounded = false;
+      const auto product =
+          make_peer_gemm(o, o.m, data.gathered, data, threads, calls.gemm_description, data.out.data(), &rounded);
+      const auto round = make_rounding(o, sums, o.m * o.n, data.out.data());
+      const std::function<void()> gemm = rounded ? product : [product, round] {
+        product();
+        round();
+      };
+      const int block = static_cast<int>(o.m / p * o.k);
+      std::uint16_t* x1 = data.x1.data();
+      std::uint16_t* gathered = data.gathered.data();
+      const auto gather = [x1, gathered, block] {
+        MPI_Allgather(x1, block, MPI_UINT16_T, gathered, block, MPI_UINT16_T, MPI_COMM_WORLD);
+      };
+      calls = {gemm, gather,
+               [gather, gemm] {
+                 gather();
+                 gemm();
+               },
+               calls.gemm_description, cat("MPI_Allgather of x1's 16-bit elements", rounded ? "" : "; rounded after")};
+      break;
+    }
+    case FusedOp::mm_reduce_scatter: {
+      const auto gemm = make_peer_gemm(o, o.m, data.x1, data, threads, calls.gemm_description);
+      data.shard.resize(static_cast<std::size_t>(o.m / p * o.n));
+      float* shard = data.shard.data();
+      const int rows = static_cast<int>(o.m / p * o.n);
+      const auto scatter = [sums, shard, rows] {
+        MPI_Reduce_scatter_block(sums, shard, rows, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+      };
+      const auto round = make_rounding(o, shard, rows, data.out.data());
+      calls = {gemm, scatter,
+               [gemm, scatter, round] {
+                 gemm();
+                 scatter();
+                 round();
+               },
+               calls.gemm_description, cat("MPI_Reduce_scatter_block fp32, then rounded to ", o.dtype)};
+      break;
+    }
+    case FusedOp::mm_all_reduce_add_rms_norm: {
+      const auto gemm = make_peer_gemm(o, o.m, data.x1, data, threads, calls.gemm_description);
+      const auto round = make_rounding(o, sums, o.m * o.n, data.out.data());
+      data.residual = random_halves(o.m * o.n, 1000, bf16);
+      data.gamma = random_halves(o.n, 1001, bf16);
+      data.y.resize(data.out.size());
+      data.norm.resize(data.out.size());
+      PeerData* d = &data;
+      const Options* options = &o;
+      const auto norm = [d, options, bf16] {
+        bf16 ? add_rms_norm<true>(*options, *d) : add_rms_norm<false>(*options, *d);
+      };
+      calls = {gemm, all_reduce,
+               [gemm, all_reduce, round, norm] {
+                 gemm();
+                 all_reduce();
+                 round();
+                 norm();
+               },
+               calls.gemm_description,
+               cat("MPI_Allreduce fp32 in place, rounded to ", o.dtype, ", then an add-and-RMSNorm loop")};
+      break;
+    }
+  }
+  return calls;
+}
+
+void run_peer(const Options& o, int threads) {
+  const int rank = world_rank();
+  const bool bf16 = o.dtype == "bf16";
+  const FusedOp op = *parse_op(o.op);
+  if ((op == FusedOp::all_gather_mm || op == FusedOp::mm_reduce_scatter) && o.m % world_size() != 0) {
+    throw Error(cat("--m: ", o.op, " needs a multiple of the ranks (", world_size(), "), got ", o.m));
+  }
+  const std::int64_t rows = op == FusedOp::all_gather_mm ? o.m / world_size() : o.m;  // of x1 on this rank
+  PeerData data;
+  data.x1 = random_halves(rows * o.k, 2 * static_cast<std::uint64_t>(rank) + 1, bf16);
+  data.x2 = random_halves(o.k * o.n, 2 * static_cast<std::uint64_t>(rank) + 2, bf16);
+  data.sums.resize(static_cast<std::size_t>(o.m * o.n));
+  data.out.resize(static_cast<std::size_t>(o.m * o.n));
+  const PeerCalls calls = make_peer_calls(op, o, data, threads);
+  std::vector<Variant> variants = {{"gemm", calls.gemm}, {"comm", calls.comm}, {"peer", calls.layer}};
   measure(variants, o);
   if (rank != 0) return;
-  std::printf("{\"impl\": \"mpi\", \"what\": \"peer\", \"ranks\": %d, \"m\": %lld, \"n\": %lld, \"k_per_rank\": %lld, "
-              "\"dtype\": \"%s\", \"t_gemm\": %.9g, \"t_comm\": %.9g, \"t_peer\": %.9g, \"reps\": %d, "
-              "\"gemm\": \"%s\", \"reduce\": \"MPI_Allreduce fp32 in place, then rounded to %s\"}\n",
-              world_size(), static_cast<long long>(o.m), static_cast<long long>(o.n), static_cast<long long>(o.k),
-              o.dtype.c_str(), median(variants[0].seconds), median(variants[1].seconds),
-              median(variants[2].seconds), o.reps, gemm_description.c_str(), o.dtype.c_str());
+  std::printf(
+      "{\"impl\": \"mpi\", \"what\": \"peer\", \"op\": \"%s\", \"ranks\": %d, \"m\": %lld, \"n\": %lld, "
+      "\"k_per_rank\": %lld, \"dtype\": \"%s\", \"t_gemm\": %.9g, \"t_comm\": %.9g, \"t_peer\": %.9g, "
+      "\"reps\": %d, \"gemm\": \"%s\", \"reduce\": \"%s\"}\n",
+      o.op.c_str(), world_size(), static_cast<long long>(o.m), static_cast<long long>(o.n), static_cast<long long>(o.k),
+      o.dtype.c_str(), median(variants[0].seconds), median(variants[1].seconds), median(variants[2].seconds), o.reps,
+      calls.gemm_description.c_str(), calls.comm_description.c_str());
 }
 
 // Pins this rank as tpfuse's ranks are pinned and returns the threads its
@@ -239,8 +380,9 @@ int run(int argc, char** argv) {
   CLI::App app{"tpfuse_mpi_bench: MPI_Allreduce and oneDNN + MPI_Allreduce baselines (run under mpirun)"};
   app.require_subcommand(1);
   Options o;
-  for (CLI::App* cmd : {app.add_subcommand("allreduce", "MPI_Allreduce, fp32 sum in place"),
-                        app.add_subcommand("peer", "oneDNN GEMM of each rank's K-slice, then MPI_Allreduce")}) {
+  for (CLI::App* cmd :
+       {app.add_subcommand("allreduce", "MPI_Allreduce, fp32 sum in place"),
+        app.add_subcommand("peer", "oneDNN GEMM and MPI's collective: the layer of --op without tpfuse")}) {
     cmd->add_option("--reps", o.reps, "Repetitions (the median is printed)")->check(CLI::Range(1, 100000));
     cmd->add_option("--warmup", o.warmup, "Unmeasured calls first")->check(CLI::Range(0, 1000));
     cmd->add_option("--min-batch-ms", o.min_batch_ms, "Repeat calls to fill at least this long a batch")
@@ -250,9 +392,16 @@ int run(int argc, char** argv) {
   app.get_subcommand("allreduce")->add_option("--sizes", o.sizes, "Message sizes in bytes")->required()
       ->check(CLI::Range(std::int64_t{4}, std::int64_t{1} << 33));
   CLI::App* peer = app.get_subcommand("peer");
-  peer->add_option("--m", o.m)->required()->check(CLI::Range(1, 1 << 24));
+  peer->add_option("--op", o.op,
+                   "The layer: mm_all_reduce | all_gather_mm | mm_reduce_scatter | "
+                   "mm_all_reduce_add_rms_norm")
+      ->check(CLI::IsMember(op_names()));
+  peer->add_option("--m", o.m, "Rows of the whole product (all_gather_mm, mm_reduce_scatter: a multiple of the ranks)")
+      ->required()
+      ->check(CLI::Range(1, 1 << 24));
   peer->add_option("--n", o.n)->required()->check(CLI::Range(1, 1 << 24));
   peer->add_option("--k", o.k, "Columns of x1 per rank")->required()->check(CLI::Range(1, 1 << 24));
+  peer->add_option("--epsilon", o.epsilon, "The RMSNorm's epsilon")->check(CLI::Range(1e-12, 0.999));
   peer->add_option("--dtype", o.dtype)->check(CLI::IsMember({"f16", "bf16"}));
   CLI11_PARSE(app, argc, argv);
 
