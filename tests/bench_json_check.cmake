@@ -1,6 +1,7 @@
 # Runs CMD with ARGS (separated by "|"), then checks that it exited 0 and wrote
 # JSON, an array of at least one record, each record holding every key of KEYS
-# (separated by "|"). Proves a benchmark runs end to end; asserts no timing.
+# (separated by "|") and, when OP is given, "op" equal to it. Proves a
+# benchmark runs end to end; asserts no timing.
 string(REPLACE "|" ";" ARGS "${ARGS}")
 string(REPLACE "|" ";" KEYS "${KEYS}")
 file(REMOVE "${JSON}")
@@ -22,4 +23,10 @@ foreach(i RANGE ${last})
       message(FATAL_ERROR "record ${i} of ${JSON} has no \"${key}\": ${missing}")
     endif()
   endforeach()
+  if(DEFINED OP)
+    string(JSON op GET "${records}" ${i} op)
+    if(NOT op STREQUAL OP)
+      message(FATAL_ERROR "record ${i} of ${JSON} is of op \"${op}\", expected \"${OP}\"")
+    endif()
+  endif()
 endforeach()
