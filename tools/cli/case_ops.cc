@@ -13,6 +13,7 @@
 //                               golden model; y bitwise round(that + residual);
 //                               norm_out against an fp64 RMSNorm of y, within the
 //                               bound its roundings allow
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -39,6 +40,7 @@ struct CaseState {
   testing::RankInputs inputs;
   AddRmsNormInputs norm;
   Tensor out, gather_out, y, norm_out;
+  Tensor x2_scale;  // all_gather_mm, mm_reduce_scatter: a bf16 dequant scale as f32
 };
 
 std::vector<testing::RankInputs> every_rank_inputs(const testing::CaseSpec& spec, int ranks) {
@@ -67,16 +69,22 @@ double element(const TensorView& t, std::int64_t i) {
   }
 }
 
-double round_to(DType dtype, float value) {
-  return dtype == DType::bf16 ? bf16_to_f32(f32_to_bf16(value)) : f16_to_f32(f32_to_f16(value));
-}
-
-// A reference that must be matched exactly: its values, a bound of 0.
-GoldenResult exactly(const TensorView& reference) {
-  GoldenResult golden;
-  for (std::int64_t i = 0; i < reference.numel(); ++i) golden.value.push_back(element(reference, i));
-  golden.bound.assign(golden.value.size(), 0.0);
-  return golden;
+// A reference that must be matched bit for bit (contiguous, the same dtype
+// and element count): every element whose bytes differ is a mismatch.
+Comparison same_bits(const TensorView& got, const TensorView& want) {
+  const std::size_t size = dtype_size(want.dtype());
+  Comparison result;
+  if (got.dtype() != want.dtype() || got.numel() != want.numel()) {
+    result.mismatches = std::max(got.numel(), want.numel());
+    return result;
+  }
+  const auto* a = static_cast<const unsigned char*>(got.data());
+  const auto* b = static_cast<const unsigned char*>(want.data());
+  for (std::int64_t i = 0; i < want.numel(); ++i) {
+    const std::size_t at = static_cast<std::size_t>(i) * size;
+    if (std::memcmp(a + at, b + at, size) != 0) ++result.mismatches;
+  }
+  return result;
 }
 
 // Rows [row0, row0 + rows) of an [m, n] golden result.
@@ -113,12 +121,31 @@ RankCall mm_all_reduce_call(comm::RankContext& ctx, const OpCase& c, std::shared
   return rc;
 }
 
+// The arguments all_gather_mm and mm_reduce_scatter share, from the inputs
+// mm_all_reduce takes: on the quant path (full quant, per-channel scales) the
+// dequant scale is x2_scale, an i64 one as it is (f16 output), a bf16 one as
+// f32 (with output_dtype bf16).
+void set_sequence_parallel_options(SequenceParallelOptions& options, CaseState& state) {
+  const MmAllReduceOptions& given = state.inputs.args.options;
+  options.bias = given.bias;
+  options.comm_turn = given.comm_turn;
+  if (!given.dequant_scale) return;
+  const TensorView& scale = *given.dequant_scale;
+  if (scale.dtype() == DType::i64) {
+    options.x2_scale = scale;
+    return;
+  }
+  state.x2_scale = Tensor(DType::f32, scale.shape());
+  for (std::int64_t i = 0; i < scale.numel(); ++i) state.x2_scale.data_as<float>()[i] = element(scale, i);
+  options.x2_scale = state.x2_scale.view();
+  options.output_dtype = DType::bf16;
+}
+
 RankCall all_gather_mm_call(comm::RankContext& ctx, const OpCase& c, std::shared_ptr<CaseState> state) {
   const testing::RankArgs& args = state->inputs.args;
   const std::string hcom = ctx.comm->name();
   AllGatherMmOptions options;
-  options.bias = args.options.bias;
-  options.comm_turn = args.options.comm_turn;
+  set_sequence_parallel_options(options, *state);
   AllGatherMmResult result = all_gather_base_mm(args.x1, args.x2, hcom, ctx.size, options);
   state->out = std::move(result.output);
   state->gather_out = std::move(result.gather_out);
@@ -131,11 +158,11 @@ RankCall all_gather_mm_call(comm::RankContext& ctx, const OpCase& c, std::shared
   rc.check = [state, spec = c.spec, ranks = ctx.size]() -> std::optional<Comparison> {
     const auto all = every_rank_inputs(spec, ranks);
     const std::int64_t m = spec.m, k = spec.k, n = spec.n;
-    Tensor gathered(spec.dtype, {ranks * m, k});
+    Tensor gathered(all[0].x1.dtype(), {ranks * m, k});
     for (int r = 0; r < ranks; ++r) {
       std::memcpy(row_block(gathered, r * m, m, k).data(), all[r].x1.data(), all[r].x1.nbytes());
     }
-    Comparison result = testing::compare(state->gather_out, exactly(gathered));
+    Comparison result = same_bits(state->gather_out, gathered);
     for (int r = 0; r < ranks; ++r) {
       const testing::RankArgs block = {all[r].args.x1, state->inputs.args.x2, state->inputs.args.options};
       const GoldenResult golden = testing::golden_mm_all_reduce(std::span(&block, 1));
@@ -150,8 +177,7 @@ RankCall mm_reduce_scatter_call(comm::RankContext& ctx, const OpCase& c, std::sh
   const testing::RankArgs& args = state->inputs.args;
   const std::string hcom = ctx.comm->name();
   MmReduceScatterOptions options;
-  options.bias = args.options.bias;
-  options.comm_turn = args.options.comm_turn;
+  set_sequence_parallel_options(options, *state);
   state->out = mm_reduce_scatter_base(args.x1, args.x2, hcom, ctx.size, options);
   RankCall rc;
   rc.call = [state, hcom, options, ranks = ctx.size] {
@@ -162,7 +188,7 @@ RankCall mm_reduce_scatter_call(comm::RankContext& ctx, const OpCase& c, std::sh
     const testing::RankArgs& a = state->inputs.args;
     const Tensor reduced = mm_all_reduce_base(a.x1, a.x2, hcom, a.options);
     const std::int64_t rows = spec.m / ranks, row0 = rank * rows;
-    Comparison result = testing::compare(state->out, exactly(row_block(reduced, row0, rows, spec.n)));
+    Comparison result = same_bits(state->out, row_block(reduced, row0, rows, spec.n));
     const GoldenResult golden = testing::golden_mm_all_reduce(args_of(every_rank_inputs(spec, ranks)));
     add_comparison(result, testing::compare(state->out, rows_of(golden, row0, rows, spec.n)));
     return result;
@@ -175,23 +201,23 @@ RankCall mm_reduce_scatter_call(comm::RankContext& ctx, const OpCase& c, std::sh
 // roundings: the fp32 sum of squares (16 running sums, then a tree) and the
 // fp32 steps to rstd, then t = round(y * rstd) and round(t * gamma), each
 // within half an ulp of the dtype (and half its smallest subnormal).
-GoldenResult rms_norm_reference(const GoldenResult& y, const TensorView& gamma, DType dtype, std::int64_t n,
-                                double epsilon) {
-  const double unit = dtype == DType::bf16 ? 0x1p-8 : 0x1p-11;
-  const double tiny = dtype == DType::bf16 ? 0x1p-134 : 0x1p-25;
+GoldenResult rms_norm_reference(const TensorView& y, const TensorView& gamma, std::int64_t n, double epsilon) {
+  const bool bf16 = y.dtype() == DType::bf16;
+  const double unit = bf16 ? 0x1p-8 : 0x1p-11;
+  const double tiny = bf16 ? 0x1p-134 : 0x1p-25;
   const double relative = 1.01 * (2 * unit + (static_cast<double>(n) / 16 + 20) * 0x1p-24);
   GoldenResult norm;
-  norm.value.resize(y.value.size());
-  norm.bound.resize(y.value.size());
-  for (std::size_t row = 0; row * n < y.value.size(); ++row) {
-    const double* values = y.value.data() + row * n;
+  norm.value.resize(static_cast<std::size_t>(y.numel()));
+  norm.bound.resize(norm.value.size());
+  for (std::int64_t first = 0; first < y.numel(); first += n) {
     double squares = 0;
-    for (std::int64_t j = 0; j < n; ++j) squares += values[j] * values[j];
+    for (std::int64_t j = 0; j < n; ++j) squares += element(y, first + j) * element(y, first + j);
     const double rstd = 1 / std::sqrt(squares / static_cast<double>(n) + epsilon);
     for (std::int64_t j = 0; j < n; ++j) {
-      const double g = element(gamma, j), value = values[j] * rstd * g;
-      norm.value[row * n + j] = value;
-      norm.bound[row * n + j] = std::fabs(value) * relative + tiny * (std::fabs(g) + 1);
+      const double g = element(gamma, j), value = element(y, first + j) * rstd * g;
+      const auto at = static_cast<std::size_t>(first + j);
+      norm.value[at] = value;
+      norm.bound[at] = std::fabs(value) * relative + tiny * (std::fabs(g) + 1);
     }
   }
   return norm;
@@ -227,16 +253,17 @@ RankCall add_rms_norm_call(comm::RankContext& ctx, const OpCase& c, std::shared_
     if (rank != 0) return std::nullopt;
     Comparison result =
         testing::compare(reduced, testing::golden_mm_all_reduce(args_of(every_rank_inputs(spec, ranks))));
-    const DType dtype = state->y.dtype();
-    GoldenResult y;
-    for (std::int64_t i = 0; i < reduced.numel(); ++i) {
-      y.value.push_back(round_to(
-          dtype, static_cast<float>(element(reduced, i)) + static_cast<float>(element(state->norm.residual, i))));
+    // y = round(f32(mm_out) + f32(residual)), bit for bit.
+    const Tensor& residual = state->norm.residual;
+    Tensor y(residual.dtype(), residual.shape());
+    auto* bits = y.data_as<std::uint16_t>();
+    for (std::int64_t i = 0; i < y.numel(); ++i) {
+      const auto sum = static_cast<float>(element(reduced, i)) + static_cast<float>(element(residual, i));
+      bits[i] = y.dtype() == DType::bf16 ? f32_to_bf16(sum).bits : f32_to_f16(sum).bits;
     }
-    y.bound.assign(y.value.size(), 0.0);
-    add_comparison(result, testing::compare(state->y, y));
+    add_comparison(result, same_bits(state->y, y));
     add_comparison(result,
-                   testing::compare(state->norm_out, rms_norm_reference(y, state->norm.gamma, dtype, spec.n, epsilon)));
+                   testing::compare(state->norm_out, rms_norm_reference(y, state->norm.gamma, spec.n, epsilon)));
     return result;
   };
   return rc;

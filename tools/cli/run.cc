@@ -49,7 +49,9 @@ void check_flags_for_op(const OpCase& c, int ranks) {
   if (c.op == FusedOp::mm_all_reduce) return;
   refuse(s.x3, "--x3", "there is no x3");
   if (c.op == FusedOp::mm_all_reduce_add_rms_norm) return;
-  refuse(s.mode != Mode::plain, "--mode", "this command runs its plain mode");
+  refuse(s.mode == Mode::weight_quant, "--mode", "its modes are plain and full_quant");
+  refuse(s.mode == Mode::full_quant && s.scale_kind != ScaleKind::per_channel, "--scale",
+         "its x2_scale is per channel");
   refuse(s.batch > 0, "--batch", "x1 is 2-D");
   refuse(c.op == FusedOp::all_gather_mm && s.uneven_k, "--uneven-k", "k must agree across ranks");
   if (c.op == FusedOp::mm_reduce_scatter && s.m % ranks != 0) {
