@@ -15,7 +15,6 @@
 
 #include <memory>
 
-#include "case_runner.h"
 #include "ops/add_rms_norm.h"
 #include "tpfuse/comm/communicator.h"
 #include "tpfuse/core/error.h"
@@ -25,6 +24,7 @@
 #include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/ops/validate.h"
 #include "tpfuse/pipeline/plan.h"
+#include "tpfuse/testing/family_inputs.h"
 #include "tpfuse/testing/inputs.h"
 
 namespace tpfuse::cli {
@@ -33,8 +33,9 @@ namespace {
 
 // One rank's inputs and buffers; the calls hold it.
 struct RankState {
-  testing::RankInputs inputs;
-  AddRmsNormInputs norm;
+  testing::RankInputs inputs;               // the product's, but for add-RMSNorm
+  testing::AddRmsNormInputs norm;           // add-RMSNorm: the product's, residual and gamma
+  const testing::RankArgs* args = nullptr;  // the product's arguments, in one or the other
   Tensor gathered;  // all_gather_mm: x1 of every rank, [m, k]
   Tensor out;       // the GEMM's [m, n] (all_gather_mm: the fused call's output too)
   Tensor reduced;   // zeros, [m, n]: reducing them in place never overflows
@@ -121,8 +122,14 @@ RankVariants make_rank_variants(FusedOp op, comm::RankContext& ctx, const FusedS
   spec.k = k;
   spec.comm_turn = comm_turn;
   auto s = std::make_shared<RankState>();
-  s->inputs = testing::make_rank_inputs(spec, ctx.rank);
-  const testing::RankArgs& args = s->inputs.args;
+  if (op == FusedOp::mm_all_reduce_add_rms_norm) {
+    s->norm = testing::make_add_rms_norm_inputs({spec}, ctx.rank);
+    s->args = &s->norm.product.args;
+  } else {
+    s->inputs = testing::make_rank_inputs(spec, ctx.rank);
+    s->args = &s->inputs.args;
+  }
+  const testing::RankArgs& args = *s->args;
 
   // The GEMM the operator runs, over every row of the product: its operands,
   // with its threads.
@@ -149,14 +156,14 @@ RankVariants make_rank_variants(FusedOp op, comm::RankContext& ctx, const FusedS
                    all_reduce(s->out.data());
                  },
                  [s, hcom] {
-                   const testing::RankArgs& a = s->inputs.args;
+                   const testing::RankArgs& a = *s->args;
                    mm_all_reduce_base_out(a.x1, a.x2, hcom, a.options, s->out);
                  }};
       break;
     case FusedOp::all_gather_mm: {
       const std::vector<std::size_t> counts(static_cast<std::size_t>(p), static_cast<std::size_t>(m / p * k));
       const auto gather = [s, comm, counts, dtype] {
-        comm->all_gather_start(s->inputs.args.x1.data(), s->gathered.data(), counts, dtype)->wait();
+        comm->all_gather_start(s->args->x1.data(), s->gathered.data(), counts, dtype)->wait();
       };
       AllGatherMmOptions options;
       options.comm_turn = comm_turn;
@@ -167,7 +174,7 @@ RankVariants make_rank_variants(FusedOp op, comm::RankContext& ctx, const FusedS
                    compute();
                  },
                  [s, hcom, p, options] {
-                   const testing::RankArgs& a = s->inputs.args;
+                   const testing::RankArgs& a = *s->args;
                    all_gather_base_mm_out(a.x1, a.x2, hcom, p, options, s->out, s->gather_out.view());
                  }};
       break;
@@ -186,18 +193,15 @@ RankVariants make_rank_variants(FusedOp op, comm::RankContext& ctx, const FusedS
                    scatter(s->out.data());
                  },
                  [s, hcom, p, options] {
-                   const testing::RankArgs& a = s->inputs.args;
+                   const testing::RankArgs& a = *s->args;
                    mm_reduce_scatter_base_out(a.x1, a.x2, hcom, p, options, s->shard);
                  }};
       break;
     }
     case FusedOp::mm_all_reduce_add_rms_norm: {
-      s->norm = make_add_rms_norm_inputs(spec);
       s->y = Tensor(dtype, s->norm.residual.shape());
       s->norm_out = Tensor(dtype, s->norm.residual.shape());
-      MmAllReduceAddRmsNormOptions options;
-      options.comm_turn = comm_turn;
-      s->step = {dtype, n, static_cast<float>(options.epsilon), s->norm.gamma.data()};
+      s->step = {dtype, n, static_cast<float>(s->norm.args.options.epsilon), s->norm.gamma.data()};
       const auto add_norm = [s, m] {
         add_rms_norm_rows(s->step, m, s->out.data(), s->norm.residual.data(), s->y.data(), s->norm_out.data());
       };
@@ -207,13 +211,12 @@ RankVariants make_rank_variants(FusedOp op, comm::RankContext& ctx, const FusedS
                    all_reduce(s->out.data());
                    add_norm();
                  },
-                 [s, hcom, options] {
-                   const testing::RankArgs& a = s->inputs.args;
-                   mm_all_reduce_add_rms_norm_out(a.x1, a.x2, s->norm.residual, s->norm.gamma, hcom, options, s->y,
-                                                  s->norm_out);
+                 [s, hcom] {
+                   const testing::AddRmsNormArgs& a = s->norm.args;
+                   mm_all_reduce_add_rms_norm_out(a.x1, a.x2, a.residual, a.gamma, hcom, a.options, s->y, s->norm_out);
                  },
                  [s, hcom, add_norm] {
-                   const testing::RankArgs& a = s->inputs.args;
+                   const testing::RankArgs& a = *s->args;
                    mm_all_reduce_base_out(a.x1, a.x2, hcom, a.options, s->out);
                    add_norm();
                  }};

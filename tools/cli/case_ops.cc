@@ -1,172 +1,120 @@
 // The cases `tpfuse run` and `tpfuse demo` run, one kind per operator: each
 // rank's inputs and call, the outputs every rank must agree on, and the check
-// against a reference that does not go through the operator's own path:
+// against the fp64 golden model (golden.h, golden_family.h), which each rank
+// computes from every rank's inputs (rebuilt from the spec):
 //
-//   mm_all_reduce               the fp64 golden model (golden_mm_all_reduce)
-//   all_gather_mm               gather_out bitwise the concatenation of every
-//                               rank's x1; each block of output rows against the
-//                               golden model of that block's product with x2
-//   mm_reduce_scatter           the rank's rows bitwise those of mm_all_reduce_base
-//                               on the same inputs, and within the golden model's
-//                               bound of its rows
-//   mm_all_reduce_add_rms_norm  mm_all_reduce_base on the same inputs against the
-//                               golden model; y bitwise round(that + residual);
-//                               norm_out against an fp64 RMSNorm of y, within the
-//                               bound its roundings allow
+//   mm_all_reduce               the output (rank 0: it is the same on every rank)
+//   all_gather_mm               each rank its own output, and gather_out bit for
+//                               bit the concatenation of every rank's x1
+//   mm_reduce_scatter           each rank its own rows
+//   mm_all_reduce_add_rms_norm  y and norm_out (rank 0)
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <memory>
-#include <span>
 #include <string>
 #include <vector>
 
 #include "case_runner.h"
-#include "tpfuse/core/error.h"
-#include "tpfuse/core/half.h"
 #include "tpfuse/ops/family.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
+#include "tpfuse/testing/family_inputs.h"
+#include "tpfuse/testing/golden_family.h"
 
 namespace tpfuse::cli {
 
 namespace {
 
 using testing::Comparison;
-using testing::GoldenResult;
 
 // Everything one rank's case owns; the calls hold it, the views of RankCall
 // point into it.
 struct CaseState {
-  testing::RankInputs inputs;
-  AddRmsNormInputs norm;
+  testing::RankInputs product;               // mm_all_reduce
+  testing::SequenceParallelInputs sequence;  // all_gather_mm, mm_reduce_scatter
+  testing::AddRmsNormInputs norm;            // mm_all_reduce_add_rms_norm
   Tensor out, gather_out, y, norm_out;
-  Tensor x2_scale;  // all_gather_mm, mm_reduce_scatter: a bf16 dequant scale as f32
 };
 
-std::vector<testing::RankInputs> every_rank_inputs(const testing::CaseSpec& spec, int ranks) {
-  std::vector<testing::RankInputs> inputs;
-  for (int r = 0; r < ranks; ++r) inputs.push_back(testing::make_rank_inputs(spec, r));
+// all_gather_mm's and mm_reduce_scatter's inputs for a case: plain, or the
+// quant path (full_quant) with an i64 x2_scale for f16 output and an f32 one
+// for bf16 output.
+testing::SequenceParallelSpec sequence_parallel_spec(const OpCase& c) {
+  const testing::CaseSpec& s = c.spec;
+  testing::SequenceParallelSpec spec;
+  spec.quant = s.mode == Mode::full_quant;
+  spec.dtype = s.dtype;
+  spec.x2_scale_dtype = s.dtype == DType::f16 ? DType::i64 : DType::f32;
+  spec.x1_scale = c.x1_scale;
+  spec.m = s.m;
+  spec.n = s.n;
+  spec.k = s.k;
+  spec.uneven_n = c.uneven_n;
+  spec.uneven_k = s.uneven_k;
+  spec.x2_transposed = s.x2_transposed;
+  spec.bias = s.bias;
+  spec.comm_turn = s.comm_turn;
+  spec.seed = s.seed;
+  return spec;
+}
+
+// Every rank's inputs, rebuilt from the spec, as `build(rank)` makes them.
+template <class Build>
+auto every_rank(int ranks, const Build& build) {
+  std::vector<decltype(build(0))> inputs;
+  for (int r = 0; r < ranks; ++r) inputs.push_back(build(r));
   return inputs;
 }
 
-std::vector<testing::RankArgs> args_of(const std::vector<testing::RankInputs>& inputs) {
-  std::vector<testing::RankArgs> args;
-  for (const auto& in : inputs) args.push_back(in.args);
-  return args;
-}
-
-// Element i of a contiguous f16, bf16 or f32 tensor.
-double element(const TensorView& t, std::int64_t i) {
-  switch (t.dtype()) {
-    case DType::f16:
-      return f16_to_f32(Half{t.data_as<std::uint16_t>()[i]});
-    case DType::bf16:
-      return bf16_to_f32(BFloat16{t.data_as<std::uint16_t>()[i]});
-    case DType::f32:
-      return t.data_as<float>()[i];
-    default:
-      throw Error(cat("element: unexpected dtype ", dtype_name(t.dtype())));
-  }
-}
-
-// A reference that must be matched bit for bit (contiguous, the same dtype
-// and element count): every element whose bytes differ is a mismatch.
-Comparison same_bits(const TensorView& got, const TensorView& want) {
-  const std::size_t size = dtype_size(want.dtype());
-  Comparison result;
-  if (got.dtype() != want.dtype() || got.numel() != want.numel()) {
-    result.mismatches = std::max(got.numel(), want.numel());
-    return result;
-  }
-  const auto* a = static_cast<const unsigned char*>(got.data());
-  const auto* b = static_cast<const unsigned char*>(want.data());
-  for (std::int64_t i = 0; i < want.numel(); ++i) {
-    const std::size_t at = static_cast<std::size_t>(i) * size;
-    if (std::memcmp(a + at, b + at, size) != 0) ++result.mismatches;
-  }
-  return result;
-}
-
-// Rows [row0, row0 + rows) of an [m, n] golden result.
-GoldenResult rows_of(const GoldenResult& golden, std::int64_t row0, std::int64_t rows, std::int64_t n) {
-  GoldenResult part;
-  part.shape = golden.shape;
-  const auto first = static_cast<std::ptrdiff_t>(row0 * n), last = static_cast<std::ptrdiff_t>((row0 + rows) * n);
-  part.value.assign(golden.value.begin() + first, golden.value.begin() + last);
-  part.bound.assign(golden.bound.begin() + first, golden.bound.begin() + last);
-  return part;
-}
-
-// Rows [row0, row0 + rows) of a contiguous [*, n] tensor.
-TensorView row_block(const Tensor& t, std::int64_t row0, std::int64_t rows, std::int64_t n) {
-  auto* base = static_cast<unsigned char*>(t.data()) + static_cast<std::size_t>(row0 * n) * dtype_size(t.dtype());
-  return TensorView(base, t.dtype(), {rows, n});
-}
-
 RankCall mm_all_reduce_call(comm::RankContext& ctx, const OpCase& c, std::shared_ptr<CaseState> state) {
-  const testing::RankArgs& args = state->inputs.args;
+  state->product = testing::make_rank_inputs(c.spec, ctx.rank);
+  const testing::RankArgs& args = state->product.args;
   const std::string hcom = ctx.comm->name();
   state->out = mm_all_reduce_base(args.x1, args.x2, hcom, args.options);
   RankCall rc;
   rc.call = [state, hcom] {
-    const testing::RankArgs& a = state->inputs.args;
+    const testing::RankArgs& a = state->product.args;
     mm_all_reduce_base_out(a.x1, a.x2, hcom, a.options, state->out);
   };
   rc.replicated = {state->out};
   rc.check = [state, spec = c.spec, rank = ctx.rank, ranks = ctx.size]() -> std::optional<Comparison> {
     if (rank != 0) return std::nullopt;
-    const auto all = every_rank_inputs(spec, ranks);
-    return testing::compare(state->out, testing::golden_mm_all_reduce(args_of(all)));
+    const auto all = every_rank(ranks, [&](int r) { return testing::make_rank_inputs(spec, r); });
+    std::vector<testing::RankArgs> args;
+    for (const auto& in : all) args.push_back(in.args);
+    return testing::compare(state->out, testing::golden_mm_all_reduce(args));
   };
   return rc;
 }
 
-// The arguments all_gather_mm and mm_reduce_scatter share, from the inputs
-// mm_all_reduce takes: on the quant path (full quant, per-channel scales) the
-// dequant scale is x2_scale, an i64 one as it is (f16 output), a bf16 one as
-// f32 (with output_dtype bf16).
-void set_sequence_parallel_options(SequenceParallelOptions& options, CaseState& state) {
-  const MmAllReduceOptions& given = state.inputs.args.options;
-  options.bias = given.bias;
-  options.comm_turn = given.comm_turn;
-  if (!given.dequant_scale) return;
-  const TensorView& scale = *given.dequant_scale;
-  if (scale.dtype() == DType::i64) {
-    options.x2_scale = scale;
-    return;
-  }
-  state.x2_scale = Tensor(DType::f32, scale.shape());
-  for (std::int64_t i = 0; i < scale.numel(); ++i) state.x2_scale.data_as<float>()[i] = element(scale, i);
-  options.x2_scale = state.x2_scale.view();
-  options.output_dtype = DType::bf16;
-}
-
 RankCall all_gather_mm_call(comm::RankContext& ctx, const OpCase& c, std::shared_ptr<CaseState> state) {
-  const testing::RankArgs& args = state->inputs.args;
+  const testing::SequenceParallelSpec spec = sequence_parallel_spec(c);
+  state->sequence = testing::make_sequence_parallel_inputs(spec, ctx.rank);
+  const testing::AllGatherMmArgs& args = state->sequence.all_gather;
   const std::string hcom = ctx.comm->name();
-  AllGatherMmOptions options;
-  set_sequence_parallel_options(options, *state);
-  AllGatherMmResult result = all_gather_base_mm(args.x1, args.x2, hcom, ctx.size, options);
+  AllGatherMmResult result = all_gather_base_mm(args.x1, args.x2, hcom, ctx.size, args.options);
   state->out = std::move(result.output);
   state->gather_out = std::move(result.gather_out);
   RankCall rc;
-  rc.call = [state, hcom, options, ranks = ctx.size] {
-    const testing::RankArgs& a = state->inputs.args;
-    all_gather_base_mm_out(a.x1, a.x2, hcom, ranks, options, state->out, state->gather_out.view());
+  rc.call = [state, hcom, ranks = ctx.size] {
+    const testing::AllGatherMmArgs& a = state->sequence.all_gather;
+    all_gather_base_mm_out(a.x1, a.x2, hcom, ranks, a.options, state->out, state->gather_out.view());
   };
   rc.replicated = {state->gather_out};
-  rc.check = [state, spec = c.spec, ranks = ctx.size]() -> std::optional<Comparison> {
-    const auto all = every_rank_inputs(spec, ranks);
-    const std::int64_t m = spec.m, k = spec.k, n = spec.n;
-    Tensor gathered(all[0].x1.dtype(), {ranks * m, k});
-    for (int r = 0; r < ranks; ++r) {
-      std::memcpy(row_block(gathered, r * m, m, k).data(), all[r].x1.data(), all[r].x1.nbytes());
-    }
-    Comparison result = same_bits(state->gather_out, gathered);
-    for (int r = 0; r < ranks; ++r) {
-      const testing::RankArgs block = {all[r].args.x1, state->inputs.args.x2, state->inputs.args.options};
-      const GoldenResult golden = testing::golden_mm_all_reduce(std::span(&block, 1));
-      add_comparison(result, testing::compare(row_block(state->out, r * m, m, n), golden));
+  rc.check = [state, spec, rank = ctx.rank, ranks = ctx.size]() -> std::optional<Comparison> {
+    const auto all = every_rank(ranks, [&](int r) { return testing::make_sequence_parallel_inputs(spec, r); });
+    std::vector<testing::AllGatherMmArgs> args;
+    for (const auto& in : all) args.push_back(in.all_gather);
+    Comparison result = testing::compare(state->out, testing::golden_all_gather_mm(args, rank));
+    // gather_out: every rank's x1, in rank order, bit for bit.
+    const auto* gathered = static_cast<const unsigned char*>(state->gather_out.data());
+    std::int64_t offset = 0;
+    for (const auto& in : all) {
+      const TensorView& x1 = in.all_gather.x1;
+      const std::size_t size = dtype_size(x1.dtype());
+      for (std::int64_t i = 0; i < x1.numel(); ++i, ++offset) {
+        const auto* theirs = static_cast<const unsigned char*>(x1.data()) + static_cast<std::size_t>(i) * size;
+        if (std::memcmp(gathered + static_cast<std::size_t>(offset) * size, theirs, size) != 0) ++result.mismatches;
+      }
     }
     return result;
   };
@@ -174,112 +122,50 @@ RankCall all_gather_mm_call(comm::RankContext& ctx, const OpCase& c, std::shared
 }
 
 RankCall mm_reduce_scatter_call(comm::RankContext& ctx, const OpCase& c, std::shared_ptr<CaseState> state) {
-  const testing::RankArgs& args = state->inputs.args;
+  const testing::SequenceParallelSpec spec = sequence_parallel_spec(c);
+  state->sequence = testing::make_sequence_parallel_inputs(spec, ctx.rank);
+  const testing::MmReduceScatterArgs& args = state->sequence.reduce_scatter;
   const std::string hcom = ctx.comm->name();
-  MmReduceScatterOptions options;
-  set_sequence_parallel_options(options, *state);
-  state->out = mm_reduce_scatter_base(args.x1, args.x2, hcom, ctx.size, options);
+  state->out = mm_reduce_scatter_base(args.x1, args.x2, hcom, ctx.size, args.options);
   RankCall rc;
-  rc.call = [state, hcom, options, ranks = ctx.size] {
-    const testing::RankArgs& a = state->inputs.args;
-    mm_reduce_scatter_base_out(a.x1, a.x2, hcom, ranks, options, state->out);
+  rc.call = [state, hcom, ranks = ctx.size] {
+    const testing::MmReduceScatterArgs& a = state->sequence.reduce_scatter;
+    mm_reduce_scatter_base_out(a.x1, a.x2, hcom, ranks, a.options, state->out);
   };
-  rc.check = [state, hcom, spec = c.spec, rank = ctx.rank, ranks = ctx.size]() -> std::optional<Comparison> {
-    const testing::RankArgs& a = state->inputs.args;
-    const Tensor reduced = mm_all_reduce_base(a.x1, a.x2, hcom, a.options);
-    const std::int64_t rows = spec.m / ranks, row0 = rank * rows;
-    Comparison result = same_bits(state->out, row_block(reduced, row0, rows, spec.n));
-    const GoldenResult golden = testing::golden_mm_all_reduce(args_of(every_rank_inputs(spec, ranks)));
-    add_comparison(result, testing::compare(state->out, rows_of(golden, row0, rows, spec.n)));
-    return result;
+  rc.check = [state, spec, rank = ctx.rank, ranks = ctx.size]() -> std::optional<Comparison> {
+    const auto all = every_rank(ranks, [&](int r) { return testing::make_sequence_parallel_inputs(spec, r); });
+    std::vector<testing::MmReduceScatterArgs> args;
+    for (const auto& in : all) args.push_back(in.reduce_scatter);
+    return testing::compare(state->out, testing::golden_mm_reduce_scatter(args, rank));
   };
   return rc;
-}
-
-// norm_out's reference: y / sqrt(mean(y^2) + epsilon) * gamma in fp64, from
-// y as the operator must have rounded it, and the bound of the contract's
-// roundings: the fp32 sum of squares (16 running sums, then a tree) and the
-// fp32 steps to rstd, then t = round(y * rstd) and round(t * gamma), each
-// within half an ulp of the dtype (and half its smallest subnormal).
-GoldenResult rms_norm_reference(const TensorView& y, const TensorView& gamma, std::int64_t n, double epsilon) {
-  const bool bf16 = y.dtype() == DType::bf16;
-  const double unit = bf16 ? 0x1p-8 : 0x1p-11;
-  const double tiny = bf16 ? 0x1p-134 : 0x1p-25;
-  const double relative = 1.01 * (2 * unit + (static_cast<double>(n) / 16 + 20) * 0x1p-24);
-  GoldenResult norm;
-  norm.value.resize(static_cast<std::size_t>(y.numel()));
-  norm.bound.resize(norm.value.size());
-  for (std::int64_t first = 0; first < y.numel(); first += n) {
-    double squares = 0;
-    for (std::int64_t j = 0; j < n; ++j) squares += element(y, first + j) * element(y, first + j);
-    const double rstd = 1 / std::sqrt(squares / static_cast<double>(n) + epsilon);
-    for (std::int64_t j = 0; j < n; ++j) {
-      const double g = element(gamma, j), value = element(y, first + j) * rstd * g;
-      const auto at = static_cast<std::size_t>(first + j);
-      norm.value[at] = value;
-      norm.bound[at] = std::fabs(value) * relative + tiny * (std::fabs(g) + 1);
-    }
-  }
-  return norm;
 }
 
 RankCall add_rms_norm_call(comm::RankContext& ctx, const OpCase& c, std::shared_ptr<CaseState> state) {
-  const testing::RankArgs& args = state->inputs.args;
-  const std::string hcom = ctx.comm->name();
-  MmAllReduceAddRmsNormOptions options;
-  options.epsilon = c.epsilon;
-  options.bias = args.options.bias;
-  options.antiquant_scale = args.options.antiquant_scale;
-  options.antiquant_offset = args.options.antiquant_offset;
-  options.dequant_scale = args.options.dequant_scale;
-  options.antiquant_group_size = args.options.antiquant_group_size;
-  options.comm_turn = args.options.comm_turn;
-  state->norm = make_add_rms_norm_inputs(c.spec);
+  const testing::AddRmsNormSpec spec{c.spec, c.epsilon};
+  state->norm = testing::make_add_rms_norm_inputs(spec, ctx.rank);
   const Tensor& residual = state->norm.residual;
   state->y = Tensor(residual.dtype(), residual.shape());
   state->norm_out = Tensor(residual.dtype(), residual.shape());
+  const std::string hcom = ctx.comm->name();
   RankCall rc;
-  rc.call = [state, hcom, options] {
-    const testing::RankArgs& a = state->inputs.args;
-    mm_all_reduce_add_rms_norm_out(a.x1, a.x2, state->norm.residual, state->norm.gamma, hcom, options, state->y,
-                                   state->norm_out);
+  rc.call = [state, hcom] {
+    const testing::AddRmsNormArgs& a = state->norm.args;
+    mm_all_reduce_add_rms_norm_out(a.x1, a.x2, a.residual, a.gamma, hcom, a.options, state->y, state->norm_out);
   };
   rc.call();
   rc.replicated = {state->y, state->norm_out};
-  rc.check = [state, hcom, spec = c.spec, epsilon = c.epsilon, rank = ctx.rank,
-              ranks = ctx.size]() -> std::optional<Comparison> {
-    const testing::RankArgs& a = state->inputs.args;
-    const Tensor reduced = mm_all_reduce_base(a.x1, a.x2, hcom, a.options);
+  rc.check = [state, spec, rank = ctx.rank, ranks = ctx.size]() -> std::optional<Comparison> {
     if (rank != 0) return std::nullopt;
-    Comparison result =
-        testing::compare(reduced, testing::golden_mm_all_reduce(args_of(every_rank_inputs(spec, ranks))));
-    // y = round(f32(mm_out) + f32(residual)), bit for bit.
-    const Tensor& residual = state->norm.residual;
-    Tensor y(residual.dtype(), residual.shape());
-    auto* bits = y.data_as<std::uint16_t>();
-    for (std::int64_t i = 0; i < y.numel(); ++i) {
-      const auto sum = static_cast<float>(element(reduced, i)) + static_cast<float>(element(residual, i));
-      bits[i] = y.dtype() == DType::bf16 ? f32_to_bf16(sum).bits : f32_to_f16(sum).bits;
-    }
-    add_comparison(result, same_bits(state->y, y));
-    add_comparison(result,
-                   testing::compare(state->norm_out, rms_norm_reference(y, state->norm.gamma, spec.n, epsilon)));
+    const auto all = every_rank(ranks, [&](int r) { return testing::make_add_rms_norm_inputs(spec, r); });
+    std::vector<testing::AddRmsNormArgs> args;
+    for (const auto& in : all) args.push_back(in.args);
+    const testing::GoldenAddRmsNorm golden = testing::golden_mm_all_reduce_add_rms_norm(args);
+    Comparison result = testing::compare(state->y, golden.y);
+    add_comparison(result, testing::compare(state->norm_out, golden.norm_out));
     return result;
   };
   return rc;
-}
-
-// Uniform in [lo, hi], rounded to `t`'s dtype (f16 or bf16), from a stream of its own.
-void fill(Tensor& t, std::uint64_t seed, double lo, double hi) {
-  std::uint64_t state = seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
-  auto* bits = t.data_as<std::uint16_t>();
-  for (std::int64_t i = 0; i < t.numel(); ++i) {
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    const auto value = static_cast<float>(lo + (hi - lo) * static_cast<double>(state >> 11) * 0x1p-53);
-    bits[i] = t.dtype() == DType::bf16 ? f32_to_bf16(value).bits : f32_to_f16(value).bits;
-  }
 }
 
 }  // namespace
@@ -291,15 +177,6 @@ void add_comparison(Comparison& into, const Comparison& c) {
     into.max_abs_error = c.max_abs_error;
     into.max_bound = c.max_bound;
   }
-}
-
-AddRmsNormInputs make_add_rms_norm_inputs(const testing::CaseSpec& spec) {
-  const DType dtype = testing::output_dtype(spec);
-  const std::int64_t batch = spec.batch > 0 ? spec.batch : 1;
-  AddRmsNormInputs in{Tensor(dtype, {batch, spec.m / batch, spec.n}), Tensor(dtype, {spec.n})};
-  fill(in.residual, 2 * spec.seed + 1, -1, 1);
-  fill(in.gamma, 2 * spec.seed + 2, 0.5, 1.5);
-  return in;
 }
 
 std::string_view replicated_outputs(FusedOp op) {
@@ -318,7 +195,6 @@ std::string_view replicated_outputs(FusedOp op) {
 
 RankCall make_rank_call(comm::RankContext& ctx, const OpCase& c) {
   auto state = std::make_shared<CaseState>();
-  state->inputs = testing::make_rank_inputs(c.spec, ctx.rank);
   RankCall rc;
   switch (c.op) {
     case FusedOp::mm_all_reduce:

@@ -169,8 +169,8 @@ void print_table_row(const OpCase& c, int ranks, const CaseResult& r) {
     verdict = cat(r.checked ? "ok" : "unchecked", same.empty() ? "" : cat(", ", same, " on all ranks"));
   }
   std::printf("%-26s %-42s %-24s %5d %11.3g %11.3g %12.1f %s\n", std::string(op_name(c.op)).c_str(),
-              describe_mode(c.spec).c_str(), describe_shape(c.spec).c_str(), ranks, r.comparison.max_abs_error,
-              r.comparison.max_bound, r.seconds_per_call * 1e6, verdict.c_str());
+              cat(describe_mode(c.spec), c.x1_scale ? " +x1_scale" : "").c_str(), describe_shape(c.spec).c_str(), ranks,
+              r.comparison.max_abs_error, r.comparison.max_bound, r.seconds_per_call * 1e6, verdict.c_str());
   std::fflush(stdout);
 }
 

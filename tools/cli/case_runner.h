@@ -24,6 +24,8 @@ struct OpCase {
   FusedOp op = FusedOp::mm_all_reduce;
   testing::CaseSpec spec;
   double epsilon = 1e-6;  // mm_all_reduce_add_rms_norm
+  bool uneven_n = false;  // all_gather_mm: rank r holds n + r columns of x2
+  bool x1_scale = false;  // the quant path of all_gather_mm and mm_reduce_scatter: a per-token x1_scale
 };
 
 struct CaseResult {
@@ -54,13 +56,6 @@ void add_comparison(testing::Comparison& into, const testing::Comparison& c);
 // What the verdict says of the replicated outputs: "identical",
 // "gather_out identical", ...; empty where each rank has outputs of its own.
 std::string_view replicated_outputs(FusedOp op);
-
-// The inputs' [b, s, n] residual and [n] gamma of mm_all_reduce_add_rms_norm
-// (the same on every rank), and its options.
-struct AddRmsNormInputs {
-  Tensor residual, gamma;
-};
-AddRmsNormInputs make_add_rms_norm_inputs(const testing::CaseSpec& spec);
 
 CaseResult run_case(const OpCase& c, int ranks, int iterations, bool check);
 

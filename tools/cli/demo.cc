@@ -80,8 +80,8 @@ void add_demo_command(CLI::App& app) {
       all_ok = all_ok && result.ran && result.identical_across_ranks && result.comparison.ok();
     }
     std::printf(
-        "\nmax error: largest |out - reference| (fp64 golden model, or exact where the contract says "
-        "bitwise); tolerance: the bound the contract's numerics allow at that element.\n");
+        "\nmax error: largest |out - fp64 golden model| (gather_out: bit for bit); tolerance: the bound the "
+        "contract's numerics allow at that element.\n");
     if (!all_ok) throw CLI::RuntimeError("demo: a case failed", 1);
   });
 }

@@ -18,6 +18,8 @@ struct RunFlags {
   testing::CaseSpec spec;
   std::string op = "mm_all_reduce";
   double epsilon = 1e-6;
+  bool uneven_n = false;
+  bool x1_scale = false;
   std::string dtype = "f16";
   std::string mode = "plain";
   std::string scale = "per_channel";
@@ -46,12 +48,16 @@ void check_flags_for_op(const OpCase& c, int ranks) {
   const auto refuse = [&](bool given, const char* flag, const char* why) {
     if (given) throw CLI::ValidationError(flag, cat("not taken by ", op, ": ", why));
   };
+  const bool sequence_parallel = c.op == FusedOp::all_gather_mm || c.op == FusedOp::mm_reduce_scatter;
+  refuse(c.op != FusedOp::all_gather_mm && c.uneven_n, "--uneven-n", "n must agree across ranks");
+  refuse(!sequence_parallel && c.x1_scale, "--x1-scale", "it has no x1_scale");
   if (c.op == FusedOp::mm_all_reduce) return;
   refuse(s.x3, "--x3", "there is no x3");
   if (c.op == FusedOp::mm_all_reduce_add_rms_norm) return;
   refuse(s.mode == Mode::weight_quant, "--mode", "its modes are plain and full_quant");
   refuse(s.mode == Mode::full_quant && s.scale_kind != ScaleKind::per_channel, "--scale",
          "its x2_scale is per channel");
+  refuse(s.mode != Mode::full_quant && c.x1_scale, "--x1-scale", "x1_scale is the quant path's (--mode full_quant)");
   refuse(s.batch > 0, "--batch", "x1 is 2-D");
   refuse(c.op == FusedOp::all_gather_mm && s.uneven_k, "--uneven-k", "k must agree across ranks");
   if (c.op == FusedOp::mm_reduce_scatter && s.m % ranks != 0) {
@@ -92,6 +98,9 @@ void add_run_command(CLI::App& app) {
   run->add_flag("--x3", s.x3, "Pass x3");
   run->add_flag("--transpose-x2", s.x2_transposed, "Pass x2 as a transposed view of [n, k]");
   run->add_flag("--uneven-k", s.uneven_k, "Give rank r a K-slice of k + r");
+  run->add_flag("--uneven-n", flags->uneven_n, "all_gather_mm: give rank r a column shard of n + r");
+  run->add_flag("--x1-scale", flags->x1_scale,
+                "all_gather_mm, mm_reduce_scatter with --mode full_quant: pass a per-token x1_scale");
   run->add_option("--comm-turn", s.comm_turn, "Tiles along M (0: tpfuse decides)")
       ->check(CLI::Range(0, 1 << 24));
   run->add_option("--ranks", flags->ranks, "Local ranks (processes)")->check(CLI::Range(1, 256));
@@ -114,7 +123,7 @@ void add_run_command(CLI::App& app) {
     if (spec.batch > 0 && spec.m % spec.batch != 0) {
       throw CLI::ValidationError("--batch", tpfuse::cat("must divide --m (", spec.m, "), got ", spec.batch));
     }
-    const OpCase c{*parse_op(flags->op), spec, flags->epsilon};
+    const OpCase c{*parse_op(flags->op), spec, flags->epsilon, flags->uneven_n, flags->x1_scale};
     if (comm::launched_by_mpi()) {
       check_flags_for_op(c, 1);
       run_under_mpi(c, flags->iterations, !flags->no_check);
