@@ -91,10 +91,13 @@ struct CostModel {
     return static_cast<double>(rows) * static_cast<double>(row_bytes()) <=
            static_cast<double>(constants.buffer_bytes);
   }
+  // The reduce-scatter copies each tile in from the GEMM's rows: it has no
+  // buffer the GEMM writes into.
+  bool copies_every_tile() const { return request.op == Operator::mm_reduce_scatter; }
   // A tile's all-reduce: from the buffer the GEMM wrote, or (a tile too
-  // large for one) copied in from the output in chunks.
+  // large for one, or a reduce-scatter's) copied in in chunks.
   double reduce_seconds(std::int64_t rows) const {
-    if (!fits_buffer(rows)) return plain_all_reduce_seconds(rows);
+    if (copies_every_tile() || !fits_buffer(rows)) return plain_all_reduce_seconds(rows);
     return constants.reduce_round_seconds + static_cast<double>(rows) *
                                                 static_cast<double>(row_bytes()) *
                                                 constants.reduce_seconds_per_byte;
@@ -229,7 +232,7 @@ TilePlan make_plan(const PlanRequest& request, const CostConstants& constants) {
       const bool zero_copy =
           std::all_of(candidate.tiles.begin(), candidate.tiles.end(),
                       [&](std::int64_t rows) { return model.fits_buffer(rows); });
-      if (candidate.tiles.size() > 1 && !zero_copy) continue;
+      if (candidate.tiles.size() > 1 && !zero_copy && !model.copies_every_tile()) continue;
       const double seconds = model.predict(candidate.tiles, poll_rows_for(candidate.tiles, model));
       if (plan.tile_rows.empty() || seconds < best * (1.0 - kSignificantGain)) {
         best = seconds;
