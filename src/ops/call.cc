@@ -174,6 +174,14 @@ void agree_and_run(OperatorCall& op, const LocalCall& call, comm::Communicator& 
 
 }  // namespace
 
+void* CallScratch::get(std::size_t slot, std::size_t bytes) {
+  Tensor& held = slots_[slot];
+  if (held.view().data() == nullptr || static_cast<std::size_t>(held.size(0)) < bytes) {
+    held = Tensor(DType::i8, {static_cast<std::int64_t>(bytes)});
+  }
+  return held.view().data();
+}
+
 void run_operator_call(OperatorCall& op, std::string_view hcom, const char* operation) {
   const auto comm = comm::find_communicator(hcom);
   const comm::ExclusiveUse use(*comm, operation);
@@ -190,7 +198,7 @@ void run_operator_call(OperatorCall& op, std::string_view hcom, const char* oper
         .add("out", dtype_name(s.out_dtype))
         .add("hcom", hcom);
   }
-  if (call.shape) op.make_outputs(*call.shape);
+  if (call.shape) op.make_outputs(*call.shape, *comm);
   agree_and_run(op, call, *comm, span);
 }
 

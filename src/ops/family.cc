@@ -57,8 +57,9 @@ class AllGatherMmCall final : public OperatorCall {
     return shape;
   }
 
-  void make_outputs(const CallShape& shape) override {
+  void make_outputs(const CallShape& shape, const comm::Communicator& comm) override {
     const std::int64_t rows = gemm_rows(shape);
+    CallScratch& scratch = comm.attachment<CallScratch>();
     if (output_ == nullptr) {
       result_.output = Tensor(shape.out_dtype, {rows, shape.n});
       output_ = &result_.output.view();
@@ -72,15 +73,19 @@ class AllGatherMmCall final : public OperatorCall {
     if (shape.gather_output) {
       gathered_ = gather_out_ != nullptr ? **gather_out_ : result_.gather_out.view();
     } else {
-      scratch_ = Tensor(shape.in_dtype, {rows, shape.k});
-      gathered_ = scratch_.view();
+      const std::int64_t dims[] = {rows, shape.k};
+      gathered_ = TensorView(
+          scratch.get(0, static_cast<std::size_t>(rows * shape.k) * dtype_size(shape.in_dtype)),
+          shape.in_dtype, dims);
     }
-    if (shape.has_row_scale) gathered_scale_.resize(static_cast<std::size_t>(rows));
+    if (shape.has_row_scale) {
+      gathered_scale_ = static_cast<float*>(scratch.get(1, static_cast<std::size_t>(rows) * 4));
+    }
   }
 
   gemm::GemmOperands operands(const CallShape& shape) const override {
     return sequence_parallel_operands(shape, gathered_, x2_, options_,
-                                      shape.has_row_scale ? gathered_scale_.data() : nullptr);
+                                      shape.has_row_scale ? gathered_scale_ : nullptr);
   }
 
   std::unique_ptr<pipeline::TileStages> stages(const CallShape& shape,
@@ -98,7 +103,7 @@ class AllGatherMmCall final : public OperatorCall {
     job.gathered = gathered_.data();
     if (shape.has_row_scale) {
       job.x1_scale = options_.x1_scale->data_as<const float>();
-      job.gathered_scale = gathered_scale_.data();
+      job.gathered_scale = gathered_scale_;
     }
     job.n = shape.n;
     job.out_dtype = shape.out_dtype;
@@ -117,9 +122,8 @@ class AllGatherMmCall final : public OperatorCall {
   const TensorView* output_;
   const std::optional<TensorView>* gather_out_;
   AllGatherMmResult result_;
-  Tensor scratch_;
   TensorView gathered_;
-  std::vector<float> gathered_scale_;
+  float* gathered_scale_ = nullptr;
 };
 
 class MmReduceScatterCall final : public OperatorCall {
@@ -136,12 +140,13 @@ class MmReduceScatterCall final : public OperatorCall {
     return shape;
   }
 
-  void make_outputs(const CallShape& shape) override {
+  void make_outputs(const CallShape& shape, const comm::Communicator& comm) override {
     if (output_ == nullptr) {
       made_ = Tensor(shape.out_dtype, {shape.m / shape.world_size, shape.n});
       output_ = &made_.view();
     }
-    partials_ = Tensor(shape.out_dtype, {shape.m, shape.n});
+    partials_ = comm.attachment<CallScratch>().get(
+        0, static_cast<std::size_t>(shape.m * shape.n) * dtype_size(shape.out_dtype));
   }
 
   gemm::GemmOperands operands(const CallShape& shape) const override {
@@ -160,7 +165,7 @@ class MmReduceScatterCall final : public OperatorCall {
     job.m = shape.m;
     job.n = shape.n;
     job.dtype = shape.out_dtype;
-    job.partials = partials_.view().data();
+    job.partials = partials_;
     job.out = output_->data();
     job.progress = setup.progress;
     job.after_tile_computed = test_hooks::after_tile_computed;
@@ -177,7 +182,7 @@ class MmReduceScatterCall final : public OperatorCall {
   const MmReduceScatterOptions& options_;
   const TensorView* output_;
   Tensor made_;
-  Tensor partials_;  // this rank's GEMM rows, reduce-scattered tile by tile
+  void* partials_ = nullptr;  // this rank's GEMM rows, reduce-scattered tile by tile
 };
 
 class AddRmsNormCall final : public OperatorCall {
@@ -205,7 +210,8 @@ class AddRmsNormCall final : public OperatorCall {
     return shape;
   }
 
-  void make_outputs(const CallShape& shape) override {
+  void make_outputs(const CallShape& shape, const comm::Communicator& comm) override {
+    (void)comm;
     const std::initializer_list<std::int64_t> dims = {shape.batch, shape.seq, shape.n};
     if (y_ == nullptr) {
       result_.y = Tensor(shape.out_dtype, dims);

@@ -37,7 +37,8 @@ class MmAllReduceCall final : public OperatorCall {
     return shape;
   }
 
-  void make_outputs(const CallShape& shape) override {
+  void make_outputs(const CallShape& shape, const comm::Communicator& comm) override {
+    (void)comm;
     if (out_ != nullptr) return;
     made_ = Tensor(shape.out_dtype, output_shape(shape));
     out_ = &made_.view();
