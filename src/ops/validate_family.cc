@@ -41,7 +41,7 @@ void check_comm_mode(const std::string& comm_mode) {
 void check_output_dtype_plain(const std::optional<DType>& output_dtype, DType x1) {
   if (output_dtype && *output_dtype != x1) {
     fail("output_dtype: expected none or ", dtype_name(x1), " (x1's dtype, plain mode), got ",
-         dtype_name(*output_dtype));
+         dtype_text(*output_dtype));
   }
 }
 
@@ -88,7 +88,7 @@ void check_quant_scales(const SequenceParallelOptions& options, CallShape& shape
   if (x2_scale.dtype() == DType::i64) {
     if (options.output_dtype && *options.output_dtype != DType::f16) {
       fail("output_dtype: expected none or f16 with an i64 x2_scale, got ",
-           dtype_name(*options.output_dtype));
+           dtype_text(*options.output_dtype));
     }
     shape.out_dtype = DType::f16;
     return;
@@ -96,7 +96,7 @@ void check_quant_scales(const SequenceParallelOptions& options, CallShape& shape
   if (options.output_dtype && *options.output_dtype != DType::f16 &&
       *options.output_dtype != DType::bf16) {
     fail("output_dtype: expected none, f16 or bf16 with an f32 x2_scale, got ",
-         dtype_name(*options.output_dtype));
+         dtype_text(*options.output_dtype));
   }
   shape.out_dtype = options.output_dtype.value_or(DType::bf16);
 }

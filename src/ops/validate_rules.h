@@ -21,6 +21,9 @@ template <class... Parts>
 }
 
 std::string shape_text(std::span<const std::int64_t> dims);
+// dtype_name, or "unknown dtype code N" for a value outside the enum (which
+// dtype_name prints as "?").
+std::string dtype_text(DType dtype);
 // Shape and dtype (and strides), printable for any view check_view() rejects.
 std::string raw_text(const TensorView& view, bool with_strides = true);
 bool checked_mul(std::int64_t a, std::int64_t b, std::int64_t& product);

@@ -1,0 +1,67 @@
+// The family's argument rules (docs/SEMANTICS-FAMILY.md) on one rank, where
+// the fuzzer (tests/fuzz) found validation going wrong: each test breaks one
+// rule and checks the InvalidArgument names the argument at fault first and
+// quotes the value given.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <functional>
+#include <initializer_list>
+#include <optional>
+#include <string>
+
+#include "rank_harness.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/ops/family.h"
+#include "tpfuse/ops/validate.h"
+
+namespace tpfuse {
+namespace {
+
+using test::expect_rank;
+using test::run_ranks;
+
+constexpr std::int64_t kM = 4, kK = 64, kN = 16;
+constexpr int kOneRank = 1;
+
+// The message of the InvalidArgument `action` throws, or "" when none.
+std::string error_of(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const InvalidArgument& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Starts with "<name>:" and contains every fragment.
+void expect_names(const std::string& message, const std::string& name,
+                  std::initializer_list<std::string> fragments) {
+  EXPECT_EQ(message.rfind(name + ":", 0), 0u) << message;
+  for (const std::string& fragment : fragments) {
+    EXPECT_NE(message.find(fragment), std::string::npos)
+        << "missing '" << fragment << "' in: " << message;
+  }
+}
+
+TEST(ValidateFamily, UnknownOutputDtypeIsQuotedByItsCode) {
+  const Tensor x1(DType::f16, {kM, kK}), x2(DType::f16, {kK, kN});
+  AllGatherMmOptions options;
+  options.output_dtype = static_cast<DType>(9);
+  const std::string plain = error_of([&] { validate_all_gather_mm(x1, x2, 1, kOneRank, options); });
+  expect_names(plain, "output_dtype", {"got unknown dtype code 9"});
+
+  const Tensor q1(DType::i8, {kM, kK}), q2(DType::i8, {kK, kN});
+  const Tensor f32_scale(DType::f32, {kN}), i64_scale(DType::i64, {kN});
+  MmReduceScatterOptions quant;
+  quant.output_dtype = static_cast<DType>(7);
+  quant.x2_scale = f32_scale.view();
+  expect_names(error_of([&] { validate_mm_reduce_scatter(q1, q2, 1, kOneRank, quant); }),
+               "output_dtype", {"with an f32 x2_scale", "got unknown dtype code 7"});
+  quant.x2_scale = i64_scale.view();
+  expect_names(error_of([&] { validate_mm_reduce_scatter(q1, q2, 1, kOneRank, quant); }),
+               "output_dtype", {"with an i64 x2_scale", "got unknown dtype code 7"});
+}
+
+}  // namespace
+}  // namespace tpfuse
