@@ -63,5 +63,18 @@ TEST(ValidateFamily, UnknownOutputDtypeIsQuotedByItsCode) {
                "output_dtype", {"with an i64 x2_scale", "got unknown dtype code 7"});
 }
 
+// m * n elements overflow int64: y and norm_out have residual's shape, so
+// residual is the argument at fault (the operator has no `out`).
+TEST(ValidateFamily, AddRmsNormOutputTooLargeNamesResidual) {
+  const Tensor memory(DType::f16, {kK});
+  const std::int64_t huge = std::int64_t{1} << 40;
+  const TensorView x1(memory.data(), DType::f16, {huge, 1});
+  const TensorView x2(memory.data(), DType::f16, {1, huge});
+  const TensorView residual(memory.data(), DType::f16, {1, 1, huge});
+  const TensorView gamma(memory.data(), DType::f16, {huge});
+  expect_names(error_of([&] { validate_add_rms_norm(x1, x2, residual, gamma, {}); }), "residual",
+               {"1099511627776", "got [1, 1, 1099511627776] f16"});
+}
+
 }  // namespace
 }  // namespace tpfuse

@@ -371,8 +371,8 @@ void check_disjoint(const char* name, const TensorView& out, std::span<const Nam
 
 using namespace rules;
 
-CallShape validate_call(const TensorView& x1, const TensorView& x2,
-                        const MmAllReduceOptions& options) {
+CallShape rules::check_gemm_call(const TensorView& x1, const TensorView& x2,
+                                 const MmAllReduceOptions& options, OutputSize output_size) {
   if (options.reduce_op != "sum") {
     fail("reduce_op: only \"sum\" is supported, got \"", options.reduce_op, "\"");
   }
@@ -412,12 +412,17 @@ CallShape validate_call(const TensorView& x1, const TensorView& x2,
       check_full_quant(options, mode, shape);
       break;
   }
-  check_output_size(shape);
+  if (output_size == OutputSize::checked) check_output_size(shape);
   if (options.bias) check_bias(*options.bias, shape);
   if (options.x3) check_x3(*options.x3, shape);
   shape.has_bias = options.bias.has_value();
   shape.has_x3 = options.x3.has_value();
   return shape;
+}
+
+CallShape validate_call(const TensorView& x1, const TensorView& x2,
+                        const MmAllReduceOptions& options) {
+  return check_gemm_call(x1, x2, options, OutputSize::checked);
 }
 
 void validate_out(const CallShape& shape, const TensorView& out, const TensorView& x1,

@@ -266,7 +266,9 @@ CallShape validate_add_rms_norm(const TensorView& x1, const TensorView& x2,
   if (!(options.epsilon > 0 && options.epsilon < 1)) {
     fail("epsilon: expected a value in (0, 1), got ", options.epsilon);
   }
-  CallShape shape = validate_call(x1, x2, gemm_options(options));
+  // y and norm_out have residual's shape: a residual that passes its checks
+  // below has a size that fits, and one that does not is the one at fault.
+  CallShape shape = check_gemm_call(x1, x2, gemm_options(options), OutputSize::by_an_argument);
   shape.op = pipeline::Operator::mm_all_reduce_add_rms_norm;
   shape.epsilon = static_cast<float>(options.epsilon);
   const bool full_quant = shape.mode == Mode::full_quant;

@@ -11,6 +11,7 @@
 
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/tensor.h"
+#include "tpfuse/ops/mm_all_reduce_base.h"
 #include "tpfuse/ops/mode.h"
 
 namespace tpfuse::rules {
@@ -39,6 +40,14 @@ bool check_x2(const TensorView& x2);
 ScaleKind channel_scale_kind(const TensorView& scale, std::int64_t n);
 // [n], x1's dtype (i32 in full quant), contiguous.
 void check_bias(const TensorView& bias, const CallShape& shape);
+
+// validate_call's rules, with or without the output's size (m * n elements
+// and bytes that fit int64): an operator whose outputs have the shape of an
+// argument it checks (add-RMSNorm's residual) leaves that to the argument,
+// which is then the one at fault.
+enum class OutputSize { checked, by_an_argument };
+CallShape check_gemm_call(const TensorView& x1, const TensorView& x2,
+                          const MmAllReduceOptions& options, OutputSize output_size);
 
 struct NamedView {
   const char* name;
