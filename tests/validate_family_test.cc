@@ -76,5 +76,27 @@ TEST(ValidateFamily, AddRmsNormOutputTooLargeNamesResidual) {
                {"1099511627776", "got [1, 1, 1099511627776] f16"});
 }
 
+// gather_out that fails its own checks: validation names it, rather than
+// first comparing its memory with output's. Without a pointer its bytes
+// would be [0, 2^48), over every address output can have; with sizes whose
+// byte range overflows int64, that range cannot even be computed.
+TEST(ValidateFamily, AllGatherOutChecksGatherOutBeforeItsMemory) {
+  const Tensor x1(DType::f16, {kM, kK}), x2(DType::f16, {kK, kN});
+  const Tensor output(DType::f16, {kM, kN}), memory(DType::f16, {kK});
+  const AllGatherMmOptions options;
+  const CallShape shape = validate_all_gather_mm(x1, x2, 1, kOneRank, options);
+  auto error = [&](const TensorView& gather_out) {
+    return error_of(
+        [&] { validate_all_gather_mm_out(shape, output, gather_out, x1, x2, options); });
+  };
+  const std::int64_t wide = std::int64_t{1} << 47;
+  expect_names(error(TensorView(nullptr, DType::f16, {wide, 1})), "gather_out",
+               {"expected a data pointer, got null"});
+  const std::int64_t huge = std::int64_t{1} << 62;
+  const std::int64_t dims[] = {huge, huge}, strides[] = {huge, 1};
+  expect_names(error(TensorView(memory.data(), DType::f16, dims, strides)), "gather_out",
+               {"fit int64", "got [4611686018427387904, 4611686018427387904]"});
+}
+
 }  // namespace
 }  // namespace tpfuse

@@ -189,6 +189,17 @@ void validate_all_gather_mm_out(const CallShape& shape, const TensorView& output
   const std::int64_t rows = gemm_rows(shape);
   const std::int64_t output_dims[] = {rows, shape.n};
   check_output("output", output, shape.out_dtype, output_dims);
+  // Both outputs are checked before either's memory is compared with the
+  // other's: an unchecked view's byte range may not even be computable.
+  if (!shape.gather_output && gather_out) {
+    fail("gather_out: expected none with gather_output false, got ", raw_text(*gather_out, false));
+  }
+  if (shape.gather_output && !gather_out) {
+    fail("gather_out: expected a [", rows, ", ", shape.k, "] ", dtype_name(shape.in_dtype),
+         " tensor with gather_output true, got none");
+  }
+  const std::int64_t gather_dims[] = {rows, shape.k};
+  if (gather_out) check_output("gather_out", *gather_out, shape.in_dtype, gather_dims);
   const NamedView inputs[] = {{"x1", &x1},
                               {"x2", &x2},
                               named("bias", options.bias),
@@ -196,20 +207,7 @@ void validate_all_gather_mm_out(const CallShape& shape, const TensorView& output
                               named("x2_scale", options.x2_scale),
                               named("gather_out", gather_out)};
   check_disjoint("output", output, inputs);
-  if (!shape.gather_output) {
-    if (gather_out) {
-      fail("gather_out: expected none with gather_output false, got ",
-           raw_text(*gather_out, false));
-    }
-    return;
-  }
-  if (!gather_out) {
-    fail("gather_out: expected a [", rows, ", ", shape.k, "] ", dtype_name(shape.in_dtype),
-         " tensor with gather_output true, got none");
-  }
-  const std::int64_t gather_dims[] = {rows, shape.k};
-  check_output("gather_out", *gather_out, shape.in_dtype, gather_dims);
-  check_disjoint("gather_out", *gather_out, std::span(inputs).first(5));
+  if (gather_out) check_disjoint("gather_out", *gather_out, std::span(inputs).first(5));
 }
 
 CallShape validate_mm_reduce_scatter(const TensorView& x1, const TensorView& x2,
