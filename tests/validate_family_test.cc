@@ -98,5 +98,27 @@ TEST(ValidateFamily, AllGatherOutChecksGatherOutBeforeItsMemory) {
                {"fit int64", "got [4611686018427387904, 4611686018427387904]"});
 }
 
+// The in-place form writes y into residual: residual inside x1 fails the
+// call, as y inside x1 fails the _out form.
+TEST(ValidateFamily, InPlaceResidualMustNotOverlapAnInput) {
+  const auto result = run_ranks(1, [](comm::RankContext& ctx) {
+    const Tensor x1(DType::f16, {kM, kK}), x2(DType::f16, {kK, kN}), gamma(DType::f16, {kN});
+    const TensorView residual(x1.data(), DType::f16, {1, kM, kN});
+    const std::string error =
+        error_of([&] { mm_all_reduce_add_rms_norm_(x1, x2, residual, gamma, ctx.comm->name()); });
+    expect_rank(error.rfind("residual: expected memory disjoint from every input", 0) == 0 &&
+                    error.find("overlap with x1") != std::string::npos,
+                "got \"", error, "\"");
+    const std::string out_form = error_of([&] {
+      const Tensor norm_out(DType::f16, {1, kM, kN});
+      mm_all_reduce_add_rms_norm_out(x1, x2, residual, gamma, ctx.comm->name(), {}, residual,
+                                     norm_out);
+    });
+    expect_rank(out_form.rfind("y: expected memory disjoint", 0) == 0, "got \"", out_form, "\"");
+    return 0;
+  });
+  EXPECT_TRUE(result.ok()) << result.describe_failures();
+}
+
 }  // namespace
 }  // namespace tpfuse

@@ -206,6 +206,8 @@ class AddRmsNormCall final : public OperatorCall {
     CallShape shape = validate_add_rms_norm(x1_, x2_, residual_, gamma_, options_);
     if (norm_out_ != nullptr) {
       validate_add_rms_norm_out(shape, *y_, *norm_out_, x1_, x2_, residual_, gamma_, options_);
+    } else if (y_ != nullptr) {
+      validate_add_rms_norm_in_place(x1_, x2_, residual_, gamma_, options_);
     }
     return shape;
   }

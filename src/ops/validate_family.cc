@@ -298,6 +298,19 @@ CallShape validate_add_rms_norm(const TensorView& x1, const TensorView& x2,
   return shape;
 }
 
+void validate_add_rms_norm_in_place(const TensorView& x1, const TensorView& x2,
+                                    const TensorView& residual, const TensorView& gamma,
+                                    const MmAllReduceAddRmsNormOptions& options) {
+  const NamedView inputs[] = {{"x1", &x1},
+                              {"x2", &x2},
+                              {"gamma", &gamma},
+                              named("bias", options.bias),
+                              named("antiquant_scale", options.antiquant_scale),
+                              named("antiquant_offset", options.antiquant_offset),
+                              named("dequant_scale", options.dequant_scale)};
+  check_disjoint("residual", residual, inputs);
+}
+
 void validate_add_rms_norm_out(const CallShape& shape, const TensorView& y,
                                const TensorView& norm_out, const TensorView& x1,
                                const TensorView& x2, const TensorView& residual,

@@ -101,7 +101,8 @@ AddRmsNormResult mm_all_reduce_add_rms_norm(const TensorView& x1, const TensorVi
                                             std::string_view hcom,
                                             const MmAllReduceAddRmsNormOptions& options = {});
 
-// The in-place form: y is written into `residual`; returns norm_out.
+// The in-place form: y is written into `residual` (which must then be
+// disjoint from every other input); returns norm_out.
 Tensor mm_all_reduce_add_rms_norm_(const TensorView& x1, const TensorView& x2,
                                    const TensorView& residual, const TensorView& gamma,
                                    std::string_view hcom,

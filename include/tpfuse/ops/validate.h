@@ -41,6 +41,11 @@ void validate_mm_reduce_scatter_out(const CallShape& shape, const TensorView& ou
 CallShape validate_add_rms_norm(const TensorView& x1, const TensorView& x2,
                                 const TensorView& residual, const TensorView& gamma,
                                 const MmAllReduceAddRmsNormOptions& options);
+// The in-place form writes y into residual: residual is then an output,
+// disjoint from every other input.
+void validate_add_rms_norm_in_place(const TensorView& x1, const TensorView& x2,
+                                    const TensorView& residual, const TensorView& gamma,
+                                    const MmAllReduceAddRmsNormOptions& options);
 void validate_add_rms_norm_out(const CallShape& shape, const TensorView& y,
                                const TensorView& norm_out, const TensorView& x1,
                                const TensorView& x2, const TensorView& residual,
