@@ -84,7 +84,7 @@ struct MaterializedCall {
 };
 
 // Builds the views and fills backed memory with values in the ranges of the
-// contract's typical inputs (see fill in the .cc), then writes the special
+// contract's typical inputs (see fill in materialize.cc), then writes the special
 // value, if any.
 MaterializedCall materialize(const CallSpec& spec);
 
