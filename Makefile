@@ -96,7 +96,7 @@ test-tsan: deps
 	@cmake --build $(TSAN_BUILD) -j $(JOBS) --target $(foreach t,$(TSAN_TESTS),tpfuse_$(t)_test)
 	cd $(TSAN_BUILD) && TPFUSE_NUM_THREADS=3 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --output-on-failure -j $(JOBS) -E '$(TSAN_SKIP)'
 
-# libFuzzer on the operator's argument validation (tests/fuzz): built with
+# libFuzzer on the operators' argument validation (tests/fuzz): built with
 # clang under ASan + UBSan in a tree of its own, then run for FUZZ_SECONDS
 # from a copy of the committed corpus; a crash, a sanitizer report or a
 # broken check fails. clang's OpenMP is pointed at GCC's libgomp, the runtime
@@ -114,5 +114,5 @@ test-fuzz: deps
 	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target tpfuse_validate_fuzz
 	@rm -rf $(FUZZ_BUILD)/corpus && cp -r tests/fuzz/corpus $(FUZZ_BUILD)/corpus
 	OMP_NUM_THREADS=1 UBSAN_OPTIONS=print_stacktrace=1 $(FUZZ_BUILD)/tests/fuzz/tpfuse_validate_fuzz \
-	  -max_total_time=$(FUZZ_SECONDS) -max_len=128 -timeout=60 -verbosity=0 -print_funcs=0 -print_final_stats=1 \
+	  -max_total_time=$(FUZZ_SECONDS) -max_len=160 -timeout=60 -verbosity=0 -print_funcs=0 -print_final_stats=1 \
 	  -artifact_prefix=$(FUZZ_BUILD)/ $(FUZZ_BUILD)/corpus

@@ -1,7 +1,7 @@
 // Backing a decoded call's views with memory (fuzz_call.h): each present
 // argument gets memory of exactly its extent when it is small enough, filled
-// with values in the ranges of the contract's typical inputs; the output
-// holds a sentinel, or lies inside an input.
+// with values in the ranges of the contract's typical inputs; an output
+// holds a sentinel, or lies inside an earlier argument.
 #include <algorithm>
 #include <bit>
 #include <cstring>
@@ -45,7 +45,11 @@ Range float_range(Arg arg) {
     case Arg::antiquant_offset:
       return {-2, 2};
     case Arg::dequant_scale:
+    case Arg::x2_scale:
       return {0.5e-3, 1.5e-3};
+    case Arg::x1_scale:
+    case Arg::gamma:
+      return {0.5, 2};
     default:
       return {-1, 1};
   }
@@ -78,7 +82,7 @@ void store_float(std::byte* data, DType dtype, std::int64_t index, float value) 
 
 void fill(std::byte* data, std::int64_t bytes, Arg arg, DType dtype, Random& random) {
   const auto size = static_cast<std::int64_t>(dtype_size(dtype));
-  if (arg == Arg::out || size == 0) {
+  if (is_output(arg) || size == 0) {
     std::memset(data, 0xA5, static_cast<std::size_t>(bytes));
     return;
   }
@@ -95,7 +99,7 @@ void fill(std::byte* data, std::int64_t bytes, Arg arg, DType dtype, Random& ran
         std::memcpy(data + i * 4, &v, 4);
         break;
       }
-      case DType::i64:
+      case DType::i64:  // a packed scale
         store_float(data, dtype, i, static_cast<float>(random.uniform(0.5e-3, 1.5e-3)));
         break;
       default:
@@ -133,6 +137,10 @@ bool MaterializedCall::all_backed() const {
   return true;
 }
 
+TensorView MaterializedCall::view(Arg arg) const {
+  return views[static_cast<int>(arg)].value_or(TensorView());
+}
+
 std::optional<Extent> extent_of(const ArgSpec& spec) {
   const auto size = static_cast<__int128>(dtype_size(spec.dtype));
   if (size == 0) return std::nullopt;
@@ -162,9 +170,9 @@ MaterializedCall materialize(const CallSpec& spec) {
     if (!arg.present) continue;
     const auto extent = extent_of(arg);
     std::byte* data = g_unbacked;
-    if (static_cast<Arg>(a) == Arg::out && arg.alias_of >= 0) {
-      // Inside an input's memory; backed only where it stays inside it (an
-      // accepted call writes there).
+    if (can_alias(static_cast<Arg>(a)) && arg.alias_of >= 0) {
+      // Inside an earlier argument's memory; backed only where it stays
+      // inside it (an accepted call may write there).
       const int host = arg.alias_of;
       if (memory[host] != nullptr && extent) {
         data = memory[host] + std::min<__int128>(arg.alias_offset, bytes[host]);
@@ -177,6 +185,7 @@ MaterializedCall materialize(const CallSpec& spec) {
       fill(data, static_cast<std::int64_t>(extent->bytes), static_cast<Arg>(a), arg.dtype, random);
       memory[a] = data;
       bytes[a] = extent->bytes;
+      call.bytes[a] = static_cast<std::int64_t>(extent->bytes);
       call.backed[a] = true;
     }
     if (arg.null_data) {
@@ -208,6 +217,30 @@ MaterializedCall materialize(const CallSpec& spec) {
   options.antiquant_offset = call.views[static_cast<int>(Arg::antiquant_offset)];
   options.x3 = call.views[static_cast<int>(Arg::x3)];
   options.dequant_scale = call.views[static_cast<int>(Arg::dequant_scale)];
+
+  auto sequence_parallel = [&](SequenceParallelOptions& o) {
+    o.bias = options.bias;
+    o.x1_scale = call.views[static_cast<int>(Arg::x1_scale)];
+    o.x2_scale = call.views[static_cast<int>(Arg::x2_scale)];
+    o.comm_turn = spec.comm_turn;
+    o.output_dtype = spec.output_dtype;
+    o.comm_mode = spec.comm_mode;
+  };
+  sequence_parallel(call.all_gather);
+  call.all_gather.gather_index = spec.gather_index;
+  call.all_gather.gather_output = spec.gather_output;
+  sequence_parallel(call.reduce_scatter);
+  call.reduce_scatter.reduce_op = spec.reduce_op;
+
+  MmAllReduceAddRmsNormOptions& norm = call.add_rms_norm;
+  norm.reduce_op = spec.reduce_op;
+  norm.epsilon = spec.epsilon;
+  norm.bias = options.bias;
+  norm.antiquant_scale = options.antiquant_scale;
+  norm.antiquant_offset = options.antiquant_offset;
+  norm.dequant_scale = options.dequant_scale;
+  norm.antiquant_group_size = spec.group_size;
+  norm.comm_turn = spec.comm_turn;
   return call;
 }
 

@@ -1,6 +1,8 @@
-// libFuzzer target: hostile arguments to mm_all_reduce_base. Each input
-// decodes to a call (fuzz_call.h) that the contract model (contract_model.h)
-// judges independently; then
+// libFuzzer target: hostile arguments to mm_all_reduce_base and the family
+// (all_gather_base_mm, mm_reduce_scatter_base, mm_all_reduce_add_rms_norm and
+// its in-place form, and their _out forms). Each input decodes to a call
+// (fuzz_call.h) that the contract model (contract_model.h) judges
+// independently; then
 //   - validation must agree with the model: accept what it accepts, with the
 //     same facts (CallShape), and reject what it rejects with an
 //     InvalidArgument "<argument>: ... got ..." naming an argument at fault;
@@ -8,17 +10,19 @@
 //     fail with that same error after exactly one collective round, the
 //     call's checked round with an empty contribution, its header carrying
 //     the error (so that peers fail rather than wait): no data reduced, no
-//     allocation of 64 KiB or more (an output's), and a caller's output left
-//     as it was;
+//     allocation of 64 KiB or more (an output's), and the caller's outputs
+//     (and the residual the in-place form writes) left as they were;
 //   - an accepted call's first round is a checked one whose header says it
 //     validated;
-//   - an accepted call small enough to back with memory runs, and its output
-//     matches the fp64 golden model (NaN and infinities exactly).
+//   - an accepted call small enough to back with memory runs, and its
+//     outputs match what the contract makes them on one rank
+//     (output_checks.h).
 // Anything else (a crash, a sanitizer report, another exception) aborts.
 #include <sanitizer/allocator_interface.h>
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -28,15 +32,15 @@
 #include <string>
 #include <vector>
 
+#include "calls.h"
 #include "contract_model.h"
 #include "fuzz_call.h"
+#include "output_checks.h"
 #include "recording_communicator.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/comm/shm.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/error.h"
-#include "tpfuse/ops/validate.h"
-#include "tpfuse/testing/golden.h"
 
 namespace tpfuse::fuzz {
 namespace {
@@ -44,8 +48,8 @@ namespace {
 using test::CommEvent;
 using test::RecordingCommunicator;
 
-// Calls this large or larger are only validated: the golden model's fp64
-// loops would dominate the run.
+// Calls this large or larger are only validated: the golden model's and the
+// checks' scalar loops would dominate the run.
 constexpr __int128 kMaxRunMacs = 1 << 16;
 // A rejected call allocates its message and exception, never this much.
 constexpr std::size_t kLargeAllocation = 64 * 1024;
@@ -72,45 +76,46 @@ void on_free(const volatile void*) {}
 }
 
 std::string shape_text(const CallShape& s) {
-  return cat("mode ", mode_name(s.mode), " in ", dtype_name(s.in_dtype), " out ",
-             dtype_name(s.out_dtype), " b ", s.batch, " s ", s.seq, " m ", s.m, " k ", s.k, " n ",
-             s.n, " transposed ", s.x2_transposed, " bias ", s.has_bias, " x3 ", s.has_x3,
-             " scale ", scale_kind_name(s.scale_kind), " offset ", s.has_offset, " group ",
-             s.group_size, " comm_turn ", s.comm_turn);
+  return cat("op ", static_cast<int>(s.op), " mode ", mode_name(s.mode), " in ",
+             dtype_name(s.in_dtype), " out ", dtype_name(s.out_dtype), " b ", s.batch, " s ", s.seq,
+             " m ", s.m, " k ", s.k, " n ", s.n, " transposed ", s.x2_transposed, " bias ",
+             s.has_bias, " x3 ", s.has_x3, " scale ", scale_kind_name(s.scale_kind), " offset ",
+             s.has_offset, " group ", s.group_size, " row scale ", s.has_row_scale, " comm_turn ",
+             s.comm_turn, " world_size ", s.world_size, " gather_output ", s.gather_output,
+             " epsilon 0x", std::hex, std::bit_cast<std::uint32_t>(s.epsilon));
 }
 
 bool same_shape(const CallShape& a, const CallShape& b) { return shape_text(a) == shape_text(b); }
 
-TensorView arg_view(const MaterializedCall& call, Arg arg) {
-  return call.views[static_cast<int>(arg)].value_or(TensorView());
-}
+// Memory that a rejected call must leave as it was, with its bytes before
+// the call: each output's own memory (its sentinel), the argument an output
+// lies inside, and the residual the in-place form writes.
+struct Kept {
+  Arg arg;
+  std::vector<std::byte> bytes;
+};
 
-// Validation alone: the error message, or "" when it accepts.
-std::string validation_error(const MaterializedCall& call, bool with_out, CallShape& shape) {
-  try {
-    const TensorView x1 = arg_view(call, Arg::x1), x2 = arg_view(call, Arg::x2);
-    shape = validate_call(x1, x2, call.options);
-    if (with_out) validate_out(shape, arg_view(call, Arg::out), x1, x2, call.options);
-    return "";
-  } catch (const InvalidArgument& e) {
-    const std::string message = e.what();
-    return message.empty() ? "(empty message)" : message;
+std::vector<Kept> memory_to_keep(const CallSpec& spec, const MaterializedCall& call) {
+  std::vector<bool> keep(kArgCount, false);
+  for (int a = 0; a < kArgCount; ++a) {
+    const ArgSpec& arg = spec.args[a];
+    if (!arg.present || !can_alias(static_cast<Arg>(a))) continue;
+    if (arg.alias_of >= 0) keep[arg.alias_of] = true;
+    if (is_output(static_cast<Arg>(a))) keep[a] = true;
   }
-}
-
-// The operator on the recording communicator; `result` receives the output
-// of the allocating form.
-void run_operator(const MaterializedCall& call, bool with_out, Tensor& result) {
-  const TensorView x1 = arg_view(call, Arg::x1), x2 = arg_view(call, Arg::x2);
-  if (with_out) {
-    mm_all_reduce_base_out(x1, x2, g_comm->name(), call.options, arg_view(call, Arg::out));
-  } else {
-    result = mm_all_reduce_base(x1, x2, g_comm->name(), call.options);
+  if (call_form(spec) == Form::in_place) keep[static_cast<int>(Arg::residual)] = true;
+  std::vector<Kept> kept;
+  for (int a = 0; a < kArgCount; ++a) {
+    if (!keep[a] || call.bytes[a] == 0) continue;
+    const auto* data = static_cast<const std::byte*>(call.views[a]->data());
+    if (data == nullptr) continue;
+    kept.push_back({static_cast<Arg>(a), std::vector<std::byte>(data, data + call.bytes[a])});
   }
+  return kept;
 }
 
-void check_rejected(const CallSpec& spec, const MaterializedCall& call, bool with_out,
-                    const Verdict& verdict, const std::string& error) {
+void check_rejected(const CallSpec& spec, const MaterializedCall& call, const Verdict& verdict,
+                    const std::string& error) {
   // "<argument>: expected ..., got ...", quoting what was given ("?" is
   // how dtype_name prints a dtype it does not know: not a quote).
   const std::string name = error.substr(0, error.find(':'));
@@ -122,16 +127,14 @@ void check_rejected(const CallSpec& spec, const MaterializedCall& call, bool wit
                       "): ", error));
   }
 
-  const TensorView* out = with_out ? &*call.views[static_cast<int>(Arg::out)] : nullptr;
-  const bool own_out =
-      out != nullptr && call.backed[static_cast<int>(Arg::out)] && spec.arg(Arg::out).alias_of < 0;
+  const std::vector<Kept> kept = memory_to_keep(spec, call);
   g_comm->clear();
   g_largest = 0;
   g_armed = true;
   std::string thrown;
   try {
-    Tensor result;
-    run_operator(call, with_out, result);
+    Results results;
+    run_operator(spec, call, g_comm->name(), results);
   } catch (const InvalidArgument& e) {
     thrown = e.what();
   } catch (const std::exception& e) {
@@ -156,11 +159,10 @@ void check_rejected(const CallSpec& spec, const MaterializedCall& call, bool wit
   if (g_largest.load() >= kLargeAllocation) {
     finding(spec, cat("a rejected call allocated ", g_largest.load(), " bytes at once"));
   }
-  if (own_out) {
-    const auto* bytes = static_cast<const unsigned char*>(out->data());
-    const auto extent = extent_of(spec.arg(Arg::out));
-    for (__int128 i = 0; i < extent->bytes; ++i) {
-      if (bytes[i] != 0xA5) finding(spec, "a rejected call wrote into the caller's output");
+  for (const Kept& before : kept) {
+    if (std::memcmp(call.views[static_cast<int>(before.arg)]->data(), before.bytes.data(),
+                    before.bytes.size()) != 0) {
+      finding(spec, cat("a rejected call wrote into ", arg_name(before.arg)));
     }
   }
 }
@@ -171,12 +173,18 @@ bool runnable(const MaterializedCall& call, const Verdict& verdict) {
          static_cast<__int128>(s.m) * s.n * s.k <= kMaxRunMacs;
 }
 
-void check_accepted_run(const CallSpec& spec, const MaterializedCall& call, bool with_out,
-                        const Verdict& verdict) {
+void check_accepted_run(const CallSpec& spec, const MaterializedCall& call,
+                        const CallShape& shape) {
+  const TensorView residual = call.view(Arg::residual);
+  std::vector<std::byte> residual_before;
+  if (residual.data() != nullptr) {
+    const auto* data = static_cast<const std::byte*>(residual.data());
+    residual_before.assign(data, data + residual.numel() * dtype_size(residual.dtype()));
+  }
   g_comm->clear();
-  Tensor result;
+  Results results;
   try {
-    run_operator(call, with_out, result);
+    run_operator(spec, call, g_comm->name(), results);
   } catch (const std::exception& e) {
     finding(spec, cat("an accepted call failed: ", e.what()));
   }
@@ -190,38 +198,25 @@ void check_accepted_run(const CallSpec& spec, const MaterializedCall& call, bool
   if (first_round == events.end() || *first_round != CommEvent::checked_all_reduce || flag != 1) {
     finding(spec, "an accepted call did not start with a checked round saying it validated");
   }
-  const TensorView out = with_out ? *call.views[static_cast<int>(Arg::out)] : result.view();
-  const std::int64_t flat[2] = {verdict.shape.m, verdict.shape.n};
-  const testing::RankArgs args[1] = {
-      {arg_view(call, Arg::x1), arg_view(call, Arg::x2), call.options}};
-  const testing::GoldenResult golden = testing::golden_mm_all_reduce(args);
-  const testing::Comparison cmp =
-      testing::compare(TensorView(out.data(), out.dtype(), flat), golden);
-  if (!cmp.ok()) {
-    finding(spec, cat(cmp.mismatches, " output elements differ from the golden model (worst ",
-                      cmp.worst_ratio, " x the bound, max error ", cmp.max_abs_error, ")"));
-  }
-  if (!with_out && (result.dtype() != verdict.shape.out_dtype ||
-                    result.numel() != verdict.shape.m * verdict.shape.n)) {
-    finding(spec, cat("the output is ", result.view().describe()));
-  }
+  const std::string wrong =
+      check_outputs(spec, call, shape, results, residual_before, g_comm->name());
+  if (!wrong.empty()) finding(spec, wrong);
 }
 
 void fuzz_one(std::span<const std::uint8_t> bytes) {
   const CallSpec spec = decode_call(bytes);
   const MaterializedCall call = materialize(spec);
-  const bool with_out = spec.arg(Arg::out).present;
-  const Verdict verdict = judge(spec, call, with_out);
+  const Verdict verdict = judge(spec, call);
 
   CallShape shape;
-  const std::string error = validation_error(call, with_out, shape);
+  const std::string error = validation_error(spec, call, static_cast<int>(kGroupSize), shape);
   if (!verdict.accepted()) {
     if (error.empty()) {
       std::string faults;
       for (const auto& f : verdict.faults) faults += f + " ";
       finding(spec, cat("validation accepted a call the contract rejects (", faults, ")"));
     }
-    check_rejected(spec, call, with_out, verdict, error);
+    check_rejected(spec, call, verdict, error);
     return;
   }
   if (!error.empty()) finding(spec, cat("validation rejected a valid call: ", error));
@@ -229,7 +224,7 @@ void fuzz_one(std::span<const std::uint8_t> bytes) {
     finding(spec, cat("validation described the call as\n  ", shape_text(shape),
                       "\nthe contract as\n  ", shape_text(verdict.shape)));
   }
-  if (runnable(call, verdict)) check_accepted_run(spec, call, with_out, verdict);
+  if (runnable(call, verdict)) check_accepted_run(spec, call, shape);
 }
 
 }  // namespace
