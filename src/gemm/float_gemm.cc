@@ -517,7 +517,8 @@ class FloatGemm final : public PreparedGemm {
     // Per thread and kept across calls: no allocation (nor page faults) per call.
     thread_local Scratch scratch;
     scratch.a.resize(static_cast<std::size_t>(block_rows * ceil_div(a_len_max, kPackedAStride) * kPackedAStride));
-    if (step_at(0) < s.k) {
+    const bool sums_between_steps = step_at(0) < s.k;
+    if (sums_between_steps) {
       scratch.acc.resize(static_cast<std::size_t>(block_rows * std::min(blocking_.nc_panels, task.p1 - task.p0) * nr_));
     }
     const auto* x3 = ops_.x3 ? static_cast<const unsigned char*>(ops_.x3->data()) : nullptr;
@@ -554,7 +555,9 @@ class FloatGemm final : public PreparedGemm {
                 tile.b_scale = scale_row(pc, p);
                 tile.b_offset = offset_row(pc, p);
               }
-              tile.acc = scratch.acc.data() + (ir - ic) * acc_ld + (p - jc) * nr_;
+              // k in one step: the epilogue takes the sums, and the buffer
+              // of them may not exist (nor may its null address be offset).
+              if (sums_between_steps) tile.acc = scratch.acc.data() + (ir - ic) * acc_ld + (p - jc) * nr_;
               tile.acc_ld = acc_ld;
               tile.accumulate = pc > 0;
               tile.integer_sums = s.mode == Mode::full_quant;
