@@ -174,6 +174,20 @@ void agree_and_run(OperatorCall& op, const LocalCall& call, comm::Communicator& 
 
 }  // namespace
 
+pipeline::TileJob all_reduce_job_into(void* out, const CallShape& shape,
+                                      const gemm::PreparedGemm& gemm, comm::Communicator& comm,
+                                      const RunSetup& setup) {
+  pipeline::TileJob job;
+  job.gemm = &gemm;
+  job.comm = &comm;
+  job.n = shape.n;
+  job.dtype = shape.out_dtype;
+  job.out = out;
+  job.progress = setup.progress;
+  job.after_tile_computed = test_hooks::after_tile_computed;
+  return job;
+}
+
 void* CallScratch::get(std::size_t slot, std::size_t bytes) {
   Tensor& held = slots_[slot];
   if (held.view().data() == nullptr || static_cast<std::size_t>(held.size(0)) < bytes) {

@@ -74,6 +74,12 @@ class CallScratch {
   Tensor slots_[2];
 };
 
+// The job of the GEMM-then-all-reduce schedule for a call whose reduced
+// rows land in `out` (the test hooks' tile callback included).
+pipeline::TileJob all_reduce_job_into(void* out, const CallShape& shape,
+                                      const gemm::PreparedGemm& gemm, comm::Communicator& comm,
+                                      const RunSetup& setup);
+
 // Runs `call` on the group `hcom` (collective); `operation` names it in the
 // trace ("mm_all_reduce_base_out").
 void run_operator_call(OperatorCall& call, std::string_view hcom, const char* operation);

@@ -235,14 +235,7 @@ class AddRmsNormCall final : public OperatorCall {
                                                   const gemm::PreparedGemm& gemm,
                                                   comm::Communicator& comm,
                                                   const RunSetup& setup) override {
-    pipeline::TileJob job;
-    job.gemm = &gemm;
-    job.comm = &comm;
-    job.n = shape.n;
-    job.dtype = shape.out_dtype;
-    job.out = norm_out_->data();
-    job.progress = setup.progress;
-    job.after_tile_computed = test_hooks::after_tile_computed;
+    pipeline::TileJob job = all_reduce_job_into(norm_out_->data(), shape, gemm, comm, setup);
     const AddRmsNormRows step{shape.out_dtype, shape.n, shape.epsilon, gamma_.data()};
     const std::size_t row_bytes = static_cast<std::size_t>(shape.n) * dtype_size(shape.out_dtype);
     auto* norm = static_cast<std::byte*>(norm_out_->data());

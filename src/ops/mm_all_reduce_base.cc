@@ -4,7 +4,6 @@
 #include "tpfuse/ops/mm_all_reduce_base.h"
 
 #include "ops/call.h"
-#include "ops/test_hooks.h"
 #include "tpfuse/ops/explain.h"
 #include "tpfuse/ops/gemm_operands.h"
 #include "tpfuse/ops/packed_weight.h"
@@ -54,15 +53,7 @@ class MmAllReduceCall final : public OperatorCall {
                                                   const gemm::PreparedGemm& gemm,
                                                   comm::Communicator& comm,
                                                   const RunSetup& setup) override {
-    pipeline::TileJob job;
-    job.gemm = &gemm;
-    job.comm = &comm;
-    job.n = shape.n;
-    job.dtype = shape.out_dtype;
-    job.out = out_->data();
-    job.progress = setup.progress;
-    job.after_tile_computed = test_hooks::after_tile_computed;
-    return job;
+    return all_reduce_job_into(out_->data(), shape, gemm, comm, setup);
   }
 
   Tensor result() { return std::move(made_); }
