@@ -158,6 +158,7 @@ TEST(Collectives, TheDefaultHooksGiveTheSameResults) {
       int rank() const override { return inner_.rank(); }
       int size() const override { return inner_.size(); }
       const std::string& name() const override { return inner_.name(); }
+      std::string transport() const override { return inner_.transport(); }
       std::chrono::milliseconds timeout() const override { return inner_.timeout(); }
       std::size_t max_gather_bytes() const override { return 100; }  // many rounds
       void abort(std::string_view reason) override { inner_.abort(reason); }

@@ -264,6 +264,7 @@ class NamedCommunicator final : public Communicator {
   int rank() const override { return 0; }
   int size() const override { return 1; }
   const std::string& name() const override { return name_; }
+  std::string transport() const override { return "test"; }
   std::chrono::milliseconds timeout() const override { return 1s; }
   std::size_t max_gather_bytes() const override { return 0; }
   void abort(std::string_view) override {}

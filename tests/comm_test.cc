@@ -499,6 +499,7 @@ class LoopbackCommunicator final : public Communicator {
   int rank() const override { return 0; }
   int size() const override { return 1; }
   const std::string& name() const override { return name_; }
+  std::string transport() const override { return "test"; }
   std::chrono::milliseconds timeout() const override { return 1s; }
   std::size_t max_gather_bytes() const override { return 0; }
   void abort(std::string_view) override {}
@@ -638,6 +639,7 @@ class Forwarding final : public Communicator {
   int rank() const override { return inner_->rank(); }
   int size() const override { return inner_->size(); }
   const std::string& name() const override { return inner_->name(); }
+  std::string transport() const override { return inner_->transport(); }
   std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
   std::size_t max_gather_bytes() const override { return inner_->max_gather_bytes(); }
   void abort(std::string_view reason) override { inner_->abort(reason); }

@@ -35,6 +35,7 @@ class RecordingCommunicator final : public comm::Communicator {
   int rank() const override { return inner_->rank(); }
   int size() const override { return inner_->size(); }
   const std::string& name() const override { return name_; }
+  std::string transport() const override { return "test"; }
   std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
   std::size_t max_reduce_buffer_bytes() const override { return inner_->max_reduce_buffer_bytes(); }
   int max_reduces_in_flight() const override { return inner_->max_reduces_in_flight(); }

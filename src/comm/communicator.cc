@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "comm/collective_math.h"
 #include "tpfuse/core/error.h"
 
 namespace tpfuse::comm {
@@ -88,6 +89,40 @@ class ShardWork final : public Work {
   std::byte* output_;
   std::size_t bytes_;
   bool copied_ = false;
+};
+
+// An fp32 all-reduce into private memory whose sums are rounded to the
+// output's dtype on completion.
+class RoundingWork final : public Work {
+ public:
+  RoundingWork(std::unique_ptr<float[]> sums, std::unique_ptr<Work> inner, std::size_t count,
+               DType dtype, std::byte* output)
+      : sums_(std::move(sums)),
+        inner_(std::move(inner)),
+        count_(count),
+        dtype_(dtype),
+        output_(output) {}
+  bool test() override {
+    if (!done_ && inner_->test()) round();
+    return done_;
+  }
+  void wait() override {
+    inner_->wait();
+    if (!done_) round();
+  }
+
+ private:
+  void round() {
+    narrow_from_f32(dtype_, sums_.get(), count_, output_);
+    done_ = true;
+  }
+
+  std::unique_ptr<float[]> sums_;  // declared first, destroyed last
+  std::unique_ptr<Work> inner_;
+  std::size_t count_;
+  DType dtype_;
+  std::byte* output_;
+  bool done_ = false;
 };
 
 // An all-gather that completed before it returned.
@@ -164,6 +199,29 @@ std::unique_ptr<Work> Communicator::all_reduce_start(const void* input, void* ou
   require(acquired_ == 0,
           "all_reduce: a reduce buffer is acquired and not started; start it first");
   return do_all_reduce_start(input, output, count, dtype);
+}
+
+std::unique_ptr<Work> Communicator::all_reduce_rounding_start(const float* input, void* output,
+                                                              std::size_t count, DType dtype) {
+  const ExclusiveUse use(*this, "all_reduce_rounding");
+  check_floating("all_reduce_rounding", dtype);
+  require(count == 0 || (input != nullptr && output != nullptr),
+          "all_reduce_rounding: input and output must not be null when count (", count,
+          ") is positive");
+  const std::size_t in_bytes = checked_bytes("all_reduce_rounding", count, DType::f32);
+  require(disjoint(input, in_bytes, output, count * dtype_size(dtype)),
+          "all_reduce_rounding: input and output must not overlap");
+  require(acquired_ == 0,
+          "all_reduce_rounding: a reduce buffer is acquired and not started; start it first");
+  return do_all_reduce_rounding_start(input, output, count, dtype);
+}
+
+std::unique_ptr<Work> Communicator::do_all_reduce_rounding_start(const float* input, void* output,
+                                                                 std::size_t count, DType dtype) {
+  auto sums = std::make_unique<float[]>(std::max<std::size_t>(count, 1));
+  auto inner = do_all_reduce_start(input, sums.get(), count, DType::f32);
+  return std::make_unique<RoundingWork>(std::move(sums), std::move(inner), count, dtype,
+                                        static_cast<std::byte*>(output));
 }
 
 ReduceBuffer Communicator::acquire_reduce_buffer(std::size_t count, DType dtype) {

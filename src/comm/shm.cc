@@ -143,6 +143,7 @@ class ShmCommunicator final : public Communicator {
   int rank() const override { return group_->rank; }
   int size() const override { return group_->size; }
   const std::string& name() const override { return name_; }
+  std::string transport() const override { return "shm"; }
   std::chrono::milliseconds timeout() const override { return group_->timeout; }
   std::size_t max_gather_bytes() const override { return shm::kMaxGatherBytes; }
 

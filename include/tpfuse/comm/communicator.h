@@ -134,6 +134,12 @@ class Communicator {
   // thread of its own rather than between GEMM blocks, which would leave the
   // network idle for a block at a time.
   virtual bool progresses_only_when_called() const { return false; }
+  // What carries the data: "shm", "mpi", "gloo" (a torch process group's
+  // engine), or "shm+mpi" / "shm+gloo" for a hierarchical communicator
+  // (shared memory inside each host, the engine between hosts).
+  virtual std::string transport() const = 0;
+  // How many hosts the group's ranks run on.
+  virtual int hosts() const { return 1; }
 
   // Starts summing `count` elements of `dtype` (f16, bf16 or f32) across all
   // ranks; the result lands in `output` on every rank. `input` and `output`
@@ -143,6 +149,14 @@ class Communicator {
   // form one all-reduce is in flight at a time.
   std::unique_ptr<Work> all_reduce_start(const void* input, void* output, std::size_t count,
                                          DType dtype);
+
+  // Sums fp32 contributions (`count` floats at `input`) as all_reduce_start
+  // does and rounds each sum once to `dtype` (f16, bf16 or f32) into
+  // `output`, which must not overlap `input`: so a transport may send the
+  // rounded sums rather than fp32 ones, half the bytes. Same order of calls
+  // and same claim as all_reduce_start.
+  std::unique_ptr<Work> all_reduce_rounding_start(const float* input, void* output,
+                                                  std::size_t count, DType dtype);
 
   // The pipelined form, for producers that can write their contribution where
   // the transport wants it. acquire_reduce_buffer() is collective (every rank
@@ -224,6 +238,9 @@ class Communicator {
   virtual std::unique_ptr<Work> do_all_reduce_start(const void* input, void* output,
                                                     std::size_t count, DType dtype) = 0;
   virtual ReduceBuffer do_acquire_reduce_buffer(std::size_t count, DType dtype);
+  // The default: an fp32 all-reduce into private memory, rounded on completion.
+  virtual std::unique_ptr<Work> do_all_reduce_rounding_start(const float* input, void* output,
+                                                             std::size_t count, DType dtype);
   virtual std::unique_ptr<Work> do_all_reduce_start(ReduceBuffer buffer, void* output);
   virtual std::unique_ptr<CheckedWork> do_checked_all_reduce_start(ReduceBuffer buffer,
                                                                    void* output,

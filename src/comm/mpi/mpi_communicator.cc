@@ -4,7 +4,7 @@
 // Every MPI call of a communicator is made under its mutex, so a helper
 // thread advancing Works and the thread starting all-reduces never call MPI
 // at once (MPI_THREAD_SERIALIZED is enough). Waits poll, paced by
-// mpi::PollPacer, and give up the lock while they sleep.
+// PollPacer, and give up the lock while they sleep.
 #include <mpi.h>
 #include <unistd.h>
 
@@ -17,13 +17,17 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
+#include "comm/collective_math.h"
 #include "comm/mpi/mpi_group.h"
 #include "comm/mpi/mpi_notices.h"
 #include "comm/mpi/mpi_requests.h"
+#include "comm/poll_pacer.h"
 #include "comm/shm_reduce_kernels.h"
+#include "tpfuse/comm/hierarchical.h"
 #include "tpfuse/comm/mpi.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/log.h"
@@ -108,13 +112,15 @@ class MpiCommunicator final : public Communicator,
   std::size_t max_gather_bytes() const override { return kMaxGatherBytes; }
   int ranks_on_host() const override { return ranks_on_host_; }
   bool progresses_only_when_called() const override { return true; }
+  std::string transport() const override { return "mpi"; }
+  int hosts() const override {
+    return static_cast<int>(std::set<std::string>(host_keys_.begin(), host_keys_.end()).size());
+  }
 
   std::size_t max_reduce_buffer_bytes() const override { return std::size_t{1} << 30; }
   int max_reduces_in_flight() const override { return kMaxInFlight; }
   void abort(std::string_view reason) override;
 
-  std::unique_ptr<Work> gather_slices_start(std::byte* data, const std::vector<std::size_t>& offsets,
-                                            const std::vector<int>& members);
   std::unique_ptr<Work> start(const void* input, void* output, std::size_t count, DType dtype,
                               DType out_dtype);
   const std::vector<std::string>& host_keys() const { return host_keys_; }
@@ -133,6 +139,11 @@ class MpiCommunicator final : public Communicator,
                                             DType dtype) override;
   ReduceBuffer do_acquire_reduce_buffer(std::size_t count, DType dtype) override;
   std::unique_ptr<Work> do_all_reduce_start(ReduceBuffer buffer, void* output) override;
+  // The sums cross the network in the output's dtype.
+  std::unique_ptr<Work> do_all_reduce_rounding_start(const float* input, void* output,
+                                                     std::size_t count, DType dtype) override {
+    return start(input, output, count, DType::f32, dtype);
+  }
   std::unique_ptr<Work> do_reduce_scatter_start(const void* input, void* output,
                                                 std::span<const std::size_t> counts,
                                                 DType dtype) override;
@@ -381,7 +392,7 @@ void MpiCommunicator::advance_locked(Reduce& reduce) {
   } else {  // fp32 sums, then the one rounding
     std::vector<float> sums(mine);
     shm::sum_in_rank_order(DType::f32, sources, mine, reinterpret_cast<std::byte*>(sums.data()));
-    mpi::narrow(reduce.out_dtype, sums.data(), mine, out);
+    narrow_from_f32(reduce.out_dtype, sums.data(), mine, out);
   }
   if (reduce.kind == Collective::reduce_scatter) {
     reduce.phase = 3;
@@ -425,7 +436,7 @@ std::shared_ptr<Reduce> MpiCommunicator::start_locked(std::shared_ptr<Reduce> re
   r.tag = kFirstReduceTag + static_cast<int>((r.index % kReduceTagCycle) * 2);
   if (r.shares.empty()) {
     for (int share = 0; share <= size_; ++share) {
-      r.shares.push_back(mpi::share_begin(r.count, size_, share));
+      r.shares.push_back(share_begin(r.count, size_, share));
     }
   }
   if (r.kind == Collective::all_gather) {
@@ -477,7 +488,7 @@ void MpiCommunicator::wait(const std::shared_ptr<Reduce>& reduce, int rank) {
   std::unique_lock lock(mutex_);
   if (reached_locked(*reduce, rank)) return;
   WaitClock clock;
-  mpi::PollPacer pacer;
+  PollPacer pacer;
   for (;;) {
     const std::uint64_t advances = advances_;
     advance_locked();
@@ -575,7 +586,7 @@ void MpiCommunicator::wait_requests_locked(std::unique_lock<std::mutex>& lock,
                                            mpi::Requests& requests, std::string_view operation,
                                            std::uint64_t index, std::string_view step) {
   WaitClock clock;
-  mpi::PollPacer pacer;
+  PollPacer pacer;
   for (;;) {
     try {
       check_failed_locked();
@@ -673,58 +684,24 @@ void MpiCommunicator::abort(std::string_view reason) {
   fail_locked({Failure::Kind::aborted, cat("aborted by rank ", me_, ": ", reason), {me_}});
 }
 
-// The group's name is rank 0's random token; the host of a process is its
-// hostname and network namespace (emulated hosts share the hostname).
+// The group's name is rank 0's random token; the host of a process is
+// this_host_key().
 void MpiCommunicator::introduce() {
   std::string token;
   if (rank_ == 0) {
     std::random_device device;
     token = cat(std::hex, device(), device(), device());
   }
-  char hostname[256] = {};
-  gethostname(hostname, sizeof hostname - 1);
-  const std::string host = cat(hostname, ":", mpi::network_namespace_id());
+  const std::string host = this_host_key();
   const auto blobs = all_gather(cat(token, "\n", host));
   name_ = "tpfuse-mpi-" + blobs[0].substr(0, blobs[0].find('\n'));
   for (const auto& blob : blobs) host_keys_.push_back(blob.substr(blob.find('\n') + 1));
   ranks_on_host_ = static_cast<int>(std::count(host_keys_.begin(), host_keys_.end(), host));
 }
 
-std::unique_ptr<Work> MpiCommunicator::gather_slices_start(std::byte* data,
-                                                           const std::vector<std::size_t>& offsets,
-                                                           const std::vector<int>& members) {
-  require(offsets.size() == members.size() + 1, "gather_slices_start: ", members.size(),
-          " members need ", members.size() + 1, " offsets, got ", offsets.size());
-  std::lock_guard lock(mutex_);
-  check_failed_locked();
-  auto reduce = std::make_shared<Reduce>();
-  reduce->phase = 2;  // index 0: not an all-reduce
-  const auto me = std::find(members.begin(), members.end(), rank_) - members.begin();
-  for (std::size_t i = 0; i < members.size(); ++i) {
-    if (static_cast<std::ptrdiff_t>(i) == me) continue;
-    if (offsets[i + 1] > offsets[i]) {
-      reduce->requests.irecv(data + offsets[i], offsets[i + 1] - offsets[i], to(members[i]),
-                             kShareTag, comm_);
-    }
-    const auto mine = static_cast<std::size_t>(me);
-    if (offsets[mine + 1] > offsets[mine]) {
-      reduce->requests.isend(data + offsets[mine], offsets[mine + 1] - offsets[mine],
-                             to(members[i]), kShareTag, comm_);
-    }
-  }
-  in_flight_.push_back(reduce);
-  advance_locked();
-  return std::make_unique<MpiWork>(shared_from_this(), std::move(reduce));
-}
-
 }  // namespace
 
 namespace mpi {
-
-std::size_t share_begin(std::size_t count, int size, int rank) {
-  const auto p = static_cast<std::size_t>(size), r = static_cast<std::size_t>(rank);
-  return count / p * r + count % p * r / p;
-}
 
 std::shared_ptr<Communicator> create_group(const MpiOptions& options,
                                            const std::vector<int>& members) {
@@ -748,20 +725,6 @@ const std::vector<std::string>& host_keys(const Communicator& comm) {
   return dynamic_cast<const MpiCommunicator&>(comm).host_keys();
 }
 
-std::unique_ptr<Work> gather_slices_start(Communicator& comm, std::byte* data,
-                                          const std::vector<std::size_t>& offsets,
-                                          const std::vector<int>& members) {
-  return dynamic_cast<MpiCommunicator&>(comm).gather_slices_start(data, offsets, members);
-}
-
-std::unique_ptr<Work> all_reduce_rounding_start(Communicator& comm, const float* input,
-                                                std::byte* output, std::size_t count,
-                                                DType out_dtype) {
-  require(is_floating(out_dtype), "all_reduce: dtype must be f16, bf16 or f32, got ",
-          dtype_name(out_dtype));
-  return dynamic_cast<MpiCommunicator&>(comm).start(input, output, count, DType::f32, out_dtype);
-}
-
 }  // namespace mpi
 
 std::shared_ptr<Communicator> create_mpi_communicator(const MpiOptions& options) {
@@ -777,8 +740,8 @@ std::shared_ptr<Communicator> create_mpi_communicator(const MpiOptions& options)
   auto flat = mpi::create_group(options, everyone);
   auto communicator = mpi::make_hierarchical(flat, options);
   log::info("mpi communicator ", communicator->name(), " ready: ", communicator->size(),
-            " ranks, ", communicator->ranks_on_host(), " on this host, ",
-            communicator == flat ? "flat" : "hierarchical");
+            " ranks on ", communicator->hosts(), " hosts, ", communicator->ranks_on_host(),
+            " on this host, transport ", communicator->transport());
   return communicator;
 }
 

@@ -92,22 +92,6 @@ void init_mpi() {
 
 void skip_finalize_at_exit() { g_finalize_at_exit = false; }
 
-std::chrono::microseconds PollPacer::next(bool progressed) {
-  using std::chrono::microseconds;
-  constexpr microseconds kSpin{200}, kShortest{50}, kLongest{400};
-  const auto now = std::chrono::steady_clock::now();
-  if (progressed) since_ = now;
-  const auto waited = std::chrono::duration_cast<microseconds>(now - since_);
-  if (waited < kSpin) return microseconds{0};
-  return std::clamp(waited / 4, kShortest, kLongest);
-}
-
-std::string network_namespace_id() {
-  struct stat info {};
-  if (stat("/proc/self/ns/net", &info) != 0) return "unknown";
-  return cat(info.st_dev, ":", info.st_ino);
-}
-
 Requests::~Requests() {
   for (Pending& p : pending_) {
     if (p.request != MPI_REQUEST_NULL) MPI_Request_free(&p.request);

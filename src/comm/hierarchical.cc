@@ -1,27 +1,11 @@
-// The hierarchical all-reduce, for jobs whose hosts hold several ranks each.
-// With L ranks on every host (the fewest any host has), the output is cut
-// into L slices and the j-th rank of every host looks after slice j:
-//   1. host sum: the ranks of a host sum their contributions, widened to
-//      fp32, over the shm transport (every rank of the host gets the sum);
-//   2. rails: the j-th ranks of all hosts (rail j) all-reduce slice j of
-//      their host sums over MPI, in fp32, and round the total once to the
-//      dtype; so the L rails share the network and the CPU work between
-//      them instead of one leader per host doing it all, and the results
-//      cross the network in the output's dtype, half the bytes of fp32;
-//   3. gather: the ranks of a host exchange their slices over MPI.
-// Only host sums cross the network, once per host instead of once per rank.
-//
-// Numerics: contributions are widened to fp32 (exactly), summed in fp32 in
-// rank order inside each host, the host sums summed in fp32 in the order of
-// the rail's ranks (the hosts' order for the usual layouts, where a host's
-// ranks are consecutive), and the total rounded once to the dtype. The order
-// is fixed by the layout, so every rank gets the same bytes; it is not the
-// flat rank-order sum (((x0 + x1) + x2) + x3 becomes (x0 + x1) + (x2 + x3)
-// with two ranks on each of two hosts), which TPFUSE_MPI_HIERARCHICAL=off
-// restores.
-//
-// "Same host" is the same hostname and network namespace, and a shm group
-// that the host's ranks can set up together through a directory in /tmp.
+// The hierarchical all-reduce (see tpfuse/comm/hierarchical.h) over any
+// engine between hosts: the steps of the all-reduces in flight, and the
+// communicator that hands out the steps' collectives.
+#include "tpfuse/comm/hierarchical.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -32,61 +16,27 @@
 #include <mutex>
 #include <thread>
 
-#include "comm/mpi/mpi_group.h"
-#include "comm/mpi/mpi_requests.h"
+#include "comm/collective_math.h"
+#include "comm/poll_pacer.h"
 #include "tpfuse/comm/shm.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/config.h"
 #include "tpfuse/core/error.h"
-#include "tpfuse/core/half.h"
 #include "tpfuse/core/log.h"
 
-namespace tpfuse::comm::mpi {
+namespace tpfuse::comm {
 
 namespace {
 
-const EnvSetting<std::string> kHierarchical{
-    "TPFUSE_MPI_HIERARCHICAL", "auto",
-    "auto: reduce inside each host over shm, then between hosts over MPI, when hosts hold "
-    "several ranks; off: one flat MPI all-reduce over every rank"};
-
-void widen(DType dtype, const std::byte* in, std::size_t count, float* out) {
-  if (dtype == DType::f32) {
-    std::memcpy(out, in, count * 4);
-    return;
-  }
-  for (std::size_t i = 0; i < count; ++i) {
-    std::uint16_t bits = 0;
-    std::memcpy(&bits, in + i * 2, 2);
-    out[i] = dtype == DType::f16 ? f16_to_f32(Half{bits}) : bf16_to_f32(BFloat16{bits});
-  }
-}
-
-struct Layout {
-  std::vector<int> host;  // world ranks on this rank's host, increasing
-  int place = 0;          // this rank's index in `host`
-  int hosts = 0;
-  // Rail j: the j-th rank of every host, increasing; as many rails as the
-  // fewest ranks any host has.
-  std::vector<std::vector<int>> rails;
-};
-
-Layout layout_of(const std::vector<std::string>& keys, int rank) {
-  std::map<std::string, std::vector<int>> by_host;
-  for (int r = 0; r < static_cast<int>(keys.size()); ++r) by_host[keys[r]].push_back(r);
-  Layout layout;
-  layout.host = by_host[keys[rank]];
-  layout.place = static_cast<int>(std::find(layout.host.begin(), layout.host.end(), rank) -
-                                  layout.host.begin());
-  layout.hosts = static_cast<int>(by_host.size());
-  std::size_t rails = layout.host.size();
-  for (const auto& [key, ranks] : by_host) rails = std::min(rails, ranks.size());
-  layout.rails.resize(rails);
-  for (std::size_t j = 0; j < rails; ++j) {
-    for (const auto& [key, ranks] : by_host) layout.rails[j].push_back(ranks[j]);
-    std::sort(layout.rails[j].begin(), layout.rails[j].end());
-  }
-  return layout;
+// The engine's groups and the host's: the host's first, whose abort is a
+// store to shared memory, where the others post messages to ranks that may
+// be cut off, and whose ranks' deadlines are the nearest.
+template <class Parts>
+void abort_parts(const Parts& parts, std::string_view reason) {
+  parts.local->abort(reason);
+  if (parts.engine.rail) parts.engine.rail->abort(reason);
+  parts.engine.host->abort(reason);
+  parts.engine.world->abort(reason);
 }
 
 // The all-reduces in flight and their steps: the host sum (shm), this
@@ -99,10 +49,8 @@ Layout layout_of(const std::vector<std::string>& keys, int rank) {
 class Pipeline {
  public:
   struct Parts {
-    std::shared_ptr<Communicator> flat;
-    std::shared_ptr<Communicator> local;
-    std::shared_ptr<Communicator> rail;  // null where this rank's place in its host has no rail
-    std::shared_ptr<const Layout> layout;
+    HierarchicalParts engine;             // world, rail, host: over the engine
+    std::shared_ptr<Communicator> local;  // the host's shm group
   };
   enum class Step { host_sum, rail, gather, done };
   struct Op {
@@ -122,7 +70,7 @@ class Pipeline {
     op->count = count;
     op->dtype = dtype;
     op->sums = std::make_unique<float[]>(count);
-    widen(dtype, static_cast<const std::byte*>(input), count, op->sums.get());
+    widen_to_f32(dtype, static_cast<const std::byte*>(input), count, op->sums.get());
     const std::lock_guard lock(mutex_);
     rethrow_failure_locked();
     if (ops_.empty()) last_progress_ = Clock::now();
@@ -147,7 +95,7 @@ class Pipeline {
   // all-reduce cannot start meanwhile, which costs overlap only when a step
   // is that slow.
   void wait(const Op& op) {
-    mpi::PollPacer pacer;
+    PollPacer pacer;
     for (;;) {
       bool progressed = false;
       {
@@ -158,8 +106,8 @@ class Pipeline {
         if (op.step == Step::done) return;
         const Op* stuck = oldest_started_locked();
         const auto patience = stuck != nullptr && stuck->step == Step::rail
-                                  ? parts_.flat->timeout() / 4
-                                  : parts_.flat->timeout() * 5 / 4;
+                                  ? parts_.engine.world->timeout() / 4
+                                  : parts_.engine.world->timeout() * 5 / 4;
         if (stuck != nullptr && Clock::now() - last_progress_ > patience) {
           try {
             stuck->current->wait();
@@ -216,26 +164,32 @@ class Pipeline {
 
   void start_step(Op& op) {
     const std::size_t element = dtype_size(op.dtype);
-    const int rails = static_cast<int>(parts_.layout->rails.size());
-    const std::vector<int>& host = parts_.layout->host;
+    const HostLayout& layout = parts_.engine.layout;
+    const int rails = static_cast<int>(layout.rails.size());
     switch (op.step) {
       case Step::host_sum:
-        op.current = parts_.local->all_reduce_start(op.sums.get(), op.sums.get(), op.count, DType::f32);
+        op.current =
+            parts_.local->all_reduce_start(op.sums.get(), op.sums.get(), op.count, DType::f32);
         return;
       case Step::rail: {
-        const int place = parts_.layout->place;
-        const std::size_t begin = share_begin(op.count, rails, place);
-        const std::size_t end = share_begin(op.count, rails, place + 1);
-        op.current = all_reduce_rounding_start(*parts_.rail, op.sums.get() + begin,
-                                               op.output + begin * element, end - begin, op.dtype);
+        const std::size_t begin = share_begin(op.count, rails, layout.place);
+        const std::size_t end = share_begin(op.count, rails, layout.place + 1);
+        op.current = parts_.engine.rail->all_reduce_rounding_start(
+            op.sums.get() + begin, op.output + begin * element, end - begin, op.dtype);
         return;
       }
       case Step::gather: {
-        std::vector<std::size_t> offsets(host.size() + 1);
-        for (std::size_t i = 0; i <= host.size(); ++i) {
-          offsets[i] = share_begin(op.count, rails, std::min(static_cast<int>(i), rails)) * element;
+        // In place: rank i of the host holds slice i (none past the rails).
+        const std::size_t members = layout.hosts[layout.host].size();
+        std::vector<std::size_t> counts(members);
+        for (std::size_t i = 0; i < members; ++i) {
+          const int first = std::min(static_cast<int>(i), rails);
+          const int last = std::min(static_cast<int>(i) + 1, rails);
+          counts[i] = share_begin(op.count, rails, last) - share_begin(op.count, rails, first);
         }
-        op.current = gather_slices_start(*parts_.flat, op.output, offsets, host);
+        const std::size_t mine = share_begin(op.count, rails, std::min(layout.place, rails));
+        op.current = parts_.engine.host->all_gather_start(op.output + mine * element, op.output,
+                                                          counts, op.dtype);
         return;
       }
       case Step::done:
@@ -247,7 +201,7 @@ class Pipeline {
     op.current.reset();
     switch (op.step) {
       case Step::host_sum:
-        op.step = parts_.rail != nullptr ? Step::rail : Step::gather;
+        op.step = parts_.engine.rail != nullptr ? Step::rail : Step::gather;
         return;
       case Step::rail:
         op.step = Step::gather;
@@ -276,9 +230,7 @@ class Pipeline {
   // nearest.
   [[noreturn]] void fail_locked(const std::exception& error) {
     failure_ = std::current_exception();
-    parts_.local->abort(error.what());
-    if (parts_.rail) parts_.rail->abort(error.what());
-    parts_.flat->abort(error.what());
+    abort_parts(parts_, error.what());
     std::rethrow_exception(failure_);
   }
 
@@ -319,28 +271,29 @@ class HierarchicalCommunicator final : public Communicator {
   explicit HierarchicalCommunicator(Pipeline::Parts parts)
       : parts_(parts), pipeline_(std::make_shared<Pipeline>(std::move(parts))) {}
 
-  int rank() const override { return parts_.flat->rank(); }
-  int size() const override { return parts_.flat->size(); }
-  const std::string& name() const override { return parts_.flat->name(); }
-  std::chrono::milliseconds timeout() const override { return parts_.flat->timeout(); }
-  int ranks_on_host() const override { return static_cast<int>(parts_.layout->host.size()); }
-  bool progresses_only_when_called() const override { return true; }
-  std::size_t max_gather_bytes() const override { return parts_.flat->max_gather_bytes(); }
-  int max_reduces_in_flight() const override { return kMaxInFlight; }
-  void abort(std::string_view reason) override {
-    parts_.local->abort(reason);
-    if (parts_.rail) parts_.rail->abort(reason);
-    parts_.flat->abort(reason);
+  int rank() const override { return world().rank(); }
+  int size() const override { return world().size(); }
+  const std::string& name() const override { return world().name(); }
+  std::chrono::milliseconds timeout() const override { return world().timeout(); }
+  int ranks_on_host() const override {
+    const HostLayout& layout = parts_.engine.layout;
+    return static_cast<int>(layout.hosts[layout.host].size());
   }
+  int hosts() const override { return static_cast<int>(parts_.engine.layout.hosts.size()); }
+  std::string transport() const override { return "shm+" + parts_.engine.engine; }
+  bool progresses_only_when_called() const override { return true; }
+  std::size_t max_gather_bytes() const override { return world().max_gather_bytes(); }
+  int max_reduces_in_flight() const override { return kMaxInFlight; }
+  void abort(std::string_view reason) override { abort_parts(parts_, reason); }
 
  protected:
-  // The gathers go over the flat group (bytes copied: no order to keep);
-  // the reduce-scatter is the Communicator's default, this all-reduce into
+  // The gathers go over the world (bytes copied: no order to keep); the
+  // reduce-scatter is the Communicator's default, this all-reduce into
   // private memory, so that its sums are this all-reduce's, bitwise.
   std::vector<std::string> do_all_gather(std::string_view mine) override {
     finish(0);
     try {
-      return parts_.flat->all_gather(mine);
+      return world().all_gather(mine);
     } catch (const std::exception& error) {
       pipeline_->fail(error);
     }
@@ -350,7 +303,7 @@ class HierarchicalCommunicator final : public Communicator {
                                                   DType dtype) override {
     finish(0);
     try {
-      return parts_.flat->all_gather_start(input, output, counts, dtype);
+      return world().all_gather_start(input, output, counts, dtype);
     } catch (const std::exception& error) {
       pipeline_->fail(error);
     }
@@ -375,6 +328,8 @@ class HierarchicalCommunicator final : public Communicator {
  private:
   static constexpr int kMaxInFlight = 3;
 
+  Communicator& world() const { return *parts_.engine.world; }
+
   // Waits until at most `left` all-reduces are in flight, oldest first.
   void finish(std::size_t left) {
     while (pipeline_->in_flight() > left) {
@@ -386,57 +341,111 @@ class HierarchicalCommunicator final : public Communicator {
   std::shared_ptr<Pipeline> pipeline_;
 };
 
+// The host's shm group: its lowest rank makes a private directory sealed
+// with a fresh job secret and sends both to the host's ranks in an
+// all-gather over the world; every rank of the host joins, and once the
+// whole world is past the join the lowest rank removes the directory.
+std::shared_ptr<Communicator> create_host_group(Communicator& world, const HostLayout& layout) {
+  const std::vector<int>& host = layout.hosts[layout.host];
+  std::filesystem::path dir;
+  std::string offer;
+  if (layout.place == 0) {
+    dir = FileStore::make_private_dir();
+    try {
+      FileStore store(dir);
+      const JobSecret secret = JobSecret::generate();
+      seal_store(store, secret);
+      offer = cat(dir.string(), "\n", secret.hex());
+    } catch (...) {
+      std::filesystem::remove_all(dir);
+      throw;
+    }
+  }
+  std::vector<std::string> offers;
+  try {
+    offers = world.all_gather(offer);
+  } catch (...) {
+    if (!dir.empty()) std::filesystem::remove_all(dir);
+    throw;
+  }
+  const std::string& mine = offers[static_cast<std::size_t>(host.front())];
+  const std::size_t cut = mine.find('\n');
+  require(cut != std::string::npos, "hierarchical communicator: rank ", host.front(),
+          " sent no rendezvous for its host");
+  std::shared_ptr<Communicator> local;
+  std::exception_ptr failure;
+  try {
+    FileStore store(mine.substr(0, cut));
+    local = create_shm_communicator(
+        store, layout.place, static_cast<int>(host.size()),
+        ShmOptions{.timeout = world.timeout() * 5 / 4, .secret = mine.substr(cut + 1)});
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  if (failure) {
+    world.abort("the host's shared-memory group could not be made");
+  } else {
+    try {
+      world.barrier();
+    } catch (...) {
+      failure = std::current_exception();
+    }
+  }
+  if (!dir.empty()) std::filesystem::remove_all(dir);
+  if (failure) std::rethrow_exception(failure);
+  return local;
+}
+
 }  // namespace
 
-std::shared_ptr<Communicator> make_hierarchical(std::shared_ptr<Communicator> flat,
-                                                const MpiOptions& options) {
-  const std::string& mode = kHierarchical.get();
-  require(mode == "auto" || mode == "off", kHierarchical.name(), ": expected auto or off, got \"",
-          mode, "\"");
-  const Layout layout = layout_of(host_keys(*flat), flat->rank());
-  const bool shared_hosts = layout.hosts < flat->size();
-  // Every rank sees the same keys, so every rank takes the same branch.
-  if (mode == "off" || layout.hosts < 2 || !shared_hosts) return flat;
-
-  // The host's shm group meets in a directory named after the job and the
-  // host's lowest rank, which removes it once every rank has joined. Its waits
-  // last a quarter longer than those across hosts: a peer of this host that
-  // waits on a cut host then fails first and aborts this group with its
-  // reason, so every rank here names the unreachable ranks, not that peer.
-  const int first = layout.host.front();
-  const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / cat(flat->name(), "-host", first);
-  std::filesystem::create_directories(dir);
-  std::shared_ptr<Communicator> local;
-  {
-    FileStore store(dir);
-    local = create_shm_communicator(store, layout.place,
-                                    static_cast<int>(layout.host.size()),
-                                    ShmOptions{.timeout = options.timeout * 5 / 4});
+std::string this_host_key() {
+  if (const char* host = std::getenv("TPFUSE_HOST"); host != nullptr && *host != '\0') {
+    return cat("TPFUSE_HOST=", host);
   }
-  log::set_rank(flat->rank());  // the shm group recorded its own rank
-  flat->barrier();
-  if (flat->rank() == first) std::filesystem::remove_all(dir);
-  // Every rank takes part in making every rail (collective over the world).
-  std::shared_ptr<Communicator> rail;
-  for (const std::vector<int>& members : layout.rails) {
-    if (auto group = create_group(options, members)) rail = std::move(group);
-  }
-  return std::make_shared<HierarchicalCommunicator>(Pipeline::Parts{
-      std::move(flat), std::move(local), std::move(rail),
-      std::make_shared<const Layout>(layout)});
+  char hostname[256] = {};
+  gethostname(hostname, sizeof hostname - 1);
+  struct stat info {};
+  const std::string ns =
+      stat("/proc/self/ns/net", &info) == 0 ? cat(info.st_dev, ":", info.st_ino) : "unknown";
+  return cat(hostname, ":", ns);
 }
 
-void narrow(DType dtype, const float* in, std::size_t count, std::byte* out) {
-  if (dtype == DType::f32) {
-    std::memcpy(out, in, count * 4);
-    return;
-  }
-  for (std::size_t i = 0; i < count; ++i) {
-    const std::uint16_t bits =
-        dtype == DType::f16 ? f32_to_f16(in[i]).bits : f32_to_bf16(in[i]).bits;
-    std::memcpy(out + i * 2, &bits, 2);
-  }
+bool HostLayout::hierarchical() const {
+  std::size_t ranks = 0;
+  for (const std::vector<int>& members : hosts) ranks += members.size();
+  return hosts.size() >= 2 && hosts.size() < ranks;
 }
 
-}  // namespace tpfuse::comm::mpi
+HostLayout host_layout(const std::vector<std::string>& keys, int rank) {
+  std::map<std::string, std::vector<int>> by_host;
+  for (int r = 0; r < static_cast<int>(keys.size()); ++r) by_host[keys[r]].push_back(r);
+  HostLayout layout;
+  std::size_t rails = keys.size();
+  for (const auto& [key, ranks] : by_host) {
+    if (key == keys[static_cast<std::size_t>(rank)]) {
+      layout.host = static_cast<int>(layout.hosts.size());
+      layout.place = static_cast<int>(std::find(ranks.begin(), ranks.end(), rank) - ranks.begin());
+    }
+    layout.hosts.push_back(ranks);
+    rails = std::min(rails, ranks.size());
+  }
+  layout.rails.resize(rails);
+  for (std::size_t j = 0; j < rails; ++j) {
+    for (const std::vector<int>& ranks : layout.hosts) layout.rails[j].push_back(ranks[j]);
+    std::sort(layout.rails[j].begin(), layout.rails[j].end());
+  }
+  return layout;
+}
+
+std::shared_ptr<Communicator> create_hierarchical_communicator(HierarchicalParts parts) {
+  require(parts.world != nullptr && parts.host != nullptr,
+          "hierarchical communicator: the world and host groups are required");
+  require(parts.layout.hierarchical(),
+          "hierarchical communicator: the layout needs several hosts, some with several ranks");
+  auto local = create_host_group(*parts.world, parts.layout);
+  log::set_rank(parts.world->rank());  // the shm group recorded its own rank
+  return std::make_shared<HierarchicalCommunicator>(
+      Pipeline::Parts{std::move(parts), std::move(local)});
+}
+
+}  // namespace tpfuse::comm
