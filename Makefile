@@ -2,7 +2,7 @@
 # missing (as root), configure, build, and then run the demo or the tests.
 
 DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev nlohmann-json3-dev libdnnl-dev ocl-icd-opencl-dev libopenblas0 \
-                libhwy-dev python3-torch libtorch-dev python3-pytest libopenmpi-dev openmpi-bin \
+                libhwy-dev python3-torch libtorch-dev pybind11-dev python3-pytest libopenmpi-dev openmpi-bin \
                 gnuplot-nox iproute2 clang-14 libclang-rt-14-dev libomp-14-dev
 BUILD        ?= build
 DEB_BUILD    ?= build-deb

@@ -42,6 +42,7 @@ expect_file "$dev" "/usr/lib/$triplet/pkgconfig/tpfuse\.pc"
 expect_file "$cli" "/usr/bin/tpfuse"
 expect_file "$py" "/usr/lib/python3/dist-packages/tpfuse/__init__\.py"
 expect_file "$py" "/usr/lib/python3/dist-packages/tpfuse/_tpfuse_torch\.so"
+expect_file "$py" "/usr/lib/python3/dist-packages/tpfuse/_tpfuse_c10d\..*\.so"
 files_of "$lib" | grep '^/usr/include/' >/dev/null && fail "libtpfuse0 ships headers"
 all=$(for d in "$lib" "$dev" "$cli" "$py"; do files_of "$d"; done)
 dups=$(echo "$all" | sort | uniq -d)
@@ -73,7 +74,8 @@ for d in "$lib" "$cli" "$py"; do
 done
 dpkg-deb -x "$dev" "$work/root"
 for binary in "$work/root/usr/bin/tpfuse" "$work/root/usr/lib/$triplet/libtpfuse.so.0" \
-              "$work/root/usr/lib/python3/dist-packages/tpfuse/_tpfuse_torch.so"; do
+              "$work/root/usr/lib/python3/dist-packages/tpfuse/_tpfuse_torch.so" \
+              "$work/root/usr/lib/python3/dist-packages/tpfuse/"_tpfuse_c10d.*.so; do
   if readelf -d "$binary" | grep -E 'RPATH|RUNPATH' >/dev/null; then fail "$binary carries an RPATH"; fi
 done
 

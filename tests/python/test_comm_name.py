@@ -64,25 +64,6 @@ def test_subgroups_get_their_own_communicator(ranks):
         assert outsider == "tpfuse.get_comm_name: this process is not a member of the group"
 
 
-def pretend_each_rank_is_on_its_own_host(rank, world_size):
-    real_identity = tpfuse.comm._host_identity
-    tpfuse.comm._host_identity = lambda: (f"host{rank}", "boot")
-    try:
-        tpfuse.get_comm_name(dist.new_group(list(range(world_size))))
-    except RuntimeError as error:
-        return str(error)
-    finally:
-        tpfuse.comm._host_identity = real_identity
-    return None
-
-
-def test_ranks_on_several_hosts_are_refused_on_every_rank(ranks):
-    for message in ranks(2).run(pretend_each_rank_is_on_its_own_host):
-        assert message is not None and message.startswith(
-            "tpfuse.get_comm_name: the group's ranks run on several hosts "
-            "(ranks by host: {'host0': [0], 'host1': [1]})"), message
-
-
 def rendezvous_dir_fails_on_rank_0(rank, world_size):
     real_tmpdir = os.environ["TMPDIR"]
     if rank == 0:

@@ -25,7 +25,7 @@ import torch
 torch.ops.load_library(str(pathlib.Path(__file__).with_name("_tpfuse_torch.so")))
 
 from tpfuse._version import __version__  # noqa: E402
-from tpfuse.comm import get_comm_name  # noqa: E402  (needs the operators loaded)
+from tpfuse.comm import comm_info, get_comm_name  # noqa: E402  (needs the operators loaded)
 from tpfuse.ops import (  # noqa: E402
     mm_all_reduce_base,
     npu_all_gather_base_mm,
@@ -39,6 +39,7 @@ from tpfuse.ops import (  # noqa: E402
 
 __all__ = [
     "__version__",
+    "comm_info",
     "get_comm_name",
     "mm_all_reduce_base",
     "npu_all_gather_base_mm",

@@ -1,0 +1,203 @@
+// tpfuse._tpfuse_c10d: communicators for torch.distributed process groups
+// that span hosts, and what a communicator is made of.
+//
+//   create_group_communicator(name, world, host_keys, rail, host, timeout_ms)
+//       collective over `world`; registers and returns the hcom name
+//   create_mpi_communicator()      collective over MPI's world (a job started by mpirun)
+//   host_layout(host_keys, rank)   (hosts, host, place, rails), as the library lays them out
+//   this_host_key()                this process's host
+//   comm_info(hcom)                what carries a registered communicator's data
+//
+// The engine between hosts is the process groups' own (gloo): the library's
+// message transport (tpfuse/comm/messages.h) over c10d's asynchronous send
+// and recv. A gloo send or recv completes only inside Work::wait, so each
+// message is waited for on a thread of its own; test() asks that thread.
+#include <torch/csrc/utils/pybind.h>
+
+#include <chrono>
+#include <future>
+#include <memory>
+#include <optional>
+#include <string>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <vector>
+
+#include "tpfuse/comm/hierarchical.h"
+#include "tpfuse/comm/messages.h"
+#include "tpfuse/comm/mpi.h"
+#include "tpfuse/comm/registry.h"
+#include "tpfuse/comm/shm.h"
+#include "tpfuse/core/error.h"
+#include "tpfuse/core/log.h"
+
+namespace py = pybind11;
+
+namespace tpfuse::torch_binding {
+
+namespace {
+
+using ProcessGroup = c10::intrusive_ptr<c10d::ProcessGroup>;
+
+class ProcessGroupTransfer final : public comm::MessageEngine::Transfer {
+ public:
+  ProcessGroupTransfer(c10::intrusive_ptr<c10d::Work> work, at::Tensor tensor)
+      : work_(std::move(work)), tensor_(std::move(tensor)) {
+    waited_ = std::async(std::launch::async, [work = work_] { work->wait(); });
+  }
+  ~ProcessGroupTransfer() override {
+    if (!done_) cancel();
+  }
+  bool test() override {
+    if (done_) return true;
+    if (waited_.wait_for(std::chrono::seconds(0)) != std::future_status::ready) return false;
+    done_ = true;
+    waited_.get();  // rethrows the engine's failure
+    return true;
+  }
+  void cancel() override {
+    if (done_) return;
+    done_ = true;
+    try {
+      work_->abort();
+    } catch (const std::exception& error) {
+      log::debug("process group message not cancelled: ", error.what());
+    }
+    try {
+      waited_.get();
+    } catch (const std::exception&) {  // cancelled: its failure is expected
+    }
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::Work> work_;
+  at::Tensor tensor_;  // the bytes, while the engine may read or write them
+  std::future<void> waited_;
+  bool done_ = false;
+};
+
+class ProcessGroupEngine final : public comm::MessageEngine {
+ public:
+  explicit ProcessGroupEngine(ProcessGroup group) : group_(std::move(group)) {}
+  int rank() const override { return group_->getRank(); }
+  int size() const override { return group_->getSize(); }
+  std::unique_ptr<Transfer> send(int peer, int tag, const std::byte* data,
+                                 std::size_t bytes) override {
+    std::vector<at::Tensor> tensors{wrap(const_cast<std::byte*>(data), bytes)};
+    return std::make_unique<ProcessGroupTransfer>(group_->send(tensors, peer, tag), tensors[0]);
+  }
+  std::unique_ptr<Transfer> receive(int peer, int tag, std::byte* data,
+                                    std::size_t bytes) override {
+    std::vector<at::Tensor> tensors{wrap(data, bytes)};
+    return std::make_unique<ProcessGroupTransfer>(group_->recv(tensors, peer, tag), tensors[0]);
+  }
+
+ private:
+  static at::Tensor wrap(std::byte* data, std::size_t bytes) {
+    return at::from_blob(data, {static_cast<std::int64_t>(bytes)}, at::kByte);
+  }
+  ProcessGroup group_;
+};
+
+std::shared_ptr<comm::Communicator> over(const ProcessGroup& group, const std::string& name,
+                                         std::chrono::milliseconds timeout, int ranks_on_host,
+                                         int hosts) {
+  comm::MessageOptions options;
+  options.name = name;
+  options.transport = group->getBackendName();
+  options.timeout = timeout;
+  options.ranks_on_host = ranks_on_host;
+  options.hosts = hosts;
+  return comm::create_message_communicator(std::make_shared<ProcessGroupEngine>(group), options);
+}
+
+template <class F>
+auto translated(F&& body) {
+  try {
+    return body();
+  } catch (const InvalidArgument& error) {
+    throw py::value_error(error.what());
+  } catch (const std::exception& error) {
+    throw std::runtime_error(error.what());
+  }
+}
+
+std::string create_group_communicator(const std::string& name, const ProcessGroup& world,
+                                      const std::vector<std::string>& host_keys,
+                                      const std::optional<ProcessGroup>& rail,
+                                      const std::optional<ProcessGroup>& host,
+                                      std::int64_t timeout_ms) {
+  return translated([&] {
+    require(timeout_ms > 0, "timeout_ms: expected a positive number of milliseconds, got ",
+            timeout_ms);
+    require(static_cast<int>(host_keys.size()) == world->getSize(), "host_keys: expected ",
+            world->getSize(), " (one per rank), got ", host_keys.size());
+    const std::chrono::milliseconds timeout(timeout_ms);
+    const comm::HostLayout layout = comm::host_layout(host_keys, world->getRank());
+    const int hosts = static_cast<int>(layout.hosts.size());
+    const int on_host = static_cast<int>(layout.hosts[layout.host].size());
+    std::shared_ptr<comm::Communicator> communicator;
+    if (!layout.hierarchical()) {
+      communicator = over(world, name, timeout, on_host, hosts);
+    } else {
+      require(host.has_value(), "host: the group's layout needs this host's process group");
+      comm::HierarchicalParts parts;
+      parts.engine = world->getBackendName();
+      parts.world = over(world, name, timeout, on_host, hosts);
+      if (rail) parts.rail = over(*rail, name + "-rail", timeout, 1, hosts);
+      parts.host = over(*host, name + "-host", timeout, on_host, 1);
+      parts.layout = layout;
+      communicator = comm::create_hierarchical_communicator(std::move(parts));
+    }
+    log::info("communicator ", name, " ready: ", communicator->size(), " ranks on ",
+              communicator->hosts(), " hosts, ", communicator->ranks_on_host(),
+              " on this host, transport ", communicator->transport());
+    return comm::register_communicator(std::move(communicator));
+  });
+}
+
+std::string create_mpi_communicator() {
+  return translated([] { return comm::register_communicator(comm::create_mpi_communicator()); });
+}
+
+py::tuple host_layout(const std::vector<std::string>& host_keys, int rank) {
+  return translated([&] {
+    require(rank >= 0 && rank < static_cast<int>(host_keys.size()), "rank: expected 0 <= rank < ",
+            host_keys.size(), ", got ", rank);
+    const comm::HostLayout layout = comm::host_layout(host_keys, rank);
+    return py::make_tuple(layout.hosts, layout.host, layout.place, layout.rails);
+  });
+}
+
+py::dict comm_info(const std::string& hcom) {
+  return translated([&] {
+    const auto communicator = comm::find_communicator(hcom);
+    py::dict info;
+    info["name"] = communicator->name();
+    info["rank"] = communicator->rank();
+    info["size"] = communicator->size();
+    info["hosts"] = communicator->hosts();
+    info["ranks_on_host"] = communicator->ranks_on_host();
+    info["transport"] = communicator->transport();
+    info["timeout_ms"] = communicator->timeout().count();
+    return info;
+  });
+}
+
+}  // namespace
+
+}  // namespace tpfuse::torch_binding
+
+PYBIND11_MODULE(_tpfuse_c10d, m) {
+  using namespace tpfuse::torch_binding;
+  m.def("create_group_communicator", &create_group_communicator, py::arg("name"), py::arg("world"),
+        py::arg("host_keys"), py::arg("rail"), py::arg("host"), py::arg("timeout_ms"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("create_mpi_communicator", &create_mpi_communicator,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mpi_supported", &tpfuse::comm::mpi_supported);
+  m.def("launched_by_mpi", &tpfuse::comm::launched_by_mpi);
+  m.def("host_layout", &host_layout, py::arg("host_keys"), py::arg("rank"));
+  m.def("this_host_key", &tpfuse::comm::this_host_key);
+  m.def("default_timeout_ms", [] { return tpfuse::comm::ShmOptions::default_timeout().count(); });
+  m.def("comm_info", &comm_info, py::arg("hcom"));
+}
