@@ -85,7 +85,7 @@ bench-cluster: build
 # calling thread by the oneDNN engine and never starts a team. A report ends
 # its process at once (halt_on_error) with exit code 66, which fails the
 # test, from inside a rank too.
-TSAN_TESTS   := comm comm_lifecycle launcher faults_lifecycle faults_family pipeline planner operator agreement concurrency isolation shm_wait
+TSAN_TESTS   := comm comm_lifecycle message_transport launcher faults_lifecycle faults_family pipeline planner operator agreement concurrency isolation shm_wait
 # Skipped as well: a memory-bandwidth test, the 8-rank operator cases (the
 # threads are those of the 3- and 4-rank cases; they took a fifth of the run
 # under TSan), and the MPI tests (Open MPI's library is not instrumented).
