@@ -87,10 +87,11 @@ class LoopbackEngine final : public MessageEngine {
 // Runs body(communicator) on p threads, one communicator each; rethrows the
 // first failure of a thread that was not expected to fail.
 struct Group {
-  explicit Group(int p, std::chrono::milliseconds timeout = 20s)
+  explicit Group(int p, std::chrono::milliseconds timeout = 20s, std::vector<int> job_ranks = {})
       : office(std::make_shared<PostOffice>()) {
     for (int r = 0; r < p; ++r) {
       MessageOptions options{.name = "loopback", .transport = "loopback", .timeout = timeout};
+      options.job_ranks = job_ranks;
       comms.push_back(
           create_message_communicator(std::make_shared<LoopbackEngine>(office, r, p), options));
     }
@@ -228,6 +229,21 @@ TEST(MessageTransport, ASilentRankIsNamedAtTheDeadline) {
     }
   });
   EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
+}
+
+TEST(MessageTransport, ErrorsNameTheJobsRanks) {
+  Group group(3, 300ms, {4, 7, 9});  // a rail of a larger job
+  group.run([&](Communicator& comm) {
+    if (comm.rank() != 0) return;
+    std::vector<std::uint16_t> data(8, 0x3F80);
+    try {
+      comm.all_reduce(data.data(), data.data(), data.size(), DType::bf16);
+      ADD_FAILURE() << "finished without its peers";
+    } catch (const TimeoutError& error) {
+      EXPECT_EQ(error.ranks(), (std::vector<int>{7, 9})) << error.what();
+      EXPECT_NE(std::string(error.what()).find("rank 4 waited"), std::string::npos) << error.what();
+    }
+  });
 }
 
 TEST(MessageTransport, ALostPeerIsNamed) {

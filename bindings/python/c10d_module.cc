@@ -14,6 +14,7 @@
 // message is waited for on a thread of its own; test() asks that thread.
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <chrono>
 #include <future>
 #include <memory>
@@ -98,15 +99,17 @@ class ProcessGroupEngine final : public comm::MessageEngine {
   ProcessGroup group_;
 };
 
+// `job_ranks`: the group's ranks' in the whole group, which errors name.
 std::shared_ptr<comm::Communicator> over(const ProcessGroup& group, const std::string& name,
                                          std::chrono::milliseconds timeout, int ranks_on_host,
-                                         int hosts) {
+                                         int hosts, std::vector<int> job_ranks = {}) {
   comm::MessageOptions options;
   options.name = name;
   options.transport = group->getBackendName();
   options.timeout = timeout;
   options.ranks_on_host = ranks_on_host;
   options.hosts = hosts;
+  options.job_ranks = std::move(job_ranks);
   return comm::create_message_communicator(std::make_shared<ProcessGroupEngine>(group), options);
 }
 
@@ -143,8 +146,14 @@ std::string create_group_communicator(const std::string& name, const ProcessGrou
       comm::HierarchicalParts parts;
       parts.engine = world->getBackendName();
       parts.world = over(world, name, timeout, on_host, hosts);
-      if (rail) parts.rail = over(*rail, name + "-rail", timeout, 1, hosts);
-      parts.host = over(*host, name + "-host", timeout, on_host, 1);
+      if (rail) {
+        for (const std::vector<int>& members : layout.rails) {
+          if (std::find(members.begin(), members.end(), world->getRank()) != members.end()) {
+            parts.rail = over(*rail, name + "-rail", timeout, 1, hosts, members);
+          }
+        }
+      }
+      parts.host = over(*host, name + "-host", timeout, on_host, 1, layout.hosts[layout.host]);
       parts.layout = layout;
       communicator = comm::create_hierarchical_communicator(std::move(parts));
     }

@@ -229,9 +229,41 @@ class Pipeline {
   // ranks that may be cut off, and the host's ranks' deadlines are the
   // nearest.
   [[noreturn]] void fail_locked(const std::exception& error) {
-    failure_ = std::current_exception();
-    abort_parts(parts_, error.what());
+    failure_ = with_their_hosts(error);
+    try {
+      std::rethrow_exception(failure_);
+    } catch (const std::exception& widened) {
+      abort_parts(parts_, widened.what());
+    }
     std::rethrow_exception(failure_);
+  }
+
+  // A timeout or a lost peer on another host stands for that host: a cut
+  // link or a dead machine takes all its ranks, so the error names them all.
+  std::exception_ptr with_their_hosts(const std::exception& error) const {
+    const auto* comm_error = dynamic_cast<const CommError*>(&error);
+    const bool timeout = dynamic_cast<const TimeoutError*>(&error) != nullptr;
+    const bool lost = dynamic_cast<const PeerLostError*>(&error) != nullptr;
+    if (comm_error == nullptr || comm_error->ranks().empty() || (!timeout && !lost)) {
+      return std::current_exception();
+    }
+    const HostLayout& layout = parts_.engine.layout;
+    std::vector<int> ranks;
+    for (const std::vector<int>& host : layout.hosts) {
+      const bool named = std::any_of(host.begin(), host.end(), [&](int r) {
+        const auto& named_ranks = comm_error->ranks();
+        return std::find(named_ranks.begin(), named_ranks.end(), r) != named_ranks.end();
+      });
+      if (named && &host != &layout.hosts[layout.host])
+        ranks.insert(ranks.end(), host.begin(), host.end());
+    }
+    std::sort(ranks.begin(), ranks.end());
+    if (ranks.empty() || ranks == comm_error->ranks()) return std::current_exception();
+    const std::string what =
+        cat(error.what(), "; the host of rank(s) ", format_ranks(comm_error->ranks()),
+            " holds rank(s) ", format_ranks(ranks), ", unreachable with it");
+    return timeout ? std::make_exception_ptr(TimeoutError(what, ranks))
+                   : std::make_exception_ptr(PeerLostError(what, ranks));
   }
 
   void rethrow_failure_locked() const {

@@ -81,6 +81,9 @@ class MessageCommunicator final : public Communicator,
       : engine_(std::move(engine)), options_(std::move(options)) {
     require(options_.timeout.count() > 0, "message transport: timeout must be positive, got ",
             options_.timeout.count(), " ms");
+    require(options_.job_ranks.empty() || static_cast<int>(options_.job_ranks.size()) == size(),
+            "message transport: job_ranks must name ", size(), " ranks, got ",
+            options_.job_ranks.size());
     const int p = size();
     notices_.resize(static_cast<std::size_t>(p));
     for (int r = 0; r < p; ++r) {
@@ -110,9 +113,9 @@ class MessageCommunicator final : public Communicator,
   void abort(std::string_view reason) override {
     const std::lock_guard lock(mutex_);
     if (failure_) return;
-    const std::string text = cat("aborted by rank ", rank(), ": ", reason);
+    const std::string text = cat("aborted by rank ", job_rank(rank()), ": ", reason);
     send_notices_locked(text);
-    failure_ = std::make_exception_ptr(AbortedError(text, {rank()}));
+    failure_ = std::make_exception_ptr(AbortedError(text, {job_rank(rank())}));
   }
 
   // Advances every collective; whether `op` is complete (or, rank >= 0,
@@ -274,6 +277,11 @@ class MessageCommunicator final : public Communicator,
     return op;
   }
 
+  // The rank errors name for the engine's rank r.
+  int job_rank(int r) const {
+    return options_.job_ranks.empty() ? r : options_.job_ranks[static_cast<std::size_t>(r)];
+  }
+
   std::shared_ptr<Op> new_op_locked(bool all_reduce) {
     auto op = std::make_shared<Op>();
     op->all_reduce = all_reduce;
@@ -315,8 +323,9 @@ class MessageCommunicator final : public Communicator,
       try {
         done = m.transfer->test();
       } catch (const std::exception& error) {
-        fail_locked(std::make_exception_ptr(PeerLostError(
-            cat(name(), ": rank ", m.peer, " is lost (", error.what(), ")"), {m.peer})));
+        fail_locked(std::make_exception_ptr(
+            PeerLostError(cat(name(), ": rank ", job_rank(m.peer), " is lost (", error.what(), ")"),
+                          {job_rank(m.peer)})));
       }
       if (done) {
         m.done = true;
@@ -384,7 +393,7 @@ class MessageCommunicator final : public Communicator,
       notice.transfer.reset();
       const auto* text = reinterpret_cast<const char*>(notice.text.data());
       failure_ = std::make_exception_ptr(
-          AbortedError(std::string(text, strnlen(text, kNoticeBytes)), {r}));
+          AbortedError(std::string(text, strnlen(text, kNoticeBytes)), {job_rank(r)}));
       rethrow_locked();
     }
   }
@@ -393,13 +402,14 @@ class MessageCommunicator final : public Communicator,
   [[noreturn]] void time_out_locked(const Op& op) {
     std::vector<int> missing;
     for (const Message& m : op.messages) {
-      if (!m.done && std::find(missing.begin(), missing.end(), m.peer) == missing.end()) {
-        missing.push_back(m.peer);
+      const int peer = job_rank(m.peer);
+      if (!m.done && std::find(missing.begin(), missing.end(), peer) == missing.end()) {
+        missing.push_back(peer);
       }
     }
     std::sort(missing.begin(), missing.end());
     fail_locked(std::make_exception_ptr(
-        TimeoutError(cat(name(), ": rank ", rank(), " waited ", options_.timeout.count(),
+        TimeoutError(cat(name(), ": rank ", job_rank(rank()), " waited ", options_.timeout.count(),
                          " ms (TPFUSE_TIMEOUT_MS) for rank(s) ", format_ranks(missing), " over ",
                          options_.transport),
                      missing)));
@@ -411,7 +421,7 @@ class MessageCommunicator final : public Communicator,
     try {
       std::rethrow_exception(failure);
     } catch (const std::exception& error) {
-      send_notices_locked(cat("rank ", rank(), " failed: ", error.what()));
+      send_notices_locked(cat("rank ", job_rank(rank()), " failed: ", error.what()));
     }
     std::rethrow_exception(failure_);
   }

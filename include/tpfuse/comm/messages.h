@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "tpfuse/comm/communicator.h"
 
@@ -55,6 +56,10 @@ struct MessageOptions {
   std::chrono::milliseconds timeout{300000};
   int ranks_on_host = 1;
   int hosts = 1;
+  // The rank the errors name for each of the engine's ranks: a group's
+  // ranks in a larger job (a hierarchical communicator's rail); empty: the
+  // engine's own.
+  std::vector<int> job_ranks;
 };
 
 // Not collective: the engine's ranks are the communicator's.
