@@ -10,9 +10,10 @@
 #    ("shm"). Then, with TPFUSE_TIMEOUT_MS=5000, every rank calls the operator
 #    in a loop and h1's link is cut: each rank of h0 must raise within the
 #    deadline plus CUT_MARGIN_S, naming ranks 2 and 3. The link then comes
-#    back (torchrun's agents wait for each other on exit, through h0) and the
-#    job must end by itself before a hard deadline, leaving no process and
-#    nothing new in /dev/shm;
+#    back (torchrun's agents wait for each other on exit, through h0's store,
+#    up to 300 s: the job would not end while h1 is cut off) and the job must
+#    end by itself before a hard deadline, leaving no process and nothing new
+#    in /dev/shm or TMPDIR;
 # 2. the same layout in h0 alone, 4 ranks with TPFUSE_HOST=a,a,b,b: its
 #    outputs must be bitwise those of job 1;
 # 3. where mpirun is installed, the same cases in a job started by mpirun
@@ -42,7 +43,7 @@ export TPFUSE_NUM_THREADS=1             # 4 ranks on a 2-core machine
 H0="${TPFUSE_CLUSTER_SUBNET}.1"
 CUT_TIMEOUT_MS=5000
 CUT_MARGIN_S=${CUT_MARGIN_S:-3}
-JOB_DEADLINE_S=120                      # a job's start and checks (about 20 s here)
+JOB_DEADLINE_S=90                       # a job's start and checks (15 to 40 s here)
 END_DEADLINE_S=40                       # from the cut to the cut job's end
 SKIP=77
 
@@ -60,6 +61,10 @@ ip netns del "$probe"
 "$PYTHON" -c "import tpfuse" 2>/dev/null || { echo "FAILED: $PYTHON cannot import tpfuse from $PYDIR"; exit 1; }
 
 WORK=$(mktemp -d /tmp/tpfuse-cluster-test.XXXXXX)
+# The ranks' TMPDIR, where tpfuse's shared-memory rendezvous makes its
+# directories: checked for leftovers after each job.
+export TMPDIR="$WORK/tmp"
+mkdir -p "$TMPDIR"
 JOB_PIDS=()
 # Every path out ends the job's processes (those left in the cluster's
 # namespaces are ended by cluster.sh down) and removes the cluster and WORK.
@@ -84,6 +89,16 @@ shm_left() {
   [ -n "$first" ] || return 0
   sleep 1
   comm -12 <(echo "$first") <(shm_listing)
+}
+
+# Fails naming what a job (its label) left: new entries of /dev/shm, or
+# tpfuse's rendezvous directories in TMPDIR.
+check_leftovers() {
+  local job=$1 left
+  left=$(shm_left "$WORK/shm-before")
+  [ -z "$left" ] || fail "$job left in /dev/shm: $left"
+  left=$(ls -A "$TMPDIR" | grep "^tpfuse" || true)
+  [ -z "$left" ] || fail "$job left in TMPDIR: $left"
 }
 
 show_logs() {  # the job's console output and the ranks' logs
@@ -178,8 +193,7 @@ else
     [ -z "$left" ] || fail "processes of job 1 left in $ns:
 $left"
   done
-  left=$(shm_left "$WORK/shm-before")
-  [ -z "$left" ] || fail "job 1 left in /dev/shm: $left"
+  check_leftovers "job 1"
 fi
 JOB_PIDS=()
 
@@ -198,8 +212,7 @@ else
   fail "job 2 still running after ${JOB_DEADLINE_S} s: killed"; show_logs one
   kill_job "${JOB_PIDS[@]}"
 fi
-left=$(shm_left "$WORK/shm-before")
-[ -z "$left" ] || fail "job 2 left in /dev/shm: $left"
+check_leftovers "job 2"
 JOB_PIDS=()
 
 # ---- 3. mpirun across both hosts ----
@@ -208,6 +221,7 @@ same=(--same cross one)
 if command -v mpirun >/dev/null; then
   echo "== 3. mpirun across h0 and h1 (2 ranks each)"
   mkdir -p "$WORK/mpi"
+  shm_listing >"$WORK/shm-before"
   start=$(date +%s)
   SLOTS=2 timeout -k 5 "$JOB_DEADLINE_S" "$CLUSTER" mpirun -np 4 --bind-to none \
     -x PYTHONPATH -x PYTHONDONTWRITEBYTECODE -x TPFUSE_NUM_THREADS -x OMP_NUM_THREADS=1 \
@@ -216,6 +230,7 @@ if command -v mpirun >/dev/null; then
   rc=$?
   [ $rc -eq 0 ] || { fail "job 3 (mpirun) exited $rc"; show_logs mpi; }
   echo "job 3 ended after $(( $(date +%s) - start )) s ($(rank0_timing mpi))"
+  check_leftovers "job 3"
   jobs+=("mpi=$WORK/mpi=shm+mpi")
   same+=(--same cross mpi)
 else
