@@ -52,6 +52,7 @@ struct Op {
   int phase = 1;
   bool complete = false;
   std::vector<Message> messages;
+  Clock::time_point heard = Clock::now();  // started, or last message completed
 };
 
 class MessageCommunicator;
@@ -122,9 +123,11 @@ class MessageCommunicator final : public Communicator,
     return reached(op, rank);
   }
 
+  // Gives up once nothing of `op` has come for timeout(): so a wait that
+  // began after the collective stalled (the hierarchical pipeline's, which
+  // first polls for a while) still ends a timeout after the stall began.
   void wait(const Op& op, int rank) {
     PollPacer pacer;
-    const auto deadline = Clock::now() + options_.timeout;
     for (;;) {
       bool progressed = false;
       {
@@ -132,7 +135,7 @@ class MessageCommunicator final : public Communicator,
         const std::uint64_t before = progress_;
         advance_locked();
         if (reached(op, rank)) return;
-        if (Clock::now() > deadline) time_out_locked(op);
+        if (Clock::now() > op.heard + options_.timeout) time_out_locked(op);
         progressed = progress_ != before;
       }
       std::this_thread::sleep_for(pacer.next(progressed));
@@ -318,6 +321,7 @@ class MessageCommunicator final : public Communicator,
       if (done) {
         m.done = true;
         ++progress_;
+        op.heard = Clock::now();
       } else {
         all_done = false;
       }

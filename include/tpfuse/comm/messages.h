@@ -10,8 +10,8 @@
 // shm transport gives, on every rank. Each collective's messages carry a
 // tag of their own, so no engine need keep messages in order.
 //
-// Every wait gives up at timeout() and throws TimeoutError naming the ranks
-// whose messages did not arrive; a message the engine failed (its peer is
+// A wait gives up once nothing of its collective has arrived for timeout()
+// and throws TimeoutError naming the ranks whose messages did not arrive; a message the engine failed (its peer is
 // gone) gives PeerLostError naming that peer; abort() sends every peer a
 // notice, and each of them throws AbortedError at its next wait.
 #pragma once
