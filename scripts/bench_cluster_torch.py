@@ -27,7 +27,6 @@ every job into OUT.json, prints the table and plots OUT.png (gnuplot).
 import argparse
 import datetime
 import json
-import os
 import shutil
 import statistics
 import subprocess

@@ -91,10 +91,16 @@ shm_left() {
   comm -12 <(echo "$first") <(shm_listing)
 }
 
-# Fails naming what a job (its label) left: new entries of /dev/shm, or
-# tpfuse's rendezvous directories in TMPDIR.
+# Fails naming what a job (its label) left: a process in the cluster's hosts
+# (nothing else runs there), new entries of /dev/shm, or tpfuse's rendezvous
+# directories in TMPDIR.
 check_leftovers() {
-  local job=$1 left
+  local job=$1 left ns
+  for ns in "${TPFUSE_CLUSTER}-h0" "${TPFUSE_CLUSTER}-h1"; do
+    left=$(ip netns pids "$ns" 2>/dev/null | xargs -r ps -o pid=,args= -p)
+    [ -z "$left" ] || fail "$job left processes in $ns:
+$left"
+  done
   left=$(shm_left "$WORK/shm-before")
   [ -z "$left" ] || fail "$job left in /dev/shm: $left"
   left=$(ls -A "$TMPDIR" | grep "^tpfuse" || true)
@@ -153,7 +159,7 @@ deadline=$(( start + JOB_DEADLINE_S ))
 while [ "$(count_files "$WORK/cross" '^ready-rank')" -lt 4 ]; do
   alive=0
   for pid in "${cross_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-  [ $alive -eq 1 ] && [ "$(date +%s)" -lt "$deadline" ] || break
+  if [ $alive -eq 0 ] || [ "$(date +%s)" -ge "$deadline" ]; then break; fi
   sleep 0.2
 done
 if [ "$(count_files "$WORK/cross" '^ready-rank')" -lt 4 ]; then
@@ -188,11 +194,6 @@ else
   fi
   "$PYTHON" "$WORKER" judge-cut "$WORK/cross" --cut-at "$cut_at" --timeout-ms "$CUT_TIMEOUT_MS" \
     --margin-s "$CUT_MARGIN_S" --survivors 0,1 --lost 2,3 || { fail "the cut (above)"; show_logs cross; }
-  for ns in "${TPFUSE_CLUSTER}-h0" "${TPFUSE_CLUSTER}-h1"; do
-    left=$(ip netns pids "$ns" 2>/dev/null | xargs -r ps -o pid=,args= -p)
-    [ -z "$left" ] || fail "processes of job 1 left in $ns:
-$left"
-  done
   check_leftovers "job 1"
 fi
 JOB_PIDS=()

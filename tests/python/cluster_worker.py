@@ -235,14 +235,15 @@ def judge_job(verdict, label, infos, outputs, transport):
                   f"{label}: ranks by host {hosts}, expected ranks 0, 1 on one host and 2, 3 on another")
     for rank, info in enumerate(infos):
         got = info["comm_info"]
-        expected = {"rank": rank, "size": p, "hosts": 2, "transport": transport}
+        expected = {"rank": rank, "size": p, "hosts": 2, "ranks_on_host": 2,
+                    "transport": transport}
         for key, value in expected.items():
             verdict.check(got.get(key) == value,
                           f"{label}, rank {rank}: comm_info {key} = {got.get(key)!r}, expected {value!r}")
         if rank in SUBGROUP_RANKS:
             sub = info.get("subgroup_comm_info", {})
             for key, value in {"rank": rank, "size": len(SUBGROUP_RANKS), "hosts": 1,
-                               "transport": "shm"}.items():
+                               "ranks_on_host": len(SUBGROUP_RANKS), "transport": "shm"}.items():
                 verdict.check(sub.get(key) == value,
                               f"{label}, rank {rank}: the subgroup's comm_info {key} = "
                               f"{sub.get(key)!r}, expected {value!r}")
