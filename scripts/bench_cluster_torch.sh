@@ -7,7 +7,7 @@
 # a decode and a prefill shape, bf16. Writes FILE (a JSON list of records:
 # hosts, ranks_per_host, link_gbps, m, n, k, t_tpfuse, t_torch, ratio =
 # t_torch / t_tpfuse, t_gemm, t_allreduce, ...) and FILE's name with .png
-# (the plot), and prints the table. About 3 minutes here.
+# (the plot), and prints the table. About 2 minutes here.
 #
 #   bench_cluster_torch.sh OUT.json [BUILD_DIR]
 #
