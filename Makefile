@@ -14,7 +14,7 @@ PYTHON       ?= /usr/bin/python3
 CMAKE_FLAGS  ?=
 
 .PHONY: all deps configure build demo test test-release test-asan test-tsan test-fuzz test-deb clean \
-        bench-cluster deb deb-check
+        bench-cluster bench-cluster-torch deb deb-check
 
 all: build
 
@@ -74,6 +74,14 @@ deb-check: deb
 bench-cluster: build
 	@test -n "$(JSON)" || { echo "usage: make bench-cluster JSON=FILE"; exit 2; }
 	./scripts/bench_cluster.sh $(JSON) $(BUILD)
+
+# The PyTorch binding across emulated hosts (root): tpfuse.npu_mm_all_reduce_base
+# against torch.matmul + dist.all_reduce (gloo) in torchrun jobs over 2 hosts
+# of 1 and 2 ranks, links at 1 and 2.5 Gbit/s, a decode and a prefill shape.
+# Writes JSON (and JSON's name with .png, the plot).
+bench-cluster-torch: build
+	@test -n "$(JSON)" || { echo "usage: make bench-cluster-torch JSON=FILE"; exit 2; }
+	PYTHON=$(PYTHON) ./scripts/bench_cluster_torch.sh $(JSON) $(BUILD)
 
 # The tests of tpfuse's threads (the communicator, the launcher and its life
 # cycle, the pipeline and its helper thread with every operator, faults in
