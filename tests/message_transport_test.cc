@@ -199,10 +199,12 @@ TEST(MessageTransport, GathersCarryEveryRanksBytes) {
   Group group(p);
   group.run([&](Communicator& comm) {
     const int r = comm.rank();
-    const auto strings = comm.all_gather(std::string(static_cast<std::size_t>(r) * 3, 'a' + r));
-    for (int q = 0; q < p; ++q) {
-      ASSERT_EQ(strings[q], std::string(static_cast<std::size_t>(q) * 3, 'a' + q));
-    }
+    // Lengths 0, 3000 (past the first round's slot) and 6.
+    const auto length = [](int q) { return static_cast<std::size_t>(q == 1 ? 3000 : q * 3); };
+    const auto strings = comm.all_gather(std::string(length(r), 'a' + r));
+    for (int q = 0; q < p; ++q) ASSERT_EQ(strings[q], std::string(length(q), 'a' + q));
+    const auto small = comm.all_gather(std::string(1, 'x'));
+    ASSERT_EQ(small, std::vector<std::string>(p, "x"));
     std::vector<std::int32_t> out(8, -1);
     std::size_t offset = 0;
     for (int q = 0; q < r; ++q) offset += counts[q];

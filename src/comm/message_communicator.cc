@@ -29,6 +29,8 @@ constexpr int kNoticeTag = 0;
 constexpr std::size_t kNoticeBytes = 1024;
 constexpr std::uint64_t kTagCycle = std::uint64_t{1} << 24;
 constexpr int kMaxInFlight = 3;
+constexpr std::size_t kSlotBytes = 2048;
+std::size_t first_bytes(std::size_t length) { return std::min(length, kSlotBytes - 8); }
 
 struct Message {
   int peer = 0;
@@ -197,11 +199,18 @@ class MessageCommunicator final : public Communicator,
     return std::make_unique<MessageWork>(shared_from_this(), std::move(op));
   }
 
+  // One round where every contribution fits a slot (the agreement's
+  // headers do): a slot of kSlotBytes carries its length and its first
+  // bytes; a second round carries what did not fit.
   std::vector<std::string> do_all_gather(std::string_view mine) override {
     finish(0);
     const int p = size();
-    std::vector<std::uint64_t> sizes(static_cast<std::size_t>(p), 0);
-    sizes[rank()] = mine.size();
+    const std::size_t first = first_bytes(mine.size());
+    std::vector<std::vector<std::byte>> slots(static_cast<std::size_t>(p),
+                                              std::vector<std::byte>(kSlotBytes));
+    const std::uint64_t length = mine.size();
+    std::memcpy(slots[rank()].data(), &length, 8);
+    if (first > 0) std::memcpy(slots[rank()].data() + 8, mine.data(), first);
     std::shared_ptr<Op> op;
     {
       const std::lock_guard lock(mutex_);
@@ -209,35 +218,43 @@ class MessageCommunicator final : public Communicator,
       op = new_op_locked(false);
       for (int r = 0; r < p; ++r) {
         if (r == rank()) continue;
-        receive_locked(*op, r, kSizes, reinterpret_cast<std::byte*>(&sizes[r]), 8);
-        send_locked(*op, r, kSizes, reinterpret_cast<const std::byte*>(&sizes[rank()]), 8);
+        receive_locked(*op, r, kSizes, slots[r].data(), kSlotBytes);
+        send_locked(*op, r, kSizes, slots[rank()].data(), kSlotBytes);
       }
     }
     wait(*op, -1);
     std::vector<std::string> gathered(static_cast<std::size_t>(p));
-    gathered[rank()] = std::string(mine);
+    bool rest = false;
+    for (int r = 0; r < p; ++r) {
+      std::uint64_t bytes = 0;
+      std::memcpy(&bytes, slots[r].data(), 8);
+      require(bytes <= max_gather_bytes(), "all_gather: rank ", job_rank(r), " sent ", bytes,
+              " bytes, over the limit of ", max_gather_bytes());
+      gathered[r].resize(bytes);
+      const std::size_t in_slot = first_bytes(bytes);
+      if (in_slot > 0) std::memcpy(gathered[r].data(), slots[r].data() + 8, in_slot);
+      rest = rest || bytes > in_slot;
+    }
+    if (!rest) return gathered;
     {
       const std::lock_guard lock(mutex_);
       rethrow_locked();
-      for (int r = 0; r < p; ++r) {
-        require(sizes[r] <= max_gather_bytes(), "all_gather: rank ", r, " sent ", sizes[r],
-                " bytes, over the limit of ", max_gather_bytes());
-      }
       op = new_op_locked(false);
       for (int r = 0; r < p; ++r) {
         if (r == rank()) continue;
-        gathered[r].resize(sizes[r]);
-        if (sizes[r] > 0) {
-          receive_locked(*op, r, kBytes, reinterpret_cast<std::byte*>(gathered[r].data()),
-                         sizes[r]);
+        if (gathered[r].size() > first_bytes(gathered[r].size())) {
+          receive_locked(*op, r, kBytes,
+                         reinterpret_cast<std::byte*>(gathered[r].data()) + (kSlotBytes - 8),
+                         gathered[r].size() - (kSlotBytes - 8));
         }
-        if (!mine.empty()) {
-          send_locked(*op, r, kBytes, reinterpret_cast<const std::byte*>(gathered[rank()].data()),
-                      mine.size());
+        if (mine.size() > first) {
+          send_locked(*op, r, kBytes, reinterpret_cast<const std::byte*>(mine.data()) + first,
+                      mine.size() - first);
         }
       }
     }
     wait(*op, -1);
+    gathered[rank()] = std::string(mine);
     return gathered;
   }
 
