@@ -23,6 +23,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <vector>
 
+#include "torch_convert.h"
 #include "tpfuse/comm/hierarchical.h"
 #include "tpfuse/comm/messages.h"
 #include "tpfuse/comm/mpi.h"
@@ -113,23 +114,12 @@ std::shared_ptr<comm::Communicator> over(const ProcessGroup& group, const std::s
   return comm::create_message_communicator(std::make_shared<ProcessGroupEngine>(group), options);
 }
 
-template <class F>
-auto translated(F&& body) {
-  try {
-    return body();
-  } catch (const InvalidArgument& error) {
-    throw py::value_error(error.what());
-  } catch (const std::exception& error) {
-    throw std::runtime_error(error.what());
-  }
-}
-
 std::string create_group_communicator(const std::string& name, const ProcessGroup& world,
                                       const std::vector<std::string>& host_keys,
                                       const std::optional<ProcessGroup>& rail,
                                       const std::optional<ProcessGroup>& host,
                                       std::int64_t timeout_ms) {
-  return translated([&] {
+  return translate_errors([&] {
     require(timeout_ms > 0, "timeout_ms: expected a positive number of milliseconds, got ",
             timeout_ms);
     require(static_cast<int>(host_keys.size()) == world->getSize(), "host_keys: expected ",
@@ -165,11 +155,12 @@ std::string create_group_communicator(const std::string& name, const ProcessGrou
 }
 
 std::string create_mpi_communicator() {
-  return translated([] { return comm::register_communicator(comm::create_mpi_communicator()); });
+  return translate_errors(
+      [] { return comm::register_communicator(comm::create_mpi_communicator()); });
 }
 
 py::tuple host_layout(const std::vector<std::string>& host_keys, int rank) {
-  return translated([&] {
+  return translate_errors([&] {
     require(rank >= 0 && rank < static_cast<int>(host_keys.size()), "rank: expected 0 <= rank < ",
             host_keys.size(), ", got ", rank);
     const comm::HostLayout layout = comm::host_layout(host_keys, rank);
@@ -178,7 +169,7 @@ py::tuple host_layout(const std::vector<std::string>& host_keys, int rank) {
 }
 
 py::dict comm_info(const std::string& hcom) {
-  return translated([&] {
+  return translate_errors([&] {
     const auto communicator = comm::find_communicator(hcom);
     py::dict info;
     info["name"] = communicator->name();
