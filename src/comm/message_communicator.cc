@@ -24,7 +24,7 @@ using Transfer = MessageEngine::Transfer;
 
 // A collective's messages go under tag index * kKinds + kind, so each
 // collective's are its own; tag 0 carries abort notices.
-enum Kind : int { kShares = 1, kResults = 2, kSizes = 3, kBytes = 4, kKinds = 8 };
+enum Kind : int { kShares = 1, kResults = 2, kSlots = 3, kBytes = 4, kKinds = 8 };
 constexpr int kNoticeTag = 0;
 constexpr std::size_t kNoticeBytes = 1024;
 constexpr std::uint64_t kTagCycle = std::uint64_t{1} << 24;
@@ -218,8 +218,8 @@ class MessageCommunicator final : public Communicator,
       op = new_op_locked(false);
       for (int r = 0; r < p; ++r) {
         if (r == rank()) continue;
-        receive_locked(*op, r, kSizes, slots[r].data(), kSlotBytes);
-        send_locked(*op, r, kSizes, slots[rank()].data(), kSlotBytes);
+        receive_locked(*op, r, kSlots, slots[r].data(), kSlotBytes);
+        send_locked(*op, r, kSlots, slots[rank()].data(), kSlotBytes);
       }
     }
     wait(*op, -1);

@@ -27,6 +27,7 @@ hostname and network namespace, or TPFUSE_HOST where set):
 level (TPFUSE_LOG=info).
 """
 import datetime
+import os
 import secrets
 
 import torch
@@ -84,7 +85,6 @@ def _mpi_rank():
     """(rank, size) in MPI's world where mpirun started this process, else None."""
     if not _tpfuse_c10d.launched_by_mpi():
         return None
-    import os
     return int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
 
 
