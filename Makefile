@@ -18,7 +18,7 @@ CMAKE_FLAGS  ?=
 SAN_FLAGS    ?= -O2 -g1 -DNDEBUG
 
 .PHONY: all deps configure build demo test test-release test-asan test-tsan test-fuzz test-deb clean \
-        bench-cluster bench-cluster-torch deb deb-check
+        bench-cluster bench-cluster-torch bench-decoder deb deb-check
 
 all: build
 
@@ -92,6 +92,13 @@ bench-cluster: build
 bench-cluster-torch: build
 	@test -n "$(JSON)" || { echo "usage: make bench-cluster-torch JSON=FILE"; exit 2; }
 	PYTHON=$(PYTHON) ./scripts/bench_cluster_torch.sh $(JSON) $(BUILD)
+
+# The tensor-parallel decoder (examples/tp_decoder), tpfuse against torch.matmul
+# + dist.all_reduce: prefill and decode, bf16 and int8 weights, 1, 2 and 4
+# ranks, in one run; the records in JSON, the table, and JSON's .png.
+bench-decoder: build
+	@test -n "$(JSON)" || { echo "usage: make bench-decoder JSON=FILE"; exit 2; }
+	PYTHONPATH=$(BUILD)/python $(PYTHON) examples/tp_decoder/bench.py --json $(JSON)
 
 # The tests of tpfuse's threads (the communicator, the launcher and its life
 # cycle, the pipeline and its helper thread with every operator, faults in
