@@ -1,7 +1,8 @@
+#!/usr/bin/python3
 """The tensor-parallel decoder (model.py) on both backends, in one run: prefill and
 decode, bf16 and int8 weights, over 1, 2 and 4 ranks.
 
-    python3 examples/tp_decoder/bench.py --json decoder.json   # also decoder.png
+    /usr/bin/python3 examples/tp_decoder/bench.py --json decoder.json   # also decoder.png
     make bench-decoder JSON=decoder.json
 
 For each rank count, every rank builds the four variants (backend x weights)

@@ -1,7 +1,8 @@
+#!/usr/bin/python3
 """Greedy generation with the tensor-parallel decoder (model.py) over p ranks.
 
-    python3 examples/tp_decoder/generate.py --ranks 2 --tokens 32
-    python3 examples/tp_decoder/generate.py --ranks 2 --backend torch --weights int8
+    /usr/bin/python3 examples/tp_decoder/generate.py --ranks 2 --tokens 32
+    /usr/bin/python3 examples/tp_decoder/generate.py --ranks 2 --backend torch --weights int8
 
 Prints the generated token ids (the same on every rank, and for every backend
 and rank count: the tests check it), the time to the first token (the

@@ -33,7 +33,11 @@ def threads_per_rank(ranks):
 
 
 def _rank_main(rank, ranks, directory, fn, args):
-    torch.set_num_threads(threads_per_rank(ranks))
+    # The same share of the cores for torch and for tpfuse, whose GEMMs on a
+    # group of one rank would otherwise take every core of the host.
+    threads = threads_per_rank(ranks)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TPFUSE_NUM_THREADS", str(threads))
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank,
                             world_size=ranks)
     try:

@@ -128,17 +128,22 @@ class Linear:
     """One rank's piece of a linear layer: weight [n, k] bf16, or int8 with per-channel scale."""
 
     def __init__(self, weight, quantize):
-        self.weight, self.scale = weight.contiguous(), None
+        self.weight, self.scale, self._bf16 = weight.contiguous(), None, None
         if quantize:
             self.scale = (weight.float().abs().amax(dim=1) / 127).clamp_min(1e-8).bfloat16()
             self.weight = (weight.float() / self.scale.float()[:, None]).round().clamp(-127, 127)
             self.weight = self.weight.to(torch.int8).contiguous()
 
     def dense(self, dtype=torch.bfloat16):
-        """The weight as `dtype` ([n, k]), dequantised: what a backend without int8 runs."""
+        """The weight as `dtype` ([n, k]), dequantised: what a backend without int8
+        runs (made once for bf16)."""
         if self.scale is None:
             return self.weight.to(dtype)
-        return (self.weight.double() * self.scale.double()[:, None]).to(dtype)
+        if dtype != torch.bfloat16:
+            return (self.weight.double() * self.scale.double()[:, None]).to(dtype)
+        if self._bf16 is None:
+            self._bf16 = self.dense(torch.float64).bfloat16()
+        return self._bf16
 
     def quant_args(self):
         return {} if self.scale is None else {"antiquant_scale": self.scale}
@@ -150,28 +155,27 @@ def shard(weights, config, rank, ranks, quantize=False):
     check_split(config, ranks)
     hd = config.head_dim
 
-    def rows(t, parts):
-        step = t.shape[0] // parts
+    def rows(t):
+        step = t.shape[0] // ranks
         return t[rank * step:(rank + 1) * step]
 
-    def cols(t, parts):
-        step = t.shape[1] // parts
+    def cols(t):
+        step = t.shape[1] // ranks
         return t[:, rank * step:(rank + 1) * step]
 
     layers = []
     for w in weights["layers"]:
-        qkv = torch.cat([rows(w["q"], ranks), rows(w["k"], ranks), rows(w["v"], ranks)])
+        qkv = torch.cat([rows(w["q"]), rows(w["k"]), rows(w["v"])])
         layers.append({
             "attn_norm": w["attn_norm"], "mlp_norm": w["mlp_norm"],
             "qkv": Linear(qkv, quantize),
-            "o": Linear(cols(w["o"], ranks), quantize),
-            "gate_up": Linear(torch.cat([rows(w["gate"], ranks), rows(w["up"], ranks)]), quantize),
-            "down": Linear(cols(w["down"], ranks), quantize),
+            "o": Linear(cols(w["o"]), quantize),
+            "gate_up": Linear(torch.cat([rows(w["gate"]), rows(w["up"])]), quantize),
+            "down": Linear(cols(w["down"]), quantize),
         })
     return {"embed": weights["embed"], "layers": layers, "final_norm": weights["final_norm"],
-            "lm_head": Linear(cols(weights["lm_head"], ranks), quantize),
-            "heads": config.heads // ranks,
-            "kv_heads": config.kv_heads // ranks, "head_dim": hd,
+            "lm_head": Linear(cols(weights["lm_head"]), quantize),
+            "heads": config.heads // ranks, "kv_heads": config.kv_heads // ranks, "head_dim": hd,
             "hidden_slice": slice(rank * config.hidden // ranks, (rank + 1) * config.hidden // ranks)}
 
 
@@ -207,19 +211,12 @@ class TorchBackend:
         import torch.distributed as dist
         self.dist, self.group = dist, group
         self.ranks = dist.get_world_size(group)
-        self._dense = {}
-
-    def _weight(self, linear):
-        weight = self._dense.get(id(linear))
-        if weight is None:
-            weight = self._dense[id(linear)] = linear.dense()
-        return weight
 
     def column(self, x, linear):
-        return F.linear(x, self._weight(linear))
+        return F.linear(x, linear.dense())
 
     def row(self, x, linear):
-        partial = F.linear(x, self._weight(linear))
+        partial = F.linear(x, linear.dense())
         if self.ranks == 1:
             return partial
         summed = partial.float()
@@ -395,21 +392,28 @@ class Decoder:
         """Causal attention of this rank's heads; qkv [b, s, (heads + 2 kv_heads) * hd]."""
         b, s, _ = qkv.shape
         heads, kv_heads, hd = self.w["heads"], self.w["kv_heads"], self.w["head_dim"]
+        group, end = heads // kv_heads, pos + s
         q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
         q = self._rotate(q.reshape(b, s, heads, hd), pos)
         k = self._rotate(k.reshape(b, s, kv_heads, hd), pos)
         keys, values = layer_cache
-        keys[:, :, pos:pos + s] = k.transpose(1, 2)
-        values[:, :, pos:pos + s] = v.reshape(b, s, kv_heads, hd).transpose(1, 2)
-        end, group = pos + s, heads // kv_heads
-        kk = keys[:, :, :end].to(self.acc).repeat_interleave(group, dim=1)
-        vv = values[:, :, :end].to(self.acc).repeat_interleave(group, dim=1)
-        scores = q.transpose(1, 2).to(self.acc) @ kk.transpose(-1, -2) / math.sqrt(hd)
+        keys[:, :, pos:end] = k.transpose(1, 2)
+        values[:, :, pos:end] = v.reshape(b, s, kv_heads, hd).transpose(1, 2)
+        # The query heads that share a key-value head become rows of one
+        # product, [b * kv_heads, group * s, hd], so no key is copied per head.
+        rows = q.view(b, s, kv_heads, group, hd).permute(0, 2, 3, 1, 4)
+        rows = rows.reshape(b * kv_heads, group * s, hd).to(self.acc)
+        kk = keys[:, :, :end].reshape(b * kv_heads, end, hd).to(self.acc)
+        vv = values[:, :, :end].reshape(b * kv_heads, end, hd).to(self.acc)
         if s > 1:
-            future = torch.ones(s, end, dtype=torch.bool).triu(pos + 1)
-            scores = scores.masked_fill(future, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ vv
-        return out.transpose(1, 2).reshape(b * s, heads * hd).to(self.dtype)
+            future = torch.full((s, end), float("-inf"), dtype=self.acc).triu(pos + 1)
+            scores = torch.baddbmm(future.repeat(group, 1), rows, kk.transpose(1, 2),
+                                   alpha=1 / math.sqrt(hd))
+        else:
+            scores = torch.bmm(rows, kk.transpose(1, 2)).mul_(1 / math.sqrt(hd))
+        out = torch.bmm(torch.softmax(scores, dim=-1), vv)
+        out = out.view(b, kv_heads, group, s, hd).permute(0, 3, 1, 2, 4)
+        return out.reshape(b * s, heads * hd).to(self.dtype)
 
 
 def generate(decoder, prompt, tokens):
