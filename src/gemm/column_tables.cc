@@ -13,6 +13,28 @@ void zeroed(AlignedBuffer<float>& buffer, std::int64_t count) {
   std::fill(buffer.data(), buffer.data() + count, 0.0f);
 }
 
+// Elements first, first + stride, ... (count of them) of a scale or offset
+// view as fp32, load_as_f32's values without its dtype switch per element:
+// a call converts all of a per-group table ([k / G, n]), which one element
+// at a time took 60 us of a 340 us decode step (n = 5632, k = 1024, G = 128).
+void load_row(const TensorView& view, std::int64_t first, std::int64_t stride, std::int64_t count,
+              float* out) {
+  switch (view.dtype()) {
+    case DType::bf16: {
+      const BFloat16* in = view.data_as<const BFloat16>() + first;
+      for (std::int64_t j = 0; j < count; ++j) out[j] = bf16_to_f32(in[j * stride]);
+      return;
+    }
+    case DType::f16: {
+      const Half* in = view.data_as<const Half>() + first;
+      for (std::int64_t j = 0; j < count; ++j) out[j] = f16_to_f32(in[j * stride]);
+      return;
+    }
+    default:
+      for (std::int64_t j = 0; j < count; ++j) out[j] = load_as_f32(view, first + j * stride);
+  }
+}
+
 }  // namespace
 
 ColumnTables::ColumnTables(const GemmOperands& ops, std::int64_t n_padded) : n_padded_(n_padded) {
@@ -38,12 +60,11 @@ ColumnTables::ColumnTables(const GemmOperands& ops, std::int64_t n_padded) : n_p
   zeroed(scales_, groups * n_padded);
   has_offset_ = ops.offset.has_value();
   if (has_offset_) zeroed(offsets_, groups * n_padded);
+  const std::int64_t stride = s.scale_kind == ScaleKind::per_tensor ? 0 : 1;
   for (std::int64_t g = 0; g < groups; ++g) {
-    for (std::int64_t j = 0; j < s.n; ++j) {
-      const std::int64_t index = scale_index(s, g * group_rows_, j);
-      scales_.data()[g * n_padded + j] = load_as_f32(*ops.scale, index);
-      if (has_offset_) offsets_.data()[g * n_padded + j] = load_as_f32(*ops.offset, index);
-    }
+    const std::int64_t first = scale_index(s, g * group_rows_, 0);
+    load_row(*ops.scale, first, stride, s.n, scales_.data() + g * n_padded);
+    if (has_offset_) load_row(*ops.offset, first, stride, s.n, offsets_.data() + g * n_padded);
   }
 }
 
