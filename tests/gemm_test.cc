@@ -245,6 +245,47 @@ TEST_P(EngineTest, RowsDoNotDependOnRangeOrThreads) {
 INSTANTIATE_TEST_SUITE_P(Cases, EngineTest, ::testing::ValuesIn(engine_cases()),
                          [](const ::testing::TestParamInfo<NamedCase>& info) { return info.param.name; });
 
+// A packed int8 weight (the binding's cache, tpfuse::PackedWeight) keeps its
+// int8 pairs and is dequantized in registers, several panels at a time for a
+// row or two and 32 columns a pass from 7 rows: every level within the bound,
+// any row ranges and threads the same bits. k = 257: a ragged last group of
+// one row and a half pair; n = 300: 4 + 1 panels, the last one ragged.
+TEST(PackedInt8Weight, DecodeRowsMatchGoldenInAnyRanges) {
+  for (bool transposed : {false, true}) {
+    for (std::int64_t m : {1, 2, 8, 13}) {
+      CaseSpec spec = make_spec(Mode::weight_quant, DType::bf16, m, 257, 300);
+      spec.scale_kind = m % 2 == 0 ? ScaleKind::per_group : ScaleKind::per_channel;
+      spec.group_size = m % 2 == 0 ? 128 : 0;
+      spec.offset = m != 8;
+      spec.bias = true;
+      spec.x3 = m > 2;
+      spec.x2_transposed = transposed;
+      GemmCase c(spec);
+      const testing::RankArgs args[] = {c.inputs.args};
+      const testing::GoldenResult golden = testing::golden_mm_all_reduce(args);
+      for (IsaLevel level : runnable_levels()) {
+        const auto packing = pack_x2_for_isa(c.operands, level);
+        GemmOperands packed = c.operands;
+        packed.packed = packing.get();
+        const auto gemm = prepare_gemm_for_isa(packed, level);
+        SCOPED_TRACE(cat("m=", m, transposed ? " transposed" : "", " at ", isa_name(level), ": ",
+                         gemm->engine()));
+        std::vector<unsigned char> out = compute(*gemm, c.shape, whole(m));
+        const std::int64_t out_shape[2] = {m, c.shape.n};
+        const testing::Comparison cmp =
+            testing::compare(TensorView(out.data(), c.shape.out_dtype, out_shape), golden);
+        EXPECT_TRUE(cmp.ok()) << cmp.mismatches
+                              << " elements beyond their bound; worst |error| / bound "
+                              << cmp.worst_ratio;
+        EXPECT_TRUE(compute(*gemm, c.shape, random_cuts(m, 5)) == out) << "random row ranges";
+        packed.threads = 2;
+        EXPECT_TRUE(compute(*prepare_gemm_for_isa(packed, level), c.shape, whole(m)) == out)
+            << "2 threads";
+      }
+    }
+  }
+}
+
 // ---- full quant with a per-row scale ----
 //
 // scale(i, j) = row_scale[i] * scale[j], one fp32 product, then times the

@@ -5,10 +5,13 @@
 // products (a 14 x 32 tile needs 16 for 28, and ran 1-3% slower at 2048^3 on
 // Zen 5). Besides the packed-B tile kernel: B read in place from a row-major
 // x2 (rows interleaved in registers) or from a transposed one (16 x 16
-// transposes in registers), for few rows; both build the words pack_b stores
-// and add them in the same order, so every path gives the same bits.
+// transposes in registers), for few rows; or from int8 pairs (a packed int8
+// weight, half the bytes) dequantized in registers. All build the words
+// pack_b stores and add them in the same order, so every path gives the
+// same bits.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -18,9 +21,11 @@
 #error "kernels_avx512_bf16.cc must be compiled with -mavx512bf16"
 #endif
 
-// GCC 12's conversion intrinsics start from an undefined vector, which its
-// -Wmaybe-uninitialized reports in every caller.
+// GCC 12's conversion and shift intrinsics start from an undefined vector,
+// which its -Wmaybe-uninitialized (or, inlined deep enough,
+// -Wuninitialized) reports in every caller.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace tpfuse::gemm {
 
@@ -30,6 +35,9 @@ constexpr int kLanes = 16;
 constexpr int kMR = 6;
 constexpr int kVecs = 4;
 constexpr int kNR = kVecs * kLanes;
+constexpr int kI8Rows = 2 * kMR;
+// Pairs ahead of the int8 kernel's loads that it prefetches.
+constexpr int kPrefetchPairs = 32;
 
 inline __m512bh as_pairs(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
@@ -60,35 +68,36 @@ inline void finish_bf16(__m512 sum, const TileEpilogue& e, int row, int column) 
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(result));
 }
 
-// A tile's sums: stored to acc (more steps of k follow), or finished by the
-// epilogue into the output (nr columns of it).
-template <int kRows>
-inline void finish_tile(const __m512 (&acc)[kRows][kVecs], float* sums_out, std::int64_t acc_ld,
+// A tile's sums (kCols vectors of columns a row): stored to acc (more steps
+// of k follow), or finished by the epilogue into the output (nr columns of it).
+template <int kRows, int kCols = kVecs>
+inline void finish_tile(const __m512 (&acc)[kRows][kCols], float* sums_out, std::int64_t acc_ld,
                         const TileEpilogue* epilogue, int nr) {
   if (epilogue == nullptr) {
 #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
-      for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(sums_out + i * acc_ld + v * kLanes, acc[i][v]);
+      for (int v = 0; v < kCols; ++v)
+        _mm512_storeu_ps(sums_out + i * acc_ld + v * kLanes, acc[i][v]);
     }
     return;
   }
   const TileEpilogue& e = *epilogue;
-  if (nr == kNR && e.out_dtype == DType::bf16) {
+  if (nr == kCols * kLanes && e.out_dtype == DType::bf16) {
 #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
-      for (int v = 0; v < kVecs; ++v) finish_bf16(acc[i][v], e, i, v * kLanes);
+      for (int v = 0; v < kCols; ++v) finish_bf16(acc[i][v], e, i, v * kLanes);
     }
     return;
   }
-  alignas(64) float sums[kRows * kNR];
+  alignas(64) float sums[kRows * kCols * kLanes];
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) _mm512_store_ps(sums + i * kNR + v * kLanes, acc[i][v]);
+    for (int v = 0; v < kCols; ++v) _mm512_store_ps(sums + (i * kCols + v) * kLanes, acc[i][v]);
   }
-  avx512_kernels().finish_f32(kRows, nr, sums, kNR, e);
+  avx512_kernels().finish_f32(kRows, nr, sums, kCols * kLanes, e);
 }
 
 template <int kRows>
@@ -393,6 +402,246 @@ void set_columns(PairColumnsKernel* by_rows, std::index_sequence<kRowsMinusOne..
   ((by_rows[kRowsMinusOne] = &pair_columns_tile<static_cast<int>(kRowsMinusOne) + 1, kFormat>), ...);
 }
 
+// A group's scales (offsets) of NR columns as the packed int8 pairs line up
+// with them: dup[2v] holds columns 16v .. 16v+7, dup[2v + 1] columns 16v+8 ..
+// 16v+15, each twice (its even and odd value of k).
+inline void duplicate_columns(const float* row, __m512 (&dup)[2 * kVecs]) {
+  const __m512i low = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+#pragma GCC unroll 4
+  for (int v = 0; v < kVecs; ++v) {
+    const __m512 values = _mm512_loadu_ps(row + v * kLanes);
+    dup[2 * v] = _mm512_permutexvar_ps(low, values);
+    dup[2 * v + 1] = _mm512_permutexvar_ps(high, values);
+  }
+}
+
+// 16 columns of one packed int8 pair, dequantized and rounded to bf16 pairs
+// by load_i8_row's instructions, element for element.
+template <bool kOffset>
+inline __m512bh dequantize_pairs(const std::int8_t* q, const __m512 (&scale)[2 * kVecs],
+                                 const __m512 (&offset)[2 * kVecs], int v) {
+  __m512 low = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  __m512 high = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  if constexpr (kOffset) {
+    low = _mm512_add_ps(low, offset[2 * v]);
+    high = _mm512_add_ps(high, offset[2 * v + 1]);
+  }
+  return _mm512_cvtne2ps_pbh(_mm512_mul_ps(high, scale[2 * v + 1]),
+                             _mm512_mul_ps(low, scale[2 * v]));
+}
+
+// The 16 columns of one packed int8 pair of a panel as bf16 pairs; the half
+// pair that ends an odd k keeps only its even value (pack_b stores zero for
+// the missing one, not its dequantized zero).
+template <bool kOffset>
+inline __m512bh panel_pairs(const std::int8_t* q, const __m512 (&scale)[2 * kVecs],
+                            const __m512 (&offset)[2 * kVecs], int v, bool half) {
+  const __m512bh pairs = dequantize_pairs<kOffset>(q + 2 * v * kLanes, scale, offset, v);
+  if (!half) return pairs;
+  return as_pairs(_mm512_maskz_mov_epi16(0x55555555u, reinterpret_cast<__m512i>(pairs)));
+}
+
+// Columns [first, first + kPanels * kCols * 16) of a PairI8Tile: kRows x
+// kPanels x kCols accumulators, so that few rows still keep enough dot
+// products in flight (one row of one panel is 4 dependent chains: n = 5632,
+// k = 1024 from DRAM took 465 us against bf16's 422 in one run; four panels
+// at a time, 301 against 547 in another), and up to 12 rows dequantize each
+// weight once (2 vectors a pass). Each sum's order is the pair kernel's.
+template <int kRows, int kPanels, int kCols, bool kOffset>
+void i8_tile_part(const PairI8Tile& t, std::int64_t first) {
+  constexpr int kAcc = kPanels * kCols;
+  constexpr int kPanelCols = kCols * kLanes;
+  // The part's vectors: panel first / kNR + q, vector (first % kNR) / 16 + u.
+  const std::int64_t panel = first / kNR;
+  const int v0 = static_cast<int>(first % kNR) / kLanes;
+  __m512 acc[kRows][kAcc];
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 16
+    for (int c = 0; c < kAcc; ++c) {
+      const std::int64_t column = (c / kCols) * kNR + first + (c % kCols) * kLanes;
+      acc[i][c] =
+          t.accumulate ? _mm512_loadu_ps(t.acc + i * t.acc_ld + column) : _mm512_setzero_ps();
+    }
+  }
+  const std::uint32_t* a = t.a;
+  const std::int8_t* b = t.b + panel * t.b_panel_stride;
+  const std::int64_t end = t.l0 + 2 * t.kp;
+  for (std::int64_t l = t.l0; l < end;) {
+    const std::int64_t group = l / t.group_rows;
+    const std::int64_t stop = std::min(end, (group + 1) * t.group_rows);
+    __m512 scale[kPanels][2 * kVecs], offset[kPanels][2 * kVecs];
+#pragma GCC unroll 4
+    for (int q = 0; q < kPanels; ++q) {
+      duplicate_columns(t.scale + group * t.scale_ld + (panel + q) * kNR, scale[q]);
+      if constexpr (kOffset)
+        duplicate_columns(t.offset + group * t.scale_ld + (panel + q) * kNR, offset[q]);
+    }
+    for (; l < stop; l += 2) {
+      const bool half = l + 1 == t.k;
+      __m512bh b_pairs[kAcc];
+#pragma GCC unroll 4
+      for (int q = 0; q < kPanels; ++q) {
+        // The packed weight comes from DRAM, and a pass over half a panel
+        // reads every other cache line, which the prefetchers missed: 8 rows
+        // waited on these loads half their time. The first pass fetches
+        // both lines of a pair (its step of kp pairs fits L1 for the next).
+        if (v0 == 0) {
+          const char* ahead =
+              reinterpret_cast<const char*>(b + q * t.b_panel_stride) + kPrefetchPairs * 2 * kNR;
+          _mm_prefetch(ahead, _MM_HINT_T0);
+          _mm_prefetch(ahead + 64, _MM_HINT_T0);
+        }
+#pragma GCC unroll 4
+        for (int u = 0; u < kCols; ++u) {
+          b_pairs[q * kCols + u] =
+              panel_pairs<kOffset>(b + q * t.b_panel_stride, scale[q], offset[q], v0 + u, half);
+        }
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < kRows; ++i) {
+        // Rows from MR on are packed A's next row panel, kp pairs on.
+        const std::uint32_t word = i < kMR ? a[i] : a[kMR * t.kp + i - kMR];
+        const __m512bh pair = as_pairs(_mm512_set1_epi32(static_cast<int>(word)));
+#pragma GCC unroll 16
+        for (int c = 0; c < kAcc; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], pair, b_pairs[c]);
+      }
+      a += kMR;
+      b += 2 * kNR;
+    }
+  }
+  const std::int64_t out_size =
+      t.epilogue != nullptr && t.epilogue->out_dtype == DType::f32 ? 4 : 2;
+#pragma GCC unroll 4
+  for (int q = 0; q < kPanels; ++q) {
+    __m512 part[kRows][kCols];
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+      for (int u = 0; u < kCols; ++u) part[i][u] = acc[i][q * kCols + u];
+    }
+    const std::int64_t column = q * kNR + first;
+    TileEpilogue epilogue;
+    if (t.epilogue != nullptr) {
+      epilogue = *t.epilogue;
+      if (epilogue.bias != nullptr) epilogue.bias += column;
+      if (epilogue.x3 != nullptr)
+        epilogue.x3 = static_cast<const char*>(epilogue.x3) + column * out_size;
+      epilogue.dst = static_cast<char*>(epilogue.dst) + column * out_size;
+    }
+    finish_tile<kRows, kCols>(part, t.acc + column, t.acc_ld,
+                              t.epilogue != nullptr ? &epilogue : nullptr,
+                              static_cast<int>(std::min<std::int64_t>(kPanelCols, t.nr - column)));
+  }
+}
+
+// Up to 6 rows: whole panels, several at a time for fewer rows; 7 to 12
+// rows: 32 columns a pass.
+template <int kRows, bool kOffset>
+void pair_i8_tile(const PairI8Tile& t) {
+  if constexpr (kRows > kMR) {
+    for (std::int64_t first = 0; first < std::min<std::int64_t>(t.nr, t.panels * kNR);
+         first += 2 * kLanes) {
+      i8_tile_part<kRows, 1, 2, kOffset>(t, first);
+    }
+  } else {
+    constexpr int kWide = kRows == 1 ? 4 : kRows == 2 ? 3 : kRows == 3 ? 2 : 1;
+    int panel = 0;
+    for (; panel + kWide <= t.panels; panel += kWide)
+      i8_tile_part<kRows, kWide, kVecs, kOffset>(t, panel * kNR);
+    for (; panel < t.panels; ++panel) i8_tile_part<kRows, 1, kVecs, kOffset>(t, panel * kNR);
+  }
+}
+
+template <bool kOffset, std::size_t... kRowsMinusOne>
+void set_i8_tiles(PairI8Kernel* by_rows, std::index_sequence<kRowsMinusOne...>) {
+  ((by_rows[kRowsMinusOne] = &pair_i8_tile<static_cast<int>(kRowsMinusOne) + 1, kOffset>), ...);
+}
+
+template <bool kOffset>
+void expand_i8(const PairI8Tile& t, std::uint32_t* out) {
+  const std::int8_t* b = t.b;
+  const std::int64_t end = t.l0 + 2 * t.kp;
+  for (std::int64_t l = t.l0; l < end;) {
+    const std::int64_t group = l / t.group_rows;
+    const std::int64_t stop = std::min(end, (group + 1) * t.group_rows);
+    __m512 scale[2 * kVecs], offset[2 * kVecs];
+    duplicate_columns(t.scale + group * t.scale_ld, scale);
+    if constexpr (kOffset) duplicate_columns(t.offset + group * t.scale_ld, offset);
+    for (; l < stop; l += 2) {
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) {
+        _mm512_store_si512(out + v * kLanes, reinterpret_cast<__m512i>(panel_pairs<kOffset>(
+                                                 b, scale, offset, v, l + 1 == t.k)));
+      }
+      b += 2 * kNR;
+      out += kNR;
+    }
+  }
+}
+
+// A row-major int8 block: each pair of rows interleaved byte by byte.
+void pack_b_i8_rows(const PairBSource& src, std::int8_t* out) {
+  const __mmask64 cols = src.cols >= 64 ? ~__mmask64{0} : (__mmask64{1} << src.cols) - 1;
+  const auto* q = static_cast<const std::int8_t*>(src.data);
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  static_assert(kNR == 64);
+  for (std::int64_t l = 0; l < src.rows; l += 2) {
+    const __m512i even = _mm512_maskz_loadu_epi8(cols, q + l * src.stride_k);
+    const __m512i odd = l + 1 < src.rows ? _mm512_maskz_loadu_epi8(cols, q + (l + 1) * src.stride_k)
+                                         : _mm512_setzero_si512();
+    // Within each 128-bit lane: columns 16L .. 16L+7 (low), 16L+8 .. 16L+15 (high).
+    const __m512i low = _mm512_unpacklo_epi8(even, odd);
+    const __m512i high = _mm512_unpackhi_epi8(even, odd);
+    std::int8_t* pair = out + l * kNR;
+    _mm512_storeu_si512(pair, _mm512_permutex2var_epi64(low, first, high));
+    _mm512_storeu_si512(pair + 64, _mm512_permutex2var_epi64(low, second, high));
+  }
+}
+
+// A transposed int8 block: 16 columns x 32 pairs at a time, two pairs of a
+// column as one 32-bit word, transposed 16 x 16 in registers.
+void pack_b_i8_columns(const PairBSource& src, std::int8_t* out) {
+  const auto* q = static_cast<const std::int8_t*>(src.data);
+  const std::int64_t pairs = (src.rows + 1) / 2;
+  for (int group = 0; group < kNR; group += kLanes) {
+    for (std::int64_t l = 0; l < src.rows; l += 64) {
+      const std::int64_t left = src.rows - l;
+      const __mmask64 real = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+      __m512i v[16];
+      for (int j = 0; j < 16; ++j) {
+        v[j] = group + j < src.cols
+                   ? _mm512_maskz_loadu_epi8(real, q + (group + j) * src.stride_n + l)
+                   : _mm512_setzero_si512();
+      }
+      transpose_16x16(v);
+      for (int u = 0; u < 16; ++u) {
+        const std::int64_t p = l / 2 + 2 * u;
+        if (p < pairs) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * 2 * kNR + 2 * group),
+                              _mm512_cvtepi32_epi16(v[u]));
+        }
+        if (p + 1 < pairs) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (p + 1) * 2 * kNR + 2 * group),
+                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(v[u], 16)));
+        }
+      }
+    }
+  }
+}
+
+void pack_b_i8(const PairBSource& src, std::int8_t* out) {
+  if (src.stride_n == 1) {
+    pack_b_i8_rows(src, out);
+  } else {
+    pack_b_i8_columns(src, out);
+  }
+}
+
 void pack_b(const PairBSource& src, std::uint32_t* out) {
   if (src.stride_n == 1) {
     pack_b_rows(src, out);
@@ -412,9 +661,15 @@ PairKernelTable make_table() {
   set_columns<Format::bf16>(table.columns[0], std::make_index_sequence<kMR>());
   set_columns<Format::i8>(table.columns[1], std::make_index_sequence<kMR>());
   set_columns<Format::i8_offset>(table.columns[2], std::make_index_sequence<kMR>());
-  static_assert(kMR <= kMaxMR && kNR % 32 == 0);
+  static_assert(kI8Rows <= kMaxMR && kNR % 32 == 0);
   table.pack_a = &pack_a;
   table.pack_b = &pack_b;
+  table.i8_rows = kI8Rows;
+  set_i8_tiles<false>(table.i8_tile[0], std::make_index_sequence<kI8Rows>());
+  set_i8_tiles<true>(table.i8_tile[1], std::make_index_sequence<kI8Rows>());
+  table.pack_b_i8 = &pack_b_i8;
+  table.expand_i8[0] = &expand_i8<false>;
+  table.expand_i8[1] = &expand_i8<true>;
   table.finish = &avx512_kernels();
   return table;
 }

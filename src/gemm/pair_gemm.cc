@@ -5,7 +5,10 @@
 // Every path multiplies the same packed-pair words in the same order (the
 // kernels' contract), so a call gives the same bits whichever it takes:
 //   - many rows: all of x2 packed once per call, then blocks of nc panels x
-//     mc rows x kc pairs (A block and sums in L2, B micro-panel in L1);
+//     mc rows x kc pairs (A block and sums in L2, B micro-panel in L1); an
+//     int8 weight packed as int8 pairs, dequantized into L1 once per step
+//     for all row tiles, or in registers where the rows are few (the path
+//     of a packed weight, tpfuse::PackedWeight, in decode);
 //   - few rows (decode), row-major x2: kc-steps of a few pairs across all
 //     the task's panels, x2 read as that many rows side by side (streams the
 //     prefetchers follow), packed into an L2-sized block, or read in place
@@ -42,7 +45,13 @@ constexpr std::int64_t kStreamPairs = 16;
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
-// All of x2 as packed pairs, [panel][pair][NR].
+// All of x2 as packed pairs, [panel][pair][NR]: bf16 words, or for an int8
+// weight its int8 pairs (half the bytes; pack_b_i8), dequantized by the
+// kernel. A decode step reads each weight once from memory: packed as bf16
+// words, an int8 weight took as long as a bf16 one (n = 5632, k = 1024, one
+// thread, 12 weights cycled from DRAM, 8 rows: 379 against 378 us); as int8
+// pairs, 594-631 against 743-852 us at 8 rows and 253-265 against 555-599 us
+// at 1 row (tools/bench/decode_int8.py).
 struct PairPanels final : PackedX2 {
   AlignedBuffer<std::uint32_t> words;
   std::size_t bytes() const override { return words.size() * sizeof(std::uint32_t); }
@@ -64,12 +73,17 @@ class PairGemm final : public PreparedGemm {
         nc_panels_(std::max<std::int64_t>(1, kNcColumns / kernels.nr)) {
     const GemmProblem& s = ops_.shape;
     streamed_ = s.m <= kSmallM;
+    int8_ = s.mode == Mode::weight_quant;
     if (const auto* given = dynamic_cast<const PairPanels*>(operands.packed)) {
       panels_ = given;
       streamed_ = false;
     } else if (!streamed_) {
       owned_ = std::make_shared<PairPanels>();
-      pack_all(owned_->words);
+      if (int8_) {
+        pack_all_i8(owned_->words);
+      } else {
+        pack_all(owned_->words);
+      }
       panels_ = owned_.get();
     }
   }
@@ -128,6 +142,19 @@ class PairGemm final : public PreparedGemm {
     }
   }
 
+  // Pairs [pair0, pair0 + count) of panel p as int8 pairs at out.
+  void pack_block_i8(std::int64_t p, std::int64_t pair0, std::int64_t count,
+                     std::int8_t* out) const {
+    PairBSource src;
+    src.dtype = DType::i8;
+    src.data = x2_at(2 * pair0, p * nr_);
+    src.stride_k = ops_.x2.stride(0);
+    src.stride_n = ops_.x2.stride(1);
+    src.cols = static_cast<int>(std::min<std::int64_t>(nr_, ops_.shape.n - p * nr_));
+    src.rows = std::min(ops_.shape.k, 2 * (pair0 + count)) - 2 * pair0;
+    kernels_.pack_b_i8(src, out);
+  }
+
   // All of x2, for this call. A row-major x2 is read in row order (blocks
   // of kPackPairs pairs of rows across every panel), a transposed one in
   // column order (one panel at a time): either way each cache line of x2 is
@@ -152,10 +179,34 @@ class PairGemm final : public PreparedGemm {
     });
   }
 
+  // pack_all for an int8 weight: its int8 pairs, [panel][pair][NR][2] bytes.
+  void pack_all_i8(AlignedBuffer<std::uint32_t>& packed) const {
+    const std::int64_t panel_bytes = pairs_ * nr_ * 2;
+    packed.resize(static_cast<std::size_t>(panels_count_ * panel_bytes / 4));
+    auto* out = reinterpret_cast<std::int8_t*>(packed.data());
+    const bool row_major = ops_.x2.stride(1) == 1;
+    const std::int64_t units = row_major ? ceil_div(pairs_, kPackPairs) : panels_count_;
+    const std::int64_t chunks = std::min<std::int64_t>(units, pool_->size() * 4);
+    pool_->run(static_cast<int>(chunks), [&](int chunk, int) {
+      for (std::int64_t u = units * chunk / chunks; u < units * (chunk + 1) / chunks; ++u) {
+        if (!row_major) {
+          pack_block_i8(u, 0, pairs_, out + u * panel_bytes);
+          continue;
+        }
+        const std::int64_t pair0 = u * kPackPairs;
+        const std::int64_t count = std::min(kPackPairs, pairs_ - pair0);
+        for (std::int64_t p = 0; p < panels_count_; ++p) {
+          pack_block_i8(p, pair0, count, out + p * panel_bytes + pair0 * nr_ * 2);
+        }
+      }
+    });
+  }
+
   // One kc-step over a block: rows [i0, i1) x panels [p0, p1) x pairs
   // [pc, pc + kc), A packed as row panels of [kc][MR] from a, panel p's B at
-  // b + (p - p0) * b_stride, partial sums at acc (acc_ld floats a row). The
-  // last step of k finishes the tiles into dst.
+  // b + (p - p0) * b_stride (b null: the packing's int8 pairs), partial sums
+  // at acc (acc_ld floats a row). The last step of k finishes the tiles into
+  // dst.
   struct Step {
     std::int64_t i0, i1, p0, p1, pc, kc;
     const std::uint32_t* a;
@@ -172,12 +223,36 @@ class PairGemm final : public PreparedGemm {
     const std::int64_t x3_ld = ops_.x3 ? ops_.x3->stride(0) : 0;
     auto* out = static_cast<unsigned char*>(dst);
     const bool last = step.pc + step.kc == pairs_;
+    if (step.b == nullptr && step.i1 - step.i0 <= 2 * kernels_.i8_rows) {
+      // Few rows: dequantized in registers, each weight once per call of at
+      // most i8_rows rows (cut at packed A's row panels: 12 + 4 for 16).
+      const std::int64_t rows = step.i1 - step.i0;
+      const std::int64_t calls = ceil_div(rows, kernels_.i8_rows);
+      for (std::int64_t c = 0; c < calls; ++c) {
+        Step part = step;
+        part.i0 = step.i0 + ceil_div(rows * c, calls * mr_) * mr_;
+        part.i1 = c + 1 == calls ? step.i1 : step.i0 + ceil_div(rows * (c + 1), calls * mr_) * mr_;
+        part.a = step.a + (part.i0 - step.i0) * step.kc;
+        part.acc = step.acc != nullptr ? step.acc + (part.i0 - step.i0) * step.acc_ld : nullptr;
+        run_i8_rows(part, m0, dst, ld);
+      }
+      return;
+    }
+    thread_local AlignedBuffer<std::uint32_t> expanded;
     for (std::int64_t p = step.p0; p < step.p1; ++p) {
+      const std::uint32_t* b = step.b + (p - step.p0) * step.b_stride;
+      if (step.b == nullptr) {
+        // Dequantized once for all the row tiles, then read from L1.
+        expanded.resize(static_cast<std::size_t>(step.kc * nr_));
+        const PairI8Tile tile = i8_tile(step, p, p + 1);
+        kernels_.expand_i8[tile.offset != nullptr ? 1 : 0](tile, expanded.data());
+        b = expanded.data();
+      }
       for (std::int64_t ir = step.i0; ir < step.i1; ir += mr_) {
         PairTile tile;
         tile.kp = step.kc;
         tile.a = step.a + (ir - step.i0) * step.kc;
-        tile.b = step.b + (p - step.p0) * step.b_stride;
+        tile.b = b;
         tile.acc = step.acc + (ir - step.i0) * step.acc_ld + (p - step.p0) * nr_;
         tile.acc_ld = step.acc_ld;
         tile.accumulate = step.pc > 0;
@@ -196,6 +271,52 @@ class PairGemm final : public PreparedGemm {
         kernels_.tile[tile.mr - 1](tile);
       }
     }
+  }
+
+  // Panels [p0, p1) of a step on the packing's int8 pairs as a PairI8Tile of
+  // all its rows.
+  PairI8Tile i8_tile(const Step& step, std::int64_t p0, std::int64_t p1) const {
+    PairI8Tile tile;
+    tile.kp = step.kc;
+    tile.b_panel_stride = pairs_ * nr_ * 2;
+    tile.b = reinterpret_cast<const std::int8_t*>(panels_->words.data()) +
+             p0 * tile.b_panel_stride + step.pc * nr_ * 2;
+    tile.panels = static_cast<int>(p1 - p0);
+    tile.l0 = 2 * step.pc;
+    tile.k = ops_.shape.k;
+    tile.scale = tables_.scale_row(0, p0 * nr_);
+    tile.offset = tables_.offset_row(0, p0 * nr_);
+    tile.scale_ld = tables_.n_padded();
+    tile.group_rows = tables_.group_rows();
+    tile.mr = static_cast<int>(step.i1 - step.i0);
+    tile.nr = static_cast<int>(ops_.shape.n - p0 * nr_);
+    return tile;
+  }
+
+  // One row tile over int8 panels: all the step's panels in one call, which
+  // keeps several panels' sums in flight when the rows are few.
+  void run_i8_rows(const Step& step, std::int64_t m0, void* dst, std::int64_t ld) const {
+    const GemmProblem& s = ops_.shape;
+    const std::int64_t out_elem = static_cast<std::int64_t>(dtype_size(s.out_dtype));
+    PairI8Tile tile = i8_tile(step, step.p0, step.p1);
+    tile.a = step.a;
+    tile.acc = step.acc;
+    tile.acc_ld = step.acc_ld;
+    tile.accumulate = step.pc > 0;
+    TileEpilogue epilogue;
+    if (step.pc + step.kc == pairs_) {
+      const auto* x3 = ops_.x3 ? static_cast<const unsigned char*>(ops_.x3->data()) : nullptr;
+      const std::int64_t x3_ld = ops_.x3 ? ops_.x3->stride(0) : 0;
+      epilogue.bias = tables_.bias() != nullptr ? tables_.bias() + step.p0 * nr_ : nullptr;
+      epilogue.x3 = x3 != nullptr ? x3 + (step.i0 * x3_ld + step.p0 * nr_) * out_elem : nullptr;
+      epilogue.x3_ld = x3_ld;
+      epilogue.dst =
+          static_cast<unsigned char*>(dst) + ((step.i0 - m0) * ld + step.p0 * nr_) * out_elem;
+      epilogue.dst_ld = ld;
+      epilogue.out_dtype = s.out_dtype;
+      tile.epilogue = &epilogue;
+    }
+    kernels_.i8_tile[tile.offset != nullptr ? 1 : 0][tile.mr - 1](tile);
   }
 
   // Rows [i0, i1) x pairs [pc, pc + kc) of x1 as row panels of [kc][MR].
@@ -233,7 +354,8 @@ class PairGemm final : public PreparedGemm {
         for (std::int64_t pc = 0; pc < pairs_; pc += kc_pairs_) {
           const std::int64_t kc = std::min(kc_pairs_, pairs_ - pc);
           pack_a_block(ic, iend, pc, kc, scratch.a.data());
-          run_step({ic, iend, jc, jend, pc, kc, scratch.a.data(), panels_->words.data() + (jc * pairs_ + pc) * nr_,
+          run_step({ic, iend, jc, jend, pc, kc, scratch.a.data(),
+                    int8_ ? nullptr : panels_->words.data() + (jc * pairs_ + pc) * nr_,
                     pairs_ * nr_, scratch.acc.data(), (jend - jc) * nr_},
                    m0, dst, ld);
         }
@@ -377,6 +499,7 @@ class PairGemm final : public PreparedGemm {
   ColumnTables tables_;
   std::int64_t kc_pairs_, mc_, nc_panels_;
   bool streamed_ = false;
+  bool int8_ = false;                      // weight-only int8: packed as int8 pairs
   std::shared_ptr<PairPanels> owned_;      // the packing this call made, if any
   const PairPanels* panels_ = nullptr;     // the one it reads (owned_ or the operands')
   mutable std::mutex compute_mutex_;

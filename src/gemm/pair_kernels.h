@@ -94,6 +94,35 @@ struct PairColumnsTile {
 
 using PairColumnsKernel = void (*)(const PairColumnsTile& tile);
 
+// A tile as PairTile with B packed as int8 pairs (pack_b_i8) and dequantized
+// in registers into the words pack_b stores (same instructions, same bits),
+// so a packed int8 weight holds half the bytes of a bf16 one. The step may
+// span dequant groups: the scales (offsets) of the group holding value l of
+// k are at scale + (l / group_rows) * scale_ld, from the tile's first column.
+struct PairI8Tile {
+  std::int64_t kp = 0;
+  const std::uint32_t* a = nullptr;  // packed A: row panels of [kp][MR], kp * MR words apart
+  // The first panel's first pair of the step: b[p * 2 * NR + 2 * j + (0 or 1)];
+  // `panels` adjacent panels of NR columns, b_panel_stride bytes apart.
+  const std::int8_t* b = nullptr;
+  std::int64_t b_panel_stride = 0;
+  int panels = 1;
+  std::int64_t l0 = 0;            // the value of k of the step's first pair
+  std::int64_t k = 0;             // all values of k: an odd k ends in a half pair
+  const float* scale = nullptr;   // [NR] readable per group
+  const float* offset = nullptr;  // likewise, or null
+  std::int64_t scale_ld = 0;
+  std::int64_t group_rows = 0;  // even
+  float* acc = nullptr;         // the first panel's sums; the others' follow in the row
+  std::int64_t acc_ld = 0;
+  bool accumulate = false;
+  const TileEpilogue* epilogue = nullptr;  // the first panel's
+  int mr = 0;                              // <= the table's i8_rows
+  int nr = 0;                              // columns from the first panel's first to n
+};
+
+using PairI8Kernel = void (*)(const PairI8Tile& tile);
+
 struct PairKernelTable {
   int mr = 0;  // MR
   int nr = 0;  // NR
@@ -110,6 +139,16 @@ struct PairKernelTable {
                  std::uint32_t* out) = nullptr;
   // The block as packed B: out[p * NR + j] for p < ceil(rows / 2).
   void (*pack_b)(const PairBSource& src, std::uint32_t* out) = nullptr;
+  // i8_tile[offset ? 1 : 0][mr - 1]: PairI8Tile of exactly mr <= i8_rows rows.
+  int i8_rows = 0;
+  PairI8Kernel i8_tile[2][kMaxMR] = {};
+  // expand_i8[offset ? 1 : 0]: a PairI8Tile's one panel (a, acc, epilogue,
+  // mr unused) dequantized into the packed-B words pack_b stores: out[p * NR + j].
+  void (*expand_i8[2])(const PairI8Tile& tile, std::uint32_t* out) = {};
+  // An int8 block (its scales unused) as int8 pairs, not dequantized:
+  // out[p * 2 * NR + 2 * j + e] = B(2p + e, j) for p < ceil(rows / 2), zero
+  // past rows and cols.
+  void (*pack_b_i8)(const PairBSource& src, std::int8_t* out) = nullptr;
   // The epilogue of the fp32 micro-kernels (microkernel.h).
   const KernelTable* finish = nullptr;
 };

@@ -41,7 +41,6 @@ const EnvSetting<std::int64_t> kNumThreads{
     "that share them)"};
 
 constexpr std::int64_t kInPlaceInt8Rows = 4;
-constexpr std::int64_t kTransposedInt8DotRows = 2;
 
 // Bumped in a child after fork(): a forked rank is usually pinned anew.
 std::atomic<std::uint64_t> g_forks{0};
@@ -123,7 +122,6 @@ int default_gemm_threads(int ranks_on_host) {
 EngineChoice choose_engine(const GemmOperands& operands, IsaLevel level) {
   const GemmProblem& s = operands.shape;
   const bool dl = level >= IsaLevel::avx512_dl;
-  const bool transposed = operands.x2.stride(0) == 1 && operands.x2.stride(1) != 1;
   switch (s.mode) {
     case Mode::full_quant:
       // VNNI's int8 kernel does four times the work per instruction of the
@@ -149,13 +147,12 @@ EngineChoice choose_engine(const GemmOperands& operands, IsaLevel level) {
       if (pair_kernels_for(level) == nullptr) {
         return {Engine::float_kernels, "bf16 without AVX512-BF16: the fp32 micro-kernels"};
       }
-      // An int8 weight stored transposed, one or two rows: the pair
-      // engine's in-register transposes cost more than the fp32 dot kernel
-      // spends (n = k = 4096: 29-30 against 32-34 GFLOP/s at 1 row, 56
-      // against 58-64 at 2; level at 3, and the pair engine ahead from 4).
-      if (s.mode == Mode::weight_quant && transposed && s.m <= kTransposedInt8DotRows) {
-        return {Engine::float_kernels, "bf16 weight-only int8, transposed, 1-2 rows: the fp32 dot kernel"};
-      }
+      // Weight-only int8 too, whatever the rows: a packed weight keeps its
+      // int8 pairs (pair_gemm.cc), 2.1-2.4x faster than bf16 at one row,
+      // where the fp32 dot kernel was 0.93x; unpacked and transposed, one
+      // row reads it in place at about the dot kernel's speed (n = 5632, k =
+      // 1024, from DRAM: 593 against 568 us per channel, 654 against 746 us
+      // per group with offsets).
       // AMD Zen 5 (vdpbf16ps at twice the fp32 FMA's rate): 2048^3 at 0.96x
       // oneDNN's bf16 kernel and 2.2x the fp32 micro-kernels; decode (n = k
       // = 4096) 1.25x (1 row) to 1.35x (16 rows) the fp32 micro-kernels,
