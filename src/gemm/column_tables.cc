@@ -1,6 +1,7 @@
 #include "gemm/column_tables.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "gemm/operand_access.h"
 
@@ -37,7 +38,9 @@ void load_row(const TensorView& view, std::int64_t first, std::int64_t stride, s
 
 }  // namespace
 
-ColumnTables::ColumnTables(const GemmOperands& ops, std::int64_t n_padded) : n_padded_(n_padded) {
+ColumnTables::ColumnTables(const GemmOperands& ops, std::int64_t n_padded,
+                           std::shared_ptr<const WeightScales> weight)
+    : n_padded_(n_padded), weight_(std::move(weight)) {
   const GemmProblem& s = ops.shape;
   group_rows_ = s.scale_kind == ScaleKind::per_group ? s.group_size : s.k;
   if (s.mode == Mode::full_quant) {
@@ -55,17 +58,21 @@ ColumnTables::ColumnTables(const GemmOperands& ops, std::int64_t n_padded) : n_p
     zeroed(bias_, n_padded);
     for (std::int64_t j = 0; j < s.n; ++j) bias_.data()[j] = load_as_f32(*ops.bias, j);
   }
-  if (s.mode != Mode::weight_quant) return;
+  if (s.mode != Mode::weight_quant || weight_) return;
+  auto made = std::make_shared<WeightScales>();
   const std::int64_t groups = (s.k + group_rows_ - 1) / group_rows_;
-  zeroed(scales_, groups * n_padded);
-  has_offset_ = ops.offset.has_value();
-  if (has_offset_) zeroed(offsets_, groups * n_padded);
+  zeroed(made->scales, groups * n_padded);
+  made->has_offset = ops.offset.has_value();
+  if (made->has_offset) zeroed(made->offsets, groups * n_padded);
   const std::int64_t stride = s.scale_kind == ScaleKind::per_tensor ? 0 : 1;
   for (std::int64_t g = 0; g < groups; ++g) {
     const std::int64_t first = scale_index(s, g * group_rows_, 0);
-    load_row(*ops.scale, first, stride, s.n, scales_.data() + g * n_padded);
-    if (has_offset_) load_row(*ops.offset, first, stride, s.n, offsets_.data() + g * n_padded);
+    load_row(*ops.scale, first, stride, s.n, made->scales.data() + g * n_padded);
+    if (made->has_offset) {
+      load_row(*ops.offset, first, stride, s.n, made->offsets.data() + g * n_padded);
+    }
   }
+  weight_ = std::move(made);
 }
 
 }  // namespace tpfuse::gemm

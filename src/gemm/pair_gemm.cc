@@ -54,7 +54,11 @@ std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; 
 // at 1 row (tools/bench/decode_int8.py).
 struct PairPanels final : PackedX2 {
   AlignedBuffer<std::uint32_t> words;
-  std::size_t bytes() const override { return words.size() * sizeof(std::uint32_t); }
+  std::shared_ptr<const WeightScales> scales;  // weight-only quant's, or null
+  std::size_t bytes() const override {
+    const std::size_t tables = scales ? scales->scales.size() + scales->offsets.size() : 0;
+    return words.size() * sizeof(std::uint32_t) + tables * sizeof(float);
+  }
 };
 
 class PairGemm final : public PreparedGemm {
@@ -67,7 +71,8 @@ class PairGemm final : public PreparedGemm {
         nr_(kernels.nr),
         panels_count_(ceil_div(operands.shape.n, kernels.nr)),
         pairs_(ceil_div(operands.shape.k, 2)),
-        tables_(operands, ceil_div(operands.shape.n, kernels.nr) * kernels.nr),
+        tables_(operands, ceil_div(operands.shape.n, kernels.nr) * kernels.nr,
+                given_scales(operands)),
         kc_pairs_(kBMicroPanelBytes / (4 * kernels.nr)),
         mc_(std::max<std::int64_t>(1, kMcRows / kernels.mr) * kernels.mr),
         nc_panels_(std::max<std::int64_t>(1, kNcColumns / kernels.nr)) {
@@ -84,6 +89,7 @@ class PairGemm final : public PreparedGemm {
       } else {
         pack_all(owned_->words);
       }
+      owned_->scales = tables_.weight_scales();
       panels_ = owned_.get();
     }
   }
@@ -111,6 +117,11 @@ class PairGemm final : public PreparedGemm {
     AlignedBuffer<std::uint32_t> b;  // streamed B block: panels of [kc][NR]
     AlignedBuffer<float> acc;        // fp32 sums of an A block x B block between kc-steps
   };
+
+  static std::shared_ptr<const WeightScales> given_scales(const GemmOperands& operands) {
+    const auto* given = dynamic_cast<const PairPanels*>(operands.packed);
+    return given != nullptr ? given->scales : nullptr;
+  }
 
   const unsigned char* x2_at(std::int64_t l, std::int64_t j) const {
     return static_cast<const unsigned char*>(ops_.x2.data()) +
