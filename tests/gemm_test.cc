@@ -247,8 +247,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, EngineTest, ::testing::ValuesIn(engine_cases()),
 
 // A packed int8 weight (the binding's cache, tpfuse::PackedWeight) keeps its
 // int8 pairs and is dequantized in registers, several panels at a time for a
-// row or two and 32 columns a pass from 7 rows: every level within the bound,
-// any row ranges and threads the same bits. k = 257: a ragged last group of
+// row or two and 32 columns a pass from 7 rows, or into L1 for more than 12:
+// every level within the bound, any row ranges and threads the same bits. k = 257: a ragged last group of
 // one row and a half pair; n = 300: 4 + 1 panels, the last one ragged.
 TEST(PackedInt8Weight, DecodeRowsMatchGoldenInAnyRanges) {
   for (bool transposed : {false, true}) {

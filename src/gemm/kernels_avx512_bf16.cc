@@ -572,6 +572,11 @@ void expand_i8(const PairI8Tile& t, std::uint32_t* out) {
     duplicate_columns(t.scale + group * t.scale_ld, scale);
     if constexpr (kOffset) duplicate_columns(t.offset + group * t.scale_ld, offset);
     for (; l < stop; l += 2) {
+      // As in i8_tile_part: 16 rows from DRAM took 940-960 us without it,
+      // 730-800 with it.
+      const char* ahead = reinterpret_cast<const char*>(b) + kPrefetchPairs * 2 * kNR;
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
 #pragma GCC unroll 4
       for (int v = 0; v < kVecs; ++v) {
         _mm512_store_si512(out + v * kLanes, reinterpret_cast<__m512i>(panel_pairs<kOffset>(
