@@ -112,7 +112,7 @@ struct PairI8Tile {
   const float* scale = nullptr;   // [NR] readable per group
   const float* offset = nullptr;  // likewise, or null
   std::int64_t scale_ld = 0;
-  std::int64_t group_rows = 0;  // even
+  std::int64_t group_rows = 0;  // a multiple of 32, or k (one group)
   float* acc = nullptr;         // the first panel's sums; the others' follow in the row
   std::int64_t acc_ld = 0;
   bool accumulate = false;
