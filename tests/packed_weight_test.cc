@@ -1,7 +1,8 @@
 // Packed weights (tpfuse::PackedWeight, gemm::pack_x2): a call with x2 packed
 // once gives the bits of the same call with x2 itself, at every
 // instruction-set level this CPU runs, for every mode, layout and number of
-// rows (decode and prefill); through the operator too; and a packed weight
+// rows (decode and prefill); through the operators too (mm_all_reduce_base
+// and mm_all_reduce_add_rms_norm); and a packed weight
 // used with other scales, or for another x1 dtype, is refused on every rank.
 // Also the numerics the packed engines share with every other: bf16
 // subnormals and dequantized weights below 2^-126 count as zero.
@@ -11,6 +12,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -129,6 +131,57 @@ TEST(PackedWeight, OperatorGivesTheUnpackedBits) {
           const Tensor from_packed = mm_all_reduce_base(args.x1, packed, ctx.comm->name(), options);
           test::expect_rank(std::memcmp(plain.data(), from_packed.data(), plain.nbytes()) == 0,
                             "rank ", ctx.rank, " comm_turn ", turn, ": packed and unpacked differ");
+        }
+        return 0;
+      });
+      EXPECT_TRUE(result.ok()) << result.describe_failures();
+    }
+  }
+}
+
+// bf16 values of sin(i): a residual or gamma of the given shape.
+Tensor bf16_wave(std::initializer_list<std::int64_t> shape, double phase) {
+  Tensor t(DType::bf16, shape);
+  auto* data = static_cast<BFloat16*>(t.data());
+  for (std::int64_t i = 0; i < t.numel(); ++i) {
+    data[i] = f32_to_bf16(static_cast<float>(std::sin(0.37 * static_cast<double>(i) + phase)));
+  }
+  return t;
+}
+
+TEST(PackedWeight, AddRmsNormGivesTheUnpackedBits) {
+  for (Mode mode : {Mode::plain, Mode::weight_quant}) {
+    for (std::int64_t m : {1, 16}) {
+      CaseSpec spec;
+      spec.mode = mode;
+      spec.dtype = DType::bf16;
+      spec.m = m;
+      spec.k = 256;
+      spec.n = 192;
+      spec.x2_transposed = true;
+      spec.seed = static_cast<std::uint64_t>(m);
+      SCOPED_TRACE(cat(mode_name(mode), " m=", m));
+      const Tensor residual = bf16_wave({1, m, spec.n}, 0.0);
+      const Tensor gamma = bf16_wave({spec.n}, 1.0);
+      const auto result = test::run_ranks(2, [&](comm::RankContext& ctx) {
+        const testing::RankInputs inputs = testing::make_rank_inputs(spec, ctx.rank);
+        const testing::RankArgs& args = inputs.args;
+        const PackedWeight packed(args.x1.dtype(), args.x2, args.options);
+        MmAllReduceAddRmsNormOptions options;
+        options.antiquant_scale = args.options.antiquant_scale;
+        options.antiquant_offset = args.options.antiquant_offset;
+        options.antiquant_group_size = args.options.antiquant_group_size;
+        for (std::int64_t turn : {0, 3}) {
+          options.comm_turn = turn;
+          const AddRmsNormResult plain = mm_all_reduce_add_rms_norm(
+              args.x1, args.x2, residual, gamma, ctx.comm->name(), options);
+          const AddRmsNormResult from_packed = mm_all_reduce_add_rms_norm(
+              args.x1, packed, residual, gamma, ctx.comm->name(), options);
+          test::expect_rank(
+              std::memcmp(plain.y.data(), from_packed.y.data(), plain.y.nbytes()) == 0 &&
+                  std::memcmp(plain.norm_out.data(), from_packed.norm_out.data(),
+                              plain.norm_out.nbytes()) == 0,
+              "rank ", ctx.rank, " comm_turn ", turn, ": packed and unpacked differ");
         }
         return 0;
       });

@@ -305,6 +305,10 @@ struct AddRmsNormArgs {
   c10::optional<at::Tensor> bias, antiquant_scale, antiquant_offset, dequant_scale;
   std::int64_t antiquant_group_size, comm_turn;
 
+  WeightArgs weight_args() const {
+    return {antiquant_scale, antiquant_offset, dequant_scale, antiquant_group_size};
+  }
+
   MmAllReduceAddRmsNormOptions to_tpfuse() const {
     MmAllReduceAddRmsNormOptions options;
     options.reduce_op = std::string(reduce_op.data(), reduce_op.size());
@@ -339,9 +343,17 @@ std::tuple<at::Tensor, at::Tensor> mm_all_reduce_add_rms_norm_cpu(
                               as_read(dequant_scale),
                               antiquant_group_size,
                               comm_turn};
-    AddRmsNormResult result = mm_all_reduce_add_rms_norm(
-        to_view("x1", x1_read), to_view("x2", x2_read), to_view("residual", residual_read),
-        to_view("gamma", gamma_read), group_of(hcom), read.to_tpfuse());
+    const WeightArgs given{antiquant_scale, antiquant_offset, dequant_scale, antiquant_group_size};
+    const auto packed = cached_packed_weight(x1, x2, x2_read, given, read.weight_args());
+    const TensorView x1_view = to_view("x1", x1_read);
+    const TensorView residual_view = to_view("residual", residual_read);
+    const TensorView gamma_view = to_view("gamma", gamma_read);
+    const MmAllReduceAddRmsNormOptions options = read.to_tpfuse();
+    AddRmsNormResult result =
+        packed ? mm_all_reduce_add_rms_norm(x1_view, *packed, residual_view, gamma_view,
+                                            group_of(hcom), options)
+               : mm_all_reduce_add_rms_norm(x1_view, to_view("x2", x2_read), residual_view,
+                                            gamma_view, group_of(hcom), options);
     return std::make_tuple(adopt(std::move(result.y)), adopt(std::move(result.norm_out)));
   });
 }
@@ -368,9 +380,17 @@ std::tuple<at::Tensor, at::Tensor> mm_all_reduce_add_rms_norm_inplace_cpu(
                               as_read(dequant_scale),
                               antiquant_group_size,
                               comm_turn};
-    at::Tensor norm_out = adopt(mm_all_reduce_add_rms_norm_(
-        to_view("x1", x1_read), to_view("x2", x2_read), to_view("residual", residual_read),
-        to_view("gamma", gamma_read), group_of(hcom), read.to_tpfuse()));
+    const WeightArgs given{antiquant_scale, antiquant_offset, dequant_scale, antiquant_group_size};
+    const auto packed = cached_packed_weight(x1, x2, x2_read, given, read.weight_args());
+    const TensorView x1_view = to_view("x1", x1_read);
+    const TensorView residual_view = to_view("residual", residual_read);
+    const TensorView gamma_view = to_view("gamma", gamma_read);
+    const MmAllReduceAddRmsNormOptions options = read.to_tpfuse();
+    at::Tensor norm_out =
+        adopt(packed ? mm_all_reduce_add_rms_norm_(x1_view, *packed, residual_view, gamma_view,
+                                                   group_of(hcom), options)
+                     : mm_all_reduce_add_rms_norm_(x1_view, to_view("x2", x2_read), residual_view,
+                                                   gamma_view, group_of(hcom), options));
     if (!residual_read.is_same(residual)) residual.copy_(residual_read);
     return std::tuple<at::Tensor, at::Tensor>(residual, norm_out);
   });

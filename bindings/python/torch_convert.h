@@ -109,6 +109,23 @@ inline bool same(const c10::optional<at::Tensor>& a, const c10::optional<at::Ten
   return has_a == has_b && (!has_a || a->is_same(*b));
 }
 
+// A weight's own arguments, as the call was given them.
+struct WeightArgs {
+  const c10::optional<at::Tensor>& antiquant_scale;
+  const c10::optional<at::Tensor>& antiquant_offset;
+  const c10::optional<at::Tensor>& dequant_scale;
+  std::int64_t antiquant_group_size;
+};
+
+// The packing the binding keeps for x2 (torch_ops.cc), made on its first
+// call; null where the call is not cached: x2 or a scale that the library
+// cannot read where it lies (`x2_read` is not x2 itself, or a scale was
+// copied), inference tensors, or a cache turned off.
+std::shared_ptr<const PackedWeight> cached_packed_weight(const at::Tensor& x1, const at::Tensor& x2,
+                                                         const at::Tensor& x2_read,
+                                                         const WeightArgs& given,
+                                                         const WeightArgs& read);
+
 inline std::string_view group_of(c10::string_view hcom) { return {hcom.data(), hcom.size()}; }
 
 // The library allocates its results (it learns their shapes and dtypes only

@@ -59,6 +59,10 @@ struct TorchOptions {
             antiquant_group_size};
   }
 
+  WeightArgs weight_args() const {
+    return {antiquant_scale, antiquant_offset, dequant_scale, antiquant_group_size};
+  }
+
   MmAllReduceOptions to_tpfuse() const {
     MmAllReduceOptions options;
     options.reduce_op = std::string(reduce_op);
@@ -122,7 +126,7 @@ class WeightCache {
   // where the call is not cached (or its arguments break a rule: the call
   // itself then reports that, collectively).
   std::shared_ptr<const PackedWeight> find_or_pack(const at::Tensor& x1, const at::Tensor& x2,
-                                                   const TorchOptions& options) {
+                                                   const WeightArgs& options) {
     const std::int64_t limit = kPackCacheMb.get() * (std::int64_t{1} << 20);
     if (limit <= 0 || x2.is_inference() || x2.numel() == 0) return nullptr;
     for (const auto* t : {&options.antiquant_scale, &options.antiquant_offset, &options.dequant_scale}) {
@@ -204,6 +208,21 @@ WeightCache& weight_cache() {
   return *cache;
 }
 
+}  // namespace
+
+std::shared_ptr<const PackedWeight> cached_packed_weight(const at::Tensor& x1, const at::Tensor& x2,
+                                                         const at::Tensor& x2_read,
+                                                         const WeightArgs& given,
+                                                         const WeightArgs& read) {
+  const bool read_in_place = x2_read.is_same(x2) &&
+                             same(read.antiquant_scale, given.antiquant_scale) &&
+                             same(read.antiquant_offset, given.antiquant_offset) &&
+                             same(read.dequant_scale, given.dequant_scale);
+  return read_in_place ? weight_cache().find_or_pack(x1, x2, given) : nullptr;
+}
+
+namespace {
+
 std::vector<std::int64_t> packed_weight_cache_info() {
   const WeightCache::Stats s = weight_cache().stats();
   return {s.entries, s.bytes, s.hits, s.misses};
@@ -224,12 +243,8 @@ at::Tensor mm_all_reduce_base_cpu(const at::Tensor& x1, const at::Tensor& x2,
     const at::Tensor x1_read = as_read(x1);
     const at::Tensor x2_read = weight_as_read(x2);
     const std::string_view group = group_of(hcom);
-    const bool weight_read_in_place = x2_read.is_same(x2) &&
-                                      same(read.antiquant_scale, options.antiquant_scale) &&
-                                      same(read.antiquant_offset, options.antiquant_offset) &&
-                                      same(read.dequant_scale, options.dequant_scale);
     const auto packed =
-        weight_read_in_place ? weight_cache().find_or_pack(x1, x2, options) : nullptr;
+        cached_packed_weight(x1, x2, x2_read, options.weight_args(), read.weight_args());
     if (packed) {
       return adopt(mm_all_reduce_base(to_view("x1", x1_read), *packed, group, read.to_tpfuse()));
     }

@@ -12,6 +12,7 @@
 #include "ops/call.h"
 #include "ops/test_hooks.h"
 #include "tpfuse/ops/gemm_operands.h"
+#include "tpfuse/ops/packed_weight.h"
 #include "tpfuse/ops/validate.h"
 
 namespace tpfuse {
@@ -187,11 +188,13 @@ class MmReduceScatterCall final : public OperatorCall {
 
 class AddRmsNormCall final : public OperatorCall {
  public:
-  AddRmsNormCall(const TensorView& x1, const TensorView& x2, const TensorView& residual,
-                 const TensorView& gamma, const MmAllReduceAddRmsNormOptions& options,
-                 const TensorView* y, const TensorView* norm_out)
+  AddRmsNormCall(const TensorView& x1, const TensorView& x2, const PackedWeight* packed,
+                 const TensorView& residual, const TensorView& gamma,
+                 const MmAllReduceAddRmsNormOptions& options, const TensorView* y,
+                 const TensorView* norm_out)
       : x1_(x1),
         x2_(x2),
+        packed_(packed),
         residual_(residual),
         gamma_(gamma),
         options_(options),
@@ -203,6 +206,7 @@ class AddRmsNormCall final : public OperatorCall {
 
   CallShape validate(int group_size) const override {
     (void)group_size;
+    if (packed_ != nullptr) packed_->check_call(x1_, gemm_options_);
     CallShape shape = validate_add_rms_norm(x1_, x2_, residual_, gamma_, options_);
     if (norm_out_ != nullptr) {
       validate_add_rms_norm_out(shape, *y_, *norm_out_, x1_, x2_, residual_, gamma_, options_);
@@ -226,7 +230,9 @@ class AddRmsNormCall final : public OperatorCall {
   }
 
   gemm::GemmOperands operands(const CallShape& shape) const override {
-    return make_gemm_operands(shape, x1_, x2_, gemm_options_);
+    gemm::GemmOperands operands = make_gemm_operands(shape, x1_, x2_, gemm_options_);
+    operands.packed = packed_ != nullptr ? packed_->packing() : nullptr;
+    return operands;
   }
 
   // The all-reduce lands in norm_out, which the step then reads, row by row,
@@ -253,6 +259,7 @@ class AddRmsNormCall final : public OperatorCall {
  private:
   const TensorView& x1_;
   const TensorView& x2_;
+  const PackedWeight* packed_;
   const TensorView& residual_;
   const TensorView& gamma_;
   const MmAllReduceAddRmsNormOptions& options_;
@@ -297,7 +304,7 @@ AddRmsNormResult mm_all_reduce_add_rms_norm(const TensorView& x1, const TensorVi
                                             const TensorView& residual, const TensorView& gamma,
                                             std::string_view hcom,
                                             const MmAllReduceAddRmsNormOptions& options) {
-  AddRmsNormCall call(x1, x2, residual, gamma, options, nullptr, nullptr);
+  AddRmsNormCall call(x1, x2, nullptr, residual, gamma, options, nullptr, nullptr);
   run_operator_call(call, hcom, "mm_all_reduce_add_rms_norm");
   return call.result();
 }
@@ -306,7 +313,7 @@ Tensor mm_all_reduce_add_rms_norm_(const TensorView& x1, const TensorView& x2,
                                    const TensorView& residual, const TensorView& gamma,
                                    std::string_view hcom,
                                    const MmAllReduceAddRmsNormOptions& options) {
-  AddRmsNormCall call(x1, x2, residual, gamma, options, &residual, nullptr);
+  AddRmsNormCall call(x1, x2, nullptr, residual, gamma, options, &residual, nullptr);
   run_operator_call(call, hcom, "mm_all_reduce_add_rms_norm_");
   return std::move(call.result().norm_out);
 }
@@ -316,8 +323,26 @@ void mm_all_reduce_add_rms_norm_out(const TensorView& x1, const TensorView& x2,
                                     std::string_view hcom,
                                     const MmAllReduceAddRmsNormOptions& options,
                                     const TensorView& y, const TensorView& norm_out) {
-  AddRmsNormCall call(x1, x2, residual, gamma, options, &y, &norm_out);
+  AddRmsNormCall call(x1, x2, nullptr, residual, gamma, options, &y, &norm_out);
   run_operator_call(call, hcom, "mm_all_reduce_add_rms_norm_out");
+}
+
+AddRmsNormResult mm_all_reduce_add_rms_norm(const TensorView& x1, const PackedWeight& x2,
+                                            const TensorView& residual, const TensorView& gamma,
+                                            std::string_view hcom,
+                                            const MmAllReduceAddRmsNormOptions& options) {
+  AddRmsNormCall call(x1, x2.x2(), &x2, residual, gamma, options, nullptr, nullptr);
+  run_operator_call(call, hcom, "mm_all_reduce_add_rms_norm");
+  return call.result();
+}
+
+Tensor mm_all_reduce_add_rms_norm_(const TensorView& x1, const PackedWeight& x2,
+                                   const TensorView& residual, const TensorView& gamma,
+                                   std::string_view hcom,
+                                   const MmAllReduceAddRmsNormOptions& options) {
+  AddRmsNormCall call(x1, x2.x2(), &x2, residual, gamma, options, &residual, nullptr);
+  run_operator_call(call, hcom, "mm_all_reduce_add_rms_norm_");
+  return std::move(call.result().norm_out);
 }
 
 }  // namespace tpfuse

@@ -65,3 +65,33 @@ def test_a_scale_changed_in_place_is_packed_again(ranks):
     for rank, (first, second) in enumerate(results):
         # Twice the scale: each dequantized weight, and so every sum, doubles exactly.
         assert torch.equal(second, first * 2), f"rank {rank}: the result did not follow the new scale"
+
+
+def add_rms_norm_calls(rank, world_size, case):
+    x1, x2, kwargs = make_inputs(case, rank)
+    hcom = tpfuse.get_comm_name()
+    n = x2.shape[1]
+    generator = torch.Generator().manual_seed(7)
+    residual = torch.randn(1, case.m, n, generator=generator).to(case.dtype)
+    gamma = torch.randn(n, generator=generator).to(case.dtype)
+    before = tpfuse.packed_weight_cache_info()
+    outs = [tpfuse.npu_mm_all_reduce_add_rms_norm(x1, x2, residual, gamma, hcom, **kwargs)
+            for _ in range(3)]
+    after = tpfuse.packed_weight_cache_info()
+    # The same weight through mm_all_reduce_base: the packing it already has.
+    tpfuse.npu_mm_all_reduce_base(x1, x2, hcom, **kwargs)
+    shared = tpfuse.packed_weight_cache_info()["hits"] - after["hits"]
+    return outs, after["hits"] - before["hits"], after["misses"] - before["misses"], shared
+
+
+def test_add_rms_norm_reuses_the_packing(ranks):
+    for case in (Case(mode="plain", dtype=torch.bfloat16, m=4, k=96, n=80, x2_transposed=True),
+                 Case(mode="weight_quant", dtype=torch.bfloat16, m=1, k=64, n=48,
+                      scale="per_channel", x2_transposed=True)):
+        results = ranks(2).run(add_rms_norm_calls, case)
+        for rank, (outs, hits, misses, shared) in enumerate(results):
+            assert misses == 1 and hits == 2, f"{case}: rank {rank}: {misses} misses, {hits} hits"
+            assert shared == 1, f"{case}: rank {rank}: mm_all_reduce_base packed it again"
+            for y, norm in outs:
+                assert torch.equal(y, outs[0][0]) and torch.equal(norm, outs[0][1]), \
+                    f"{case}: results changed"

@@ -1,7 +1,8 @@
 // A weight prepared once for many calls. Inference multiplies the same x2
 // on every call, and each call would otherwise pack (convert, dequantize,
 // reorder) it again: a PackedWeight does that once, for the engine this CPU
-// runs, and is accepted wherever x2 is.
+// runs, and is accepted where x2 is by mm_all_reduce_base and
+// mm_all_reduce_add_rms_norm(_).
 //
 //   tpfuse::PackedWeight w(tpfuse::DType::bf16, x2);        // once
 //   out = tpfuse::mm_all_reduce_base(x1, w, hcom, options); // every call
@@ -17,6 +18,7 @@
 #include <string_view>
 
 #include "tpfuse/core/tensor.h"
+#include "tpfuse/ops/family.h"
 #include "tpfuse/ops/mm_all_reduce_base.h"
 
 namespace tpfuse {
@@ -56,5 +58,15 @@ Tensor mm_all_reduce_base(const TensorView& x1, const PackedWeight& x2, std::str
                           const MmAllReduceOptions& options = {});
 void mm_all_reduce_base_out(const TensorView& x1, const PackedWeight& x2, std::string_view hcom,
                             const MmAllReduceOptions& options, const TensorView& out);
+
+// mm_all_reduce_add_rms_norm and its in-place form with a packed weight.
+AddRmsNormResult mm_all_reduce_add_rms_norm(const TensorView& x1, const PackedWeight& x2,
+                                            const TensorView& residual, const TensorView& gamma,
+                                            std::string_view hcom,
+                                            const MmAllReduceAddRmsNormOptions& options = {});
+Tensor mm_all_reduce_add_rms_norm_(const TensorView& x1, const PackedWeight& x2,
+                                   const TensorView& residual, const TensorView& gamma,
+                                   std::string_view hcom,
+                                   const MmAllReduceAddRmsNormOptions& options = {});
 
 }  // namespace tpfuse
