@@ -306,8 +306,10 @@ class Decoder:
         self.cos, self.sin = angles.cos().to(self.acc), angles.sin().to(self.acc)
 
     def new_cache(self, batch):
+        """Keys and values per layer, [batch, kv_heads, max_seq, hd]; attention reads only
+        the positions written so far, so they start uninitialised."""
         shape = (batch, self.w["kv_heads"], self.config.max_seq, self.w["head_dim"])
-        return [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+        return [(torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype))
                 for _ in self.w["layers"]]
 
     @torch.no_grad()
