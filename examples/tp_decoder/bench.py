@@ -173,8 +173,8 @@ def main():
         start = time.perf_counter()
         records += launch.run(_bench_ranks, ranks, args)[0]
         print(f"{ranks} ranks: {time.perf_counter() - start:.0f} s", flush=True)
-    with open(args.json, "w") as out:
-        json.dump(records, out, indent=1)
+        with open(args.json, "w") as out:  # what is done so far, should a later job fail
+            json.dump(records, out, indent=1)
     print(f"wrote {len(records)} records to {args.json}\n")
     print(f"prefill: {args.prefill} tokens, ms for the whole prompt; decode: ms per token "
           f"after {args.context} tokens of prompt")
