@@ -297,13 +297,24 @@ at::Tensor mm_reduce_scatter_base_autograd(
                                             x2_scale, comm_turn, output_dtype, comm_mode);
 }
 
-// mm_all_reduce_add_rms_norm's optional arguments, in the layouts the library
-// reads.
+// mm_all_reduce_add_rms_norm's optional arguments, as given or (as_read) in
+// the layouts the library reads.
 struct AddRmsNormArgs {
   c10::string_view reduce_op;
   double epsilon;
   c10::optional<at::Tensor> bias, antiquant_scale, antiquant_offset, dequant_scale;
   std::int64_t antiquant_group_size, comm_turn;
+
+  AddRmsNormArgs as_read() const {
+    return {reduce_op,
+            epsilon,
+            torch_binding::as_read(bias),
+            torch_binding::as_read(antiquant_scale),
+            torch_binding::as_read(antiquant_offset),
+            torch_binding::as_read(dequant_scale),
+            antiquant_group_size,
+            comm_turn};
+  }
 
   WeightArgs weight_args() const {
     return {antiquant_scale, antiquant_offset, dequant_scale, antiquant_group_size};
@@ -323,6 +334,27 @@ struct AddRmsNormArgs {
   }
 };
 
+// Calls `op` (either form of the operator) with the arguments in the layouts
+// the library reads: op(x1, weight, residual, gamma, group, options), the
+// weight packed where the binding keeps it packed, else x2 itself.
+template <class Op>
+auto with_read_arguments(const at::Tensor& x1, const at::Tensor& x2,
+                         const at::Tensor& residual_read, const at::Tensor& gamma,
+                         c10::string_view hcom, const AddRmsNormArgs& given, Op&& op) {
+  const at::Tensor x1_read = as_read(x1);
+  const at::Tensor x2_read = weight_as_read(x2);
+  const at::Tensor gamma_read = as_read(gamma);
+  const AddRmsNormArgs read = given.as_read();
+  const auto packed =
+      cached_packed_weight(x1, x2, x2_read, given.weight_args(), read.weight_args());
+  const TensorView x1_view = to_view("x1", x1_read);
+  const TensorView residual_view = to_view("residual", residual_read);
+  const TensorView gamma_view = to_view("gamma", gamma_read);
+  const MmAllReduceAddRmsNormOptions options = read.to_tpfuse();
+  if (packed) return op(x1_view, *packed, residual_view, gamma_view, group_of(hcom), options);
+  return op(x1_view, to_view("x2", x2_read), residual_view, gamma_view, group_of(hcom), options);
+}
+
 std::tuple<at::Tensor, at::Tensor> mm_all_reduce_add_rms_norm_cpu(
     const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& residual, const at::Tensor& gamma,
     c10::string_view hcom, c10::string_view reduce_op, double epsilon,
@@ -331,29 +363,17 @@ std::tuple<at::Tensor, at::Tensor> mm_all_reduce_add_rms_norm_cpu(
     const c10::optional<at::Tensor>& dequant_scale, std::int64_t antiquant_group_size,
     std::int64_t comm_turn) {
   return translate_errors([&] {
-    const at::Tensor x1_read = as_read(x1);
-    const at::Tensor x2_read = weight_as_read(x2);
-    const at::Tensor residual_read = as_read(residual);
-    const at::Tensor gamma_read = as_read(gamma);
-    const AddRmsNormArgs read{reduce_op,
-                              epsilon,
-                              as_read(bias),
-                              as_read(antiquant_scale),
-                              as_read(antiquant_offset),
-                              as_read(dequant_scale),
-                              antiquant_group_size,
-                              comm_turn};
-    const WeightArgs given{antiquant_scale, antiquant_offset, dequant_scale, antiquant_group_size};
-    const auto packed = cached_packed_weight(x1, x2, x2_read, given, read.weight_args());
-    const TensorView x1_view = to_view("x1", x1_read);
-    const TensorView residual_view = to_view("residual", residual_read);
-    const TensorView gamma_view = to_view("gamma", gamma_read);
-    const MmAllReduceAddRmsNormOptions options = read.to_tpfuse();
-    AddRmsNormResult result =
-        packed ? mm_all_reduce_add_rms_norm(x1_view, *packed, residual_view, gamma_view,
-                                            group_of(hcom), options)
-               : mm_all_reduce_add_rms_norm(x1_view, to_view("x2", x2_read), residual_view,
-                                            gamma_view, group_of(hcom), options);
+    const AddRmsNormArgs given{reduce_op,
+                               epsilon,
+                               bias,
+                               antiquant_scale,
+                               antiquant_offset,
+                               dequant_scale,
+                               antiquant_group_size,
+                               comm_turn};
+    AddRmsNormResult result = with_read_arguments(
+        x1, x2, as_read(residual), gamma, hcom, given,
+        [](const auto&... args) { return mm_all_reduce_add_rms_norm(args...); });
     return std::make_tuple(adopt(std::move(result.y)), adopt(std::move(result.norm_out)));
   });
 }
@@ -368,29 +388,18 @@ std::tuple<at::Tensor, at::Tensor> mm_all_reduce_add_rms_norm_inplace_cpu(
     const c10::optional<at::Tensor>& dequant_scale, std::int64_t antiquant_group_size,
     std::int64_t comm_turn) {
   return translate_errors([&] {
-    const at::Tensor x1_read = as_read(x1);
-    const at::Tensor x2_read = weight_as_read(x2);
+    const AddRmsNormArgs given{reduce_op,
+                               epsilon,
+                               bias,
+                               antiquant_scale,
+                               antiquant_offset,
+                               dequant_scale,
+                               antiquant_group_size,
+                               comm_turn};
     const at::Tensor residual_read = as_read(residual);
-    const at::Tensor gamma_read = as_read(gamma);
-    const AddRmsNormArgs read{reduce_op,
-                              epsilon,
-                              as_read(bias),
-                              as_read(antiquant_scale),
-                              as_read(antiquant_offset),
-                              as_read(dequant_scale),
-                              antiquant_group_size,
-                              comm_turn};
-    const WeightArgs given{antiquant_scale, antiquant_offset, dequant_scale, antiquant_group_size};
-    const auto packed = cached_packed_weight(x1, x2, x2_read, given, read.weight_args());
-    const TensorView x1_view = to_view("x1", x1_read);
-    const TensorView residual_view = to_view("residual", residual_read);
-    const TensorView gamma_view = to_view("gamma", gamma_read);
-    const MmAllReduceAddRmsNormOptions options = read.to_tpfuse();
-    at::Tensor norm_out =
-        adopt(packed ? mm_all_reduce_add_rms_norm_(x1_view, *packed, residual_view, gamma_view,
-                                                   group_of(hcom), options)
-                     : mm_all_reduce_add_rms_norm_(x1_view, to_view("x2", x2_read), residual_view,
-                                                   gamma_view, group_of(hcom), options));
+    at::Tensor norm_out = adopt(with_read_arguments(
+        x1, x2, residual_read, gamma, hcom, given,
+        [](const auto&... args) { return mm_all_reduce_add_rms_norm_(args...); }));
     if (!residual_read.is_same(residual)) residual.copy_(residual_read);
     return std::tuple<at::Tensor, at::Tensor>(residual, norm_out);
   });
