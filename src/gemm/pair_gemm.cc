@@ -172,21 +172,8 @@ class PairGemm final : public PreparedGemm {
   // read once, while it is in cache.
   void pack_all(AlignedBuffer<std::uint32_t>& packed) const {
     packed.resize(static_cast<std::size_t>(panels_count_ * pairs_ * nr_));
-    const bool row_major = ops_.x2.stride(1) == 1;
-    const std::int64_t units = row_major ? ceil_div(pairs_, kPackPairs) : panels_count_;
-    const std::int64_t chunks = std::min<std::int64_t>(units, pool_->size() * 4);
-    pool_->run(static_cast<int>(chunks), [&](int chunk, int) {
-      for (std::int64_t u = units * chunk / chunks; u < units * (chunk + 1) / chunks; ++u) {
-        if (!row_major) {
-          pack_block(u, 0, pairs_, packed.data() + u * pairs_ * nr_);
-          continue;
-        }
-        const std::int64_t pair0 = u * kPackPairs;
-        const std::int64_t count = std::min(kPackPairs, pairs_ - pair0);
-        for (std::int64_t p = 0; p < panels_count_; ++p) {
-          pack_block(p, pair0, count, packed.data() + (p * pairs_ + pair0) * nr_);
-        }
-      }
+    for_each_pack_block([&](std::int64_t panel, std::int64_t pair0, std::int64_t count) {
+      pack_block(panel, pair0, count, packed.data() + (panel * pairs_ + pair0) * nr_);
     });
   }
 
@@ -195,20 +182,27 @@ class PairGemm final : public PreparedGemm {
     const std::int64_t panel_bytes = pairs_ * nr_ * 2;
     packed.resize(static_cast<std::size_t>(panels_count_ * panel_bytes / 4));
     auto* out = reinterpret_cast<std::int8_t*>(packed.data());
+    for_each_pack_block([&](std::int64_t panel, std::int64_t pair0, std::int64_t count) {
+      pack_block_i8(panel, pair0, count, out + panel * panel_bytes + pair0 * nr_ * 2);
+    });
+  }
+
+  // pack(panel, pair0, count) over all of x2, shared among the pool's
+  // threads, in the order pack_all describes.
+  template <class Pack>
+  void for_each_pack_block(const Pack& pack) const {
     const bool row_major = ops_.x2.stride(1) == 1;
     const std::int64_t units = row_major ? ceil_div(pairs_, kPackPairs) : panels_count_;
     const std::int64_t chunks = std::min<std::int64_t>(units, pool_->size() * 4);
     pool_->run(static_cast<int>(chunks), [&](int chunk, int) {
       for (std::int64_t u = units * chunk / chunks; u < units * (chunk + 1) / chunks; ++u) {
         if (!row_major) {
-          pack_block_i8(u, 0, pairs_, out + u * panel_bytes);
+          pack(u, 0, pairs_);
           continue;
         }
         const std::int64_t pair0 = u * kPackPairs;
         const std::int64_t count = std::min(kPackPairs, pairs_ - pair0);
-        for (std::int64_t p = 0; p < panels_count_; ++p) {
-          pack_block_i8(p, pair0, count, out + p * panel_bytes + pair0 * nr_ * 2);
-        }
+        for (std::int64_t p = 0; p < panels_count_; ++p) pack(p, pair0, count);
       }
     });
   }
