@@ -238,8 +238,10 @@ class PairGemm final : public PreparedGemm {
     }
     thread_local AlignedBuffer<std::uint32_t> expanded;
     for (std::int64_t p = step.p0; p < step.p1; ++p) {
-      const std::uint32_t* b = step.b + (p - step.p0) * step.b_stride;
-      if (step.b == nullptr) {
+      const std::uint32_t* b;
+      if (step.b != nullptr) {
+        b = step.b + (p - step.p0) * step.b_stride;
+      } else {
         // Dequantized once for all the row tiles, then read from L1.
         expanded.resize(static_cast<std::size_t>(step.kc * nr_));
         const PairI8Tile tile = i8_tile(step, p, p + 1);
