@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -596,6 +597,36 @@ TEST(GoldenFamilyBound, CatchesANormOverTheWrongCount) {
   ASSERT_TRUE(compare(norm_out, c.golden.norm_out).ok());
   simulate_norm(mm, c.ranks[0], out, n - 1, y, norm_out);
   EXPECT_GT(compare(norm_out, c.golden.norm_out).mismatches, mm.size() / 2);
+}
+
+// Rows whose fp32 sum of squares overflows: rstd is 0 and norm_out 0. Row 0
+// (2^70 twice, squares 2^141) overflows for sure: zero, bound 0. Row 1
+// (2^64, squares exactly 2^128) may, by rounding: any finite value passes.
+// Row 2 is in range and keeps its finite bound.
+TEST(GoldenFamilyBound, RowsWhoseSquaresOverflowFp32NormToZero) {
+  Owner o;
+  const double big = std::ldexp(1.0, 70), edge = std::ldexp(1.0, 64);
+  AddRmsNormArgs args;
+  args.x1 = o.tensor(DType::bf16, {1, 3, 3}, {1, 0, 0, 0, 1, 0, 0, 0, 1});
+  args.x2 = o.tensor(DType::bf16, {3, 2}, {big, -big, edge, 0, 1, 2});
+  args.residual = o.tensor(DType::bf16, {1, 3, 2}, {0, 0, 0, 0, 0, 0});
+  args.gamma = o.tensor(DType::bf16, {2}, {1, -3});
+  args.options.epsilon = 1e-6;
+  const AddRmsNormArgs ranks[1] = {args};
+  const GoldenAddRmsNorm golden = golden_mm_all_reduce_add_rms_norm(ranks);
+  for (int j = 0; j < 2; ++j) {
+    EXPECT_EQ(golden.norm_out.value[j], 0.0) << "element " << j;
+    EXPECT_EQ(golden.norm_out.bound[j], 0.0) << "element " << j;
+    EXPECT_EQ(golden.norm_out.bound[2 + j], std::numeric_limits<double>::infinity());
+    EXPECT_GT(golden.norm_out.bound[4 + j], 0.0);
+    EXPECT_LT(golden.norm_out.bound[4 + j], 0.1 * std::fabs(golden.norm_out.value[4 + j]));
+  }
+  const std::vector<double> mm(golden.y.value.begin(), golden.y.value.end());
+  const Tensor y(DType::bf16, {1, 3, 2}), norm_out(DType::bf16, {1, 3, 2});
+  simulate_norm(mm, args, DType::bf16, 2, y, norm_out);
+  const Comparison result = compare(norm_out, golden.norm_out);
+  EXPECT_TRUE(result.ok()) << "worst ratio " << result.worst_ratio;
+  EXPECT_EQ(load_f32(norm_out.view(), 0), 0.0f);
 }
 
 }  // namespace

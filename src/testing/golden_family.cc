@@ -37,6 +37,10 @@
 // The golden model's own fp64 roundings add (n+4) * 2^-52 to rho, 2^-52 * |Y|
 // to E_y and 3 * 2^-52 * |N| to E_norm. Where rho reaches 1 (y's error as
 // large as y) the bound is infinite.
+//   The fp32 sum of squares overflows where the squares are too large: below
+//   (Q - dQ) * (1 - gamma(n+2)) >= 2^128 (Q finite) it is inf for sure, rstd
+//   0 and norm_out zero exactly; where (Q + dQ) * (1 + gamma(n+2)) reaches the
+//   largest fp32 it may be, and the row's bound is infinite.
 #include "tpfuse/testing/golden_family.h"
 
 #include <cmath>
@@ -258,9 +262,18 @@ void normalise_row(const double* y, const double* y_bound, const TensorView& gam
       (squares_error / count * (1 + gamma(count + 2)) + (count + 2) * kF32HalfMinSubnormal) /
           denominator +
       (count + 4) * kF64UnitRoundoff;
+  const double low_squares = (squares - squares_error) * (1 - gamma(count + 2));
+  const double high_squares = (squares + squares_error) * (1 + gamma(count + 2));
+  if (std::isfinite(squares) && low_squares >= std::ldexp(1.0, 128)) {
+    for (std::int64_t j = 0; j < n; ++j) {
+      norm[j] = 0 * load(gamma_view, j);
+      norm_bound[j] = 0;
+    }
+    return;
+  }
   const double rstd = 1 / std::sqrt(denominator);
   double sigma = std::numeric_limits<double>::infinity();
-  if (rho < 1) {
+  if (rho < 1 && high_squares < std::numeric_limits<float>::max()) {
     const double s = std::sqrt(1 - rho);
     sigma = (1 + rho / (s * (1 + s))) * (1 + gamma(2)) - 1;
   }
@@ -272,6 +285,8 @@ void normalise_row(const double* y, const double* y_bound, const TensorView& gam
     norm[j] = t * g;
     norm_bound[j] = t_bound * std::fabs(g) + r * (std::fabs(norm[j]) + t_bound * std::fabs(g)) +
                     tiny + 3 * kF64UnitRoundoff * std::fabs(norm[j]);
+    // 0 * inf where y or gamma is zero: no bound is known either.
+    if (std::isinf(sigma)) norm_bound[j] = sigma;
   }
 }
 
