@@ -1,8 +1,8 @@
 // Packed weights (tpfuse::PackedWeight, gemm::pack_x2): a call with x2 packed
 // once gives the bits of the same call with x2 itself, at every
 // instruction-set level this CPU runs, for every mode, layout and number of
-// rows (decode and prefill); through the operators too (mm_all_reduce_base
-// and mm_all_reduce_add_rms_norm); and a packed weight
+// rows (decode and prefill); through the operators too (mm_all_reduce_base,
+// mm_all_reduce_add_rms_norm and the sequence-parallel pair); and a packed weight
 // used with other scales, or for another x1 dtype, is refused on every rank.
 // Also the numerics the packed engines share with every other: bf16
 // subnormals and dequantized weights below 2^-126 count as zero.
@@ -187,6 +187,64 @@ TEST(PackedWeight, AddRmsNormGivesTheUnpackedBits) {
       });
       EXPECT_TRUE(result.ok()) << result.describe_failures();
     }
+  }
+}
+
+// The sequence-parallel pair: the gathered rows (all_gather_base_mm) or this
+// rank's reduce-scattered rows (mm_reduce_scatter_base) by a packed x2 are
+// the bits of the same calls with x2; a call with an x2_scale the weight was
+// not packed with is refused, naming x2_scale.
+TEST(PackedWeight, SequenceParallelPairGivesTheUnpackedBits) {
+  for (std::int64_t m : {2, 64}) {
+    CaseSpec spec;
+    spec.mode = Mode::plain;
+    spec.dtype = DType::bf16;
+    spec.m = m;
+    spec.k = 256;
+    spec.n = 192;
+    spec.bias = true;
+    spec.x2_transposed = m == 2;
+    spec.seed = static_cast<std::uint64_t>(m);
+    SCOPED_TRACE(cat("m=", m));
+    const auto result = test::run_ranks(2, [&](comm::RankContext& ctx) {
+      const testing::RankInputs inputs = testing::make_rank_inputs(spec, ctx.rank);
+      const testing::RankArgs& args = inputs.args;
+      const PackedWeight packed(args.x1.dtype(), args.x2);
+      const std::string_view hcom = ctx.comm->name();
+      for (std::int64_t turn : {0, 2}) {
+        AllGatherMmOptions gather;
+        gather.bias = args.options.bias;
+        gather.comm_turn = turn;
+        const AllGatherMmResult plain = all_gather_base_mm(args.x1, args.x2, hcom, 2, gather);
+        const AllGatherMmResult from_packed = all_gather_base_mm(args.x1, packed, hcom, 2, gather);
+        test::expect_rank(std::memcmp(plain.output.data(), from_packed.output.data(),
+                                      plain.output.nbytes()) == 0 &&
+                              std::memcmp(plain.gather_out.data(), from_packed.gather_out.data(),
+                                          plain.gather_out.nbytes()) == 0,
+                          "rank ", ctx.rank, " comm_turn ", turn, ": all-gather differs");
+        MmReduceScatterOptions scatter;
+        scatter.bias = args.options.bias;
+        scatter.comm_turn = turn;
+        const Tensor rows = mm_reduce_scatter_base(args.x1, args.x2, hcom, 2, scatter);
+        const Tensor packed_rows = mm_reduce_scatter_base(args.x1, packed, hcom, 2, scatter);
+        test::expect_rank(std::memcmp(rows.data(), packed_rows.data(), rows.nbytes()) == 0, "rank ",
+                          ctx.rank, " comm_turn ", turn, ": reduce-scatter differs");
+      }
+      const Tensor scale(DType::f32, {spec.n});
+      MmReduceScatterOptions scaled;
+      scaled.x2_scale = scale.view();
+      try {
+        mm_reduce_scatter_base(args.x1, packed, hcom, 2, scaled);
+        test::expect_rank(false, "rank ", ctx.rank, ": an x2_scale not packed was accepted");
+      } catch (const Error& error) {
+        test::expect_rank(std::string(error.what())
+                                  .find("x2_scale: expected the tensor x2 was "
+                                        "packed with (none)") != std::string::npos,
+                          "rank ", ctx.rank, ": ", error.what());
+      }
+      return 0;
+    });
+    EXPECT_TRUE(result.ok()) << result.describe_failures();
   }
 }
 

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -48,6 +49,17 @@ struct SequenceParallelArgs {
   }
 };
 
+// The packing the binding keeps for a plain-mode call's x2 (the quant
+// path's scales vary per call), else null: x2 as given is used.
+std::shared_ptr<const PackedWeight> plain_packing(const at::Tensor& x1, const at::Tensor& x2,
+                                                  const at::Tensor& x2_read,
+                                                  const SequenceParallelArgs& args) {
+  static const c10::optional<at::Tensor> none;
+  if (args.x1_scale.has_value() || args.x2_scale.has_value()) return nullptr;
+  const WeightArgs plain{none, none, none, 0};
+  return cached_packed_weight(x1, x2, x2_read, plain, plain);
+}
+
 std::tuple<at::Tensor, at::Tensor> all_gather_base_mm_cpu(
     const at::Tensor& x1, const at::Tensor& x2, c10::string_view hcom, std::int64_t world_size,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& x1_scale,
@@ -63,8 +75,12 @@ std::tuple<at::Tensor, at::Tensor> all_gather_base_mm_cpu(
     read.fill(options);
     options.gather_index = gather_index;
     options.gather_output = gather_output;
-    AllGatherMmResult result = all_gather_base_mm(to_view("x1", x1_read), to_view("x2", x2_read),
-                                                  group_of(hcom), world_size, options);
+    const auto packed = plain_packing(x1, x2, x2_read, read);
+    const TensorView x1_view = to_view("x1", x1_read);
+    AllGatherMmResult result =
+        packed ? all_gather_base_mm(x1_view, *packed, group_of(hcom), world_size, options)
+               : all_gather_base_mm(x1_view, to_view("x2", x2_read), group_of(hcom), world_size,
+                                    options);
     return std::make_tuple(adopt(std::move(result.output)), adopt(std::move(result.gather_out)));
   });
 }
@@ -83,8 +99,12 @@ at::Tensor mm_reduce_scatter_base_cpu(
     MmReduceScatterOptions options;
     read.fill(options);
     options.reduce_op = std::string(reduce_op.data(), reduce_op.size());
-    return adopt(mm_reduce_scatter_base(to_view("x1", x1_read), to_view("x2", x2_read),
-                                        group_of(hcom), world_size, options));
+    const auto packed = plain_packing(x1, x2, x2_read, read);
+    const TensorView x1_view = to_view("x1", x1_read);
+    return adopt(packed
+                     ? mm_reduce_scatter_base(x1_view, *packed, group_of(hcom), world_size, options)
+                     : mm_reduce_scatter_base(x1_view, to_view("x2", x2_read), group_of(hcom),
+                                              world_size, options));
   });
 }
 

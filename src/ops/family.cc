@@ -20,15 +20,16 @@ namespace tpfuse {
 namespace {
 
 // The GEMM of all-gather and reduce-scatter: x1 (or the gathered rows) by
-// x2, the bias, and on the quant path x2_scale per column and x1_scale per
+// x2 (or its packing), the bias, and on the quant path x2_scale per column and x1_scale per
 // row (gathered along with x1 when x1 is).
 gemm::GemmOperands sequence_parallel_operands(const CallShape& shape, const TensorView& x1,
-                                              const TensorView& x2,
+                                              const TensorView& x2, const PackedWeight* packed,
                                               const SequenceParallelOptions& options,
                                               const float* row_scale) {
   CallShape gemm_shape = shape;
   gemm_shape.m = gemm_rows(shape);
   gemm::GemmOperands operands = make_gemm_operands(gemm_shape, x1, x2, gemm_options(options));
+  operands.packed = packed != nullptr ? packed->packing() : nullptr;
   if (row_scale != nullptr) {
     const std::int64_t dims[] = {gemm_shape.m};
     operands.row_scale = TensorView(const_cast<float*>(row_scale), DType::f32, dims);
@@ -38,11 +39,12 @@ gemm::GemmOperands sequence_parallel_operands(const CallShape& shape, const Tens
 
 class AllGatherMmCall final : public OperatorCall {
  public:
-  AllGatherMmCall(const TensorView& x1, const TensorView& x2, std::int64_t world_size,
-                  const AllGatherMmOptions& options, const TensorView* output,
-                  const std::optional<TensorView>* gather_out)
+  AllGatherMmCall(const TensorView& x1, const TensorView& x2, const PackedWeight* packed,
+                  std::int64_t world_size, const AllGatherMmOptions& options,
+                  const TensorView* output, const std::optional<TensorView>* gather_out)
       : x1_(x1),
         x2_(x2),
+        packed_(packed),
         world_size_(world_size),
         options_(options),
         output_(output),
@@ -51,6 +53,7 @@ class AllGatherMmCall final : public OperatorCall {
   const char* name() const override { return "all_gather_base_mm"; }
 
   CallShape validate(int group_size) const override {
+    if (packed_ != nullptr) packed_->check_call(x1_, gemm_options(options_), "x2_scale");
     CallShape shape = validate_all_gather_mm(x1_, x2_, world_size_, group_size, options_);
     if (output_ != nullptr) {
       validate_all_gather_mm_out(shape, *output_, *gather_out_, x1_, x2_, options_);
@@ -85,7 +88,7 @@ class AllGatherMmCall final : public OperatorCall {
   }
 
   gemm::GemmOperands operands(const CallShape& shape) const override {
-    return sequence_parallel_operands(shape, gathered_, x2_, options_,
+    return sequence_parallel_operands(shape, gathered_, x2_, packed_, options_,
                                       shape.has_row_scale ? gathered_scale_ : nullptr);
   }
 
@@ -118,6 +121,7 @@ class AllGatherMmCall final : public OperatorCall {
  private:
   const TensorView& x1_;
   const TensorView& x2_;
+  const PackedWeight* packed_;
   std::int64_t world_size_;
   const AllGatherMmOptions& options_;
   const TensorView* output_;
@@ -129,13 +133,20 @@ class AllGatherMmCall final : public OperatorCall {
 
 class MmReduceScatterCall final : public OperatorCall {
  public:
-  MmReduceScatterCall(const TensorView& x1, const TensorView& x2, std::int64_t world_size,
-                      const MmReduceScatterOptions& options, const TensorView* output)
-      : x1_(x1), x2_(x2), world_size_(world_size), options_(options), output_(output) {}
+  MmReduceScatterCall(const TensorView& x1, const TensorView& x2, const PackedWeight* packed,
+                      std::int64_t world_size, const MmReduceScatterOptions& options,
+                      const TensorView* output)
+      : x1_(x1),
+        x2_(x2),
+        packed_(packed),
+        world_size_(world_size),
+        options_(options),
+        output_(output) {}
 
   const char* name() const override { return "mm_reduce_scatter_base"; }
 
   CallShape validate(int group_size) const override {
+    if (packed_ != nullptr) packed_->check_call(x1_, gemm_options(options_), "x2_scale");
     CallShape shape = validate_mm_reduce_scatter(x1_, x2_, world_size_, group_size, options_);
     if (output_ != nullptr) validate_mm_reduce_scatter_out(shape, *output_, x1_, x2_, options_);
     return shape;
@@ -152,7 +163,7 @@ class MmReduceScatterCall final : public OperatorCall {
 
   gemm::GemmOperands operands(const CallShape& shape) const override {
     return sequence_parallel_operands(
-        shape, x1_, x2_, options_,
+        shape, x1_, x2_, packed_, options_,
         options_.x1_scale ? options_.x1_scale->data_as<const float>() : nullptr);
   }
 
@@ -179,6 +190,7 @@ class MmReduceScatterCall final : public OperatorCall {
  private:
   const TensorView& x1_;
   const TensorView& x2_;
+  const PackedWeight* packed_;
   std::int64_t world_size_;
   const MmReduceScatterOptions& options_;
   const TensorView* output_;
@@ -274,7 +286,7 @@ class AddRmsNormCall final : public OperatorCall {
 AllGatherMmResult all_gather_base_mm(const TensorView& x1, const TensorView& x2,
                                      std::string_view hcom, std::int64_t world_size,
                                      const AllGatherMmOptions& options) {
-  AllGatherMmCall call(x1, x2, world_size, options, nullptr, nullptr);
+  AllGatherMmCall call(x1, x2, nullptr, world_size, options, nullptr, nullptr);
   run_operator_call(call, hcom, "all_gather_base_mm");
   return call.result();
 }
@@ -282,13 +294,13 @@ AllGatherMmResult all_gather_base_mm(const TensorView& x1, const TensorView& x2,
 void all_gather_base_mm_out(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                             std::int64_t world_size, const AllGatherMmOptions& options,
                             const TensorView& output, const std::optional<TensorView>& gather_out) {
-  AllGatherMmCall call(x1, x2, world_size, options, &output, &gather_out);
+  AllGatherMmCall call(x1, x2, nullptr, world_size, options, &output, &gather_out);
   run_operator_call(call, hcom, "all_gather_base_mm_out");
 }
 
 Tensor mm_reduce_scatter_base(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                               std::int64_t world_size, const MmReduceScatterOptions& options) {
-  MmReduceScatterCall call(x1, x2, world_size, options, nullptr);
+  MmReduceScatterCall call(x1, x2, nullptr, world_size, options, nullptr);
   run_operator_call(call, hcom, "mm_reduce_scatter_base");
   return call.result();
 }
@@ -296,7 +308,7 @@ Tensor mm_reduce_scatter_base(const TensorView& x1, const TensorView& x2, std::s
 void mm_reduce_scatter_base_out(const TensorView& x1, const TensorView& x2, std::string_view hcom,
                                 std::int64_t world_size, const MmReduceScatterOptions& options,
                                 const TensorView& output) {
-  MmReduceScatterCall call(x1, x2, world_size, options, &output);
+  MmReduceScatterCall call(x1, x2, nullptr, world_size, options, &output);
   run_operator_call(call, hcom, "mm_reduce_scatter_base_out");
 }
 
@@ -343,6 +355,21 @@ Tensor mm_all_reduce_add_rms_norm_(const TensorView& x1, const PackedWeight& x2,
   AddRmsNormCall call(x1, x2.x2(), &x2, residual, gamma, options, &residual, nullptr);
   run_operator_call(call, hcom, "mm_all_reduce_add_rms_norm_");
   return std::move(call.result().norm_out);
+}
+
+AllGatherMmResult all_gather_base_mm(const TensorView& x1, const PackedWeight& x2,
+                                     std::string_view hcom, std::int64_t world_size,
+                                     const AllGatherMmOptions& options) {
+  AllGatherMmCall call(x1, x2.x2(), &x2, world_size, options, nullptr, nullptr);
+  run_operator_call(call, hcom, "all_gather_base_mm");
+  return call.result();
+}
+
+Tensor mm_reduce_scatter_base(const TensorView& x1, const PackedWeight& x2, std::string_view hcom,
+                              std::int64_t world_size, const MmReduceScatterOptions& options) {
+  MmReduceScatterCall call(x1, x2.x2(), &x2, world_size, options, nullptr);
+  run_operator_call(call, hcom, "mm_reduce_scatter_base");
+  return call.result();
 }
 
 }  // namespace tpfuse

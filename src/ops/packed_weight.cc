@@ -45,14 +45,15 @@ PackedWeight::PackedWeight(DType x1_dtype, const TensorView& x2, const MmAllRedu
 
 std::size_t PackedWeight::packed_bytes() const { return packing_ ? packing_->bytes() : 0; }
 
-void PackedWeight::check_call(const TensorView& x1, const MmAllReduceOptions& options) const {
+void PackedWeight::check_call(const TensorView& x1, const MmAllReduceOptions& options,
+                              const char* dequant_name) const {
   if (x1.dtype() != x1_dtype_) {
     throw InvalidArgument(cat("x1: expected dtype ", dtype_name(x1_dtype_), " (x2 was packed for it), got ",
                               x1.describe()));
   }
   check_same("antiquant_scale", weight_.antiquant_scale, options.antiquant_scale);
   check_same("antiquant_offset", weight_.antiquant_offset, options.antiquant_offset);
-  check_same("dequant_scale", weight_.dequant_scale, options.dequant_scale);
+  check_same(dequant_name, weight_.dequant_scale, options.dequant_scale);
   if (options.antiquant_group_size != weight_.antiquant_group_size) {
     throw InvalidArgument(cat("antiquant_group_size: expected ", weight_.antiquant_group_size,
                               " (x2 was packed with it), got ", options.antiquant_group_size));

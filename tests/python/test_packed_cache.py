@@ -95,3 +95,24 @@ def test_add_rms_norm_reuses_the_packing(ranks):
             for y, norm in outs:
                 assert torch.equal(y, outs[0][0]) and torch.equal(norm, outs[0][1]), \
                     f"{case}: results changed"
+
+
+
+def sequence_parallel_calls(rank, world_size, case):
+    x1, x2, _ = make_inputs(case, rank)
+    hcom = tpfuse.get_comm_name()
+    before = tpfuse.packed_weight_cache_info()
+    gathered = [tpfuse.npu_all_gather_base_mm(x1, x2, hcom, world_size)[0] for _ in range(2)]
+    scattered = [tpfuse.npu_mm_reduce_scatter_base(x1, x2, hcom, world_size) for _ in range(2)]
+    after = tpfuse.packed_weight_cache_info()
+    return gathered, scattered, after["hits"] - before["hits"], after["misses"] - before["misses"]
+
+
+def test_the_sequence_parallel_pair_reuses_the_packing(ranks):
+    # Their bits against unpacked calls: packed_weight_test (C++).
+    case = Case(mode="plain", dtype=torch.bfloat16, m=8, k=96, n=80, x2_transposed=True)
+    results = ranks(2).run(sequence_parallel_calls, case)
+    for rank, (gathered, scattered, hits, misses) in enumerate(results):
+        assert misses == 1 and hits == 3, f"rank {rank}: {misses} misses, {hits} hits"
+        assert torch.equal(gathered[0], gathered[1]), f"rank {rank}: all-gather results changed"
+        assert torch.equal(scattered[0], scattered[1]), f"rank {rank}: reduce-scatter results changed"

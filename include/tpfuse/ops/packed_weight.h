@@ -1,8 +1,10 @@
 // A weight prepared once for many calls. Inference multiplies the same x2
 // on every call, and each call would otherwise pack (convert, dequantize,
 // reorder) it again: a PackedWeight does that once, for the engine this CPU
-// runs, and is accepted where x2 is by mm_all_reduce_base and
-// mm_all_reduce_add_rms_norm(_).
+// runs, and is accepted where x2 is by mm_all_reduce_base,
+// mm_all_reduce_add_rms_norm(_), all_gather_base_mm and
+// mm_reduce_scatter_base (for these two, x2_scale is the weight's
+// dequant_scale).
 //
 //   tpfuse::PackedWeight w(tpfuse::DType::bf16, x2);        // once
 //   out = tpfuse::mm_all_reduce_base(x1, w, hcom, options); // every call
@@ -42,8 +44,10 @@ class PackedWeight {
   std::size_t packed_bytes() const;
 
   // The call's weight arguments against the ones it was packed with: an
-  // InvalidArgument naming the first that differs (another tensor, or none).
-  void check_call(const TensorView& x1, const MmAllReduceOptions& options) const;
+  // InvalidArgument naming the first that differs (another tensor, or none),
+  // the dequant scale by the call's name for it.
+  void check_call(const TensorView& x1, const MmAllReduceOptions& options,
+                  const char* dequant_name = "dequant_scale") const;
   const gemm::PackedX2* packing() const { return packing_.get(); }
 
  private:
@@ -68,5 +72,12 @@ Tensor mm_all_reduce_add_rms_norm_(const TensorView& x1, const PackedWeight& x2,
                                    const TensorView& residual, const TensorView& gamma,
                                    std::string_view hcom,
                                    const MmAllReduceAddRmsNormOptions& options = {});
+
+// The sequence-parallel pair with a packed weight.
+AllGatherMmResult all_gather_base_mm(const TensorView& x1, const PackedWeight& x2,
+                                     std::string_view hcom, std::int64_t world_size,
+                                     const AllGatherMmOptions& options = {});
+Tensor mm_reduce_scatter_base(const TensorView& x1, const PackedWeight& x2, std::string_view hcom,
+                              std::int64_t world_size, const MmReduceScatterOptions& options = {});
 
 }  // namespace tpfuse
