@@ -292,10 +292,12 @@ class TpfuseBackend:
 
 
 class Decoder:
-    """One rank's part of the model (`shard`'s weights) on a backend, in `dtype`."""
+    """One rank's part of the model (`shard`'s weights) on a backend, in `dtype`.
+    Attention takes the queries `attention_block` positions at a time."""
 
-    def __init__(self, config, weights, backend, dtype=torch.bfloat16, rank=0):
+    def __init__(self, config, weights, backend, dtype=torch.bfloat16, rank=0, attention_block=64):
         self.config, self.w, self.backend, self.dtype, self.rank = config, weights, backend, dtype, rank
+        self.attention_block = attention_block
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
         if dtype == torch.float64:
             self.w = dict(weights, embed=weights["embed"].double(),
@@ -403,19 +405,26 @@ class Decoder:
         values[:, :, pos:end] = v.reshape(b, s, kv_heads, hd).transpose(1, 2)
         # The query heads that share a key-value head become rows of one
         # product, [b * kv_heads, group * s, hd], so no key is copied per head.
-        rows = q.view(b, s, kv_heads, group, hd).permute(0, 2, 3, 1, 4)
-        rows = rows.reshape(b * kv_heads, group * s, hd).to(self.acc)
+        queries = q.view(b, s, kv_heads, group, hd).permute(0, 2, 3, 1, 4).to(self.acc)
         kk = keys[:, :, :end].reshape(b * kv_heads, end, hd).to(self.acc)
         vv = values[:, :, :end].reshape(b * kv_heads, end, hd).to(self.acc)
-        if s > 1:
-            future = torch.full((s, end), float("-inf"), dtype=self.acc).triu(pos + 1)
-            scores = torch.baddbmm(future.repeat(group, 1), rows, kk.transpose(1, 2),
-                                   alpha=1 / math.sqrt(hd))
-        else:
-            scores = torch.bmm(rows, kk.transpose(1, 2)).mul_(1 / math.sqrt(hd))
-        out = torch.bmm(torch.softmax(scores, dim=-1), vv)
-        out = out.view(b, kv_heads, group, s, hd).permute(0, 3, 1, 2, 4)
-        return out.reshape(b * s, heads * hd).to(self.dtype)
+        # Causal blocks of queries: a block reads the keys up to its last
+        # position only, so a prompt's products skip most of the masked half.
+        blocks = []
+        for q0 in range(0, s, self.attention_block):
+            q1 = min(s, q0 + self.attention_block)
+            rows = queries[:, :, :, q0:q1].reshape(b * kv_heads, group * (q1 - q0), hd)
+            seen = pos + q1
+            if q1 - q0 > 1:
+                future = torch.full((q1 - q0, seen), float("-inf"), dtype=self.acc)
+                scores = torch.baddbmm(future.triu(pos + q0 + 1).repeat(group, 1), rows,
+                                       kk[:, :seen].transpose(1, 2), alpha=1 / math.sqrt(hd))
+            else:
+                scores = torch.bmm(rows, kk[:, :seen].transpose(1, 2)).mul_(1 / math.sqrt(hd))
+            out = torch.bmm(torch.softmax(scores, dim=-1), vv[:, :seen])
+            blocks.append(out.view(b, kv_heads, group, q1 - q0, hd))
+        out = torch.cat(blocks, dim=3) if len(blocks) > 1 else blocks[0]
+        return out.permute(0, 3, 1, 2, 4).reshape(b * s, heads * hd).to(self.dtype)
 
 
 def generate(decoder, prompt, tokens):

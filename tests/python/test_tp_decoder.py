@@ -17,6 +17,9 @@ import model  # noqa: E402
 CONFIG = model.SIZES["tiny"]
 PROMPT = model.prompt_ids(CONFIG, batch=2, length=12)
 TOKENS = 6
+# Attention in blocks of 5 queries: the prompt's 12 in 5, 5 and 2 (the
+# fp64 reference in one block).
+ATTENTION_BLOCK = 5
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
 # bf16 roundings between the embedding and a logit. Per layer: the attention
@@ -65,7 +68,7 @@ def run_decoder(rank, world_size, backend, weights, comm_turn=0, sequence_parall
         chosen = model.TpfuseBackend(group, comm_turn, sequence_parallel)
     else:
         chosen = model.TorchBackend(group)
-    decoder = model.Decoder(CONFIG, shard, chosen, rank=rank)
+    decoder = model.Decoder(CONFIG, shard, chosen, rank=rank, attention_block=ATTENTION_BLOCK)
     ids, logits, _, _ = model.generate(decoder, PROMPT, TOKENS)
     return ids, logits
 
@@ -124,7 +127,7 @@ def run_without_all_reduce(rank, world_size):
     shard = model.shard(model.make_weights(CONFIG), CONFIG, rank, world_size)
     backend = model.TorchBackend(dist.group.WORLD)
     backend.ranks = 1  # each rank keeps its partial sums
-    decoder = model.Decoder(CONFIG, shard, backend, rank=rank)
+    decoder = model.Decoder(CONFIG, shard, backend, rank=rank, attention_block=ATTENTION_BLOCK)
     ids, logits, _, _ = model.generate(decoder, PROMPT, TOKENS)
     return ids, logits
 
@@ -152,3 +155,41 @@ def test_generate_cli_rejects_ranks_that_do_not_divide_the_heads():
     done = _generate_cli("--ranks", "3", "--tokens", "2")
     assert done.returncode == 2
     assert "ranks: expected a divisor of heads = 8, got 3" in done.stderr
+
+
+def _naive_attention(decoder, qkv, cache, pos):
+    """Causal grouped-query attention one query at a time, in fp64, over the
+    cache as _attention left it (its keys are rotated there)."""
+    b, s, _ = qkv.shape
+    heads, kv_heads, hd = decoder.w["heads"], decoder.w["kv_heads"], decoder.w["head_dim"]
+    q = decoder._rotate(qkv[..., :heads * hd].reshape(b, s, heads, hd), pos)
+    keys, values = cache
+    out = torch.zeros(b, s, heads, hd, dtype=torch.float64)
+    for batch in range(b):
+        for head in range(heads):
+            kv = head // (heads // kv_heads)
+            for i in range(s):
+                seen = pos + i + 1
+                scores = keys[batch, kv, :seen] @ q[batch, i, head] / hd ** 0.5
+                out[batch, i, head] = torch.softmax(scores, dim=0) @ values[batch, kv, :seen]
+    return out.reshape(b * s, heads * hd)
+
+
+@pytest.mark.parametrize("block", [1, 5, 12, 64])
+def test_attention_in_causal_blocks_is_attention(block):
+    """Blocked attention against one query at a time: 3 positions already in
+    the cache, then 12 more, in blocks of `block` queries (fp64, so the only
+    differences are the order of the sums: 1e-12 is about 2^-52 times the
+    hundreds of roundings on each path, with room)."""
+    shard = model.shard(model.make_weights(CONFIG), CONFIG, 0, 1)
+    decoder = model.Decoder(CONFIG, shard, model.ReferenceBackend(), dtype=torch.float64,
+                            attention_block=block)
+    width = (decoder.w["heads"] + 2 * decoder.w["kv_heads"]) * decoder.w["head_dim"]
+    generator = torch.Generator().manual_seed(3)
+    cache = decoder.new_cache(2)[0]
+    decoder._attention(torch.randn(2, 3, width, generator=generator, dtype=torch.float64), cache, 0)
+    qkv = torch.randn(2, 12, width, generator=generator, dtype=torch.float64)
+    got = decoder._attention(qkv, cache, 3)
+    want = _naive_attention(decoder, qkv, cache, 3)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), \
+        f"largest difference {(got - want).abs().max().item():.3g}"
