@@ -1,7 +1,7 @@
 // tpfuse._tpfuse_c10d: communicators for torch.distributed process groups
 // that span hosts, and what a communicator is made of.
 //
-//   create_group_communicator(name, world, host_keys, rail, host, timeout_ms)
+//   create_group_communicator(name, world, host_keys, rail, timeout_ms)
 //       collective over `world`; registers and returns the hcom name
 //   create_mpi_communicator()      collective over MPI's world (a job started by mpirun)
 //   host_layout(host_keys, rank)   (hosts, host, place, rails), as the library lays them out
@@ -11,15 +11,20 @@
 // The engine between hosts is the process groups' own (gloo): the library's
 // message transport (tpfuse/comm/messages.h) over c10d's asynchronous send
 // and recv. A gloo send or recv completes only inside Work::wait, so each
-// message is waited for on a thread of its own; test() asks that thread.
+// message is waited for on a thread of its own (Waiters); test() asks that
+// thread.
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <vector>
 
@@ -40,11 +45,60 @@ namespace {
 
 using ProcessGroup = c10::intrusive_ptr<c10d::ProcessGroup>;
 
+// The threads that wait on the messages' work, kept between messages: a
+// thread made per message cost its start and end on every send and recv.
+// Each waiting message holds a thread of its own (a receive waited for
+// must not hold up a send queued behind it), so a message finds an idle
+// thread or makes one; a thread idle for a second ends. Never destroyed:
+// its threads may outlive static destruction.
+class Waiters {
+ public:
+  static Waiters& instance() {
+    static Waiters* waiters = new Waiters;
+    return *waiters;
+  }
+
+  std::future<void> wait_for(c10::intrusive_ptr<c10d::Work> work) {
+    std::packaged_task<void()> task([work = std::move(work)] { work->wait(); });
+    std::future<void> done = task.get_future();
+    const std::lock_guard lock(mutex_);
+    jobs_.push_back(std::move(task));
+    if (jobs_.size() > idle_) {
+      std::thread([this] { serve(); }).detach();
+    } else {
+      wake_.notify_one();
+    }
+    return done;
+  }
+
+ private:
+  void serve() {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      ++idle_;
+      const bool job =
+          wake_.wait_for(lock, std::chrono::seconds(1), [this] { return !jobs_.empty(); });
+      --idle_;
+      if (!job) return;
+      std::packaged_task<void()> task = std::move(jobs_.front());
+      jobs_.pop_front();
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::packaged_task<void()>> jobs_;
+  std::size_t idle_ = 0;
+};
+
 class ProcessGroupTransfer final : public comm::MessageEngine::Transfer {
  public:
   ProcessGroupTransfer(c10::intrusive_ptr<c10d::Work> work, at::Tensor tensor)
       : work_(std::move(work)), tensor_(std::move(tensor)) {
-    waited_ = std::async(std::launch::async, [work = work_] { work->wait(); });
+    waited_ = Waiters::instance().wait_for(work_);
   }
   ~ProcessGroupTransfer() override {
     if (!done_) cancel();
@@ -117,7 +171,6 @@ std::shared_ptr<comm::Communicator> over(const ProcessGroup& group, const std::s
 std::string create_group_communicator(const std::string& name, const ProcessGroup& world,
                                       const std::vector<std::string>& host_keys,
                                       const std::optional<ProcessGroup>& rail,
-                                      const std::optional<ProcessGroup>& host,
                                       std::int64_t timeout_ms) {
   return translate_errors([&] {
     require(timeout_ms > 0, "timeout_ms: expected a positive number of milliseconds, got ",
@@ -132,7 +185,6 @@ std::string create_group_communicator(const std::string& name, const ProcessGrou
     if (!layout.hierarchical()) {
       communicator = over(world, name, timeout, on_host, hosts);
     } else {
-      require(host.has_value(), "host: the group's layout needs this host's process group");
       comm::HierarchicalParts parts;
       parts.engine = world->getBackendName();
       parts.world = over(world, name, timeout, on_host, hosts);
@@ -143,7 +195,6 @@ std::string create_group_communicator(const std::string& name, const ProcessGrou
           }
         }
       }
-      parts.host = over(*host, name + "-host", timeout, on_host, 1, layout.hosts[layout.host]);
       parts.layout = layout;
       communicator = comm::create_hierarchical_communicator(std::move(parts));
     }
@@ -190,7 +241,7 @@ py::dict comm_info(const std::string& hcom) {
 PYBIND11_MODULE(_tpfuse_c10d, m) {
   using namespace tpfuse::torch_binding;
   m.def("create_group_communicator", &create_group_communicator, py::arg("name"), py::arg("world"),
-        py::arg("host_keys"), py::arg("rail"), py::arg("host"), py::arg("timeout_ms"),
+        py::arg("host_keys"), py::arg("rail"), py::arg("timeout_ms"),
         py::call_guard<py::gil_scoped_release>());
   m.def("create_mpi_communicator", &create_mpi_communicator,
         py::call_guard<py::gil_scoped_release>());

@@ -34,23 +34,26 @@ namespace {
 template <class Parts>
 void abort_parts(const Parts& parts, std::string_view reason) {
   parts.local->abort(reason);
+  parts.slices->abort(reason);
   if (parts.engine.rail) parts.engine.rail->abort(reason);
-  parts.engine.host->abort(reason);
   parts.engine.world->abort(reason);
 }
 
 // The all-reduces in flight and their steps: the host sum (shm), this
-// rank's rail (MPI), the gather of the slices in the host (MPI). Each
-// sub-communicator takes its collectives one at a time and in the same order
-// on every rank, so an all-reduce starts a step only once the one before it
-// has finished that step; steps of different all-reduces overlap (one's
-// rail with the next one's host sum). Waiting polls: the thread that starts
+// rank's rail (the engine), the gather of the slices in the host (shm, a
+// group of its own). Each sub-communicator takes its collectives one at a
+// time and in the same order on every rank, so an all-reduce starts a step
+// only once the one before it has finished that step; steps of different
+// all-reduces overlap (one's rail with the next one's host sum, one's
+// gather with the next one's host sum: so the gathers need their own
+// group, or ranks could queue the two in different orders). Waiting polls: the thread that starts
 // all-reduces never blocks on the network while a helper thread waits.
 class Pipeline {
  public:
   struct Parts {
-    HierarchicalParts engine;             // world, rail, host: over the engine
-    std::shared_ptr<Communicator> local;  // the host's shm group
+    HierarchicalParts engine;              // world and rail: over the engine
+    std::shared_ptr<Communicator> local;   // the host's shm group: host sums, byte gathers
+    std::shared_ptr<Communicator> slices;  // the host's shm group for the slices' gathers
   };
   enum class Step { host_sum, rail, gather, done };
   struct Op {
@@ -89,7 +92,7 @@ class Pipeline {
   // the oldest collective in flight instead, and its transport fails naming
   // the ranks it waits for: after a quarter of the timeout for a rail, whose
   // peers are on other hosts (so a cut link shows within 1.25 timeouts); after
-  // 1.25 timeouts for a step inside the host, whose peers are most likely
+  // 1.5 timeouts for a step inside the host, whose peers are most likely
   // busy on their own rails and, if one fails, abort the host's groups with
   // its reason first (see fail_locked). That wait holds the lock: the next
   // all-reduce cannot start meanwhile, which costs overlap only when a step
@@ -107,7 +110,7 @@ class Pipeline {
         const Op* stuck = oldest_started_locked();
         const auto patience = stuck != nullptr && stuck->step == Step::rail
                                   ? parts_.engine.world->timeout() / 4
-                                  : parts_.engine.world->timeout() * 5 / 4;
+                                  : parts_.engine.world->timeout() * 3 / 2;
         if (stuck != nullptr && Clock::now() - last_progress_ > patience) {
           try {
             stuck->current->wait();
@@ -188,8 +191,8 @@ class Pipeline {
           counts[i] = share_begin(op.count, rails, last) - share_begin(op.count, rails, first);
         }
         const std::size_t mine = share_begin(op.count, rails, std::min(layout.place, rails));
-        op.current = parts_.engine.host->all_gather_start(op.output + mine * element, op.output,
-                                                          counts, op.dtype);
+        op.current = parts_.slices->all_gather_start(op.output + mine * element, op.output, counts,
+                                                     op.dtype);
         return;
       }
       case Step::done:
@@ -301,7 +304,9 @@ class HierarchicalWork final : public Work {
 class HierarchicalCommunicator final : public Communicator {
  public:
   explicit HierarchicalCommunicator(Pipeline::Parts parts)
-      : parts_(parts), pipeline_(std::make_shared<Pipeline>(std::move(parts))) {}
+      : parts_(parts),
+        pipeline_(std::make_shared<Pipeline>(std::move(parts))),
+        gathers_along_rails_(fits_rails(parts_, max_gather_bytes())) {}
 
   int rank() const override { return world().rank(); }
   int size() const override { return world().size(); }
@@ -314,18 +319,27 @@ class HierarchicalCommunicator final : public Communicator {
   int hosts() const override { return static_cast<int>(parts_.engine.layout.hosts.size()); }
   std::string transport() const override { return "shm+" + parts_.engine.engine; }
   bool progresses_only_when_called() const override { return true; }
-  std::size_t max_gather_bytes() const override { return world().max_gather_bytes(); }
+  std::size_t max_gather_bytes() const override {
+    return std::min(world().max_gather_bytes(), parts_.local->max_gather_bytes());
+  }
   int max_reduces_in_flight() const override { return kMaxInFlight; }
   void abort(std::string_view reason) override { abort_parts(parts_, reason); }
 
  protected:
-  // The gathers go over the world (bytes copied: no order to keep); the
-  // reduce-scatter is the Communicator's default, this all-reduce into
-  // private memory, so that its sums are this all-reduce's, bitwise.
+  // The byte gather (a call's agreement) goes through the host's shared
+  // memory, then along the rails: each rank sends its host's block to one
+  // peer per other host, where the world's would send every contribution to
+  // every rank (2 hosts x 2 ranks over gloo: 3 messages each way, 2 across
+  // hosts). Where the hosts' ranks differ in number, or a host's block could
+  // pass the rail's limit, it goes over the world. The tensor gather goes
+  // over the world (bytes copied: no order to keep); the reduce-scatter is
+  // the Communicator's default, this all-reduce into private memory, so that
+  // its sums are this all-reduce's, bitwise.
   std::vector<std::string> do_all_gather(std::string_view mine) override {
     finish(0);
     try {
-      return world().all_gather(mine);
+      if (!gathers_along_rails_) return world().all_gather(mine);
+      return gather_along_rails(mine);
     } catch (const std::exception& error) {
       pipeline_->fail(error);
     }
@@ -362,6 +376,52 @@ class HierarchicalCommunicator final : public Communicator {
 
   Communicator& world() const { return *parts_.engine.world; }
 
+  // Every host holds the same number of ranks (so each rank has a rail),
+  // and a host's block of contributions, each framed by its length, fits
+  // what the rail gathers. The same on every rank: the layout's.
+  static bool fits_rails(const Pipeline::Parts& parts, std::size_t max_bytes) {
+    const HostLayout& layout = parts.engine.layout;
+    const std::size_t on_host = layout.hosts.front().size();
+    for (const std::vector<int>& host : layout.hosts) {
+      if (host.size() != on_host) return false;
+    }
+    return parts.engine.rail != nullptr &&
+           on_host * (max_bytes + sizeof(std::uint64_t)) <= parts.engine.rail->max_gather_bytes();
+  }
+
+  std::vector<std::string> gather_along_rails(std::string_view mine) {
+    const HostLayout& layout = parts_.engine.layout;
+    std::string block;
+    for (const std::string& piece : parts_.local->all_gather(mine)) {
+      const std::uint64_t length = piece.size();
+      block.append(reinterpret_cast<const char*>(&length), sizeof length);
+      block += piece;
+    }
+    const std::vector<int>& rail = layout.rails[static_cast<std::size_t>(layout.place)];
+    const std::vector<std::string> blocks = parts_.engine.rail->all_gather(block);
+    require(blocks.size() == rail.size(), "all_gather: the rail gave ", blocks.size(),
+            " blocks for its ", rail.size(), " ranks");
+    std::vector<std::string> gathered(static_cast<std::size_t>(size()));
+    for (std::size_t r = 0; r < rail.size(); ++r) {
+      const auto host = std::find_if(layout.hosts.begin(), layout.hosts.end(), [&](const auto& h) {
+        return std::find(h.begin(), h.end(), rail[r]) != h.end();
+      });
+      std::string_view rest = blocks[r];
+      for (const int rank : *host) {
+        std::uint64_t length = 0;
+        require(rest.size() >= sizeof length, "all_gather: rank ", rail[r],
+                " sent its host's block cut short");
+        std::memcpy(&length, rest.data(), sizeof length);
+        rest.remove_prefix(sizeof length);
+        require(length <= rest.size(), "all_gather: rank ", rail[r],
+                " sent its host's block cut short");
+        gathered[static_cast<std::size_t>(rank)] = std::string(rest.substr(0, length));
+        rest.remove_prefix(length);
+      }
+    }
+    return gathered;
+  }
+
   // Waits until at most `left` all-reduces are in flight, oldest first.
   void finish(std::size_t left) {
     while (pipeline_->in_flight() > left) {
@@ -371,6 +431,7 @@ class HierarchicalCommunicator final : public Communicator {
 
   Pipeline::Parts parts_;
   std::shared_ptr<Pipeline> pipeline_;
+  bool gathers_along_rails_;
 };
 
 // The host's shm group: its lowest rank makes a private directory sealed
@@ -410,7 +471,7 @@ std::shared_ptr<Communicator> create_host_group(Communicator& world, const HostL
     FileStore store(mine.substr(0, cut));
     local = create_shm_communicator(
         store, layout.place, static_cast<int>(host.size()),
-        ShmOptions{.timeout = world.timeout() * 5 / 4, .secret = mine.substr(cut + 1)});
+        ShmOptions{.timeout = world.timeout() * 3 / 2, .secret = mine.substr(cut + 1)});
   } catch (...) {
     failure = std::current_exception();
   }
@@ -470,14 +531,14 @@ HostLayout host_layout(const std::vector<std::string>& keys, int rank) {
 }
 
 std::shared_ptr<Communicator> create_hierarchical_communicator(HierarchicalParts parts) {
-  require(parts.world != nullptr && parts.host != nullptr,
-          "hierarchical communicator: the world and host groups are required");
+  require(parts.world != nullptr, "hierarchical communicator: the world group is required");
   require(parts.layout.hierarchical(),
           "hierarchical communicator: the layout needs several hosts, some with several ranks");
   auto local = create_host_group(*parts.world, parts.layout);
-  log::set_rank(parts.world->rank());  // the shm group recorded its own rank
+  auto slices = create_host_group(*parts.world, parts.layout);
+  log::set_rank(parts.world->rank());  // the shm groups recorded their own rank
   return std::make_shared<HierarchicalCommunicator>(
-      Pipeline::Parts{std::move(parts), std::move(local)});
+      Pipeline::Parts{std::move(parts), std::move(local), std::move(slices)});
 }
 
 }  // namespace tpfuse::comm

@@ -73,12 +73,12 @@ def _create_communicator(group):
     facts = [None] * size
     dist.all_gather_object(facts, (_tpfuse_c10d.this_host_key(), _mpi_rank()), group=group)
     keys = [key for key, _ in facts]
-    hosts, host, place, rails = _tpfuse_c10d.host_layout(keys, rank)
+    hosts, _, _, rails = _tpfuse_c10d.host_layout(keys, rank)
     if len(hosts) == 1:
         return _create_shm_communicator(group, rank, size)
     if _tpfuse_c10d.mpi_supported() and all(mpi == (r, size) for r, (_, mpi) in enumerate(facts)):
         return _tpfuse_c10d.create_mpi_communicator()
-    return _create_gloo_communicator(group, rank, size, keys, len(hosts), hosts[host], rails)
+    return _create_gloo_communicator(group, rank, size, keys, len(hosts), rails)
 
 
 def _mpi_rank():
@@ -88,7 +88,7 @@ def _mpi_rank():
     return int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
 
 
-def _create_gloo_communicator(group, rank, size, keys, hosts, host_ranks, rails):
+def _create_gloo_communicator(group, rank, size, keys, hosts, rails):
     name = [f"tpfuse-gloo-{secrets.token_hex(8)}" if rank == 0 else None]
     dist.broadcast_object_list(name, src=dist.distributed_c10d.get_global_rank(group, 0),
                                group=group)
@@ -103,15 +103,13 @@ def _create_gloo_communicator(group, rank, size, keys, hosts, host_ranks, rails)
         return dist.ProcessGroupGloo(prefixed, members.index(rank), len(members), gloo_timeout)
 
     world = process_group("world", list(range(size)))
-    rail = host = None
+    rail = None
     if hosts < size:
-        # Hierarchical (several hosts, some with several ranks): the rails
-        # and the host's group too.
+        # Hierarchical (several hosts, some with several ranks): the rails too.
         for j, members in enumerate(rails):
             if rank in members:
                 rail = process_group(f"rail{j}", members)
-        host = process_group(f"host{host_ranks[0]}", host_ranks)
-    return _tpfuse_c10d.create_group_communicator(name, world, keys, rail, host, timeout_ms)
+    return _tpfuse_c10d.create_group_communicator(name, world, keys, rail, timeout_ms)
 
 
 def _create_shm_communicator(group, rank, size):

@@ -10,8 +10,10 @@
 //      their host sums over the engine, in fp32, and round the total once to
 //      the dtype (all_reduce_rounding_start); so the L rails share the
 //      network and the CPU work instead of one leader per host doing it all;
-//   3. gather: the ranks of a host exchange their slices over the engine.
+//   3. gather: the ranks of a host exchange their slices over shm.
 // Only host sums cross the network, once per host instead of once per rank.
+// A call's agreement (the byte all_gather) goes through shm and then along
+// the rails where the hosts hold as many ranks each, else over the world.
 //
 // Numerics: contributions are widened to fp32 (exactly), summed in fp32 in
 // rank order inside each host, the host sums summed in fp32 in the order of
@@ -56,16 +58,18 @@ struct HierarchicalParts {
   std::string engine;                   // "mpi" or "gloo"
   std::shared_ptr<Communicator> world;  // every rank of the group, in its rank order
   std::shared_ptr<Communicator> rail;   // this rank's rail; null where its place has none
-  std::shared_ptr<Communicator> host;   // this rank's host (the exchange of slices)
   HostLayout layout;                    // layout.hierarchical() holds
 };
 
-// Collective over parts.world. Makes the host's shm group, which meets in a
-// private directory sealed with a fresh job secret that the host's lowest
-// rank sends its peers over the world (and removes once all have joined);
-// its waits last a quarter longer than those across hosts, so that a rank
-// waiting on a cut host fails first and aborts the host's group with its
-// reason: every rank then names the unreachable ranks, not that peer.
+// Collective over parts.world. Makes the host's two shm groups (host sums;
+// gathers of slices), each of which meets in a private directory sealed
+// with a fresh job secret that the host's lowest rank sends its peers over
+// the world (and removes once all have joined). Their waits last half as
+// long again as those across hosts, so that a rank waiting on a cut host
+// fails first (within 1.25 timeouts of its last progress) and aborts the
+// host's groups with its reason: every rank then names the unreachable
+// ranks, not that peer, whose rounds in the host may have started before
+// that rank last progressed.
 std::shared_ptr<Communicator> create_hierarchical_communicator(HierarchicalParts parts);
 
 }  // namespace tpfuse::comm

@@ -1,5 +1,5 @@
-// The hierarchical communicator over MPI: the world, each rail and each
-// host a group of its own (see tpfuse/comm/hierarchical.h).
+// The hierarchical communicator over MPI: the world and each rail a group of
+// its own (see tpfuse/comm/hierarchical.h).
 #include <string>
 #include <vector>
 
@@ -34,9 +34,6 @@ std::shared_ptr<Communicator> make_hierarchical(std::shared_ptr<Communicator> fl
   parts.layout = layout;
   for (const std::vector<int>& members : layout.rails) {
     if (auto group = create_group(options, members)) parts.rail = std::move(group);
-  }
-  for (const std::vector<int>& members : layout.hosts) {
-    if (auto group = create_group(options, members)) parts.host = std::move(group);
   }
   return create_hierarchical_communicator(std::move(parts));
 }
