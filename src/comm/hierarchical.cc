@@ -46,8 +46,9 @@ void abort_parts(const Parts& parts, std::string_view reason) {
 // only once the one before it has finished that step; steps of different
 // all-reduces overlap (one's rail with the next one's host sum, one's
 // gather with the next one's host sum: so the gathers need their own
-// group, or ranks could queue the two in different orders). Waiting polls: the thread that starts
-// all-reduces never blocks on the network while a helper thread waits.
+// group, or ranks could queue the two in different orders). Waiting polls:
+// the thread that starts all-reduces never blocks on the network while a
+// helper thread waits.
 class Pipeline {
  public:
   struct Parts {

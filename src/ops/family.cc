@@ -20,8 +20,8 @@ namespace tpfuse {
 namespace {
 
 // The GEMM of all-gather and reduce-scatter: x1 (or the gathered rows) by
-// x2 (or its packing), the bias, and on the quant path x2_scale per column and x1_scale per
-// row (gathered along with x1 when x1 is).
+// x2 (or its packing), the bias, and on the quant path x2_scale per column
+// and x1_scale per row (gathered along with x1 when x1 is).
 gemm::GemmOperands sequence_parallel_operands(const CallShape& shape, const TensorView& x1,
                                               const TensorView& x2, const PackedWeight* packed,
                                               const SequenceParallelOptions& options,
