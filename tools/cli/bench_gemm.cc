@@ -293,6 +293,22 @@ Measurement onednn_measurement(const std::string& mode, const std::string& engin
   return m;
 }
 
+// A half mode's baseline through f32: both operands converted, then oneDNN's
+// f32 matmul (what a user does where oneDNN has no fast matmul for the mode).
+Measurement converting_baseline(ShapeData& d, const std::string& mode, DType dtype, const void* x1, const void* x2,
+                                int threads) {
+  using dt = dnnl::memory::data_type;
+  auto mm = make_onednn(d, dt::f32, dt::f32, d.x1_converted.data(), d.x2_converted.data());
+  Measurement m = onednn_measurement(mode, "convert_onednn_f32", mm);
+  ShapeData* data = &d;
+  m.call = [mm, data, dtype, x1, x2, threads] {
+    convert_to_f32(dtype, x1, static_cast<std::int64_t>(data->x1_converted.size()), data->x1_converted.data(), threads);
+    convert_to_f32(dtype, x2, static_cast<std::int64_t>(data->x2_converted.size()), data->x2_converted.data(), threads);
+    mm->execute();
+  };
+  return m;
+}
+
 std::vector<Measurement> baselines(ShapeData& d, int threads, const std::vector<std::string>& modes) {
   using dt = dnnl::memory::data_type;
   const auto wants = [&](const std::string& mode) {
@@ -304,21 +320,20 @@ std::vector<Measurement> baselines(ShapeData& d, int threads, const std::vector<
   if (wants("f32") || f16_family) {
     out.push_back(onednn_measurement("f32", "onednn_f32", make_onednn(d, dt::f32, dt::f32, d.x1_f32.data(), d.x2_f32.data())));
   }
-  if (wants("f16")) {
-    auto mm = make_onednn(d, dt::f32, dt::f32, d.x1_converted.data(), d.x2_converted.data());
-    Measurement m = onednn_measurement("f16", "convert_onednn_f32", mm);
-    ShapeData* data = &d;
-    m.call = [mm, data, threads] {
-      convert_to_f32(DType::f16, data->x1_f16.data(), static_cast<std::int64_t>(data->x1_f16.size()),
-                     data->x1_converted.data(), threads);
-      convert_to_f32(DType::f16, data->x2_f16.data(), static_cast<std::int64_t>(data->x2_f16.size()),
-                     data->x2_converted.data(), threads);
-      mm->execute();
-    };
-    out.push_back(m);
-  }
+  if (wants("f16")) out.push_back(converting_baseline(d, "f16", DType::f16, d.x1_f16.data(), d.x2_f16.data(), threads));
   if (wants("bf16")) {
-    out.push_back(onednn_measurement("bf16", "onednn_bf16", make_onednn(d, dt::bf16, dt::bf16, d.x1_bf16.data(), d.x2_bf16.data())));
+    // oneDNN 2.x has bf16 matmuls for AVX-512 only; elsewhere (an error, or
+    // its scalar reference code) a user converts to f32, as for f16.
+    std::shared_ptr<OneDnnMatmul> mm;
+    try {
+      mm = make_onednn(d, dt::bf16, dt::bf16, d.x1_bf16.data(), d.x2_bf16.data());
+    } catch (const dnnl::error&) {
+    }
+    if (mm != nullptr && mm->impl.rfind("ref", 0) != 0) {
+      out.push_back(onednn_measurement("bf16", "onednn_bf16", mm));
+    } else {
+      out.push_back(converting_baseline(d, "bf16", DType::bf16, d.x1_bf16.data(), d.x2_bf16.data(), threads));
+    }
   }
   if (wants("int8")) {
     out.push_back(onednn_measurement("int8", "onednn_s8", make_onednn(d, dt::s8, dt::s32, d.x1_i8.data(), d.x2_i8.data())));
@@ -422,11 +437,16 @@ Shape parse_shape(const std::string& text) {
 // the ratio of the best repetitions is shown too: on a busy machine it is
 // the steadier estimate of what the code itself does.
 void print_ratios(const std::vector<Record>& records, const std::map<std::string, Record>& by_key) {
-  const std::map<std::string, std::string> library = {
-      {"f16", "onednn_f32"}, {"bf16", "onednn_bf16"}, {"int8", "onednn_s8"},
-      {"wq_f16", "onednn_f32"}, {"wq_bf16", "onednn_bf16"}};
-  const std::map<std::string, std::string> library_mode = {
-      {"f16", "f32"}, {"bf16", "bf16"}, {"int8", "int8"}, {"wq_f16", "f32"}, {"wq_bf16", "bf16"}};
+  // The library's measurement for each mode, as (mode, engine): the first of
+  // those measured in this run (bf16's native matmul, or the conversion to
+  // f32 where oneDNN has none).
+  using Baseline = std::pair<std::string, std::string>;
+  const std::vector<Baseline> bf16_library = {{"bf16", "onednn_bf16"}, {"bf16", "convert_onednn_f32"}};
+  const std::map<std::string, std::vector<Baseline>> library = {{"f16", {{"f32", "onednn_f32"}}},
+                                                                {"bf16", bf16_library},
+                                                                {"int8", {{"int8", "onednn_s8"}}},
+                                                                {"wq_f16", {{"f32", "onednn_f32"}}},
+                                                                {"wq_bf16", bf16_library}};
   std::printf("\nRatios in this run (of medians; best-of-reps in brackets):\n");
   const auto show = [&](const Record& r, const std::string& against_key, const std::string& what) {
     const auto den = by_key.find(against_key);
@@ -440,7 +460,12 @@ void print_ratios(const std::vector<Record>& records, const std::map<std::string
     if (r.engine != "tpfuse" && r.engine != "tpfuse_packed") continue;
     const auto lib = library.find(r.mode);
     if (lib != library.end() && !r.epilogue) {
-      show(r, record_key(library_mode.at(r.mode), r.shape, r.threads, lib->second, false), cat("vs ", lib->second));
+      for (const auto& [mode, engine] : lib->second) {
+        const std::string key = record_key(mode, r.shape, r.threads, engine, false);
+        if (by_key.count(key) == 0) continue;
+        show(r, key, cat("vs ", engine));
+        break;
+      }
     }
     if (r.packed) show(r, record_key(r.mode, r.shape, r.threads, "tpfuse", r.epilogue), "vs x2 packed in the call");
     if (r.epilogue) show(r, record_key(r.mode, r.shape, r.threads, r.engine, false), "bias+x3 vs none");
