@@ -3,7 +3,7 @@
 
 DEB_PACKAGES := cmake make g++ pkg-config libgtest-dev libcli11-dev nlohmann-json3-dev libdnnl-dev ocl-icd-opencl-dev libopenblas0 \
                 libhwy-dev python3-torch libtorch-dev pybind11-dev python3-pytest libopenmpi-dev openmpi-bin \
-                gnuplot-nox iproute2 clang-14 libclang-rt-14-dev libomp-14-dev
+                gnuplot-nox iproute2 clang-14 libclang-rt-14-dev libomp-14-dev ccache
 BUILD        ?= build
 DEB_BUILD    ?= build-deb
 ASAN_BUILD   ?= build-asan
@@ -12,6 +12,15 @@ FUZZ_BUILD   ?= build-fuzz
 JOBS         ?= $(shell nproc)
 PYTHON       ?= /usr/bin/python3
 CMAKE_FLAGS  ?=
+# The release and package trees compile the same sources with the same flags,
+# so they share a compiler cache in the clone: the package tree's build takes
+# its objects from the release tree's instead of compiling the project again.
+# Paths are taken relative to the clone (CCACHE_BASEDIR), so that the two
+# trees' command lines match.
+CCACHE_TREES := -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
+export CCACHE_DIR     := $(CURDIR)/build-ccache
+export CCACHE_BASEDIR := $(CURDIR)
+export CCACHE_MAXSIZE ?= 2G
 # The sanitizer trees' RelWithDebInfo flags: CMake's -O2 -DNDEBUG, with line
 # tables only (-g1: functions, lines and inlined frames, what the reports
 # print) instead of full debug info, which costs a fifth of their compile time.
@@ -26,7 +35,7 @@ deps:
 	@./scripts/install-deps.sh $(DEB_PACKAGES)
 
 configure: deps
-	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DTPFUSE_PYTHON=$(PYTHON) $(CMAKE_FLAGS) >/dev/null
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DTPFUSE_PYTHON=$(PYTHON) $(CCACHE_TREES) $(CMAKE_FLAGS) >/dev/null
 
 build: configure
 	@cmake --build $(BUILD) -j $(JOBS)
@@ -56,13 +65,13 @@ test-asan: deps
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS) -E '$(ASAN_SKIP)'
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD) $(DEB_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD) $(DEB_BUILD) $(CCACHE_DIR)
 
 # The Debian packages (cmake/packaging.cmake), built in a tree of their own
 # configured for /usr, into $(DEB_BUILD)/*.deb.
 deb: deps
 	@cmake -S . -B $(DEB_BUILD) -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=/usr \
-	  -DTPFUSE_BUILD_TESTS=OFF -DTPFUSE_PYTHON=$(PYTHON) $(CMAKE_FLAGS) >/dev/null
+	  -DTPFUSE_BUILD_TESTS=OFF -DTPFUSE_PYTHON=$(PYTHON) $(CCACHE_TREES) $(CMAKE_FLAGS) >/dev/null
 	@cmake --build $(DEB_BUILD) -j $(JOBS)
 	@rm -f $(DEB_BUILD)/*.deb
 	cd $(DEB_BUILD) && cpack -G DEB
