@@ -19,6 +19,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <exception>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -49,8 +50,11 @@ using ProcessGroup = c10::intrusive_ptr<c10d::ProcessGroup>;
 // thread made per message cost its start and end on every send and recv.
 // Each waiting message holds a thread of its own (a receive waited for
 // must not hold up a send queued behind it), so a message finds an idle
-// thread or makes one; a thread idle for a second ends. Never destroyed:
-// its threads may outlive static destruction.
+// thread or makes one; a thread idle for a second ends. A thread lets go of
+// the work before it reports it done: the transfer's owner may release the
+// process group right after (a rank failing, then exiting), and gloo's work
+// must not be destroyed after its group. Never destroyed: its threads may
+// outlive static destruction.
 class Waiters {
  public:
   static Waiters& instance() {
@@ -59,10 +63,10 @@ class Waiters {
   }
 
   std::future<void> wait_for(c10::intrusive_ptr<c10d::Work> work) {
-    std::packaged_task<void()> task([work = std::move(work)] { work->wait(); });
-    std::future<void> done = task.get_future();
+    Job job{std::move(work), {}};
+    std::future<void> done = job.done.get_future();
     const std::lock_guard lock(mutex_);
-    jobs_.push_back(std::move(task));
+    jobs_.push_back(std::move(job));
     if (jobs_.size() > idle_) {
       std::thread([this] { serve(); }).detach();
     } else {
@@ -72,25 +76,41 @@ class Waiters {
   }
 
  private:
+  struct Job {
+    c10::intrusive_ptr<c10d::Work> work;
+    std::promise<void> done;
+  };
+
   void serve() {
     std::unique_lock lock(mutex_);
     for (;;) {
       ++idle_;
-      const bool job =
+      const bool found =
           wake_.wait_for(lock, std::chrono::seconds(1), [this] { return !jobs_.empty(); });
       --idle_;
-      if (!job) return;
-      std::packaged_task<void()> task = std::move(jobs_.front());
+      if (!found) return;
+      Job job = std::move(jobs_.front());
       jobs_.pop_front();
       lock.unlock();
-      task();
+      std::exception_ptr failure;
+      try {
+        job.work->wait();
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      job.work.reset();
+      if (failure) {
+        job.done.set_exception(failure);
+      } else {
+        job.done.set_value();
+      }
       lock.lock();
     }
   }
 
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::deque<std::packaged_task<void()>> jobs_;
+  std::deque<Job> jobs_;
   std::size_t idle_ = 0;
 };
 
