@@ -218,6 +218,18 @@ std::shared_ptr<OneDnnMatmul> make_onednn_matmul(std::int64_t m, std::int64_t n,
   return mm;
 }
 
+std::shared_ptr<OneDnnMatmul> make_native_onednn_matmul(std::int64_t m, std::int64_t n, std::int64_t k,
+                                                        dnnl::memory::data_type in_type,
+                                                        dnnl::memory::data_type out_type, const void* x1,
+                                                        const void* x2, void* dst, bool x2_transposed) {
+  try {
+    auto mm = make_onednn_matmul(m, n, k, in_type, out_type, x1, x2, dst, x2_transposed);
+    return mm->impl.rfind("ref", 0) == 0 ? nullptr : mm;
+  } catch (const dnnl::error&) {
+    return nullptr;
+  }
+}
+
 void convert_to_f32(DType dtype, const void* src, std::int64_t count, float* dst, int threads) {
   const gemm::KernelTable& kernels = gemm::kernels_for(active_isa());
   constexpr std::int64_t kChunk = 1 << 16;

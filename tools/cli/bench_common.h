@@ -106,6 +106,15 @@ std::shared_ptr<OneDnnMatmul> make_onednn_matmul(std::int64_t m, std::int64_t n,
                                                  dnnl::memory::data_type out_type, const void* x1,
                                                  const void* x2, void* dst, bool x2_transposed);
 
+// The same, or null where oneDNN has no fast matmul for the types on this CPU
+// (none at all, or only its scalar reference code, "ref:any", which no user
+// would choose over converting to f32): oneDNN 2.x has bf16 matmuls for
+// AVX-512 only.
+std::shared_ptr<OneDnnMatmul> make_native_onednn_matmul(std::int64_t m, std::int64_t n, std::int64_t k,
+                                                        dnnl::memory::data_type in_type,
+                                                        dnnl::memory::data_type out_type, const void* x1,
+                                                        const void* x2, void* dst, bool x2_transposed);
+
 // dst[i] = src[i] for i < count (src f16, bf16 or f32), with tpfuse's vector
 // conversion, split over `threads`.
 void convert_to_f32(DType dtype, const void* src, std::int64_t count, float* dst, int threads);

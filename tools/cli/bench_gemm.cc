@@ -322,14 +322,11 @@ std::vector<Measurement> baselines(ShapeData& d, int threads, const std::vector<
   }
   if (wants("f16")) out.push_back(converting_baseline(d, "f16", DType::f16, d.x1_f16.data(), d.x2_f16.data(), threads));
   if (wants("bf16")) {
-    // oneDNN 2.x has bf16 matmuls for AVX-512 only; elsewhere (an error, or
-    // its scalar reference code) a user converts to f32, as for f16.
-    std::shared_ptr<OneDnnMatmul> mm;
-    try {
-      mm = make_onednn(d, dt::bf16, dt::bf16, d.x1_bf16.data(), d.x2_bf16.data());
-    } catch (const dnnl::error&) {
-    }
-    if (mm != nullptr && mm->impl.rfind("ref", 0) != 0) {
+    // Where oneDNN has no fast bf16 matmul, a user converts to f32, as for f16.
+    const Shape& s = d.shape;
+    const auto mm = make_native_onednn_matmul(s.m, s.n, s.k, dt::bf16, dt::bf16, d.x1_bf16.data(), d.x2_bf16.data(),
+                                              d.out.data(), d.x2_transposed);
+    if (mm != nullptr) {
       out.push_back(onednn_measurement("bf16", "onednn_bf16", mm));
     } else {
       out.push_back(converting_baseline(d, "bf16", DType::bf16, d.x1_bf16.data(), d.x2_bf16.data(), threads));

@@ -150,26 +150,21 @@ std::vector<std::uint16_t> random_halves(std::int64_t count, std::uint64_t seed,
 // The GEMM [rows, k] x [k, n] of `x1` and data.x2 a user would pick on this
 // CPU; the returned call runs it (with any conversion it needs) into
 // data.sums, or, given `native_out` and a native matmul, straight into
-// native_out in the layer's dtype (and sets *rounded). oneDNN's reference
-// implementation ("ref:any") is scalar code no user would choose over
-// converting.
+// native_out in the layer's dtype (and sets *rounded).
 std::function<void()> make_peer_gemm(const Options& o, std::int64_t rows, std::vector<std::uint16_t>& x1,
                                      PeerData& data, int threads, std::string& description, void* native_out = nullptr,
                                      bool* rounded = nullptr) {
   using dt = dnnl::memory::data_type;
   const bool bf16 = o.dtype == "bf16";
   const dt layer = bf16 ? dt::bf16 : dt::f16;
-  try {
-    auto mm = make_onednn_matmul(rows, o.n, o.k, layer, native_out != nullptr ? layer : dt::f32, x1.data(),
-                                 data.x2.data(), native_out != nullptr ? native_out : data.sums.data(), false);
-    if (mm->impl.rfind("ref", 0) != 0) {
-      description = cat("oneDNN ", o.dtype, " matmul (", mm->impl, ")");
-      if (rounded != nullptr) *rounded = native_out != nullptr;
-      return [mm] { mm->execute(); };
-    }
-  } catch (const dnnl::error&) {
-    // No native matmul for this dtype here: convert, as below.
+  if (auto mm =
+          make_native_onednn_matmul(rows, o.n, o.k, layer, native_out != nullptr ? layer : dt::f32, x1.data(),
+                                    data.x2.data(), native_out != nullptr ? native_out : data.sums.data(), false)) {
+    description = cat("oneDNN ", o.dtype, " matmul (", mm->impl, ")");
+    if (rounded != nullptr) *rounded = native_out != nullptr;
+    return [mm] { mm->execute(); };
   }
+  // No native matmul for this dtype here: convert to f32.
   data.x1_f32.resize(x1.size());
   data.x2_f32.resize(data.x2.size());
   auto mm = make_onednn_matmul(rows, o.n, o.k, dt::f32, dt::f32, data.x1_f32.data(), data.x2_f32.data(),
