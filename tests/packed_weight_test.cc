@@ -344,5 +344,53 @@ TEST(OperandNumerics, TinyDequantizedWeightsCountAsZeroInEveryEngine) {
   }
 }
 
+// The same per column and per group, x2 row-major and transposed (the dot
+// kernel's layout): k = 64 in two groups of 32, x1 = 2^127 at l = 0 and 1 at
+// l = 33. Column 0 has q = 1 at l = 0 under the tiny scale 2^-128 of group 0
+// (a kept weight would add 0.5) and q = 3 at l = 33 under scale 1; column 1
+// has scale 1 in both groups and q = 3 at l = 33 only. Both give 3: a tiny
+// scale in one group or column changes nothing in the others.
+TEST(OperandNumerics, TinyDequantizedWeightsCountAsZeroPerGroupAndColumn) {
+  constexpr std::int64_t k = 64, n = 2;
+  for (bool transposed : {false, true}) {
+    for (std::int64_t m : {1, 100}) {
+      Tensor x1(DType::bf16, {m, k}), scale(DType::bf16, {2, n});
+      Tensor x2 = transposed ? Tensor(DType::i8, {n, k}) : Tensor(DType::i8, {k, n});
+      for (std::int64_t i = 0; i < m * k; ++i) x1.data_as<BFloat16>()[i] = f32_to_bf16(0.0f);
+      for (std::int64_t i = 0; i < m; ++i) {
+        x1.data_as<BFloat16>()[i * k] = f32_to_bf16(0x1p127f);
+        x1.data_as<BFloat16>()[i * k + 33] = f32_to_bf16(1.0f);
+      }
+      const auto q = [&](std::int64_t l, std::int64_t j) -> std::int8_t& {
+        return x2.data_as<std::int8_t>()[transposed ? j * k + l : l * n + j];
+      };
+      for (std::int64_t i = 0; i < k * n; ++i) x2.data_as<std::int8_t>()[i] = 0;
+      q(0, 0) = 1;
+      q(33, 0) = 3;
+      q(33, 1) = 3;
+      scale.data_as<BFloat16>()[0] = BFloat16{0x0020};  // group 0, column 0: 2^-128
+      scale.data_as<BFloat16>()[1] = f32_to_bf16(1.0f);
+      scale.data_as<BFloat16>()[2] = f32_to_bf16(1.0f);
+      scale.data_as<BFloat16>()[3] = f32_to_bf16(1.0f);
+      MmAllReduceOptions options;
+      options.antiquant_scale = scale.view();
+      options.antiquant_group_size = 32;
+      const TensorView x2_view = transposed ? x2.view().transposed() : x2.view();
+      const CallShape shape = validate_call(x1, x2_view, options);
+      const gemm::GemmOperands operands = make_gemm_operands(shape, x1, x2_view, options);
+      for (IsaLevel level : runnable_levels()) {
+        const std::vector<unsigned char> out = run_gemm(operands, level);
+        for (std::int64_t i = 0; i < m * n; ++i) {
+          BFloat16 value;
+          std::memcpy(&value, out.data() + 2 * i, 2);
+          EXPECT_EQ(bf16_to_f32(value), 3.0f)
+              << (transposed ? "transposed" : "row-major") << " m=" << m << " element " << i
+              << " at " << isa_name(level);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace tpfuse

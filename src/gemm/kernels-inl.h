@@ -478,15 +478,43 @@ void set_row_kernels(MicroKernel* by_rows, std::index_sequence<kRowsMinusOne...>
 
 // ---- the dot micro-kernel ----
 
+// One column's dequantization for one group of l (i8 only): its scale and
+// offset as vectors, loaded once per group rather than per chunk, and
+// whether a weight could land below 2^-126 and need flush_tiny. Without an
+// offset a weight is q * scale with q an integer: 0 (and so +-0, which adds
+// nothing to a sum that starts at +0) or at least 1 in magnitude, so only a
+// scale in (0, 2^-126) can make one that small; skipping the flush otherwise
+// changes no bit.
+struct DotDequant {
+  FloatVec scale;
+  FloatVec offset;
+  bool flush;
+};
+
 template <BFormat kFormat, bool kOffset>
-HWY_INLINE FloatVec load_w(const unsigned char* p, const DotTile& t, int column, std::int64_t l) {
-  FloatVec scale = hn::Zero(FloatTag()), offset = hn::Zero(FloatTag());
+HWY_INLINE DotDequant dot_dequant(const DotTile& t, int column, std::int64_t group) {
+  DotDequant dequant{hn::Zero(FloatTag()), hn::Zero(FloatTag()), true};
   if constexpr (kFormat == BFormat::i8) {
-    const std::int64_t at = (l / t.group_rows) * t.scale_ld + column;
-    scale = hn::Set(FloatTag(), t.scale[at]);
-    if constexpr (kOffset) offset = hn::Set(FloatTag(), t.offset[at]);
+    const float scale = t.scale[group * t.scale_ld + column];
+    dequant.scale = hn::Set(FloatTag(), scale);
+    if constexpr (kOffset) {
+      dequant.offset = hn::Set(FloatTag(), t.offset[group * t.scale_ld + column]);
+    } else {
+      const float magnitude = __builtin_fabsf(scale);
+      dequant.flush = magnitude > 0.0f && magnitude < 0x1p-126f;
+    }
   }
-  return load_b<kFormat, kOffset>(p, scale, offset);
+  return dequant;
+}
+
+template <BFormat kFormat, bool kOffset>
+HWY_INLINE FloatVec load_w(const unsigned char* p, const DotDequant& dequant) {
+  if constexpr (kFormat == BFormat::i8 && !kOffset) {
+    const FloatVec w = hn::Mul(load_i8(p), dequant.scale);
+    return dequant.flush ? flush_tiny(w) : w;
+  } else {
+    return load_b<kFormat, kOffset>(p, dequant.scale, dequant.offset);
+  }
 }
 
 template <BFormat kFormat, bool kOffset, int kRows>
@@ -502,17 +530,28 @@ void dot_kernel(const DotTile& t) {
 #pragma GCC unroll 4
     for (int i = 0; i < kRows; ++i) acc[i][c] = hn::Zero(d);
   }
+  // A group's chunks share its scales; groups are multiples of 32 values of
+  // l, so only the last chunk of k may be partial.
+  const std::int64_t group_rows = kFormat == BFormat::i8 ? t.group_rows : t.k;
   std::int64_t l = 0;
-  for (; l + kLanes <= t.k; l += kLanes) {
-    FloatVec w_chunk[kDotCols];
+  DotDequant dequant[kDotCols] = {};
+  for (std::int64_t group = 0; l < t.k; ++group) {
 #pragma GCC unroll 4
-    for (int c = 0; c < kDotCols; ++c) w_chunk[c] = load_w<kFormat, kOffset>(w[c] + l * kElem, t, c, l);
+    for (int c = 0; c < kDotCols; ++c) dequant[c] = dot_dequant<kFormat, kOffset>(t, c, group);
+    const std::int64_t group_end = t.k - l < group_rows ? t.k : l + group_rows;
+    for (; l + kLanes <= group_end; l += kLanes) {
+      FloatVec w_chunk[kDotCols];
 #pragma GCC unroll 4
-    for (int i = 0; i < kRows; ++i) {
-      const FloatVec a_chunk = hn::LoadU(d, t.a + i * t.a_ld + l);
+      for (int c = 0; c < kDotCols; ++c)
+        w_chunk[c] = load_w<kFormat, kOffset>(w[c] + l * kElem, dequant[c]);
 #pragma GCC unroll 4
-      for (int c = 0; c < kDotCols; ++c) acc[i][c] = hn::MulAdd(a_chunk, w_chunk[c], acc[i][c]);
+      for (int i = 0; i < kRows; ++i) {
+        const FloatVec a_chunk = hn::LoadU(d, t.a + i * t.a_ld + l);
+#pragma GCC unroll 4
+        for (int c = 0; c < kDotCols; ++c) acc[i][c] = hn::MulAdd(a_chunk, w_chunk[c], acc[i][c]);
+      }
     }
+    if (l < group_end) break;  // the last chunk of k, partial
   }
   if (l < t.k) {  // the last chunk, through zero-padded copies
     const std::int64_t count = t.k - l;
@@ -525,7 +564,7 @@ void dot_kernel(const DotTile& t) {
     for (int c = 0; c < kDotCols; ++c) {
       alignas(64) unsigned char padded[kLanes * 4] = {};
       __builtin_memcpy(padded, w[c] + l * kElem, static_cast<std::size_t>(count * kElem));
-      w_chunk[c] = hn::IfThenElseZero(real, load_w<kFormat, kOffset>(padded, t, c, l));
+      w_chunk[c] = hn::IfThenElseZero(real, load_w<kFormat, kOffset>(padded, dequant[c]));
     }
 #pragma GCC unroll 4
     for (int i = 0; i < kRows; ++i) {
