@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -30,6 +31,11 @@ struct PostOffice {
   std::mutex mutex;
   std::map<std::tuple<int, int, int>, std::deque<std::vector<std::byte>>> posted;  // from, to, tag
   std::set<int> lost;  // ranks whose messages fail (a dead peer)
+  // For engines that tell of their completions: a count of the messages
+  // posted (each may complete a receive), and the waits on it.
+  std::condition_variable arrived;
+  std::uint64_t posts = 0;
+  int awaits = 0;
 };
 
 class Delivered final : public MessageEngine::Transfer {
@@ -62,17 +68,31 @@ class Receive final : public MessageEngine::Transfer {
   std::size_t bytes_;
 };
 
+// `signals`: the engine tells of its completions (as the process groups'
+// does), so that waits can sleep until a message is posted.
 class LoopbackEngine final : public MessageEngine {
  public:
-  LoopbackEngine(std::shared_ptr<PostOffice> office, int rank, int size)
-      : office_(std::move(office)), rank_(rank), size_(size) {}
+  LoopbackEngine(std::shared_ptr<PostOffice> office, int rank, int size, bool signals = false)
+      : office_(std::move(office)), rank_(rank), size_(size), signals_(signals) {}
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::unique_ptr<Transfer> send(int peer, int tag, const std::byte* data,
                                  std::size_t bytes) override {
     const std::lock_guard lock(office_->mutex);
     office_->posted[{rank_, peer, tag}].emplace_back(data, data + bytes);
+    ++office_->posts;
+    office_->arrived.notify_all();
     return std::make_unique<Delivered>();
+  }
+  std::optional<std::uint64_t> completions() override {
+    if (!signals_) return std::nullopt;
+    const std::lock_guard lock(office_->mutex);
+    return office_->posts;
+  }
+  void await_completion(std::uint64_t seen, std::chrono::microseconds limit) override {
+    std::unique_lock lock(office_->mutex);
+    ++office_->awaits;
+    office_->arrived.wait_for(lock, limit, [&] { return office_->posts != seen; });
   }
   std::unique_ptr<Transfer> receive(int peer, int tag, std::byte* data,
                                     std::size_t bytes) override {
@@ -82,18 +102,20 @@ class LoopbackEngine final : public MessageEngine {
  private:
   std::shared_ptr<PostOffice> office_;
   int rank_, size_;
+  bool signals_;
 };
 
 // Runs body(communicator) on p threads, one communicator each; rethrows the
 // first failure of a thread that was not expected to fail.
 struct Group {
-  explicit Group(int p, std::chrono::milliseconds timeout = 20s, std::vector<int> job_ranks = {})
+  explicit Group(int p, std::chrono::milliseconds timeout = 20s, std::vector<int> job_ranks = {},
+                 bool signals = false)
       : office(std::make_shared<PostOffice>()) {
     for (int r = 0; r < p; ++r) {
       MessageOptions options{.name = "loopback", .transport = "loopback", .timeout = timeout};
       options.job_ranks = job_ranks;
-      comms.push_back(
-          create_message_communicator(std::make_shared<LoopbackEngine>(office, r, p), options));
+      comms.push_back(create_message_communicator(
+          std::make_shared<LoopbackEngine>(office, r, p, signals), options));
     }
   }
   void run(const std::function<void(Communicator&)>& body) {
@@ -228,6 +250,40 @@ TEST(MessageTransport, ASilentRankIsNamedAtTheDeadline) {
       EXPECT_EQ(error.ranks(), std::vector<int>{2}) << error.what();
     } catch (const AbortedError& error) {  // the other waiting rank timed out first
       EXPECT_NE(std::string(error.what()).find("rank(s) 2"), std::string::npos) << error.what();
+    }
+  });
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
+}
+
+// An engine that tells of its completions is waited on, not polled: rank 1
+// starts 100 ms late, and rank 0 sleeps until its messages are posted.
+TEST(MessageTransport, WaitsSleepUntilAnEngineSaysAMessageCompleted) {
+  Group group(2, 20s, {}, /*signals=*/true);
+  std::vector<std::vector<std::uint16_t>> data(2, std::vector<std::uint16_t>(100, 0x3F80));  // 1.0
+  group.run([&](Communicator& comm) {
+    if (comm.rank() == 1) std::this_thread::sleep_for(100ms);
+    comm.all_reduce(data[comm.rank()].data(), data[comm.rank()].data(), 100, DType::bf16);
+  });
+  for (const auto& result : data)
+    EXPECT_EQ(result, std::vector<std::uint16_t>(100, 0x4000));  // 2.0
+  // Each await lasts until a post, or at most a few milliseconds: rank 0's
+  // 100 ms took some, and far fewer than the polls of a paced wait.
+  EXPECT_GT(group.office->awaits, 0);
+  EXPECT_LT(group.office->awaits, 200);
+}
+
+// Its waits still end at the deadline, naming the silent rank.
+TEST(MessageTransport, AnEngineThatSignalsStillTimesOut) {
+  Group group(2, 300ms, {}, /*signals=*/true);
+  const auto start = std::chrono::steady_clock::now();
+  group.run([&](Communicator& comm) {
+    if (comm.rank() == 1) return;
+    std::vector<std::uint16_t> data(8, 0x3F80);
+    try {
+      comm.all_reduce(data.data(), data.data(), data.size(), DType::bf16);
+      ADD_FAILURE() << "rank 0 finished without rank 1";
+    } catch (const TimeoutError& error) {
+      EXPECT_EQ(error.ranks(), std::vector<int>{1}) << error.what();
     }
   });
   EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);

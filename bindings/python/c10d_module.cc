@@ -12,7 +12,7 @@
 // message transport (tpfuse/comm/messages.h) over c10d's asynchronous send
 // and recv. A gloo send or recv completes only inside Work::wait, so each
 // message is waited for on a thread of its own (Waiters); test() asks that
-// thread.
+// thread, and a collective's wait sleeps until one of them completes a message.
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -62,6 +62,15 @@ class Waiters {
     return *waiters;
   }
 
+  std::uint64_t completions() {
+    const std::lock_guard lock(mutex_);
+    return completions_;
+  }
+  void await_completion(std::uint64_t seen, std::chrono::microseconds limit) {
+    std::unique_lock lock(mutex_);
+    completed_.wait_for(lock, limit, [&] { return completions_ != seen; });
+  }
+
   std::future<void> wait_for(c10::intrusive_ptr<c10d::Work> work) {
     Job job{std::move(work), {}};
     std::future<void> done = job.done.get_future();
@@ -105,12 +114,16 @@ class Waiters {
         job.done.set_value();
       }
       lock.lock();
+      ++completions_;
+      completed_.notify_all();
     }
   }
 
   std::mutex mutex_;
   std::condition_variable wake_;
+  std::condition_variable completed_;
   std::deque<Job> jobs_;
+  std::uint64_t completions_ = 0;  // jobs done, any engine's
   std::size_t idle_ = 0;
 };
 
@@ -165,6 +178,10 @@ class ProcessGroupEngine final : public comm::MessageEngine {
                                     std::size_t bytes) override {
     std::vector<at::Tensor> tensors{wrap(data, bytes)};
     return std::make_unique<ProcessGroupTransfer>(group_->recv(tensors, peer, tag), tensors[0]);
+  }
+  std::optional<std::uint64_t> completions() override { return Waiters::instance().completions(); }
+  void await_completion(std::uint64_t seen, std::chrono::microseconds limit) override {
+    Waiters::instance().await_completion(seen, limit);
   }
 
  private:

@@ -30,6 +30,9 @@ constexpr std::size_t kNoticeBytes = 1024;
 constexpr std::uint64_t kTagCycle = std::uint64_t{1} << 24;
 constexpr int kMaxInFlight = 3;
 constexpr std::size_t kSlotBytes = 2048;
+// A wait on an engine that tells of its completions still checks its
+// deadline this often.
+constexpr std::chrono::milliseconds kLongestAwait{5};
 std::size_t first_bytes(std::size_t length) { return std::min(length, kSlotBytes - 8); }
 
 struct Message {
@@ -135,6 +138,7 @@ class MessageCommunicator final : public Communicator,
     PollPacer pacer;
     for (;;) {
       bool progressed = false;
+      const std::optional<std::uint64_t> seen = engine_->completions();
       {
         const std::lock_guard lock(mutex_);
         const std::uint64_t before = progress_;
@@ -143,7 +147,11 @@ class MessageCommunicator final : public Communicator,
         if (Clock::now() > op.heard + options_.timeout) time_out_locked(op);
         progressed = progress_ != before;
       }
-      std::this_thread::sleep_for(pacer.next(progressed));
+      if (seen) {
+        engine_->await_completion(*seen, kLongestAwait);
+      } else {
+        std::this_thread::sleep_for(pacer.next(progressed));
+      }
     }
   }
 

@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,16 @@ class MessageEngine {
   // Receives the message `peer` sends under `tag`, exactly `bytes` bytes, into `data`.
   virtual std::unique_ptr<Transfer> receive(int peer, int tag, std::byte* data,
                                             std::size_t bytes) = 0;
+
+  // An engine that can tell when its transfers complete (the process
+  // groups' complete on threads of their own) counts the completions of all
+  // its transfers, and await_completion() sleeps until the count differs
+  // from `seen` or `limit` has passed: a wait for a collective then wakes as
+  // its message completes, not at its next poll. By default an engine cannot
+  // tell (MPI moves messages only inside its calls) and is polled:
+  // completions() is empty and await_completion() is not called.
+  virtual std::optional<std::uint64_t> completions() { return std::nullopt; }
+  virtual void await_completion(std::uint64_t /*seen*/, std::chrono::microseconds /*limit*/) {}
 };
 
 struct MessageOptions {
