@@ -434,6 +434,9 @@ class FloatGemm final : public PreparedGemm {
         tile.rows = static_cast<int>(std::min<std::int64_t>(kMaxDotRows, task.r1 - i));
         tile.cols = static_cast<int>(std::min<std::int64_t>(kDotCols, s.n - j0));
         tile.epilogue = &epilogue;
+        // The last rows of this block of columns: the next block's follow.
+        if (i + kMaxDotRows >= task.r1 && block + 1 < task.p1)
+          tile.prefetch = x2_at(0, j0 + kDotCols);
         dot[tile.rows - 1](tile);
       }
     }

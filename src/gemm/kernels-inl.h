@@ -12,6 +12,7 @@
 // the target has them and half.h's scalar code otherwise; f32 -> bf16 rounds
 // to nearest even with integer vector code (Highway 1.0 truncates).
 
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 
 #include <cstddef>
@@ -540,6 +541,11 @@ void dot_kernel(const DotTile& t) {
     for (int c = 0; c < kDotCols; ++c) dequant[c] = dot_dequant<kFormat, kOffset>(t, c, group);
     const std::int64_t group_end = t.k - l < group_rows ? t.k : l + group_rows;
     for (; l + kLanes <= group_end; l += kLanes) {
+      if (t.prefetch != nullptr && (l * kElem) % 64 == 0) {
+        const auto* next = static_cast<const unsigned char*>(t.prefetch) + l * kElem;
+#pragma GCC unroll 4
+        for (int c = 0; c < kDotCols; ++c) hwy::Prefetch(next + c * t.w_ld * kElem);
+      }
       FloatVec w_chunk[kDotCols];
 #pragma GCC unroll 4
       for (int c = 0; c < kDotCols; ++c)

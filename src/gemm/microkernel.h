@@ -113,6 +113,10 @@ struct DotTile {
   int rows = 0;                     // <= kMaxDotRows (one kernel per row count)
   int cols = 0;                     // <= kDotCols
   const TileEpilogue* epilogue = nullptr;
+  // The next tile's W(0, 0), or null: its kDotCols rows of w_ld apart are
+  // fetched into the caches as this tile's are read, so that short rows (a
+  // decode's weights) stream from memory without stalling on each tile.
+  const void* prefetch = nullptr;
 };
 
 using DotKernel = void (*)(const DotTile& tile);
