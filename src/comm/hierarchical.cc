@@ -18,6 +18,7 @@
 
 #include "comm/collective_math.h"
 #include "comm/poll_pacer.h"
+#include "core/trace.h"
 #include "tpfuse/comm/shm.h"
 #include "tpfuse/comm/store.h"
 #include "tpfuse/core/config.h"
@@ -64,6 +65,7 @@ class Pipeline {
     std::unique_ptr<float[]> sums;  // the contribution widened, then the host sum
     Step step = Step::host_sum;
     std::unique_ptr<Work> current;  // the step's collective, once started
+    std::int64_t step_started_ns = 0;  // when it started, where traced
   };
 
   explicit Pipeline(Parts parts) : parts_(std::move(parts)) {}
@@ -167,6 +169,7 @@ class Pipeline {
   }
 
   void start_step(Op& op) {
+    if (trace::enabled()) op.step_started_ns = trace::now_ns();
     const std::size_t element = dtype_size(op.dtype);
     const HostLayout& layout = parts_.engine.layout;
     const int rails = static_cast<int>(layout.rails.size());
@@ -203,6 +206,11 @@ class Pipeline {
 
   void finish_step(Op& op) {
     op.current.reset();
+    if (trace::enabled()) {
+      static constexpr const char* kNames[] = {"host sum", "rail", "host gather"};
+      trace::complete(kNames[static_cast<int>(op.step)], "comm", trace::Track::comm,
+                      op.step_started_ns, trace::now_ns(), trace::Args().add("elements", op.count));
+    }
     switch (op.step) {
       case Step::host_sum:
         op.step = parts_.engine.rail != nullptr ? Step::rail : Step::gather;

@@ -72,11 +72,11 @@ RANKS=3 run_case 2 2 --m 48 --k 128 --n 96 --dtype f16 --bias --comm-turn 4
 
 # The hierarchical transport's reduce-scatter (its all-reduce's rows) and
 # tensor all-gather (over the flat group), checked by the transport's tests,
-# and the operators on it (what mm_all_reduce_base pins there; the
+# its steps in the timeline, and the operators on it (what mm_all_reduce_base pins there; the
 # comparison with shm's bytes skips itself, the sums being in another order).
 if [ -n "$TRANSPORT_TEST" ]; then
   out=$(SLOTS=2 timeout 120 "$CLUSTER" mpirun -np 4 --bind-to none "$TRANSPORT_TEST" \
-          --gtest_filter='MpiTransport.ReduceScatterShards*:MpiTransport.AllGatherPuts*:MpiFamily.*' 2>&1)
+          --gtest_filter='MpiTransport.ReduceScatterShards*:MpiTransport.AllGatherPuts*:MpiTransport.HierarchicalSteps*:MpiFamily.*' 2>&1)
   rc=$?
   echo "transport tests, 2 hosts x 2: $(echo "$out" | grep -c '\[       OK \]') passed on the ranks"
   [ $rc -eq 0 ] || fail "the transport's collectives across 2 hosts x 2: exit $rc

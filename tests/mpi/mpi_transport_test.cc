@@ -2,18 +2,22 @@
 // all-reduce gives the shm transport's bytes (both run on the same inputs in
 // the same job), pipelined buffers and a helper thread, all_gather, the
 // reduce-scatter and the tensor all-gather, and its failures (a rank that
-// never arrives, abort) within the deadline. Then the four operators on it:
+// never arrives, abort) within the deadline, and on the hierarchical
+// transport its steps in the timeline. Then the four operators on it:
 // the shm transport's bytes, and the relations between them that the
 // contract pins (on the hierarchical transport too, tests/mpi/cluster_test.sh).
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -23,6 +27,7 @@
 
 #include "../family_cases.h"
 #include "comm/shm_reduce_kernels.h"
+#include "core/trace.h"
 #include "tpfuse/comm/mpi.h"
 #include "tpfuse/comm/registry.h"
 #include "tpfuse/comm/shm.h"
@@ -326,6 +331,38 @@ TEST(MpiTransport, AllGatherPutsEveryBlockInRankOrder) {
         }
       }
     }
+  }
+}
+
+// On the hierarchical transport, an all-reduce's steps are on the timeline,
+// each for its whole count and one after another: the host's sum, the rail
+// between hosts, the gather of the slices in the host.
+TEST(MpiTransport, HierarchicalStepsShowInTheTimeline) {
+  Communicator& comm = *world();
+  if (comm.transport() != "shm+mpi") GTEST_SKIP() << "not hierarchical: " << comm.transport();
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    cat("tpfuse-mpi-trace-", comm.rank(), "-", ::getpid());
+  std::filesystem::remove_all(dir);
+  constexpr std::size_t kCount = 4099;
+  const auto mine = contribution(DType::bf16, kCount, comm.rank(), 99);
+  std::vector<std::byte> out(mine.size());
+  trace::start(dir.string());
+  comm.all_reduce(mine.data(), out.data(), kCount, DType::bf16);
+  trace::stop();
+  std::string text;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    std::ifstream in(entry.path());
+    text.append(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  std::filesystem::remove_all(dir);
+  std::size_t previous = 0;
+  for (const char* step : {"\"host sum\"", "\"rail\"", "\"host gather\""}) {
+    SCOPED_TRACE(step);
+    const std::size_t at = text.find(step);
+    ASSERT_NE(at, std::string::npos) << text;
+    EXPECT_GE(at, previous) << "out of order: " << text;
+    EXPECT_NE(text.find(cat("\"elements\":", kCount), at), std::string::npos) << text;
+    previous = at;
   }
 }
 
