@@ -237,9 +237,11 @@ requires std::is_enum_v<T> || std::is_arithmetic_v<T> std::string key_text(const
 template <class... T>
 std::string key_text(const std::tuple<T...>& key) {
   std::string text;
-  std::apply(
-      [&](const auto&... field) { ((text += (text.empty() ? "" : ",") + key_text(field)), ...); },
-      key);
+  const auto append = [&](const auto& field) {
+    if (!text.empty()) text += ',';
+    text += key_text(field);
+  };
+  std::apply([&](const auto&... field) { (append(field), ...); }, key);
   return text;
 }
 
