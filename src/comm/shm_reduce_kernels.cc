@@ -113,7 +113,9 @@ void sum_portable(std::span<const std::byte* const> sources, std::size_t count, 
 // GCC 12 warns about the deliberately undefined vectors inside its own
 // AVX-512 intrinsics (_mm512_undefined_*) once they are inlined here.
 #pragma GCC diagnostic push
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 #define TPFUSE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c")))

@@ -24,7 +24,9 @@
 // GCC 12's conversion and shift intrinsics start from an undefined vector,
 // which its -Wmaybe-uninitialized (or, inlined deep enough,
 // -Wuninitialized) reports in every caller.
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace tpfuse::gemm {

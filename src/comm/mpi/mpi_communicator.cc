@@ -47,7 +47,6 @@ using mpi::kStillWaiting;
 // in flight at once never match each other's messages.
 constexpr int kAbortTag = 1;
 constexpr int kGatherTag = 2;
-constexpr int kShareTag = 3;
 constexpr int kFirstReduceTag = 16;
 constexpr std::uint64_t kReduceTagCycle = 4096;
 constexpr std::size_t kMaxGatherBytes = 4096;
