@@ -169,7 +169,7 @@ class Pipeline {
   }
 
   void start_step(Op& op) {
-    if (trace::enabled()) op.step_started_ns = trace::now_ns();
+    op.step_started_ns = trace::enabled() ? trace::now_ns() : 0;
     const std::size_t element = dtype_size(op.dtype);
     const HostLayout& layout = parts_.engine.layout;
     const int rails = static_cast<int>(layout.rails.size());
@@ -206,7 +206,8 @@ class Pipeline {
 
   void finish_step(Op& op) {
     op.current.reset();
-    if (trace::enabled()) {
+    // A step that started before tracing did has no span.
+    if (trace::enabled() && op.step_started_ns != 0) {
       static constexpr const char* kNames[] = {"host sum", "rail", "host gather"};
       trace::complete(kNames[static_cast<int>(op.step)], "comm", trace::Track::comm,
                       op.step_started_ns, trace::now_ns(), trace::Args().add("elements", op.count));
