@@ -508,14 +508,60 @@ HWY_INLINE DotDequant dot_dequant(const DotTile& t, int column, std::int64_t gro
   return dequant;
 }
 
-template <BFormat kFormat, bool kOffset>
+template <BFormat kFormat, bool kOffset, bool kFlush>
 HWY_INLINE FloatVec load_w(const unsigned char* p, const DotDequant& dequant) {
   if constexpr (kFormat == BFormat::i8 && !kOffset) {
     const FloatVec w = hn::Mul(load_i8(p), dequant.scale);
-    return dequant.flush ? flush_tiny(w) : w;
+    return kFlush ? flush_tiny(w) : w;
   } else {
     return load_b<kFormat, kOffset>(p, dequant.scale, dequant.offset);
   }
+}
+
+// One chunk of kLanes values of l: every column's weights times every row.
+template <BFormat kFormat, bool kOffset, bool kFlush, int kRows>
+HWY_INLINE void dot_chunk(const DotTile& t, const unsigned char* const (&w)[kDotCols],
+                          const DotDequant (&dequant)[kDotCols], std::int64_t l,
+                          FloatVec (&acc)[kRows][kDotCols]) {
+  constexpr std::int64_t kElem = b_elem_size<kFormat>();
+  FloatVec w_chunk[kDotCols];
+#pragma GCC unroll 4
+  for (int c = 0; c < kDotCols; ++c)
+    w_chunk[c] = load_w<kFormat, kOffset, kFlush>(w[c] + l * kElem, dequant[c]);
+#pragma GCC unroll 4
+  for (int i = 0; i < kRows; ++i) {
+    const FloatVec a_chunk = hn::LoadU(FloatTag(), t.a + i * t.a_ld + l);
+#pragma GCC unroll 4
+    for (int c = 0; c < kDotCols; ++c) acc[i][c] = hn::MulAdd(a_chunk, w_chunk[c], acc[i][c]);
+  }
+}
+
+// The whole chunks of l in [l, end), one group's; returns where they stop.
+// Steps of a cache line of each column, each fetching the next tile's line
+// at the same place (or, for the last tile, its own again: no branch in the
+// loop), then the chunks left, fetching at each line's start.
+template <BFormat kFormat, bool kOffset, bool kFlush, int kRows>
+HWY_INLINE std::int64_t dot_chunks(const DotTile& t, const unsigned char* const (&w)[kDotCols],
+                                   const DotDequant (&dequant)[kDotCols], std::int64_t l,
+                                   std::int64_t end, FloatVec (&acc)[kRows][kDotCols]) {
+  constexpr std::int64_t kElem = b_elem_size<kFormat>();
+  constexpr std::int64_t kStep = 64 / kElem > kLanes ? 64 / kElem : kLanes;
+  const auto* next = static_cast<const unsigned char*>(t.prefetch != nullptr ? t.prefetch : t.w);
+  for (; l + kStep <= end; l += kStep) {
+#pragma GCC unroll 4
+    for (int c = 0; c < kDotCols; ++c) hwy::Prefetch(next + (c * t.w_ld + l) * kElem);
+#pragma GCC unroll 16
+    for (std::int64_t s = 0; s < kStep; s += kLanes)
+      dot_chunk<kFormat, kOffset, kFlush, kRows>(t, w, dequant, l + s, acc);
+  }
+  for (; l + kLanes <= end; l += kLanes) {
+    if (t.prefetch != nullptr && (l * kElem) % 64 == 0) {
+#pragma GCC unroll 4
+      for (int c = 0; c < kDotCols; ++c) hwy::Prefetch(next + (c * t.w_ld + l) * kElem);
+    }
+    dot_chunk<kFormat, kOffset, kFlush, kRows>(t, w, dequant, l, acc);
+  }
+  return l;
 }
 
 template <BFormat kFormat, bool kOffset, int kRows>
@@ -532,31 +578,21 @@ void dot_kernel(const DotTile& t) {
     for (int i = 0; i < kRows; ++i) acc[i][c] = hn::Zero(d);
   }
   // A group's chunks share its scales; groups are multiples of 32 values of
-  // l, so only the last chunk of k may be partial.
+  // l, so only the last chunk of k may be partial. Where no column of the
+  // group needs the flush, no weight does: the loop goes without it.
   const std::int64_t group_rows = kFormat == BFormat::i8 ? t.group_rows : t.k;
   std::int64_t l = 0;
   DotDequant dequant[kDotCols] = {};
   for (std::int64_t group = 0; l < t.k; ++group) {
+    bool flush = false;
 #pragma GCC unroll 4
-    for (int c = 0; c < kDotCols; ++c) dequant[c] = dot_dequant<kFormat, kOffset>(t, c, group);
-    const std::int64_t group_end = t.k - l < group_rows ? t.k : l + group_rows;
-    for (; l + kLanes <= group_end; l += kLanes) {
-      if (t.prefetch != nullptr && (l * kElem) % 64 == 0) {
-        const auto* next = static_cast<const unsigned char*>(t.prefetch) + l * kElem;
-#pragma GCC unroll 4
-        for (int c = 0; c < kDotCols; ++c) hwy::Prefetch(next + c * t.w_ld * kElem);
-      }
-      FloatVec w_chunk[kDotCols];
-#pragma GCC unroll 4
-      for (int c = 0; c < kDotCols; ++c)
-        w_chunk[c] = load_w<kFormat, kOffset>(w[c] + l * kElem, dequant[c]);
-#pragma GCC unroll 4
-      for (int i = 0; i < kRows; ++i) {
-        const FloatVec a_chunk = hn::LoadU(d, t.a + i * t.a_ld + l);
-#pragma GCC unroll 4
-        for (int c = 0; c < kDotCols; ++c) acc[i][c] = hn::MulAdd(a_chunk, w_chunk[c], acc[i][c]);
-      }
+    for (int c = 0; c < kDotCols; ++c) {
+      dequant[c] = dot_dequant<kFormat, kOffset>(t, c, group);
+      flush = flush || dequant[c].flush;
     }
+    const std::int64_t group_end = t.k - l < group_rows ? t.k : l + group_rows;
+    l = flush ? dot_chunks<kFormat, kOffset, true, kRows>(t, w, dequant, l, group_end, acc)
+              : dot_chunks<kFormat, kOffset, false, kRows>(t, w, dequant, l, group_end, acc);
     if (l < group_end) break;  // the last chunk of k, partial
   }
   if (l < t.k) {  // the last chunk, through zero-padded copies
@@ -570,7 +606,7 @@ void dot_kernel(const DotTile& t) {
     for (int c = 0; c < kDotCols; ++c) {
       alignas(64) unsigned char padded[kLanes * 4] = {};
       __builtin_memcpy(padded, w[c] + l * kElem, static_cast<std::size_t>(count * kElem));
-      w_chunk[c] = hn::IfThenElseZero(real, load_w<kFormat, kOffset>(padded, dequant[c]));
+      w_chunk[c] = hn::IfThenElseZero(real, load_w<kFormat, kOffset, true>(padded, dequant[c]));
     }
 #pragma GCC unroll 4
     for (int i = 0; i < kRows; ++i) {
