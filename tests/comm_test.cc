@@ -267,16 +267,20 @@ INSTANTIATE_TEST_SUITE_P(Ranks, AlgorithmsAgree, ::testing::Values(2, 3, 4, 8),
 // ---- the vector sum kernel ----------------------------------------------------
 
 // Random bit patterns (every exponent, subnormals, infinities, NaNs) at odd
-// counts and unaligned addresses: the vector kernel, with its outputs through
-// the caches or around them, must give the portable kernel's bits, NaN
-// payloads included.
-TEST(SumKernel, VectorKernelMatchesPortableBitForBit) {
+// counts and unaligned addresses: every vector kernel this CPU has, with its
+// outputs through the caches or around them, must give the portable
+// kernel's bits, NaN payloads included.
+TEST(SumKernel, VectorKernelsMatchPortableBitForBit) {
   std::printf("sum kernel on this CPU: %s\n", shm::sum_kernel_name());
   std::uint64_t state = 0x243f6a8885a308d3ull;
   auto next = [&] {
     state = state * 6364136223846793005ull + 1442695040888963407ull;
     return static_cast<std::uint32_t>(state >> 29);
   };
+  std::vector<IsaLevel> levels;
+  for (IsaLevel level : {IsaLevel::avx2, IsaLevel::avx512}) {
+    if (level <= detected_isa()) levels.push_back(level);
+  }
   for (DType dtype : {DType::f16, DType::bf16, DType::f32}) {
     const std::size_t size = dtype_size(dtype);
     for (int ranks : {1, 2, 3, 8, 9}) {
@@ -289,20 +293,26 @@ TEST(SumKernel, VectorKernelMatchesPortableBitForBit) {
           for (auto& byte : input) byte = static_cast<std::byte>(next());
           sources.push_back(input.data() + 2);  // unaligned on purpose
         }
-        std::vector<std::byte> portable(count * size + 2), vector(count * size + 2),
-            second(count * size + 2), streamed(count * size + 2);
+        std::vector<std::byte> portable(count * size + 2);
         shm::sum_in_rank_order_portable(dtype, sources, count, portable.data() + 2);
-        shm::sum_in_rank_order(dtype, sources, count, vector.data() + 2, second.data() + 2);
-        shm::sum_in_rank_order(dtype, sources, count, streamed.data() + 2, nullptr,
-                               shm::OutputStore::streaming);
-        EXPECT_EQ(vector, second) << "the second output differs";
-        EXPECT_EQ(vector, streamed) << "streaming stores changed the output";
-        for (std::size_t i = 0; i < count; ++i) {
-          const float want = load_element(dtype, portable.data() + 2, i);
-          const float got = load_element(dtype, vector.data() + 2, i);
-          ASSERT_EQ(0, std::memcmp(portable.data() + 2 + i * size, vector.data() + 2 + i * size, size))
-              << dtype_name(dtype) << " p=" << ranks << " count " << count << " element " << i
-              << ": portable " << want << ", vector " << got;
+        for (IsaLevel level : levels) {
+          std::vector<std::byte> vector(count * size + 2), second(count * size + 2),
+              streamed(count * size + 2);
+          shm::sum_in_rank_order_at(level, dtype, sources, count, vector.data() + 2,
+                                    second.data() + 2);
+          shm::sum_in_rank_order_at(level, dtype, sources, count, streamed.data() + 2, nullptr,
+                                    shm::OutputStore::streaming);
+          const char* kernel = shm::sum_kernel_name(level);
+          EXPECT_EQ(vector, second) << kernel << ": the second output differs";
+          EXPECT_EQ(vector, streamed) << kernel << ": streaming stores changed the output";
+          for (std::size_t i = 0; i < count; ++i) {
+            const float want = load_element(dtype, portable.data() + 2, i);
+            const float got = load_element(dtype, vector.data() + 2, i);
+            ASSERT_EQ(
+                0, std::memcmp(portable.data() + 2 + i * size, vector.data() + 2 + i * size, size))
+                << kernel << " " << dtype_name(dtype) << " p=" << ranks << " count " << count
+                << " element " << i << ": portable " << want << ", vector " << got;
+          }
         }
       }
     }
@@ -337,16 +347,25 @@ TEST(SumKernel, NanSumsFollowTheRankOrderRule) {
 // per process: the capped check runs in a fresh one).
 TEST(SumKernelDeathTest, TpfuseIsaCapsTheKernel) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  if (detected_isa() >= IsaLevel::avx2) {
+  EXPECT_EXIT(
+      {
+        setenv("TPFUSE_ISA", "portable", 1);
+        std::exit(std::string(shm::sum_kernel_name()) == "portable" ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+  if (detected_isa() >= IsaLevel::avx512) {
     EXPECT_EXIT(
         {
           setenv("TPFUSE_ISA", "avx2", 1);
-          std::exit(std::string(shm::sum_kernel_name()) == "portable" ? 0 : 1);
+          std::exit(std::string(shm::sum_kernel_name()) == "avx2" ? 0 : 1);
         },
         ::testing::ExitedWithCode(0), "");
   }
   // Here, uncapped (after the death test: a re-run child reads TPFUSE_ISA first).
-  EXPECT_STREQ(shm::sum_kernel_name(), active_isa() >= IsaLevel::avx512 ? "avx512" : "portable");
+  const IsaLevel level = active_isa();
+  EXPECT_STREQ(shm::sum_kernel_name(), level >= IsaLevel::avx512 ? "avx512"
+                                       : level >= IsaLevel::avx2 ? "avx2"
+                                                                 : "portable");
 }
 
 TEST(SumKernel, StreamingCopyIsACopy) {

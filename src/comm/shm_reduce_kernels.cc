@@ -1,11 +1,12 @@
-// The rank-order sum: a portable version and an AVX-512 one, chosen once.
+// The rank-order sum: a portable version, an AVX2 one and an AVX-512 one,
+// chosen by the instruction-set level.
 //
 // Each element sees acc = x_0, then acc += x_r for r = 1..p-1, then one
 // rounding; the portable kernel keeps a block of accumulators in L1, the
-// vector one four vectors in registers. Blocking and vector width change
+// vector ones four vectors in registers. Blocking and vector width change
 // only which elements are in flight together, never the order of one
-// element's additions, so the two give the same bits (the tests hold them to
-// it). The vector kernel rounds to bf16 with integer arithmetic
+// element's additions, so all give the same bits (the tests hold them to
+// it). The vector kernels round to bf16 with integer arithmetic
 // rather than VCVTNEPS2BF16, which flushes subnormals.
 //
 // NaNs: which NaN a sum yields depends on operand order (x86 returns the
@@ -21,6 +22,7 @@
 #include <bit>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/cpu_isa.h"
 #include "tpfuse/core/error.h"
@@ -28,7 +30,7 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-#define TPFUSE_SHM_HAVE_AVX512_KERNEL 1
+#define TPFUSE_SHM_HAVE_X86_KERNELS 1
 #endif
 
 namespace tpfuse::comm::shm {
@@ -58,6 +60,10 @@ struct BF16Codec {
   static BFloat16 store(float value) { return f32_to_bf16(value); }
 };
 
+template <DType kType>
+using CodecFor = std::conditional_t<kType == DType::f16, F16Codec,
+                                    std::conditional_t<kType == DType::bf16, BF16Codec, F32Codec>>;
+
 constexpr std::uint32_t kDefaultNan = 0xffc00000u;
 constexpr std::uint32_t kQuietBit = 0x00400000u;
 
@@ -78,15 +84,16 @@ float rank_order_nan(DType dtype, std::span<const std::byte* const> sources, std
   return std::bit_cast<float>(kDefaultNan);
 }
 
-// Element loads and stores go through memcpy: no buffer need be aligned.
+// Elements [first, end). Element loads and stores go through memcpy: no
+// buffer need be aligned.
 template <class Codec>
-void sum_portable(std::span<const std::byte* const> sources, std::size_t count, std::byte* out,
-                  std::byte* second_out) {
+void sum_portable(std::span<const std::byte* const> sources, std::size_t first, std::size_t end,
+                  std::byte* out, std::byte* second_out) {
   using Stored = typename Codec::Stored;
   constexpr std::size_t kSize = sizeof(Stored);
   float sums[kBlock];
-  for (std::size_t begin = 0; begin < count; begin += kBlock) {
-    const std::size_t n = std::min(kBlock, count - begin);
+  for (std::size_t begin = first; begin < end; begin += kBlock) {
+    const std::size_t n = std::min(kBlock, end - begin);
     for (std::size_t r = 0; r < sources.size(); ++r) {
       const std::byte* in = sources[r] + begin * kSize;
       for (std::size_t i = 0; i < n; ++i) {
@@ -108,7 +115,7 @@ void sum_portable(std::span<const std::byte* const> sources, std::size_t count, 
   }
 }
 
-#if defined(TPFUSE_SHM_HAVE_AVX512_KERNEL)
+#if defined(TPFUSE_SHM_HAVE_X86_KERNELS)
 
 // GCC 12 warns about the deliberately undefined vectors inside its own
 // AVX-512 intrinsics (_mm512_undefined_*) once they are inlined here.
@@ -259,9 +266,123 @@ TPFUSE_AVX512_TARGET void stream_copy(std::byte* out, const std::byte* in, std::
   _mm_sfence();
 }
 
-// The AVX-512 kernels run where the level every kernel of tpfuse runs at
-// (active_isa: the CPU's, capped by TPFUSE_ISA) has AVX-512 (with F16C).
-bool use_avx512() { return active_isa() >= IsaLevel::avx512; }
+#define TPFUSE_AVX2_TARGET __attribute__((target("avx2,f16c")))
+
+template <DType kType>
+TPFUSE_AVX2_TARGET inline __m256 load8(const std::byte* at) {
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+  if constexpr (kType == DType::f16) {
+    return _mm256_cvtph_ps(halves);
+  } else if constexpr (kType == DType::bf16) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+  } else {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(at));
+  }
+}
+
+// As round_to_bf16 above, eight lanes.
+TPFUSE_AVX2_TARGET inline __m128i round8_to_bf16(__m256 sum) {
+  const __m256i bits = _mm256_castps_si256(sum);
+  const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+  const __m256i nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f800000));
+  const __m256i high = _mm256_srli_epi32(bits, 16);
+  const __m256i lowest_kept = _mm256_and_si256(high, _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lowest_kept)), 16);
+  const __m256i quiet_nan = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+  const __m256i chosen = _mm256_blendv_epi8(rounded, quiet_nan, nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(chosen), _mm256_extracti128_si256(chosen, 1));
+}
+
+// kStream: around the caches, to an address aligned to the vector's size.
+template <DType kType, bool kStream>
+TPFUSE_AVX2_TARGET inline void store8(std::byte* at, __m256 sum) {
+  if constexpr (kType == DType::f32) {
+    if constexpr (kStream) {
+      _mm256_stream_ps(reinterpret_cast<float*>(at), sum);
+    } else {
+      _mm256_storeu_ps(reinterpret_cast<float*>(at), sum);
+    }
+  } else {
+    const __m128i halves = kType == DType::f16
+                               ? _mm256_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                               : round8_to_bf16(sum);
+    if constexpr (kStream) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(at), halves);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(at), halves);
+    }
+  }
+}
+
+TPFUSE_AVX2_TARGET __m256 replace_nans8(DType dtype, std::span<const std::byte* const> sources,
+                                        std::size_t begin, __m256 sums, int nan) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sums);
+  for (int lane = 0; lane < 8; ++lane) {
+    if ((nan >> lane) & 1)
+      lanes[lane] = rank_order_nan(dtype, sources, begin + static_cast<std::size_t>(lane));
+  }
+  return _mm256_load_ps(lanes);
+}
+
+// `kVectors` whole vectors of 8 elements from `begin`, summed over the ranks
+// in registers.
+template <DType kType, int kVectors, bool kStream = false>
+TPFUSE_AVX2_TARGET inline void sum_vectors8(std::span<const std::byte* const> sources,
+                                            std::size_t begin, std::byte* out,
+                                            std::byte* second_out) {
+  constexpr std::size_t kSize = dtype_size(kType);
+  __m256 sums[kVectors];
+  for (int v = 0; v < kVectors; ++v) sums[v] = load8<kType>(sources[0] + (begin + 8 * v) * kSize);
+  for (std::size_t r = 1; r < sources.size(); ++r) {
+    for (int v = 0; v < kVectors; ++v)
+      sums[v] = _mm256_add_ps(sums[v], load8<kType>(sources[r] + (begin + 8 * v) * kSize));
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    const int nan = _mm256_movemask_ps(_mm256_cmp_ps(sums[v], sums[v], _CMP_UNORD_Q));
+    if (nan != 0) sums[v] = replace_nans8(kType, sources, begin + 8 * v, sums[v], nan);
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    store8<kType, kStream>(out + (begin + 8 * v) * kSize, sums[v]);
+    if (second_out != nullptr) store8<kType, false>(second_out + (begin + 8 * v) * kSize, sums[v]);
+  }
+}
+
+// As sum_avx512: four vectors at a time, streaming from where `out` is
+// 64-byte aligned; whole vectors after those, then the last elements as the
+// portable kernel sums them.
+template <DType kType>
+TPFUSE_AVX2_TARGET void sum_avx2(std::span<const std::byte* const> sources, std::size_t count,
+                                 std::byte* out, std::byte* second_out, OutputStore out_store) {
+  constexpr std::size_t kSize = dtype_size(kType);
+  const auto address = reinterpret_cast<std::uintptr_t>(out);
+  const bool stream = out_store == OutputStore::streaming && address % kSize == 0;
+  std::size_t begin = stream ? std::min(count, (64 - address % 64) % 64 / kSize) : 0;
+  sum_portable<CodecFor<kType>>(sources, 0, begin, out, second_out);
+  for (; begin + 32 <= count; begin += 32) {
+    if (stream) {
+      sum_vectors8<kType, 4, true>(sources, begin, out, second_out);
+    } else {
+      sum_vectors8<kType, 4>(sources, begin, out, second_out);
+    }
+  }
+  for (; begin + 8 <= count; begin += 8) sum_vectors8<kType, 1>(sources, begin, out, second_out);
+  sum_portable<CodecFor<kType>>(sources, begin, count, out, second_out);
+  if (stream) _mm_sfence();
+}
+
+TPFUSE_AVX2_TARGET void stream_copy_avx2(std::byte* out, const std::byte* in, std::size_t bytes) {
+  const std::size_t head = std::min(bytes, (32 - reinterpret_cast<std::uintptr_t>(out) % 32) % 32);
+  std::memcpy(out, in, head);
+  std::size_t done = head;
+  for (; done + 32 <= bytes; done += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(out + done),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + done)));
+  }
+  std::memcpy(out + done, in + done, bytes - done);
+  _mm_sfence();
+}
 
 #pragma GCC diagnostic pop
 
@@ -279,19 +400,20 @@ void sum_in_rank_order_portable(DType dtype, std::span<const std::byte* const> s
   require_float(dtype);
   switch (dtype) {
     case DType::f16:
-      return sum_portable<F16Codec>(sources, count, out, second_out);
+      return sum_portable<F16Codec>(sources, 0, count, out, second_out);
     case DType::bf16:
-      return sum_portable<BF16Codec>(sources, count, out, second_out);
+      return sum_portable<BF16Codec>(sources, 0, count, out, second_out);
     default:
-      return sum_portable<F32Codec>(sources, count, out, second_out);
+      return sum_portable<F32Codec>(sources, 0, count, out, second_out);
   }
 }
 
-void sum_in_rank_order(DType dtype, std::span<const std::byte* const> sources, std::size_t count,
-                       std::byte* out, std::byte* second_out, OutputStore out_store) {
+void sum_in_rank_order_at(IsaLevel level, DType dtype, std::span<const std::byte* const> sources,
+                          std::size_t count, std::byte* out, std::byte* second_out,
+                          OutputStore out_store) {
   require_float(dtype);
-#if defined(TPFUSE_SHM_HAVE_AVX512_KERNEL)
-  if (use_avx512()) {
+#if defined(TPFUSE_SHM_HAVE_X86_KERNELS)
+  if (level >= IsaLevel::avx512) {
     switch (dtype) {
       case DType::f16:
         return sum_avx512<DType::f16>(sources, count, out, second_out, out_store);
@@ -301,23 +423,44 @@ void sum_in_rank_order(DType dtype, std::span<const std::byte* const> sources, s
         return sum_avx512<DType::f32>(sources, count, out, second_out, out_store);
     }
   }
+  if (level >= IsaLevel::avx2) {
+    switch (dtype) {
+      case DType::f16:
+        return sum_avx2<DType::f16>(sources, count, out, second_out, out_store);
+      case DType::bf16:
+        return sum_avx2<DType::bf16>(sources, count, out, second_out, out_store);
+      default:
+        return sum_avx2<DType::f32>(sources, count, out, second_out, out_store);
+    }
+  }
 #endif
   sum_in_rank_order_portable(dtype, sources, count, out, second_out);
 }
 
+void sum_in_rank_order(DType dtype, std::span<const std::byte* const> sources, std::size_t count,
+                       std::byte* out, std::byte* second_out, OutputStore out_store) {
+  sum_in_rank_order_at(active_isa(), dtype, sources, count, out, second_out, out_store);
+}
+
 void copy_to_output(std::byte* out, const std::byte* in, std::size_t bytes, OutputStore out_store) {
   if (bytes == 0) return;
-#if defined(TPFUSE_SHM_HAVE_AVX512_KERNEL)
-  if (out_store == OutputStore::streaming && use_avx512()) return stream_copy(out, in, bytes);
+#if defined(TPFUSE_SHM_HAVE_X86_KERNELS)
+  if (out_store == OutputStore::streaming && active_isa() >= IsaLevel::avx512)
+    return stream_copy(out, in, bytes);
+  if (out_store == OutputStore::streaming && active_isa() >= IsaLevel::avx2)
+    return stream_copy_avx2(out, in, bytes);
 #endif
   std::memcpy(out, in, bytes);
 }
 
-const char* sum_kernel_name() {
-#if defined(TPFUSE_SHM_HAVE_AVX512_KERNEL)
-  if (use_avx512()) return "avx512";
+const char* sum_kernel_name(IsaLevel level) {
+#if defined(TPFUSE_SHM_HAVE_X86_KERNELS)
+  if (level >= IsaLevel::avx512) return "avx512";
+  if (level >= IsaLevel::avx2) return "avx2";
 #endif
   return "portable";
 }
+
+const char* sum_kernel_name() { return sum_kernel_name(active_isa()); }
 
 }  // namespace tpfuse::comm::shm

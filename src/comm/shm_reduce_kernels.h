@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <span>
 
+#include "core/cpu_isa.h"
 #include "tpfuse/core/dtype.h"
 
 namespace tpfuse::comm::shm {
@@ -26,6 +27,12 @@ void sum_in_rank_order(DType dtype, std::span<const std::byte* const> sources, s
                        std::byte* out, std::byte* second_out = nullptr,
                        OutputStore out_store = OutputStore::cached);
 
+// The same with the kernel of instruction-set level `level`, at most
+// detected_isa() (the tests run every kernel the CPU has).
+void sum_in_rank_order_at(IsaLevel level, DType dtype, std::span<const std::byte* const> sources,
+                          std::size_t count, std::byte* out, std::byte* second_out = nullptr,
+                          OutputStore out_store = OutputStore::cached);
+
 // memcpy, with the stores as asked (complete when it returns).
 void copy_to_output(std::byte* out, const std::byte* in, std::size_t bytes, OutputStore out_store);
 
@@ -35,7 +42,9 @@ void sum_in_rank_order_portable(DType dtype, std::span<const std::byte* const> s
                                 std::size_t count, std::byte* out, std::byte* second_out = nullptr);
 
 // Which kernel sum_in_rank_order runs: "avx512" where active_isa() (the
-// CPU's level, capped by TPFUSE_ISA) has AVX-512, else "portable".
+// CPU's level, capped by TPFUSE_ISA) has AVX-512, "avx2" where it has
+// AVX2, else "portable"; and which one `level` gets.
 const char* sum_kernel_name();
+const char* sum_kernel_name(IsaLevel level);
 
 }  // namespace tpfuse::comm::shm
