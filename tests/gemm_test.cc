@@ -23,6 +23,8 @@
 #include "gemm/microkernel.h"
 #include "gemm/onednn_gemm.h"
 #include "gemm/reference_gemm.h"
+#include "gemm/thread_pool.h"
+#include "gemm/work_split.h"
 #include "tpfuse/core/error.h"
 #include "tpfuse/core/half.h"
 #include "tpfuse/gemm/tile_gemm.h"
@@ -215,7 +217,20 @@ TEST_P(EngineTest, MatchesGoldenAtEveryLevel) {
   }
 }
 
+// Sets the work a thread must have (thread_pool.h) for one test.
+class MinWorkPerThread {
+ public:
+  explicit MinWorkPerThread(double multiply_adds) : saved_(min_multiply_adds_per_thread()) {
+    set_min_multiply_adds_per_thread(multiply_adds);
+  }
+  ~MinWorkPerThread() { set_min_multiply_adds_per_thread(saved_); }
+
+ private:
+  double saved_;
+};
+
 TEST_P(EngineTest, RowsDoNotDependOnRangeOrThreads) {
+  const MinWorkPerThread any_work(0);  // every case on every thread given
   GemmCase c(GetParam().spec);
   const auto engines = engines_for(c.operands);
   std::map<int, std::vector<std::unique_ptr<PreparedGemm>>> parallel_engines;
@@ -240,6 +255,20 @@ TEST_P(EngineTest, RowsDoNotDependOnRangeOrThreads) {
           << threads << " threads, random row ranges";
     }
   }
+}
+
+// A call too small to pay for waking a worker runs on its caller alone;
+// larger ones get a thread per 2^18 multiply-adds, up to those given.
+TEST(WorkSplit, SmallCallsStayOnTheCallingThread) {
+  EXPECT_EQ(threads_for_work(8, 1, 64, 64), 1);
+  EXPECT_EQ(threads_for_work(8, 1, 512, 512), 1);
+  EXPECT_EQ(threads_for_work(8, 0, 4096, 4096), 1);
+  EXPECT_EQ(threads_for_work(8, 1, 1024, 512), 2);
+  EXPECT_EQ(threads_for_work(8, 1, 4096, 1024), 8);
+  EXPECT_EQ(threads_for_work(2, 64, 4096, 4096), 2);
+  EXPECT_EQ(split_work(0, 1, 4, 6, 72, threads_for_work(8, 1, 64, 64)).size(), 1u);
+  const MinWorkPerThread any_work(0);
+  EXPECT_EQ(threads_for_work(8, 1, 64, 64), 8);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, EngineTest, ::testing::ValuesIn(engine_cases()),

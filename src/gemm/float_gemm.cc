@@ -22,8 +22,9 @@
 // The layout depends on the call's m and x2's strides only, never on the rows
 // asked for, so a row's result does not depend on them either.
 //
-// compute_rows splits [m0, m1) x [0, n) among the threads (by column panels,
-// or by rows when there are few panels), and each thread runs
+// compute_rows splits [m0, m1) x [0, n) among as many threads as its work is
+// worth (by column panels, or by rows when there are few panels:
+// work_split.h), and each thread runs
 //   for each block of nc_panels panels        (B block: shared by row blocks)
 //     for each block of mc rows               (A block and fp32 sums: L2)
 //       for each kc-step of k                 (B micro-panel kc x NR: L1)
@@ -40,6 +41,7 @@
 #include "gemm/aligned_buffer.h"
 #include "gemm/operand_access.h"
 #include "gemm/thread_pool.h"
+#include "gemm/work_split.h"
 #include "tpfuse/core/error.h"
 
 namespace tpfuse::gemm {
@@ -93,12 +95,6 @@ struct FloatPanels final : PackedX2 {
   std::size_t bytes() const override { return values.size() * sizeof(float); }
 };
 
-// A part of the output one thread computes: rows [r0, r1) (of the call),
-// panels [p0, p1).
-struct Task {
-  std::int64_t r0, r1, p0, p1;
-};
-
 class FloatGemm final : public PreparedGemm {
  public:
   FloatGemm(const GemmOperands& operands, const KernelTable& kernels, int threads)
@@ -139,13 +135,15 @@ class FloatGemm final : public PreparedGemm {
     if (m1 <= m0) return;
     std::lock_guard lock(compute_mutex_);
     if (layout_ == BLayout::dot) {
-      const std::vector<Task> tasks = split_columns(m0, m1, ceil_div(ops_.shape.n, kDotCols));
+      const std::vector<Task> tasks =
+          split_columns(m0, m1, ceil_div(ops_.shape.n, kDotCols), threads_for(m0, m1));
       pool_->run(static_cast<int>(tasks.size()), [&](int index, int) {
         compute_dot_task(tasks[static_cast<std::size_t>(index)], m0, dst, ld);
       });
       return;
     }
-    const std::vector<Task> tasks = split(m0, m1);
+    const std::vector<Task> tasks =
+        split_work(m0, m1, panels_, mr_, blocking_.mc, threads_for(m0, m1));
     pool_->run(static_cast<int>(tasks.size()), [&](int index, int) {
       compute_task(tasks[static_cast<std::size_t>(index)], m0, dst, ld);
     });
@@ -355,40 +353,9 @@ class FloatGemm final : public PreparedGemm {
 
   // ---- compute ----
 
-  std::vector<Task> split(std::int64_t m0, std::int64_t m1) const {
-    const std::int64_t threads = pool_->size();
-    const std::int64_t rows = m1 - m0;
-    std::vector<Task> tasks;
-    if (threads == 1) {
-      tasks.push_back({m0, m1, 0, panels_});
-    } else if (rows >= 2 * blocking_.mc * threads) {
-      // One task per A block, taken by whichever thread is free: a core that
-      // other work slows down computes fewer blocks instead of holding up the
-      // call. Each block packs its own rows of A and reads B as it would in
-      // one thread, so the split costs nothing.
-      for (std::int64_t r = m0; r < m1; r += blocking_.mc) tasks.push_back({r, std::min(m1, r + blocking_.mc), 0, panels_});
-    } else if (panels_ >= 2 * threads || rows < 2 * mr_ * threads) {
-      const std::int64_t parts = std::min(threads, panels_);
-      for (std::int64_t t = 0; t < parts; ++t) {
-        tasks.push_back({m0, m1, panels_ * t / parts, panels_ * (t + 1) / parts});
-      }
-    } else {
-      const std::int64_t row_panels = ceil_div(rows, mr_);
-      const std::int64_t parts = std::min(threads, row_panels);
-      for (std::int64_t t = 0; t < parts; ++t) {
-        tasks.push_back({m0 + std::min(rows, row_panels * t / parts * mr_),
-                         m0 + std::min(rows, row_panels * (t + 1) / parts * mr_), 0, panels_});
-      }
-    }
-    return tasks;
-  }
-
-  // All rows; column blocks [0, blocks) shared out among the threads.
-  std::vector<Task> split_columns(std::int64_t m0, std::int64_t m1, std::int64_t blocks) const {
-    const std::int64_t parts = std::min<std::int64_t>(pool_->size(), blocks);
-    std::vector<Task> tasks;
-    for (std::int64_t t = 0; t < parts; ++t) tasks.push_back({m0, m1, blocks * t / parts, blocks * (t + 1) / parts});
-    return tasks;
+  // The call's threads, the fewest its work is worth (work_split.h).
+  std::int64_t threads_for(std::int64_t m0, std::int64_t m1) const {
+    return threads_for_work(pool_->size(), m1 - m0, ops_.shape.n, ops_.shape.k);
   }
 
   // The dot layout: rows [r0, r1) x column blocks [p0, p1) of kDotCols.

@@ -45,6 +45,7 @@
 #include "gemm/aligned_buffer.h"
 #include "gemm/operand_access.h"
 #include "gemm/thread_pool.h"
+#include "gemm/work_split.h"
 #include "tpfuse/core/error.h"
 
 namespace tpfuse::gemm {
@@ -138,6 +139,10 @@ class OneDnnGemm final : public PreparedGemm {
       for (std::int64_t r = m0; r < m1; r += kChunkRows) {
         chunks.push_back({r, std::min(kChunkRows, m1 - r), slice});
       }
+    }
+    if (threads_for_work(pool_->size(), m1 - m0, ops_.shape.n, ops_.shape.k) == 1) {
+      for (const Chunk& chunk : chunks) compute_chunk(chunk, m0, dst, ld);
+      return;
     }
     pool_->run(static_cast<int>(chunks.size()), [&](int index, int) {
       compute_chunk(chunks[static_cast<std::size_t>(index)], m0, dst, ld);

@@ -105,7 +105,9 @@ class PairGemm final : public PreparedGemm {
   void compute_rows(std::int64_t m0, std::int64_t m1, void* dst, std::int64_t ld) const override {
     if (m1 <= m0) return;
     std::lock_guard lock(compute_mutex_);
-    const std::vector<Task> tasks = split_work(m0, m1, panels_count_, mr_, mc_, pool_->size());
+    const std::int64_t threads =
+        threads_for_work(pool_->size(), m1 - m0, ops_.shape.n, ops_.shape.k);
+    const std::vector<Task> tasks = split_work(m0, m1, panels_count_, mr_, mc_, threads);
     pool_->run(static_cast<int>(tasks.size()), [&](int index, int) {
       compute_task(tasks[static_cast<std::size_t>(index)], m0, dst, ld);
     });

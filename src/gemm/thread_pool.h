@@ -51,6 +51,12 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
+// Multiply-adds a thread must have for waking it to pay (work_split.h's
+// threads_for_work; a call with less runs on its caller). Tests set 0, so
+// that tiny calls run on every thread they are given.
+double min_multiply_adds_per_thread();
+void set_min_multiply_adds_per_thread(double multiply_adds);
+
 // A pool of `threads` threads held by one owner; returned to the process-wide
 // free list when the lease is destroyed.
 using PoolLease = std::unique_ptr<ThreadPool, void (*)(ThreadPool*)>;

@@ -7,11 +7,23 @@
 #include <cstdint>
 #include <vector>
 
+#include "gemm/thread_pool.h"
+
 namespace tpfuse::gemm {
 
 struct Task {
   std::int64_t r0, r1, p0, p1;
 };
+
+// Of `threads`, the ones worth using for rows x n x k multiply-adds: one per
+// min_multiply_adds_per_thread() of them (thread_pool.h), at least one.
+inline std::int64_t threads_for_work(std::int64_t threads, std::int64_t rows, std::int64_t n,
+                                     std::int64_t k) {
+  const double work = static_cast<double>(rows) * static_cast<double>(n) * static_cast<double>(k);
+  const double least = min_multiply_adds_per_thread();
+  const double worth = least > 0 ? work / least : static_cast<double>(threads);
+  return std::clamp<std::int64_t>(static_cast<std::int64_t>(std::min(worth, 1e9)), 1, threads);
+}
 
 // Rows [m0, m1) x panels [0, panels) for `threads` threads, given the
 // engine's register-tile rows mr and row-block height mc:
