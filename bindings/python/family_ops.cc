@@ -283,6 +283,11 @@ std::tuple<at::Tensor, at::Tensor> all_gather_base_mm_autograd(
     const c10::optional<at::Tensor>& x2_scale, std::int64_t gather_index, bool gather_output,
     std::int64_t comm_turn, c10::optional<at::ScalarType> output_dtype,
     c10::optional<c10::string_view> comm_mode) {
+  if (!records_gradients(x1, x2, bias, x1_scale, x2_scale)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return all_gather_base_mm_cpu(x1, x2, hcom, world_size, bias, x1_scale, x2_scale, gather_index,
+                                  gather_output, comm_turn, output_dtype, comm_mode);
+  }
   if (quant_path(x1, x2)) {
     refuse_gradients("all_gather_base_mm", kQuantPath,
                      {{"bias", or_undefined(bias)},
@@ -304,6 +309,11 @@ at::Tensor mm_reduce_scatter_base_autograd(
     const c10::optional<at::Tensor>& x1_scale, const c10::optional<at::Tensor>& x2_scale,
     std::int64_t comm_turn, c10::optional<at::ScalarType> output_dtype,
     c10::optional<c10::string_view> comm_mode) {
+  if (!records_gradients(x1, x2, bias, x1_scale, x2_scale)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return mm_reduce_scatter_base_cpu(x1, x2, hcom, world_size, reduce_op, bias, x1_scale, x2_scale,
+                                      comm_turn, output_dtype, comm_mode);
+  }
   if (quant_path(x1, x2)) {
     refuse_gradients("mm_reduce_scatter_base", kQuantPath,
                      {{"bias", or_undefined(bias)},

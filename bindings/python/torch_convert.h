@@ -143,5 +143,16 @@ inline at::Tensor adopt(Tensor&& result) {
 inline bool requires_grad(const c10::optional<at::Tensor>& tensor) {
   return tensor.has_value() && tensor->defined() && tensor->requires_grad();
 }
+inline bool requires_grad(const at::Tensor& tensor) {
+  return tensor.defined() && tensor.requires_grad();
+}
+
+// Whether autograd would record a call on these inputs (all of a call's
+// tensors): grad mode on and one of them requiring grad. A call it would not record skips
+// the autograd Function, whose bookkeeping was most of a small call's time.
+template <class... Inputs>
+bool records_gradients(const Inputs&... inputs) {
+  return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);
+}
 
 }  // namespace tpfuse::torch_binding

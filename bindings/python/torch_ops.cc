@@ -332,6 +332,11 @@ at::Tensor mm_all_reduce_base_autograd(const at::Tensor& x1, const at::Tensor& x
                                        const c10::optional<at::Tensor>& x3,
                                        const c10::optional<at::Tensor>& dequant_scale,
                                        std::int64_t comm_turn, std::int64_t antiquant_group_size) {
+  if (!records_gradients(x1, x2, bias, antiquant_scale, antiquant_offset, x3, dequant_scale)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return mm_all_reduce_base_cpu(x1, x2, hcom, reduce_op, bias, antiquant_scale, antiquant_offset,
+                                  x3, dequant_scale, comm_turn, antiquant_group_size);
+  }
   return MmAllReduceBaseFunction::apply(x1, x2, hcom, reduce_op, bias, antiquant_scale,
                                         antiquant_offset, x3, dequant_scale, comm_turn,
                                         antiquant_group_size);
